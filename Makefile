@@ -1,0 +1,43 @@
+# One entry point for people and CI. `make test` is what README and .ci/run call.
+PYTHON ?= python3
+VENV := .venv
+TF_VENV := .venv-tf
+PY := $(VENV)/bin/python
+TF_PY := $(TF_VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: test lint demo docs protos bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+# TensorFlow lives in its own venv: the library never imports it; interop tests run it in a
+# subprocess. anyckpt is installed there too, to test that both import in one process.
+$(TF_VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(TF_VENV)
+	$(TF_PY) -m pip install --quiet 'tensorflow-cpu==2.21.0'
+	$(TF_PY) -m pip install --quiet -e .
+	touch $@
+
+test: $(VENV)/.installed $(TF_VENV)/.installed
+	$(PY) -m ruff check src tests tools benchmarks
+	$(PY) -m mypy
+	$(PY) tools/gen_protos.py --check
+	ANYCKPT_TF_PYTHON=$(abspath $(TF_PY)) $(PY) -m pytest $(PYTEST_ARGS)
+
+lint: $(VENV)/.installed
+	$(PY) -m ruff check src tests tools benchmarks
+	$(PY) -m ruff format --check src tests tools benchmarks
+	$(PY) -m mypy
+
+protos: $(VENV)/.installed
+	$(PY) tools/gen_protos.py
+
+demo: $(VENV)/.installed
+	$(VENV)/bin/anyckpt demo
+
+clean:
+	rm -rf $(VENV) $(TF_VENV) .pytest_cache .mypy_cache .ruff_cache

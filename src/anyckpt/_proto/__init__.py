@@ -1,0 +1,1 @@
+"""Generated protobuf modules (see protos/ and tools/gen_protos.py). Do not edit."""

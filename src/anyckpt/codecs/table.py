@@ -1,0 +1,253 @@
+"""The LevelDB-style sorted table ("SSTable") that TensorFlow uses for `.index` and V1 files.
+
+Layout, as ``tensorflow/core/lib/io/table_builder.cc`` writes it::
+
+    data block*  metaindex block  index block  footer (48 bytes)
+
+Every block is followed by a 5-byte trailer: a compression byte (always 0, none) and the masked
+CRC-32C of the block contents plus that byte. A block holds prefix-compressed entries
+(``varint shared, varint non_shared, varint value_len, key suffix, value``), a restart point every
+16 entries, then the restart offsets and their count as little-endian uint32s. The index block
+maps a short separator key per data block to that block's handle (varint offset, varint size).
+The footer holds the metaindex and index handles, zero padding to 40 bytes, and the magic number.
+
+:class:`TableBuilder` reproduces TensorFlow's bytes exactly (same restart interval, block size
+threshold and separator keys); :func:`read_table` checks every length, offset and checksum.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+from . import DecodeError
+from .crc import crc32c, mask
+from .varint import decode_varint, encode_varint
+
+MAGIC = 0xDB4775248B80FB57
+FOOTER_SIZE = 48
+BLOCK_TRAILER_SIZE = 5
+BLOCK_RESTART_INTERVAL = 16
+BLOCK_SIZE = 256 * 1024
+NO_COMPRESSION = 0
+_MAX_HANDLE_LEN = 20  # two varint64s
+
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class BlockHandle:
+    """Where a block lives in the file: offset and size of its contents (trailer excluded)."""
+
+    offset: int
+    size: int
+
+    def encode(self) -> bytes:
+        return encode_varint(self.offset) + encode_varint(self.size)
+
+    @classmethod
+    def decode(cls, data: bytes, pos: int = 0, limit: int | None = None) -> tuple[BlockHandle, int]:
+        offset, pos = decode_varint(data, pos, limit)
+        size, pos = decode_varint(data, pos, limit)
+        return cls(offset, size), pos
+
+
+class _BlockBuilder:
+    def __init__(self) -> None:
+        self._buf = bytearray()
+        self._restarts = [0]
+        self._counter = 0
+        self._last_key = b""
+
+    def add(self, key: bytes, value: bytes) -> None:
+        shared = 0
+        if self._counter < BLOCK_RESTART_INTERVAL:
+            last = self._last_key
+            limit = min(len(last), len(key))
+            while shared < limit and last[shared] == key[shared]:
+                shared += 1
+        else:
+            self._restarts.append(len(self._buf))
+            self._counter = 0
+        buf = self._buf
+        buf += encode_varint(shared)
+        buf += encode_varint(len(key) - shared)
+        buf += encode_varint(len(value))
+        buf += key[shared:]
+        buf += value
+        self._last_key = key
+        self._counter += 1
+
+    def size_estimate(self) -> int:
+        return len(self._buf) + 4 * len(self._restarts) + 4
+
+    def empty(self) -> bool:
+        return not self._buf
+
+    def finish(self) -> bytes:
+        out = self._buf
+        for r in self._restarts:
+            out += _U32.pack(r)
+        out += _U32.pack(len(self._restarts))
+        block = bytes(out)
+        self.__init__()  # type: ignore[misc]
+        return block
+
+
+def shortest_separator(start: bytes, limit: bytes) -> bytes:
+    """A short key k with start <= k < limit (LevelDB's bytewise FindShortestSeparator)."""
+    n = min(len(start), len(limit))
+    i = 0
+    while i < n and start[i] == limit[i]:
+        i += 1
+    if i < n:
+        byte = start[i]
+        if byte < 0xFF and byte + 1 < limit[i]:
+            return start[:i] + bytes([byte + 1])
+    return start
+
+
+def short_successor(key: bytes) -> bytes:
+    """A short key >= key (LevelDB's bytewise FindShortSuccessor)."""
+    for i, byte in enumerate(key):
+        if byte != 0xFF:
+            return key[:i] + bytes([byte + 1])
+    return key
+
+
+class TableBuilder:
+    """Builds a table in memory from keys added in strictly increasing bytewise order.
+
+    ``block_size`` and the restart interval match TensorFlow's defaults, so the output is
+    byte-identical to what TensorFlow writes for the same entries.
+    """
+
+    def __init__(self, block_size: int = BLOCK_SIZE) -> None:
+        self._block_size = block_size
+        self._out = bytearray()
+        self._data = _BlockBuilder()
+        self._index = _BlockBuilder()
+        self._last_key: bytes | None = None
+        self._pending_handle: BlockHandle | None = None
+
+    def add(self, key: bytes, value: bytes) -> None:
+        if self._last_key is not None and key <= self._last_key:
+            raise ValueError(f"table keys must strictly increase: {key!r} after {self._last_key!r}")
+        if self._pending_handle is not None:
+            assert self._last_key is not None
+            sep = shortest_separator(self._last_key, key)
+            self._index.add(sep, self._pending_handle.encode())
+            self._pending_handle = None
+        self._last_key = key
+        self._data.add(key, value)
+        if self._data.size_estimate() >= self._block_size:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._data.empty():
+            return
+        self._pending_handle = self._write_block(self._data.finish())
+
+    def _write_block(self, contents: bytes) -> BlockHandle:
+        handle = BlockHandle(len(self._out), len(contents))
+        type_byte = bytes([NO_COMPRESSION])
+        crc = mask(crc32c(type_byte, crc32c(contents)))
+        self._out += contents
+        self._out += type_byte
+        self._out += _U32.pack(crc)
+        return handle
+
+    def finish(self) -> bytes:
+        """Write the remaining blocks and the footer; return the whole table."""
+        self._flush()
+        metaindex = self._write_block(_BlockBuilder().finish())
+        if self._pending_handle is not None:
+            assert self._last_key is not None
+            self._index.add(short_successor(self._last_key), self._pending_handle.encode())
+            self._pending_handle = None
+        index = self._write_block(self._index.finish())
+        footer = bytearray(metaindex.encode() + index.encode())
+        footer += bytes(2 * _MAX_HANDLE_LEN - len(footer))
+        footer += struct.pack("<Q", MAGIC)
+        self._out += footer
+        return bytes(self._out)
+
+
+def build_table(entries: list[tuple[bytes, bytes]]) -> bytes:
+    """Build a table from (key, value) pairs given in strictly increasing key order."""
+    builder = TableBuilder()
+    for key, value in entries:
+        builder.add(key, value)
+    return builder.finish()
+
+
+def _read_block(data: bytes, handle: BlockHandle, what: str) -> memoryview:
+    end = handle.offset + handle.size + BLOCK_TRAILER_SIZE
+    if handle.size < 4 or end > len(data) - FOOTER_SIZE:
+        raise DecodeError(
+            f"{what} block handle (offset {handle.offset}, size {handle.size}) "
+            f"lies outside the file ({len(data)} bytes)"
+        )
+    view = memoryview(data)
+    contents = view[handle.offset : handle.offset + handle.size]
+    type_byte = data[handle.offset + handle.size]
+    (stored,) = _U32.unpack_from(data, handle.offset + handle.size + 1)
+    actual = mask(crc32c(bytes([type_byte]), crc32c(contents)))
+    if stored != actual:
+        raise DecodeError(
+            f"{what} block at offset {handle.offset}: checksum mismatch "
+            f"(stored {stored:#010x}, computed {actual:#010x})"
+        )
+    if type_byte != NO_COMPRESSION:
+        raise DecodeError(f"{what} block at offset {handle.offset}: compression type {type_byte} "
+                          "is not supported (TensorFlow writes 0, none)")
+    return contents
+
+
+def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]]:
+    size = len(block)
+    (num_restarts,) = _U32.unpack_from(block, size - 4)
+    restarts_start = size - 4 - 4 * num_restarts
+    if num_restarts == 0 or restarts_start < 0:
+        raise DecodeError(f"{what} block: bad restart count {num_restarts}")
+    pos = 0
+    key = b""
+    while pos < restarts_start:
+        shared, pos = decode_varint(block, pos, restarts_start)
+        non_shared, pos = decode_varint(block, pos, restarts_start)
+        value_len, pos = decode_varint(block, pos, restarts_start)
+        if shared > len(key) or pos + non_shared + value_len > restarts_start:
+            raise DecodeError(f"{what} block: corrupt entry at offset {pos}")
+        key = key[:shared] + bytes(block[pos : pos + non_shared])
+        pos += non_shared
+        yield key, bytes(block[pos : pos + value_len])
+        pos += value_len
+
+
+def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Parse a whole table; return its (key, value) pairs in file order.
+
+    Checks the footer's magic number, that every block handle lies inside the file, every
+    block's checksum, every entry's lengths, and that keys strictly increase.
+    """
+    if len(data) < FOOTER_SIZE:
+        raise DecodeError(f"file too short for a table footer ({len(data)} bytes)")
+    footer_start = len(data) - FOOTER_SIZE
+    (magic,) = struct.unpack_from("<Q", data, len(data) - 8)
+    if magic != MAGIC:
+        raise DecodeError(f"bad table magic number {magic:#018x} (expected {MAGIC:#018x})")
+    limit = len(data) - 8
+    _, pos = BlockHandle.decode(data, footer_start, limit)  # metaindex: TF writes it empty
+    index_handle, _ = BlockHandle.decode(data, pos, limit)
+    index = _read_block(data, index_handle, "index")
+    entries: list[tuple[bytes, bytes]] = []
+    last: bytes | None = None
+    for _, handle_bytes in _block_entries(index, "index"):
+        handle, _ = BlockHandle.decode(handle_bytes)
+        for key, value in _block_entries(_read_block(data, handle, "data"), "data"):
+            if last is not None and key <= last:
+                raise DecodeError(f"table keys out of order: {key!r} after {last!r}")
+            entries.append((key, value))
+            last = key
+    return entries

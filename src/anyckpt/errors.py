@@ -1,0 +1,31 @@
+"""The exceptions anyckpt raises. Every one names the file (or prefix) and what was wrong."""
+
+from __future__ import annotations
+
+
+class CheckpointError(Exception):
+    """Base class of every error anyckpt raises on purpose."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class CorruptCheckpointError(CheckpointError):
+    """A checkpoint file is truncated, damaged or not what it claims to be."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """A checkpoint, or one of the files it consists of, does not exist."""
+
+
+class UnsupportedFormatError(CheckpointError):
+    """The files are valid but use a format, dtype or feature anyckpt does not support."""
+
+
+class UnsafePathError(CheckpointError):
+    """A path (for example from a state file) points outside the checkpoint directory."""
+
+
+class ConcurrentWriterError(CheckpointError):
+    """Another writer changed the checkpoint directory under this manager."""
