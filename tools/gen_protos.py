@@ -47,7 +47,8 @@ def main() -> int:
         if args.check:
             committed = {p.name for p in OUT_DIR.glob("*_pb2.py*")}
             stale = sorted(names ^ committed) + sorted(
-                n for n in names & committed
+                n
+                for n in names & committed
                 if not filecmp.cmp(Path(tmp) / PACKAGE_DIR / n, OUT_DIR / n, shallow=False)
             )
             if stale:

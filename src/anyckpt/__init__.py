@@ -1,1 +1,48 @@
-"""anyckpt."""
+"""anyckpt: an async, pluggable-backend checkpoint manager that speaks TensorFlow's formats.
+
+    await anyckpt.save("ckpt/model-1", {"w": w, "b": b})
+    tensors = await anyckpt.load("ckpt/model-1")
+    async with anyckpt.open("ckpt/model-1") as reader:
+        reader.keys(); reader.spec("w"); await reader.read("w", index=(slice(0, 10),))
+
+Blocking twins live in :mod:`anyckpt.sync`.
+"""
+
+from __future__ import annotations
+
+from . import sync
+from .api import load, open, open_reader, save
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConcurrentWriterError,
+    CorruptCheckpointError,
+    UnsafePathError,
+    UnsupportedFormatError,
+)
+from .formats import available_formats, get_format, register_format
+from .formats.base import CheckpointFormat, CheckpointReader, TensorSlice, TensorSpec
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CheckpointError",
+    "CheckpointFormat",
+    "CheckpointNotFoundError",
+    "CheckpointReader",
+    "ConcurrentWriterError",
+    "CorruptCheckpointError",
+    "TensorSlice",
+    "TensorSpec",
+    "UnsafePathError",
+    "UnsupportedFormatError",
+    "__version__",
+    "available_formats",
+    "get_format",
+    "load",
+    "open",
+    "open_reader",
+    "register_format",
+    "save",
+    "sync",
+]

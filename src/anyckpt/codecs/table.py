@@ -200,8 +200,10 @@ def _read_block(data: bytes, handle: BlockHandle, what: str) -> memoryview:
             f"(stored {stored:#010x}, computed {actual:#010x})"
         )
     if type_byte != NO_COMPRESSION:
-        raise DecodeError(f"{what} block at offset {handle.offset}: compression type {type_byte} "
-                          "is not supported (TensorFlow writes 0, none)")
+        raise DecodeError(
+            f"{what} block at offset {handle.offset}: compression type {type_byte} "
+            "is not supported (TensorFlow writes 0, none)"
+        )
     return contents
 
 

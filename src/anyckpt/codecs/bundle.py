@@ -1,0 +1,187 @@
+"""TensorFlow V2 tensor bundle records: the header, the per-tensor entries, string tensors.
+
+``PREFIX.index`` is a table (see :mod:`.table`) whose key ``""`` holds a ``BundleHeaderProto``
+and whose other keys hold one ``BundleEntryProto`` each: dtype, shape, which data shard, the
+byte offset and size in it, and the masked CRC-32C of those bytes. Partitioned variables have a
+full-name entry listing ``slices`` (no data) plus one entry per slice, keyed by
+:func:`.ordered_code.encode_tensor_name_slice`.
+
+String tensors are stored as ``[varint64 len_i]* [uint32 masked crc32c of the lengths as uint32]
+[bytes_i]*``; the entry's checksum covers the lengths (as uint32), the stored length checksum and
+the bytes, as ``tensor_bundle.cc`` computes it.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._proto import tensor_bundle_pb2
+from . import DecodeError
+from .crc import crc32c, mask
+from .ordered_code import Extent
+from .varint import decode_varint, encode_varint
+
+HEADER_KEY = b""
+BUNDLE_VERSION = 1  # kTensorBundleVersion; we read producer versions >= min consumer (0)
+MAX_RANK = 254  # TensorShape's limit
+_U32 = struct.Struct("<I")
+
+
+@dataclass(frozen=True)
+class BundleEntry:
+    """One ``BundleEntryProto``. ``slices`` is set (and the location unset) for a partitioned
+    variable's full-name entry; extents are (start, length) with length -1 for a whole dim."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    shard_id: int = 0
+    offset: int = 0
+    size: int = 0
+    crc32c: int = 0
+    slices: tuple[tuple[Extent, ...], ...] = ()
+
+
+def encode_header(num_shards: int) -> bytes:
+    header = tensor_bundle_pb2.BundleHeaderProto(num_shards=num_shards)
+    header.version.producer = BUNDLE_VERSION
+    return bytes(header.SerializeToString(deterministic=True))
+
+
+def decode_header(data: bytes) -> int:
+    """Parse the header; return the number of data shards."""
+    header = tensor_bundle_pb2.BundleHeaderProto()
+    try:
+        header.ParseFromString(data)
+    except Exception as exc:
+        raise DecodeError(f"bad bundle header: {exc}") from None
+    if header.endianness != tensor_bundle_pb2.BundleHeaderProto.LITTLE:
+        raise DecodeError("big-endian bundles are not supported")
+    if (
+        header.version.min_consumer > BUNDLE_VERSION
+        or BUNDLE_VERSION in header.version.bad_consumers
+    ):
+        raise DecodeError(
+            f"bundle needs a newer reader (min_consumer {header.version.min_consumer})"
+        )
+    if not 1 <= header.num_shards <= 1 << 20:
+        raise DecodeError(f"bad number of shards {header.num_shards}")
+    return int(header.num_shards)
+
+
+def _set_extents(
+    proto: tensor_bundle_pb2.BundleEntryProto, slices: Sequence[Sequence[Extent]]
+) -> None:
+    for extents in slices:
+        slice_proto = proto.slices.add()
+        for start, length in extents:
+            extent = slice_proto.extent.add()
+            if start:
+                extent.start = start
+            if length != -1:
+                extent.length = length
+
+
+def encode_entry(entry: BundleEntry) -> bytes:
+    proto = tensor_bundle_pb2.BundleEntryProto(
+        dtype=entry.dtype,  # type: ignore[arg-type]
+        shard_id=entry.shard_id,
+        offset=entry.offset,
+        size=entry.size,
+        crc32c=entry.crc32c,
+    )
+    proto.shape.SetInParent()
+    for dim in entry.shape:
+        proto.shape.dim.add(size=dim)
+    _set_extents(proto, entry.slices)
+    return bytes(proto.SerializeToString(deterministic=True))
+
+
+def decode_entry(data: bytes) -> BundleEntry:
+    proto = tensor_bundle_pb2.BundleEntryProto()
+    try:
+        proto.ParseFromString(data)
+    except Exception as exc:
+        raise DecodeError(f"bad bundle entry: {exc}") from None
+    if proto.shape.unknown_rank or len(proto.shape.dim) > MAX_RANK:
+        raise DecodeError("bad tensor shape")
+    shape = tuple(int(d.size) for d in proto.shape.dim)
+    if any(d < 0 for d in shape):
+        raise DecodeError(f"negative dimension in shape {shape}")
+    if proto.offset < 0 or proto.size < 0 or proto.shard_id < 0:
+        raise DecodeError("negative offset, size or shard id")
+    slices = tuple(
+        tuple((int(e.start), int(e.length) if e.HasField("length") else -1) for e in s.extent)
+        for s in proto.slices
+    )
+    return BundleEntry(
+        dtype=int(proto.dtype),
+        shape=shape,
+        shard_id=int(proto.shard_id),
+        offset=int(proto.offset),
+        size=int(proto.size),
+        crc32c=int(proto.crc32c),
+        slices=slices,
+    )
+
+
+def encode_string_tensor(values: Sequence[bytes]) -> tuple[bytes, int]:
+    """Encode the elements of a string tensor (C order); return (bytes, masked entry CRC)."""
+    lengths = [len(v) for v in values]
+    lengths32 = struct.pack(f"<{len(lengths)}I", *(n & 0xFFFFFFFF for n in lengths))
+    length_crc = _U32.pack(mask(crc32c(lengths32)))
+    body = b"".join(values)
+    data = b"".join(encode_varint(n) for n in lengths) + length_crc + body
+    entry_crc = mask(crc32c(body, crc32c(length_crc, crc32c(lengths32))))
+    return data, entry_crc
+
+
+def decode_string_tensor(
+    data: bytes, count: int, *, expected_crc: int | None = None
+) -> list[bytes]:
+    """Decode ``count`` string elements from a string tensor's region (its exact bytes).
+
+    With ``expected_crc`` (the entry's masked CRC), both the length checksum and the entry
+    checksum are verified."""
+    if count > len(data):  # every element takes at least one length byte
+        raise DecodeError(f"string tensor of {count} elements cannot fit in {len(data)} bytes")
+    lengths = []
+    pos = 0
+    for _ in range(count):
+        n, pos = decode_varint(data, pos)
+        lengths.append(n)
+    if pos + 4 > len(data):
+        raise DecodeError("string tensor truncated before its length checksum")
+    total = sum(lengths)
+    body_start = pos + 4
+    if body_start + total != len(data):
+        raise DecodeError(
+            f"string tensor lengths add up to {total} bytes but {len(data) - body_start} are stored"
+        )
+    if expected_crc is not None:
+        lengths32 = struct.pack(f"<{count}I", *(n & 0xFFFFFFFF for n in lengths))
+        (stored,) = _U32.unpack_from(data, pos)
+        if stored != mask(crc32c(lengths32)):
+            raise DecodeError("string tensor length checksum mismatch")
+        view = memoryview(data)
+        actual = mask(crc32c(view[body_start:], crc32c(view[pos:body_start], crc32c(lengths32))))
+        if actual != expected_crc:
+            raise DecodeError(
+                f"checksum mismatch (stored {expected_crc:#010x}, computed {actual:#010x})"
+            )
+    out = []
+    at = body_start
+    for n in lengths:
+        out.append(data[at : at + n])
+        at += n
+    return out
+
+
+def string_array(values: list[bytes], shape: tuple[int, ...]) -> np.ndarray:
+    """An object array of ``bytes`` with the given shape."""
+    array = np.empty(len(values), dtype=object)
+    array[:] = values
+    return array.reshape(shape)

@@ -1,0 +1,126 @@
+"""The interface every checkpoint format implements, and the types it speaks in.
+
+A format ("builder") writes a set of named tensors under a prefix and reads them back. The
+manager, :mod:`anyckpt.api`, the CLI and retention use only this interface, so a plugin format
+is a peer of the built-ins. Formats do their file I/O through :class:`anyckpt.storage.Storage`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+
+from ..codecs.dtypes import dtype_name
+from ..storage import Storage
+
+Extent = tuple[int, int]  # (start, length); length -1 means the whole dimension
+#: What ``read(key, index=...)`` accepts: ints and step-1 slices over the leading axes.
+Index = tuple[int | slice, ...] | int | slice | None
+
+
+@dataclass(frozen=True)
+class TensorSlice:
+    """One stored piece of a partitioned tensor: an extent per dimension."""
+
+    extents: tuple[Extent, ...]
+
+    def box(self, full_shape: Sequence[int]) -> tuple[tuple[int, int], ...]:
+        """(start, stop) per dimension."""
+        return tuple(
+            (0, dim) if length == -1 else (start, start + length)
+            for (start, length), dim in zip(self.extents, full_shape, strict=True)
+        )
+
+    def shape(self, full_shape: Sequence[int]) -> tuple[int, ...]:
+        return tuple(stop - start for start, stop in self.box(full_shape))
+
+    def spec_string(self, full_shape: Sequence[int]) -> str:
+        """TensorFlow's slice spec text (``"4 0,2"`` style, ``-`` for a whole dimension)."""
+        parts = ["-" if length == -1 else f"{start},{length}" for start, length in self.extents]
+        return ":".join(parts)
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """What a checkpoint knows about one tensor without reading its data."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    #: The stored pieces of a partitioned variable (empty for an ordinary tensor).
+    partitions: tuple[TensorSlice, ...] = ()
+    #: Bytes stored for this tensor, when the format knows it cheaply.
+    nbytes: int | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def dtype_name(self) -> str:
+        """TensorFlow's name for the dtype (``float32``, ``bfloat16``, ``string``...)."""
+        return dtype_name(self.dtype)
+
+    @property
+    def size(self) -> int:
+        """Number of elements."""
+        return math.prod(self.shape)
+
+
+@runtime_checkable
+class CheckpointReader(Protocol):
+    """An open checkpoint. Close it with ``await reader.aclose()`` (or ``async with``)."""
+
+    prefix: str
+
+    def keys(self) -> list[str]:
+        """Every tensor name, sorted (partitioned variables once, under their full name)."""
+        ...
+
+    def spec(self, key: str) -> TensorSpec: ...
+
+    async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
+        """One tensor, or the part selected by ``index`` over its leading axes."""
+        ...
+
+    async def read_many(
+        self, keys: Sequence[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Several whole tensors (all when ``keys`` is None), read concurrently."""
+        ...
+
+    def files(self) -> list[str]:
+        """The exact paths this checkpoint consists of."""
+        ...
+
+    async def aclose(self) -> None: ...
+
+
+@runtime_checkable
+class CheckpointFormat(Protocol):
+    """A checkpoint format. Register one under the ``anyckpt.formats`` entry-point group."""
+
+    name: str
+
+    async def write(
+        self,
+        storage: Storage,
+        prefix: str,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        durable: bool = True,
+        options: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        """Write ``tensors`` (already normalised, see :func:`anyckpt.tensors.as_tensor`) under
+        ``prefix``; return the paths written. Either every file is written or none remains."""
+        ...
+
+    async def open(self, storage: Storage, prefix: str) -> CheckpointReader: ...
+
+    async def detect(self, storage: Storage, prefix: str) -> bool:
+        """Whether a checkpoint of this format exists at ``prefix`` (cheap: no data read)."""
+        ...
+
+    async def files(self, storage: Storage, prefix: str) -> list[str]:
+        """The exact paths the checkpoint at ``prefix`` consists of (those that exist)."""
+        ...

@@ -1,0 +1,82 @@
+"""Turning what users pass (NumPy, PyTorch, JAX arrays, scalars, strings) into NumPy arrays."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from .codecs.dtypes import STRING_DTYPE, enum_from_dtype
+
+
+def key_to_bytes(key: str) -> bytes:
+    """A tensor name as stored: UTF-8, with surrogate escapes standing for raw bytes."""
+    return key.encode("utf-8", "surrogateescape")
+
+
+def key_from_bytes(raw: bytes) -> str:
+    """Inverse of :func:`key_to_bytes`: names that are not valid UTF-8 still round-trip."""
+    return raw.decode("utf-8", "surrogateescape")
+
+
+def normalize_key(key: str | bytes) -> str:
+    if isinstance(key, bytes):
+        key = key_from_bytes(key)
+    if not isinstance(key, str):
+        raise TypeError(f"tensor names must be str or bytes, not {type(key).__name__}")
+    if key == "":
+        raise ValueError("the empty tensor name is reserved (it holds the bundle header)")
+    return key
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, bytes):
+        return value
+    if isinstance(value, (bytearray, memoryview, np.bytes_)):
+        return bytes(value)
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    raise TypeError(f"string tensors hold bytes or str, not {type(value).__name__}")
+
+
+def as_tensor(value: Any) -> np.ndarray:
+    """``value`` as a NumPy array anyckpt can store, without copying numeric data.
+
+    Anything ``numpy.asarray`` accepts works (PyTorch CPU tensors, JAX arrays...). Text
+    (``str``, NumPy ``U``/``S`` arrays, object arrays of str/bytes) becomes an object array of
+    ``bytes`` (UTF-8 for ``str``). Raises TypeError for dtypes TensorFlow has no name for.
+    """
+    array = np.asarray(value)
+    if array.dtype.kind in "OUS":
+        out = np.empty(array.shape, dtype=STRING_DTYPE)
+        flat = out.reshape(-1)
+        for i, item in enumerate(array.reshape(-1).tolist()):
+            flat[i] = _as_bytes(item)
+        return out
+    enum_from_dtype(array.dtype)  # raises TypeError if unsupported
+    return array
+
+
+def flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict[str, Any]:
+    """Flatten nested mappings into ``a/b/c`` names; leaves are left as they are."""
+    out: dict[str, Any] = {}
+
+    def visit(prefix: str, node: Mapping[Any, Any]) -> None:
+        for raw_key, value in node.items():
+            key = normalize_key(raw_key)
+            name = f"{prefix}{separator}{key}" if prefix else key
+            if isinstance(value, Mapping):
+                visit(name, value)
+            elif name in out:
+                raise ValueError(f"two entries flatten to the same name {name!r}")
+            else:
+                out[name] = value
+
+    visit("", state)
+    return out
+
+
+def prepare(tensors: Mapping[Any, Any]) -> dict[str, np.ndarray]:
+    """Flatten and normalise a state mapping for a format's ``write``."""
+    return {key: as_tensor(value) for key, value in flatten(tensors).items()}
