@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from . import sync
 from .api import load, open, open_reader, save
+from .codecs.state_file import CheckpointState
 from .errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -22,23 +23,36 @@ from .errors import (
 )
 from .formats import available_formats, get_format, register_format
 from .formats.base import CheckpointFormat, CheckpointReader, TensorSlice, TensorSpec
+from .manager import (
+    CheckpointManager,
+    PendingSave,
+    SaveEvent,
+    get_checkpoint_state,
+    latest_checkpoint,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError",
     "CheckpointFormat",
+    "CheckpointManager",
     "CheckpointNotFoundError",
     "CheckpointReader",
+    "CheckpointState",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
+    "PendingSave",
+    "SaveEvent",
     "TensorSlice",
     "TensorSpec",
     "UnsafePathError",
     "UnsupportedFormatError",
     "__version__",
     "available_formats",
+    "get_checkpoint_state",
     "get_format",
+    "latest_checkpoint",
     "load",
     "open",
     "open_reader",

@@ -16,6 +16,8 @@ import numpy as np
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import api
+from . import manager as _manager
+from .codecs.state_file import CheckpointState
 from .formats.base import CheckpointReader, Index, TensorSpec
 
 
@@ -84,3 +86,115 @@ class open:
         tb: TracebackType | None,
     ) -> None:
         self._stack.close()
+
+
+class PendingSave:
+    """Blocking view of :class:`anyckpt.manager.PendingSave`."""
+
+    def __init__(self, pending: _manager.PendingSave, portal: BlockingPortal) -> None:
+        self._pending = pending
+        self._portal = portal
+        self.step = pending.step
+        self.prefix = pending.prefix
+        self.skipped = pending.skipped
+
+    @property
+    def event(self) -> _manager.SaveEvent | None:
+        return self._pending.event
+
+    def done(self) -> bool:
+        return self._pending.done()
+
+    def wait(self) -> PendingSave:
+        """Block until committed; raise the save's error."""
+        self._portal.call(self._pending.wait)
+        return self
+
+    def __repr__(self) -> str:
+        return repr(self._pending)
+
+
+class CheckpointManager:
+    """Blocking :class:`anyckpt.CheckpointManager` for ordinary training loops.
+
+    The async manager runs on an event loop in a background thread; ``save()`` returns as
+    soon as the state is captured, and the write goes on while training continues::
+
+        with anyckpt.sync.CheckpointManager("ckpts", max_to_keep=3) as manager:
+            for step in range(...):
+                ...
+                manager.save({"w": w}, step=step)
+    """
+
+    def __init__(self, directory: Any, *args: Any, **kwargs: Any) -> None:
+        self._manager = _manager.CheckpointManager(directory, *args, **kwargs)
+        self._stack = ExitStack()
+        self._portal: BlockingPortal | None = None
+
+    def __enter__(self) -> CheckpointManager:
+        portal = self._stack.enter_context(start_blocking_portal())
+        try:
+            self._stack.enter_context(portal.wrap_async_context_manager(self._manager))
+        except BaseException:
+            self._stack.close()
+            raise
+        self._portal = portal
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._portal = None
+        if exc is None:
+            self._stack.close()
+        else:
+            self._stack.__exit__(exc_type, exc, tb)
+
+    def _call(self, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        if self._portal is None:
+            raise RuntimeError("use the manager inside 'with'")
+        return self._portal.call(partial(fn, *args, **kwargs))
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        return self._manager.latest_checkpoint
+
+    @property
+    def checkpoints(self) -> list[str]:
+        return self._manager.checkpoints
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step
+
+    def save(
+        self, state: Mapping[Any, Any], step: int | None = None, *, copy: bool = True
+    ) -> PendingSave:
+        """Capture ``state`` and return; the write goes on in the background."""
+        pending = self._call(self._manager.save, state, step, copy=copy)
+        assert self._portal is not None
+        return PendingSave(pending, self._portal)
+
+    def wait(self) -> None:
+        """Block until every save so far is committed; raise the first unseen error."""
+        self._call(self._manager.wait)
+
+    def restore(
+        self, step: int | None = None, keys: Sequence[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        return dict(self._call(self._manager.restore, step, keys, verify=verify))
+
+
+def latest_checkpoint(directory: str, **kwargs: Any) -> str | None:
+    """Blocking :func:`anyckpt.latest_checkpoint`."""
+    with start_blocking_portal() as portal:
+        return portal.call(partial(_manager.latest_checkpoint, directory, **kwargs))
+
+
+def get_checkpoint_state(directory: str, **kwargs: Any) -> CheckpointState | None:
+    """Blocking :func:`anyckpt.get_checkpoint_state`."""
+    with start_blocking_portal() as portal:
+        return portal.call(partial(_manager.get_checkpoint_state, directory, **kwargs))

@@ -1,0 +1,568 @@
+"""The async :class:`CheckpointManager`: background saves, the state file, retention, restore.
+
+Commit protocol (see docs/manager.md), for every save:
+
+1. capture: copy the tensors (one memcpy, in worker threads) — ``save()`` returns here;
+2. write every data shard, then the index (local: temp name + fsync + rename; object stores:
+   each object one atomic upload, written after the data it points to);
+3. only then rewrite the ``checkpoint`` state file atomically (local: temp + fsync + rename +
+   directory fsync);
+4. only then delete what retention dropped (each checkpoint's commit marker first).
+
+A crash at any point leaves ``latest_checkpoint`` pointing at a complete checkpoint. What an
+interrupted save leaves behind is removed when the next manager opens the directory — only
+files named like this manager's checkpoints, never anything else.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+import time
+from collections.abc import Callable, Generator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any
+
+import anyio
+import anyio.abc
+import anyio.to_thread
+import numpy as np
+
+from .codecs import DecodeError
+from .codecs.state_file import CheckpointState, decode_state, encode_state, relativize
+from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .formats import detect_format, get_format
+from .formats.base import CheckpointFormat
+from .retention import (
+    RetentionPolicy,
+    Tracked,
+    apply_retention,
+    record_save,
+    recover,
+    start_fresh,
+)
+from .storage import TEMP_MARKER, Storage
+from .tensors import prepare
+
+STATE_FILE = "checkpoint"
+
+
+@dataclass(frozen=True)
+class SaveEvent:
+    """What one save did, for progress reporting and metrics (``on_event``)."""
+
+    step: int
+    prefix: str
+    bytes: int
+    capture_seconds: float
+    write_seconds: float
+    commit_seconds: float
+    deleted: tuple[str, ...] = ()
+    preserved: tuple[str, ...] = ()
+
+
+class PendingSave:
+    """A save in flight. ``await pending`` (or :meth:`wait`) returns once it is durably
+    committed and raises its error if it failed. ``skipped`` is True when
+    ``checkpoint_interval`` made the manager skip it (then there is nothing to wait for)."""
+
+    def __init__(self, step: int, prefix: str | None, *, skipped: bool = False) -> None:
+        self.step = step
+        self.prefix = prefix
+        self.skipped = skipped
+        self.event: SaveEvent | None = None
+        self._done = anyio.Event()
+        self._error: BaseException | None = None
+        self._observed = False
+        if skipped:
+            self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def _finish(self, error: BaseException | None) -> None:
+        self._error = error
+        self._done.set()
+
+    async def wait(self) -> PendingSave:
+        await self._done.wait()
+        if self._error is not None:
+            self._observed = True
+            raise self._error
+        return self
+
+    def __await__(self) -> Generator[Any, None, PendingSave]:
+        return self.wait().__await__()
+
+    def __repr__(self) -> str:
+        state = "skipped" if self.skipped else "done" if self.done() else "pending"
+        return f"<PendingSave step={self.step} {state}>"
+
+
+@dataclass
+class _Tracking:
+    tracked: list[Tracked] = field(default_factory=list)
+    last_preserved: float = 0.0
+    latest: str | None = None  # relative name of the latest committed checkpoint
+
+
+class CheckpointManager:
+    """Keeps the checkpoints of one training run in ``directory``, as TensorFlow's
+    ``tf.train.CheckpointManager`` does, with saves written in the background.
+
+    Use it as ``async with CheckpointManager(directory, ...) as manager:``. ``directory``
+    is a local path or fsspec URL. Checkpoints are ``DIR/{checkpoint_name}-{step}``; the
+    ``checkpoint`` state file is TensorFlow's and interchangeable with it.
+
+    Args:
+        max_to_keep: keep the newest N committed checkpoints (None keeps all).
+        keep_checkpoint_every_n_hours: preserve (keep forever, stop tracking) a checkpoint
+            leaving the window if it is at least this many hours after the last preserved.
+        checkpoint_name: file-name prefix of the checkpoints.
+        format: any registered format (``"v2"`` by default).
+        max_pending: saves in flight before ``save()`` waits; bounds the memory held by
+            captured states.
+        checkpoint_interval: skip a save that comes fewer than this many steps after the
+            last one (TensorFlow's option).
+        storage_options: passed to fsspec.
+        durable: fsync files and directories (local disk) before a save counts as committed.
+        clock: the time source for timestamps (``time.time``), injectable for tests.
+        on_event: called with a :class:`SaveEvent` after each committed save.
+        format_options: passed to the format's ``write`` (e.g. sharding options).
+    """
+
+    def __init__(
+        self,
+        directory: str | Any,
+        max_to_keep: int | None = 5,
+        keep_checkpoint_every_n_hours: float | None = None,
+        checkpoint_name: str = "ckpt",
+        format: str = "v2",
+        max_pending: int = 1,
+        storage_options: dict[str, Any] | None = None,
+        *,
+        checkpoint_interval: int | None = None,
+        durable: bool = True,
+        clock: Callable[[], float] = time.time,
+        on_event: Callable[[SaveEvent], None] | None = None,
+        format_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        if not checkpoint_name or "/" in checkpoint_name or ":" in checkpoint_name:
+            raise ValueError(f"bad checkpoint_name {checkpoint_name!r}")
+        if checkpoint_interval is not None and checkpoint_interval < 1:
+            raise ValueError("checkpoint_interval must be a positive number of steps")
+        self.policy = RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours)
+        self.directory = str(directory).rstrip("/") or "/"
+        self.checkpoint_name = checkpoint_name
+        self.format: CheckpointFormat = get_format(format)
+        self.max_pending = max_pending
+        self.checkpoint_interval = checkpoint_interval
+        self.durable = durable
+        self.clock = clock
+        self.on_event = on_event
+        self.format_options = dict(format_options or {})
+        self.storage, self._root = Storage.from_url(self.directory, storage_options)
+        self._step_re = re.compile(re.escape(checkpoint_name) + r"-(\d+)")
+        self._state = _Tracking()
+        self._slots = anyio.Semaphore(max_pending)
+        self._commit_lock = anyio.Lock()
+        self._pending: list[PendingSave] = []
+        self._last_step: int | None = None
+        self._last_saved_step: int | None = None
+        self._tail: anyio.Event | None = None  # done-event of the newest save: commits go in order
+        self._task_group: anyio.abc.TaskGroup | None = None
+        self._entered = False
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    async def __aenter__(self) -> CheckpointManager:
+        if self._entered:
+            raise RuntimeError("a CheckpointManager can be entered once")
+        self._entered = True
+        await self._load_state()
+        await self._clean_debris()
+        self._task_group = anyio.create_task_group()
+        await self._task_group.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        assert self._task_group is not None
+        if exc is not None and not isinstance(exc, Exception):
+            # Cancelled or interrupted: stop writing (nothing half-written stays). After an
+            # ordinary error in the training loop, captured saves still finish and commit.
+            self._task_group.cancel_scope.cancel()
+        try:
+            await self._task_group.__aexit__(exc_type, exc, tb)
+        finally:
+            self._task_group = None
+        if exc is None:
+            self._raise_unobserved()
+
+    def _raise_unobserved(self) -> None:
+        for pending in self._pending:
+            if pending.done() and pending._error is not None and not pending._observed:
+                pending._observed = True
+                raise pending._error
+        self._pending = [p for p in self._pending if not p.done()]
+
+    # -- state -------------------------------------------------------------------------------
+
+    def _path(self, name: str) -> str:
+        return posixpath.join(self._root, name)
+
+    def _public(self, name: str) -> str:
+        return f"{self.directory}/{name}"
+
+    def _step_of(self, name: str) -> int | None:
+        match = self._step_re.fullmatch(name)
+        return int(match.group(1)) if match else None
+
+    async def _load_state(self) -> None:
+        state = await read_state(self.storage, self._root)
+        now = self.clock()
+        if state is None:
+            recovered = start_fresh(now)
+            latest = None
+        else:
+            paths = [relativize(p, self._root) for p in state.all_model_checkpoint_paths]
+            recovered = recover(
+                paths, state.all_model_checkpoint_timestamps, state.last_preserved_timestamp, now
+            )
+            latest = (
+                relativize(state.model_checkpoint_path, self._root)
+                if state.model_checkpoint_path
+                else None
+            )
+        self._state = _Tracking(list(recovered.tracked), recovered.last_preserved_timestamp, latest)
+        steps = [
+            s
+            for s in (
+                self._step_of(n)
+                for n in [*(t.path for t in recovered.tracked), *([latest] if latest else [])]
+            )
+            if s is not None
+        ]
+        self._last_step = max(steps, default=None)
+        self._last_saved_step = self._last_step
+
+    def _state_file(self) -> CheckpointState:
+        tracked = self._state.tracked
+        return CheckpointState(
+            model_checkpoint_path=self._state.latest or "",
+            all_model_checkpoint_paths=tuple(t.path for t in tracked),
+            all_model_checkpoint_timestamps=tuple(t.timestamp for t in tracked),
+            last_preserved_timestamp=self._state.last_preserved,
+        )
+
+    async def _clean_debris(self) -> None:
+        """Remove what interrupted saves of this manager's naming left behind: temporary
+        files, data files without their index, and complete checkpoints newer than the
+        latest committed one (written, but never recorded in the state file)."""
+        names = await anyio.to_thread.run_sync(self.storage.listdir, self._root)
+        latest_step = self._step_of(self._state.latest) if self._state.latest else None
+        ours = re.compile(
+            re.escape(self.checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5})"
+        )
+        present = set(names)
+        doomed: list[str] = []
+        for name in names:
+            if TEMP_MARKER in name:
+                base = name.split(TEMP_MARKER, 1)[0]
+                if base == STATE_FILE or ours.fullmatch(base):
+                    doomed.append(name)
+                continue
+            match = ours.fullmatch(name)
+            if not match:
+                continue
+            step = int(match.group(1))
+            prefix = f"{self.checkpoint_name}-{step}"
+            if self._state.latest == prefix or any(t.path == prefix for t in self._state.tracked):
+                continue
+            # Newer than the latest commit: written but never recorded. Without a state file
+            # we cannot tell, so only files without their index (never complete) go.
+            newer = latest_step is not None and step > latest_step
+            if newer or f"{prefix}.index" not in present:
+                doomed.append(name)
+        doomed.sort(key=lambda n: not n.endswith(".index"))  # commit markers first
+        for name in doomed:
+            await anyio.to_thread.run_sync(self.storage.remove, self._path(name))
+
+    # -- public view -------------------------------------------------------------------------
+
+    @property
+    def latest_checkpoint(self) -> str | None:
+        """The newest committed checkpoint's prefix (``DIR/ckpt-STEP``), or None."""
+        return self._public(self._state.latest) if self._state.latest else None
+
+    @property
+    def checkpoints(self) -> list[str]:
+        """Prefixes of the committed checkpoints retention tracks, oldest first."""
+        return [self._public(t.path) for t in self._state.tracked]
+
+    @property
+    def latest_step(self) -> int | None:
+        return self._step_of(self._state.latest) if self._state.latest else None
+
+    # -- saving ------------------------------------------------------------------------------
+
+    async def save(
+        self, state: Mapping[Any, Any], step: int | None = None, *, copy: bool = True
+    ) -> PendingSave:
+        """Capture ``state`` and write it in the background; return once it is captured.
+
+        ``state`` maps names to arrays (nested mappings become ``a/b/c``); anything
+        ``numpy.asarray`` accepts is a tensor. The arrays are copied (one memcpy) unless
+        ``copy=False``, a promise not to mutate them until the save is committed.
+        ``step=None`` takes the next number after the latest. Raises the error of an earlier
+        background save that nobody has seen yet.
+        """
+        if self._task_group is None:
+            raise RuntimeError("use the manager inside 'async with'")
+        self._raise_unobserved()
+        if step is None:
+            step = 1 if self._last_step is None else self._last_step + 1
+        step = int(step)
+        if step < 0:
+            raise ValueError(f"step must be >= 0, got {step}")
+        if self._last_step is not None and step <= self._last_step:
+            raise ValueError(f"step {step} is not after the last step {self._last_step}")
+        if (
+            self.checkpoint_interval is not None
+            and self._last_saved_step is not None
+            and step < self._last_saved_step + self.checkpoint_interval
+        ):
+            self._last_step = step
+            return PendingSave(step, None, skipped=True)
+        tensors = prepare(state)
+        await self._slots.acquire()
+        try:
+            started = time.perf_counter()
+            if copy:
+                tensors = await capture(tensors)
+            capture_seconds = time.perf_counter() - started
+        except BaseException:
+            self._slots.release()
+            raise
+        name = f"{self.checkpoint_name}-{step}"
+        pending = PendingSave(step, self._public(name))
+        self._last_step = self._last_saved_step = step
+        self._pending.append(pending)
+        previous, self._tail = self._tail, pending._done
+        self._task_group.start_soon(
+            self._write_and_commit, pending, previous, name, tensors, capture_seconds
+        )
+        return pending
+
+    async def _write_and_commit(
+        self,
+        pending: PendingSave,
+        previous: anyio.Event | None,
+        name: str,
+        tensors: dict[str, np.ndarray],
+        capture_seconds: float,
+    ) -> None:
+        error: BaseException | None = None
+        try:
+            started = time.perf_counter()
+            await self.format.write(
+                self.storage,
+                self._path(name),
+                tensors,
+                durable=self.durable,
+                options=self.format_options,
+            )
+            wrote = time.perf_counter()
+            nbytes = sum(a.nbytes for a in tensors.values() if a.dtype != object)
+            del tensors
+            if previous is not None:
+                await previous.wait()
+            async with self._commit_lock:
+                deleted, preserved = await self._commit(name)
+            pending.event = SaveEvent(
+                pending.step,
+                self._public(name),
+                nbytes,
+                capture_seconds,
+                wrote - started,
+                time.perf_counter() - wrote,
+                deleted,
+                preserved,
+            )
+            if self.on_event is not None:
+                self.on_event(pending.event)
+        except BaseException as exc:
+            error = exc
+            if not isinstance(exc, Exception):
+                pending._finish(CheckpointError(f"save of step {pending.step} was cancelled"))
+                pending._observed = True
+                raise
+        finally:
+            self._slots.release()
+            if not pending.done():
+                pending._finish(error)
+
+    async def _commit(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Record ``name`` in the state file, then delete what retention dropped."""
+        tracked = record_save(self._state.tracked, name, self.clock())
+        decision = apply_retention(tracked, self._state.last_preserved, self.policy)
+        new_state = _Tracking(list(decision.keep), decision.last_preserved_timestamp, name)
+        old_state, self._state = self._state, new_state
+        try:
+            await write_state(self.storage, self._root, self._state_file(), durable=self.durable)
+        except BaseException:
+            self._state = old_state
+            raise
+        deleted = []
+        for ckpt in decision.delete:
+            await self._delete_checkpoint(ckpt.path)
+            deleted.append(self._public(ckpt.path))
+        return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
+
+    async def _delete_checkpoint(self, name: str) -> None:
+        prefix = self._path(name)
+        try:
+            fmt = await detect_format(self.storage, prefix)
+        except CheckpointNotFoundError:
+            fmt = self.format
+        files = await fmt.files(self.storage, prefix)
+        for path in reversed(files):  # the commit marker (last written) goes first
+            if posixpath.dirname(path) != self._root:
+                raise CheckpointError(f"format listed {path} outside the directory")
+            await anyio.to_thread.run_sync(self.storage.remove, path)
+
+    async def wait(self) -> None:
+        """Wait until every save so far is committed; raise the first unseen error."""
+        for pending in list(self._pending):
+            await pending._done.wait()
+        self._raise_unobserved()
+
+    # -- restoring ---------------------------------------------------------------------------
+
+    async def restore(
+        self, step: int | None = None, keys: Sequence[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Read the latest committed checkpoint (or the one of ``step``): a flat mapping of
+        names to arrays (:func:`anyckpt.tensors.unflatten` nests it again)."""
+        if step is None:
+            if self._state.latest is None:
+                raise CheckpointNotFoundError(
+                    "no checkpoint has been committed", path=self.directory
+                )
+            name = self._state.latest
+        else:
+            name = f"{self.checkpoint_name}-{int(step)}"
+        prefix = self._path(name)
+        fmt = await detect_format(self.storage, prefix)
+        reader = await fmt.open(self.storage, prefix)
+        try:
+            return await reader.read_many(keys, verify=verify)
+        finally:
+            await reader.aclose()
+
+
+async def capture(tensors: Mapping[str, np.ndarray], *, threads: int = 2) -> dict[str, np.ndarray]:
+    """Copy every array once (C order), spread over worker threads (NumPy copies release the
+    GIL), so the caller may mutate its arrays as soon as this returns."""
+    items = list(tensors.items())
+    out: dict[str, np.ndarray] = {}
+    big = sorted((kv for kv in items if kv[1].dtype != object), key=lambda kv: -kv[1].nbytes)
+    for key, value in items:
+        if value.dtype == object:
+            out[key] = value.copy()  # bytes are immutable: a shallow copy is a full capture
+    lanes: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(max(1, threads))]
+    loads = [0] * len(lanes)
+    for kv in big:  # greedy balance by bytes
+        i = loads.index(min(loads))
+        lanes[i].append(kv)
+        loads[i] += kv[1].nbytes
+
+    def copy_lane(lane: list[tuple[str, np.ndarray]]) -> None:
+        for key, value in lane:
+            out[key] = np.array(value, copy=True, order="C")
+
+    if sum(loads) < 1 << 20:
+        for lane in lanes:
+            copy_lane(lane)
+    else:
+        async with anyio.create_task_group() as tg:
+            for lane in lanes:
+                if lane:
+                    tg.start_soon(anyio.to_thread.run_sync, copy_lane, lane)
+    return {key: out[key] for key, _ in items}
+
+
+async def read_state(storage: Storage, root: str) -> CheckpointState | None:
+    """The parsed state file of a directory, or None if it has none."""
+    path = posixpath.join(root, STATE_FILE)
+    try:
+        data = await anyio.to_thread.run_sync(storage.read_bytes, path)
+    except CheckpointNotFoundError:
+        return None
+    try:
+        return decode_state(data)
+    except DecodeError as exc:
+        raise CorruptCheckpointError(str(exc), path=storage.url(path)) from None
+
+
+async def write_state(
+    storage: Storage, root: str, state: CheckpointState, *, durable: bool = True
+) -> None:
+    """Atomically replace the state file of a directory."""
+    await anyio.to_thread.run_sync(storage.makedirs, root)
+    data = encode_state(state)
+    path = posixpath.join(root, STATE_FILE)
+    await anyio.to_thread.run_sync(lambda: storage.write_bytes(path, data, durable=durable))
+    if durable:
+        await anyio.to_thread.run_sync(storage.sync_directory, root)
+
+
+async def get_checkpoint_state(
+    directory: str, *, storage_options: dict[str, Any] | None = None
+) -> CheckpointState | None:
+    """TensorFlow's ``tf.train.get_checkpoint_state``: the directory's state, with paths
+    joined onto ``directory``; None if it has no state file."""
+    storage, root = Storage.from_url(directory, storage_options)
+    state = await read_state(storage, root)
+    if state is None:
+        return None
+    base = str(directory).rstrip("/")
+
+    def full(p: str) -> str:
+        return f"{base}/{relativize(p, root)}"
+
+    return CheckpointState(
+        model_checkpoint_path=full(state.model_checkpoint_path)
+        if state.model_checkpoint_path
+        else "",
+        all_model_checkpoint_paths=tuple(full(p) for p in state.all_model_checkpoint_paths),
+        all_model_checkpoint_timestamps=state.all_model_checkpoint_timestamps,
+        last_preserved_timestamp=state.last_preserved_timestamp,
+    )
+
+
+async def latest_checkpoint(
+    directory: str, *, storage_options: dict[str, Any] | None = None
+) -> str | None:
+    """TensorFlow's ``tf.train.latest_checkpoint``: the newest checkpoint's prefix or None."""
+    state = await get_checkpoint_state(directory, storage_options=storage_options)
+    if state is None or not state.model_checkpoint_path:
+        return None
+    return state.model_checkpoint_path
+
+
+__all__ = [
+    "CheckpointManager",
+    "PendingSave",
+    "SaveEvent",
+    "capture",
+    "get_checkpoint_state",
+    "latest_checkpoint",
+]
