@@ -48,6 +48,10 @@ def as_tensor(value: Any) -> np.ndarray:
     ``bytes`` (UTF-8 for ``str``). Raises TypeError for dtypes TensorFlow has no name for.
     """
     array = np.asarray(value)
+    if array.dtype.kind in "US" and not isinstance(value, np.ndarray):
+        # NumPy's fixed-width S/U types drop trailing NULs (b"a\0" -> b"a"): keep the
+        # caller's own str/bytes objects instead.
+        array = np.asarray(value, dtype=object)
     if array.dtype.kind in "OUS":
         out = np.empty(array.shape, dtype=STRING_DTYPE)
         flat = out.reshape(-1)

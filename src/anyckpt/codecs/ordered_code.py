@@ -33,7 +33,9 @@ def read_num_increasing(data: bytes, pos: int) -> tuple[int, int]:
 
 
 def write_string(value: bytes) -> bytes:
-    return value.replace(b"\xff", b"\xff\x00").replace(b"\x00", b"\x00\xff") + b"\x00\x01"
+    # Escape both bytes in one pass: chained replaces would re-escape the 00 of `ff 00`.
+    parts = (part.replace(b"\xff", b"\xff\x00") for part in value.split(b"\x00"))
+    return b"\x00\xff".join(parts) + b"\x00\x01"
 
 
 def read_string(data: bytes, pos: int) -> tuple[bytes, int]:

@@ -476,9 +476,28 @@ class V2Reader:
         shape = entry.shape
         full_box = box + [(0, d) for d in shape[len(box) :]]
         out_shape = tuple(b - a for a, b in full_box)
-        out = np.empty(out_shape, dtype=disk_dtype(dtype))
-        if out.size == 0:
-            return out.astype(dtype)
+        path = data_path(self.prefix, entry.shard_id, self.num_shards)
+        reader = self.storage.open_reader(path)
+        try:
+            # Before allocating: an entry claiming more bytes than the file holds is corrupt.
+            if entry.offset + entry.size > reader.size:
+                raise CorruptCheckpointError(
+                    f"tensor {key!r} lies past the end of the file", path=self.storage.url(path)
+                )
+            out = np.empty(out_shape, dtype=disk_dtype(dtype))
+            if out.size == 0:
+                return out.astype(dtype)
+            self._read_box_into(reader, entry, full_box, out)
+        finally:
+            reader.close()
+        return out if out.dtype == dtype else out.astype(dtype)
+
+    @staticmethod
+    def _read_box_into(
+        reader: FileReader, entry: BundleEntry, full_box: list[tuple[int, int]], out: np.ndarray
+    ) -> None:
+        dtype = out.dtype
+        shape = entry.shape
         # Axes from `split` on are read as one contiguous run per index of the axes before it.
         split = len(shape)
         while split > 0 and full_box[split - 1] == (0, shape[split - 1]):
@@ -490,23 +509,13 @@ class V2Reader:
         )
         outer = [range(a, b) for a, b in full_box[:split]]
         dest = _byte_view(out)
-        path = data_path(self.prefix, entry.shard_id, self.num_shards)
-        reader = self.storage.open_reader(path)
-        try:
-            if entry.offset + entry.size > reader.size:
-                raise CorruptCheckpointError(
-                    f"tensor {key!r} lies past the end of the file", path=self.storage.url(path)
-                )
-            at = 0
-            for idx in np.ndindex(*(len(r) for r in outer)) if outer else [()]:
-                start = entry.offset + sum((outer[i][j]) * strides[i] for i, j in enumerate(idx))
-                if shape:
-                    start += full_box[split][0] * strides[split]
-                reader.read_into(start, dest[at : at + run])
-                at += run
-        finally:
-            reader.close()
-        return out if out.dtype == dtype else out.astype(dtype)
+        at = 0
+        for idx in np.ndindex(*(len(r) for r in outer)) if outer else [()]:
+            start = entry.offset + sum((outer[i][j]) * strides[i] for i, j in enumerate(idx))
+            if shape:
+                start += full_box[split][0] * strides[split]
+            reader.read_into(start, dest[at : at + run])
+            at += run
 
     async def _assemble(
         self, key: str, box: list[tuple[int, int]] | None, verify: bool
@@ -516,7 +525,7 @@ class V2Reader:
         full = entry.shape
         want = (box or []) + [(0, d) for d in full[len(box or []) :]]
         dtype = dtype_from_enum(entry.dtype)
-        out = np.empty(tuple(b - a for a, b in want), dtype=dtype)
+        out_shape = tuple(b - a for a, b in want)
         needed: list[tuple[str, BundleEntry, TensorSlice]] = []
         covered = 0
         for extents in entry.slices:
@@ -526,9 +535,11 @@ class V2Reader:
             if all(a < b for a, b in inter) or (math.prod(full) == 0 and not needed):
                 needed.append((key, self._slices[key][extents], part))
                 covered += math.prod(b - a for a, b in inter)
-        if covered != out.size:
+        if covered != math.prod(out_shape):
             raise self._corrupt(f"the slices of {key!r} do not cover it exactly")
         parts = await self._read_entries([(k, e) for k, e, _ in needed], verify)
+        # Allocated only now that the slices proved to be in their files.
+        out = np.empty(out_shape, dtype=dtype)
         by_entry = {id(e): arr for _, e, arr in parts}
         for _, slice_entry, part in needed:
             array = by_entry[id(slice_entry)]
