@@ -7,7 +7,7 @@ Layout, as ``tensorflow/core/lib/io/table_builder.cc`` writes it::
 Every block is followed by a 5-byte trailer: a compression byte (always 0, none) and the masked
 CRC-32C of the block contents plus that byte. A block holds prefix-compressed entries
 (``varint shared, varint non_shared, varint value_len, key suffix, value``), a restart point every
-16 entries, then the restart offsets and their count as little-endian uint32s. The index block
+16 entries (every entry in the index block), then the restart offsets and their count as little-endian uint32s. The index block
 maps a short separator key per data block to that block's handle (varint offset, varint size).
 The footer holds the metaindex and index handles, zero padding to 40 bytes, and the magic number.
 
@@ -54,7 +54,8 @@ class BlockHandle:
 
 
 class _BlockBuilder:
-    def __init__(self) -> None:
+    def __init__(self, restart_interval: int = BLOCK_RESTART_INTERVAL) -> None:
+        self._interval = restart_interval
         self._buf = bytearray()
         self._restarts = [0]
         self._counter = 0
@@ -62,7 +63,7 @@ class _BlockBuilder:
 
     def add(self, key: bytes, value: bytes) -> None:
         shared = 0
-        if self._counter < BLOCK_RESTART_INTERVAL:
+        if self._counter < self._interval:
             last = self._last_key
             limit = min(len(last), len(key))
             while shared < limit and last[shared] == key[shared]:
@@ -91,7 +92,10 @@ class _BlockBuilder:
             out += _U32.pack(r)
         out += _U32.pack(len(self._restarts))
         block = bytes(out)
-        self.__init__()  # type: ignore[misc]
+        self._buf = bytearray()
+        self._restarts = [0]
+        self._counter = 0
+        self._last_key = b""
         return block
 
 
@@ -127,7 +131,8 @@ class TableBuilder:
         self._block_size = block_size
         self._out = bytearray()
         self._data = _BlockBuilder()
-        self._index = _BlockBuilder()
+        # As LevelDB: every index entry is a restart point (block_restart_interval = 1).
+        self._index = _BlockBuilder(restart_interval=1)
         self._last_key: bytes | None = None
         self._pending_handle: BlockHandle | None = None
 
