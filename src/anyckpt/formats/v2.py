@@ -281,6 +281,8 @@ class V2Reader:
                             )
                     if extents not in stored:
                         raise self._corrupt(f"slice {extents} of {key!r} has no entry")
+                if not _tiles(entry.shape, [TensorSlice(e).box(entry.shape) for e in entry.slices]):
+                    raise self._corrupt(f"the slices of {key!r} overlap or leave gaps")
                 continue
             self._check_location(key, entry)
         for key, by_extent in self._slices.items():
@@ -551,6 +553,17 @@ class V2Reader:
             dst = tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want, strict=True))
             out[dst] = array[src]
         return out
+
+
+def _tiles(shape: tuple[int, ...], boxes: list[tuple[tuple[int, int], ...]]) -> bool:
+    """Whether ``boxes`` cover a tensor of ``shape`` exactly once (disjoint, no gaps)."""
+    if sum(math.prod(b - a for a, b in box) for box in boxes) != math.prod(shape):
+        return False
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            if all(max(a, c) < min(b, d) for (a, b), (c, d) in zip(first, second, strict=True)):
+                return False
+    return True
 
 
 def _coalesce(
