@@ -444,6 +444,32 @@ class CheckpointManager:
             await pending._done.wait()
         self._raise_unobserved()
 
+    async def sweep(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """Apply the retention policy now, without saving: delete what it drops from the
+        tracked checkpoints, then record the result in the state file, as after a save.
+        Returns the prefixes deleted and preserved. ``anyckpt prune`` runs this."""
+        if self._task_group is None:
+            raise RuntimeError("use the manager inside 'async with'")
+        async with self._commit_lock:
+            state = self._state
+            decision = apply_retention(state.tracked, state.last_preserved, self.policy)
+            if not decision.delete and not decision.preserve:
+                return (), ()
+            deleted = []
+            for ckpt in decision.delete:
+                await self._delete_checkpoint(ckpt.path)
+                deleted.append(self._public(ckpt.path))
+            keep, stamp = list(decision.keep), decision.last_preserved_timestamp
+            self._state = _Tracking(keep, stamp, state.latest)
+            try:
+                await write_state(
+                    self.storage, self._root, self._state_file(), durable=self.durable
+                )
+            except BaseException:
+                self._state = state
+                raise
+            return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
+
     # -- restoring ---------------------------------------------------------------------------
 
     async def restore(
