@@ -1,0 +1,153 @@
+"""``anyckpt diff A B``: which tensors differ between two checkpoints, and by how much."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ._common import Context, ExitCode, find_checkpoint, shape_text, tensor_nbytes
+from ._output import print_json, table
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "diff",
+        parents=[common],
+        help="compare the tensors of two checkpoints",
+        description="Compare two checkpoints (any formats) tensor by tensor: names only in one, "
+        "dtype or shape changes, and for numeric tensors the largest absolute difference. "
+        "Exits 0 if they hold the same tensors bit for bit (or within --atol), 1 otherwise.",
+    )
+    p.add_argument("a", metavar="A", help="checkpoint prefix (or directory: its latest)")
+    p.add_argument("b", metavar="B", help="checkpoint prefix (or directory: its latest)")
+    p.add_argument(
+        "--atol",
+        type=float,
+        default=0.0,
+        help="treat numeric tensors whose largest absolute difference is at most this as equal",
+    )
+    p.set_defaults(run=run)
+
+
+@dataclass
+class Difference:
+    key: str
+    kind: str  # only-a, only-b, dtype, shape, values
+    detail: str
+    max_abs_diff: float | None = None
+    differing: int | None = None
+
+
+def compare(key: str, a: np.ndarray, b: np.ndarray, atol: float) -> Difference | None:
+    """How ``a`` and ``b`` differ, or None if they are equal (bit for bit, or within atol)."""
+    if a.dtype != b.dtype and (a.dtype == object or b.dtype == object):
+        return Difference(key, "dtype", f"dtype {a.dtype} vs {b.dtype}")
+    if a.shape != b.shape:
+        return Difference(key, "shape", f"shape {shape_text(a.shape)} vs {shape_text(b.shape)}")
+    if a.dtype == object:
+        unequal = sum(x != y for x, y in zip(a.reshape(-1), b.reshape(-1), strict=True))
+        if not unequal:
+            return None
+        return Difference(key, "values", f"{unequal} of {a.size} strings differ", None, unequal)
+    same_dtype = a.dtype == b.dtype
+    if same_dtype and a.tobytes() == b.tobytes():
+        return None
+    wide = np.complex128 if "c" in (a.dtype.kind, b.dtype.kind) else np.float64
+    x, y = a.astype(wide), b.astype(wide)
+    with np.errstate(invalid="ignore", over="ignore"):
+        delta = np.abs(x - y)
+    both_nan = np.isnan(x) & np.isnan(y)
+    delta = np.where(both_nan, 0.0, delta)
+    nan_mismatch = bool(np.any(np.isnan(delta)))
+    delta = np.where(np.isnan(delta), np.inf, delta)
+    max_diff = float(delta.max()) if delta.size else 0.0
+    differing = int(np.count_nonzero(delta > atol))
+    if same_dtype and atol > 0 and differing == 0 and not nan_mismatch:
+        return None
+    if not same_dtype:
+        detail = f"dtype {a.dtype} vs {b.dtype}, max |a-b| {max_diff:.6g}"
+        return Difference(key, "dtype", detail, max_diff, differing)
+    if differing == 0 and atol == 0:
+        detail = "bits differ (-0.0 vs 0.0 or NaN payloads), max |a-b| 0"
+        return Difference(key, "values", detail, 0.0, 0)
+    detail = f"max |a-b| {max_diff:.6g}, {differing} of {a.size} elements differ"
+    return Difference(key, "values", detail, max_diff, differing)
+
+
+async def run(ctx: Context, args: argparse.Namespace) -> int:
+    ckpt_a = await find_checkpoint(ctx, args.a)
+    ckpt_b = await find_checkpoint(ctx, args.b)
+    reader_a = await ckpt_a.format.open(ckpt_a.storage, ckpt_a.path)
+    try:
+        reader_b = await ckpt_b.format.open(ckpt_b.storage, ckpt_b.path)
+        try:
+            keys_a, keys_b = reader_a.keys(), reader_b.keys()
+            set_a, set_b = set(keys_a), set(keys_b)
+            common = [k for k in keys_a if k in set_b]
+            diffs: list[Difference] = [
+                *(Difference(k, "only-a", "only in A") for k in keys_a if k not in set_b),
+                *(Difference(k, "only-b", "only in B") for k in keys_b if k not in set_a),
+            ]
+            total = sum(
+                tensor_nbytes(reader_a.spec(k)) + tensor_nbytes(reader_b.spec(k)) for k in common
+            )
+            with ctx.progress_bar("comparing", total) as bar:
+                for key in common:
+                    spec_a, spec_b = reader_a.spec(key), reader_b.spec(key)
+                    if spec_a.shape != spec_b.shape:
+                        diffs.append(
+                            Difference(
+                                key,
+                                "shape",
+                                f"shape {shape_text(spec_a.shape)} vs {shape_text(spec_b.shape)}",
+                            )
+                        )
+                    else:
+                        found = compare(
+                            key, await reader_a.read(key), await reader_b.read(key), args.atol
+                        )
+                        if found is not None:
+                            diffs.append(found)
+                    bar.advance(tensor_nbytes(spec_a) + tensor_nbytes(spec_b))
+        finally:
+            await reader_b.aclose()
+    finally:
+        await reader_a.aclose()
+
+    order = {k: i for i, k in enumerate(sorted(set_a | set_b))}
+    diffs.sort(key=lambda d: order[d.key])
+    if ctx.json:
+        print_json(
+            {
+                "a": ckpt_a.url,
+                "b": ckpt_b.url,
+                "equal": not diffs,
+                "compared": len(common),
+                "differences": [
+                    {
+                        "key": d.key,
+                        "kind": d.kind,
+                        "detail": d.detail,
+                        "max_abs_diff": d.max_abs_diff,
+                        "differing_elements": d.differing,
+                    }
+                    for d in diffs
+                ],
+            },
+            ctx.out,
+        )
+    else:
+        ctx.echo(f"A: {ckpt_a.url}")
+        ctx.echo(f"B: {ckpt_b.url}")
+        if diffs:
+            rows = [["TENSOR", "DIFFERENCE"], *([d.key, d.detail] for d in diffs)]
+            ctx.echo(table(rows, indent="  "))
+        same = len(common) - sum(d.kind in ("values", "dtype", "shape") for d in diffs)
+        ctx.echo(
+            f"{len(diffs)} differences; {same} of {len(common)} tensors in both are identical"
+            + (f" (within atol {args.atol:g})" if args.atol else "")
+        )
+    return ExitCode.DAMAGE if diffs else ExitCode.OK

@@ -1,0 +1,202 @@
+"""``anyckpt inspect PREFIX``: format, files, and every tensor's dtype, shape, size, partitions."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import math
+import posixpath
+from typing import Any
+
+import anyio.to_thread
+import numpy as np
+
+from ..errors import CheckpointNotFoundError
+from ..formats.base import CheckpointReader, TensorSlice, TensorSpec
+from ..storage import Storage
+from ._common import CliError, Context, ExitCode, find_checkpoint, shape_text, tensor_nbytes
+from ._output import format_bytes, print_json, table
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "inspect",
+        parents=[common],
+        help="show a checkpoint's format, files and tensors",
+        description="Show the format, the files, and every tensor's dtype, shape, size and "
+        "partitions. PREFIX is a checkpoint prefix (DIR/ckpt-5), one of its files, or a "
+        "directory (its latest checkpoint).",
+    )
+    p.add_argument("prefix", metavar="PREFIX")
+    p.add_argument("--values", action="store_true", help="print tensor values (NumPy style)")
+    p.add_argument(
+        "--key",
+        "-k",
+        action="append",
+        default=[],
+        metavar="K",
+        help="only this tensor (repeatable)",
+    )
+    p.set_defaults(run=run)
+
+
+def partition_text(part: TensorSlice, shape: tuple[int, ...]) -> str:
+    """NumPy-style box of one stored slice: ``[0:4, :]``."""
+    cells = []
+    for (start, stop), (_, length), dim in zip(part.box(shape), part.extents, shape, strict=True):
+        cells.append(":" if length == -1 or (start == 0 and stop == dim) else f"{start}:{stop}")
+    return "[" + ", ".join(cells) + "]"
+
+
+def file_sizes(storage: Storage, paths: list[str]) -> list[int | None]:
+    sizes: list[int | None] = []
+    for path in paths:
+        try:
+            reader = storage.open_reader(path)
+        except CheckpointNotFoundError:
+            sizes.append(None)
+            continue
+        sizes.append(reader.size)
+        reader.close()
+    return sizes
+
+
+def jsonable(array: np.ndarray) -> Any:
+    """Tensor values as JSON: numbers (non-finite as strings), text as str, other bytes as
+    ``{"base64": ...}``, complex as ``[re, im]``."""
+    if array.dtype == object:
+
+        def text(item: Any) -> Any:
+            data = bytes(item)
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                return {"base64": base64.b64encode(data).decode("ascii")}
+
+        flat: list[Any] = [text(x) for x in array.reshape(-1).tolist()]
+    elif array.dtype.kind == "c":
+        flat = [[_num(float(x.real)), _num(float(x.imag))] for x in array.reshape(-1).tolist()]
+    elif array.dtype.kind == "b":
+        flat = [bool(x) for x in array.reshape(-1).tolist()]
+    elif array.dtype.kind in "iu":
+        flat = [int(x) for x in array.reshape(-1).tolist()]
+    else:
+        flat = [_num(float(x)) for x in array.astype(np.float64).reshape(-1).tolist()]
+    return _nest(flat, array.shape)
+
+
+def _num(x: float) -> float | str:
+    return x if math.isfinite(x) else str(x)
+
+
+def _nest(flat: list[Any], shape: tuple[int, ...]) -> Any:
+    if not shape:
+        return flat[0]
+    if len(shape) == 1:
+        return flat
+    step = math.prod(shape[1:])
+    return [_nest(flat[i * step : (i + 1) * step], shape[1:]) for i in range(shape[0])]
+
+
+def tensor_json(key: str, spec: TensorSpec) -> dict[str, Any]:
+    return {
+        "key": key,
+        "dtype": spec.dtype_name,
+        "shape": list(spec.shape),
+        "nbytes": tensor_nbytes(spec),
+        "partitions": [
+            {
+                "extents": [list(e) for e in part.extents],
+                "spec": part.spec_string(spec.shape),
+                "box": partition_text(part, spec.shape),
+            }
+            for part in spec.partitions
+        ],
+    }
+
+
+def select_keys(reader: CheckpointReader, wanted: list[str]) -> list[str]:
+    keys = reader.keys()
+    if not wanted:
+        return keys
+    missing = [k for k in wanted if k not in set(keys)]
+    if missing:
+        raise CliError(
+            f"no tensor {missing[0]!r} in {reader.prefix} ({len(keys)} tensors; "
+            "'anyckpt inspect PREFIX' lists them)",
+            ExitCode.NOT_FOUND,
+        )
+    return list(dict.fromkeys(wanted))
+
+
+async def run(ctx: Context, args: argparse.Namespace) -> int:
+    ckpt = await find_checkpoint(ctx, args.prefix)
+    reader = await ckpt.format.open(ckpt.storage, ckpt.path)
+    try:
+        keys = select_keys(reader, args.key)
+        specs = {k: reader.spec(k) for k in keys}
+        paths = reader.files()
+        sizes = await anyio.to_thread.run_sync(file_sizes, ckpt.storage, paths)
+        values: dict[str, np.ndarray] = {}
+        if args.values:
+            total = sum(tensor_nbytes(s) for s in specs.values())
+            with ctx.progress_bar("reading", total) as bar:
+                for key in keys:
+                    values[key] = await reader.read(key)
+                    bar.advance(tensor_nbytes(specs[key]))
+    finally:
+        await reader.aclose()
+
+    if ctx.json:
+        tensors = []
+        for key in keys:
+            entry = tensor_json(key, specs[key])
+            if key in values:
+                entry["values"] = jsonable(values[key])
+            tensors.append(entry)
+        print_json(
+            {
+                "prefix": ckpt.url,
+                "format": ckpt.format.name,
+                "files": [
+                    {"path": ckpt.storage.url(p), "size": s}
+                    for p, s in zip(paths, sizes, strict=True)
+                ],
+                "tensors": tensors,
+            },
+            ctx.out,
+        )
+        return ExitCode.OK
+
+    total_bytes = sum(tensor_nbytes(s) for s in specs.values())
+    shown = "" if not args.key else f" (of {len(reader.keys())})"
+    ctx.echo(
+        f"{ckpt.url}: format {ckpt.format.name}, {len(paths)} files, "
+        f"{len(keys)} tensors{shown}, {format_bytes(total_bytes)}"
+    )
+    rows = [[posixpath.basename(p), format_bytes(s)] for p, s in zip(paths, sizes, strict=True)]
+    ctx.echo(table([["FILE", "SIZE"], *rows], right=(1,), indent="  "))
+    ctx.echo()
+    rows = [["TENSOR", "DTYPE", "SHAPE", "SIZE", "PARTITIONS"]]
+    for key in keys:
+        spec = specs[key]
+        parts = spec.partitions
+        rows.append(
+            [
+                key,
+                spec.dtype_name,
+                shape_text(spec.shape),
+                format_bytes(tensor_nbytes(spec)),
+                f"{len(parts)}: " + " ".join(partition_text(p, spec.shape) for p in parts)
+                if parts
+                else "",
+            ]
+        )
+    ctx.echo(table(rows, right=(3,), indent="  "))
+    if values:
+        with np.printoptions(threshold=200, edgeitems=3, linewidth=100):
+            for key in keys:
+                ctx.echo()
+                head = f"{key} = "
+                ctx.echo(head + np.array2string(values[key], separator=", ", prefix=head))
+    return ExitCode.OK

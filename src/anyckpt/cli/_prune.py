@@ -1,0 +1,228 @@
+"""``anyckpt prune DIR``: apply the retention policy now, as a manager does after a save.
+
+``--dry-run`` computes the decision with :func:`anyckpt.retention.apply_retention` on the state
+recovered from the directory's state file (:func:`anyckpt.retention.recover`, as a manager
+starting there would) and explains it. Without ``--dry-run`` a :class:`CheckpointManager`
+opens the directory (removing what interrupted saves left, as it always does) and runs its
+own :meth:`~anyckpt.CheckpointManager.sweep`, the code path of a save's commit.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from ..manager import STATE_FILE, CheckpointManager
+from ..retention import RetentionPolicy, apply_retention
+from ..storage import TEMP_MARKER
+from ._common import CliError, Context, ExitCode
+from ._output import format_bytes, format_time, print_json, table
+from ._scan import TRACKED, UNCOMMITTED, Listing, scan
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="apply the retention policy now (what it deletes, and why)",
+        description="Apply TensorFlow's retention rules to the checkpoints the state file "
+        "tracks, as a CheckpointManager does after each save: keep the newest --max-to-keep, "
+        "preserve one every --keep-every-n-hours, delete the rest. Checkpoints the state file "
+        "does not track are never deleted. With --dry-run, only print what would happen.",
+    )
+    p.add_argument("directory", metavar="DIR")
+    p.add_argument(
+        "--max-to-keep",
+        type=_positive_int,
+        default=5,
+        metavar="N",
+        help="keep the newest N tracked checkpoints (default 5, as CheckpointManager)",
+    )
+    p.add_argument(
+        "--keep-every-n-hours",
+        type=float,
+        default=None,
+        metavar="H",
+        help="preserve a checkpoint leaving the window if saved H hours after the last one",
+    )
+    p.add_argument(
+        "--checkpoint-name",
+        default=None,
+        metavar="NAME",
+        help="the manager's checkpoint_name (default: taken from the latest checkpoint)",
+    )
+    p.add_argument("--dry-run", "-n", action="store_true", help="change nothing; explain")
+    p.set_defaults(run=run)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be a positive integer")
+    return value
+
+
+@dataclass
+class Action:
+    name: str
+    action: str  # delete, preserve, keep
+    reason: str
+    size: int
+
+
+def plan(listing: Listing, policy: RetentionPolicy) -> tuple[list[Action], float | None]:
+    """What a sweep with ``policy`` does to each checkpoint, and why; and the new
+    ``last_preserved_timestamp``."""
+    sizes = {c.name: c.size for c in listing.checkpoints}
+    actions: list[Action] = []
+    recovered = listing.recovered
+    if recovered is None:
+        nothing = "no state file: nothing is tracked"
+        return [Action(c.name, "keep", nothing, c.size) for c in listing.checkpoints], None
+    tracked = list(recovered.tracked)
+    decision = apply_retention(tracked, recovered.last_preserved_timestamp, policy)
+    n = policy.max_to_keep
+    hours = policy.keep_checkpoint_every_n_hours
+    last = recovered.last_preserved_timestamp
+    preserved = {t.path for t in decision.preserve}
+    for t in tracked[: len(tracked) - len(decision.keep)]:
+        beyond = (
+            f"beyond max_to_keep={n} ({len(tracked)} tracked), saved {format_time(t.timestamp)}"
+        )
+        if t.path in preserved:
+            reason = (
+                f"{beyond}; at least {hours:g} h after the last preserved checkpoint "
+                f"({format_time(last)}): kept forever, no longer tracked"
+            )
+            last = t.timestamp
+            actions.append(Action(t.path, "preserve", reason, sizes.get(t.path, 0)))
+        else:
+            why = (
+                f"less than {hours:g} h after the last preserved checkpoint ({format_time(last)})"
+                if hours
+                else "keep_checkpoint_every_n_hours is not set"
+            )
+            actions.append(Action(t.path, "delete", f"{beyond}; {why}", sizes.get(t.path, 0)))
+    for t in decision.keep:
+        window = "all tracked are kept" if n is None else f"one of the newest {n}"
+        actions.append(Action(t.path, "keep", f"tracked, {window}", sizes.get(t.path, 0)))
+    decided = {a.name for a in actions}
+    for c in listing.checkpoints:
+        if c.name in decided:
+            continue
+        if c.status == UNCOMMITTED:
+            reason = "never committed: removed when a manager opens the directory"
+        elif c.status != TRACKED and c.in_state_file:
+            reason = "in the state file but not adopted (no timestamp after the last preserved)"
+        else:
+            reason = "not tracked: retention never deletes it"
+        actions.append(
+            Action(c.name, "keep" if c.status != UNCOMMITTED else "remove", reason, c.size)
+        )
+    return actions, decision.last_preserved_timestamp
+
+
+def debris(listing: Listing, checkpoint_name: str) -> list[tuple[str, str]]:
+    """What a manager named ``checkpoint_name`` removes on opening the directory (the rules of
+    ``CheckpointManager._clean_debris``), with reasons."""
+    ours = re.compile(re.escape(checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5})")
+    found: list[tuple[str, str]] = []
+    for orphan in listing.orphans:
+        base = orphan.name.split(TEMP_MARKER, 1)[0]
+        if ours.fullmatch(orphan.name) or (
+            TEMP_MARKER in orphan.name and (base == STATE_FILE or ours.fullmatch(base))
+        ):
+            found.append((orphan.name, orphan.reason))
+    for c in listing.checkpoints:
+        if c.status == UNCOMMITTED and c.stem == checkpoint_name:
+            found.extend(
+                (f.name, "complete, but never recorded in the state file") for f in c.files
+            )
+    return found
+
+
+async def run(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        policy = RetentionPolicy(args.max_to_keep, args.keep_every_n_hours)
+    except ValueError as exc:
+        raise CliError(str(exc), ExitCode.USAGE) from None
+    storage, root = ctx.storage(args.directory)
+    listing = await scan(storage, root)
+    if listing.state_error:
+        raise CliError(f"cannot prune: {listing.state_error}", ExitCode.DAMAGE)
+    if listing.unsafe:
+        raise CliError(
+            f"cannot prune: the state file names {listing.unsafe[0]!r}, outside {listing.url}"
+        )
+    name = args.checkpoint_name or listing.checkpoint_name or "ckpt"
+    actions, _ = plan(listing, policy)
+    removed = debris(listing, name)
+    deleted: list[str] = []
+    preserved: list[str] = []
+    if not args.dry_run:
+        manager = CheckpointManager(
+            args.directory,
+            max_to_keep=policy.max_to_keep,
+            keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
+            checkpoint_name=name,
+            storage_options=ctx.storage_options,
+        )
+        async with manager:
+            done, kept = await manager.sweep()
+        deleted = [p.rsplit("/", 1)[-1] for p in done]
+        preserved = [p.rsplit("/", 1)[-1] for p in kept]
+        if sorted(deleted) != sorted(a.name for a in actions if a.action == "delete"):
+            ctx.warn("the directory changed while pruning; run 'anyckpt ls' to see its state")
+
+    doomed = [a for a in actions if a.action == "delete"]
+    if ctx.json:
+        print_json(
+            {
+                "directory": listing.url,
+                "dry_run": args.dry_run,
+                "policy": {
+                    "max_to_keep": policy.max_to_keep,
+                    "keep_checkpoint_every_n_hours": policy.keep_checkpoint_every_n_hours,
+                    "checkpoint_name": name,
+                },
+                "actions": [
+                    {"name": a.name, "action": a.action, "reason": a.reason, "size": a.size}
+                    for a in actions
+                ],
+                "debris": [{"name": n, "reason": r} for n, r in removed],
+                "deleted": deleted,
+                "preserved": preserved,
+            },
+            ctx.out,
+        )
+        return ExitCode.OK
+
+    hours = policy.keep_checkpoint_every_n_hours
+    ctx.echo(
+        f"{listing.url}: max_to_keep={policy.max_to_keep}, "
+        f"keep_checkpoint_every_n_hours={'None' if hours is None else f'{hours:g}'}"
+    )
+    if actions:
+        rows = [
+            [a.name, a.action.upper() if a.action != "keep" else "keep", a.reason] for a in actions
+        ]
+        ctx.echo(table(rows, indent="  "))
+    else:
+        ctx.echo("  no checkpoints")
+    if removed:
+        ctx.echo("left by interrupted saves (a manager removes these when it opens the directory):")
+        ctx.echo(table([[n, r] for n, r in removed], indent="  "))
+    size = sum(a.size for a in doomed)
+    if args.dry_run:
+        ctx.echo(
+            f"dry run: nothing changed; would delete {len(doomed)} checkpoints "
+            f"({format_bytes(size)}) and {len(removed)} leftover files"
+        )
+    else:
+        ctx.echo(
+            f"deleted {len(deleted)} checkpoints ({format_bytes(size)}), preserved "
+            f"{len(preserved)}, removed {len(removed)} leftover files"
+        )
+    return ExitCode.OK

@@ -1,0 +1,330 @@
+"""Reading a checkpoint directory as a whole: which checkpoints it holds, what the state file
+says about each, and what interrupted saves left behind. ``ls``, ``verify DIR`` and ``prune``
+build on this.
+
+A checkpoint is found by asking the registered formats (``detect``) about names derived from
+the directory listing and the state file, so plugin formats and TensorFlow-written directories
+are listed like anyckpt's own. Files are claimed by the first checkpoint whose ``files()``
+names them; what nobody claims is an orphan (temporary files, data files without their index)
+or simply another file (``.meta`` graphs and the like).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import posixpath
+import re
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+import anyio
+import anyio.to_thread
+
+from ..codecs.state_file import CheckpointState, relativize
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..formats import detect_format
+from ..formats.base import CheckpointFormat
+from ..manager import STATE_FILE, read_state
+from ..retention import RecoveredState, recover
+from ..storage import TEMP_MARKER, Storage
+
+#: The status of a checkpoint in a directory.
+TRACKED = "tracked"  # in the state file: retention counts it and may delete it
+PRESERVED = "preserved"  # not tracked: retention never deletes it
+UNTRACKED = "untracked"  # no state file at all
+UNCOMMITTED = "uncommitted"  # complete but newer than the latest commit: a manager removes it
+
+_V1_SHARD = re.compile(r"(.+)-\d{5}-of-(\d{5})")
+_STEP = re.compile(r"(.+)-(\d+)")
+_DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
+
+
+@dataclass
+class FileInfo:
+    name: str
+    size: int | None
+    mtime: float | None
+
+
+@dataclass
+class CheckpointInfo:
+    name: str  # prefix relative to the directory
+    path: str  # storage path of the prefix
+    url: str  # the prefix as the user would write it
+    format: CheckpointFormat
+    files: list[FileInfo]
+    step: int | None
+    stem: str | None  # the name without "-STEP" (a manager's checkpoint_name)
+    time: float | None = None
+    time_source: str = "file"
+    status: str = UNTRACKED
+    latest: bool = False
+    in_state_file: bool = False
+
+    @property
+    def size(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+@dataclass
+class Orphan:
+    name: str
+    size: int | None
+    reason: str
+
+
+@dataclass
+class Listing:
+    """Everything ``anyckpt ls`` knows about a directory."""
+
+    storage: Storage
+    root: str
+    url: str
+    state: CheckpointState | None
+    state_error: str | None
+    recovered: RecoveredState | None
+    checkpoints: list[CheckpointInfo]
+    missing: list[str]  # named by the state file, not on disk
+    unsafe: list[str]  # paths in the state file that were refused
+    orphans: list[Orphan]
+    other: list[FileInfo]
+    latest: str | None = None
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def checkpoint_name(self) -> str | None:
+        """The manager's ``checkpoint_name`` for this directory (from the latest checkpoint)."""
+        if self.latest is None:
+            return None
+        return split_step(self.latest)[0]
+
+
+def split_step(name: str) -> tuple[str | None, int | None]:
+    """``ckpt-12`` -> ``("ckpt", 12)``; V1 shard patterns (``m-5-?????-of-00002``) too."""
+    base = re.sub(r"-\?{5}-of-\d{5}$", "", name)
+    match = _STEP.fullmatch(base)
+    if not match:
+        return None, None
+    return match.group(1), int(match.group(2))
+
+
+def _mtime(entry: dict[str, Any]) -> float | None:
+    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
+        value = entry.get(key)
+        if value is None:
+            continue
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
+def list_files(storage: Storage, root: str) -> list[FileInfo] | None:
+    """The files directly in ``root`` with sizes and times; None if it is not a directory."""
+    if storage.is_local:
+        if not os.path.isdir(root):
+            return None
+        found = []
+        with os.scandir(root) as it:
+            for entry in it:
+                if entry.is_file():
+                    st = entry.stat()
+                    found.append(FileInfo(entry.name, st.st_size, st.st_mtime))
+        return sorted(found, key=lambda f: f.name)
+    fs = storage.fs
+    with contextlib.suppress(Exception):  # best effort: listings may be cached
+        fs.invalidate_cache(root)
+    try:
+        entries = fs.ls(root, detail=True)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    found = []
+    for entry in entries:
+        name = posixpath.basename(str(entry.get("name", "")).rstrip("/"))
+        if entry.get("type") == "directory" or not name:
+            continue
+        if name == posixpath.basename(root) and len(entries) == 1 and fs.isfile(root):
+            return None  # ``root`` is a file
+        size = entry.get("size")
+        found.append(FileInfo(name, int(size) if size is not None else None, _mtime(entry)))
+    return sorted(found, key=lambda f: f.name)
+
+
+def _candidates(names: list[str], state_names: list[str]) -> list[str]:
+    """Prefixes worth asking the formats about, most likely first."""
+    ordered: dict[str, int] = {}
+    for name in state_names:
+        ordered.setdefault(name, 0)
+    derived: set[str] = set()
+    for name in names:
+        if TEMP_MARKER in name or name == STATE_FILE:
+            continue
+        derived.add(name)
+        if "." in name:
+            derived.add(name.rsplit(".", 1)[0])
+        match = _V1_SHARD.fullmatch(name)
+        if match and not _DATA_FILE.fullmatch(name):  # a V2 data file is not a V1 shard
+            derived.add(f"{match.group(1)}-?????-of-{match.group(2)}")
+    for name in sorted(derived, key=lambda n: (len(n), n)):
+        ordered.setdefault(name, 1)
+    return list(ordered)
+
+
+def _safe_name(raw: str, root: str) -> str | None:
+    try:
+        return relativize(raw, root)
+    except CheckpointError:
+        return None
+
+
+async def _detect(storage: Storage, path: str) -> CheckpointFormat | None:
+    try:
+        return await detect_format(storage, path)
+    except CheckpointError:
+        return None
+    except OSError:
+        return None
+
+
+async def scan(storage: Storage, root: str, *, now: float | None = None) -> Listing:
+    """Read the directory ``root``: raises CheckpointNotFoundError if it does not exist."""
+    url = storage.url(root)
+    files = await anyio.to_thread.run_sync(list_files, storage, root)
+    if files is None:
+        if await anyio.to_thread.run_sync(storage.exists, root):
+            raise CheckpointNotFoundError(
+                "not a directory (for one checkpoint, use 'anyckpt inspect')", path=url
+            )
+        raise CheckpointNotFoundError("no such directory", path=url)
+    by_name = {f.name: f for f in files}
+    now = time.time() if now is None else now
+
+    state: CheckpointState | None = None
+    state_error: str | None = None
+    try:
+        state = await read_state(storage, root)
+    except CorruptCheckpointError as exc:
+        state_error = str(exc)
+    state_names: list[str] = []
+    unsafe: list[str] = []
+    latest: str | None = None
+    recovered: RecoveredState | None = None
+    if state is not None:
+        for raw in state.all_model_checkpoint_paths:
+            safe = _safe_name(raw, root)
+            if safe is None:
+                unsafe.append(raw)
+            else:
+                state_names.append(safe)
+        if state.model_checkpoint_path:
+            try:
+                latest = relativize(state.model_checkpoint_path, root)
+            except CheckpointError:
+                unsafe.append(state.model_checkpoint_path)
+        stamps = state.all_model_checkpoint_timestamps if not unsafe else ()
+        recovered = recover(state_names, stamps, state.last_preserved_timestamp, now)
+    listed = [*state_names, *([latest] if latest and latest not in state_names else [])]
+
+    candidates = _candidates(list(by_name), listed)
+    formats: dict[str, CheckpointFormat | None] = {}
+    limiter = anyio.CapacityLimiter(16)
+
+    async def probe(name: str) -> None:
+        async with limiter:
+            formats[name] = await _detect(storage, posixpath.join(root, name))
+
+    async with anyio.create_task_group() as tg:
+        for name in candidates:
+            tg.start_soon(probe, name)
+
+    claimed: set[str] = set()
+    checkpoints: list[CheckpointInfo] = []
+    for name in candidates:
+        fmt = formats.get(name)
+        if fmt is None or name in claimed:
+            continue
+        path = posixpath.join(root, name)
+        try:
+            paths = await fmt.files(storage, path)
+        except (CheckpointError, OSError):
+            continue
+        names = [posixpath.basename(p) for p in paths if posixpath.dirname(p) == root]
+        if not names or any(n in claimed for n in names):
+            continue
+        claimed.update(names)
+        stem, step = split_step(name)
+        infos = [by_name.get(n) or FileInfo(n, None, None) for n in names]
+        mtimes = [f.mtime for f in infos if f.mtime is not None]
+        checkpoints.append(
+            CheckpointInfo(
+                name,
+                path,
+                storage.url(path),
+                fmt,
+                infos,
+                step,
+                stem,
+                time=max(mtimes) if mtimes else None,
+            )
+        )
+
+    tracked = {t.path: t.timestamp for t in recovered.tracked} if recovered else {}
+    in_state = set(listed)
+    latest_stem, latest_step = split_step(latest) if latest else (None, None)
+    for ckpt in checkpoints:
+        ckpt.in_state_file = ckpt.name in in_state
+        ckpt.latest = ckpt.name == latest
+        if ckpt.name in tracked:
+            ckpt.status = TRACKED
+            ckpt.time, ckpt.time_source = tracked[ckpt.name], "state file"
+        elif state is None:
+            ckpt.status = UNTRACKED
+        elif (
+            not ckpt.in_state_file
+            and latest_step is not None
+            and ckpt.stem == latest_stem
+            and ckpt.step is not None
+            and ckpt.step > latest_step
+        ):
+            ckpt.status = UNCOMMITTED
+        else:
+            ckpt.status = PRESERVED
+    checkpoints.sort(key=lambda c: (c.step is None, c.step or 0, c.name))
+
+    found = {c.name for c in checkpoints}
+    missing = [n for n in listed if n not in found]
+    orphans: list[Orphan] = []
+    other: list[FileInfo] = []
+    for info in files:
+        if info.name in claimed or info.name == STATE_FILE:
+            continue
+        data = _DATA_FILE.fullmatch(info.name)
+        if TEMP_MARKER in info.name:
+            orphans.append(Orphan(info.name, info.size, "temporary file of an interrupted write"))
+        elif data and f"{data.group(1)}.index" not in by_name:
+            orphans.append(Orphan(info.name, info.size, "data file without its index"))
+        else:
+            other.append(info)
+    return Listing(
+        storage,
+        root,
+        url,
+        state,
+        state_error,
+        recovered,
+        checkpoints,
+        missing,
+        unsafe,
+        orphans,
+        other,
+        latest,
+    )

@@ -1,0 +1,197 @@
+"""``anyckpt verify PREFIX|DIR``: read every tensor, check every checksum, name what is damaged."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+import anyio
+
+from ..errors import CheckpointError, CheckpointNotFoundError
+from ..formats import detect_format
+from ..formats.base import CheckpointFormat
+from ..storage import Storage
+from ._common import Checkpoint, CliError, Context, ExitCode, find_checkpoint, tensor_nbytes
+from ._output import Progress, format_bytes, format_duration, print_json
+from ._scan import scan
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="read everything and check every checksum",
+        description="Read every tensor of a checkpoint (PREFIX) or of every checkpoint in a "
+        "directory (DIR) and check every checksum. Exits 1 if anything is damaged, naming the "
+        "file and the tensor.",
+    )
+    p.add_argument("target", metavar="PREFIX|DIR")
+    p.set_defaults(run=run)
+
+
+@dataclass
+class Problem:
+    message: str
+    file: str | None = None
+    tensor: str | None = None
+
+    def as_json(self) -> dict[str, Any]:
+        return {"file": self.file, "tensor": self.tensor, "error": self.message}
+
+
+@dataclass
+class Report:
+    prefix: str
+    format: str
+    tensors: int = 0
+    bytes: int = 0
+    problems: list[Problem] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+async def verify_checkpoint(
+    storage: Storage, path: str, fmt: CheckpointFormat, bar: Progress
+) -> Report:
+    """Read every tensor of one checkpoint with checksums on; collect what fails."""
+    report = Report(storage.url(path), fmt.name)
+    try:
+        reader = await fmt.open(storage, path)
+    except CheckpointError as exc:
+        report.problems.append(Problem(str(exc), exc.path))
+        return report
+    try:
+        keys = reader.keys()
+        specs = {k: reader.spec(k) for k in keys}
+        report.tensors = len(keys)
+        missing_files: dict[str, int] = {}
+        limiter = anyio.CapacityLimiter(4)
+
+        async def check(key: str) -> None:
+            async with limiter:
+                nbytes = tensor_nbytes(specs[key])
+                try:
+                    await reader.read(key, verify=True)
+                except CheckpointNotFoundError as exc:
+                    name = exc.path or report.prefix
+                    missing_files[name] = missing_files.get(name, 0) + 1
+                except CheckpointError as exc:
+                    report.problems.append(Problem(str(exc), exc.path, key))
+                except (ValueError, OSError) as exc:
+                    report.problems.append(Problem(f"tensor {key!r}: {exc}", report.prefix, key))
+                else:
+                    report.bytes += nbytes
+                bar.advance(nbytes)
+
+        async with anyio.create_task_group() as tg:
+            for key in keys:
+                tg.start_soon(check, key)
+        for name, count in missing_files.items():
+            report.problems.append(
+                Problem(f"{name}: file is missing ({count} tensors unreadable)", name)
+            )
+        report.problems.sort(key=lambda p: (p.file or "", p.tensor or ""))
+    finally:
+        await reader.aclose()
+    return report
+
+
+async def _total_bytes(storage: Storage, path: str, fmt: CheckpointFormat) -> int:
+    try:
+        reader = await fmt.open(storage, path)
+    except CheckpointError:
+        return 0
+    try:
+        return sum(tensor_nbytes(reader.spec(k)) for k in reader.keys())  # noqa: SIM118
+    finally:
+        await reader.aclose()
+
+
+async def run(ctx: Context, args: argparse.Namespace) -> int:
+    storage, path = ctx.storage(args.target)
+    targets: list[Checkpoint] = []
+    dir_problems: list[Problem] = []
+    directory: str | None = None
+    try:
+        targets.append(Checkpoint(storage, path, await detect_format(storage, path)))
+    except CheckpointNotFoundError:
+        if await anyio.to_thread.run_sync(storage.exists, path):
+            listing = await scan(storage, path)
+            directory = listing.url
+            if listing.state_error:
+                dir_problems.append(Problem(listing.state_error, f"{listing.url}/checkpoint"))
+            state_path = f"{listing.url}/checkpoint"
+            dir_problems += [
+                Problem(f"the state file names {name!r}, which does not exist", state_path)
+                for name in listing.missing
+            ]
+            dir_problems += [
+                Problem(f"the state file names {raw!r}, outside the directory", state_path)
+                for raw in listing.unsafe
+            ]
+            targets = [Checkpoint(storage, c.path, c.format) for c in listing.checkpoints]
+            for orphan in listing.orphans:
+                ctx.warn(f"{listing.url}/{orphan.name}: {orphan.reason} (not checked)")
+        else:
+            targets.append(await find_checkpoint(ctx, args.target))
+
+    if directory is not None and not targets and not dir_problems:
+        raise CliError(f"{directory}: no checkpoints to verify", ExitCode.NOT_FOUND)
+    started = anyio.current_time()
+    totals = [await _total_bytes(t.storage, t.path, t.format) for t in targets]
+    reports: list[Report] = []
+    with ctx.progress_bar("verifying", sum(totals)) as bar:
+        for target in targets:
+            report = await verify_checkpoint(target.storage, target.path, target.format, bar)
+            reports.append(report)
+            bar.clear()
+            if report.ok:
+                ctx.echo(
+                    f"ok       {report.prefix}  ({report.tensors} tensors, "
+                    f"{format_bytes(report.bytes)})"
+                )
+            else:
+                ctx.echo(f"DAMAGED  {report.prefix}")
+                for problem in report.problems:
+                    ctx.echo(f"  {problem.message}")
+    elapsed = anyio.current_time() - started
+    problems = [*dir_problems, *(p for r in reports for p in r.problems)]
+    damaged = [r for r in reports if not r.ok]
+
+    if ctx.json:
+        print_json(
+            {
+                "ok": not problems,
+                "directory": directory,
+                "problems": [p.as_json() for p in dir_problems],
+                "checkpoints": [
+                    {
+                        "prefix": r.prefix,
+                        "format": r.format,
+                        "ok": r.ok,
+                        "tensors": r.tensors,
+                        "bytes": r.bytes,
+                        "problems": [p.as_json() for p in r.problems],
+                    }
+                    for r in reports
+                ],
+            },
+            ctx.out,
+        )
+    else:
+        for problem in dir_problems:
+            ctx.echo(f"DAMAGED  {problem.file or directory}: {problem.message}")
+        n_bytes = sum(r.bytes for r in reports)
+        ctx.echo(
+            f"{len(reports) - len(damaged)} of {len(reports)} checkpoints ok, "
+            f"{format_bytes(n_bytes)} read and checked in {format_duration(elapsed)}"
+        )
+    if problems:
+        first = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        print(f"anyckpt: error: damaged: {first.message}{more}", file=ctx.err, flush=True)
+        return ExitCode.DAMAGE
+    return ExitCode.OK
