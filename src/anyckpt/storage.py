@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
+from fsspec.spec import AbstractBufferedFile
 
 from .errors import CheckpointNotFoundError, CorruptCheckpointError
 
@@ -109,10 +110,22 @@ class _FsspecWriter:
         self._file.close()
 
     def abort(self) -> None:
+        file, self._file = self._file, None
+        if file is None:
+            return
         try:
-            self._file.discard()
+            file.discard()
         finally:
-            self._file = None
+            # discard() leaves s3fs's file (and gcsfs's, before its first block went out) open,
+            # and the file's finalizer closes it: gcsfs then uploads what was aborted, s3fs
+            # raises from __del__. Closed, it is never flushed.
+            if isinstance(file, AbstractBufferedFile):
+                file.closed = True
+        if _is_object_store(self._fs):
+            # Nothing became visible (that happens only when close() completes the upload);
+            # an object already under this name is the previous version and must stay.
+            return
+        # Other filesystems (memory://) may show the file from open() on: remove it.
         try:
             if self._fs.exists(self.path):
                 self._fs.rm_file(self.path)
@@ -165,7 +178,8 @@ class _FsspecReader:
             )
         if length == 0:
             return b""
-        data = bytes(self._fs.cat_file(self.path, start=offset, end=offset + length))
+        with _not_found_as_ours(str(self._fs.unstrip_protocol(self.path))):  # deleted since
+            data = bytes(self._fs.cat_file(self.path, start=offset, end=offset + length))
         if len(data) != length:
             raise CorruptCheckpointError("short read", path=self.path)
         return data
@@ -252,6 +266,8 @@ class Storage:
         try:
             if self.is_local:
                 os.unlink(path)
+            elif _is_object_store(self.fs) and not self.fs.exists(path):
+                return False  # deleting a missing object succeeds on S3: ask first
             else:
                 self.fs.rm_file(path)
         except FileNotFoundError:
@@ -291,16 +307,19 @@ class Storage:
             except FileNotFoundError:
                 return []
         try:
-            entries = (
-                self.fs.ls(path, detail=False, refresh=True)
-                if _accepts_refresh(self.fs)
-                else self.fs.ls(path, detail=False)
-            )
+            if _is_object_store(self.fs):
+                entries = self.fs.ls(path, detail=False, refresh=True)
+                # Keep no listing in the cache: s3fs and gcsfs answer exists(), size() and
+                # info() for the files of a cached directory from it, so what other processes
+                # changed since (files written, deleted, truncated) would go unseen.
+                self.fs.invalidate_cache(path)
+            else:
+                entries = self.fs.ls(path, detail=False)
         except FileNotFoundError:
             return []
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
 
-def _accepts_refresh(fs: Any) -> bool:
-    # s3fs/gcsfs cache listings; ask them for a fresh one.
+def _is_object_store(fs: Any) -> bool:
+    """s3fs or gcsfs: listings are cached, and a file being written is invisible until closed."""
     return type(fs).__module__.split(".")[0] in {"s3fs", "gcsfs"}
