@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 
 from .codecs.dtypes import STRING_DTYPE, enum_from_dtype
+from .partitioned import Partitioned
 
 
 def key_to_bytes(key: str) -> bytes:
@@ -47,6 +48,8 @@ def as_tensor(value: Any) -> np.ndarray:
     (``str``, NumPy ``U``/``S`` arrays, object arrays of str/bytes) becomes an object array of
     ``bytes`` (UTF-8 for ``str``). Raises TypeError for dtypes TensorFlow has no name for.
     """
+    if isinstance(value, Partitioned) and value.partitions:  # keep how it is split
+        return Partitioned.from_full(as_tensor(value.view(np.ndarray)), value.partitions)
     array = np.asarray(value)
     if array.dtype.kind in "US" and not isinstance(value, np.ndarray):
         # NumPy's fixed-width S/U types drop trailing NULs (b"a\0" -> b"a"): keep the

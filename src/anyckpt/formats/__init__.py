@@ -12,11 +12,12 @@ from importlib.metadata import entry_points
 from ..errors import CheckpointNotFoundError, UnsupportedFormatError
 from ..storage import Storage
 from .base import CheckpointFormat, CheckpointReader, TensorSlice, TensorSpec
+from .v1 import V1Format
 from .v2 import V2Format
 
 ENTRY_POINT_GROUP = "anyckpt.formats"
 
-_BUILTINS: dict[str, CheckpointFormat] = {"v2": V2Format()}
+_BUILTINS: dict[str, CheckpointFormat] = {"v2": V2Format(), "v1": V1Format()}
 _plugins: dict[str, CheckpointFormat] | None = None
 
 __all__ = [

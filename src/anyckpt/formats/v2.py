@@ -41,12 +41,14 @@ from ..codecs.dtypes import (
     enum_from_dtype,
     to_little_endian,
 )
-from ..codecs.ordered_code import decode_tensor_name_slice
+from ..codecs.ordered_code import decode_tensor_name_slice, encode_tensor_name_slice
 from ..codecs.table import TableBuilder, read_table
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..partitioned import partitions_of
 from ..storage import FileReader, Storage
 from ..tensors import key_from_bytes, key_to_bytes
 from .base import Index, TensorSlice, TensorSpec
+from .sharded import ShardOptions, plan_shards, tensor_nbytes
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -124,18 +126,32 @@ class V2Format:
         durable: bool = True,
         options: Mapping[str, Any] | None = None,
     ) -> list[str]:
-        """Write a bundle. ``options["shard_of"]`` may map a key to a shard number (0..n-1);
-        shards are written concurrently. The index is written last, so a bundle whose index
-        exists is complete."""
-        options = options or {}
-        shard_of: Callable[[str], int] | None = options.get("shard_of")
-        keyed = sorted((key_to_bytes(k), v) for k, v in tensors.items())
-        groups: dict[int, list[tuple[bytes, np.ndarray]]] = defaultdict(list)
-        for raw, array in keyed:
-            groups[shard_of(key_from_bytes(raw)) if shard_of else 0].append((raw, array))
-        num_shards = max(groups, default=0) + 1
-        if set(groups) - set(range(num_shards)) or min(groups, default=0) < 0:
-            raise ValueError("shard numbers must be 0..n-1")
+        """Write a bundle. Sharding options (``devices``, ``max_shard_bytes``, ``num_shards``
+        or ``shard_of``; see :mod:`.sharded`) split it over several data files, written
+        concurrently. The index is written last, so a bundle whose index exists is complete.
+        A :class:`~anyckpt.Partitioned` tensor is stored as TensorFlow stores a partitioned
+        variable: a full-name entry listing the slices, and one entry per slice."""
+        opts = ShardOptions.from_options(options)
+        names = sorted(tensors, key=key_to_bytes)
+        sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in names]
+        holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
+        groups: dict[int, list[tuple[bytes, np.ndarray]]] = {}
+        for shard, keys in enumerate(plan_shards(sizes, opts)):
+            items: list[tuple[bytes, np.ndarray]] = []
+            for key in keys:
+                raw, array = key_to_bytes(key), tensors[key]
+                parts = partitions_of(array)
+                if not parts:
+                    items.append((raw, array))
+                    continue
+                dtype = enum_from_dtype(array.dtype)
+                holders[raw] = BundleEntry(dtype, tuple(array.shape), slices=parts)
+                base = np.asarray(array)
+                for part in parts:
+                    piece = base[tuple(slice(start, start + n) for start, n in part)]
+                    items.append((encode_tensor_name_slice(raw, part), piece))
+            groups[shard] = sorted(items, key=lambda item: item[0])
+        num_shards = len(groups)
         directory = posixpath.dirname(prefix)
         if directory:
             await anyio.to_thread.run_sync(storage.makedirs, directory)
@@ -158,8 +174,8 @@ class V2Format:
                     )
             builder = TableBuilder()
             builder.add(HEADER_KEY, encode_header(num_shards))
-            for raw, _ in keyed:
-                builder.add(raw, encode_entry(results[raw]))
+            for raw in sorted([*results, *holders]):
+                builder.add(raw, encode_entry(results.get(raw) or holders[raw]))
             table = builder.finish()
             await anyio.to_thread.run_sync(
                 lambda: storage.write_bytes(index_path(prefix), table, durable=durable)

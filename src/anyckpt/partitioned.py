@@ -1,0 +1,146 @@
+"""Partitioned tensors: one value saved as several slices, as TensorFlow's partitioned variables.
+
+A :class:`Partitioned` is an ordinary NumPy array (the full value) that also says how it is split.
+Formats that know partitions (V1, V2) store one slice per partition plus the full name; any other
+format just sees the full array. Reading gives back the assembled array, with the stored slices
+listed in :attr:`anyckpt.TensorSpec.partitions`.
+
+    w = anyckpt.Partitioned((6, 2), [([(0, 2), (0, 2)], top), ([(2, 4), (0, 2)], rest)])
+    w = anyckpt.Partitioned.split(full, 3, axis=0)   # tf.compat.v1.fixed_size_partitioner
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+Extent = tuple[int, int]  # (start, length), both explicit
+Extents = tuple[Extent, ...]
+ExtentLike = tuple[int, int] | slice
+
+
+def _extents(spec: Sequence[ExtentLike], shape: tuple[int, ...]) -> Extents:
+    if len(spec) != len(shape):
+        raise ValueError(f"partition {list(spec)} has rank {len(spec)}, the tensor {len(shape)}")
+    out: list[Extent] = []
+    for item, dim in zip(spec, shape, strict=True):
+        if isinstance(item, slice):
+            start, stop, step = item.indices(dim)
+            if step != 1:
+                raise ValueError("partition slices must have step 1")
+            extent = (start, max(stop - start, 0))
+        else:
+            start, length = item
+            extent = (int(start), int(length))
+        if extent[0] < 0 or extent[1] < 1 or extent[0] + extent[1] > dim:
+            raise ValueError(f"partition extent {extent} does not fit a dimension of {dim}")
+        out.append(extent)
+    return tuple(out)
+
+
+def check_tiling(shape: tuple[int, ...], partitions: Sequence[Extents]) -> None:
+    """Raise ValueError unless ``partitions`` cover ``shape`` exactly, without overlap."""
+    if not shape:
+        raise ValueError("a scalar cannot be partitioned")
+    if not partitions:
+        raise ValueError("a partitioned tensor needs at least one partition")
+    volume = 0
+    for i, part in enumerate(partitions):
+        if len(part) != len(shape):
+            raise ValueError(f"partition {part} does not have rank {len(shape)}")
+        for (start, length), dim in zip(part, shape, strict=True):
+            if start < 0 or length < 1 or start + length > dim:
+                raise ValueError(f"partition {part} lies outside the shape {shape}")
+        volume += math.prod(length for _, length in part)
+        for other in partitions[:i]:
+            if all(
+                max(a, c) < min(a + b, c + d) for (a, b), (c, d) in zip(part, other, strict=True)
+            ):
+                raise ValueError(f"partitions {other} and {part} overlap")
+    if volume != math.prod(shape):
+        raise ValueError(f"the partitions do not cover the shape {shape}")
+
+
+class Partitioned(np.ndarray[Any, np.dtype[Any]]):
+    """The full value of a partitioned tensor, plus its ``partitions`` (explicit extents).
+
+    Build it from pieces, ``Partitioned(shape, [(extents, array), ...])`` where ``extents`` is
+    one ``(start, length)`` or ``slice`` per dimension; from a full array with
+    :meth:`from_full`; or evenly with :meth:`split`. Slicing or reshaping gives a plain array.
+    """
+
+    partitions: tuple[Extents, ...]
+
+    def __new__(
+        cls,
+        shape: Sequence[int],
+        parts: Iterable[tuple[Sequence[ExtentLike], Any]],
+    ) -> Partitioned:
+        from .tensors import as_tensor
+
+        full_shape = tuple(int(d) for d in shape)
+        pieces = [(_extents(spec, full_shape), as_tensor(array)) for spec, array in parts]
+        if not pieces:
+            raise ValueError("a partitioned tensor needs at least one partition")
+        dtypes = {array.dtype for _, array in pieces}
+        if len(dtypes) != 1:
+            raise ValueError(f"the partitions have different dtypes: {sorted(map(str, dtypes))}")
+        full = np.empty(full_shape, dtype=pieces[0][1].dtype)
+        for extents, array in pieces:
+            if array.shape != tuple(length for _, length in extents):
+                raise ValueError(f"partition {extents} holds an array of shape {array.shape}")
+            full[tuple(slice(s, s + n) for s, n in extents)] = array
+        return cls.from_full(full, [extents for extents, _ in pieces])
+
+    @classmethod
+    def from_full(cls, array: Any, partitions: Iterable[Sequence[ExtentLike]]) -> Partitioned:
+        """View ``array`` (no copy) as split into ``partitions``."""
+        base = np.asarray(array)
+        parts = sorted(_extents(spec, base.shape) for spec in partitions)
+        check_tiling(base.shape, parts)
+        obj = base.view(cls)
+        obj.partitions = tuple(parts)
+        return obj
+
+    @classmethod
+    def split(cls, array: Any, num: int, axis: int = 0) -> Partitioned:
+        """Split along ``axis`` into ``num`` pieces, the first ones one longer when it does not
+        divide (``tf.compat.v1.fixed_size_partitioner``)."""
+        base = np.asarray(array)
+        if not base.ndim:
+            raise ValueError("a scalar cannot be partitioned")
+        axis = axis % base.ndim
+        dim = base.shape[axis]
+        num = min(num, dim)
+        if num < 1:
+            raise ValueError("need at least one partition of a non-empty axis")
+        sizes = [dim // num + (1 if i < dim % num else 0) for i in range(num)]
+        parts = []
+        start = 0
+        for size in sizes:
+            parts.append([(start, size) if i == axis else (0, d) for i, d in enumerate(base.shape)])
+            start += size
+        return cls.from_full(base, parts)
+
+    def __array_finalize__(self, obj: Any) -> None:
+        same = obj is not None and getattr(obj, "shape", None) == self.shape
+        self.partitions = getattr(obj, "partitions", ()) if same else ()
+
+    def pieces(self) -> list[tuple[Extents, np.ndarray]]:
+        """(extents, plain array view) of each partition, in ``partitions`` order."""
+        base = self.view(np.ndarray)
+        return [(e, base[tuple(slice(s, s + n) for s, n in e)]) for e in self.partitions]
+
+    def __reduce__(self) -> Any:
+        return (Partitioned.from_full, (self.view(np.ndarray).copy(), self.partitions))
+
+
+def partitions_of(array: np.ndarray) -> tuple[Extents, ...]:
+    """The partitions of ``array`` if it is a valid :class:`Partitioned`, else ``()``."""
+    parts: tuple[Extents, ...] = getattr(array, "partitions", ())
+    if parts:
+        check_tiling(array.shape, parts)
+    return parts
