@@ -214,9 +214,12 @@ class V1Format:
             except BaseExceptionGroup as group:
                 raise group.exceptions[0] from None
             # Every shard is written: rename them into place, the commit marker (last) last.
-            async with anyio.create_task_group() as tg:
-                for i in range(len(paths) - 1):
-                    tg.start_soon(commit, i)
+            try:
+                async with anyio.create_task_group() as tg:
+                    for i in range(len(paths) - 1):
+                        tg.start_soon(commit, i)
+            except BaseExceptionGroup as group:
+                raise group.exceptions[0] from None
             await commit(len(paths) - 1)
         except BaseException:
             with anyio.CancelScope(shield=True):
