@@ -151,7 +151,7 @@ def _balance(
     bins: list[list[tuple[str, int]]] = [[] for _ in range(count)]
     loads = [0] * count
     for key, size in sorted(group, key=lambda kv: (-kv[1], order[kv[0]])):
-        i = loads.index(min(loads))
+        i = min(range(count), key=lambda j: (loads[j], len(bins[j])))  # no bin left empty
         bins[i].append((key, size))
         loads[i] += size
     return [sorted(b, key=lambda kv: order[kv[0]]) for b in bins]
