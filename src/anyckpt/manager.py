@@ -200,11 +200,26 @@ class CheckpointManager:
             # ordinary error in the training loop, captured saves still finish and commit.
             self._task_group.cancel_scope.cancel()
         try:
-            await self._task_group.__aexit__(exc_type, exc, tb)
+            # The body's exception is not the task group's business: handed to it, the task
+            # group would cancel the captured saves and wrap the exception in an
+            # ExceptionGroup. The body's exception propagates unchanged when we return.
+            await self._task_group.__aexit__(None, None, None)
         finally:
             self._task_group = None
         if exc is None:
             self._raise_unobserved()
+        elif isinstance(exc, Exception):
+            self._note_unobserved(exc)
+
+    def _note_unobserved(self, exc: Exception) -> None:
+        """The body failed and its exception propagates: it also names the saves that failed
+        unseen, so their errors are not swallowed (as notes, on Python 3.11+)."""
+        for pending in self._pending:
+            if pending.done() and pending._error is not None and not pending._observed:
+                pending._observed = True
+                if hasattr(exc, "add_note"):
+                    error, step = pending._error, pending.step
+                    exc.add_note(f"the background save of step {step} failed too: {error!r}")
 
     def _raise_unobserved(self) -> None:
         for pending in self._pending:
@@ -284,11 +299,14 @@ class CheckpointManager:
                 continue
             step = int(match.group(1))
             prefix = f"{self.checkpoint_name}-{step}"
-            if self._state.latest == prefix or any(t.path == prefix for t in self._state.tracked):
+            if self._state.latest == prefix:
                 continue
+            tracked = any(t.path == prefix for t in self._state.tracked)
             # Newer than the latest commit: written but never recorded. Without a state file
-            # we cannot tell, so only files without their index (never complete) go.
-            newer = latest_step is not None and step > latest_step
+            # we cannot tell, so only files without their index (never complete) go: those
+            # of an interrupted save, or of a tracked checkpoint whose deletion was
+            # interrupted (it stays tracked; the next sweep finishes it).
+            newer = latest_step is not None and step > latest_step and not tracked
             if newer or f"{prefix}.index" not in present:
                 doomed.append(name)
         doomed.sort(key=lambda n: not n.endswith(".index"))  # commit markers first
@@ -344,6 +362,8 @@ class CheckpointManager:
         tensors = prepare(state)
         await self._slots.acquire()
         try:
+            # A save that failed while this one waited for its slot is reported now.
+            self._raise_unobserved()
             started = time.perf_counter()
             if copy:
                 tensors = await capture(tensors)
@@ -400,6 +420,10 @@ class CheckpointManager:
                 self.on_event(pending.event)
         except BaseException as exc:
             error = exc
+            if self._state.latest != name:
+                # Never recorded in the state file: remove what was written (cancelled, or
+                # failed after the index was written), so no stray files stay behind.
+                await self._discard_uncommitted(name)
             if not isinstance(exc, Exception):
                 pending._finish(CheckpointError(f"save of step {pending.step} was cancelled"))
                 pending._observed = True
@@ -410,21 +434,52 @@ class CheckpointManager:
                 pending._finish(error)
 
     async def _commit(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Record ``name`` in the state file, then delete what retention dropped."""
+        """Record ``name`` in the state file, then delete what retention dropped.
+
+        As TensorFlow does, the state file is written first with the new checkpoint added and
+        nothing removed (the commit), and once more after the deletions. So a crash or a failed
+        delete in between leaves the dropped checkpoints tracked, and the next sweep (of this
+        manager or the next one) deletes them; they never become untracked leftovers, which
+        would look like preserved checkpoints and stay forever.
+        """
         tracked = record_save(self._state.tracked, name, self.clock())
         decision = apply_retention(tracked, self._state.last_preserved, self.policy)
-        new_state = _Tracking(list(decision.keep), decision.last_preserved_timestamp, name)
+        await self._write_tracking(_Tracking(tracked, self._state.last_preserved, name))
+        if not decision.delete and not decision.preserve:
+            return (), ()
+        deleted = []
+        for ckpt in decision.delete:
+            await self._delete_checkpoint(ckpt.path)
+            deleted.append(self._public(ckpt.path))
+        await self._write_tracking(
+            _Tracking(list(decision.keep), decision.last_preserved_timestamp, name)
+        )
+        return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
+
+    async def _write_tracking(self, new_state: _Tracking) -> None:
+        """Make ``new_state`` the manager's state, on disk first."""
         old_state, self._state = self._state, new_state
         try:
             await write_state(self.storage, self._root, self._state_file(), durable=self.durable)
         except BaseException:
             self._state = old_state
             raise
-        deleted = []
-        for ckpt in decision.delete:
-            await self._delete_checkpoint(ckpt.path)
-            deleted.append(self._public(ckpt.path))
-        return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
+
+    async def _discard_uncommitted(self, name: str) -> None:
+        """Best effort: delete the files of a save that never committed. Skipped if the state
+        file names it after all (a state write that failed after replacing the file); what
+        is left here, the next manager's start-up cleanup removes."""
+        with anyio.CancelScope(shield=True):
+            try:
+                state = await read_state(self.storage, self._root)
+                if state is not None and any(
+                    posixpath.basename(p) == name
+                    for p in (state.model_checkpoint_path, *state.all_model_checkpoint_paths)
+                ):
+                    return
+                await self._delete_checkpoint(name)
+            except Exception:
+                pass
 
     async def _delete_checkpoint(self, name: str) -> None:
         prefix = self._path(name)
@@ -476,7 +531,7 @@ class CheckpointManager:
         self, step: int | None = None, keys: Sequence[str] | None = None, *, verify: bool = True
     ) -> dict[str, np.ndarray]:
         """Read the latest committed checkpoint (or the one of ``step``): a flat mapping of
-        names to arrays (:func:`anyckpt.tensors.unflatten` nests it again)."""
+        names to arrays (nested state comes back under its flattened ``a/b/c`` names)."""
         if step is None:
             if self._state.latest is None:
                 raise CheckpointNotFoundError(
