@@ -11,7 +11,7 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,docs]'
 	touch $@
 
 # TensorFlow lives in its own venv: the library never imports it; interop tests run it in a
@@ -27,6 +27,7 @@ test: $(VENV)/.installed $(TF_VENV)/.installed
 	$(PY) -m mypy
 	$(PY) tools/gen_protos.py --check
 	ANYCKPT_TF_PYTHON=$(abspath $(TF_PY)) $(PY) -m pytest $(PYTEST_ARGS)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests tools benchmarks

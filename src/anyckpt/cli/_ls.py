@@ -11,8 +11,8 @@ from ._scan import PRESERVED, TRACKED, UNCOMMITTED, UNTRACKED, Listing, scan
 
 LEGEND = {
     TRACKED: "in the state file; retention counts it and may delete it",
-    PRESERVED: "kept forever: retention never deletes it "
-    "(preserved by keep_checkpoint_every_n_hours, or saved outside a manager)",
+    PRESERVED: "kept forever: retention never deletes it (preserved by "
+    "keep_checkpoint_every_n_hours, saved outside a manager, or listed without a timestamp)",
     UNTRACKED: "no state file: no manager has recorded it",
     UNCOMMITTED: "complete, but saved after the latest commit and never recorded "
     "(a manager opening the directory removes it)",

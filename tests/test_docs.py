@@ -1,0 +1,323 @@
+"""Every ```python block in README.md and docs/ runs.
+
+The blocks of one page run in order, in one namespace, in a fresh temporary working directory,
+like a reader following along. A block may be marked on the line before it:
+
+* ``<!-- docs-test: skip REASON -->``: not run; REASON is reported by pytest (and should be
+  said in the page's text too);
+* ``<!-- docs-test: tensorflow -->``: run by the Python of the TensorFlow environment
+  (``$ANYCKPT_TF_PYTHON``, set by ``make test``) in a subprocess, in the same directory;
+  skipped, with that reason, when there is none.
+
+When PyTorch or JAX is not installed, the blocks importing them run against the small NumPy
+stand-ins below, which provide exactly the calls the docs use (the pages say so).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import types
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[^\n]*$")
+MARKER = re.compile(r"^\s*<!--\s*docs-test:\s*(?P<what>\w+)\s*(?P<reason>.*?)\s*-->\s*$")
+
+
+@dataclass
+class Block:
+    page: Path
+    line: int  # 1-based line of the opening fence
+    code: str
+    marker: str | None
+    reason: str
+
+
+def blocks(page: Path) -> Iterator[Block]:
+    lines = page.read_text(encoding="utf-8").splitlines()
+    i = 0
+    while i < len(lines):
+        match = FENCE.match(lines[i])
+        if not match:
+            i += 1
+            continue
+        indent, lang = match["indent"], match["lang"]
+        body: list[str] = []
+        j = i + 1
+        while j < len(lines) and lines[j].strip() != "```":
+            body.append(lines[j][len(indent) :] if lines[j].startswith(indent) else lines[j])
+            j += 1
+        if lang == "python":
+            k = i - 1
+            while k >= 0 and not lines[k].strip():
+                k -= 1
+            marker = MARKER.match(lines[k]) if k >= 0 else None
+            yield Block(
+                page,
+                i + 1,
+                "\n".join(body) + "\n",
+                marker["what"] if marker else None,
+                marker["reason"] if marker else "",
+            )
+        i = j + 1
+
+
+def _ids(page: Path) -> str:
+    return str(page.relative_to(ROOT))
+
+
+# -- stand-ins for torch and jax -------------------------------------------------------------
+
+
+class _Tensor:
+    """A CPU tensor: a NumPy array with the few torch.Tensor methods the docs call."""
+
+    def __init__(self, array: Any) -> None:
+        self._array = np.asarray(array)
+
+    def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+        return self._array if dtype is None else self._array.astype(dtype)
+
+    def detach(self) -> _Tensor:
+        return self
+
+    def cpu(self) -> _Tensor:
+        return self
+
+    def numpy(self) -> np.ndarray:
+        return self._array
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self._array.shape
+
+
+class _Linear:
+    def __init__(self, n_in: int, n_out: int) -> None:
+        rng = np.random.default_rng(n_in * 1000 + n_out)
+        self._params = {
+            "weight": _Tensor(rng.standard_normal((n_out, n_in)).astype(np.float32)),
+            "bias": _Tensor(np.zeros(n_out, np.float32)),
+        }
+
+    def state_dict(self) -> dict[str, _Tensor]:
+        return dict(self._params)
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        assert set(state) == set(self._params), (set(state), set(self._params))
+        for key, value in state.items():
+            assert np.shape(value) == self._params[key].shape
+            self._params[key] = _Tensor(np.array(value))
+
+
+def _torch_standin() -> types.ModuleType:
+    torch = types.ModuleType("torch")
+    nn = types.ModuleType("torch.nn")
+    nn.Linear = _Linear  # type: ignore[attr-defined]
+    torch.nn = nn  # type: ignore[attr-defined]
+    torch.Tensor = _Tensor  # type: ignore[attr-defined]
+    torch.from_numpy = _Tensor  # type: ignore[attr-defined]
+    torch.equal = lambda a, b: bool(np.array_equal(np.asarray(a), np.asarray(b)))  # type: ignore[attr-defined]
+    return torch
+
+
+def _tree_map(fn: Any, tree: Any) -> Any:
+    if isinstance(tree, dict):
+        return {k: _tree_map(fn, v) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_tree_map(fn, v) for v in tree)
+    return fn(tree)
+
+
+def _jax_standin() -> types.ModuleType:
+    jax = types.ModuleType("jax")
+    tree_util = types.ModuleType("jax.tree_util")
+    tree_util.tree_map = _tree_map  # type: ignore[attr-defined]
+    jax.tree_util = tree_util  # type: ignore[attr-defined]
+    jax.numpy = np  # type: ignore[attr-defined]
+    jax.device_get = lambda tree: _tree_map(np.asarray, tree)  # type: ignore[attr-defined]
+    return jax
+
+
+def _missing(name: str) -> bool:
+    try:
+        __import__(name)
+    except ImportError:
+        return True
+    return False
+
+
+@pytest.fixture
+def standins(monkeypatch: pytest.MonkeyPatch) -> None:
+    if _missing("torch"):
+        torch = _torch_standin()
+        monkeypatch.setitem(sys.modules, "torch", torch)
+        monkeypatch.setitem(sys.modules, "torch.nn", torch.nn)
+    if _missing("jax"):
+        jax = _jax_standin()
+        monkeypatch.setitem(sys.modules, "jax", jax)
+        monkeypatch.setitem(sys.modules, "jax.numpy", np)
+        monkeypatch.setitem(sys.modules, "jax.tree_util", jax.tree_util)
+
+
+# -- the tests -------------------------------------------------------------------------------
+
+
+def test_there_are_pages_with_samples() -> None:
+    names = {p.name for p in PAGES}
+    assert {"README.md", "index.md", "getting-started.md", "manager.md", "cli.md"} <= names
+    assert sum(1 for page in PAGES for _ in blocks(page)) >= 20
+
+
+def _tf_python() -> str | None:
+    tf_python = os.environ.get("ANYCKPT_TF_PYTHON")
+    return tf_python if tf_python and Path(tf_python).exists() else None
+
+
+def _not_run() -> list[tuple[str, str]]:
+    """(where, why) of every sample that does not run here."""
+    found = []
+    for page in PAGES:
+        for block in blocks(page):
+            where = f"{page.relative_to(ROOT)}:{block.line}"
+            if block.marker == "skip":
+                found.append((where, block.reason))
+            elif block.marker == "tensorflow" and _tf_python() is None:
+                found.append((where, "needs TensorFlow ($ANYCKPT_TF_PYTHON is not set)"))
+    return found
+
+
+@pytest.mark.parametrize(("where", "reason"), _not_run() or [("-", "")], ids=lambda v: v)
+def test_samples_not_run(where: str, reason: str) -> None:
+    """One skipped item per sample that is not run, with its reason, in pytest's summary."""
+    if where == "-":
+        return
+    assert reason, f"{where}: a skipped sample needs a reason"
+    pytest.skip(f"{where}: {reason}")
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if any(blocks(p))], ids=_ids)
+@pytest.mark.usefixtures("standins")
+def test_page_samples_run(page: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    found = list(blocks(page))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict[str, Any] = {"__name__": "__docs__"}
+    for block in found:
+        where = f"{block.page.relative_to(ROOT)}:{block.line}"
+        if block.marker == "skip":
+            continue  # reported by test_samples_not_run
+        if block.marker == "tensorflow":
+            tf_python = _tf_python()
+            if tf_python is None:
+                continue  # reported by test_samples_not_run
+            result = subprocess.run(
+                [tf_python, "-c", block.code],
+                cwd=tmp_path,
+                capture_output=True,
+                text=True,
+                timeout=240,
+                env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"},
+                check=False,
+            )
+            assert result.returncode == 0, f"{where} failed under TensorFlow:\n{result.stderr}"
+            continue
+        assert block.marker is None, f"{where}: unknown marker {block.marker!r}"
+        try:
+            exec(compile(block.code, where, "exec"), namespace)
+        except Exception as exc:
+            raise AssertionError(f"the sample at {where} failed: {exc!r}") from exc
+
+
+# -- docs/architecture.md: dependencies point one way ----------------------------------------
+
+LAYER_LINE = re.compile(r"^(?P<mods>anyckpt[\w.]*(?:, anyckpt[\w.]*)*)(?:\s{2,}.*)?$")
+
+
+def _layers() -> list[list[str]]:
+    """The layer table of docs/architecture.md, top first."""
+    text = (ROOT / "docs" / "architecture.md").read_text(encoding="utf-8")
+    block = text.split("## Layers", 1)[1].split("```text", 1)[1].split("```", 1)[0]
+    layers = []
+    for line in block.strip().splitlines():
+        match = LAYER_LINE.match(line.strip())
+        assert match, f"docs/architecture.md: cannot read layer line {line!r}"
+        layers.append(match["mods"].split(", "))
+    return layers
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(ROOT / "src").with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _imports(path: Path, module: str) -> set[str]:
+    import ast
+
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.split(".")[0] == "anyckpt")
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")
+                base = base[: len(base) - (node.level - 1)]
+                target = ".".join([*base, *([node.module] if node.module else [])])
+            else:
+                target = node.module or ""
+            if target.split(".")[0] != "anyckpt":
+                continue
+            if node.module is None:  # from . import api: submodules, or names of the package
+                for alias in node.names:
+                    sub = f"{target}.{alias.name}"
+                    is_module = (
+                        any(
+                            (ROOT / "src" / Path(*sub.split("."))).with_suffix(s).exists()
+                            for s in (".py",)
+                        )
+                        or (ROOT / "src" / Path(*sub.split("."))).is_dir()
+                    )
+                    if alias.name != "__version__":  # a constant, readable from anywhere
+                        found.add(sub if is_module else target)
+            else:
+                found.add(target)
+    return found
+
+
+def test_architecture_layers_point_one_way() -> None:
+    layers = _layers()
+
+    def layer_of(module: str) -> int | None:
+        best: tuple[int, int] | None = None  # (prefix length, layer)
+        for index, mods in enumerate(layers):
+            for name in mods:
+                matches = module == name or module.startswith(name + ".")
+                if matches and (best is None or len(name) > best[0]):
+                    best = (len(name), index)
+        return None if best is None else best[1]
+
+    problems = []
+    for path in sorted((ROOT / "src" / "anyckpt").rglob("*.py")):
+        module = _module_name(path)
+        mine = layer_of(module)
+        if mine is None:
+            problems.append(f"{module} is in no layer of docs/architecture.md")
+            continue
+        for target in sorted(_imports(path, module)):
+            theirs = layer_of(target)
+            if theirs is not None and theirs < mine:
+                problems.append(f"{module} imports {target}, a layer above it")
+    assert not problems, "\n".join(problems)
