@@ -1,0 +1,258 @@
+"""The safetensors format behind anyckpt's :class:`~anyckpt.CheckpointFormat` interface.
+
+A checkpoint at ``PREFIX`` is the one file ``PREFIX.safetensors`` (or ``PREFIX`` itself when it
+already ends in ``.safetensors``), written atomically. Strings and complex128 have no safetensors
+dtype and are refused. Partitioned tensors are stored whole; their partitions are kept in the
+metadata (``anyckpt.partitions``) and come back in :attr:`~anyckpt.TensorSpec.partitions`.
+safetensors has no checksums, so ``verify`` has nothing to check.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import posixpath
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from anyckpt.codecs.dtypes import disk_dtype, to_little_endian
+from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
+from anyckpt.formats.base import Index, TensorSlice, TensorSpec
+from anyckpt.partitioned import partitions_of
+from anyckpt.storage import FileReader, Storage
+
+from . import codec
+
+SUFFIX = ".safetensors"
+PARTITIONS_KEY = "anyckpt.partitions"
+
+
+def file_path(prefix: str) -> str:
+    return prefix if prefix.endswith(SUFFIX) else prefix + SUFFIX
+
+
+def _byte_view(array: np.ndarray) -> memoryview:
+    return array.reshape(-1).view(np.uint8).data
+
+
+class SafetensorsFormat:
+    """safetensors (``PREFIX.safetensors``). Options: ``metadata``, a ``{str: str}`` mapping
+    stored in the header's ``__metadata__``."""
+
+    name = "safetensors"
+
+    async def write(
+        self,
+        storage: Storage,
+        prefix: str,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        durable: bool = True,
+        options: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        metadata = dict((options or {}).get("metadata") or {})
+        shapes: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        partitions: dict[str, list[list[list[int]]]] = {}
+        for key, array in tensors.items():
+            try:
+                key.encode("utf-8")
+                codec.dtype_code(array.dtype)
+            except UnicodeEncodeError:
+                raise UnsupportedFormatError(
+                    f"safetensors needs UTF-8 names; {key!r} is not"
+                ) from None
+            except ValueError as exc:
+                raise UnsupportedFormatError(f"tensor {key!r}: {exc}") from None
+            shapes[key] = (array.dtype, tuple(array.shape))
+            parts = partitions_of(array)
+            if parts:
+                partitions[key] = [[list(e) for e in part] for part in parts]
+        if partitions:
+            metadata[PARTITIONS_KEY] = json.dumps(partitions, separators=(",", ":"))
+        try:
+            head, order = codec.encode_header(shapes, metadata or None)
+        except (TypeError, ValueError) as exc:
+            raise UnsupportedFormatError(str(exc)) from None
+        path = file_path(prefix)
+        directory = posixpath.dirname(path)
+
+        def write() -> None:
+            if directory:
+                storage.makedirs(directory)
+            writer = storage.open_writer(path, durable=durable)
+            try:
+                writer.write(head)
+                for key in order:
+                    anyio.from_thread.check_cancelled()
+                    writer.write(_byte_view(to_little_endian(np.asarray(tensors[key]))))
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+
+        await anyio.to_thread.run_sync(write)
+        if durable and directory:
+            await anyio.to_thread.run_sync(storage.sync_directory, directory)
+        return [path]
+
+    async def detect(self, storage: Storage, prefix: str) -> bool:
+        """``PREFIX.safetensors`` exists and starts like a safetensors file."""
+
+        def check() -> bool:
+            try:
+                reader = storage.open_reader(file_path(prefix))
+            except (CheckpointNotFoundError, OSError):
+                return False
+            try:
+                if reader.size < 10:
+                    return False
+                first = reader.read(0, 9)
+                codec.header_length(first[:8], reader.size)
+                return first[8:9] == b"{"
+            except (codec.HeaderError, CorruptCheckpointError):
+                return False
+            finally:
+                reader.close()
+
+        return await anyio.to_thread.run_sync(check)
+
+    async def files(self, storage: Storage, prefix: str) -> list[str]:
+        path = file_path(prefix)
+        return [path] if await anyio.to_thread.run_sync(storage.exists, path) else []
+
+    async def open(self, storage: Storage, prefix: str) -> SafetensorsReader:
+        path = file_path(prefix)
+
+        def load() -> codec.Header:
+            reader = storage.open_reader(path)
+            try:
+                n = codec.header_length(reader.read(0, min(8, reader.size)), reader.size)
+                return codec.decode_header(reader.read(8, n), reader.size)
+            except codec.HeaderError as exc:
+                raise CorruptCheckpointError(str(exc), path=storage.url(path)) from None
+            finally:
+                reader.close()
+
+        header = await anyio.to_thread.run_sync(load)
+        return SafetensorsReader(storage, prefix, path, header)
+
+
+class SafetensorsReader:
+    """An open safetensors file: the parsed header; tensors read by byte range."""
+
+    def __init__(self, storage: Storage, prefix: str, path: str, header: codec.Header) -> None:
+        self.storage = storage
+        self.prefix = prefix
+        self.path = path
+        self.header = header
+        #: The header's ``__metadata__`` (None when absent).
+        self.metadata = header.metadata
+        self._partitions = self._parse_partitions()
+
+    def _parse_partitions(self) -> dict[str, tuple[TensorSlice, ...]]:
+        raw = (self.metadata or {}).get(PARTITIONS_KEY)
+        if raw is None:
+            return {}
+        try:
+            parsed = json.loads(raw)
+            return {
+                key: tuple(TensorSlice(tuple((int(s), int(n)) for s, n in p)) for p in parts)
+                for key, parts in parsed.items()
+                if key in self.header.entries
+            }
+        except (ValueError, TypeError, AttributeError):
+            return {}  # informational only: a foreign or damaged value is ignored
+
+    def keys(self) -> list[str]:
+        return sorted(self.header.entries, key=lambda k: k.encode("utf-8"))
+
+    def _entry(self, key: str) -> codec.Entry:
+        try:
+            return self.header.entries[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in checkpoint {self.prefix}") from None
+
+    def spec(self, key: str) -> TensorSpec:
+        entry = self._entry(key)
+        return TensorSpec(
+            codec.DTYPES[entry.dtype], entry.shape, self._partitions.get(key, ()), entry.nbytes
+        )
+
+    def files(self) -> list[str]:
+        return [self.path]
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> SafetensorsReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    def _read(
+        self, reader: FileReader, entry: codec.Entry, rows: tuple[int, int] | None
+    ) -> np.ndarray:
+        dtype = codec.DTYPES[entry.dtype]
+        shape = entry.shape
+        begin = self.header.data_start + entry.begin
+        if rows is not None:
+            row_bytes = math.prod(shape[1:]) * dtype.itemsize
+            begin += rows[0] * row_bytes
+            shape = (rows[1] - rows[0], *shape[1:])
+        out = np.empty(shape, dtype=disk_dtype(dtype))
+        if out.nbytes:
+            reader.read_into(begin, _byte_view(out))
+        return out if out.dtype == dtype else out.astype(dtype)
+
+    def _read_all(self, keys: Sequence[str]) -> dict[str, np.ndarray]:
+        reader = self.storage.open_reader(self.path)
+        try:
+            out = {}
+            for key in keys:
+                anyio.from_thread.check_cancelled()
+                out[key] = self._read(reader, self._entry(key), None)
+            return out
+        finally:
+            reader.close()
+
+    async def read_many(
+        self, keys: Sequence[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        names = self.keys() if keys is None else list(keys)
+        for key in names:
+            self._entry(key)
+        return await anyio.to_thread.run_sync(self._read_all, names)
+
+    async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
+        entry = self._entry(key)
+        if index is None:
+            return (await self.read_many([key]))[key]
+        probe = np.broadcast_to(np.empty((), np.uint8), entry.shape)[index]  # validates index
+        items = index if isinstance(index, tuple) else (index,)
+        first = items[0] if items else slice(None)
+        if isinstance(first, slice):
+            start, stop, step = first.indices(entry.shape[0])
+            if step != 1:
+                raise IndexError("only step-1 slices are supported")
+            rows = (start, max(start, stop))
+            rest: tuple[Any, ...] = (slice(None), *items[1:])
+        else:
+            i = int(first) + (entry.shape[0] if first < 0 else 0)
+            rows = (i, i + 1)
+            rest = (0, *items[1:])
+
+        def read() -> np.ndarray:
+            reader = self.storage.open_reader(self.path)
+            try:
+                return self._read(reader, entry, rows)
+            finally:
+                reader.close()
+
+        out = (await anyio.to_thread.run_sync(read))[rest]
+        assert out.shape == probe.shape
+        return np.ascontiguousarray(out)
