@@ -111,6 +111,12 @@ class HookedMemoryFS(MemoryFileSystem):
             return _HookedWriteFile(self, path)
         return super()._open(path, mode, **kwargs)
 
+    def mv(self, path1: str, path2: str, **kwargs: Any) -> None:
+        """anyckpt commits a file on a non-object store by moving its temporary over it."""
+        path1, path2 = self._strip_protocol(path1), self._strip_protocol(path2)
+        self.call_hook("commit", path2)
+        self.store[path2] = self.store.pop(path1)
+
     def rm_file(self, path: str) -> None:
         path = self._strip_protocol(path)
         self.call_hook("remove", path)

@@ -98,16 +98,24 @@ class _LocalWriter:
 
 
 class _FsspecWriter:
+    """Object stores (s3fs, gcsfs): one upload, visible only when ``close()`` completes it.
+    Other fsspec filesystems (memory://, ...) may show a file from ``open()`` on, so they get
+    a temporary name that is moved over the target on commit."""
+
     def __init__(self, fs: Any, path: str) -> None:
         self.path = path
         self._fs = fs
-        self._file = fs.open(path, "wb")
+        self._direct = _is_object_store(fs)
+        self._target = path if self._direct else f"{path}{TEMP_MARKER}{secrets.token_hex(4)}"
+        self._file = fs.open(self._target, "wb")
 
     def write(self, data: Buffer) -> None:
         self._file.write(_bytes_view(data))
 
     def commit(self) -> None:
         self._file.close()
+        if not self._direct:
+            self._fs.mv(self._target, self.path)
 
     def abort(self) -> None:
         file, self._file = self._file, None
@@ -121,16 +129,13 @@ class _FsspecWriter:
             # raises from __del__. Closed, it is never flushed.
             if isinstance(file, AbstractBufferedFile):
                 file.closed = True
-        if _is_object_store(self._fs):
-            # Nothing became visible (that happens only when close() completes the upload);
-            # an object already under this name is the previous version and must stay.
+        if self._direct:
+            # Nothing became visible; an object already under this name is the previous
+            # version and must stay.
             return
-        # Other filesystems (memory://) may show the file from open() on: remove it.
-        try:
-            if self._fs.exists(self.path):
-                self._fs.rm_file(self.path)
-        except FileNotFoundError:
-            pass
+        with suppress(FileNotFoundError):
+            if self._fs.exists(self._target):
+                self._fs.rm_file(self._target)
 
 
 class _LocalReader:
