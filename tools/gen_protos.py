@@ -22,12 +22,15 @@ OUT_DIR = ROOT / "src" / PACKAGE_DIR
 
 def generate(out_root: Path) -> list[Path]:
     """Compile every .proto under protos/anyckpt/_proto into out_root; return the files made."""
+    import grpc_tools
     from grpc_tools import protoc  # imported here: only a test/dev dependency
 
+    well_known = Path(grpc_tools.__file__).parent / "_proto"  # google/protobuf/*.proto
     sources = sorted((PROTO_ROOT / PACKAGE_DIR).glob("*.proto"))
     args = [
         "protoc",
         f"-I{PROTO_ROOT}",
+        f"-I{well_known}",
         f"--python_out={out_root}",
         f"--pyi_out={out_root}",
         *(str(s.relative_to(PROTO_ROOT)) for s in sources),

@@ -11,7 +11,7 @@ Blocking twins live in :mod:`anyckpt.sync`.
 from __future__ import annotations
 
 from . import sync
-from .api import load, open, open_reader, save
+from .api import export_meta_graph, load, open, open_reader, read_meta_graph, save
 from .codecs.state_file import CheckpointState
 from .errors import (
     CheckpointError,
@@ -30,6 +30,7 @@ from .manager import (
     get_checkpoint_state,
     latest_checkpoint,
 )
+from .meta import MetaGraphInfo, MetaVariable, SaverConfig
 
 __version__ = "0.1.0"
 
@@ -42,20 +43,25 @@ __all__ = [
     "CheckpointState",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
+    "MetaGraphInfo",
+    "MetaVariable",
     "PendingSave",
     "SaveEvent",
+    "SaverConfig",
     "TensorSlice",
     "TensorSpec",
     "UnsafePathError",
     "UnsupportedFormatError",
     "__version__",
     "available_formats",
+    "export_meta_graph",
     "get_checkpoint_state",
     "get_format",
     "latest_checkpoint",
     "load",
     "open",
     "open_reader",
+    "read_meta_graph",
     "register_format",
     "save",
     "sync",

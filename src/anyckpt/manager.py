@@ -29,11 +29,13 @@ import anyio.abc
 import anyio.to_thread
 import numpy as np
 
+from .api import meta_path, write_meta_file
 from .codecs import DecodeError
 from .codecs.state_file import CheckpointState, decode_state, encode_state, relativize
 from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from .formats import detect_format, get_format
 from .formats.base import CheckpointFormat
+from .meta import saver_version
 from .retention import (
     RetentionPolicy,
     Tracked,
@@ -130,6 +132,8 @@ class CheckpointManager:
         clock: the time source for timestamps (``time.time``), injectable for tests.
         on_event: called with a :class:`SaveEvent` after each committed save.
         format_options: passed to the format's ``write`` (e.g. sharding options).
+        write_meta_graph: also write TensorFlow's ``PREFIX.meta`` (a MetaGraphDef whose
+            SaverDef is this configuration) with every checkpoint; see docs/meta-graph.md.
     """
 
     def __init__(
@@ -147,6 +151,7 @@ class CheckpointManager:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[SaveEvent], None] | None = None,
         format_options: Mapping[str, Any] | None = None,
+        write_meta_graph: bool = False,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -164,6 +169,9 @@ class CheckpointManager:
         self.clock = clock
         self.on_event = on_event
         self.format_options = dict(format_options or {})
+        if write_meta_graph:
+            saver_version(self.format)  # only formats TensorFlow's Saver writes get a .meta
+        self.write_meta_graph = write_meta_graph
         self.storage, self._root = Storage.from_url(self.directory, storage_options)
         self._step_re = re.compile(re.escape(checkpoint_name) + r"-(\d+)")
         self._state = _Tracking()
@@ -284,9 +292,11 @@ class CheckpointManager:
         names = await anyio.to_thread.run_sync(self.storage.listdir, self._root)
         latest_step = self._step_of(self._state.latest) if self._state.latest else None
         ours = re.compile(
-            re.escape(self.checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5})"
+            re.escape(self.checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta)"
         )
         present = set(names)
+        shard = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|-\d{5}-of-\d{5})$")
+        stems = {shard.sub("", n) for n in names if not n.endswith(".meta")}  # any format
         doomed: list[str] = []
         for name in names:
             if TEMP_MARKER in name:
@@ -307,7 +317,10 @@ class CheckpointManager:
             # of an interrupted save, or of a tracked checkpoint whose deletion was
             # interrupted (it stays tracked; the next sweep finishes it).
             newer = latest_step is not None and step > latest_step and not tracked
-            if newer or f"{prefix}.index" not in present:
+            if match.group(2) == ".meta":  # TF's graph stays while its checkpoint has files
+                if newer or prefix not in stems:
+                    doomed.append(name)
+            elif newer or f"{prefix}.index" not in present:
                 doomed.append(name)
         doomed.sort(key=lambda n: not n.endswith(".index"))  # commit markers first
         for name in doomed:
@@ -392,6 +405,17 @@ class CheckpointManager:
         error: BaseException | None = None
         try:
             started = time.perf_counter()
+            if self.write_meta_graph:  # before the commit marker, as part of the checkpoint
+                await write_meta_file(
+                    self.storage,
+                    self._path(name),
+                    self.format,
+                    tensors,
+                    self.format_options,
+                    durable=self.durable,
+                    max_to_keep=self.policy.max_to_keep,
+                    keep_checkpoint_every_n_hours=self.policy.keep_checkpoint_every_n_hours,
+                )
             await self.format.write(
                 self.storage,
                 self._path(name),
@@ -492,6 +516,7 @@ class CheckpointManager:
             if posixpath.dirname(path) != self._root:
                 raise CheckpointError(f"format listed {path} outside the directory")
             await anyio.to_thread.run_sync(self.storage.remove, path)
+        await anyio.to_thread.run_sync(self.storage.remove, meta_path(prefix))  # after the data
 
     async def wait(self) -> None:
         """Wait until every save so far is committed; raise the first unseen error."""

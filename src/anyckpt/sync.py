@@ -19,6 +19,7 @@ from . import api
 from . import manager as _manager
 from .codecs.state_file import CheckpointState
 from .formats.base import CheckpointReader, Index, TensorSpec
+from .meta import MetaGraphInfo
 
 
 def save(prefix: api.PathLike, tensors: Mapping[Any, Any], **kwargs: Any) -> list[str]:
@@ -33,6 +34,18 @@ def load(
     """Blocking :func:`anyckpt.load`."""
     with start_blocking_portal() as portal:
         return portal.call(partial(api.load, prefix, keys, **kwargs))
+
+
+def read_meta_graph(path: api.PathLike, **kwargs: Any) -> MetaGraphInfo:
+    """Blocking :func:`anyckpt.read_meta_graph`."""
+    with start_blocking_portal() as portal:
+        return portal.call(partial(api.read_meta_graph, path, **kwargs))
+
+
+def export_meta_graph(prefix: api.PathLike, **kwargs: Any) -> str:
+    """Blocking :func:`anyckpt.export_meta_graph`."""
+    with start_blocking_portal() as portal:
+        return portal.call(partial(api.export_meta_graph, prefix, **kwargs))
 
 
 class Reader:
