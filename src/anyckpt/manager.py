@@ -540,14 +540,7 @@ class CheckpointManager:
                 await self._delete_checkpoint(ckpt.path)
                 deleted.append(self._public(ckpt.path))
             keep, stamp = list(decision.keep), decision.last_preserved_timestamp
-            self._state = _Tracking(keep, stamp, state.latest)
-            try:
-                await write_state(
-                    self.storage, self._root, self._state_file(), durable=self.durable
-                )
-            except BaseException:
-                self._state = state
-                raise
+            await self._write_tracking(_Tracking(keep, stamp, state.latest))
             return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
 
     # -- restoring ---------------------------------------------------------------------------
