@@ -1,0 +1,405 @@
+"""The zstd container behind anyckpt's :class:`~anyckpt.CheckpointFormat` interface.
+
+``PREFIX.zckpt`` is one file, written atomically: chunk frames as they are compressed, then the
+header, then the footer (see :mod:`.codec`). Compression and decompression run on a pool of
+``threads`` worker threads (zstd releases the GIL), writing in order with a bounded number of
+chunks in flight. Every chunk is checked against its crc32c when read (unless ``verify=False``).
+
+Options for ``write``: ``level`` (zstd level, default 3; negative levels are the fast modes),
+``threads`` (default: the CPU count, at most 8), ``chunk_bytes`` (default 4 MiB), ``shuffle``
+(default True: byte-transpose numeric chunks before compressing).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import posixpath
+import threading
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import numpy as np
+import zstandard
+
+from anyckpt.codecs.crc import crc32c
+from anyckpt.codecs.dtypes import (
+    DT_STRING,
+    disk_dtype,
+    dtype_from_enum,
+    enum_from_dtype,
+    to_little_endian,
+)
+from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from anyckpt.formats.base import Index, TensorSlice, TensorSpec
+from anyckpt.partitioned import partitions_of
+from anyckpt.storage import FileReader, Storage
+
+from . import codec
+
+SUFFIX = ".zckpt"
+DEFAULT_LEVEL = 3
+DEFAULT_CHUNK = 4 << 20
+
+
+def file_path(prefix: str) -> str:
+    return prefix if prefix.endswith(SUFFIX) else prefix + SUFFIX
+
+
+def _threads(value: Any) -> int:
+    n = int(value) if value is not None else min(os.cpu_count() or 1, 8)
+    if n < 1:
+        raise ValueError("threads must be at least 1")
+    return n
+
+
+class _Local(threading.local):
+    compressor: zstandard.ZstdCompressor | None = None
+    decompressor: zstandard.ZstdDecompressor | None = None
+
+
+def _ordered_map(
+    pool: ThreadPoolExecutor, fn: Callable[[Any], Any], items: Iterator[Any], window: int
+) -> Iterator[Any]:
+    """``pool.map`` with at most ``window`` results in flight (bounded memory)."""
+    pending: deque[Future[Any]] = deque()
+    for item in items:
+        pending.append(pool.submit(fn, item))
+        if len(pending) >= window:
+            yield pending.popleft().result()
+    while pending:
+        yield pending.popleft().result()
+
+
+class ZstdFormat:
+    """A zstd-compressed, chunked container (``PREFIX.zckpt``)."""
+
+    name = "zstd"
+
+    async def write(
+        self,
+        storage: Storage,
+        prefix: str,
+        tensors: Mapping[str, np.ndarray],
+        *,
+        durable: bool = True,
+        options: Mapping[str, Any] | None = None,
+    ) -> list[str]:
+        options = options or {}
+        level = int(options.get("level", DEFAULT_LEVEL))
+        threads = _threads(options.get("threads"))
+        chunk_bytes = int(options.get("chunk_bytes", DEFAULT_CHUNK))
+        do_shuffle = bool(options.get("shuffle", True))
+        if not 1 <= chunk_bytes <= codec.MAX_CHUNK_BYTES:
+            raise ValueError(f"chunk_bytes must be 1..{codec.MAX_CHUNK_BYTES}")
+        if not -(1 << 17) <= level <= zstandard.MAX_COMPRESSION_LEVEL:
+            raise ValueError(f"zstd level {level} is out of range")
+        path = file_path(prefix)
+        directory = posixpath.dirname(path)
+        local = _Local()
+
+        def compress(job: tuple[np.ndarray, int]) -> tuple[bytes, int, int]:
+            piece, itemsize = job
+            if local.compressor is None:
+                local.compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
+            crc = crc32c(piece.data)
+            data = shuffle_if(piece, itemsize)
+            return local.compressor.compress(data.data), piece.nbytes, crc
+
+        def shuffle_if(piece: np.ndarray, itemsize: int) -> np.ndarray:
+            return codec.shuffle(piece, itemsize) if itemsize > 1 else piece
+
+        def jobs() -> Iterator[tuple[str, np.ndarray, int]]:
+            for key in sorted(tensors):
+                array = tensors[key]
+                raw = _tensor_bytes(array)
+                itemsize = 1 if array.dtype == object else array.dtype.itemsize
+                spans = codec.chunk_spans(raw.nbytes, itemsize, chunk_bytes)
+                by = itemsize if _layout(array, do_shuffle) == "shuffle" else 1
+                for start, stop in spans:
+                    yield key, raw[start:stop], by
+
+        def write() -> list[str]:
+            if directory:
+                storage.makedirs(directory)
+            infos: dict[str, list[codec.Chunk]] = {key: [] for key in tensors}
+            writer = storage.open_writer(path, durable=durable)
+            try:
+                offset = 0
+                with ThreadPoolExecutor(threads, thread_name_prefix="anyckpt-zstd") as pool:
+                    keyed = jobs()
+                    order: deque[str] = deque()
+
+                    def feed() -> Iterator[tuple[np.ndarray, int]]:
+                        for key, piece, itemsize in keyed:
+                            anyio.from_thread.check_cancelled()
+                            order.append(key)
+                            yield piece, itemsize
+
+                    for frame, raw_size, crc in _ordered_map(pool, compress, feed(), 2 * threads):
+                        writer.write(frame)
+                        infos[order.popleft()].append(
+                            codec.Chunk(offset, len(frame), raw_size, crc)
+                        )
+                        offset += len(frame)
+                header = codec.encode_header(
+                    level,
+                    {
+                        key: codec.TensorInfo(
+                            enum_from_dtype(tensors[key].dtype),
+                            tuple(tensors[key].shape),
+                            _layout(tensors[key], do_shuffle),
+                            tuple(infos[key]),
+                            partitions_of(tensors[key]),
+                        )
+                        for key in sorted(tensors)
+                    },
+                )
+                writer.write(header)
+                writer.write(codec.encode_footer(offset, header))
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+            return [path]
+
+        written = await anyio.to_thread.run_sync(write)
+        if durable and directory:
+            await anyio.to_thread.run_sync(storage.sync_directory, directory)
+        return written
+
+    async def detect(self, storage: Storage, prefix: str) -> bool:
+        def check() -> bool:
+            try:
+                reader = storage.open_reader(file_path(prefix))
+            except (CheckpointNotFoundError, OSError):
+                return False
+            try:
+                if reader.size < codec.FOOTER_SIZE:
+                    return False
+                footer = reader.read(reader.size - codec.FOOTER_SIZE, codec.FOOTER_SIZE)
+                return footer[:8] == codec.MAGIC
+            finally:
+                reader.close()
+
+        return await anyio.to_thread.run_sync(check)
+
+    async def files(self, storage: Storage, prefix: str) -> list[str]:
+        path = file_path(prefix)
+        return [path] if await anyio.to_thread.run_sync(storage.exists, path) else []
+
+    async def open(self, storage: Storage, prefix: str) -> ZstdReader:
+        path = file_path(prefix)
+        url = storage.url(path)
+
+        def load() -> tuple[int, dict[str, codec.TensorInfo]]:
+            reader = storage.open_reader(path)
+            try:
+                size = reader.size
+                if size < codec.FOOTER_SIZE:
+                    raise codec.ContainerError(f"file too short ({size} bytes)")
+                footer = reader.read(size - codec.FOOTER_SIZE, codec.FOOTER_SIZE)
+                offset, length, crc = codec.decode_footer(footer, size)
+                return codec.decode_header(reader.read(offset, length), crc, offset)
+            except codec.ContainerError as exc:
+                raise CorruptCheckpointError(str(exc), path=url) from None
+            finally:
+                reader.close()
+
+        level, tensors = await anyio.to_thread.run_sync(load)
+        return ZstdReader(storage, prefix, path, level, tensors)
+
+
+def _layout(array: np.ndarray, do_shuffle: bool) -> str:
+    if array.dtype == object:
+        return "strings"
+    return "shuffle" if do_shuffle and array.dtype.itemsize > 1 else "raw"
+
+
+def _tensor_bytes(array: np.ndarray) -> np.ndarray:
+    """A tensor's stored bytes, as uint8 (numeric: a view, no copy)."""
+    if array.dtype == object:
+        data = codec.encode_strings(array.reshape(-1).tolist())
+        return np.frombuffer(data, dtype=np.uint8)
+    raw: np.ndarray = to_little_endian(np.asarray(array)).reshape(-1).view(np.uint8)
+    return raw
+
+
+class ZstdReader:
+    """An open ``.zckpt``: its header; tensors decompressed chunk by chunk on demand."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        prefix: str,
+        path: str,
+        level: int,
+        tensors: dict[str, codec.TensorInfo],
+        threads: int | None = None,
+    ) -> None:
+        self.storage = storage
+        self.prefix = prefix
+        self.path = path
+        self.level = level
+        self._tensors = tensors
+        self._threads = _threads(threads)
+        self._local = _Local()
+        self._url = storage.url(path)
+
+    def keys(self) -> list[str]:
+        return sorted(self._tensors, key=lambda k: k.encode("utf-8", "surrogateescape"))
+
+    def _info(self, key: str) -> codec.TensorInfo:
+        try:
+            return self._tensors[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in checkpoint {self.prefix}") from None
+
+    def spec(self, key: str) -> TensorSpec:
+        info = self._info(key)
+        parts = tuple(TensorSlice(p) for p in info.partitions)
+        return TensorSpec(
+            dtype_from_enum(info.dtype),
+            info.shape,
+            parts,
+            info.stored_size,
+            {"raw_bytes": info.raw_size, "chunks": len(info.chunks)},
+        )
+
+    def files(self) -> list[str]:
+        return [self.path]
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> ZstdReader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _decompress(
+        self, reader: FileReader, chunk: codec.Chunk, itemsize: int, verify: bool
+    ) -> bytes:
+        frame = reader.read(chunk.offset, chunk.size)
+        try:
+            content = zstandard.frame_content_size(frame)
+        except zstandard.ZstdError as exc:
+            raise CorruptCheckpointError(f"bad zstd frame: {exc}", path=self._url) from None
+        if content != chunk.raw_size:
+            raise CorruptCheckpointError(
+                f"zstd frame at {chunk.offset} holds {content} bytes, the header says "
+                f"{chunk.raw_size}",
+                path=self._url,
+            )
+        if self._local.decompressor is None:
+            self._local.decompressor = zstandard.ZstdDecompressor()
+        try:
+            data = self._local.decompressor.decompress(frame, max_output_size=chunk.raw_size)
+        except zstandard.ZstdError as exc:
+            raise CorruptCheckpointError(
+                f"zstd frame at {chunk.offset}: {exc}", path=self._url
+            ) from None
+        if len(data) != chunk.raw_size:
+            raise CorruptCheckpointError(f"frame at {chunk.offset} is short", path=self._url)
+        if itemsize > 1:
+            data = codec.unshuffle(np.frombuffer(data, np.uint8), itemsize).tobytes()
+        if verify and crc32c(data) != chunk.crc:
+            raise CorruptCheckpointError(
+                f"chunk at offset {chunk.offset}: checksum mismatch", path=self._url
+            )
+        return data
+
+    def _read_bytes(
+        self, info: codec.TensorInfo, start: int, stop: int, verify: bool, out: memoryview | None
+    ) -> bytes | None:
+        """Bytes [start, stop) of a tensor's raw data (into ``out`` when given)."""
+        dtype = dtype_from_enum(info.dtype)
+        itemsize = dtype.itemsize if info.layout == "shuffle" else 1
+        wanted: list[tuple[int, codec.Chunk]] = []
+        at = 0
+        for chunk in info.chunks:
+            if at < stop and at + chunk.raw_size > start:
+                wanted.append((at, chunk))
+            at += chunk.raw_size
+        reader = self.storage.open_reader(self.path)
+        try:
+            with ThreadPoolExecutor(self._threads, thread_name_prefix="anyckpt-zstd") as pool:
+
+                def one(item: tuple[int, codec.Chunk]) -> tuple[int, bytes]:
+                    return item[0], self._decompress(reader, item[1], itemsize, verify)
+
+                pieces = _ordered_map(pool, one, iter(wanted), 2 * self._threads)
+                buffer = out if out is not None else memoryview(bytearray(stop - start))
+                for base, data in pieces:
+                    anyio.from_thread.check_cancelled()
+                    lo, hi = max(start, base), min(stop, base + len(data))
+                    buffer[lo - start : hi - start] = data[lo - base : hi - base]
+        finally:
+            reader.close()
+        return None if out is not None else bytes(buffer)
+
+    def _read(self, key: str, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
+        info = self._info(key)
+        dtype = dtype_from_enum(info.dtype)
+        if info.dtype == DT_STRING:
+            data = self._read_bytes(info, 0, info.raw_size, verify, None)
+            assert data is not None
+            try:
+                values = codec.decode_strings(data, math.prod(info.shape))
+            except codec.ContainerError as exc:
+                raise CorruptCheckpointError(f"{key!r}: {exc}", path=self._url) from None
+            flat = np.empty(len(values), dtype=object)
+            flat[:] = values
+            strings: np.ndarray = flat.reshape(info.shape)
+            return strings if rows is None else strings[rows[0] : rows[1]]
+        shape = info.shape
+        start, stop = 0, info.raw_size
+        if rows is not None:
+            row = math.prod(shape[1:]) * dtype.itemsize
+            start, stop = rows[0] * row, rows[1] * row
+            shape = (rows[1] - rows[0], *shape[1:])
+        array = np.empty(shape, dtype=disk_dtype(dtype))
+        if array.nbytes:
+            self._read_bytes(info, start, stop, verify, array.reshape(-1).view(np.uint8).data)
+        return array if array.dtype == dtype else array.astype(dtype)
+
+    async def read_many(
+        self, keys: Sequence[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        names = self.keys() if keys is None else list(keys)
+        for key in names:
+            self._info(key)
+
+        def run() -> dict[str, np.ndarray]:
+            return {key: self._read(key, None, verify) for key in names}
+
+        return await anyio.to_thread.run_sync(run)
+
+    async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
+        info = self._info(key)
+        if index is None:
+            return await anyio.to_thread.run_sync(self._read, key, None, verify)
+        probe = np.broadcast_to(np.empty((), np.uint8), info.shape)[index]  # validates index
+        items = index if isinstance(index, tuple) else (index,)
+        first = items[0] if items else slice(None)
+        if isinstance(first, slice):
+            begin, end, step = first.indices(info.shape[0])
+            if step != 1:
+                raise IndexError("only step-1 slices are supported")
+            rows = (begin, max(begin, end))
+            rest: tuple[Any, ...] = (slice(None), *items[1:])
+        else:
+            i = int(first) + (info.shape[0] if first < 0 else 0)
+            rows = (i, i + 1)
+            rest = (0, *items[1:])
+        out = (await anyio.to_thread.run_sync(self._read, key, rows, verify))[rest]
+        assert out.shape == probe.shape
+        return np.ascontiguousarray(out)
