@@ -8,15 +8,19 @@ PYTEST_ARGS ?=
 
 .PHONY: test lint demo docs protos bench clean
 
-$(VENV)/.installed: pyproject.toml
+# The runtime alone (what `make demo` needs), then the test and docs extras on top.
+$(VENV)/.runtime: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed: $(VENV)/.runtime
 	$(PY) -m pip install --quiet -e '.[test,docs]'
 	touch $@
 
 # TensorFlow lives in its own venv: the library never imports it; interop tests run it in a
 # subprocess. anyckpt is installed there too, to test that both import in one process.
-$(TF_VENV)/.installed: pyproject.toml
+$(TF_VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(TF_VENV)
 	$(TF_PY) -m pip install --quiet 'tensorflow-cpu==2.21.0'
 	$(TF_PY) -m pip install --quiet -e .
@@ -37,7 +41,7 @@ lint: $(VENV)/.installed
 protos: $(VENV)/.installed
 	$(PY) tools/gen_protos.py
 
-demo: $(VENV)/.installed
+demo: $(VENV)/.runtime
 	$(VENV)/bin/anyckpt demo
 
 clean:

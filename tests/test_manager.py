@@ -351,6 +351,23 @@ class Clock:
 
 
 @pytest.mark.anyio
+async def test_restore_right_after_save_sees_that_save(hooked: str) -> None:
+    """restore() waits for saves in flight, as TF's synchronous Saver would have written it."""
+    gate = Gate()
+    HOOK.fn = gate
+    async with CheckpointManager(hooked, max_pending=2) as manager:
+        await manager.save(state_for(1), step=1)
+        pending = await manager.save(state_for(2), step=2)
+        assert not pending.done()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(anyio.to_thread.run_sync, gate.open)
+            restored = await manager.restore()
+        assert pending.done()
+        assert manager.latest_step == 2
+    assert_same(restored, flat_expected(2))
+
+
+@pytest.mark.anyio
 async def test_save_restore_round_trip(where: Where) -> None:
     async with where.manager(max_to_keep=3) as manager:
         assert manager.latest_checkpoint is None

@@ -548,8 +548,12 @@ class CheckpointManager:
     async def restore(
         self, step: int | None = None, keys: Sequence[str] | None = None, *, verify: bool = True
     ) -> dict[str, np.ndarray]:
-        """Read the latest committed checkpoint (or the one of ``step``): a flat mapping of
-        names to arrays (nested state comes back under its flattened ``a/b/c`` names)."""
+        """Read the latest checkpoint (or the one of ``step``): a flat mapping of names to
+        arrays (nested state comes back under its flattened ``a/b/c`` names).
+
+        Saves still in flight are waited for first (and their errors raised), so a restore
+        right after ``save()`` sees that save, as with TensorFlow's synchronous Saver."""
+        await self.wait()
         if step is None:
             if self._state.latest is None:
                 raise CheckpointNotFoundError(
