@@ -14,8 +14,9 @@ $(VENV)/.runtime: pyproject.toml Makefile
 	$(PY) -m pip install --quiet -e .
 	touch $@
 
-$(VENV)/.installed: $(VENV)/.runtime
+$(VENV)/.installed: $(VENV)/.runtime plugins/anyckpt-zstd/pyproject.toml plugins/anyckpt-safetensors/pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test,docs]'
+	$(PY) -m pip install --quiet -e plugins/anyckpt-zstd -e 'plugins/anyckpt-safetensors[test]'
 	touch $@
 
 # TensorFlow lives in its own venv: the library never imports it; interop tests run it in a
@@ -27,10 +28,12 @@ $(TF_VENV)/.installed: pyproject.toml Makefile
 	touch $@
 
 test: $(VENV)/.installed $(TF_VENV)/.installed
-	$(PY) -m ruff check src tests tools benchmarks
+	$(PY) -m ruff check src tests tools benchmarks plugins
 	$(PY) -m mypy
+	$(PY) -m mypy --strict plugins/anyckpt-zstd/src plugins/anyckpt-safetensors/src
 	$(PY) tools/gen_protos.py --check
 	ANYCKPT_TF_PYTHON=$(abspath $(TF_PY)) $(PY) -m pytest $(PYTEST_ARGS)
+	$(PY) -m pytest $(PYTEST_ARGS) plugins/anyckpt-zstd/tests plugins/anyckpt-safetensors/tests
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
 
 lint: $(VENV)/.installed
