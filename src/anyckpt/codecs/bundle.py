@@ -85,7 +85,7 @@ def _set_extents(
                 extent.length = length
 
 
-def encode_entry(entry: BundleEntry) -> bytes:
+def _encode_entry_proto(entry: BundleEntry) -> bytes:
     proto = tensor_bundle_pb2.BundleEntryProto(
         dtype=entry.dtype,  # type: ignore[arg-type]
         shard_id=entry.shard_id,
@@ -100,7 +100,65 @@ def encode_entry(entry: BundleEntry) -> bytes:
     return bytes(proto.SerializeToString(deterministic=True))
 
 
-def decode_entry(data: bytes) -> BundleEntry:
+#: One-byte varints, precomputed (most lengths, dtypes and small dims).
+_SMALL = [bytes([i]) for i in range(128)]
+_INT32_MAX = (1 << 31) - 1
+_INT64_MAX = (1 << 63) - 1
+
+
+def _varint(value: int) -> bytes:
+    return _SMALL[value] if value < 128 else encode_varint(value)
+
+
+def encode_entry(entry: BundleEntry) -> bytes:
+    """The ``BundleEntryProto`` bytes, as protobuf's deterministic serialization writes them.
+
+    An ordinary entry (no slices, every number non-negative) is encoded by hand: this runs
+    once per tensor, and building a protobuf message costs several times more. Fields go in
+    field-number order, zero (default) scalars are left out, and the shape is always present
+    (``SetInParent``), each dim a submessage whose zero size is left out too. Anything else
+    (partitioned entries, out-of-range numbers) goes through protobuf itself.
+    """
+    dtype, shard_id, offset, size, crc = (
+        entry.dtype,
+        entry.shard_id,
+        entry.offset,
+        entry.size,
+        entry.crc32c,
+    )
+    if (
+        entry.slices
+        or not 0 <= dtype <= _INT32_MAX
+        or not 0 <= shard_id <= _INT32_MAX
+        or not 0 <= offset <= _INT64_MAX
+        or not 0 <= size <= _INT64_MAX
+        or not 0 <= crc <= 0xFFFFFFFF
+    ):
+        return _encode_entry_proto(entry)
+    dims = []
+    for dim in entry.shape:
+        if not 0 <= dim <= _INT64_MAX:
+            return _encode_entry_proto(entry)
+        if dim:
+            body = b"\x08" + _varint(dim)
+            dims.append(b"\x12" + _SMALL[len(body)] + body)
+        else:
+            dims.append(b"\x12\x00")
+    shape = b"".join(dims)
+    parts = [b"\x08" + _varint(dtype)] if dtype else []
+    parts.append(b"\x12" + _varint(len(shape)) + shape)
+    if shard_id:
+        parts.append(b"\x18" + _varint(shard_id))
+    if offset:
+        parts.append(b"\x20" + _varint(offset))
+    if size:
+        parts.append(b"\x28" + _varint(size))
+    if crc:
+        parts.append(b"\x35" + _U32.pack(crc))
+    return b"".join(parts)
+
+
+def _decode_entry_proto(data: bytes) -> BundleEntry:
     proto = tensor_bundle_pb2.BundleEntryProto()
     try:
         proto.ParseFromString(data)
@@ -126,6 +184,102 @@ def decode_entry(data: bytes) -> BundleEntry:
         crc32c=int(proto.crc32c),
         slices=slices,
     )
+
+
+class _NotCanonical(Exception):
+    """The fast decoder met something it leaves to protobuf."""
+
+
+def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
+    result = 0
+    shift = 0
+    while pos < end and shift < 64:
+        byte = data[pos]
+        pos += 1
+        result |= (byte & 0x7F) << shift
+        if byte < 0x80:
+            return result, pos
+        shift += 7
+    raise _NotCanonical
+
+
+def _decode_entry_fast(data: bytes) -> BundleEntry:
+    """Decode an entry written in canonical form (each field once, in field order, no
+    slices, no unknown fields, every number in range); raise _NotCanonical for anything
+    else, which protobuf then decodes (or rejects) exactly as before."""
+    end = len(data)
+    pos = 0
+    dtype = shard_id = offset = size = crc = 0
+    tag = data[0] if end else -1
+    if tag == 0x08:
+        byte = data[1] if end > 1 else 0x80
+        if byte < 0x80:
+            dtype, pos = byte, 2
+        else:
+            dtype, pos = _read_varint(data, 1, end)
+            if dtype > _INT32_MAX:
+                raise _NotCanonical
+        tag = data[pos] if pos < end else -1
+    shape: tuple[int, ...] = ()
+    if tag == 0x12:
+        length = data[pos + 1] if pos + 1 < end else 0x80
+        if length < 0x80:
+            pos += 2
+        else:
+            length, pos = _read_varint(data, pos + 1, end)
+        stop = pos + length
+        if stop > end:
+            raise _NotCanonical
+        dims = []
+        while pos < stop:
+            # A dim: 0x12 LEN [0x08 varint(size)]; anything else goes to protobuf.
+            if data[pos] != 0x12 or pos + 1 >= stop:
+                raise _NotCanonical
+            dim_len = data[pos + 1]
+            if dim_len == 0:
+                dims.append(0)
+                pos += 2
+                continue
+            if dim_len >= 0x80 or pos + 2 >= stop or data[pos + 2] != 0x08:
+                raise _NotCanonical
+            value, after = _read_varint(data, pos + 3, stop)
+            if after != pos + 2 + dim_len or value > _INT64_MAX:
+                raise _NotCanonical
+            dims.append(value)
+            pos = after
+        if pos != stop or len(dims) > MAX_RANK:
+            raise _NotCanonical
+        shape = tuple(dims)
+        tag = data[pos] if pos < end else -1
+    if tag == 0x18:
+        shard_id, pos = _read_varint(data, pos + 1, end)
+        if shard_id > _INT32_MAX:
+            raise _NotCanonical
+        tag = data[pos] if pos < end else -1
+    if tag == 0x20:
+        offset, pos = _read_varint(data, pos + 1, end)
+        tag = data[pos] if pos < end else -1
+    if tag == 0x28:
+        size, pos = _read_varint(data, pos + 1, end)
+        tag = data[pos] if pos < end else -1
+    if tag == 0x35:
+        if pos + 5 > end:
+            raise _NotCanonical
+        (crc,) = _U32.unpack_from(data, pos + 1)
+        pos += 5
+    if pos != end or offset > _INT64_MAX or size > _INT64_MAX:
+        raise _NotCanonical
+    return BundleEntry(dtype, shape, shard_id, offset, size, crc)
+
+
+def decode_entry(data: bytes) -> BundleEntry:
+    """Parse one ``BundleEntryProto``. Entries as TensorFlow and anyckpt write them take a
+    hand-written path (this runs once per tensor when an index is opened); anything else
+    is parsed by protobuf, with the same result and the same errors."""
+    try:
+        return _decode_entry_fast(data)
+    except _NotCanonical:
+        return _decode_entry_proto(data)
 
 
 def encode_string_tensor(values: Sequence[bytes]) -> tuple[bytes, int]:
