@@ -7,8 +7,9 @@ Layout, as ``tensorflow/core/lib/io/table_builder.cc`` writes it::
 Every block is followed by a 5-byte trailer: a compression byte (always 0, none) and the masked
 CRC-32C of the block contents plus that byte. A block holds prefix-compressed entries
 (``varint shared, varint non_shared, varint value_len, key suffix, value``), a restart point every
-16 entries (every entry in the index block), then the restart offsets and their count as little-endian uint32s. The index block
-maps a short separator key per data block to that block's handle (varint offset, varint size).
+16 entries (every entry in the index block), then the restart offsets and their count as
+little-endian uint32s. The index block maps a short separator key per data block to that block's
+handle (varint offset, varint size).
 The footer holds the metaindex and index handles, zero padding to 40 bytes, and the magic number.
 
 :class:`TableBuilder` reproduces TensorFlow's bytes exactly (same restart interval, block size
@@ -34,6 +35,8 @@ NO_COMPRESSION = 0
 _MAX_HANDLE_LEN = 20  # two varint64s
 
 _U32 = struct.Struct("<I")
+#: One-byte varints, precomputed: nearly every length in an index is below 128.
+_SMALL = [bytes([i]) for i in range(128)]
 
 
 @dataclass(frozen=True)
@@ -66,16 +69,21 @@ class _BlockBuilder:
         if self._counter < self._interval:
             last = self._last_key
             limit = min(len(last), len(key))
-            while shared < limit and last[shared] == key[shared]:
-                shared += 1
+            if limit:
+                # Length of the common prefix, in C: the first differing byte is the highest
+                # set byte of the XOR of both prefixes read as big-endian integers.
+                diff = int.from_bytes(last[:limit], "big") ^ int.from_bytes(key[:limit], "big")
+                shared = limit - (diff.bit_length() + 7) // 8 if diff else limit
         else:
             self._restarts.append(len(self._buf))
             self._counter = 0
+        non_shared = len(key) - shared
+        value_len = len(value)
         buf = self._buf
-        buf += encode_varint(shared)
-        buf += encode_varint(len(key) - shared)
-        buf += encode_varint(len(value))
-        buf += key[shared:]
+        buf += _SMALL[shared] if shared < 128 else encode_varint(shared)
+        buf += _SMALL[non_shared] if non_shared < 128 else encode_varint(non_shared)
+        buf += _SMALL[value_len] if value_len < 128 else encode_varint(value_len)
+        buf += key[shared:] if shared else key
         buf += value
         self._last_key = key
         self._counter += 1
@@ -218,18 +226,32 @@ def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]
     restarts_start = size - 4 - 4 * num_restarts
     if num_restarts == 0 or restarts_start < 0:
         raise DecodeError(f"{what} block: bad restart count {num_restarts}")
+    data = bytes(block[:restarts_start])  # slicing bytes beats slicing a memoryview + bytes()
     pos = 0
     key = b""
     while pos < restarts_start:
-        shared, pos = decode_varint(block, pos, restarts_start)
-        non_shared, pos = decode_varint(block, pos, restarts_start)
-        value_len, pos = decode_varint(block, pos, restarts_start)
+        # Three varints; one byte each nearly always, so decode that case inline.
+        shared = data[pos]
+        if shared < 0x80:
+            pos += 1
+        else:
+            shared, pos = decode_varint(data, pos, restarts_start)
+        non_shared = data[pos] if pos < restarts_start else 0x80
+        if non_shared < 0x80:
+            pos += 1
+        else:
+            non_shared, pos = decode_varint(data, pos, restarts_start)
+        value_len = data[pos] if pos < restarts_start else 0x80
+        if value_len < 0x80:
+            pos += 1
+        else:
+            value_len, pos = decode_varint(data, pos, restarts_start)
         if shared > len(key) or pos + non_shared + value_len > restarts_start:
             raise DecodeError(f"{what} block: corrupt entry at offset {pos}")
-        key = key[:shared] + bytes(block[pos : pos + non_shared])
-        pos += non_shared
-        yield key, bytes(block[pos : pos + value_len])
-        pos += value_len
+        end = pos + non_shared
+        key = key[:shared] + data[pos:end] if shared else data[pos:end]
+        pos = end + value_len
+        yield key, data[end:pos]
 
 
 def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
