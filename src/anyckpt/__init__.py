@@ -31,6 +31,7 @@ from .manager import (
     latest_checkpoint,
 )
 from .meta import MetaGraphInfo, MetaVariable, SaverConfig
+from .partitioned import Partitioned
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,7 @@ __all__ = [
     "CorruptCheckpointError",
     "MetaGraphInfo",
     "MetaVariable",
+    "Partitioned",
     "PendingSave",
     "SaveEvent",
     "SaverConfig",
