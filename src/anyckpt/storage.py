@@ -35,6 +35,18 @@ if TYPE_CHECKING:
 TEMP_MARKER = ".anyckpt-tmp-"
 
 
+def _iov_max() -> int:
+    """Most buffers one writev/preadv call takes (IOV_MAX, 1024 on Linux)."""
+    try:
+        n = os.sysconf("SC_IOV_MAX")
+    except (AttributeError, ValueError, OSError):
+        return 16
+    return min(n, 1024) if n > 0 else 16
+
+
+_IOV_MAX = _iov_max()
+
+
 def _bytes_view(buffer: Buffer) -> memoryview:
     view = memoryview(buffer)
     if not view.c_contiguous:
@@ -78,6 +90,29 @@ class _LocalWriter:
         while view.nbytes:
             written = os.write(self._fd, view)
             view = view[written:]
+
+    def write_many(self, buffers: list[memoryview]) -> None:
+        """Write byte views back to back, up to IOV_MAX per system call (``writev``): many
+        small tensors cost a few calls, and nothing is copied into a staging buffer."""
+        assert self._fd is not None
+        if not hasattr(os, "writev"):
+            for view in buffers:
+                self.write(view)
+            return
+        views = [v for v in buffers if v.nbytes]
+        while views:
+            batch = views[:_IOV_MAX]
+            written = os.writev(self._fd, batch)
+            # Drop what was written; a short write leaves the rest of one view to redo.
+            done = 0
+            for view in batch:
+                if written < view.nbytes:
+                    break
+                written -= view.nbytes
+                done += 1
+            views = views[done:]
+            if written:
+                views[0] = views[0][written:]
 
     def commit(self) -> None:
         assert self._fd is not None
@@ -163,6 +198,34 @@ class _LocalReader:
                 raise CorruptCheckpointError("file shrank while being read", path=self.path)
             view = view[n:]
             offset += n
+
+    def read_into_many(self, offset: int, buffers: list[memoryview]) -> None:
+        """Fill byte views from the file bytes starting at ``offset``, back to back, up to
+        IOV_MAX per system call (``preadv``): a run of small tensors is read straight into
+        its destination arrays in a few calls."""
+        total = sum(v.nbytes for v in buffers)
+        if offset < 0 or offset + total > self.size:
+            raise CorruptCheckpointError(
+                f"read of {total} bytes at offset {offset} is past the end of the file "
+                f"({self.size} bytes)",
+                path=self.path,
+            )
+        views = [v for v in buffers if v.nbytes]
+        while views:
+            batch = views[:_IOV_MAX]
+            n = os.preadv(self._fd, batch, offset)
+            if n == 0:
+                raise CorruptCheckpointError("file shrank while being read", path=self.path)
+            offset += n
+            done = 0
+            for view in batch:
+                if n < view.nbytes:
+                    break
+                n -= view.nbytes
+                done += 1
+            views = views[done:]
+            if n:
+                views[0] = views[0][n:]
 
     def close(self) -> None:
         os.close(self._fd)
