@@ -1,0 +1,144 @@
+"""The format registry with plugins: the installed plugins are found by entry point and work
+everywhere a built-in does; broken or unknown plugins give errors that name them."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import anyckpt
+import anyckpt.formats as formats
+import anyckpt.sync
+
+
+@pytest.fixture(params=["asyncio", "trio"])
+def anyio_backend(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+@pytest.fixture
+def fresh_registry(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Forget loaded plugins now and after the test."""
+    monkeypatch.setattr(formats, "_plugins", None)
+    yield
+    formats._plugins = None
+
+
+def fake_entry_points(monkeypatch: pytest.MonkeyPatch, *specs: tuple[str, str]) -> None:
+    eps = [importlib.metadata.EntryPoint(name, value, "anyckpt.formats") for name, value in specs]
+
+    def entry_points(*, group: str) -> list[importlib.metadata.EntryPoint]:
+        assert group == "anyckpt.formats"
+        return eps
+
+    monkeypatch.setattr(formats, "entry_points", entry_points)
+
+
+INSTALLED = [name for name in ("zstd", "safetensors") if name in anyckpt.available_formats()]
+
+
+@pytest.mark.parametrize("name", INSTALLED)
+def test_installed_plugins_work_like_built_ins(tmp_path: Path, name: str) -> None:
+    tensors = {"w": np.arange(12, dtype=np.float32).reshape(4, 3), "n": np.array(3)}
+    written = anyckpt.sync.save(tmp_path / "c", tensors, format=name)
+    assert all(os.path.exists(p) for p in written)
+    loaded = anyckpt.sync.load(tmp_path / "c")  # detected among all formats
+    for key, value in tensors.items():
+        assert loaded[key].tobytes() == value.tobytes(), key
+    with anyckpt.sync.open(tmp_path / "c") as reader:
+        assert reader.files() == written
+        assert reader.read("w", (slice(1, 3),)).tolist() == tensors["w"][1:3].tolist()
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("name", INSTALLED)
+async def test_plugins_under_the_manager(tmp_path: Path, name: str) -> None:
+    async with anyckpt.CheckpointManager(
+        tmp_path, max_to_keep=1, format=name, durable=False
+    ) as manager:
+        for step in (1, 2):
+            await (await manager.save({"w": np.full(3, float(step))}, step))
+        restored = await manager.restore()
+    assert restored["w"].tolist() == [2.0, 2.0, 2.0]
+    leftovers = sorted(p for p in os.listdir(tmp_path) if p != "checkpoint")
+    assert len(leftovers) == 1  # retention deleted step 1 through the plugin's files()
+    assert leftovers[0].startswith("ckpt-2")
+
+
+def test_both_plugins_are_installed_for_the_test_suite() -> None:
+    # `make test` installs them (Makefile); a missing one would silently skip the above.
+    assert INSTALLED == ["zstd", "safetensors"]
+
+
+def test_a_plugin_is_loaded_from_its_entry_point(
+    monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    fake_entry_points(monkeypatch, ("zstd2", "anyckpt_zstd:ZstdFormat"))
+    assert "zstd2" in anyckpt.available_formats()
+    assert type(anyckpt.get_format("zstd2")).__name__ == "ZstdFormat"
+
+
+def test_a_plugin_cannot_shadow_a_built_in(
+    monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    fake_entry_points(monkeypatch, ("v2", "anyckpt_zstd:ZstdFormat"))
+    assert type(anyckpt.get_format("v2")).__name__ == "V2Format"
+
+
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("no_such_module_anyckpt:Format", "failed to load"),
+        ("anyckpt.formats.v2:NoSuchClass", "failed to load"),
+        ("builtins:object", "does not implement CheckpointFormat"),
+    ],
+)
+def test_broken_plugins_are_named(
+    monkeypatch: pytest.MonkeyPatch, fresh_registry: None, value: str, message: str
+) -> None:
+    fake_entry_points(monkeypatch, ("broken", value))
+    with pytest.raises(anyckpt.UnsupportedFormatError, match=message) as info:
+        anyckpt.available_formats()
+    assert "'broken'" in str(info.value)
+    assert value in str(info.value)
+
+
+def test_unknown_format_lists_what_exists() -> None:
+    with pytest.raises(anyckpt.UnsupportedFormatError, match="unknown checkpoint format") as info:
+        anyckpt.get_format("nope")
+    assert "v1" in str(info.value)
+    assert "v2" in str(info.value)
+
+
+def test_register_format_checks_the_interface(fresh_registry: None) -> None:
+    with pytest.raises(TypeError, match="does not implement"):
+        anyckpt.register_format(object())  # type: ignore[arg-type]
+
+    class Named:
+        name = "named"
+
+        async def write(self, *args: Any, **kwargs: Any) -> list[str]:
+            return []
+
+        async def open(self, *args: Any) -> Any:
+            raise NotImplementedError
+
+        async def detect(self, *args: Any) -> bool:
+            return False
+
+        async def files(self, *args: Any) -> list[str]:
+            return []
+
+    anyckpt.register_format(Named())
+    assert "named" in anyckpt.available_formats()
+
+
+def test_detection_finds_no_format_for_nothing(tmp_path: Path) -> None:
+    with pytest.raises(anyckpt.CheckpointNotFoundError):
+        anyckpt.sync.load(tmp_path / "nothing-here")
