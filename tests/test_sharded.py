@@ -281,3 +281,14 @@ async def test_manager_v2_with_devices(tmp_path: Path) -> None:
         "ckpt-2.data-00001-of-00002",
         "ckpt-2.index",
     ]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("fmt", ["v1", "v2"])
+async def test_manager_keeps_partitions_through_capture(tmp_path: Path, fmt: str) -> None:
+    emb = Partitioned.split(np.arange(40.0).reshape(10, 4), 3)
+    async with anyckpt.CheckpointManager(tmp_path, format=fmt, durable=False) as manager:
+        await (await manager.save({"emb": emb}, step=1))  # copied (captured) before writing
+    async with anyckpt.open(tmp_path / "ckpt-1") as reader:
+        assert [p.extents for p in reader.spec("emb").partitions] == list(emb.partitions)
+        assert same(await reader.read("emb"), np.asarray(emb))

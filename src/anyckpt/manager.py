@@ -589,7 +589,7 @@ async def capture(tensors: Mapping[str, np.ndarray], *, threads: int = 2) -> dic
 
     def copy_lane(lane: list[tuple[str, np.ndarray]]) -> None:
         for key, value in lane:
-            out[key] = np.array(value, copy=True, order="C")
+            out[key] = value.copy(order="C")  # keeps subclasses (anyckpt.Partitioned)
 
     if sum(loads) < 1 << 20:
         for lane in lanes:
