@@ -107,7 +107,46 @@ _INT64_MAX = (1 << 63) - 1
 
 
 def _varint(value: int) -> bytes:
-    return _SMALL[value] if value < 128 else encode_varint(value)
+    """encode_varint, with the one- to four-byte cases (every length, most offsets) unrolled."""
+    if value < 0x80:
+        return _SMALL[value]
+    if value < 0x4000:
+        return bytes((value & 0x7F | 0x80, value >> 7))
+    if value < 0x200000:
+        return bytes((value & 0x7F | 0x80, (value >> 7) & 0x7F | 0x80, value >> 14))
+    if value < 0x10000000:
+        return bytes(
+            (
+                value & 0x7F | 0x80,
+                (value >> 7) & 0x7F | 0x80,
+                (value >> 14) & 0x7F | 0x80,
+                value >> 21,
+            )
+        )
+    return encode_varint(value)
+
+
+#: Encoded dtype + shape fields by (dtype, shape): checkpoints repeat a few shapes many times.
+_HEADS: dict[tuple[int, tuple[int, ...]], bytes | None] = {}
+_HEADS_MAX = 4096
+
+
+def _encode_head(dtype: int, shape: tuple[int, ...]) -> bytes | None:
+    """The dtype and shape fields, or None if a number is out of the hand-encoded range."""
+    if not 0 <= dtype <= _INT32_MAX:
+        return None
+    dims = []
+    for dim in shape:
+        if not 0 <= dim <= _INT64_MAX:
+            return None
+        if dim:
+            body = b"\x08" + _varint(dim)
+            dims.append(b"\x12" + _SMALL[len(body)] + body)
+        else:
+            dims.append(b"\x12\x00")
+    encoded = b"".join(dims)
+    head = b"\x08" + _varint(dtype) if dtype else b""
+    return head + b"\x12" + _varint(len(encoded)) + encoded
 
 
 def encode_entry(entry: BundleEntry) -> bytes:
@@ -119,34 +158,25 @@ def encode_entry(entry: BundleEntry) -> bytes:
     (``SetInParent``), each dim a submessage whose zero size is left out too. Anything else
     (partitioned entries, out-of-range numbers) goes through protobuf itself.
     """
-    dtype, shard_id, offset, size, crc = (
-        entry.dtype,
-        entry.shard_id,
-        entry.offset,
-        entry.size,
-        entry.crc32c,
-    )
+    shard_id, offset, size, crc = entry.shard_id, entry.offset, entry.size, entry.crc32c
     if (
         entry.slices
-        or not 0 <= dtype <= _INT32_MAX
         or not 0 <= shard_id <= _INT32_MAX
         or not 0 <= offset <= _INT64_MAX
         or not 0 <= size <= _INT64_MAX
         or not 0 <= crc <= 0xFFFFFFFF
     ):
         return _encode_entry_proto(entry)
-    dims = []
-    for dim in entry.shape:
-        if not 0 <= dim <= _INT64_MAX:
-            return _encode_entry_proto(entry)
-        if dim:
-            body = b"\x08" + _varint(dim)
-            dims.append(b"\x12" + _SMALL[len(body)] + body)
-        else:
-            dims.append(b"\x12\x00")
-    shape = b"".join(dims)
-    parts = [b"\x08" + _varint(dtype)] if dtype else []
-    parts.append(b"\x12" + _varint(len(shape)) + shape)
+    key = (entry.dtype, entry.shape)
+    try:
+        head = _HEADS[key]
+    except KeyError:
+        if len(_HEADS) >= _HEADS_MAX:
+            _HEADS.clear()
+        head = _HEADS[key] = _encode_head(*key)
+    if head is None:
+        return _encode_entry_proto(entry)
+    parts = [head]
     if shard_id:
         parts.append(b"\x18" + _varint(shard_id))
     if offset:
@@ -209,7 +239,7 @@ def _decode_entry_fast(data: bytes) -> BundleEntry:
     else, which protobuf then decodes (or rejects) exactly as before."""
     end = len(data)
     pos = 0
-    dtype = shard_id = offset = size = crc = 0
+    dtype = 0
     tag = data[0] if end else -1
     if tag == 0x08:
         byte = data[1] if end > 1 else 0x80
@@ -251,6 +281,18 @@ def _decode_entry_fast(data: bytes) -> BundleEntry:
             raise _NotCanonical
         shape = tuple(dims)
         tag = data[pos] if pos < end else -1
+    return BundleEntry(dtype, shape, *_decode_tail(data, pos, end))
+
+
+#: (dtype, shape) by the bytes of the dtype and shape fields, for entries whose dtype and
+#: shape-length fit in one byte each: an index repeats a few of them many times.
+_DECODED_HEADS: dict[bytes, tuple[int, tuple[int, ...]]] = {}
+
+
+def _decode_tail(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
+    """shard_id, offset, size, crc32c: the fields after the shape, canonical form only."""
+    shard_id = offset = size = crc = 0
+    tag = data[pos] if pos < end else -1
     if tag == 0x18:
         shard_id, pos = _read_varint(data, pos + 1, end)
         if shard_id > _INT32_MAX:
@@ -269,13 +311,31 @@ def _decode_entry_fast(data: bytes) -> BundleEntry:
         pos += 5
     if pos != end or offset > _INT64_MAX or size > _INT64_MAX:
         raise _NotCanonical
-    return BundleEntry(dtype, shape, shard_id, offset, size, crc)
+    return shard_id, offset, size, crc
 
 
 def decode_entry(data: bytes) -> BundleEntry:
     """Parse one ``BundleEntryProto``. Entries as TensorFlow and anyckpt write them take a
-    hand-written path (this runs once per tensor when an index is opened); anything else
-    is parsed by protobuf, with the same result and the same errors."""
+    hand-written path (this runs once per tensor when an index is opened), with the dtype
+    and shape of a repeated head looked up rather than parsed again; anything else is
+    parsed by protobuf, with the same result and the same errors."""
+    end = len(data)
+    if end >= 4 and data[0] == 0x08 and data[1] < 0x80 and data[2] == 0x12 and data[3] < 0x80:
+        split = 4 + data[3]
+        known = _DECODED_HEADS.get(data[:split])
+        if known is not None:
+            try:
+                return BundleEntry(known[0], known[1], *_decode_tail(data, split, end))
+            except _NotCanonical:
+                return _decode_entry_proto(data)
+        try:
+            entry = _decode_entry_fast(data)
+        except _NotCanonical:
+            return _decode_entry_proto(data)
+        if len(_DECODED_HEADS) >= 4096:
+            _DECODED_HEADS.clear()
+        _DECODED_HEADS[data[:split]] = (entry.dtype, entry.shape)
+        return entry
     try:
         return _decode_entry_fast(data)
     except _NotCanonical:
