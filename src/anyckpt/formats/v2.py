@@ -70,12 +70,25 @@ def data_path(prefix: str, shard: int, num_shards: int) -> str:
 
 def _byte_view(array: np.ndarray) -> memoryview:
     """A C-contiguous array's bytes as a flat, writable-if-the-array-is memoryview."""
-    if array.dtype.isbuiltin:  # NumPy's own dtypes export a buffer; a cast is the cheapest view
+    if array.dtype.kind in "biufc":  # NumPy's own dtypes export a buffer; a cast is cheapest
         try:
             return array.data.cast("B")
         except (TypeError, ValueError):
             pass
     return array.reshape(-1).view(np.uint8).data
+
+
+_DTYPES: dict[int, tuple[np.dtype, np.dtype]] = {}
+
+
+def _dtypes(enum: int) -> tuple[np.dtype, np.dtype]:
+    """(on-disk dtype, NumPy dtype) of a numeric DataType number, cached."""
+    try:
+        return _DTYPES[enum]
+    except KeyError:
+        dtype = dtype_from_enum(enum)
+        _DTYPES[enum] = pair = (disk_dtype(dtype), dtype)
+        return pair
 
 
 #: Numeric tensors below this size are gathered and written (or read) together, up to
@@ -545,13 +558,15 @@ class V2Reader:
                         (key, entry, self._read_entry(reader, key, entry, None, 0, verify, url))
                     )
                     continue
-                arrays = [
-                    np.empty(entry.shape, dtype=disk_dtype(dtype_from_enum(entry.dtype)))
-                    for _, entry in run
-                ]
+                arrays = [np.empty(entry.shape, dtype=_dtypes(entry.dtype)[0]) for _, entry in run]
                 read_into_many(run[0][1].offset, [_byte_view(a) for a in arrays])
                 for (key, entry), array in zip(run, arrays, strict=True):
-                    out.append((key, entry, self._decode(key, entry, None, array, verify, url)))
+                    if verify and masked_crc32c(_byte_view(array)) != entry.crc32c:
+                        self._decode(key, entry, None, array, verify, url)  # raises
+                    native = _dtypes(entry.dtype)[1]
+                    out.append(
+                        (key, entry, array if array.dtype == native else array.astype(native))
+                    )
         finally:
             stop = True
             if helper is not None:
