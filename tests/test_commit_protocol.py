@@ -33,6 +33,7 @@ import anyckpt
 import anyckpt.storage
 from anyckpt import CheckpointManager, CheckpointState
 from anyckpt.codecs.state_file import decode_state, encode_state
+from anyckpt.lease import LOCK_FILE
 from anyckpt.storage import TEMP_MARKER
 
 
@@ -70,7 +71,7 @@ class Plan:
     def check(self, op: str, path: Any) -> None:
         path = os.fspath(path)
         name = posixpath.basename(path)
-        if TEMP_MARKER in name or posixpath.dirname(path) != self.root:
+        if TEMP_MARKER in name or name == LOCK_FILE or posixpath.dirname(path) != self.root:
             return
         with self.lock:
             self.log.append((op, name))
@@ -175,7 +176,8 @@ class Dir:
             entries = self.fs.ls(self.root, detail=False)
         except FileNotFoundError:
             return set()
-        return {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries}
+        # Without the lock file of an open manager (tests/reliability covers it).
+        return {str(e).rstrip("/").rsplit("/", 1)[-1] for e in entries} - {LOCK_FILE}
 
     def read(self, name: str) -> bytes:
         return bytes(self.fs.cat_file(f"{self.root}/{name}"))

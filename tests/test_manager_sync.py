@@ -26,6 +26,7 @@ from fsspec.utils import stringify_path
 import anyckpt
 import anyckpt.sync
 from anyckpt.codecs.state_file import decode_state
+from anyckpt.lease import LOCK_FILE
 
 FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
 
@@ -49,7 +50,7 @@ class _WriteFile(io.BytesIO):
 
     def close(self) -> None:
         if not self._finished:
-            if HOOK.fn is not None:
+            if HOOK.fn is not None and LOCK_FILE not in self.path:
                 HOOK.fn("commit", self.path)
             self._finished = True
             MemoryFile(self.fs, self.path, self.getvalue()).commit()
@@ -78,7 +79,7 @@ class SyncGatedFS(MemoryFileSystem):
     def _open(self, path: str, mode: str = "rb", **kwargs: Any) -> Any:
         if "w" in mode or "x" in mode:
             path = self._strip_protocol(path)
-            if HOOK.fn is not None:
+            if HOOK.fn is not None and LOCK_FILE not in path:
                 HOOK.fn("open", path)
             return _WriteFile(self, path)
         return super()._open(path, mode, **kwargs)
@@ -86,7 +87,7 @@ class SyncGatedFS(MemoryFileSystem):
     def mv(self, path1: str, path2: str, **kwargs: Any) -> None:
         """anyckpt commits a file on a non-object store by moving its temporary over it."""
         path1, path2 = self._strip_protocol(path1), self._strip_protocol(path2)
-        if HOOK.fn is not None:
+        if HOOK.fn is not None and LOCK_FILE not in path2:
             HOOK.fn("commit", path2)
         self.store[path2] = self.store.pop(path1)
 
@@ -126,7 +127,8 @@ def gated() -> Iterator[str]:
 
 def names_in(url: str) -> set[str]:
     root = "/" + url.removeprefix("syncgated://")
-    return {k[len(root) + 1 :] for k in SyncGatedFS.store if k.startswith(root + "/")}
+    names = {k[len(root) + 1 :] for k in SyncGatedFS.store if k.startswith(root + "/")}
+    return names - {LOCK_FILE}  # the lock file of an open manager
 
 
 @pytest.fixture(params=["memory", "local"])

@@ -12,6 +12,11 @@ Commit protocol (see docs/manager.md), for every save:
 A crash at any point leaves ``latest_checkpoint`` pointing at a complete checkpoint. What an
 interrupted save leaves behind is removed when the next manager opens the directory — only
 files named like this manager's checkpoints, never anything else.
+
+One writer per directory (see :mod:`anyckpt.lease` and docs/reliability.md): a manager takes the
+directory's lock before it reads or changes anything, confirms it before each state-file write,
+and writes the state file only if it is still the version the manager last read or wrote; a
+second writer gets :class:`~anyckpt.ConcurrentWriterError` instead of deleting checkpoints.
 """
 
 from __future__ import annotations
@@ -31,10 +36,22 @@ import numpy as np
 
 from .api import meta_path, write_meta_file
 from .codecs import DecodeError
-from .codecs.state_file import CheckpointState, decode_state, encode_state, relativize
-from .errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from .codecs.state_file import (
+    MAX_STATE_FILE_SIZE,
+    CheckpointState,
+    decode_state,
+    encode_state,
+    relativize,
+)
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConcurrentWriterError,
+    CorruptCheckpointError,
+)
 from .formats import detect_format, get_format
 from .formats.base import CheckpointFormat
+from .lease import DirectoryLock
 from .meta import saver_version
 from .retention import (
     RetentionPolicy,
@@ -132,6 +149,10 @@ class CheckpointManager:
         clock: the time source for timestamps (``time.time``), injectable for tests.
         on_event: called with a :class:`SaveEvent` after each committed save.
         format_options: passed to the format's ``write`` (e.g. sharding options).
+        lease_seconds: on object stores (and any filesystem but local disk), how long the
+            directory's lock lasts unless renewed; the manager renews it every quarter of
+            that. A manager finding a lock that looks expired watches it this long before
+            taking it over. See docs/reliability.md.
         write_meta_graph: also write TensorFlow's ``PREFIX.meta`` (a MetaGraphDef whose
             SaverDef is this configuration) with every checkpoint; see docs/meta-graph.md.
     """
@@ -151,6 +172,7 @@ class CheckpointManager:
         clock: Callable[[], float] = time.time,
         on_event: Callable[[SaveEvent], None] | None = None,
         format_options: Mapping[str, Any] | None = None,
+        lease_seconds: float = 60.0,
         write_meta_graph: bool = False,
     ) -> None:
         if max_pending < 1:
@@ -173,6 +195,11 @@ class CheckpointManager:
             saver_version(self.format)  # only formats TensorFlow's Saver writes get a .meta
         self.write_meta_graph = write_meta_graph
         self.storage, self._root = Storage.from_url(self.directory, storage_options)
+        if not lease_seconds > 0:
+            raise ValueError("lease_seconds must be positive")
+        self.lease_seconds = float(lease_seconds)
+        self._lock: DirectoryLock | None = None
+        self._state_version: str | None = None  # of the state file, as last read or written
         self._step_re = re.compile(re.escape(checkpoint_name) + r"-(\d+)")
         self._state = _Tracking()
         self._slots = anyio.Semaphore(max_pending)
@@ -190,11 +217,25 @@ class CheckpointManager:
         if self._entered:
             raise RuntimeError("a CheckpointManager can be entered once")
         self._entered = True
-        await self._load_state()
-        await self._clean_debris()
-        self._task_group = anyio.create_task_group()
-        await self._task_group.__aenter__()
+        # The lock first: reading the state and cleaning debris must not race another writer.
+        lock = DirectoryLock(self.storage, self._root, lease_seconds=self.lease_seconds)
+        await anyio.to_thread.run_sync(lock.acquire)
+        self._lock = lock
+        try:
+            await self._load_state()
+            await self._clean_debris()
+            self._task_group = anyio.create_task_group()
+            await self._task_group.__aenter__()
+        except BaseException:
+            await self._release_lock()
+            raise
         return self
+
+    async def _release_lock(self) -> None:
+        lock, self._lock = self._lock, None
+        if lock is not None:
+            with anyio.CancelScope(shield=True):
+                await anyio.to_thread.run_sync(lock.release)
 
     async def __aexit__(
         self,
@@ -214,6 +255,7 @@ class CheckpointManager:
             await self._task_group.__aexit__(None, None, None)
         finally:
             self._task_group = None
+            await self._release_lock()
         if exc is None:
             self._raise_unobserved()
         elif isinstance(exc, Exception):
@@ -249,7 +291,7 @@ class CheckpointManager:
         return int(match.group(1)) if match else None
 
     async def _load_state(self) -> None:
-        state = await read_state(self.storage, self._root)
+        state, self._state_version = await _read_state_versioned(self.storage, self._root)
         now = self.clock()
         if state is None:
             recovered = start_fresh(now)
@@ -358,6 +400,8 @@ class CheckpointManager:
         if self._task_group is None:
             raise RuntimeError("use the manager inside 'async with'")
         self._raise_unobserved()
+        if self._lock is not None:
+            self._lock.check()  # the directory was taken over: say so now, not after the write
         if step is None:
             step = 1 if self._last_step is None else self._last_step + 1
         step = int(step)
@@ -444,7 +488,8 @@ class CheckpointManager:
                 self.on_event(pending.event)
         except BaseException as exc:
             error = exc
-            if self._state.latest != name:
+            if self._state.latest != name and not isinstance(exc, ConcurrentWriterError):
+                # (After a ConcurrentWriterError the directory is someone else's: touch nothing.)
                 # Never recorded in the state file: remove what was written (cancelled, or
                 # failed after the index was written), so no stray files stay behind.
                 await self._discard_uncommitted(name)
@@ -484,10 +529,37 @@ class CheckpointManager:
         """Make ``new_state`` the manager's state, on disk first."""
         old_state, self._state = self._state, new_state
         try:
-            await write_state(self.storage, self._root, self._state_file(), durable=self.durable)
+            await self._store_state()
         except BaseException:
             self._state = old_state
             raise
+
+    async def _store_state(self) -> None:
+        """Write the state file from ``self._state``: only while the lock is ours, and only
+        over the version this manager last read or wrote (compare-and-swap)."""
+        data = encode_state(self._state_file())
+        path = self._path(STATE_FILE)
+        lock = self._lock
+        if lock is None:
+            raise RuntimeError("use the manager inside 'async with'")
+
+        def write() -> str:
+            lock.confirm()
+            try:
+                return self.storage.replace_if(
+                    path, data, self._state_version, durable=self.durable
+                )
+            except ConcurrentWriterError:
+                raise ConcurrentWriterError(
+                    "the state file was changed by another writer since this manager read or "
+                    "wrote it; not overwriting it",
+                    path=self.storage.url(path),
+                ) from None
+
+        await anyio.to_thread.run_sync(self.storage.makedirs, self._root)
+        self._state_version = await anyio.to_thread.run_sync(write)
+        if self.durable:
+            await anyio.to_thread.run_sync(self.storage.sync_directory, self._root)
 
     async def _discard_uncommitted(self, name: str) -> None:
         """Best effort: delete the files of a save that never committed. Skipped if the state
@@ -611,6 +683,23 @@ async def read_state(storage: Storage, root: str) -> CheckpointState | None:
         return None
     try:
         return decode_state(data)
+    except DecodeError as exc:
+        raise CorruptCheckpointError(str(exc), path=storage.url(path)) from None
+
+
+async def _read_state_versioned(
+    storage: Storage, root: str
+) -> tuple[CheckpointState | None, str | None]:
+    """The parsed state file and its version token; (None, None) if there is none."""
+    path = posixpath.join(root, STATE_FILE)
+    try:
+        data, version = await anyio.to_thread.run_sync(
+            lambda: storage.read_versioned(path, max_size=MAX_STATE_FILE_SIZE)
+        )
+    except CheckpointNotFoundError:
+        return None, None
+    try:
+        return decode_state(data), version
     except DecodeError as exc:
         raise CorruptCheckpointError(str(exc), path=storage.url(path)) from None
 

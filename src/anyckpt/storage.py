@@ -10,29 +10,57 @@ fsspec's I/O thread, which keeps this usable under both asyncio and trio.
   completes (a single PUT or a completed multipart upload); an aborted upload is discarded.
 * Tensor bytes are written from the caller's buffers (no copy on the local path) and read
   straight into destination arrays (``preadv``).
+* Whole-object operations on remote filesystems (reading a file or a range of it, writing a
+  file from bytes, deleting, listing, conditional writes) are retried after transient failures
+  (timeouts, throttling, 5xx; :func:`is_transient`) with jittered exponential backoff
+  (:class:`RetryPolicy`); permanent failures are raised at once. Streamed uploads of data
+  files are not retried here (the client library retries each of their requests).
+* Conditional writes for the manager's lock and state file: :meth:`Storage.create_exclusive`,
+  :meth:`Storage.replace_if`, :meth:`Storage.remove_if`; and :class:`LocalLock` (``flock``).
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
+import hashlib
+import logging
 import os
 import posixpath
+import random
 import secrets
-from collections.abc import Iterator
-from contextlib import contextmanager, suppress
-from typing import TYPE_CHECKING, Any, Protocol
+import sys
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext, suppress
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.spec import AbstractBufferedFile
 
-from .errors import CheckpointNotFoundError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConcurrentWriterError,
+    CorruptCheckpointError,
+)
+
+if sys.platform != "win32":
+    import fcntl
+else:  # pragma: no cover
+    fcntl = None
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 #: Marker in the names of files being written; what is left of a crash carries it.
 TEMP_MARKER = ".anyckpt-tmp-"
+
+_T = TypeVar("_T")
 
 
 def _iov_max() -> int:
@@ -232,10 +260,11 @@ class _LocalReader:
 
 
 class _FsspecReader:
-    def __init__(self, fs: Any, path: str) -> None:
+    def __init__(self, fs: Any, path: str, retry: RetryPolicy) -> None:
         self.path = path
         self._fs = fs
-        self.size = int(fs.size(path))
+        self._retry = retry
+        self.size = int(retry.run(lambda: fs.size(path), f"reading {path}"))
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -247,7 +276,12 @@ class _FsspecReader:
         if length == 0:
             return b""
         with _not_found_as_ours(str(self._fs.unstrip_protocol(self.path))):  # deleted since
-            data = bytes(self._fs.cat_file(self.path, start=offset, end=offset + length))
+            data = bytes(
+                self._retry.run(
+                    lambda: self._fs.cat_file(self.path, start=offset, end=offset + length),
+                    f"reading {self.path}",
+                )
+            )
         if len(data) != length:
             raise CorruptCheckpointError("short read", path=self.path)
         return data
@@ -279,6 +313,8 @@ class Storage:
     def __init__(self, fs: Any) -> None:
         self.fs = fs
         self.is_local = isinstance(fs, LocalFileSystem)
+        #: How whole-object operations are retried (remote filesystems only).
+        self.retry: RetryPolicy = DEFAULT_RETRY
 
     @classmethod
     def from_url(
@@ -308,13 +344,18 @@ class Storage:
         return _FsspecWriter(self.fs, path)
 
     def write_bytes(self, path: str, data: Buffer, *, durable: bool = True) -> None:
-        writer = self.open_writer(path, durable=durable)
-        try:
-            writer.write(data)
-            writer.commit()
-        except BaseException:
-            writer.abort()
-            raise
+        """Write a whole file atomically (retried as a whole on remote filesystems)."""
+
+        def write() -> None:
+            writer = self.open_writer(path, durable=durable)
+            try:
+                writer.write(data)
+                writer.commit()
+            except BaseException:
+                writer.abort()
+                raise
+
+        self._retrying(write, f"writing {self.url(path)}")
 
     def makedirs(self, path: str) -> None:
         self.fs.makedirs(path, exist_ok=True)
@@ -331,6 +372,9 @@ class Storage:
 
     def remove(self, path: str) -> bool:
         """Delete one file; return False if it was already gone."""
+        return self._retrying(lambda: self._remove(path), f"removing {self.url(path)}")
+
+    def _remove(self, path: str) -> bool:
         try:
             if self.is_local:
                 os.unlink(path)
@@ -347,7 +391,7 @@ class Storage:
         with _not_found_as_ours(self.url(path)):
             if self.is_local:
                 return _LocalReader(path)
-            return _FsspecReader(self.fs, path)
+            return _FsspecReader(self.fs, path, self.retry)
 
     def read_bytes(self, path: str, *, max_size: int | None = None) -> bytes:
         """The whole file; refuse (CorruptCheckpointError) one larger than ``max_size``."""
@@ -365,7 +409,7 @@ class Storage:
     def exists(self, path: str) -> bool:
         if self.is_local:
             return os.path.exists(path)
-        return bool(self.fs.exists(path))
+        return self._retrying(lambda: bool(self.fs.exists(path)), f"looking for {self.url(path)}")
 
     def listdir(self, path: str) -> list[str]:
         """Names (not paths) of the files directly in a directory; [] if it does not exist."""
@@ -374,6 +418,9 @@ class Storage:
                 return sorted(os.listdir(path))
             except FileNotFoundError:
                 return []
+        return self._retrying(lambda: self._listdir(path), f"listing {self.url(path)}")
+
+    def _listdir(self, path: str) -> list[str]:
         try:
             if _is_object_store(self.fs):
                 entries = self.fs.ls(path, detail=False, refresh=True)
@@ -387,7 +434,472 @@ class Storage:
             return []
         return sorted(posixpath.basename(str(e).rstrip("/")) for e in entries)
 
+    # -- conditional operations (the manager's lock and state file) --------------------------
+    def _conditional(self) -> _S3Conditional | _GCSConditional | None:
+        kind = type(self.fs).__module__.split(".")[0]
+        if kind == "s3fs":
+            return _S3Conditional(self.fs)
+        if kind == "gcsfs":
+            return _GCSConditional(self.fs)
+        return None
+
+    @property
+    def atomic_conditional_writes(self) -> bool:
+        """Whether :meth:`create_exclusive`, :meth:`replace_if` and :meth:`remove_if` are atomic
+        against other processes: on S3 and GCS (conditional requests). On memory:// they are
+        atomic within the process (which is all memory:// reaches); on local disk creating is
+        (a hard link), replacing and removing check and act in two steps, and the directory
+        lock (:class:`LocalLock`) keeps other anyckpt writers out; on other fsspec filesystems
+        they are best effort."""
+        return self._conditional() is not None
+
+    def read_versioned(self, path: str, *, max_size: int | None = None) -> tuple[bytes, str]:
+        """The whole file and its version token (an ETag, a generation or a content hash), for
+        a later :meth:`replace_if` or :meth:`remove_if`."""
+        backend = self._conditional()
+        if backend is None:
+            data = self.read_bytes(path, max_size=max_size)
+            return data, content_version(data)
+
+        def read() -> tuple[bytes, str]:
+            with _not_found_as_ours(self.url(path)):
+                return backend.read(path)
+
+        data, version = self._retrying(read, f"reading {self.url(path)}")
+        if max_size is not None and len(data) > max_size:
+            raise CorruptCheckpointError(
+                f"file is {len(data)} bytes, more than the {max_size} allowed", path=self.url(path)
+            )
+        return data, version
+
+    def create_exclusive(self, path: str, data: bytes, *, durable: bool = True) -> str:
+        """Write ``path`` only if it does not exist (FileExistsError if it does); return the
+        new version token."""
+        if self.is_local:
+            return self._local_create(path, data, durable)
+        backend = self._conditional()
+        if backend is None:
+            with _CONDITIONAL_LOCK:
+                if self.fs.exists(path):
+                    raise FileExistsError(errno.EEXIST, "exists", self.url(path))
+                self.write_bytes(path, data, durable=durable)
+            return content_version(data)
+        return self._conditionally(path, data, lambda: backend.create(path, data))
+
+    def replace_if(
+        self, path: str, data: bytes, version: str | None, *, durable: bool = True
+    ) -> str:
+        """Replace ``path`` with ``data`` only if it is still at ``version`` (None: only if
+        it does not exist); raise :class:`~anyckpt.errors.ConcurrentWriterError` if someone
+        changed it. Return the new version token."""
+        if version is None:
+            try:
+                return self.create_exclusive(path, data, durable=durable)
+            except FileExistsError:
+                raise _conflict(self.url(path), "creating") from None
+        backend = self._conditional()
+        if backend is not None:
+            return self._conditionally(path, data, lambda: backend.replace(path, data, version))
+        with _CONDITIONAL_LOCK if not self.is_local else nullcontext():
+            self._check_version(path, version, "replacing")
+            self.write_bytes(path, data, durable=durable)
+        return content_version(data)
+
+    def remove_if(self, path: str, version: str) -> None:
+        """Delete ``path`` only if it is still at ``version`` (ConcurrentWriterError if not)."""
+        backend = self._conditional()
+        if backend is not None:
+            self._retrying(lambda: backend.remove(path, version), f"removing {self.url(path)}")
+            return
+        with _CONDITIONAL_LOCK if not self.is_local else nullcontext():
+            self._check_version(path, version, "removing")
+            self.remove(path)
+
+    def _check_version(self, path: str, version: str, what: str) -> None:
+        try:
+            current = content_version(self.read_bytes(path))
+        except CheckpointNotFoundError:
+            raise _conflict(self.url(path), what) from None
+        if current != version:
+            raise _conflict(self.url(path), what)
+
+    def _local_create(self, path: str, data: bytes, durable: bool) -> str:
+        """Write a temporary file, then hard-link it to ``path``: the link fails if ``path``
+        exists, so the file appears complete or not at all, and only once."""
+        tmp = f"{path}{TEMP_MARKER}{secrets.token_hex(4)}"
+        writer = _LocalWriter(tmp, durable)
+        try:
+            writer.write(data)
+            writer.commit()
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise FileExistsError(errno.EEXIST, "exists", path) from None
+        finally:
+            with suppress(FileNotFoundError):
+                os.unlink(tmp)
+        if durable:
+            self.sync_directory(posixpath.dirname(path))
+        return content_version(data)
+
+    def _conditionally(self, path: str, data: bytes, op: Callable[[], str]) -> str:
+        """A conditional write, retried like the others. If a try failed transiently, it may
+        have been applied all the same: a later try then finds the precondition broken, and
+        the file holding exactly ``data`` proves that it was this write that broke it."""
+        uncertain = False
+
+        def once() -> str:
+            nonlocal uncertain
+            try:
+                return op()
+            except Exception as exc:
+                uncertain = uncertain or is_transient(exc)
+                raise
+
+        try:
+            return self._retrying(once, f"writing {self.url(path)}")
+        except (FileExistsError, ConcurrentWriterError):
+            if uncertain:
+                with suppress(CheckpointNotFoundError):
+                    current, version = self.read_versioned(path)
+                    if current == data:
+                        return version
+            raise
+
+    # -- local lock ------------------------------------------------------------------------
+    def lock_local(self, path: str) -> LocalLock:
+        """Take the exclusive lock of local file ``path`` (FileExistsError if another holds
+        it); see :class:`LocalLock`."""
+        assert self.is_local
+        return LocalLock(path)
+
+    def _retrying(self, op: Callable[[], _T], what: str) -> _T:
+        if self.is_local:
+            return op()
+        return self.retry.run(op, what)
+
 
 def _is_object_store(fs: Any) -> bool:
-    """s3fs or gcsfs: listings are cached, and a file being written is invisible until closed."""
+    """s3fs or gcsfs: listings are cached, and a file being written is invisible until closed.
+    A filesystem (a wrapper, a test double) may say so with ``anyckpt_object_store = True``."""
+    declared = getattr(fs, "anyckpt_object_store", None)
+    if isinstance(declared, bool):
+        return declared
     return type(fs).__module__.split(".")[0] in {"s3fs", "gcsfs"}
+
+
+# -- retries -------------------------------------------------------------------------------
+
+logger = logging.getLogger("anyckpt.storage")
+
+#: errno values of failures that go away by themselves: throttling and unavailability (s3fs
+#: maps S3's SlowDown, ServiceUnavailable and 409 conflicts to EBUSY, InternalError and 500
+#: to EREMOTEIO), timeouts and dropped connections.
+TRANSIENT_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in (
+        "EAGAIN",
+        "EBUSY",
+        "ETIMEDOUT",
+        "ECONNRESET",
+        "ECONNABORTED",
+        "ECONNREFUSED",
+        "EPIPE",
+        "ENETDOWN",
+        "ENETUNREACH",
+        "EHOSTUNREACH",
+        "EREMOTEIO",
+    )
+    if hasattr(errno, name)
+)
+#: HTTP statuses that are worth another try (request timeout, throttling, server errors).
+TRANSIENT_HTTP_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+#: S3 error codes of the same kind, for errors that carry the code but not the status.
+TRANSIENT_S3_CODES = frozenset(
+    {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
+     "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "OperationAborted"}
+)  # fmt: skip
+#: Network failures of the clients under s3fs and gcsfs (botocore, aiohttp), by class name so
+#: that neither needs importing: timeouts, refused or dropped connections, truncated bodies.
+TRANSIENT_CLASS_NAMES = frozenset(
+    {"HTTPClientError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError",
+     "ConnectionClosedError", "ClientConnectionError", "ServerDisconnectedError",
+     "ServerTimeoutError", "ClientPayloadError", "IncompleteRead"}
+)  # fmt: skip
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether ``exc`` is a failure of an object store or network that may succeed if the same
+    request is made again: timeouts, dropped connections, throttling (HTTP 429, S3 SlowDown)
+    and server errors (HTTP 5xx). Everything else is permanent: missing or existing files,
+    permissions, a full disk, I/O errors, anyckpt's own errors."""
+    permanent = (
+        CheckpointError,
+        FileNotFoundError,
+        FileExistsError,
+        PermissionError,
+        IsADirectoryError,
+        NotADirectoryError,
+    )
+    if isinstance(exc, permanent):
+        return False
+    if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
+        return True
+    if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
+        return True
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:  # the library's error and what it was raised from (botocore, aiohttp)
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        if any(k.__name__ in TRANSIENT_CLASS_NAMES for k in type(error).__mro__):
+            return True
+        code = getattr(error, "code", None) or getattr(error, "status", None)
+        if isinstance(code, int) and code in TRANSIENT_HTTP_STATUSES:
+            return True
+        response = getattr(error, "response", None)
+        if isinstance(response, dict):
+            status = response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status in TRANSIENT_HTTP_STATUSES:
+                return True
+            if response.get("Error", {}).get("Code") in TRANSIENT_S3_CODES:
+                return True
+        todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+    return False
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How a whole-object operation on a remote filesystem is retried after a transient
+    failure (:func:`is_transient`): at most ``attempts`` tries in all, sleeping between them
+    for a random time up to ``base_delay * 2**(try - 1)``, capped at ``max_delay`` ("full
+    jitter"). Permanent failures are raised at once. Local disk is never retried."""
+
+    attempts: int = 5
+    base_delay: float = 0.1
+    max_delay: float = 5.0
+
+    def delay(self, attempt: int) -> float:
+        return random.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
+
+    def run(self, op: Callable[[], _T], what: str) -> _T:
+        attempt = 1
+        while True:
+            try:
+                return op()
+            except Exception as exc:  # noqa: PERF203 - the loop is the retry
+                if attempt >= self.attempts or not is_transient(exc):
+                    raise
+                pause = self.delay(attempt)
+                logger.warning(
+                    "%s failed (%s: %s); retry %d of %d in %.3f s",
+                    what,
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    self.attempts - 1,
+                    pause,
+                )
+                time.sleep(pause)
+                attempt += 1
+
+
+#: The policy new :class:`Storage` objects get.
+DEFAULT_RETRY = RetryPolicy()
+
+
+# -- conditional writes ----------------------------------------------------------------------
+
+
+def content_version(data: Buffer) -> str:
+    """The version token of a file on a store without native versions: its content's hash."""
+    return "sha256:" + hashlib.sha256(_bytes_view(data)).hexdigest()
+
+
+#: Serialises the check and the write of conditional operations on memory:// (a dictionary in
+#: this process), which makes them atomic there; and on stores with no conditional requests.
+_CONDITIONAL_LOCK = threading.Lock()
+
+
+def _conflict(path: str, what: str) -> ConcurrentWriterError:
+    return ConcurrentWriterError(f"{what}: another writer changed it", path=path)
+
+
+def _s3_precondition_failed(exc: BaseException) -> bool:
+    cause = exc.__cause__
+    response = getattr(cause, "response", None)
+    return isinstance(response, dict) and (
+        response.get("Error", {}).get("Code") in {"PreconditionFailed", "412"}
+        or response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 412
+    )
+
+
+class _S3Conditional:
+    """Conditional requests on S3 (s3fs): ``If-None-Match: *`` creates, ``If-Match: ETAG``
+    replaces and deletes; versions are ETags."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def read(self, path: str) -> tuple[bytes, str]:
+        bucket, key, _ = self.fs.split_path(path)
+
+        async def get() -> tuple[bytes, str]:
+            response = await self.fs._call_s3("get_object", Bucket=bucket, Key=key)
+            body = response["Body"]
+            try:
+                data = await body.read()
+            finally:
+                body.close()
+            return bytes(data), str(response["ETag"])
+
+        return fsspec.asyn.sync(self.fs.loop, get)  # type: ignore[no-any-return]
+
+    def create(self, path: str, data: bytes) -> str:
+        out = self.fs.pipe_file(path, data, mode="create")
+        return str(out["ETag"])
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        try:
+            out = self.fs.pipe_file(path, data, IfMatch=version)
+        except FileNotFoundError:
+            raise _conflict(path, "replacing") from None
+        except OSError as exc:
+            if _s3_precondition_failed(exc):
+                raise _conflict(path, "replacing") from None
+            raise
+        return str(out["ETag"])
+
+    def remove(self, path: str, version: str) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=version)
+        except FileNotFoundError:
+            raise _conflict(path, "removing") from None
+        except OSError as exc:
+            if _s3_precondition_failed(exc):
+                raise _conflict(path, "removing") from None
+            raise
+        finally:
+            self.fs.invalidate_cache(path)
+
+
+class _GCSConditional:
+    """Conditional requests on GCS (gcsfs, JSON API): ``ifGenerationMatch=0`` creates,
+    ``ifGenerationMatch=GENERATION`` replaces and deletes; versions are generations."""
+
+    def __init__(self, fs: Any) -> None:
+        self.fs = fs
+
+    def read(self, path: str) -> tuple[bytes, str]:
+        bucket, key, _ = self.fs.split_path(path)
+        headers, data = self.fs.call("GET", "b/{}/o/{}", bucket, key, alt="media")
+        generation = headers.get("x-goog-generation") or headers.get("X-Goog-Generation")
+        if not generation:  # emulators may not send it: ask for the object's metadata
+            info = self.fs.call("GET", "b/{}/o/{}", bucket, key, json_out=True)
+            generation = info["generation"]
+            _, data = self.fs.call(
+                "GET", "b/{}/o/{}", bucket, key, alt="media", generation=generation
+            )
+        return bytes(data), str(generation)
+
+    def _upload(self, path: str, data: bytes, generation: str) -> str:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            out = self.fs.call(
+                "POST",
+                f"{self.fs._location}/upload/storage/v1/b/{bucket}/o",
+                uploadType="media",
+                name=key,
+                ifGenerationMatch=generation,
+                data=data,
+                headers={"Content-Type": "application/octet-stream"},
+                json_out=True,
+            )
+        finally:
+            self.fs.invalidate_cache(path)
+        return str(out["generation"])
+
+    def create(self, path: str, data: bytes) -> str:
+        return self._upload(path, data, "0")  # FileExistsError (412) if it exists
+
+    def replace(self, path: str, data: bytes, version: str) -> str:
+        try:
+            return self._upload(path, data, version)
+        except (FileExistsError, FileNotFoundError):  # gcsfs: 412 is FileExistsError
+            raise _conflict(path, "replacing") from None
+
+    def remove(self, path: str, version: str) -> None:
+        bucket, key, _ = self.fs.split_path(path)
+        try:
+            self.fs.call("DELETE", "b/{}/o/{}", bucket, key, ifGenerationMatch=version)
+        except (FileExistsError, FileNotFoundError):
+            raise _conflict(path, "removing") from None
+        finally:
+            self.fs.invalidate_cache(path)
+
+
+# -- the directory lock of local disk ------------------------------------------------------
+
+
+class LocalLock:
+    """An exclusive ``flock`` on a file, held until :meth:`release` or until the process ends
+    (the kernel drops it when a process dies, even by SIGKILL). The holder writes who it is into
+    the file, for the error message of the next contender. The file is removed on release while
+    the lock is still held; a contender that locked a file removed meanwhile tries again."""
+
+    def __init__(self, path: str) -> None:
+        if fcntl is None:  # pragma: no cover - Windows
+            raise OSError(errno.ENOSYS, "flock is not available on this platform")
+        self.path = path
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                raise FileExistsError(errno.EEXIST, "locked by another writer", path) from None
+            except BaseException:
+                os.close(fd)
+                raise
+            if self._is_current(fd):
+                break
+            os.close(fd)  # the holder removed it between our open and our lock
+        self._fd: int | None = fd
+        # A lock dropped without release() (its manager abandoned) is freed with it.
+        self._close = weakref.finalize(self, os.close, fd)
+
+    @staticmethod
+    def available() -> bool:
+        return fcntl is not None
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            now = os.stat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def held(self) -> bool:
+        """Whether the lock is still ours: not released, and its file not removed or replaced
+        by someone else."""
+        return self._fd is not None and self._is_current(self._fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if self._is_current(fd):
+                with suppress(FileNotFoundError):
+                    os.unlink(self.path)
+        finally:
+            self._close()  # closing drops the flock

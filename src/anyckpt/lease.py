@@ -1,0 +1,350 @@
+"""The lock a :class:`~anyckpt.CheckpointManager` holds on its directory: one writer at a time.
+
+Two managers writing one directory would each rewrite the state file with their own list of
+checkpoints, let retention delete the other's checkpoints, and clean up the other's save in
+flight as debris. So a manager takes the directory's lock (the file ``checkpoint.lock``) before
+it reads or changes anything there, and a second one fails with
+:class:`~anyckpt.ConcurrentWriterError`, naming the holder.
+
+* Local disk: an exclusive ``flock`` on the file (:class:`~anyckpt.storage.LocalLock`). The
+  kernel drops it when the holder's process ends, however it ends, so a crashed writer never
+  blocks its successor.
+* Object stores and other filesystems: a *lease*, an object naming its holder, created only if
+  absent (S3 ``If-None-Match: *``, GCS ``ifGenerationMatch=0``), renewed every quarter of its
+  term by a background thread with a conditional write against the version the holder last
+  wrote (S3 ``If-Match``, GCS ``ifGenerationMatch``), and deleted on release. A lease whose
+  holder is provably gone (same machine, process no longer running) is taken over at once.
+  Otherwise an expired-looking lease is watched for one whole term before it is taken over;
+  a holder that is alive renews it meanwhile, which is detected, so clock skew between hosts
+  never lets a live lease be broken.
+
+The holder re-confirms its lock right before each state-file write (a conditional renewal on
+object stores); losing it fails the save with ConcurrentWriterError instead of committing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import posixpath
+import secrets
+import socket
+import threading
+import time
+import weakref
+from typing import Any
+
+from .errors import CheckpointNotFoundError, ConcurrentWriterError, CorruptCheckpointError
+from .storage import LocalLock, Storage
+
+__all__ = ["LOCK_FILE", "DirectoryLock"]
+
+#: Name of the lock file in a checkpoint directory.
+LOCK_FILE = "checkpoint.lock"
+#: Largest lock file that is read.
+_MAX_LOCK_BYTES = 64 << 10
+
+logger = logging.getLogger("anyckpt.lease")
+
+
+def _machine_id() -> str:
+    """This machine's boot and PID namespace: processes that share it can check on each other
+    with ``kill(pid, 0)``; anything else (another host, container or boot) cannot."""
+    parts = [socket.gethostname()]
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            parts.append(f.read().strip())
+        parts.append(os.readlink("/proc/self/ns/pid"))
+    except OSError:
+        parts.append("no-proc")  # never provably the same machine: leases only expire
+        parts.append(secrets.token_hex(8))
+    return "/".join(parts)
+
+
+#: This process's machine identity (see :func:`_machine_id`).
+MACHINE = _machine_id()
+
+#: Locks held by this process, by lock-file URL: a second manager of the same process on the
+#: same directory fails at once, whatever the filesystem.
+_HELD: dict[str, weakref.ref[DirectoryLock]] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def _pid_running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True
+    return True
+
+
+def _describe(holder: dict[str, Any] | None) -> str:
+    if holder is None:
+        return "a writer that left an unreadable lock file"
+    since = holder.get("acquired")
+    when = (
+        time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
+        if isinstance(since, (int, float))
+        else "?"
+    )
+    return f"process {holder.get('pid', '?')} on {holder.get('host', '?')} (since {when})"
+
+
+def _parse(data: bytes) -> dict[str, Any] | None:
+    try:
+        holder = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None
+    return holder if isinstance(holder, dict) else None
+
+
+class DirectoryLock:
+    """The lock of one checkpoint directory, for one manager. Every method is blocking (the
+    manager runs them in worker threads)."""
+
+    def __init__(self, storage: Storage, root: str, *, lease_seconds: float = 60.0) -> None:
+        if not lease_seconds > 0:
+            raise ValueError("lease_seconds must be positive")
+        self.storage = storage
+        self.path = posixpath.join(root, LOCK_FILE)
+        self.url = storage.url(self.path)
+        self.lease_seconds = float(lease_seconds)
+        self.owner = secrets.token_hex(16)
+        self._local: LocalLock | None = None
+        self._version: str | None = None  # the lease's version as we last wrote it
+        self._renewed = 0.0  # time.monotonic() of the last successful renewal
+        self._lost: ConcurrentWriterError | None = None
+        self._guard = threading.Lock()  # renewals: the heartbeat and confirm()
+        self._stop = threading.Event()
+        self._heartbeat: threading.Thread | None = None
+        self._acquired = False
+
+    # -- taking it ---------------------------------------------------------------------------
+
+    def acquire(self) -> None:
+        """Take the lock, or raise ConcurrentWriterError naming its holder."""
+        with _HELD_GUARD:
+            other = _HELD.get(self.url)
+            if other is not None and other() is not None:
+                raise ConcurrentWriterError(
+                    "another CheckpointManager of this process has this directory open",
+                    path=self.url,
+                )
+            _HELD[self.url] = weakref.ref(self)
+        try:
+            self.storage.makedirs(posixpath.dirname(self.path))
+            if self.storage.is_local and LocalLock.available():
+                self._acquire_local()
+            else:
+                self._acquire_lease()
+        except BaseException:
+            self._forget()
+            raise
+        self._acquired = True
+
+    def _acquire_local(self) -> None:
+        try:
+            self._local = self.storage.lock_local(self.path)
+        except FileExistsError:
+            holder = None
+            try:
+                with open(self.path, "rb") as f:
+                    holder = _parse(f.read(_MAX_LOCK_BYTES))
+            except OSError:
+                pass
+            raise self._held_by(holder) from None
+        self._local.write(self._info())
+
+    def _info(self) -> bytes:
+        now = time.time()
+        return json.dumps(
+            {
+                "anyckpt": "directory lock",
+                "owner": self.owner,
+                "host": socket.gethostname(),
+                "machine": MACHINE,
+                "pid": os.getpid(),
+                "acquired": now,
+                "expires": now + self.lease_seconds,
+            }
+        ).encode()
+
+    def _held_by(self, holder: dict[str, Any] | None, how: str = "") -> ConcurrentWriterError:
+        return ConcurrentWriterError(
+            f"the directory is locked by {_describe(holder)}{how}: two managers writing one "
+            "directory would delete each other's checkpoints",
+            path=self.url,
+        )
+
+    def _gone(self, holder: dict[str, Any]) -> bool:
+        """Whether the holder is provably no longer running (same machine, dead process)."""
+        if holder.get("machine") != MACHINE or not isinstance(holder.get("pid"), int):
+            return False
+        if holder["pid"] == os.getpid():  # a manager of this process that never released it
+            with _HELD_GUARD:
+                return not any(
+                    (lock := ref()) is not None and lock.owner == holder.get("owner")
+                    for ref in _HELD.values()
+                )
+        return not _pid_running(holder["pid"])
+
+    def _acquire_lease(self) -> None:
+        for _ in range(100):  # only a lock that keeps vanishing and reappearing runs this out
+            try:
+                self._version = self.storage.create_exclusive(self.path, self._info())
+                break
+            except FileExistsError:
+                pass
+            try:
+                data, version = self.storage.read_versioned(self.path, max_size=_MAX_LOCK_BYTES)
+            except CheckpointNotFoundError:
+                continue  # released meanwhile
+            except CorruptCheckpointError:
+                raise self._held_by(None) from None
+            holder = _parse(data)
+            if holder is not None and self._gone(holder):
+                logger.warning("%s: taking over the lock of %s", self.url, _describe(holder))
+                self._take_over(holder, version)
+                break
+            expires = holder.get("expires") if holder is not None else None
+            if isinstance(expires, (int, float)) and expires > time.time():
+                raise self._held_by(holder)
+            if self._watch(holder, version):
+                break
+        else:
+            raise ConcurrentWriterError("the lock keeps changing hands", path=self.url)
+        self._renewed = time.monotonic()
+        self._start_heartbeat()
+
+    def _watch(self, holder: dict[str, Any] | None, version: str) -> bool:
+        """Watch a lease that looks expired for a whole term. Renewed meanwhile: its holder
+        is alive (ConcurrentWriterError). Unchanged: take it over (True). Gone: False."""
+        logger.warning(
+            "%s: the lock of %s looks expired; waiting %g s to be sure it is not renewed",
+            self.url,
+            _describe(holder),
+            self.lease_seconds,
+        )
+        start = time.monotonic()
+        while time.monotonic() - start < self.lease_seconds:
+            time.sleep(min(self.lease_seconds / 8, 1.0))
+            try:
+                _, now = self.storage.read_versioned(self.path, max_size=_MAX_LOCK_BYTES)
+            except CheckpointNotFoundError:
+                return False
+            if now != version:
+                raise self._held_by(holder, ", which renewed it")
+        self._take_over(holder, version)
+        return True
+
+    def _take_over(self, holder: dict[str, Any] | None, version: str) -> None:
+        try:
+            self._version = self.storage.replace_if(self.path, self._info(), version)
+        except ConcurrentWriterError:
+            raise self._held_by(holder, " or whoever took it over first") from None
+
+    # -- keeping it --------------------------------------------------------------------------
+
+    def _start_heartbeat(self) -> None:
+        ref = weakref.ref(self)
+        stop = self._stop
+        interval = self.lease_seconds / 4
+
+        def beat() -> None:
+            while not stop.wait(interval):
+                lock = ref()
+                if lock is None or lock._lost is not None:
+                    return
+                lock._beat()
+                del lock
+
+        self._heartbeat = threading.Thread(target=beat, name="anyckpt-lease", daemon=True)
+        self._heartbeat.start()
+
+    def _beat(self) -> None:
+        try:
+            self._renew()
+        except ConcurrentWriterError:
+            return  # recorded in _lost by _renew
+        except Exception as exc:
+            overdue = time.monotonic() - self._renewed
+            logger.warning("%s: renewing the lock failed (%r)", self.url, exc)
+            if overdue > self.lease_seconds * 0.75:
+                self._lost = ConcurrentWriterError(
+                    f"the lock could not be renewed for {overdue:.0f} s; another writer may "
+                    "have taken the directory over",
+                    path=self.url,
+                )
+
+    def _renew(self) -> None:
+        with self._guard:
+            if self._lost is not None:
+                raise self._lost
+            try:
+                self._version = self.storage.replace_if(self.path, self._info(), self._version)
+            except ConcurrentWriterError:
+                self._lost = ConcurrentWriterError(
+                    "another writer took the directory's lock over: this manager no longer "
+                    "owns the directory and commits nothing more",
+                    path=self.url,
+                )
+                raise self._lost from None
+            self._renewed = time.monotonic()
+
+    def check(self) -> None:
+        """Raise ConcurrentWriterError if the lock is known to be lost (no I/O)."""
+        if self._lost is not None:
+            raise self._lost
+        if not self._acquired:
+            raise ConcurrentWriterError("the directory lock is not held", path=self.url)
+
+    def confirm(self) -> None:
+        """Make sure the lock is still ours right now (before a commit).
+
+        Local disk: the lock file is still the one we hold. A lease: renewed less than half
+        a term ago, it cannot have been taken over (a contender takes over only a lease it saw
+        unchanged for a whole term, or whose holder's process is gone), so the heartbeat's
+        last renewal vouches for it; otherwise it is renewed now, against its last version."""
+        self.check()
+        if self._local is not None:
+            if not self._local.held():
+                self._lost = ConcurrentWriterError(
+                    "the lock file was removed or replaced by someone else", path=self.url
+                )
+                raise self._lost
+            return
+        if time.monotonic() - self._renewed < self.lease_seconds / 2:
+            return
+        self._renew()
+
+    # -- giving it back ----------------------------------------------------------------------
+
+    def release(self) -> None:
+        """Give the lock back (best effort: a lease left behind expires)."""
+        self._stop.set()
+        if self._heartbeat is not None and self._heartbeat is not threading.current_thread():
+            self._heartbeat.join()
+        try:
+            if self._local is not None:
+                self._local.release()
+            elif self._acquired and self._lost is None and self._version is not None:
+                with self._guard:
+                    self.storage.remove_if(self.path, self._version)
+        except (ConcurrentWriterError, CheckpointNotFoundError):
+            pass
+        except Exception as exc:
+            logger.warning(
+                "%s: releasing the lock failed (%r); it expires by itself", self.url, exc
+            )
+        finally:
+            self._acquired = False
+            self._forget()
+
+    def _forget(self) -> None:
+        with _HELD_GUARD:
+            ref = _HELD.get(self.url)
+            if ref is not None and ref() in (self, None):
+                del _HELD[self.url]
