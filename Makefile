@@ -49,3 +49,9 @@ demo: $(VENV)/.runtime
 
 clean:
 	rm -rf $(VENV) $(TF_VENV) .pytest_cache .mypy_cache .ruff_cache
+
+# The benchmark suite (docs/performance.md): anyckpt against dd, tofile/readinto/copy and its
+# peers, each measurement in a fresh process. Creates .venv-bench/ for torch, safetensors and
+# Orbax on first use. BENCH_ARGS="--scale 0.1 --runs 1" for a quick look.
+bench: $(VENV)/.installed $(TF_VENV)/.installed
+	$(PY) benchmarks/run.py $(BENCH_ARGS)

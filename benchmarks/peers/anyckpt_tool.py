@@ -1,0 +1,63 @@
+"""anyckpt itself (the project's .venv): save, load, partial load, and CheckpointManager.save."""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import anyio
+from _harness import Context, Tool, main
+from workloads import State
+
+import anyckpt
+
+
+def _prefix(ctx: Context) -> str:
+    return os.path.join(ctx.dir, "ckpt")
+
+
+def save(ctx: Context, state: State, durable: bool) -> None:
+    anyio.run(lambda: anyckpt.save(_prefix(ctx), state, durable=durable))
+
+
+def restore(ctx: Context) -> Mapping[str, Any]:
+    return anyio.run(anyckpt.load, _prefix(ctx))
+
+
+def restore_subset(ctx: Context) -> Mapping[str, Any]:
+    return anyio.run(anyckpt.load, _prefix(ctx), ctx.subset)
+
+
+def async_save(ctx: Context, state: State) -> dict[str, float]:
+    """The time ``await manager.save(...)`` blocks; the write then goes on in the background."""
+    out: dict[str, float] = {}
+
+    async def go() -> None:
+        async with anyckpt.CheckpointManager(ctx.dir, max_to_keep=None) as manager:
+            started = time.perf_counter()
+            pending = await manager.save(state, step=1)
+            out["seconds"] = time.perf_counter() - started
+            await pending
+            out["total_seconds"] = time.perf_counter() - started
+            if pending.event is not None:
+                out["capture_seconds"] = pending.event.capture_seconds
+                out["write_seconds"] = pending.event.write_seconds
+                out["commit_seconds"] = pending.event.commit_seconds
+
+    anyio.run(go)
+    return out
+
+
+TOOL = Tool(
+    "anyckpt",
+    save=save,
+    restore=restore,
+    restore_subset=restore_subset,
+    async_save=async_save,
+    notes="V2 bundle (TensorFlow's format), checksums verified on read",
+)
+
+if __name__ == "__main__":
+    main(TOOL)
