@@ -517,8 +517,9 @@ class V2Reader:
         url: str,
     ) -> list[tuple[str, BundleEntry, np.ndarray]]:
         """Local file: runs of small neighbouring tensors are read with one ``preadv`` each,
-        straight into their arrays; large tensors are read and checksummed by two threads
-        (this one and a helper), each reading whole tensors into their own arrays."""
+        straight into their arrays; large tensors are read in file order by this thread
+        while a helper thread checksums those already read (one sequential stream keeps the
+        kernel's readahead whole; two readers would interleave and halve a cold read)."""
         out: list[tuple[str, BundleEntry, np.ndarray]] = []
         big: list[tuple[str, BundleEntry]] = []
         small: list[tuple[str, BundleEntry]] = []
@@ -529,27 +530,17 @@ class V2Reader:
             else:
                 small.append(item)
         helper: ThreadPoolExecutor | None = None
-        stop = False
+        checks: list[tuple[str, BundleEntry, np.ndarray, Future[int] | None]] = []
         try:
             if big:
-                queue = iter(big)  # shared by both threads; next() on it is atomic under the GIL
-
-                def read_big(in_helper: bool) -> list[tuple[str, BundleEntry, np.ndarray]]:
-                    done = []
-                    for key, entry in queue:
-                        if stop:
-                            break
-                        if not in_helper:
-                            anyio.from_thread.check_cancelled()
-                        done.append(
-                            (key, entry, self._read_entry(reader, key, entry, None, 0, verify, url))
-                        )
-                    return done
-
-                helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-read")
-                theirs = helper.submit(read_big, True)
-                out.extend(read_big(False))
-                out.extend(theirs.result())
+                helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
+                for key, entry in big:
+                    anyio.from_thread.check_cancelled()
+                    array = np.empty(entry.shape, dtype=_dtypes(entry.dtype)[0])
+                    view = _byte_view(array)
+                    reader.read_into(entry.offset, view)
+                    crc = helper.submit(masked_crc32c, view) if verify else None
+                    checks.append((key, entry, array, crc))
             for run in _coalesce_small(small):
                 anyio.from_thread.check_cancelled()
                 if len(run) == 1:
@@ -567,8 +558,12 @@ class V2Reader:
                     out.append(
                         (key, entry, array if array.dtype == native else array.astype(native))
                     )
+            for key, entry, array, crc in checks:
+                if crc is not None and crc.result() != entry.crc32c:
+                    self._decode(key, entry, None, array, verify, url)  # raises
+                native = _dtypes(entry.dtype)[1]
+                out.append((key, entry, array if array.dtype == native else array.astype(native)))
         finally:
-            stop = True
             if helper is not None:
                 helper.shutdown(wait=True, cancel_futures=True)
         return out
