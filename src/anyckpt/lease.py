@@ -83,7 +83,7 @@ def _pid_running(pid: int) -> bool:
 
 def _describe(holder: dict[str, Any] | None) -> str:
     if holder is None:
-        return "a writer that left an unreadable lock file"
+        return "a writer whose lock file is empty or unreadable"
     since = holder.get("acquired")
     when = (
         time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(since))
@@ -156,7 +156,12 @@ class DirectoryLock:
             except OSError:
                 pass
             raise self._held_by(holder) from None
-        self._local.write(self._info())
+        try:
+            self._local.write(self._info())
+        except BaseException:
+            self._local.release()
+            self._local = None
+            raise
 
     def _info(self) -> bytes:
         now = time.time()

@@ -528,10 +528,14 @@ class CheckpointManager:
     async def _write_tracking(self, new_state: _Tracking) -> None:
         """Make ``new_state`` the manager's state, on disk first."""
         old_state, self._state = self._state, new_state
+        version = self._state_version
         try:
             await self._store_state()
         except BaseException:
-            self._state = old_state
+            # Failed before the state file was replaced: the old state stands. Failed after
+            # (syncing the directory): readers already see the new one, and so does the manager.
+            if self._state_version == version:
+                self._state = old_state
             raise
 
     async def _store_state(self) -> None:

@@ -358,7 +358,7 @@ class Storage:
         self._retrying(write, f"writing {self.url(path)}")
 
     def makedirs(self, path: str) -> None:
-        self.fs.makedirs(path, exist_ok=True)
+        self._retrying(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}")
 
     def sync_directory(self, path: str) -> None:
         """Make renames in a local directory durable (no-op on object stores)."""
@@ -858,13 +858,14 @@ class LocalLock:
             fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                current = self._is_current(fd)
             except BlockingIOError:
                 os.close(fd)
                 raise FileExistsError(errno.EEXIST, "locked by another writer", path) from None
             except BaseException:
-                os.close(fd)
+                os.close(fd)  # (drops the lock, if it was taken)
                 raise
-            if self._is_current(fd):
+            if current:
                 break
             os.close(fd)  # the holder removed it between our open and our lock
         self._fd: int | None = fd
