@@ -14,9 +14,11 @@ it reads or changes anything there, and a second one fails with
   term by a background thread with a conditional write against the version the holder last
   wrote (S3 ``If-Match``, GCS ``ifGenerationMatch``), and deleted on release. A lease whose
   holder is provably gone (same machine, process no longer running) is taken over at once.
-  Otherwise an expired-looking lease is watched for one whole term before it is taken over;
-  a holder that is alive renews it meanwhile, which is detected, so clock skew between hosts
-  never lets a live lease be broken.
+  Otherwise the contender watches it: a renewal (within a quarter term, if the holder is
+  alive) fails the contender with ConcurrentWriterError; a lease left unchanged for a whole
+  term belonged to a dead holder and is taken over (a conditional write against the version
+  watched, so of two contenders only one wins). Only versions and this process's monotonic
+  clock decide, so clock skew between hosts never breaks a live lease.
 
 The holder re-confirms its lock right before each state-file write (a conditional renewal on
 object stores); losing it fails the save with ConcurrentWriterError instead of committing.
@@ -214,9 +216,6 @@ class DirectoryLock:
                 logger.warning("%s: taking over the lock of %s", self.url, _describe(holder))
                 self._take_over(holder, version)
                 break
-            expires = holder.get("expires") if holder is not None else None
-            if isinstance(expires, (int, float)) and expires > time.time():
-                raise self._held_by(holder)
             if self._watch(holder, version):
                 break
         else:
@@ -225,12 +224,20 @@ class DirectoryLock:
         self._start_heartbeat()
 
     def _watch(self, holder: dict[str, Any] | None, version: str) -> bool:
-        """Watch a lease that looks expired for a whole term. Renewed meanwhile: its holder
-        is alive (ConcurrentWriterError). Unchanged: take it over (True). Gone: False."""
+        """Watch a lease held by someone who may be alive, for up to a whole term. Renewed
+        meanwhile (a live holder renews every quarter term): ConcurrentWriterError. Unchanged
+        for a whole term: its holder is gone, take it over (True). Released: False.
+
+        Clocks are not compared: only this process's monotonic clock and the lease's version
+        decide, so clock skew between hosts cannot break a live lease."""
+        expires = holder.get("expires") if holder is not None else None
         logger.warning(
-            "%s: the lock of %s looks expired; waiting %g s to be sure it is not renewed",
+            "%s: locked by %s (%s); watching it for up to %g s for a renewal",
             self.url,
             _describe(holder),
+            "lease expired by our clock"
+            if isinstance(expires, (int, float)) and expires < time.time()
+            else "lease current by our clock",
             self.lease_seconds,
         )
         start = time.monotonic()

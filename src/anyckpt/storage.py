@@ -394,7 +394,14 @@ class Storage:
             return _FsspecReader(self.fs, path, self.retry)
 
     def read_bytes(self, path: str, *, max_size: int | None = None) -> bytes:
-        """The whole file; refuse (CorruptCheckpointError) one larger than ``max_size``."""
+        """The whole file; refuse (CorruptCheckpointError) one larger than ``max_size``.
+
+        One version of it, even while it is being replaced: locally the open file is read;
+        remotely, in one request (a size, then a range, could straddle two versions)."""
+        if not self.is_local:
+            return self._retrying(
+                lambda: self._read_whole(path, max_size), f"reading {self.url(path)}"
+            )
         reader = self.open_reader(path)
         try:
             if max_size is not None and reader.size > max_size:
@@ -405,6 +412,22 @@ class Storage:
             return reader.read(0, reader.size)
         finally:
             reader.close()
+
+    def _read_whole(self, path: str, max_size: int | None) -> bytes:
+        def too_big(size: int) -> CorruptCheckpointError:
+            return CorruptCheckpointError(
+                f"file is {size} bytes, more than the {max_size} allowed", path=self.url(path)
+            )
+
+        with _not_found_as_ours(self.url(path)):
+            if max_size is not None:
+                size = int(self.fs.size(path))
+                if size > max_size:
+                    raise too_big(size)
+            data = bytes(self.fs.cat_file(path))
+        if max_size is not None and len(data) > max_size:
+            raise too_big(len(data))
+        return data
 
     def exists(self, path: str) -> bool:
         if self.is_local:

@@ -300,8 +300,9 @@ async def test_every_operation_of_opening_fails_in_turn(rig: Rig) -> None:
                 assert is_injected(outcome), outcome
             elif fired:  # retried, or the release of the lock at exit (best effort)
                 released = fired_at > opened
-                assert (ERRORS[error][1] and rig.retries) or released, target
                 assert target is not None
+                absorbed = target[0] in ABSORBED
+                assert (ERRORS[error][1] and rig.retries) or released or absorbed, target
                 assert not released or target[1].endswith(LOCK_FILE), target
             # Nothing committed was touched, and the lock was given back.
             async with rig.manager() as manager:

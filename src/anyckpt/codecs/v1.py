@@ -630,6 +630,8 @@ def check_handle(handle: BlockHandle, file_size: int, what: str) -> None:
 def check_block(raw: Buffer, offset: int, *, verify: bool = True) -> memoryview:
     """The contents of a block read with its 5-byte trailer, its checksum checked."""
     view = memoryview(raw).cast("B")
+    if len(view) < BLOCK_TRAILER_SIZE:
+        raise DecodeError(f"block at offset {offset}: {len(view)} bytes, shorter than its trailer")
     contents = view[: len(view) - BLOCK_TRAILER_SIZE]
     type_byte = view[len(contents)]
     if verify:

@@ -1,0 +1,443 @@
+"""Hostile and damaged input (issue 7, part 4), fuzzed with hypothesis.
+
+Whole checkpoints of every registered format (V2, V1, and the plugins' safetensors and zstd)
+are damaged at random (bytes flipped, overwritten, inserted, deleted; files truncated, extended
+or replaced) and read through the public API (open, keys, specs, read_many, partial reads).
+Every input must give the library's own error (a CheckpointError), quickly, without allocating
+far beyond the size of the files, and without a read outside a file (every ``preadv`` anyckpt
+issues on local disk is checked against the file's size).
+
+The parsers underneath are fuzzed directly on arbitrary bytes too (V1 metadata, slices, blocks
+and footers; the bundle header; the plugins' headers and footers): each raises only its own
+error type. (tests/test_codecs.py and tests/test_state_file.py do the same for the table, bundle
+entries, OrderedCode, varints and the state file.)
+
+State files naming paths outside the directory (``../``, absolute paths elsewhere, other URLs,
+drive letters, NUL) are refused by the manager and by every CLI command that reads a directory
+(``ls``, ``inspect``, ``verify``, ``prune``): nothing outside is opened, and nothing is deleted.
+
+The coverage-guided counterpart (atheris) lives in ``fuzz/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import tempfile
+import time
+import tracemalloc
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import anyio
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from reliability_common import record_figures, scaled
+
+import anyckpt
+import anyckpt.cli
+import anyckpt.storage
+from anyckpt import CheckpointError, CheckpointManager, CheckpointState, UnsafePathError
+from anyckpt.codecs import DecodeError
+from anyckpt.codecs.state_file import encode_state
+
+#: Budget per damaged checkpoint: time (s), and memory beyond the files' size.
+MAX_SECONDS = 5.0
+MAX_EXTRA_BYTES = 16 << 20
+EXAMPLES = scaled(40, 1500)
+
+_COUNTS: dict[str, int] = {}
+
+
+def _count(name: str) -> None:
+    _COUNTS[name] = _COUNTS.get(name, 0) + 1
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _report() -> Iterator[None]:
+    yield
+    if _COUNTS:
+        record_figures("hypothesis", dict(sorted(_COUNTS.items())))
+
+
+# -- seeds: one small checkpoint per format -------------------------------------------------
+
+
+def _tensors(strings: bool) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "a/kernel": np.arange(24, dtype=np.float32).reshape(4, 6),
+        "a/bias": np.arange(6, dtype=np.int64),
+        "b/scalar": np.array(3.5, dtype=np.float64),
+        "b/flags": np.array([True, False, True]),
+        "c/half": np.linspace(0, 1, 10, dtype=np.float16),
+    }
+    if strings:
+        out["c/names"] = np.array([b"alpha", b"", b"\x00\xff" * 3], dtype=object)
+    return out
+
+
+_SEEDS: dict[str, tuple[Path, dict[str, bytes]]] = {}
+_SEED_DIR = Path(tempfile.mkdtemp(prefix="anyckpt-hostile-seeds-"))
+
+
+def _seed(fmt: str) -> tuple[str, dict[str, bytes]]:
+    """The base name and file contents of a small checkpoint in format ``fmt``."""
+    if fmt not in _SEEDS:
+        directory = _SEED_DIR / fmt
+        directory.mkdir()
+        prefix = directory / "model"
+        options = {"num_shards": 2} if fmt == "v2" else None
+        try:
+            paths = anyckpt.sync.save(str(prefix), _tensors(True), format=fmt, options=options)
+        except CheckpointError:
+            paths = anyckpt.sync.save(str(prefix), _tensors(False), format=fmt)
+        _SEEDS[fmt] = (prefix, {Path(p).name: Path(p).read_bytes() for p in paths})
+    prefix, files = _SEEDS[fmt]
+    return prefix.name, files
+
+
+FORMATS = anyckpt.available_formats()
+
+
+# -- damage ----------------------------------------------------------------------------------
+
+
+@st.composite
+def _damage(draw: st.DrawFn, files: dict[str, bytes]) -> dict[str, bytes]:
+    """The files with one of them damaged by 1-4 edits (or replaced, or removed)."""
+    out = dict(files)
+    name = draw(st.sampled_from(sorted(files)))
+    data = bytearray(files[name])
+    kind = draw(st.sampled_from(["edits", "edits", "edits", "replace", "empty"]))
+    if kind == "replace":
+        data = bytearray(draw(st.binary(max_size=256)))
+    elif kind == "empty":
+        data = bytearray()
+    else:
+        for _ in range(draw(st.integers(1, 4))):
+            op = draw(st.sampled_from(["flip", "set", "insert", "delete", "truncate", "append"]))
+            at = draw(st.integers(0, max(len(data) - 1, 0)))
+            if op == "flip" and data:
+                data[at] ^= 1 << draw(st.integers(0, 7))
+            elif op == "set":
+                chunk = draw(st.binary(min_size=1, max_size=8))
+                data[at : at + len(chunk)] = chunk
+            elif op == "insert":
+                data[at:at] = draw(st.binary(min_size=1, max_size=16))
+            elif op == "delete":
+                del data[at : at + draw(st.integers(1, 16))]
+            elif op == "truncate":
+                del data[at:]
+            elif op == "append":
+                data += draw(st.binary(min_size=1, max_size=64))
+    out[name] = bytes(data)
+    return out
+
+
+class _BoundsCheckingOs:
+    """``os`` for anyckpt.storage: every preadv must lie inside its file."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.sizes: dict[int, int] = {}
+        self.reads = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def open(self, path: Any, flags: int, mode: int = 0o777, **kwargs: Any) -> int:
+        fd = int(self._real.open(path, flags, mode, **kwargs))
+        self.sizes[fd] = self._real.fstat(fd).st_size
+        return fd
+
+    def close(self, fd: int) -> None:
+        self.sizes.pop(fd, None)
+        self._real.close(fd)
+
+    def preadv(self, fd: int, buffers: Any, offset: int) -> int:
+        length = sum(memoryview(b).nbytes for b in buffers)
+        size = self.sizes.get(fd)
+        assert size is not None
+        assert offset >= 0, offset
+        assert offset + length <= size, (offset, length, size)
+        self.reads += 1
+        return int(self._real.preadv(fd, buffers, offset))
+
+
+@contextlib.contextmanager
+def _guarded() -> Iterator[_BoundsCheckingOs]:
+    checker = _BoundsCheckingOs(os)
+    real = anyckpt.storage.os
+    anyckpt.storage.os = checker  # type: ignore[assignment]
+    try:
+        yield checker
+    finally:
+        anyckpt.storage.os = real  # type: ignore[assignment]
+
+
+async def _read_everything(prefix: str) -> None:
+    async with anyckpt.open(prefix) as reader:
+        keys = reader.keys()
+        for key in keys:
+            spec = reader.spec(key)
+            assert spec.size >= 0
+        await reader.read_many()
+        for key in keys[:3]:
+            spec = reader.spec(key)
+            if len(spec.shape) >= 1 and spec.shape[0] > 1:
+                await reader.read(key, index=(slice(1, spec.shape[0]),))
+
+
+def _read_damaged(directory: Path, base: str, files: dict[str, bytes]) -> str:
+    """Write ``files`` into ``directory`` and read the checkpoint back under the guards;
+    return "ok" or the name of the CheckpointError it raised."""
+    for old in directory.iterdir():
+        old.unlink()
+    for name, data in files.items():
+        (directory / name).write_bytes(data)
+    size = sum(len(d) for d in files.values())
+    tracemalloc.start()
+    tracemalloc.reset_peak()
+    started = time.perf_counter()
+    outcome = "ok"
+    try:
+        with _guarded():
+            anyio.run(_read_everything, str(directory / base))
+    except CheckpointError as exc:
+        outcome = type(exc).__name__
+    finally:
+        elapsed = time.perf_counter() - started
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+    assert elapsed < MAX_SECONDS, elapsed
+    assert peak < 4 * size + MAX_EXTRA_BYTES, (peak, size)
+    return outcome
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_damaged_checkpoints_give_checkpoint_errors(fmt: str, tmp_path_factory: Any) -> None:
+    base, files = _seed(fmt)
+    directory = tmp_path_factory.mktemp(f"damaged-{fmt}")
+    assert _read_damaged(directory, base, files) == "ok"  # the seed itself reads
+    outcomes: dict[str, int] = {}
+
+    @settings(
+        max_examples=EXAMPLES,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(_damage(files))
+    def run(damaged: dict[str, bytes]) -> None:
+        outcome = _read_damaged(directory, base, damaged)
+        outcomes[outcome] = outcomes.get(outcome, 0) + 1
+        _count(f"damaged {fmt}")
+
+    run()
+    assert sum(v for k, v in outcomes.items() if k != "ok") > 0, outcomes
+
+
+# -- the parsers on arbitrary bytes ---------------------------------------------------------
+
+
+def _parsers() -> dict[str, tuple[Callable[[bytes], object], tuple[type[BaseException], ...]]]:
+    from anyckpt.codecs import bundle, v1
+
+    out: dict[str, tuple[Callable[[bytes], object], tuple[type[BaseException], ...]]] = {
+        "v1.decode_meta": (v1.decode_meta, (DecodeError,)),
+        "v1.decode_slice_entry": (lambda b: v1.decode_slice_entry(memoryview(b)), (DecodeError,)),
+        "v1.decode_slice_proto": (v1.decode_slice_proto, (DecodeError,)),
+        "v1.decode_footer": (v1.decode_footer, (DecodeError,)),
+        "v1.block_entries": (lambda b: v1.block_entries(memoryview(b)), (DecodeError,)),
+        "v1.check_block": (lambda b: v1.check_block(b, 0), (DecodeError,)),
+        "v1.decode_tensor_proto(float)": (
+            lambda b: v1.decode_tensor_proto(memoryview(b), 1, 4),
+            (DecodeError,),
+        ),
+        "v1.decode_tensor_proto(string)": (
+            lambda b: v1.decode_tensor_proto(memoryview(b), 7, 3),
+            (DecodeError,),
+        ),
+        "bundle.decode_header": (bundle.decode_header, (DecodeError,)),
+        "bundle.decode_string_tensor": (
+            lambda b: bundle.decode_string_tensor(b, 3, expected_crc=None),
+            (DecodeError,),
+        ),
+    }
+    with contextlib.suppress(ImportError):
+        from anyckpt_safetensors import codec as st_codec
+
+        out["safetensors.header_length"] = (
+            lambda b: st_codec.header_length(b[:8], len(b)),
+            (st_codec.HeaderError,),
+        )
+        out["safetensors.decode_header"] = (
+            lambda b: st_codec.decode_header(b, 1 << 20),
+            (st_codec.HeaderError,),
+        )
+    with contextlib.suppress(ImportError):
+        from anyckpt_zstd import codec as z_codec
+
+        out["zstd.decode_footer"] = (
+            lambda b: z_codec.decode_footer(b, 1 << 20),
+            (z_codec.ContainerError,),
+        )
+        out["zstd.decode_header"] = (
+            lambda b: z_codec.decode_header(b, 0, 1 << 20),
+            (z_codec.ContainerError,),
+        )
+        out["zstd.decode_strings"] = (
+            lambda b: z_codec.decode_strings(b, 3),
+            (z_codec.ContainerError,),
+        )
+    return out
+
+
+PARSERS = _parsers()
+
+
+@pytest.mark.parametrize("name", sorted(PARSERS))
+def test_parsers_on_arbitrary_bytes_raise_only_their_own_error(name: str) -> None:
+    parse, allowed = PARSERS[name]
+
+    @settings(max_examples=scaled(150, 5000), deadline=None)
+    @given(st.binary(max_size=512))
+    def run(data: bytes) -> None:
+        started = time.perf_counter()
+        with contextlib.suppress(*allowed):
+            parse(data)
+        assert time.perf_counter() - started < 1.0
+        _count("parser inputs")
+
+    run()
+
+
+# -- state files naming paths outside the directory -----------------------------------------
+
+HOSTILE_PATHS = st.one_of(
+    st.sampled_from(
+        [
+            "../ckpt-1",
+            "../../etc/passwd",
+            "/etc/passwd",
+            "{outside}/ckpt-1",
+            "{outside}/../ckpts/ckpt-1",
+            "s3://bucket/ckpt-1",
+            "file:///etc/passwd",
+            "memory://x/ckpt-1",
+            "C:\\ckpt-1",
+            "sub/ckpt-1",
+            "..",
+            ".",
+            "ckpt-1\x00",
+            "ckpt-1\\..\\..\\x",
+            "{directory}/../outside/ckpt-1",
+            "{directory}//ckpt-1/..",
+        ]
+    ),
+    st.builds(
+        lambda prefix, name: prefix + name,
+        st.sampled_from(["../", "/", "//", "~/", "./../", "\\\\server\\share\\", "gs://b/"]),
+        st.from_regex(r"[a-z0-9._-]{1,12}", fullmatch=True),
+    ),
+)
+
+
+class _Recorder:
+    """``os`` for anyckpt.storage, recording every path it is asked to touch."""
+
+    def __init__(self, real: Any) -> None:
+        self._real = real
+        self.paths: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._real, name)
+        if name in {"open", "unlink", "remove", "listdir", "replace", "rename", "link", "stat"}:
+
+            def record(*args: Any, **kwargs: Any) -> Any:
+                self.paths.extend(str(a) for a in args if isinstance(a, (str, Path)))
+                return attr(*args, **kwargs)
+
+            return record
+        return attr
+
+
+def _snapshot(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+    }
+
+
+_CLI = [
+    ["ls", "{directory}"],
+    ["ls", "--json", "{directory}"],
+    ["inspect", "{directory}"],
+    ["verify", "{directory}"],
+    ["prune", "--max-to-keep", "1", "{directory}"],
+]
+
+
+def test_state_files_naming_outside_paths_are_refused_by_manager_and_cli() -> None:
+    root = Path(tempfile.mkdtemp(prefix="anyckpt-hostile-state-"))
+    try:
+        directory, outside = root / "run" / "ckpts", root / "run" / "outside"
+        for d, step in ((directory, 1), (directory, 2), (outside, 1)):
+            anyckpt.sync.save(str(d / f"ckpt-{step}"), {"x": np.arange(step + 1)})
+        (outside / "sentinel.txt").write_text("do not touch")
+        (directory / "ckpt-9.data-00000-of-00001").write_bytes(b"orphan debris")
+        seen: dict[str, int] = {}
+
+        @settings(max_examples=scaled(25, 400), deadline=None)
+        @given(HOSTILE_PATHS, st.sampled_from(["tracked", "latest", "both"]))
+        def run(raw: str, where: str) -> None:
+            path = raw.format(outside=outside, directory=directory)
+            tracked = (path, "ckpt-2") if where != "latest" else ("ckpt-1", "ckpt-2")
+            latest = path if where != "tracked" else "ckpt-2"
+            state = CheckpointState(latest, tracked, (100.0, 200.0), 50.0)
+            try:
+                data = encode_state(state)
+            except ValueError:
+                return  # not even encodable (lone surrogates): nobody can write it
+            (directory / "checkpoint").write_bytes(data)
+            before = _snapshot(root)
+            recorder = _Recorder(os)
+            real = anyckpt.storage.os
+            anyckpt.storage.os = recorder  # type: ignore[assignment]
+            try:
+                with pytest.raises(UnsafePathError):
+                    anyio.run(_open_and_save, str(directory))
+                for argv in _CLI:
+                    args = [a.format(directory=directory) for a in argv]
+                    with (
+                        contextlib.redirect_stdout(io.StringIO()) as out,
+                        contextlib.redirect_stderr(io.StringIO()) as err,
+                    ):
+                        code = anyckpt.cli.main(args)
+                    text = out.getvalue() + err.getvalue()
+                    if argv[0] == "prune":
+                        assert code != 0, text  # refused
+                    assert "internal error" not in text, text
+                    seen[argv[0]] = seen.get(argv[0], 0) + 1
+            finally:
+                anyckpt.storage.os = real  # type: ignore[assignment]
+            assert _snapshot(root) == before  # nothing deleted or changed anywhere
+            for touched in recorder.paths:
+                resolved = os.path.realpath(touched)
+                assert resolved.startswith(str(directory.resolve())) or resolved == str(
+                    directory.parent.resolve()
+                ), (raw, touched)
+            _count("hostile state files")
+
+        run()
+        assert seen.get("prune")
+    finally:
+        shutil.rmtree(root)
+
+
+async def _open_and_save(directory: str) -> None:
+    async with CheckpointManager(directory, max_to_keep=1) as manager:
+        await (await manager.save({"x": np.zeros(1)}))
