@@ -91,6 +91,25 @@ def _dtypes(enum: int) -> tuple[np.dtype, np.dtype]:
         return pair
 
 
+#: Transparent huge page size (x86-64, arm64 with 4 KiB pages).
+_HUGE_PAGE = 2 << 20
+
+
+def _empty_large(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+    """``np.empty(shape, dtype)`` for a large tensor about to be read, placed on a 2 MiB
+    boundary inside its buffer when that wastes (almost) nothing: NumPy asks the kernel for
+    transparent huge pages on large allocations, and only whole aligned 2 MiB ranges get
+    them, so an aligned array takes ~500x fewer page faults while it is filled (a 16 MiB
+    array otherwise gets 7 of its 8 ranges). The array is a view of its own buffer."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    waste = -nbytes % _HUGE_PAGE  # the tail of the last huge page, resident but unused
+    if waste * 1024 > nbytes:
+        return np.empty(shape, dtype=dtype)
+    raw = np.empty(nbytes + _HUGE_PAGE, dtype=np.uint8)
+    start = -raw.ctypes.data % _HUGE_PAGE
+    return raw[start : start + nbytes].view(dtype).reshape(shape)
+
+
 #: Numeric tensors below this size are gathered and written (or read) together, up to
 #: IOV_MAX of them per writev/preadv call, straight from (into) their own buffers.
 GATHER_BELOW = 256 << 10
@@ -536,7 +555,7 @@ class V2Reader:
                 helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
                 for key, entry in big:
                     anyio.from_thread.check_cancelled()
-                    array = np.empty(entry.shape, dtype=_dtypes(entry.dtype)[0])
+                    array = _empty_large(entry.shape, _dtypes(entry.dtype)[0])
                     view = _byte_view(array)
                     reader.read_into(entry.offset, view)
                     crc = helper.submit(masked_crc32c, view) if verify else None
