@@ -15,7 +15,7 @@ $(VENV)/.runtime: pyproject.toml Makefile
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.runtime plugins/anyckpt-zstd/pyproject.toml plugins/anyckpt-safetensors/pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test,docs]'
+	$(PY) -m pip install --quiet -e '.[test,docs,dist]'
 	$(PY) -m pip install --quiet -e plugins/anyckpt-zstd -e 'plugins/anyckpt-safetensors[test]'
 	touch $@
 

@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.abc
@@ -50,7 +50,7 @@ from .errors import (
     CorruptCheckpointError,
 )
 from .formats import detect_format, get_format
-from .formats.base import CheckpointFormat
+from .formats.base import CheckpointFormat, Index
 from .lease import DirectoryLock
 from .meta import saver_version
 from .retention import (
@@ -63,6 +63,9 @@ from .retention import (
 )
 from .storage import TEMP_MARKER, Storage
 from .tensors import prepare
+
+if TYPE_CHECKING:
+    from .distributed import Coordinator
 
 STATE_FILE = "checkpoint"
 
@@ -155,6 +158,9 @@ class CheckpointManager:
             taking it over. See docs/reliability.md.
         write_meta_graph: also write TensorFlow's ``PREFIX.meta`` (a MetaGraphDef whose
             SaverDef is this configuration) with every checkpoint; see docs/meta-graph.md.
+        coordinator: save from several processes (:mod:`anyckpt.distributed`): every rank
+            writes its own shards, rank 0 merges the index, commits and applies retention;
+            see docs/distributed.md. Every rank makes the same calls in the same order.
     """
 
     def __init__(
@@ -174,6 +180,7 @@ class CheckpointManager:
         format_options: Mapping[str, Any] | None = None,
         lease_seconds: float = 60.0,
         write_meta_graph: bool = False,
+        coordinator: Coordinator | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -194,6 +201,11 @@ class CheckpointManager:
         if write_meta_graph:
             saver_version(self.format)  # only formats TensorFlow's Saver writes get a .meta
         self.write_meta_graph = write_meta_graph
+        self.coordinator = coordinator
+        if coordinator is not None:
+            from .distributed.save import check_manager
+
+            check_manager(self)
         self.storage, self._root = Storage.from_url(self.directory, storage_options)
         if not lease_seconds > 0:
             raise ValueError("lease_seconds must be positive")
@@ -217,19 +229,29 @@ class CheckpointManager:
         if self._entered:
             raise RuntimeError("a CheckpointManager can be entered once")
         self._entered = True
-        # The lock first: reading the state and cleaning debris must not race another writer.
-        lock = DirectoryLock(self.storage, self._root, lease_seconds=self.lease_seconds)
-        await anyio.to_thread.run_sync(lock.acquire)
-        self._lock = lock
         try:
-            await self._load_state()
-            await self._clean_debris()
+            if self.coordinator is None:
+                await self._open_directory()
+            else:
+                from .distributed.save import enter
+
+                await enter(self, self.coordinator, self._open_directory)
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
         except BaseException:
             await self._release_lock()
             raise
         return self
+
+    async def _open_directory(self) -> None:
+        """Read the state file and remove what interrupted saves left (with a coordinator:
+        on rank 0, the others adopt its view)."""
+        # The lock first: reading the state and cleaning debris must not race another writer.
+        lock = DirectoryLock(self.storage, self._root, lease_seconds=self.lease_seconds)
+        await anyio.to_thread.run_sync(lock.acquire)
+        self._lock = lock
+        await self._load_state()
+        await self._clean_debris()
 
     async def _release_lock(self) -> None:
         lock, self._lock = self._lock, None
@@ -399,6 +421,10 @@ class CheckpointManager:
         """
         if self._task_group is None:
             raise RuntimeError("use the manager inside 'async with'")
+        if self.coordinator is not None:
+            from .distributed.save import save
+
+            return await save(self, self.coordinator, state, step, copy)
         self._raise_unobserved()
         if self._lock is not None:
             self._lock.check()  # the directory was taken over: say so now, not after the write
@@ -606,6 +632,10 @@ class CheckpointManager:
         Returns the prefixes deleted and preserved. ``anyckpt prune`` runs this."""
         if self._task_group is None:
             raise RuntimeError("use the manager inside 'async with'")
+        if self.coordinator is not None:
+            from .distributed.save import sweep
+
+            return await sweep(self, self.coordinator)
         async with self._commit_lock:
             state = self._state
             decision = apply_retention(state.tracked, state.last_preserved, self.policy)
@@ -622,10 +652,19 @@ class CheckpointManager:
     # -- restoring ---------------------------------------------------------------------------
 
     async def restore(
-        self, step: int | None = None, keys: Sequence[str] | None = None, *, verify: bool = True
+        self,
+        step: int | None = None,
+        keys: Sequence[str] | Mapping[str, Index] | None = None,
+        *,
+        verify: bool = True,
     ) -> dict[str, np.ndarray]:
         """Read the latest checkpoint (or the one of ``step``): a flat mapping of names to
         arrays (nested state comes back under its flattened ``a/b/c`` names).
+
+        ``keys`` names the tensors to read (all when None). A mapping ``{name: index}`` reads
+        only part of each (``index`` as for :meth:`CheckpointReader.read`, over the leading
+        axes; None for all of it): only those bytes are read, as each rank of a distributed
+        job restores its own share (docs/distributed.md).
 
         Saves still in flight are waited for first (and their errors raised), so a restore
         right after ``save()`` sees that save, as with TensorFlow's synchronous Saver."""
@@ -642,7 +681,17 @@ class CheckpointManager:
         fmt = await detect_format(self.storage, prefix)
         reader = await fmt.open(self.storage, prefix)
         try:
-            return await reader.read_many(keys, verify=verify)
+            if not isinstance(keys, Mapping):
+                return await reader.read_many(keys, verify=verify)
+            out: dict[str, np.ndarray] = {}
+
+            async def read(key: str, index: Index) -> None:
+                out[key] = await reader.read(key, index, verify=verify)
+
+            async with anyio.create_task_group() as tg:
+                for key, index in keys.items():
+                    tg.start_soon(read, key, index)
+            return {key: out[key] for key in keys}
         finally:
             await reader.aclose()
 

@@ -196,8 +196,14 @@ class CheckpointManager:
         self._call(self._manager.wait)
 
     def restore(
-        self, step: int | None = None, keys: Sequence[str] | None = None, *, verify: bool = True
+        self,
+        step: int | None = None,
+        keys: Sequence[str] | Mapping[str, Index] | None = None,
+        *,
+        verify: bool = True,
     ) -> dict[str, np.ndarray]:
+        """Blocking :meth:`anyckpt.CheckpointManager.restore` (``keys`` may map names to
+        the part of each to read)."""
         return dict(self._call(self._manager.restore, step, keys, verify=verify))
 
 

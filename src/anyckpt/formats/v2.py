@@ -724,9 +724,31 @@ class V2Reader:
                 covered += math.prod(b - a for a, b in inter)
         if covered != math.prod(out_shape):
             raise self._corrupt(f"the slices of {key!r} do not cover it exactly")
+        # A slice only part of which is wanted: only that part's bytes are read (unverified,
+        # as any ranged read), e.g. a rank restoring its share after a change of world size.
+        partial: list[tuple[BundleEntry, list[tuple[int, int]], tuple[slice, ...]]] = []
+        if box is not None and entry.dtype != DT_STRING:
+            for item in list(needed):
+                _, slice_entry, part = item
+                pbox = part.box(full)
+                inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(pbox, want, strict=True)]
+                if inter == list(pbox) or math.prod(b - a for a, b in inter) == 0:
+                    continue
+                if slice_entry.shape != tuple(b - a for a, b in pbox):
+                    raise self._corrupt(f"slice {part.extents} of {key!r} has the wrong shape")
+                rel = [(a - p, b - p) for (a, b), (p, _) in zip(inter, pbox, strict=True)]
+                dst = tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want, strict=True))
+                partial.append((slice_entry, rel, dst))
+                needed.remove(item)
         parts = await self._read_entries([(k, e) for k, e, _ in needed], verify)
+        pieces: list[tuple[tuple[slice, ...], np.ndarray]] = []
+        for slice_entry, rel, dst in partial:
+            piece = await anyio.to_thread.run_sync(self._read_box, key, slice_entry, rel)
+            pieces.append((dst, piece))
         # Allocated only now that the slices proved to be in their files.
         out = np.empty(out_shape, dtype=dtype)
+        for dst, piece in pieces:
+            out[dst] = piece
         by_entry = {id(e): arr for _, e, arr in parts}
         for _, slice_entry, part in needed:
             array = by_entry[id(slice_entry)]

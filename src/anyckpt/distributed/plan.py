@@ -1,0 +1,202 @@
+"""Who writes what in a multi-process save (pure: no I/O, no communication).
+
+Every rank sends every rank its manifest (the names, dtypes, shapes and pieces it holds, never
+the bytes), and every rank computes the same plan from the same manifests:
+
+* a tensor (or piece of a sharded tensor) held by several ranks is a replica and is written
+  by one of them: those held by one rank are assigned first, then replicas from the largest
+  down, each to the holder with the fewest bytes so far (ties: the lowest rank), as
+  ``torch.distributed.checkpoint`` deduplicates;
+* each rank's share is cut into data files by the sharding options (one file by default,
+  ``num_shards`` per rank, or ``max_shard_bytes``); the files are numbered rank by rank, so
+  every rank knows the names of its files (``PREFIX.data-SSSSS-of-NNNNN``) before writing;
+* the pieces of a sharded tensor must tile it exactly; they are stored as TensorFlow stores a
+  partitioned variable: a full-name entry listing the slices, plus one entry per slice.
+
+Inconsistent manifests (a name with two dtypes or shapes, pieces that overlap or leave gaps)
+raise :class:`PlanError`, on every rank alike.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, NoReturn
+
+from ..codecs.bundle import BundleEntry
+from ..codecs.ordered_code import encode_tensor_name_slice
+from ..errors import CheckpointError
+from ..formats.sharded import ShardOptions, plan_shards
+from ..partitioned import check_tiling
+from ..tensors import key_from_bytes
+
+Extents = tuple[tuple[int, int], ...]
+
+
+class PlanError(CheckpointError):
+    """The ranks' states do not fit together into one checkpoint."""
+
+
+@dataclass(frozen=True, order=True)
+class Item:
+    """One thing a rank holds: a whole tensor (``extents`` None) or a piece of one."""
+
+    key: bytes  # the tensor's stored name
+    extents: Extents | None
+    dtype: int  # TensorFlow DataType enum
+    shape: tuple[int, ...]  # the whole tensor's shape
+    nbytes: int
+
+    @property
+    def unit(self) -> tuple[bytes, Extents | None]:
+        return (self.key, self.extents)
+
+    @property
+    def data_key(self) -> bytes:
+        """The key of its index entry (and its order in a data file)."""
+        if self.extents is None:
+            return self.key
+        return encode_tensor_name_slice(self.key, self.extents)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What one rank brings to a save. ``error`` is set when the rank failed before writing
+    (its state could not be prepared): then nobody writes anything."""
+
+    name: str
+    items: tuple[Item, ...] = ()
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Plan:
+    num_shards: int
+    #: Per rank: the items of each of its data files, in data-key order.
+    shards: tuple[tuple[tuple[Item, ...], ...], ...]
+    #: Per rank: the number of its first data file.
+    first_shard: tuple[int, ...]
+    #: Full-name entries of sliced tensors (no data), by stored name.
+    holders: Mapping[bytes, BundleEntry] = field(default_factory=dict)
+
+    def files_of(self, rank: int) -> list[tuple[int, tuple[Item, ...]]]:
+        """(shard number, items) of the data files ``rank`` writes."""
+        first = self.first_shard[rank]
+        return [(first + i, items) for i, items in enumerate(self.shards[rank])]
+
+    def data_keys(self) -> set[bytes]:
+        return {item.data_key for per_rank in self.shards for f in per_rank for item in f}
+
+
+#: The sharding options that make sense per rank.
+RANK_SHARD_OPTIONS = frozenset({"num_shards", "max_shard_bytes"})
+
+
+def shard_options(options: Mapping[str, Any] | None) -> ShardOptions:
+    """Validated per-rank sharding options (``num_shards``, ``max_shard_bytes``)."""
+    options = dict(options or {})
+    unknown = {k for k in options if options[k] is not None} - RANK_SHARD_OPTIONS
+    if unknown:
+        raise ValueError(
+            f"a distributed save shards each rank's share by num_shards or max_shard_bytes; "
+            f"{', '.join(sorted(unknown))} is not supported"
+        )
+    opts = ShardOptions.from_options(options)
+    if opts.num_shards is not None and opts.max_shard_bytes is not None:
+        raise ValueError("num_shards and max_shard_bytes cannot be combined")
+    return opts
+
+
+def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None) -> Plan:
+    """The plan every rank computes from every rank's manifest (index = rank)."""
+    options = options or ShardOptions()
+    world = len(manifests)
+    if world < 1:
+        raise ValueError("no manifests")
+    holders_of: dict[tuple[bytes, Extents | None], list[int]] = defaultdict(list)
+    first_seen: dict[tuple[bytes, Extents | None], Item] = {}
+    by_key: dict[bytes, list[Item]] = defaultdict(list)
+    for rank, manifest in enumerate(manifests):
+        for item in manifest.items:
+            unit = item.unit
+            if rank in holders_of[unit]:
+                raise PlanError(f"rank {rank} holds {_name(item)} twice")
+            holders_of[unit].append(rank)
+            if unit not in first_seen:
+                first_seen[unit] = item
+                by_key[item.key].append(item)
+            elif (item.dtype, item.shape) != (first_seen[unit].dtype, first_seen[unit].shape):
+                _mismatch(item, first_seen[unit], rank, holders_of[unit][0])
+
+    holders: dict[bytes, BundleEntry] = {}
+    for key, items in by_key.items():
+        first = items[0]
+        for item in items[1:]:
+            if (item.dtype, item.shape) != (first.dtype, first.shape):
+                _mismatch(item, first, _rank_of(holders_of, item), _rank_of(holders_of, first))
+            if (item.extents is None) != (first.extents is None):
+                raise PlanError(
+                    f"tensor {key_from_bytes(key)!r} is whole on some ranks and sharded on others"
+                )
+        if first.extents is not None:
+            extents = sorted(item.extents for item in items if item.extents is not None)
+            try:
+                check_tiling(first.shape, extents)
+            except ValueError as exc:
+                raise PlanError(
+                    f"the pieces of {key_from_bytes(key)!r} do not tile its shape "
+                    f"{first.shape}: {exc}"
+                ) from None
+            holders[key] = BundleEntry(first.dtype, first.shape, slices=tuple(extents))
+
+    # Who writes each unit: forced ones first, then replicas, largest first, least loaded.
+    loads = [0] * world
+    owned: list[list[Item]] = [[] for _ in range(world)]
+    units = sorted(first_seen, key=lambda u: (-first_seen[u].nbytes, u[0], u[1] or ()))
+    for unit in units:
+        if len(holders_of[unit]) == 1:
+            rank = holders_of[unit][0]
+            owned[rank].append(first_seen[unit])
+            loads[rank] += first_seen[unit].nbytes
+    for unit in units:
+        candidates = holders_of[unit]
+        if len(candidates) > 1:
+            rank = min(candidates, key=lambda r: (loads[r], r))
+            owned[rank].append(first_seen[unit])
+            loads[rank] += first_seen[unit].nbytes
+
+    shards: list[tuple[tuple[Item, ...], ...]] = []
+    for items in owned:
+        if not items:
+            shards.append(())
+            continue
+        ordered = sorted(items, key=lambda item: item.data_key)
+        labels = {key_from_bytes(item.data_key): item for item in ordered}
+        sizes = [(label, item.nbytes) for label, item in labels.items()]
+        planned = plan_shards(sizes, options)
+        shards.append(tuple(tuple(labels[label] for label in group) for group in planned if group))
+    if not any(shards):  # an empty checkpoint still has one (empty) data file
+        shards[0] = ((),)
+    first_shard: list[int] = []
+    total = 0
+    for per_rank in shards:
+        first_shard.append(total)
+        total += len(per_rank)
+    return Plan(total, tuple(shards), tuple(first_shard), holders)
+
+
+def _name(item: Item) -> str:
+    name = repr(key_from_bytes(item.key))
+    return name if item.extents is None else f"the piece {item.extents} of {name}"
+
+
+def _rank_of(holders_of: Mapping[tuple[bytes, Extents | None], list[int]], item: Item) -> int:
+    return holders_of[item.unit][0]
+
+
+def _mismatch(item: Item, other: Item, rank: int, other_rank: int) -> NoReturn:
+    raise PlanError(
+        f"{_name(item)} differs between ranks: rank {other_rank} has dtype enum {other.dtype} "
+        f"and shape {other.shape}, rank {rank} dtype enum {item.dtype} and shape {item.shape}"
+    )

@@ -1,0 +1,555 @@
+"""The manager's multi-process paths (``CheckpointManager(..., coordinator=...)``).
+
+A save, on every rank, in save order (all collectives of one save happen after those of the
+save before, so every rank makes the same collectives in the same order):
+
+1. ``all_gather`` the manifests (names, dtypes, shapes, pieces; or the error that kept the
+   rank from preparing its state). Every rank computes the same :func:`~.plan.make_plan`, or
+   the same error, and then stops, having written nothing.
+2. Every rank writes its share as its own data files, concurrently, to the shared storage.
+3. ``gather`` on the primary (rank 0): each rank's index entries, or its error.
+4. The primary, if every rank succeeded: writes the merged ``PREFIX.index`` (TensorFlow's
+   ``MergeBundles``), the commit marker; then the state file (the commit); then applies
+   retention. Otherwise it removes what was written and commits nothing.
+5. ``broadcast`` of the outcome: the new tracked state, or which rank failed and why. Every
+   rank's ``PendingSave`` resolves with it: success everywhere, or an error everywhere.
+
+A rank that dies makes its peers' next collective fail at once (the connection closes); a
+rank that hangs makes it time out. Either way the save fails on every surviving rank and is
+not committed, unless the primary had already committed it (a failure of step 5 only): a
+rank that misses the outcome reads the state file, which tells.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import time
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import anyio
+import anyio.to_thread
+import numpy as np
+
+from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
+from ..codecs.dtypes import enum_from_dtype
+from ..codecs.table import TableBuilder
+from ..errors import CheckpointError, ConcurrentWriterError
+from ..formats.sharded import tensor_nbytes
+from ..formats.v2 import _thread_cancel_check, _write_shard, data_path, index_path
+from ..partitioned import Partitioned, partitions_of
+from ..tensors import as_tensor, flatten, key_to_bytes
+from .base import CoordinationError, Coordinator
+from .plan import Extents, Item, Manifest, Plan, PlanError, make_plan, shard_options
+from .sharded import Sharded
+
+if TYPE_CHECKING:
+    from ..manager import CheckpointManager, PendingSave, _Tracking
+
+T = TypeVar("T")
+
+#: What a rank's prepared state holds, by unit (name, extents or None).
+Arrays = dict[tuple[bytes, "Extents | None"], np.ndarray]
+
+
+@dataclass(frozen=True)
+class _Hello:
+    directory: str
+    checkpoint_name: str
+    format: str
+
+
+@dataclass(frozen=True)
+class _Start:
+    state: _Tracking | None
+    last_step: int | None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Report:
+    entries: dict[bytes, BundleEntry] | None
+    nbytes: int = 0
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class _Outcome:
+    state: _Tracking | None
+    deleted: tuple[str, ...] = ()
+    preserved: tuple[str, ...] = ()
+    error: str | None = None
+
+
+def check_manager(manager: CheckpointManager) -> None:
+    """Refuse the options a multi-process save does not support (at construction)."""
+    if manager.format.name != "v2":
+        raise ValueError(f"a distributed save writes the V2 format, not {manager.format.name!r}")
+    if manager.write_meta_graph:
+        raise ValueError("write_meta_graph is not supported with a coordinator")
+    shard_options(manager.format_options)
+
+
+async def _call(function: Callable[..., T], *args: Any) -> T:
+    """A blocking collective, in a worker thread. Not abandoned on cancellation: the group must
+    stay in step, so a cancelled save waits for the collective (bounded by its timeout)."""
+    return await anyio.to_thread.run_sync(function, *args)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+# -- opening ---------------------------------------------------------------------------------
+
+
+async def enter(
+    manager: CheckpointManager,
+    coordinator: Coordinator,
+    open_directory: Callable[[], Awaitable[None]],
+) -> None:
+    """Every rank checks it opens the same directory; the primary opens it (reads the state
+    file, removes what interrupted saves left); every rank adopts the primary's view."""
+    hello = _Hello(manager.directory, manager.checkpoint_name, manager.format.name)
+    hellos: list[_Hello] = await _call(coordinator.all_gather, hello)
+    for rank, other in enumerate(hellos):
+        if other != hellos[0]:
+            raise ValueError(
+                f"every rank must open the same checkpoints: rank 0 has {hellos[0]}, "
+                f"rank {rank} has {other}"
+            )
+    if coordinator.rank == 0:
+        failure: Exception | None = None
+        try:
+            await open_directory()
+        except Exception as exc:
+            failure = exc
+        start = _Start(
+            None if failure else manager._state,
+            manager._last_step,
+            _describe(failure) if failure else None,
+        )
+        await _call(coordinator.broadcast, start, 0)
+        if failure is not None:
+            raise failure
+        return
+    start = await _call(coordinator.broadcast, None, 0)
+    if start.error is not None or start.state is None:
+        raise CheckpointError(
+            f"rank 0 could not open the checkpoints: {start.error}", path=manager.directory
+        )
+    manager._state = start.state
+    manager._last_step = manager._last_saved_step = start.last_step
+
+
+# -- saving ----------------------------------------------------------------------------------
+
+
+def prepare_state(state: Mapping[Any, Any]) -> tuple[tuple[Item, ...], Arrays]:
+    """Flatten and normalise one rank's state: what it holds (whole tensors and pieces) and
+    the arrays of each."""
+    arrays: Arrays = {}
+    items: list[Item] = []
+
+    def hold(raw: bytes, extents: Extents | None, shape: tuple[int, ...], array: Any) -> None:
+        arrays[(raw, extents)] = array
+        items.append(Item(raw, extents, enum_from_dtype(array.dtype), shape, tensor_nbytes(array)))
+
+    for name, value in flatten(state).items():
+        raw = key_to_bytes(name)
+        if isinstance(value, Sharded):
+            if 0 in value.global_shape:  # nothing to split: an empty tensor, whole
+                hold(raw, None, value.global_shape, np.empty(value.global_shape, value.dtype))
+            elif value.size:  # an empty piece (nothing of an uneven split) holds nothing
+                hold(raw, value.extents, value.global_shape, value.local)
+            continue
+        array = as_tensor(value)
+        if partitions_of(array):  # a Partitioned (full value): a rank holding every piece
+            assert isinstance(array, Partitioned)
+            for extents, piece in array.pieces():
+                hold(raw, extents, tuple(array.shape), piece)
+        else:
+            hold(raw, None, tuple(array.shape), array)
+    return tuple(sorted(items)), arrays
+
+
+async def _capture(arrays: Arrays) -> Arrays:
+    """Copy every array once (the manager's capture: C order, over worker threads)."""
+    from ..manager import capture
+
+    labels = {f"{i}": unit for i, unit in enumerate(arrays)}
+    copied = await capture({label: arrays[unit] for label, unit in labels.items()})
+    return {unit: copied[label] for label, unit in labels.items()}
+
+
+async def save(
+    manager: CheckpointManager,
+    coordinator: Coordinator,
+    state: Mapping[Any, Any],
+    step: int | None,
+    copy: bool,
+) -> PendingSave:
+    """``CheckpointManager.save`` with a coordinator. A rank that fails here still takes part
+    in the save's collectives (as a failed rank), so its peers fail at once too."""
+    from ..manager import PendingSave
+
+    task_group = manager._task_group
+    if task_group is None:
+        raise RuntimeError("use the manager inside 'async with'")
+    failure: Exception | None = None
+    try:
+        manager._raise_unobserved()
+        lock = getattr(manager, "_lock", None)  # the directory's lock, on the primary
+        if lock is not None:
+            lock.check()  # taken over: say so now, not after the write
+    except Exception as exc:
+        failure = exc
+    last = manager._last_step
+    step = int(1 if last is None else last + 1) if step is None else int(step)
+    if failure is None and step < 0:
+        failure = ValueError(f"step must be >= 0, got {step}")
+    if failure is None and last is not None and step <= last:
+        failure = ValueError(f"step {step} is not after the last step {last}")
+    if (
+        failure is None
+        and manager.checkpoint_interval is not None
+        and manager._last_saved_step is not None
+        and step < manager._last_saved_step + manager.checkpoint_interval
+    ):  # every rank skips alike (same steps, same state): no collective
+        manager._last_step = step
+        return PendingSave(step, None, skipped=True)
+    await manager._slots.acquire()
+    items: tuple[Item, ...] = ()
+    arrays: Arrays = {}
+    capture_seconds = 0.0
+    try:
+        if failure is None:
+            try:
+                items, arrays = prepare_state(state)
+                started = time.perf_counter()
+                if copy:
+                    arrays = await _capture(arrays)
+                capture_seconds = time.perf_counter() - started
+            except Exception as exc:
+                failure = exc
+    except BaseException:
+        manager._slots.release()
+        raise
+    name = f"{manager.checkpoint_name}-{step}"
+    pending = PendingSave(step, manager._public(name))
+    if last is None or step > last:
+        manager._last_step = manager._last_saved_step = step
+    manager._pending.append(pending)
+    previous, manager._tail = manager._tail, pending._done
+    manifest = Manifest(name, items, None if failure is None else _describe(failure))
+    task_group.start_soon(
+        _write_and_commit,
+        manager,
+        coordinator,
+        pending,
+        previous,
+        manifest,
+        arrays,
+        capture_seconds,
+    )
+    if failure is not None:
+        pending._observed = True  # raised here; the save's own outcome says the same
+        raise failure
+    return pending
+
+
+async def _write_and_commit(
+    manager: CheckpointManager,
+    coordinator: Coordinator,
+    pending: PendingSave,
+    previous: anyio.Event | None,
+    manifest: Manifest,
+    arrays: Arrays,
+    capture_seconds: float,
+) -> None:
+    from ..manager import SaveEvent
+
+    error: BaseException | None = None
+    name = manifest.name
+    rank = coordinator.rank
+    try:
+        if previous is not None:
+            await previous.wait()  # collectives in save order on every rank
+        started = time.perf_counter()
+        async with manager._commit_lock:
+            # 1. The plan.
+            manifests: list[Manifest] = await _call(coordinator.all_gather, manifest)
+            if manifest.error is not None:
+                raise CheckpointError(f"save of step {pending.step}: {manifest.error}")
+            for other_rank, other in enumerate(manifests):
+                if other.error is not None:
+                    raise CheckpointError(
+                        f"save of step {pending.step} failed on rank {other_rank}: {other.error}"
+                    )
+                if other.name != name:
+                    raise PlanError(
+                        f"ranks save different checkpoints: rank 0 {manifests[0].name!r}, "
+                        f"rank {other_rank} {other.name!r}"
+                    )
+            plan = make_plan(manifests, shard_options(manager.format_options))
+            # 2. This rank's data files.
+            written: list[str] = []
+            local_error: Exception | None = None
+            entries: dict[bytes, BundleEntry] = {}
+            try:
+                entries = await _write_files(manager, name, plan, rank, arrays, written)
+            except Exception as exc:
+                local_error = exc
+                with anyio.CancelScope(shield=True):
+                    for path in written:
+                        await anyio.to_thread.run_sync(manager.storage.remove, path)
+            nbytes = sum(e.size for e in entries.values())  # what this rank wrote
+            del arrays
+            report = _Report(
+                None if local_error else entries,
+                nbytes,
+                None if local_error is None else _describe(local_error),
+            )
+            wrote = time.perf_counter()
+            # 3.-5. The primary merges and commits; everybody learns the outcome.
+            if rank == 0:
+                outcome = await _primary_commit(
+                    manager, coordinator, pending.step, name, plan, report, local_error
+                )
+            else:
+                outcome = await _follow(
+                    manager, coordinator, pending.step, name, report, local_error
+                )
+        pending.event = SaveEvent(
+            pending.step,
+            manager._public(name),
+            nbytes,
+            capture_seconds,
+            wrote - started,
+            time.perf_counter() - wrote,
+            outcome.deleted,
+            outcome.preserved,
+        )
+        if manager.on_event is not None:
+            manager.on_event(pending.event)
+    except BaseException as exc:
+        error = exc
+        if not isinstance(exc, Exception):
+            pending._finish(CheckpointError(f"save of step {pending.step} was cancelled"))
+            pending._observed = True
+            raise
+    finally:
+        manager._slots.release()
+        if not pending.done():
+            pending._finish(error)
+
+
+async def _write_files(
+    manager: CheckpointManager,
+    name: str,
+    plan: Plan,
+    rank: int,
+    arrays: Arrays,
+    written: list[str],
+) -> dict[bytes, BundleEntry]:
+    """Write this rank's data files concurrently; return their index entries."""
+    prefix = manager._path(name)
+    storage = manager.storage
+    directory = posixpath.dirname(prefix)
+    if directory:
+        await anyio.to_thread.run_sync(storage.makedirs, directory)
+    entries: dict[bytes, BundleEntry] = {}
+
+    async def one(shard: int, items: tuple[Item, ...]) -> None:
+        path = data_path(prefix, shard, plan.num_shards)
+        pairs = [(item.data_key, arrays[item.unit]) for item in items]
+        found = await anyio.to_thread.run_sync(
+            _write_shard, storage, path, pairs, manager.durable, shard, _thread_cancel_check
+        )
+        written.append(path)
+        entries.update(found)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            for shard, items in plan.files_of(rank):
+                tg.start_soon(one, shard, items)
+    except BaseException as exc:
+        inner = getattr(exc, "exceptions", None)
+        if isinstance(exc, Exception) and inner and isinstance(inner[0], Exception):
+            raise inner[0] from None  # one clear error, not a group
+        raise
+    return entries
+
+
+async def _primary_commit(
+    manager: CheckpointManager,
+    coordinator: Coordinator,
+    step: int,
+    name: str,
+    plan: Plan,
+    report: _Report,
+    local_error: Exception | None,
+) -> _Outcome:
+    reports: list[_Report] | None = None
+    outcome: _Outcome
+    failure: BaseException | None = local_error
+    try:
+        reports = await _call(coordinator.gather, report, 0)
+    except CoordinationError as exc:
+        failure = exc  # nothing is committed: clean up below, tell whoever still listens
+    assert reports is not None or failure is not None
+    if failure is None and reports is not None:
+        failed = [(r, rep.error) for r, rep in enumerate(reports) if rep.error is not None]
+        if failed:
+            r, message = failed[0]
+            others = f" (and on ranks {', '.join(str(f[0]) for f in failed[1:])})"
+            failure = CheckpointError(
+                f"save of step {step} failed on rank {r}: {message}"
+                + (others if len(failed) > 1 else "")
+            )
+        else:
+            try:
+                await _write_index(manager, name, plan, reports)
+                deleted, preserved = await manager._commit(name)
+            except Exception as exc:
+                failure = exc
+            else:
+                outcome = _Outcome(manager._state, deleted, preserved)
+    if failure is not None:
+        if manager._state.latest != name and not isinstance(failure, ConcurrentWriterError):
+            # (After a ConcurrentWriterError the directory is someone else's: touch nothing.)
+            await manager._discard_uncommitted(name)
+        outcome = _Outcome(None, error=f"rank 0: {_describe(failure)}")
+    try:
+        await _call(coordinator.broadcast, outcome, 0)
+    except CoordinationError as exc:
+        if failure is None:  # committed and durable, but some rank may not know
+            raise CoordinationError(
+                f"step {step} was committed, but telling the other ranks failed: {exc}"
+            ) from exc
+    if failure is not None:
+        raise failure
+    return outcome
+
+
+async def _follow(
+    manager: CheckpointManager,
+    coordinator: Coordinator,
+    step: int,
+    name: str,
+    report: _Report,
+    local_error: Exception | None,
+) -> _Outcome:
+    try:
+        await _call(coordinator.gather, report, 0)
+        outcome: _Outcome = await _call(coordinator.broadcast, None, 0)
+    except CoordinationError as exc:
+        if local_error is not None:
+            raise local_error from exc
+        # The outcome is unknown: the state file tells whether the primary committed.
+        if await _committed(manager, name):
+            await manager._load_state()
+            return _Outcome(manager._state)
+        raise
+    if outcome.error is not None or outcome.state is None:
+        if local_error is not None:
+            raise local_error
+        raise CheckpointError(f"save of step {step} was not committed: {outcome.error}")
+    manager._state = outcome.state
+    return outcome
+
+
+async def _committed(manager: CheckpointManager, name: str) -> bool:
+    from ..manager import read_state
+
+    try:
+        state = await read_state(manager.storage, manager._root)
+    except Exception:
+        return False
+    return state is not None and any(
+        posixpath.basename(path) == name
+        for path in (state.model_checkpoint_path, *state.all_model_checkpoint_paths)
+    )
+
+
+async def _write_index(
+    manager: CheckpointManager, name: str, plan: Plan, reports: list[_Report]
+) -> None:
+    """Merge the ranks' index entries into one ``PREFIX.index`` (the commit marker)."""
+    entries: dict[bytes, BundleEntry] = {}
+    for report in reports:
+        assert report.entries is not None
+        entries.update(report.entries)
+    missing = plan.data_keys() - set(entries)
+    if missing:
+        raise CheckpointError(f"{len(missing)} planned tensors were not written")
+
+    def build() -> bytes:
+        builder = TableBuilder()
+        builder.add(HEADER_KEY, encode_header(plan.num_shards))
+        for raw in sorted([*entries, *plan.holders]):
+            builder.add(raw, encode_entry(entries[raw] if raw in entries else plan.holders[raw]))
+        return builder.finish()
+
+    table = await anyio.to_thread.run_sync(build)
+    prefix = manager._path(name)
+    storage = manager.storage
+    await anyio.to_thread.run_sync(
+        lambda: storage.write_bytes(index_path(prefix), table, durable=manager.durable)
+    )
+    if manager.durable:
+        await anyio.to_thread.run_sync(storage.sync_directory, posixpath.dirname(prefix))
+
+
+# -- retention without a save ----------------------------------------------------------------
+
+
+async def sweep(
+    manager: CheckpointManager, coordinator: Coordinator
+) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """``CheckpointManager.sweep`` with a coordinator: the primary applies retention, every
+    rank adopts the result. Every rank calls it (after its saves are committed)."""
+    await manager.wait()
+    async with manager._commit_lock:
+        if coordinator.rank == 0:
+            failure: Exception | None = None
+            deleted: tuple[str, ...] = ()
+            preserved: tuple[str, ...] = ()
+            try:
+                deleted, preserved = await _apply_retention(manager)
+            except Exception as exc:
+                failure = exc
+            outcome = _Outcome(
+                manager._state if failure is None else None,
+                deleted,
+                preserved,
+                None if failure is None else _describe(failure),
+            )
+            await _call(coordinator.broadcast, outcome, 0)
+            if failure is not None:
+                raise failure
+            return deleted, preserved
+        outcome = await _call(coordinator.broadcast, None, 0)
+        if outcome.error is not None or outcome.state is None:
+            raise CheckpointError(f"rank 0 could not apply retention: {outcome.error}")
+        manager._state = outcome.state
+        return outcome.deleted, outcome.preserved
+
+
+async def _apply_retention(manager: CheckpointManager) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """What ``CheckpointManager.sweep`` does in one process (the caller holds the lock)."""
+    from ..manager import _Tracking
+    from ..retention import apply_retention
+
+    state = manager._state
+    decision = apply_retention(state.tracked, state.last_preserved, manager.policy)
+    if not decision.delete and not decision.preserve:
+        return (), ()
+    deleted = []
+    for ckpt in decision.delete:
+        await manager._delete_checkpoint(ckpt.path)
+        deleted.append(manager._public(ckpt.path))
+    keep, stamp = list(decision.keep), decision.last_preserved_timestamp
+    await manager._write_tracking(_Tracking(keep, stamp, state.latest))
+    return tuple(deleted), tuple(manager._public(c.path) for c in decision.preserve)

@@ -1,0 +1,187 @@
+"""The save plan: who writes what, in which file (pure, one process)."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from anyckpt.codecs.dtypes import DT_STRING, enum_from_dtype
+from anyckpt.distributed import PlanError, even_slice
+from anyckpt.distributed.plan import Item, Manifest, make_plan, shard_options
+from anyckpt.formats.sharded import ShardOptions
+
+F32 = enum_from_dtype(np.dtype(np.float32))
+I64 = enum_from_dtype(np.dtype(np.int64))
+
+
+def whole(name: str, shape: tuple[int, ...], dtype: int = F32) -> Item:
+    return Item(name.encode(), None, dtype, shape, 4 * math.prod(shape))
+
+
+def piece(name: str, shape: tuple[int, ...], extents: tuple[tuple[int, int], ...]) -> Item:
+    return Item(name.encode(), extents, F32, shape, 4 * math.prod(n for _, n in extents))
+
+
+def manifests(*per_rank: list[Item]) -> list[Manifest]:
+    return [Manifest("ckpt-1", tuple(sorted(items))) for items in per_rank]
+
+
+def owner_of(plan: object, unit: tuple[bytes, object]) -> list[int]:
+    return [
+        rank
+        for rank, files in enumerate(plan.shards)  # type: ignore[attr-defined]
+        for items in files
+        for item in items
+        if item.unit == unit
+    ]
+
+
+def test_replicated_tensor_is_written_once_by_the_least_loaded_holder() -> None:
+    big, small = whole("big", (100,)), whole("small", (3,))
+    plan = make_plan(manifests([big, small], [small], [whole("other", (50,)), small]))
+    assert owner_of(plan, small.unit) == [1]  # rank 1 has nothing else to write
+    assert owner_of(plan, big.unit) == [0]
+    assert plan.num_shards == 3
+    assert plan.first_shard == (0, 1, 2)
+
+
+def test_a_rank_with_nothing_to_write_writes_no_file() -> None:
+    shared = whole("w", (8,))
+    plan = make_plan(manifests([shared, whole("a", (1,))], [shared]))
+    assert owner_of(plan, shared.unit) == [1]  # rank 0 already writes a: w goes to rank 1
+    assert plan.num_shards == 2
+    plan = make_plan(manifests([shared], [shared]))
+    assert owner_of(plan, shared.unit) == [0]  # tie: the lowest rank
+    assert plan.shards[1] == ()
+    assert plan.num_shards == 1
+
+
+def test_empty_checkpoint_has_one_empty_file() -> None:
+    plan = make_plan(manifests([], [], []))
+    assert plan.num_shards == 1
+    assert plan.shards[0] == ((),)
+
+
+def test_pieces_tile_and_become_a_partitioned_entry() -> None:
+    plan = make_plan(
+        manifests(
+            [piece("w", (4, 2), ((0, 2), (0, 2)))],
+            [piece("w", (4, 2), ((2, 2), (0, 2)))],
+        )
+    )
+    holder = plan.holders[b"w"]
+    assert holder.shape == (4, 2)
+    assert holder.slices == (((0, 2), (0, 2)), ((2, 2), (0, 2)))
+    assert owner_of(plan, (b"w", ((2, 2), (0, 2)))) == [1]
+    assert all(item.data_key[:1] == b"\0" for f in plan.shards[0] for item in f)
+
+
+@pytest.mark.parametrize(
+    ("second", "message"),
+    [
+        (((1, 3), (0, 2)), "overlap"),  # overlaps rows 1..2
+        (((3, 1), (0, 2)), "do not cover"),  # leaves row 2 uncovered
+    ],
+)
+def test_pieces_that_overlap_or_leave_gaps_are_refused(
+    second: tuple[tuple[int, int], ...], message: str
+) -> None:
+    with pytest.raises(PlanError, match=message):
+        make_plan(manifests([piece("w", (4, 2), ((0, 2), (0, 2)))], [piece("w", (4, 2), second)]))
+
+
+def test_same_name_with_another_shape_or_dtype_is_refused() -> None:
+    with pytest.raises(PlanError, match="differs between ranks"):
+        make_plan(manifests([whole("b", (3,))], [whole("b", (4,))]))
+    with pytest.raises(PlanError, match="differs between ranks"):
+        make_plan(manifests([whole("b", (3,))], [whole("b", (3,), I64)]))
+    with pytest.raises(PlanError, match="whole on some ranks and sharded on others"):
+        make_plan(manifests([whole("w", (4, 2))], [piece("w", (4, 2), ((0, 4), (0, 2)))]))
+
+
+def test_strings_replicated_with_different_sizes_are_still_one_tensor() -> None:
+    a = Item(b"s", None, DT_STRING, (2,), 10)
+    b = Item(b"s", None, DT_STRING, (2,), 12)
+    plan = make_plan(manifests([a], [b]))
+    assert sum(len(items) for files in plan.shards for items in files) == 1
+
+
+def test_per_rank_sharding_options() -> None:
+    items = [whole(f"t{i}", (10,)) for i in range(5)]  # 40 bytes each
+    plan = make_plan(manifests(items, [whole("x", (1,))]), shard_options({"num_shards": 2}))
+    assert [len(files) for files in plan.shards] == [2, 1]
+    assert plan.num_shards == 3
+    plan = make_plan(manifests(items, []), shard_options({"max_shard_bytes": 80}))
+    assert [len(f) for f in plan.shards[0]] == [2, 2, 1]
+    for bad in ({"devices": {"a": "/cpu:0"}}, {"shard_of": lambda k: 0}):
+        with pytest.raises(ValueError, match="not supported"):
+            shard_options(bad)
+    with pytest.raises(ValueError, match="cannot be combined"):
+        shard_options({"num_shards": 2, "max_shard_bytes": 10})
+
+
+@st.composite
+def jobs(draw: st.DrawFn) -> list[Manifest]:
+    """Random ranks holding random whole tensors (some replicated) and row-sharded ones."""
+    world = draw(st.integers(1, 5))
+    per_rank: list[list[Item]] = [[] for _ in range(world)]
+    for t in range(draw(st.integers(0, 6))):
+        size = draw(st.integers(0, 50))
+        holders = draw(st.sets(st.integers(0, world - 1), min_size=1))
+        for rank in holders:
+            per_rank[rank].append(whole(f"whole{t}", (size,)))
+    for t in range(draw(st.integers(0, 3))):
+        rows = draw(st.integers(1, 12))
+        parts = draw(st.integers(1, rows))
+        for p in range(parts):
+            rs = even_slice(rows, p, parts)
+            extents = ((rs.start, rs.stop - rs.start), (0, 3))
+            for rank in draw(st.sets(st.integers(0, world - 1), min_size=1)):
+                per_rank[rank].append(piece(f"sharded{t}", (rows, 3), extents))
+    return manifests(*per_rank)
+
+
+@settings(max_examples=200, deadline=None)
+@given(jobs(), st.sampled_from([None, 1, 2, 3]))
+def test_every_unit_is_written_exactly_once_by_a_holder(
+    job: list[Manifest], num_shards: int | None
+) -> None:
+    plan = make_plan(job, ShardOptions(num_shards=num_shards))
+    units = {item.unit for m in job for item in m.items}
+    writes = [
+        (rank, item.unit)
+        for rank, files in enumerate(plan.shards)
+        for items in files
+        for item in items
+    ]
+    assert sorted(u for _, u in writes) == sorted(units)  # each once, nothing else
+    for rank, unit in writes:
+        assert any(item.unit == unit for item in job[rank].items)  # by a rank that has it
+    # Files are numbered rank by rank, 0..N-1, each file in data-key order.
+    assert plan.num_shards == sum(len(files) for files in plan.shards) >= 1
+    assert list(plan.first_shard) == [sum(len(f) for f in plan.shards[:r]) for r in range(len(job))]
+    for files in plan.shards:
+        for items in files:
+            keys = [item.data_key for item in items]
+            assert keys == sorted(keys)
+    assert plan == make_plan(job, ShardOptions(num_shards=num_shards))  # deterministic
+
+
+@given(st.integers(0, 1000), st.integers(1, 64))
+def test_even_slice_splits_exactly(length: int, world: int) -> None:
+    parts = [even_slice(length, r, world) for r in range(world)]
+    assert parts[0].start == 0
+    assert parts[-1].stop == length
+    assert all(a.stop == b.start for a, b in itertools.pairwise(parts))
+    sizes = [p.stop - p.start for p in parts]
+    assert max(sizes) - min(sizes) <= 1
+    assert sizes == sorted(sizes, reverse=True)
+    assert parts == [
+        slice(int(c[0]), int(c[-1]) + 1) if len(c) else parts[i]
+        for i, c in enumerate(np.array_split(np.arange(length), world))
+    ]
