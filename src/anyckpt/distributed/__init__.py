@@ -10,11 +10,13 @@
 
 See docs/distributed.md. The coordination interface (:class:`Coordinator`) is four blocking
 collectives on small objects; :class:`TorchCoordinator` implements it on
-``torch.distributed``, :class:`SingleProcessCoordinator` in one process.
+``torch.distributed``, :class:`JaxCoordinator` on ``jax.distributed``'s key-value store,
+:class:`SingleProcessCoordinator` in one process.
 """
 
 from __future__ import annotations
 
+from ._jax import JaxCoordinator
 from ._torch import TorchCoordinator
 from .base import DEFAULT_TIMEOUT, CoordinationError, Coordinator, SingleProcessCoordinator
 from .plan import PlanError
@@ -24,6 +26,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "CoordinationError",
     "Coordinator",
+    "JaxCoordinator",
     "PlanError",
     "Sharded",
     "SingleProcessCoordinator",
