@@ -18,7 +18,6 @@ import math
 import os
 import posixpath
 import re
-import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import suppress
@@ -31,6 +30,7 @@ import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 
+from .._concurrency import run_concurrently
 from ..codecs import DecodeError
 from ..codecs import v1 as codec
 from ..codecs.dtypes import dtype_from_enum, enum_from_dtype, tf_name, to_little_endian
@@ -43,9 +43,6 @@ from ..tensors import key_from_bytes, key_to_bytes
 from .base import Extent, Index, TensorSlice, TensorSpec
 from .sharded import ShardOptions, plan_shards, tensor_nbytes
 from .v2 import _normalize_index, _squeeze
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 Extents = tuple[Extent, ...]
 _PATTERN = re.compile(r"(.*)-\?\?\?\?\?-of-(\d{5})")
@@ -207,19 +204,9 @@ class V1Format:
             del writers[i]
 
         try:
-            try:
-                async with anyio.create_task_group() as tg:
-                    for i in range(len(paths)):
-                        tg.start_soon(write_one, i)
-            except BaseExceptionGroup as group:
-                raise group.exceptions[0] from None
+            await run_concurrently(partial(write_one, i) for i in range(len(paths)))
             # Every shard is written: rename them into place, the commit marker (last) last.
-            try:
-                async with anyio.create_task_group() as tg:
-                    for i in range(len(paths) - 1):
-                        tg.start_soon(commit, i)
-            except BaseExceptionGroup as group:
-                raise group.exceptions[0] from None
+            await run_concurrently(partial(commit, i) for i in range(len(paths) - 1))
             await commit(len(paths) - 1)
         except BaseException:
             with anyio.CancelScope(shield=True):
@@ -295,18 +282,12 @@ class V1Format:
                     f"missing, e.g. {posixpath.basename(missing[0])}",
                     path=storage.url(prefix),
                 )
-        files: list[_File] = []
-        try:
-            async with anyio.create_task_group() as tg:
-                results: dict[int, _File] = {}
+        results: dict[int, _File] = {}
 
-                async def load(i: int, path: str) -> None:
-                    results[i] = await anyio.to_thread.run_sync(_load_file, storage, path)
+        async def load(i: int, path: str) -> None:
+            results[i] = await anyio.to_thread.run_sync(_load_file, storage, path)
 
-                for i, path in enumerate(paths):
-                    tg.start_soon(load, i, path)
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
+        await run_concurrently(partial(load, i, path) for i, path in enumerate(paths))
         files = [results[i] for i in range(len(paths))]
         return V1Reader(storage, prefix, files)
 
@@ -583,12 +564,7 @@ class V1Reader:
                 await anyio.to_thread.run_sync(self._read_file_slices, index, items, verify)
             )
 
-        try:
-            async with anyio.create_task_group() as tg:
-                for index, items in by_file.items():
-                    tg.start_soon(run, index, items)
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None
+        await run_concurrently(partial(run, index, items) for index, items in by_file.items())
         return results
 
     async def read_many(

@@ -15,6 +15,8 @@ import sys
 from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import suppress
+from functools import partial
 from typing import Any
 
 import anyio
@@ -22,6 +24,7 @@ import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 
+from .._concurrency import run_concurrently
 from ..codecs import DecodeError
 from ..codecs.bundle import (
     HEADER_KEY,
@@ -50,9 +53,6 @@ from ..storage import FileReader, Storage
 from ..tensors import key_from_bytes, key_to_bytes
 from .base import Index, TensorSlice, TensorSpec
 from .sharded import ShardOptions, plan_shards, tensor_nbytes
-
-if sys.version_info < (3, 11):
-    from exceptiongroup import BaseExceptionGroup
 
 #: Largest `.index` file we agree to load into memory.
 MAX_INDEX_BYTES = 1 << 31
@@ -264,20 +264,19 @@ class V2Format:
 
         paths = [data_path(prefix, i, num_shards) for i in range(num_shards)]
         results: dict[bytes, BundleEntry] = {}
-        written: list[str] = []
         try:
-            async with anyio.create_task_group() as tg:
-                for shard in range(num_shards):
-                    tg.start_soon(
-                        self._write_one_shard,
-                        storage,
-                        paths[shard],
-                        groups.get(shard, []),
-                        durable,
-                        shard,
-                        results,
-                        written,
-                    )
+            await run_concurrently(
+                partial(
+                    self._write_one_shard,
+                    storage,
+                    paths[shard],
+                    groups.get(shard, []),
+                    durable,
+                    shard,
+                    results,
+                )
+                for shard in range(num_shards)
+            )
             builder = TableBuilder()
             builder.add(HEADER_KEY, encode_header(num_shards))
             for raw in sorted([*results, *holders]):
@@ -287,9 +286,12 @@ class V2Format:
                 lambda: storage.write_bytes(index_path(prefix), table, durable=durable)
             )
         except BaseException:
+            # Remove every data file this save may have renamed into place (a cancellation can
+            # land just after a rename, before the task returns).
             with anyio.CancelScope(shield=True):
-                for path in written:
-                    await anyio.to_thread.run_sync(storage.remove, path)
+                for path in paths:
+                    with suppress(Exception):  # already failing: clean up what we can
+                        await anyio.to_thread.run_sync(storage.remove, path)
             raise
         if durable and directory:
             await anyio.to_thread.run_sync(storage.sync_directory, directory)
@@ -303,12 +305,10 @@ class V2Format:
         durable: bool,
         shard: int,
         results: dict[bytes, BundleEntry],
-        written: list[str],
     ) -> None:
         entries = await anyio.to_thread.run_sync(
             _write_shard, storage, path, items, durable, shard, _thread_cancel_check
         )
-        written.append(path)
         results.update(entries)
 
     # -- reading ---------------------------------------------------------------------------
@@ -625,12 +625,7 @@ class V2Reader:
             items.sort(key=lambda item: item[1].offset)
             results.extend(await anyio.to_thread.run_sync(self._read_shard, shard, items, verify))
 
-        try:
-            async with anyio.create_task_group() as tg:
-                for shard, items in by_shard.items():
-                    tg.start_soon(run, shard, items)
-        except BaseExceptionGroup as group:
-            raise group.exceptions[0] from None  # one clear error, not a group
+        await run_concurrently(partial(run, shard, items) for shard, items in by_shard.items())
         return results
 
     async def read_many(
