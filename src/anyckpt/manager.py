@@ -212,7 +212,9 @@ class CheckpointManager:
         self.lease_seconds = float(lease_seconds)
         self._lock: DirectoryLock | None = None
         self._state_version: str | None = None  # of the state file, as last read or written
-        self._step_re = re.compile(re.escape(checkpoint_name) + r"-(\d+)")
+        # A recorded name is ``{checkpoint_name}-{step}``, or a format's pattern of it (V1
+        # sharded: ``ckpt-5-?????-of-00002``).
+        self._step_re = re.compile(re.escape(checkpoint_name) + r"-(\d+)(-\?{5}-of-\d{5})?")
         self._state = _Tracking()
         self._slots = anyio.Semaphore(max_pending)
         self._commit_lock = anyio.Lock()
@@ -358,6 +360,9 @@ class CheckpointManager:
         ours = re.compile(
             re.escape(self.checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta)"
         )
+        # Temporary files of any format's writer for one of our checkpoints (V1 shards
+        # ``ckpt-5-00000-of-00002``, plugin files ``ckpt-5.zst``...).
+        any_format = re.compile(re.escape(self.checkpoint_name) + r"-\d+([.-][\w.-]*)?")
         present = set(names)
         shard = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|-\d{5}-of-\d{5})$")
         stems = {shard.sub("", n) for n in names if not n.endswith(".meta")}  # any format
@@ -365,7 +370,7 @@ class CheckpointManager:
         for name in names:
             if TEMP_MARKER in name:
                 base = name.split(TEMP_MARKER, 1)[0]
-                if base == STATE_FILE or ours.fullmatch(base):
+                if base == STATE_FILE or ours.fullmatch(base) or any_format.fullmatch(base):
                     doomed.append(name)
                 continue
             match = ours.fullmatch(name)
@@ -486,13 +491,16 @@ class CheckpointManager:
                     max_to_keep=self.policy.max_to_keep,
                     keep_checkpoint_every_n_hours=self.policy.keep_checkpoint_every_n_hours,
                 )
-            await self.format.write(
+            written = await self.format.write(
                 self.storage,
                 self._path(name),
                 tensors,
                 durable=self.durable,
                 options=self.format_options,
             )
+            recorded = getattr(self.format, "checkpoint_path", None)
+            if recorded is not None:
+                name = posixpath.basename(recorded(self._path(name), written))
             wrote = time.perf_counter()
             nbytes = sum(a.nbytes for a in tensors.values() if a.dtype != object)
             del tensors

@@ -124,3 +124,7 @@ class CheckpointFormat(Protocol):
     async def files(self, storage: Storage, prefix: str) -> list[str]:
         """The exact paths the checkpoint at ``prefix`` consists of (those that exist)."""
         ...
+
+    # Optional: ``checkpoint_path(prefix, written) -> str``, the path the ``checkpoint`` state
+    # file records for a save that wrote the files ``written`` (default: ``prefix``). V1
+    # records sharded saves as TensorFlow's ``PREFIX-?????-of-0000N`` pattern.

@@ -223,6 +223,13 @@ class V1Format:
 
     # -- locating files ----------------------------------------------------------------------
 
+    def checkpoint_path(self, prefix: str, written: Sequence[str]) -> str:
+        """The path the ``checkpoint`` state file records for a save that wrote ``written``:
+        TensorFlow's ``PREFIX-?????-of-0000N`` pattern for a sharded save, else ``prefix``."""
+        if len(written) == 1 and written[0] == prefix:
+            return prefix
+        return pattern_path(prefix, len(written))
+
     async def _candidates(self, storage: Storage, prefix: str) -> list[str]:
         """The files a checkpoint at ``prefix`` consists of (whether they exist or not)."""
         match = _PATTERN.fullmatch(prefix)
