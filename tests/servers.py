@@ -71,6 +71,7 @@ def _serve(kind: str) -> None:
         from gcp_storage_emulator.server import create_server
 
         _add_resumable_upload_cancel()
+        _add_generation_preconditions()
         emulator = create_server(HOST, 0, in_memory=True)
         emulator.start()
         port = emulator._api._httpd.server_address[1]
@@ -112,6 +113,52 @@ def _add_resumable_upload_cancel() -> None:
     if len(routes) != 1 or "PUT" not in routes[0]:
         raise RuntimeError("gcp-storage-emulator's upload route is not where it used to be")
     routes[0].setdefault("DELETE", cancel)
+
+
+def _add_generation_preconditions() -> None:
+    """Teach the emulator ``ifGenerationMatch`` on media uploads and deletes, as GCS does.
+
+    anyckpt's directory lock and state file are written with it (``0``: only if absent; a
+    generation: only if unchanged), and GCS answers 412 when it does not hold. The emulator
+    ignores the parameter; this checks it (check and write under one lock) for uploads that
+    name their object in the query (``uploadType=media``) and for deletes.
+    """
+    from gcp_storage_emulator import server
+    from gcp_storage_emulator.exceptions import NotFound
+    from gcp_storage_emulator.handlers import objects
+
+    guard = threading.Lock()
+
+    def conditional(handler: Any, name_of: Callable[[Any], str | None]) -> Any:
+        def wrapped(request: Any, response: Any, storage: Any, *args: Any, **kwargs: Any) -> Any:
+            wanted = (request.query.get("ifGenerationMatch") or [None])[0]
+            name = name_of(request)
+            if wanted is None or not name:
+                return handler(request, response, storage, *args, **kwargs)
+            with guard:
+                try:
+                    current = str(
+                        storage.get_file_obj(request.params["bucket_name"], name)["generation"]
+                    )
+                except NotFound:
+                    current = "0"
+                if current != str(wanted):
+                    response.status = HTTPStatus.PRECONDITION_FAILED
+                    response.json({"error": {"code": 412, "message": "conditionNotMet"}})
+                    return None
+                return handler(request, response, storage, *args, **kwargs)
+
+        return wrapped
+
+    replacements = {
+        objects.insert: conditional(objects.insert, lambda r: (r.query.get("name") or [None])[0]),
+        objects.delete: conditional(objects.delete, lambda r: r.params.get("object_id")),
+    }
+    for _, handlers in server.HANDLERS:
+        for method, handler in list(handlers.items()):
+            if handler in replacements:
+                handlers[method] = replacements[handler]
+    objects.insert = replacements[objects.insert]
 
 
 # -- the parent side -----------------------------------------------------------------------

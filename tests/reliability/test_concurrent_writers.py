@@ -12,6 +12,8 @@ checkpoints with the values of the step they name.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import signal
@@ -31,6 +33,7 @@ import pytest
 from reliability_common import assert_values, record_figures, values
 
 import anyckpt
+import anyckpt.cli
 import anyckpt.lease
 from anyckpt import CheckpointManager, CheckpointNotFoundError, ConcurrentWriterError
 from anyckpt.codecs.state_file import CheckpointState, encode_state
@@ -64,19 +67,29 @@ class Place:
         return set(storage.listdir(root))
 
 
-@pytest.fixture(params=["local", "memory", "s3"])
+@pytest.fixture(params=["local", "memory", "s3", "gcs"])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
-    if request.param == "local":
+    yield from _place(request, request.param, tmp_path)
+
+
+@pytest.fixture(params=["memory", "s3", "gcs"])
+def leased(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
+    """Places whose lock is a lease (local disk has a flock instead)."""
+    yield from _place(request, request.param, tmp_path)
+
+
+def _place(request: pytest.FixtureRequest, kind: str, tmp_path: Path) -> Iterator[Place]:
+    if kind == "local":
         yield Place("local", str(tmp_path / "ckpt"), None)
-    elif request.param == "memory":
+    elif kind == "memory":
         root = f"cw-{uuid.uuid4().hex[:12]}"
         yield Place("memory", f"memory://{root}/ckpt", None)
         store = fsspec.filesystem("memory").store
         for key in [k for k in store if k.startswith(f"/{root}/")]:
             del store[key]
     else:
-        bucket = request.getfixturevalue("s3_bucket")
-        yield Place("s3", f"{bucket.url}/ckpt", bucket.storage_options)
+        bucket = request.getfixturevalue(f"{kind}_bucket")
+        yield Place(kind, f"{bucket.url}/ckpt", bucket.storage_options)
 
 
 @pytest.fixture(params=["local", "s3"])
@@ -117,6 +130,38 @@ def _hold_in_process(place: Place, **config: Any) -> tuple[subprocess.Popen[str]
 async def _saved(manager: CheckpointManager, *steps: int) -> None:
     for step in steps:
         await (await manager.save(values(step), step=step))
+
+
+# -- the conditional writes underneath -------------------------------------------------------
+
+
+async def test_conditional_writes(place: Place) -> None:
+    """What the lock and the state file rely on, on each store: create only if absent, replace
+    and delete only the version last seen (S3 If-None-Match/If-Match, GCS ifGenerationMatch;
+    a hard link and a check on local disk; a process-wide lock on memory://)."""
+    storage, root = place.storage()
+    storage.makedirs(root)
+    path = f"{root}/conditional"
+    first = storage.create_exclusive(path, b"one")
+    with pytest.raises(FileExistsError):
+        storage.create_exclusive(path, b"two")
+    data, version = storage.read_versioned(path)
+    assert (data, version) == (b"one", first)
+    second = storage.replace_if(path, b"three", first)
+    assert second != first
+    with pytest.raises(ConcurrentWriterError):
+        storage.replace_if(path, b"four", first)  # stale version
+    with pytest.raises(ConcurrentWriterError):
+        storage.replace_if(path, b"four", None)  # "only if absent"
+    with pytest.raises(ConcurrentWriterError):
+        storage.remove_if(path, first)
+    assert storage.read_bytes(path) == b"three"
+    storage.remove_if(path, second)
+    assert not storage.exists(path)
+    with pytest.raises(ConcurrentWriterError):
+        storage.replace_if(path, b"five", second)  # it is gone
+    assert storage.replace_if(path, b"six", None)
+    assert storage.read_bytes(path) == b"six"
 
 
 # -- one process -----------------------------------------------------------------------------
@@ -185,6 +230,16 @@ async def test_second_process_fails_while_the_first_holds(shared: Place) -> None
         with pytest.raises(ConcurrentWriterError, match=f"process {holder.pid}"):
             async with shared.manager():
                 pass
+        if shared.kind == "local":  # and `anyckpt prune`, which would delete checkpoints
+            names = shared.names()
+            err = io.StringIO()
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+                code = await anyio.to_thread.run_sync(
+                    anyckpt.cli.main, ["prune", "--max-to-keep", "1", shared.url]
+                )
+            assert code != 0
+            assert "is locked by process" in err.getvalue()
+            assert shared.names() == names
     finally:
         holder.communicate("", timeout=60)  # stdin EOF: the holder closes normally
     assert holder.returncode == 0
@@ -273,10 +328,10 @@ async def test_a_dead_holder_on_this_machine_is_taken_over_at_once(s3_bucket: An
 # -- a writer whose directory was changed behind its back -------------------------------------
 
 
-async def test_lost_lease_fails_the_next_commit(s3_bucket: Any) -> None:
+async def test_lost_lease_fails_the_next_commit(leased: Place) -> None:
     """Someone replaced the lease (took the directory over): the holder's next save fails with
-    ConcurrentWriterError, commits nothing and deletes nothing."""
-    place = Place("s3", f"{s3_bucket.url}/ckpt", s3_bucket.storage_options)
+    ConcurrentWriterError, commits nothing and deletes nothing. (Local disk: the next test.)"""
+    place = leased
     storage, root = place.storage()
     async with place.manager(lease_seconds=1.0, max_to_keep=1) as manager:
         await _saved(manager, 1)
