@@ -26,6 +26,7 @@ object stores); losing it fails the save with ConcurrentWriterError instead of c
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -37,7 +38,12 @@ import time
 import weakref
 from typing import Any
 
-from .errors import CheckpointNotFoundError, ConcurrentWriterError, CorruptCheckpointError
+from .errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConcurrentWriterError,
+    CorruptCheckpointError,
+)
 from .storage import LocalLock, Storage
 
 __all__ = ["LOCK_FILE", "DirectoryLock"]
@@ -123,6 +129,7 @@ class DirectoryLock:
         self._stop = threading.Event()
         self._heartbeat: threading.Thread | None = None
         self._acquired = False
+        self._since = time.time()
 
     # -- taking it ---------------------------------------------------------------------------
 
@@ -152,11 +159,8 @@ class DirectoryLock:
             self._local = self.storage.lock_local(self.path)
         except FileExistsError:
             holder = None
-            try:
-                with open(self.path, "rb") as f:
-                    holder = _parse(f.read(_MAX_LOCK_BYTES))
-            except OSError:
-                pass
+            with contextlib.suppress(OSError, CheckpointError):
+                holder = _parse(self.storage.read_bytes(self.path, max_size=_MAX_LOCK_BYTES))
             raise self._held_by(holder) from None
         try:
             self._local.write(self._info())
@@ -174,7 +178,8 @@ class DirectoryLock:
                 "host": socket.gethostname(),
                 "machine": MACHINE,
                 "pid": os.getpid(),
-                "acquired": now,
+                "acquired": self._since,
+                "renewed": now,
                 "expires": now + self.lease_seconds,
             }
         ).encode()

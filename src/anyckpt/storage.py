@@ -566,27 +566,17 @@ class Storage:
         return content_version(data)
 
     def _conditionally(self, path: str, data: bytes, op: Callable[[], str]) -> str:
-        """A conditional write, retried like the others. If a try failed transiently, it may
-        have been applied all the same: a later try then finds the precondition broken, and
-        the file holding exactly ``data`` proves that it was this write that broke it."""
-        uncertain = False
-
-        def once() -> str:
-            nonlocal uncertain
-            try:
-                return op()
-            except Exception as exc:
-                uncertain = uncertain or is_transient(exc)
-                raise
-
+        """A conditional write, retried like the others. A try may be applied although its
+        answer was lost (a timeout); the next try, here or inside the client library (s3fs
+        and gcsfs retry requests themselves), then finds the precondition broken. So a broken
+        precondition is checked: the file holding exactly ``data`` proves the write done."""
         try:
-            return self._retrying(once, f"writing {self.url(path)}")
+            return self._retrying(op, f"writing {self.url(path)}")
         except (FileExistsError, ConcurrentWriterError):
-            if uncertain:
-                with suppress(CheckpointNotFoundError):
-                    current, version = self.read_versioned(path)
-                    if current == data:
-                        return version
+            with suppress(CheckpointNotFoundError):
+                current, version = self.read_versioned(path)
+                if current == data:
+                    return version
             raise
 
     # -- local lock ------------------------------------------------------------------------

@@ -35,7 +35,7 @@ def scaled(ci: int, long: int) -> int:
 def record_figures(suite: str, figures: Mapping[str, Any]) -> None:
     """Append one suite's figures (JSON lines) for the report in docs/reliability.md."""
     FIGURES.mkdir(parents=True, exist_ok=True)
-    with (FIGURES / "figures.jsonl").open("a") as f:
+    with (FIGURES / f"figures-{os.getpid()}.jsonl").open("a") as f:  # one file per test run
         f.write(json.dumps({"suite": suite, "mode": MODE, **figures}) + "\n")
 
 

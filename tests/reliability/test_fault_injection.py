@@ -47,7 +47,7 @@ from reliability_faults import (
 
 import anyckpt
 import anyckpt.storage
-from anyckpt import CheckpointManager
+from anyckpt import CheckpointManager, ConcurrentWriterError
 from anyckpt.lease import LOCK_FILE
 from anyckpt.storage import RetryPolicy, Storage
 
@@ -399,3 +399,40 @@ async def test_permanent_errors_are_not_retried(
         plan.disarm()
         assert manager.latest_step == 1
     drop_tree(url.removeprefix("faultfs://").rsplit("/", 1)[0])
+
+
+async def test_a_conditional_write_applied_but_unanswered_is_not_a_conflict(
+    s3_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lock's and the state file's conditional PUTs reach S3, but the answer is lost (a
+    read timeout after the server applied it). The retry finds the precondition broken; the
+    object holding exactly the bytes written proves it was this write: no false conflict."""
+    from botocore.exceptions import ReadTimeoutError
+
+    monkeypatch.setattr(anyckpt.storage, "DEFAULT_RETRY", FAST_RETRY)
+    options = {**s3_bucket.storage_options, "config_kwargs": {"retries": {"total_max_attempts": 1}}}
+    monkeypatch.setattr(fsspec.get_filesystem_class("s3"), "retries", 1)
+    storage, root = Storage.from_url(f"{s3_bucket.url}/ckpt", options)
+    storage.fs.ls(s3_bucket.name, refresh=True)
+    lost: list[str] = []
+
+    def lose_answer(**kwargs: Any) -> None:
+        if not lost:
+            lost.append("PutObject")
+            raise ReadTimeoutError(endpoint_url="(answer lost)")
+
+    events = storage.fs.s3.meta.events
+    events.register("before-parse.s3.PutObject", lose_answer, unique_id="lose-answer")
+    try:
+        version = storage.create_exclusive(f"{root}/lock", b"mine")
+        assert lost == ["PutObject"]  # the first answer was lost, and retried
+        assert storage.read_versioned(f"{root}/lock") == (b"mine", version)
+        lost.clear()
+        newer = storage.replace_if(f"{root}/lock", b"mine, renewed", version)
+        assert lost == ["PutObject"]
+        assert storage.read_versioned(f"{root}/lock") == (b"mine, renewed", newer)
+        # A real conflict stays one.
+        with pytest.raises(ConcurrentWriterError):
+            storage.replace_if(f"{root}/lock", b"stale", version)
+    finally:
+        events.unregister("before-parse.s3.PutObject", unique_id="lose-answer")
