@@ -182,9 +182,14 @@ def resolve_pythons(args: argparse.Namespace) -> tuple[dict[str, str], dict[str,
 # -- measuring -------------------------------------------------------------------------------
 
 
+#: The 1-minute load average before every measurement: how busy the machine was.
+LOAD_SAMPLES: list[float] = []
+
+
 def run_tool(
     python: str, tool: ToolSpec, workload: str, op: str, directory: str, meta: str, args: Any
 ) -> dict[str, Any]:
+    LOAD_SAMPLES.append(os.getloadavg()[0])
     cmd = [python, os.path.join(PEERS, tool.script), "--workload", workload, "--scale"]
     cmd += [repr(args.scale), "--op", op, "--dir", directory, "--meta", meta]
     try:
@@ -509,7 +514,6 @@ def machine_info() -> dict[str, Any]:
         with open("/proc/cpuinfo") as f:
             models = [ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")]
         info["cpu"] = models[0] if models else platform.processor()
-        info["loadavg_start"] = os.getloadavg()
         st = os.statvfs(ROOT)
         info["disk_free_gib"] = round(st.f_bavail * st.f_frsize / (1 << 30), 1)
         mounts = subprocess.run(
@@ -537,6 +541,13 @@ def _fmt_speed(entry: dict[str, Any]) -> str:
 def render(summary: dict[str, Any]) -> str:
     results, ratios = summary["results"], summary["ratios"]
     lines: list[str] = []
+    load = summary["machine"].get("load_1min_during")
+    if load:
+        lines.append(
+            f"Load average (1 min) before each measurement: min {load['min']:.2f}, "
+            f"median {load['median']:.2f}, max {load['max']:.2f} (2 cores)."
+        )
+        lines.append("")
     tools = [DD, "limit", "anyckpt", *PEER_NAMES]
     for wl, by_op in results.items():
         meta = summary["workloads"][wl]
@@ -635,9 +646,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.time()
+    load_start = os.getloadavg()
     summary = measure(args)
     summary["wall_seconds"] = round(time.time() - started, 1)
+    summary["machine"]["loadavg_start"] = load_start
     summary["machine"]["loadavg_end"] = os.getloadavg()
+    if LOAD_SAMPLES:
+        ordered = sorted(LOAD_SAMPLES)
+        summary["machine"]["load_1min_during"] = {
+            "min": ordered[0],
+            "median": statistics.median(ordered),
+            "max": ordered[-1],
+        }
     out = args.out or os.path.join(
         HERE, "results", time.strftime("bench-%Y%m%d-%H%M%S.json", time.localtime(started))
     )
