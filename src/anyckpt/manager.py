@@ -704,35 +704,44 @@ class CheckpointManager:
             await reader.aclose()
 
 
+#: Arrays smaller than this are copied on the calling thread: for them a copy is mostly
+#: Python overhead, which threads (sharing the GIL) would only add to.
+_THREADED_COPY_BYTES = 1 << 20
+
+
 async def capture(tensors: Mapping[str, np.ndarray], *, threads: int = 2) -> dict[str, np.ndarray]:
-    """Copy every array once (C order), spread over worker threads (NumPy copies release the
-    GIL), so the caller may mutate its arrays as soon as this returns."""
-    items = list(tensors.items())
+    """Copy every array once (C order), so the caller may mutate its arrays as soon as this
+    returns. Large arrays are spread over worker threads (NumPy copies release the GIL); small
+    ones, and object arrays (bytes are immutable: a shallow copy is a full capture), are
+    copied here in one loop."""
     out: dict[str, np.ndarray] = {}
-    big = sorted((kv for kv in items if kv[1].dtype != object), key=lambda kv: -kv[1].nbytes)
-    for key, value in items:
-        if value.dtype == object:
-            out[key] = value.copy()  # bytes are immutable: a shallow copy is a full capture
-    lanes: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(max(1, threads))]
-    loads = [0] * len(lanes)
-    for kv in big:  # greedy balance by bytes
-        i = loads.index(min(loads))
-        lanes[i].append(kv)
-        loads[i] += kv[1].nbytes
-
-    def copy_lane(lane: list[tuple[str, np.ndarray]]) -> None:
-        for key, value in lane:
+    big: list[tuple[str, np.ndarray]] = []
+    for key, value in tensors.items():
+        if value.dtype != object and value.nbytes >= _THREADED_COPY_BYTES:
+            big.append((key, value))
+        else:
             out[key] = value.copy(order="C")  # keeps subclasses (anyckpt.Partitioned)
+    if big:
+        big.sort(key=lambda kv: -kv[1].nbytes)
+        lanes: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(max(1, threads))]
+        loads = [0] * len(lanes)
+        for kv in big:  # greedy balance by bytes
+            i = loads.index(min(loads))
+            lanes[i].append(kv)
+            loads[i] += kv[1].nbytes
 
-    if sum(loads) < 1 << 20:
-        for lane in lanes:
-            copy_lane(lane)
-    else:
-        async with anyio.create_task_group() as tg:
-            for lane in lanes:
-                if lane:
-                    tg.start_soon(anyio.to_thread.run_sync, copy_lane, lane)
-    return {key: out[key] for key, _ in items}
+        def copy_lane(lane: list[tuple[str, np.ndarray]]) -> None:
+            for key, value in lane:
+                out[key] = value.copy(order="C")
+
+        if len(big) == 1:
+            copy_lane(big)
+        else:
+            async with anyio.create_task_group() as tg:
+                for lane in lanes:
+                    if lane:
+                        tg.start_soon(anyio.to_thread.run_sync, copy_lane, lane)
+    return {key: out[key] for key in tensors}
 
 
 async def read_state(storage: Storage, root: str) -> CheckpointState | None:

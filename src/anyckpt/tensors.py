@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from .codecs.dtypes import STRING_DTYPE, enum_from_dtype
+from .codecs.dtypes import NUMERIC_DTYPES, STRING_DTYPE, enum_from_dtype
 from .partitioned import Partitioned
 
 
@@ -48,6 +48,8 @@ def as_tensor(value: Any) -> np.ndarray:
     (``str``, NumPy ``U``/``S`` arrays, object arrays of str/bytes) becomes an object array of
     ``bytes`` (UTF-8 for ``str``). Raises TypeError for dtypes TensorFlow has no name for.
     """
+    if type(value) is np.ndarray and value.dtype in NUMERIC_DTYPES:
+        return value  # the common case, checked first: a plain numeric array
     if isinstance(value, Partitioned) and value.partitions:  # keep how it is split
         return Partitioned.from_full(as_tensor(value.view(np.ndarray)), value.partitions)
     array = np.asarray(value)

@@ -42,6 +42,8 @@ _BY_ENUM: dict[int, np.dtype] = {
     30: np.dtype(ml_dtypes.uint4),
 }
 _BY_DTYPE: dict[np.dtype, int] = {dt: enum for enum, dt in _BY_ENUM.items()}
+#: The numeric dtypes TensorFlow can store, in native byte order (a fast membership test).
+NUMERIC_DTYPES: frozenset[np.dtype] = frozenset(_BY_DTYPE)
 
 #: TensorFlow's names, for messages and the CLI.
 _TF_NAMES: dict[int, str] = {
