@@ -295,6 +295,36 @@ def test_inspect_values_of_one_key() -> None:
 
 
 @needs_fixtures
+def test_inspect_shows_the_meta_graph() -> None:
+    result = run("inspect", str(FIXTURES / "v1_sharded" / "model.ckpt-5-?????-of-00002"))
+    assert result.returncode == 0, result.stderr
+    assert "meta graph: " in result.stdout
+    assert "saver: version V1, max_to_keep 5" in result.stdout
+    assert "sharded True" in result.stdout
+    row = next(line for line in result.stdout.splitlines() if "part_1" in line)
+    assert "d1/part" in row
+    assert "5 3 0,5:2,1" in row
+    doc = json.loads(run("inspect", str(FIXTURES / "v2_dtypes"), "--json").stdout)
+    assert doc["meta_graph"]["saver_def"]["version"] == "V2"
+    assert len(doc["meta_graph"]["variables"]) == len(doc["tensors"])
+    plain = json.loads(run("inspect", str(FIXTURES / "tf2_object"), "--json").stdout)
+    assert plain["meta_graph"] is None  # tf.train.CheckpointManager writes no .meta
+
+
+@needs_fixtures
+def test_inspect_of_a_damaged_meta_graph_exits_1(tmp_path: Path) -> None:
+    prefix = tmp_path / "m-1"
+    assert (
+        run("convert", str(FIXTURES / "v2_large_entry" / "model.ckpt-1"), str(prefix)).returncode
+        == 0
+    )
+    (tmp_path / "m-1.meta").write_bytes(b"\xff" * 64)
+    result = run("inspect", str(prefix))
+    assert result.returncode == 1
+    assert "m-1.meta" in one_error_line(result)
+
+
+@needs_fixtures
 def test_inspect_unknown_key_exits_3() -> None:
     result = run("inspect", str(FIXTURES / "v2_partitioned"), "--key", "nope")
     assert result.returncode == 3

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
 from typing import Any
@@ -120,7 +121,10 @@ class open:
 
 
 def meta_path(prefix: str) -> str:
-    """The ``.meta`` file of a checkpoint prefix."""
+    """The ``.meta`` file of a checkpoint prefix (of a V1 sharded pattern
+    ``PREFIX-?????-of-N`` too: ``PREFIX.meta``, as TensorFlow names it)."""
+    if re.fullmatch(r".*-\?{5}-of-\d{5}", prefix):
+        prefix = prefix.rsplit("-", 3)[0]
     return prefix + ".meta"
 
 
@@ -204,14 +208,15 @@ async def read_meta_graph(
     variables (name, dtype, shape, and the checkpoint key each is restored from), saver_def
     and collections. Damaged or foreign bytes raise :class:`~anyckpt.CorruptCheckpointError`."""
     storage, where = Storage.from_url(path, storage_options)
-    if not where.endswith(".meta"):
-        where = meta_path(where)
-    data = await anyio.to_thread.run_sync(
-        lambda: storage.read_bytes(where, max_size=MAX_META_BYTES)
-    )
+    return await read_meta_file(storage, where if where.endswith(".meta") else meta_path(where))
+
+
+async def read_meta_file(storage: Storage, path: str) -> MetaGraphInfo:
+    """:func:`read_meta_graph` of one ``.meta`` file of ``storage``."""
+    data = await anyio.to_thread.run_sync(lambda: storage.read_bytes(path, max_size=MAX_META_BYTES))
     try:
         return await anyio.to_thread.run_sync(decode_meta_graph, data)
     except DecodeError as exc:
         raise CorruptCheckpointError(
-            f"not a TensorFlow meta graph: {exc}", path=storage.url(where)
+            f"not a TensorFlow meta graph: {exc}", path=storage.url(path)
         ) from None

@@ -11,8 +11,11 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
+from ..api import meta_path, read_meta_file
+from ..codecs.dtypes import tf_name
 from ..errors import CheckpointNotFoundError
 from ..formats.base import CheckpointReader, TensorSlice, TensorSpec
+from ..meta import MetaGraphInfo
 from ..storage import Storage
 from ._common import CliError, Context, ExitCode, find_checkpoint, shape_text, tensor_nbytes
 from ._output import format_bytes, print_json, table
@@ -129,8 +132,46 @@ def select_keys(reader: CheckpointReader, wanted: list[str]) -> list[str]:
     return list(dict.fromkeys(wanted))
 
 
+async def load_meta(storage: Storage, prefix: str) -> MetaGraphInfo | None:
+    """The checkpoint's ``.meta`` graph (written by TF's Saver), or None if it has none."""
+    try:
+        return await read_meta_file(storage, meta_path(prefix))
+    except CheckpointNotFoundError:
+        return None
+
+
+def meta_lines(info: MetaGraphInfo, keys: set[str] | None = None) -> list[str]:
+    """Text for the ``.meta`` graph: its SaverDef, variables (those restored from ``keys``,
+    when given) and collections."""
+    saver = info.saver
+    head = f"meta graph: {info.num_nodes} nodes"
+    if info.tensorflow_version or info.meta_graph_version:
+        head += f", written by {info.tensorflow_version or info.meta_graph_version}"
+    lines = [head]
+    if saver is not None:
+        lines.append(
+            f"  saver: version V{saver.version}, max_to_keep {saver.max_to_keep}, "
+            f"keep_checkpoint_every_n_hours {saver.keep_checkpoint_every_n_hours}, "
+            f"sharded {saver.sharded}, restore op {saver.restore_op_name}"
+        )
+    rows = [["VARIABLE", "DTYPE", "SHAPE", "CHECKPOINT KEY", "SLICE"]]
+    for var in info.variables:
+        if keys is not None and var.checkpoint_key not in keys:
+            continue
+        shape = "?" if var.shape is None else shape_text(var.shape)
+        rows.append(
+            [var.name, tf_name(var.dtype_enum), shape, var.checkpoint_key or "", var.slice_spec]
+        )
+    lines.append(table(rows, indent="  "))
+    if info.collections:
+        names = ", ".join(f"{k} ({len(v)})" for k, v in sorted(info.collections.items()))
+        lines.append(f"  collections: {names}")
+    return lines
+
+
 async def run(ctx: Context, args: argparse.Namespace) -> int:
     ckpt = await find_checkpoint(ctx, args.prefix)
+    meta = await load_meta(ckpt.storage, ckpt.path)
     reader = await ckpt.format.open(ckpt.storage, ckpt.path)
     try:
         keys = select_keys(reader, args.key)
@@ -163,6 +204,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                     for p, s in zip(paths, sizes, strict=True)
                 ],
                 "tensors": tensors,
+                "meta_graph": None if meta is None else meta.to_dict(),
             },
             ctx.out,
         )
@@ -193,6 +235,10 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             ]
         )
     ctx.echo(table(rows, right=(3,), indent="  "))
+    if meta is not None:
+        ctx.echo()
+        for line in meta_lines(meta, set(keys) if args.key else None):
+            ctx.echo(line)
     if values:
         with np.printoptions(threshold=200, edgeitems=3, linewidth=100):
             for key in keys:
