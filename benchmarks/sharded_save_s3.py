@@ -5,8 +5,10 @@
 Starts the same S3-protocol server the tests use (``tests/servers.py s3``, loopback only),
 saves ``--gib`` GiB of float32 (64 tensors) unsharded and over ``--shards`` data files
 (uploaded concurrently), deletes each checkpoint after its save, and prints the median time
-and throughput. The server is a Python process on the same two cores, so this measures
-anyckpt's concurrency against a CPU-bound peer, not a real object store's bandwidth.
+and throughput, next to the reference the performance target names: one sequential upload of
+the same bytes (one s3fs file, written tensor by tensor). The server is a Python process on
+the same two cores, so this measures anyckpt's concurrency against a CPU-bound peer, not a
+real object store's bandwidth.
 """
 
 from __future__ import annotations
@@ -61,6 +63,19 @@ def main() -> None:
         tensors = {f"layer{i:03d}/w": rng.standard_normal(per, dtype=np.float32) for i in range(64)}
         gib = sum(t.nbytes for t in tensors.values()) / (1 << 30)
         print(f"{gib:.2f} GiB in 64 float32 tensors -> S3 test server on 127.0.0.1:{port}")
+        times = []
+        for run in range(args.repeat):
+            started = time.perf_counter()
+            with fs.open(f"bench/sequential-{run}", "wb") as f:
+                for tensor in tensors.values():
+                    f.write(tensor.data)
+            times.append(time.perf_counter() - started)
+            fs.rm(f"bench/sequential-{run}")
+        reference = statistics.median(times)
+        print(
+            f"one sequential upload: median {reference:.2f} s, {gib / reference:.2f} GiB/s "
+            f"(runs: {', '.join(f'{t:.2f}' for t in times)})"
+        )
         for shards in (1, args.shards):
             times = []
             for run in range(args.repeat):
@@ -76,7 +91,8 @@ def main() -> None:
                 fs.rm(where, recursive=True)
             median = statistics.median(times)
             print(
-                f"shards={shards}: median {median:.2f} s, {gib / median:.2f} GiB/s "
+                f"shards={shards}: median {median:.2f} s, {gib / median:.2f} GiB/s, "
+                f"{reference / median:.2f} x the sequential upload "
                 f"(runs: {', '.join(f'{t:.2f}' for t in times)})"
             )
     finally:
