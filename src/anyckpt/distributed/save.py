@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
+import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 
@@ -37,7 +38,7 @@ from ..codecs.dtypes import enum_from_dtype
 from ..codecs.table import TableBuilder
 from ..errors import CheckpointError, ConcurrentWriterError
 from ..formats.sharded import tensor_nbytes
-from ..formats.v2 import _thread_cancel_check, _write_shard, data_path, index_path
+from ..formats.v2 import _write_shard, data_path, index_path
 from ..partitioned import Partitioned, partitions_of
 from ..tensors import as_tensor, flatten, key_to_bytes
 from .base import CoordinationError, Coordinator
@@ -365,7 +366,13 @@ async def _write_files(
         path = data_path(prefix, shard, plan.num_shards)
         pairs = [(item.data_key, arrays[item.unit]) for item in items]
         found = await anyio.to_thread.run_sync(
-            _write_shard, storage, path, pairs, manager.durable, shard, _thread_cancel_check
+            _write_shard,
+            storage,
+            path,
+            pairs,
+            manager.durable,
+            shard,
+            anyio.from_thread.check_cancelled,
         )
         written.append(path)
         entries.update(found)

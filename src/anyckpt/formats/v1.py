@@ -145,10 +145,6 @@ def _write_file(
         raise
 
 
-def _thread_cancel_check() -> None:
-    anyio.from_thread.check_cancelled()
-
-
 class V1Format:
     """TensorFlow's V1 checkpoint (``TensorSliceWriter`` / ``TensorSliceReader``)."""
 
@@ -192,7 +188,7 @@ class V1Format:
                 paths[i],
                 [items[k] for k in shards[i]],
                 durable,
-                _thread_cancel_check,
+                anyio.from_thread.check_cancelled,
                 partial(writers.__setitem__, i),
             )
 

@@ -214,10 +214,6 @@ def _write_shard(
     return entries
 
 
-def _thread_cancel_check() -> None:
-    anyio.from_thread.check_cancelled()
-
-
 class V2Format:
     """The V2 tensor bundle (TensorFlow's default since 1.x)."""
 
@@ -307,7 +303,7 @@ class V2Format:
         results: dict[bytes, BundleEntry],
     ) -> None:
         entries = await anyio.to_thread.run_sync(
-            _write_shard, storage, path, items, durable, shard, _thread_cancel_check
+            _write_shard, storage, path, items, durable, shard, anyio.from_thread.check_cancelled
         )
         results.update(entries)
 
