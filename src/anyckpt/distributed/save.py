@@ -38,7 +38,8 @@ from ..codecs.dtypes import enum_from_dtype
 from ..codecs.table import TableBuilder
 from ..errors import CheckpointError, ConcurrentWriterError
 from ..formats.sharded import tensor_nbytes
-from ..formats.v2 import _write_shard, data_path, index_path
+from ..formats.v2_data import _write_shard
+from ..formats.v2_layout import data_path, index_path
 from ..partitioned import Partitioned, partitions_of
 from ..tensors import as_tensor, flatten, key_to_bytes
 from .base import CoordinationError, Coordinator

@@ -42,7 +42,7 @@ from ..storage import FileReader, FileWriter, Storage
 from ..tensors import key_from_bytes, key_to_bytes
 from .base import Extent, Index, TensorSlice, TensorSpec
 from .sharded import ShardOptions, plan_shards, tensor_nbytes
-from .v2 import _normalize_index, _squeeze
+from .v2_reader import _normalize_index, _squeeze
 
 Extents = tuple[Extent, ...]
 _PATTERN = re.compile(r"(.*)-\?\?\?\?\?-of-(\d{5})")

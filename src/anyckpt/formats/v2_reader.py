@@ -1,0 +1,553 @@
+"""Reading a V2 bundle: the parsed index, and reads of the data files on demand."""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
+
+import anyio
+import anyio.from_thread
+import anyio.to_thread
+import numpy as np
+
+from .._concurrency import run_concurrently
+from ..codecs import DecodeError
+from ..codecs.bundle import (
+    HEADER_KEY,
+    BundleEntry,
+    decode_entry,
+    decode_header,
+    decode_string_tensor,
+    string_array,
+)
+from ..codecs.crc import masked_crc32c
+from ..codecs.dtypes import (
+    DT_STRING,
+    disk_dtype,
+    dtype_from_enum,
+)
+from ..codecs.ordered_code import decode_tensor_name_slice
+from ..codecs.table import read_table
+from ..errors import CorruptCheckpointError
+from ..storage import FileReader, Storage
+from ..tensors import key_from_bytes, key_to_bytes
+from ._arrays import _byte_view, _dtypes, _empty_large
+from .base import Index, TensorSlice, TensorSpec
+from .v2_layout import (
+    COALESCE_BYTES,
+    GATHER_BYTES,
+    PARALLEL_BYTES,
+    data_path,
+    index_path,
+)
+
+
+class V2Reader:
+    """An open V2 bundle: the parsed index, and reads of the data files on demand."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        prefix: str,
+        num_shards: int,
+        entries: dict[str, BundleEntry],
+        slices: dict[str, dict[tuple[tuple[int, int], ...], BundleEntry]],
+    ) -> None:
+        self.storage = storage
+        self.prefix = prefix
+        self.num_shards = num_shards
+        self._entries = entries
+        self._slices = slices
+        self._index_url = storage.url(index_path(prefix))
+
+    @classmethod
+    def from_index(cls, storage: Storage, prefix: str, data: bytes) -> V2Reader:
+        where = storage.url(index_path(prefix))
+        try:
+            table = read_table(data)
+            if not table or table[0][0] != HEADER_KEY:
+                raise DecodeError("the bundle header (key '') is missing")
+            num_shards = decode_header(table[0][1])
+            raw_entries = {key: decode_entry(value) for key, value in table[1:]}
+        except DecodeError as exc:
+            raise CorruptCheckpointError(str(exc), path=where) from None
+        entries: dict[str, BundleEntry] = {}
+        slices: dict[str, dict[tuple[tuple[int, int], ...], BundleEntry]] = {}
+        partitioned = {k for k, e in raw_entries.items() if e.slices}
+        for raw, entry in raw_entries.items():
+            if raw[:1] == b"\0" and partitioned:
+                try:
+                    name, extents = decode_tensor_name_slice(raw)
+                except DecodeError:
+                    name, extents = b"", ()
+                if name in partitioned:
+                    slices.setdefault(key_from_bytes(name), {})[extents] = entry
+                    continue
+            entries[key_from_bytes(raw)] = entry
+        reader = cls(storage, prefix, num_shards, entries, slices)
+        reader._validate()
+        return reader
+
+    def _corrupt(self, message: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(message, path=self._index_url)
+
+    def _validate(self) -> None:
+        for key, entry in self._entries.items():
+            dtype_from_enum(entry.dtype, path=self._index_url)
+            if entry.slices:
+                stored = self._slices.get(key, {})
+                for extents in entry.slices:
+                    if len(extents) != len(entry.shape):
+                        raise self._corrupt(f"slice of {key!r} has the wrong rank")
+                    for (start, length), dim in zip(extents, entry.shape, strict=True):
+                        if start < 0 or length < -1 or (length != -1 and start + length > dim):
+                            raise self._corrupt(
+                                f"slice {extents} of {key!r} is outside {entry.shape}"
+                            )
+                    if extents not in stored:
+                        raise self._corrupt(f"slice {extents} of {key!r} has no entry")
+                if not _tiles(entry.shape, [TensorSlice(e).box(entry.shape) for e in entry.slices]):
+                    raise self._corrupt(f"the slices of {key!r} overlap or leave gaps")
+                continue
+            self._check_location(key, entry)
+        for key, by_extent in self._slices.items():
+            for extents, entry in by_extent.items():
+                if entry.dtype != self._entries[key].dtype:
+                    raise self._corrupt(f"slice {extents} of {key!r} has another dtype")
+                self._check_location(key, entry)
+
+    def _check_location(self, key: str, entry: BundleEntry) -> None:
+        if entry.shard_id >= self.num_shards:
+            raise self._corrupt(f"{key!r} is in shard {entry.shard_id} of {self.num_shards}")
+        if entry.dtype != DT_STRING:
+            expected = math.prod(entry.shape) * dtype_from_enum(entry.dtype).itemsize
+            if expected != entry.size:
+                raise self._corrupt(
+                    f"{key!r}: shape {entry.shape} needs {expected} bytes, "
+                    f"the entry says {entry.size}"
+                )
+        elif math.prod(entry.shape) > entry.size:
+            raise self._corrupt(f"{key!r}: {math.prod(entry.shape)} strings in {entry.size} bytes")
+
+    # -- metadata --------------------------------------------------------------------------
+
+    def keys(self) -> list[str]:
+        return sorted(self._entries, key=key_to_bytes)
+
+    def _entry(self, key: str) -> BundleEntry:
+        try:
+            return self._entries[key]
+        except KeyError:
+            raise KeyError(f"{key!r} is not in checkpoint {self.prefix}") from None
+
+    def spec(self, key: str) -> TensorSpec:
+        entry = self._entry(key)
+        parts = tuple(TensorSlice(extents) for extents in entry.slices)
+        nbytes = (
+            sum(e.size for e in self._slices.get(key, {}).values()) if entry.slices else entry.size
+        )
+        return TensorSpec(dtype_from_enum(entry.dtype), entry.shape, parts, nbytes)
+
+    def files(self) -> list[str]:
+        return [
+            *(data_path(self.prefix, i, self.num_shards) for i in range(self.num_shards)),
+            index_path(self.prefix),
+        ]
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> V2Reader:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+    # -- data ------------------------------------------------------------------------------
+
+    def _decode(
+        self,
+        key: str,
+        entry: BundleEntry,
+        data: bytes | None,
+        out: np.ndarray | None,
+        verify: bool,
+        path: str,
+    ) -> np.ndarray:
+        """Check and shape one entry's bytes (``data`` for strings, ``out`` already filled)."""
+        if entry.dtype == DT_STRING:
+            assert data is not None
+            try:
+                values = decode_string_tensor(
+                    data, math.prod(entry.shape), expected_crc=entry.crc32c if verify else None
+                )
+            except DecodeError as exc:
+                raise CorruptCheckpointError(f"tensor {key!r}: {exc}", path=path) from None
+            return string_array(values, entry.shape)
+        assert out is not None
+        if verify:
+            actual = masked_crc32c(_byte_view(out))
+            if actual != entry.crc32c:
+                raise CorruptCheckpointError(
+                    f"tensor {key!r}: checksum mismatch (stored {entry.crc32c:#010x}, "
+                    f"computed {actual:#010x})",
+                    path=path,
+                )
+        dtype = dtype_from_enum(entry.dtype)
+        return out if out.dtype == dtype else out.astype(dtype)
+
+    def _read_shard(
+        self, shard: int, wanted: list[tuple[str, BundleEntry]], verify: bool
+    ) -> list[tuple[str, BundleEntry, np.ndarray]]:
+        """Read entries of one data file (worker thread); entries sorted by offset."""
+        path = data_path(self.prefix, shard, self.num_shards)
+        url = self.storage.url(path)
+        reader = self.storage.open_reader(path)
+        out: list[tuple[str, BundleEntry, np.ndarray]] = []
+        try:
+            for key, entry in wanted:
+                if entry.offset + entry.size > reader.size:
+                    raise CorruptCheckpointError(
+                        f"tensor {key!r} (offset {entry.offset}, size {entry.size}) lies past the "
+                        f"end of the file ({reader.size} bytes)",
+                        path=url,
+                    )
+            read_into_many = getattr(reader, "read_into_many", None)
+            if self.storage.is_local and read_into_many is not None:
+                return self._read_local(reader, read_into_many, wanted, verify, url)
+            for chunk in _coalesce(wanted, 1 if self.storage.is_local else COALESCE_BYTES):
+                anyio.from_thread.check_cancelled()
+                base = chunk[0][1].offset
+                blob = None
+                if len(chunk) > 1:
+                    end = chunk[-1][1].offset + chunk[-1][1].size
+                    blob = memoryview(reader.read(base, end - base))
+                for key, entry in chunk:
+                    out.append(
+                        (key, entry, self._read_entry(reader, key, entry, blob, base, verify, url))
+                    )
+        finally:
+            reader.close()
+        return out
+
+    def _read_local(
+        self,
+        reader: FileReader,
+        read_into_many: Callable[[int, list[memoryview]], None],
+        wanted: list[tuple[str, BundleEntry]],
+        verify: bool,
+        url: str,
+    ) -> list[tuple[str, BundleEntry, np.ndarray]]:
+        """Local file: runs of small neighbouring tensors are read with one ``preadv`` each,
+        straight into their arrays; large tensors are read in file order by this thread
+        while a helper thread checksums those already read (one sequential stream keeps the
+        kernel's readahead whole; two readers would interleave and halve a cold read)."""
+        out: list[tuple[str, BundleEntry, np.ndarray]] = []
+        big: list[tuple[str, BundleEntry]] = []
+        small: list[tuple[str, BundleEntry]] = []
+        for item in wanted:
+            entry = item[1]
+            if entry.size >= PARALLEL_BYTES and entry.dtype != DT_STRING:
+                big.append(item)
+            else:
+                small.append(item)
+        helper: ThreadPoolExecutor | None = None
+        checks: list[tuple[str, BundleEntry, np.ndarray, Future[int] | None]] = []
+        try:
+            if big:
+                helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
+                for key, entry in big:
+                    anyio.from_thread.check_cancelled()
+                    array = _empty_large(entry.shape, _dtypes(entry.dtype)[0])
+                    view = _byte_view(array)
+                    reader.read_into(entry.offset, view)
+                    crc = helper.submit(masked_crc32c, view) if verify else None
+                    checks.append((key, entry, array, crc))
+            for run in _coalesce_small(small):
+                anyio.from_thread.check_cancelled()
+                if len(run) == 1:
+                    key, entry = run[0]
+                    out.append(
+                        (key, entry, self._read_entry(reader, key, entry, None, 0, verify, url))
+                    )
+                    continue
+                arrays = [np.empty(entry.shape, dtype=_dtypes(entry.dtype)[0]) for _, entry in run]
+                read_into_many(run[0][1].offset, [_byte_view(a) for a in arrays])
+                for (key, entry), array in zip(run, arrays, strict=True):
+                    if verify and masked_crc32c(_byte_view(array)) != entry.crc32c:
+                        self._decode(key, entry, None, array, verify, url)  # raises
+                    native = _dtypes(entry.dtype)[1]
+                    out.append(
+                        (key, entry, array if array.dtype == native else array.astype(native))
+                    )
+            for key, entry, array, crc in checks:
+                if crc is not None and crc.result() != entry.crc32c:
+                    self._decode(key, entry, None, array, verify, url)  # raises
+                native = _dtypes(entry.dtype)[1]
+                out.append((key, entry, array if array.dtype == native else array.astype(native)))
+        finally:
+            if helper is not None:
+                helper.shutdown(wait=True, cancel_futures=True)
+        return out
+
+    def _read_entry(
+        self,
+        reader: FileReader,
+        key: str,
+        entry: BundleEntry,
+        blob: memoryview | None,
+        base: int,
+        verify: bool,
+        url: str,
+    ) -> np.ndarray:
+        start = entry.offset - base
+        if entry.dtype == DT_STRING:
+            data = (
+                bytes(blob[start : start + entry.size])
+                if blob is not None
+                else reader.read(entry.offset, entry.size)
+            )
+            return self._decode(key, entry, data, None, verify, url)
+        dtype = disk_dtype(dtype_from_enum(entry.dtype))
+        array = np.empty(entry.shape, dtype=dtype)
+        if blob is not None:
+            _byte_view(array)[:] = blob[start : start + entry.size]
+        elif entry.size:
+            reader.read_into(entry.offset, _byte_view(array))
+        return self._decode(key, entry, None, array, verify, url)
+
+    async def _read_entries(
+        self, wanted: list[tuple[str, BundleEntry]], verify: bool
+    ) -> list[tuple[str, BundleEntry, np.ndarray]]:
+        by_shard: dict[int, list[tuple[str, BundleEntry]]] = defaultdict(list)
+        for key, entry in wanted:
+            by_shard[entry.shard_id].append((key, entry))
+        results: list[tuple[str, BundleEntry, np.ndarray]] = []
+
+        async def run(shard: int, items: list[tuple[str, BundleEntry]]) -> None:
+            items.sort(key=lambda item: item[1].offset)
+            results.extend(await anyio.to_thread.run_sync(self._read_shard, shard, items, verify))
+
+        await run_concurrently(partial(run, shard, items) for shard, items in by_shard.items())
+        return results
+
+    async def read_many(
+        self, keys: Sequence[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        names = self.keys() if keys is None else list(keys)
+        plain = [(k, self._entry(k)) for k in names if not self._entry(k).slices]
+        out = {key: array for key, _, array in await self._read_entries(plain, verify)}
+        for key in names:
+            if self._entry(key).slices:
+                out[key] = await self._assemble(key, None, verify)
+        return {key: out[key] for key in names}
+
+    async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
+        entry = self._entry(key)
+        box, squeeze = _normalize_index(index, entry.shape)
+        if entry.slices:
+            return _squeeze(await self._assemble(key, box, verify), squeeze)
+        if box is None or entry.dtype == DT_STRING:
+            [(_, _, array)] = await self._read_entries([(key, entry)], verify)
+            if box is not None:
+                array = array[tuple(slice(a, b) for a, b in box)]
+            return _squeeze(array, squeeze)
+        array = await anyio.to_thread.run_sync(self._read_box, key, entry, box)
+        return _squeeze(array, squeeze)
+
+    def _read_box(self, key: str, entry: BundleEntry, box: list[tuple[int, int]]) -> np.ndarray:
+        """Read only the bytes of a box over the leading axes (no checksum: it covers the whole)."""
+        dtype = dtype_from_enum(entry.dtype)
+        shape = entry.shape
+        full_box = box + [(0, d) for d in shape[len(box) :]]
+        out_shape = tuple(b - a for a, b in full_box)
+        path = data_path(self.prefix, entry.shard_id, self.num_shards)
+        reader = self.storage.open_reader(path)
+        try:
+            # Before allocating: an entry claiming more bytes than the file holds is corrupt.
+            if entry.offset + entry.size > reader.size:
+                raise CorruptCheckpointError(
+                    f"tensor {key!r} lies past the end of the file", path=self.storage.url(path)
+                )
+            out = np.empty(out_shape, dtype=disk_dtype(dtype))
+            if out.size == 0:
+                return out.astype(dtype)
+            self._read_box_into(reader, entry, full_box, out)
+        finally:
+            reader.close()
+        return out if out.dtype == dtype else out.astype(dtype)
+
+    @staticmethod
+    def _read_box_into(
+        reader: FileReader, entry: BundleEntry, full_box: list[tuple[int, int]], out: np.ndarray
+    ) -> None:
+        dtype = out.dtype
+        shape = entry.shape
+        # Axes from `split` on are read as one contiguous run per index of the axes before it.
+        split = len(shape)
+        while split > 0 and full_box[split - 1] == (0, shape[split - 1]):
+            split -= 1
+        split = max(split - 1, 0)
+        strides = [math.prod(shape[i + 1 :]) * dtype.itemsize for i in range(len(shape))]
+        run = (
+            (full_box[split][1] - full_box[split][0]) * strides[split] if shape else dtype.itemsize
+        )
+        outer = [range(a, b) for a, b in full_box[:split]]
+        dest = _byte_view(out)
+        at = 0
+        for idx in np.ndindex(*(len(r) for r in outer)) if outer else [()]:
+            start = entry.offset + sum((outer[i][j]) * strides[i] for i, j in enumerate(idx))
+            if shape:
+                start += full_box[split][0] * strides[split]
+            reader.read_into(start, dest[at : at + run])
+            at += run
+
+    async def _assemble(
+        self, key: str, box: list[tuple[int, int]] | None, verify: bool
+    ) -> np.ndarray:
+        """Put a partitioned tensor (or the box of it asked for) together from its slices."""
+        entry = self._entry(key)
+        full = entry.shape
+        want = (box or []) + [(0, d) for d in full[len(box or []) :]]
+        dtype = dtype_from_enum(entry.dtype)
+        out_shape = tuple(b - a for a, b in want)
+        needed: list[tuple[str, BundleEntry, TensorSlice]] = []
+        covered = 0
+        for extents in entry.slices:
+            part = TensorSlice(extents)
+            pbox = part.box(full)
+            inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(pbox, want, strict=True)]
+            if all(a < b for a, b in inter) or (math.prod(full) == 0 and not needed):
+                needed.append((key, self._slices[key][extents], part))
+                covered += math.prod(b - a for a, b in inter)
+        if covered != math.prod(out_shape):
+            raise self._corrupt(f"the slices of {key!r} do not cover it exactly")
+        # A slice only part of which is wanted: only that part's bytes are read (unverified,
+        # as any ranged read), e.g. a rank restoring its share after a change of world size.
+        partial: list[tuple[BundleEntry, list[tuple[int, int]], tuple[slice, ...]]] = []
+        if box is not None and entry.dtype != DT_STRING:
+            for item in list(needed):
+                _, slice_entry, part = item
+                pbox = part.box(full)
+                inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(pbox, want, strict=True)]
+                if inter == list(pbox) or math.prod(b - a for a, b in inter) == 0:
+                    continue
+                if slice_entry.shape != tuple(b - a for a, b in pbox):
+                    raise self._corrupt(f"slice {part.extents} of {key!r} has the wrong shape")
+                rel = [(a - p, b - p) for (a, b), (p, _) in zip(inter, pbox, strict=True)]
+                dst = tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want, strict=True))
+                partial.append((slice_entry, rel, dst))
+                needed.remove(item)
+        parts = await self._read_entries([(k, e) for k, e, _ in needed], verify)
+        pieces: list[tuple[tuple[slice, ...], np.ndarray]] = []
+        for slice_entry, rel, dst in partial:
+            piece = await anyio.to_thread.run_sync(self._read_box, key, slice_entry, rel)
+            pieces.append((dst, piece))
+        # Allocated only now that the slices proved to be in their files.
+        out = np.empty(out_shape, dtype=dtype)
+        for dst, piece in pieces:
+            out[dst] = piece
+        by_entry = {id(e): arr for _, e, arr in parts}
+        for _, slice_entry, part in needed:
+            array = by_entry[id(slice_entry)]
+            pbox = part.box(full)
+            if array.shape != tuple(b - a for a, b in pbox):
+                raise self._corrupt(f"slice {part.extents} of {key!r} has shape {array.shape}")
+            inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(pbox, want, strict=True)]
+            src = tuple(slice(a - p, b - p) for (a, b), (p, _) in zip(inter, pbox, strict=True))
+            dst = tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want, strict=True))
+            out[dst] = array[src]
+        return out
+
+
+def _tiles(shape: tuple[int, ...], boxes: list[tuple[tuple[int, int], ...]]) -> bool:
+    """Whether ``boxes`` cover a tensor of ``shape`` exactly once (disjoint, no gaps)."""
+    if sum(math.prod(b - a for a, b in box) for box in boxes) != math.prod(shape):
+        return False
+    for i, first in enumerate(boxes):
+        for second in boxes[i + 1 :]:
+            if all(max(a, c) < min(b, d) for (a, b), (c, d) in zip(first, second, strict=True)):
+                return False
+    return True
+
+
+def _coalesce_small(items: list[tuple[str, BundleEntry]]) -> list[list[tuple[str, BundleEntry]]]:
+    """Runs of offset-sorted, back-to-back numeric entries (strings stand alone), each run of
+    at most GATHER_BYTES, to be read with one scatter read."""
+    runs: list[list[tuple[str, BundleEntry]]] = []
+    run: list[tuple[str, BundleEntry]] = []
+    end = start = -1
+    for item in items:
+        entry = item[1]
+        if entry.dtype == DT_STRING:
+            if run:
+                runs.append(run)
+                run = []
+            runs.append([item])
+            continue
+        if run and entry.offset == end and end + entry.size - start <= GATHER_BYTES:
+            run.append(item)
+        else:
+            if run:
+                runs.append(run)
+            run = [item]
+            start = entry.offset
+        end = entry.offset + entry.size
+    if run:
+        runs.append(run)
+    return runs
+
+
+def _coalesce(
+    items: list[tuple[str, BundleEntry]], limit: int
+) -> list[list[tuple[str, BundleEntry]]]:
+    """Group offset-sorted entries that are back to back into runs of at most ``limit`` bytes."""
+    chunks: list[list[tuple[str, BundleEntry]]] = []
+    for item in items:
+        entry = item[1]
+        if chunks:
+            last = chunks[-1]
+            first, prev = last[0][1], last[-1][1]
+            if (
+                prev.offset + prev.size == entry.offset
+                and entry.offset + entry.size - first.offset <= limit
+            ):
+                last.append(item)
+                continue
+        chunks.append([item])
+    return chunks
+
+
+def _normalize_index(
+    index: Index, shape: tuple[int, ...]
+) -> tuple[list[tuple[int, int]] | None, list[int]]:
+    """(start, stop) per leading axis, and which of those axes an int index drops."""
+    if index is None:
+        return None, []
+    items = index if isinstance(index, tuple) else (index,)
+    if len(items) > len(shape):
+        raise IndexError(f"{len(items)} indices for a tensor of rank {len(shape)}")
+    box: list[tuple[int, int]] = []
+    squeeze: list[int] = []
+    for axis, (item, dim) in enumerate(zip(items, shape, strict=False)):
+        if isinstance(item, slice):
+            start, stop, step = item.indices(dim)
+            if step != 1:
+                raise IndexError("only step-1 slices are supported")
+            box.append((start, max(start, stop)))
+        elif isinstance(item, (int, np.integer)):
+            i = int(item) + (dim if item < 0 else 0)
+            if not 0 <= i < dim:
+                raise IndexError(f"index {item} is out of bounds for axis {axis} of size {dim}")
+            box.append((i, i + 1))
+            squeeze.append(axis)
+        else:
+            raise TypeError(f"index items must be int or slice, not {type(item).__name__}")
+    return box, squeeze
+
+
+def _squeeze(array: np.ndarray, axes: list[int]) -> np.ndarray:
+    return array.reshape([d for i, d in enumerate(array.shape) if i not in axes]) if axes else array
