@@ -33,7 +33,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
@@ -73,6 +73,11 @@ def _iov_max() -> int:
 
 
 _IOV_MAX = _iov_max()
+
+
+def _nbytes(buffer: Buffer) -> int:
+    """Size in bytes of a memoryview or NumPy array (both have ``nbytes``)."""
+    return buffer.nbytes  # type: ignore[attr-defined, no-any-return]
 
 
 def _bytes_view(buffer: Buffer) -> memoryview:
@@ -119,28 +124,30 @@ class _LocalWriter:
             written = os.write(self._fd, view)
             view = view[written:]
 
-    def write_many(self, buffers: list[memoryview]) -> None:
-        """Write byte views back to back, up to IOV_MAX per system call (``writev``): many
-        small tensors cost a few calls, and nothing is copied into a staging buffer."""
+    def write_many(self, buffers: Sequence[Buffer]) -> None:
+        """Write buffers (byte views, C-contiguous arrays) back to back, up to IOV_MAX per
+        system call (``writev``): many small tensors cost a few calls, and nothing is copied
+        into a staging buffer."""
         assert self._fd is not None
         if not hasattr(os, "writev"):
             for view in buffers:
                 self.write(view)
             return
-        views = [v for v in buffers if v.nbytes]
+        views: list[Buffer] = [v for v in buffers if _nbytes(v)]
         while views:
             batch = views[:_IOV_MAX]
             written = os.writev(self._fd, batch)
             # Drop what was written; a short write leaves the rest of one view to redo.
             done = 0
             for view in batch:
-                if written < view.nbytes:
+                size = _nbytes(view)
+                if written < size:
                     break
-                written -= view.nbytes
+                written -= size
                 done += 1
             views = views[done:]
             if written:
-                views[0] = views[0][written:]
+                views[0] = _bytes_view(views[0])[written:]
 
     def commit(self) -> None:
         assert self._fd is not None

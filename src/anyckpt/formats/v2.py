@@ -22,22 +22,19 @@ import numpy as np
 
 from .._concurrency import run_concurrently
 from ..codecs.bundle import (
-    HEADER_KEY,
     BundleEntry,
-    encode_entry,
-    encode_header,
 )
 from ..codecs.dtypes import (
     enum_from_dtype,
 )
 from ..codecs.ordered_code import encode_tensor_name_slice
-from ..codecs.table import TableBuilder
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..partitioned import partitions_of
 from ..storage import Storage
 from ..tensors import key_to_bytes
 from .sharded import ShardOptions, plan_shards, tensor_nbytes
-from .v2_data import _write_shard
+from .v2_data import DataFileEntries, write_data_file
+from .v2_index import build_index
 from .v2_layout import MAX_INDEX_BYTES, data_path, index_path
 from .v2_reader import V2Reader
 
@@ -62,14 +59,19 @@ class V2Format:
         A :class:`~anyckpt.Partitioned` tensor is stored as TensorFlow stores a partitioned
         variable: a full-name entry listing the slices, and one entry per slice."""
         opts = ShardOptions.from_options(options)
-        names = sorted(tensors, key=key_to_bytes)
+        raws = {key: key_to_bytes(key) for key in tensors}
+        names = sorted(tensors, key=raws.__getitem__)
         sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in names]
         holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
         groups: dict[int, list[tuple[bytes, np.ndarray]]] = {}
+        plain = set(map(type, tensors.values())) <= {np.ndarray}  # no Partitioned among them
         for shard, keys in enumerate(plan_shards(sizes, opts)):
+            if plain:  # already in key order
+                groups[shard] = [(raws[key], tensors[key]) for key in keys]
+                continue
             items: list[tuple[bytes, np.ndarray]] = []
             for key in keys:
-                raw, array = key_to_bytes(key), tensors[key]
+                raw, array = raws[key], tensors[key]
                 parts = partitions_of(array)
                 if not parts:
                     items.append((raw, array))
@@ -87,7 +89,7 @@ class V2Format:
             await anyio.to_thread.run_sync(storage.makedirs, directory)
 
         paths = [data_path(prefix, i, num_shards) for i in range(num_shards)]
-        results: dict[bytes, BundleEntry] = {}
+        results: list[DataFileEntries] = []
         try:
             await run_concurrently(
                 partial(
@@ -101,11 +103,7 @@ class V2Format:
                 )
                 for shard in range(num_shards)
             )
-            builder = TableBuilder()
-            builder.add(HEADER_KEY, encode_header(num_shards))
-            for raw in sorted([*results, *holders]):
-                builder.add(raw, encode_entry(results.get(raw) or holders[raw]))
-            table = builder.finish()
+            table = build_index(num_shards, results, holders)
             await anyio.to_thread.run_sync(
                 lambda: storage.write_bytes(index_path(prefix), table, durable=durable)
             )
@@ -128,12 +126,18 @@ class V2Format:
         items: list[tuple[bytes, np.ndarray]],
         durable: bool,
         shard: int,
-        results: dict[bytes, BundleEntry],
+        results: list[DataFileEntries],
     ) -> None:
         entries = await anyio.to_thread.run_sync(
-            _write_shard, storage, path, items, durable, shard, anyio.from_thread.check_cancelled
+            write_data_file,
+            storage,
+            path,
+            items,
+            durable,
+            shard,
+            anyio.from_thread.check_cancelled,
         )
-        results.update(entries)
+        results.append(entries)
 
     # -- reading ---------------------------------------------------------------------------
 

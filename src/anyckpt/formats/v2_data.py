@@ -1,25 +1,243 @@
-"""Writing one V2 data file: tensors in key order, unpadded, each with its masked CRC-32C."""
+"""Writing one V2 data file: tensors in key order, unpadded, each with its masked CRC-32C.
+
+The per-tensor work is kept out of Python loops where it can be: tensors are classified by
+dtype once per distinct dtype, the ordinary small ones (plain NumPy numeric dtypes, C-contiguous,
+little-endian) are checksummed by one ``map`` over the C function and written straight from
+their own buffers, up to IOV_MAX per ``writev``, and the index entries come back column-wise
+(:class:`DataFileEntries`) for :mod:`anyckpt.codecs.bundle_packed` to encode in bulk.
+"""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import itertools
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from operator import attrgetter
 
+import crc32c as _crc32c
 import numpy as np
 
-from ..codecs.bundle import (
-    BundleEntry,
-    encode_string_tensor,
-)
-from ..codecs.crc import masked_crc32c
-from ..codecs.dtypes import (
-    DT_STRING,
-    enum_from_dtype,
-    to_little_endian,
-)
+from ..codecs.bundle import BundleEntry, encode_string_tensor
+from ..codecs.crc import crc32c
+from ..codecs.dtypes import DT_STRING, enum_from_dtype, to_little_endian
 from ..storage import Storage
 from ._arrays import _byte_view, _is_le_contiguous
 from .v2_layout import GATHER_BELOW, GATHER_BYTES, PARALLEL_BYTES
+
+_MASK_DELTA = np.uint32(0xA282EAD8)
+#: Buffers per writev call (Linux's IOV_MAX).
+_BATCH = 1024
+
+_dtype_of = attrgetter("dtype")
+_nbytes_of = attrgetter("nbytes")
+_contiguous = attrgetter("flags.c_contiguous")
+
+
+@dataclass
+class DataFileEntries:
+    """The index entries of one data file, one list/array element per tensor, in file order."""
+
+    shard_id: int
+    keys: list[bytes]
+    dtypes: list[int]
+    shapes: list[tuple[int, ...]]
+    offsets: np.ndarray  # int64
+    sizes: np.ndarray  # int64
+    crcs: np.ndarray  # uint32, masked
+
+    def as_entries(self) -> dict[bytes, BundleEntry]:
+        """The same entries as :class:`BundleEntry` objects, by key."""
+        return {
+            key: BundleEntry(dtype, shape, self.shard_id, offset, size, crc)
+            for key, dtype, shape, offset, size, crc in zip(
+                self.keys,
+                self.dtypes,
+                self.shapes,
+                self.offsets.tolist(),
+                self.sizes.tolist(),
+                self.crcs.tolist(),
+                strict=True,
+            )
+        }
+
+
+def mask_crcs(crcs: np.ndarray) -> np.ndarray:
+    """LevelDB's masking of many CRC-32Cs at once (see :func:`anyckpt.codecs.crc.mask`)."""
+    c = crcs.astype(np.uint32)
+    masked: np.ndarray = ((c >> np.uint32(15)) | (c << np.uint32(17))) + _MASK_DELTA
+    return masked
+
+
+_DIRECT: dict[np.dtype, tuple[int, bool]] = {}
+
+
+def _classify(dtype: np.dtype) -> tuple[int, bool]:
+    """(TF dtype number, whether arrays of it can be written and checksummed as they are:
+    a NumPy numeric dtype exporting a plain buffer, stored little-endian)."""
+    try:
+        return _DIRECT[dtype]
+    except KeyError:
+        enum = enum_from_dtype(dtype)
+        order = dtype.byteorder
+        direct = (
+            enum != DT_STRING
+            and dtype.kind in "biufc"
+            and type(dtype) is type(np.dtype(dtype.str))  # a NumPy dtype, not ml_dtypes'
+            and (order in "|<" or (order == "=" and sys.byteorder == "little"))
+        )
+        if direct:
+            try:
+                memoryview(np.empty(1, dtype))  # type: ignore[arg-type]
+            except (TypeError, ValueError):
+                direct = False
+        _DIRECT[dtype] = pair = (enum, direct)
+        return pair
+
+
+def _batches(sizes: np.ndarray, start: int, stop: int) -> Iterator[tuple[int, int]]:
+    """Split ``start:stop`` into runs of at most _BATCH items and about GATHER_BYTES."""
+    ends = np.cumsum(sizes[start:stop])  # bytes up to and including each item
+    first, done = start, 0
+    while first < stop:
+        fits = start + int(np.searchsorted(ends, done + GATHER_BYTES, side="right"))
+        last = min(stop, first + _BATCH, max(first + 1, fits))
+        yield first, last
+        done = int(ends[last - start - 1])
+        first = last
+
+
+def write_data_file(
+    storage: Storage,
+    path: str,
+    items: Sequence[tuple[bytes, np.ndarray]],
+    durable: bool,
+    shard_id: int,
+    check_cancelled: Callable[[], None],
+) -> DataFileEntries:
+    """Write one data file; return the index entries of its tensors (runs in a worker thread).
+
+    Small tensors are gathered into one ``writev`` per IOV_MAX of them (where the storage
+    offers ``write_many``); the checksums of large ones are computed by a helper thread that
+    runs ahead of the writes. Bytes and checksums are the same as writing one by one."""
+    keys = [key for key, _ in items]
+    arrays = [array for _, array in items]
+    count = len(arrays)
+    kinds = {dtype: _classify(dtype) for dtype in set(map(_dtype_of, arrays))}
+    dtype_list = list(map(_dtype_of, arrays))
+    enums = [kinds[d][0] for d in dtype_list]
+    sizes = np.fromiter(map(_nbytes_of, arrays), dtype=np.int64, count=count)
+    crcs = np.zeros(count, dtype=np.uint32)
+    writer = storage.open_writer(path, durable=durable)
+    write_many = getattr(writer, "write_many", None)
+    # Ordinary small tensors: checksummed and written as they are, in bulk.
+    plain = np.fromiter(
+        (kinds[d][1] and c for d, c in zip(dtype_list, map(_contiguous, arrays), strict=True)),
+        dtype=bool,
+        count=count,
+    )
+    if write_many is not None:
+        plain &= sizes < GATHER_BELOW
+    else:
+        plain[:] = False
+    where = np.flatnonzero(plain)
+    if len(where):
+        crcs[where] = np.fromiter(
+            map(_crc32c.crc32c, [arrays[i] for i in where.tolist()]),
+            dtype=np.uint32,
+            count=len(where),
+        )
+    helper: ThreadPoolExecutor | None = None
+    try:
+        # The rest, one by one (strings, byte-swapped or strided arrays, ml_dtypes, large).
+        big: list[memoryview] = []
+        big_at: list[int] = []
+        views: dict[int, memoryview] = {}
+        for i in np.flatnonzero(~plain).tolist():
+            array = arrays[i]
+            if enums[i] == DT_STRING:
+                data, crc = encode_string_tensor(array.reshape(-1).tolist())
+                views[i] = view = memoryview(data)
+                crcs[i] = crc  # already masked
+                sizes[i] = view.nbytes
+                continue
+            if array.nbytes >= PARALLEL_BYTES and _is_le_contiguous(array):
+                views[i] = view = _byte_view(array)
+                big.append(view)
+                big_at.append(i)
+                continue
+            views[i] = view = _byte_view(to_little_endian(array))
+            crcs[i] = crc32c(view)
+        big_crcs: Future[list[int]] | None = None
+        if big:
+            helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
+            big_crcs = helper.submit(lambda: [crc32c(view) for view in big])
+        _write_in_order(writer, write_many, arrays, plain, views, sizes, check_cancelled)
+        if big_crcs is not None:
+            crcs[big_at] = big_crcs.result()
+        writer.commit()
+    except BaseException:
+        writer.abort()
+        raise
+    finally:
+        if helper is not None:
+            helper.shutdown(wait=True, cancel_futures=True)
+    # Strings carry their masked CRC already; mask the others.
+    masked = mask_crcs(crcs)
+    strings = [i for i, e in enumerate(enums) if e == DT_STRING]
+    masked[strings] = crcs[strings]
+    offsets = np.zeros(count, dtype=np.int64)
+    np.cumsum(sizes[:-1], out=offsets[1:])
+    shapes = list(map(attrgetter("shape"), arrays))
+    return DataFileEntries(shard_id, keys, enums, shapes, offsets, sizes, masked)
+
+
+def _write_in_order(
+    writer: object,
+    write_many: Callable[[list[memoryview]], None] | None,
+    arrays: Sequence[np.ndarray],
+    plain: np.ndarray,
+    views: dict[int, memoryview],
+    sizes: np.ndarray,
+    check_cancelled: Callable[[], None],
+) -> None:
+    """Write every tensor in order: runs of plain ones by batches of ``writev``, small others
+    gathered too, large ones alone."""
+    write = writer.write  # type: ignore[attr-defined]
+    pending: list[memoryview] = []
+    pending_bytes = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_bytes
+        if pending:
+            check_cancelled()
+            write_many(pending)  # type: ignore[misc]
+            pending, pending_bytes = [], 0
+
+    changes = np.flatnonzero(plain[1:] != plain[:-1]) + 1
+    bounds = [0, *changes.tolist(), len(arrays)]
+    for start, stop in itertools.pairwise(bounds):
+        if start == stop:
+            continue
+        if plain[start]:  # a run of plain tensors: straight from their buffers
+            flush()
+            for first, last in _batches(sizes, start, stop):
+                check_cancelled()
+                write_many(list(arrays[first:last]))  # type: ignore[misc, arg-type]
+            continue
+        for i in range(start, stop):
+            view = views[i]
+            if write_many is not None and view.nbytes < GATHER_BELOW:
+                pending.append(view)
+                pending_bytes += view.nbytes
+                if len(pending) >= _BATCH or pending_bytes >= GATHER_BYTES:
+                    flush()
+            else:
+                flush()
+                check_cancelled()
+                write(view)
+    flush()
 
 
 def _write_shard(
@@ -30,75 +248,5 @@ def _write_shard(
     shard_id: int,
     check_cancelled: Callable[[], None],
 ) -> dict[bytes, BundleEntry]:
-    """Write one data file; return the index entries of its tensors (runs in a worker thread).
-
-    Small tensors are gathered into one ``writev`` per IOV_MAX of them (where the storage
-    offers ``write_many``); the checksums of large ones are computed by a helper thread that
-    runs ahead of the writes. Bytes and checksums are the same as writing one by one."""
-    entries: dict[bytes, BundleEntry] = {}
-    writer = storage.open_writer(path, durable=durable)
-    write_many = getattr(writer, "write_many", None)
-    helper: ThreadPoolExecutor | None = None
-    try:
-        big: list[memoryview] = []  # views of the large tensors, checksummed by the helper
-        slot: list[int] = []  # each item's place in `big`, or -1
-        for _, array in items:
-            if (
-                array.nbytes >= PARALLEL_BYTES
-                and array.dtype != object
-                and _is_le_contiguous(array)
-            ):
-                slot.append(len(big))
-                big.append(_byte_view(array))
-            else:
-                slot.append(-1)
-        big_crcs: Future[list[int]] | None = None
-        if big:
-            helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
-            big_crcs = helper.submit(lambda: [masked_crc32c(view) for view in big])
-        pending: list[memoryview] = []
-        pending_bytes = 0
-        located: list[tuple[bytes, int, tuple[int, ...], int, int, int]] = []
-        offset = 0
-        for (key, array), place in zip(items, slot, strict=True):
-            dtype = enum_from_dtype(array.dtype)
-            if dtype == DT_STRING:
-                data, crc = encode_string_tensor(array.reshape(-1).tolist())
-                view = memoryview(data)
-            elif place >= 0:
-                view, crc = big[place], -1 - place  # the helper's checksum, filled in below
-            else:
-                view = _byte_view(to_little_endian(array))
-                crc = masked_crc32c(view)
-            size = view.nbytes
-            if write_many is not None and size < GATHER_BELOW:
-                pending.append(view)
-                pending_bytes += size
-                if len(pending) >= 1024 or pending_bytes >= GATHER_BYTES:
-                    check_cancelled()
-                    write_many(pending)
-                    pending, pending_bytes = [], 0
-            else:
-                if pending:
-                    write_many(pending)  # type: ignore[misc]
-                    pending, pending_bytes = [], 0
-                check_cancelled()
-                writer.write(view)
-            located.append((key, dtype, array.shape, offset, size, crc))
-            offset += size
-        if pending:
-            check_cancelled()
-            write_many(pending)  # type: ignore[misc]
-        crcs = big_crcs.result() if big_crcs is not None else []
-        for key, dtype, shape, at, size, crc in located:
-            if crc < 0:
-                crc = crcs[-1 - crc]
-            entries[key] = BundleEntry(dtype, tuple(shape), shard_id, at, size, crc)
-        writer.commit()
-    except BaseException:
-        writer.abort()
-        raise
-    finally:
-        if helper is not None:
-            helper.shutdown(wait=True, cancel_futures=True)
-    return entries
+    """:func:`write_data_file` with its entries as :class:`BundleEntry` objects by key."""
+    return write_data_file(storage, path, items, durable, shard_id, check_cancelled).as_entries()

@@ -1,0 +1,119 @@
+"""Many small records encoded at once, column by column, with NumPy.
+
+A checkpoint index holds one record per tensor, and each record is a handful of short fields
+(varints, a fixed32, a key suffix). Encoding 10,000 of them one by one in Python costs more
+than writing the tensors; encoding each *field* for all records at once costs a few NumPy
+calls. A :class:`Column` is one field of every record: a source buffer and, per record, where
+its bytes start and how many there are (0: the field is absent from that record).
+:func:`interleave` then lays the records out one after the other, field by field.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+#: Records laid out per :func:`interleave` pass: bounds its temporary index arrays.
+_CHUNK_RECORDS = 1 << 16
+
+
+class Column(NamedTuple):
+    """One field of ``n`` records: record ``i`` is ``data[starts[i] : starts[i] + lengths[i]]``."""
+
+    data: np.ndarray  # uint8
+    starts: np.ndarray  # int64, one per record
+    lengths: np.ndarray  # int64, one per record
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def item(self, i: int) -> bytes:
+        start = int(self.starts[i])
+        return self.data[start : start + int(self.lengths[i])].tobytes()
+
+
+def _starts(lengths: np.ndarray) -> np.ndarray:
+    starts = np.zeros(len(lengths), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return starts
+
+
+def bytes_column(items: Sequence[bytes]) -> Column:
+    """A column of arbitrary byte strings."""
+    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    data = np.frombuffer(b"".join(items), dtype=np.uint8)
+    return Column(data, _starts(lengths), lengths)
+
+
+def varint_lengths(values: np.ndarray) -> np.ndarray:
+    """Bytes of each value's unsigned LEB128 varint (1 for 0)."""
+    v = values.astype(np.uint64, copy=False)
+    n = np.ones(len(v), dtype=np.int64)
+    for bits in range(7, 64, 7):
+        n += v >= np.uint64(1 << bits)
+    return n
+
+
+def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool = False) -> Column:
+    """Unsigned varints of ``values`` (non-negative, < 2**64), each after a one-byte ``tag`` if
+    given (a protobuf field key); ``omit_zero`` leaves zeros out entirely (proto3 defaults)."""
+    v = np.asarray(values).astype(np.uint64, copy=False)
+    count = len(v)
+    nbytes = varint_lengths(v)
+    width = int(nbytes.max(initial=1))
+    lead = 0 if tag is None else 1
+    out = np.empty((count, lead + width), dtype=np.uint8)
+    if tag is not None:
+        out[:, 0] = tag
+    for j in range(width):
+        byte = ((v >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
+        byte |= np.where(nbytes > j + 1, np.uint8(0x80), np.uint8(0))
+        out[:, lead + j] = byte  # bytes past a value's length are never read
+    lengths = nbytes + lead
+    if omit_zero:
+        lengths[v == 0] = 0
+    starts = np.arange(count, dtype=np.int64) * (lead + width)
+    return Column(out.reshape(-1), starts, lengths)
+
+
+def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> Column:
+    """Little-endian uint32s after a one-byte ``tag``; ``omit_zero`` leaves zeros out."""
+    v = np.asarray(values).astype("<u4", copy=False)
+    count = len(v)
+    out = np.empty((count, 5), dtype=np.uint8)
+    out[:, 0] = tag
+    out[:, 1:] = v.view(np.uint8).reshape(count, 4)
+    lengths = np.full(count, 5, dtype=np.int64)
+    if omit_zero:
+        lengths[v == 0] = 0
+    return Column(out.reshape(-1), np.arange(count, dtype=np.int64) * 5, lengths)
+
+
+def interleave(columns: Sequence[Column]) -> Column:
+    """The records, one after another, each the concatenation of its fields in column order.
+
+    Returns a column whose record ``i`` is that concatenation (its bytes are contiguous and
+    records follow each other, so ``data`` is the whole encoding)."""
+    count = len(columns[0])
+    if any(len(c) != count for c in columns):
+        raise ValueError("columns of different lengths")
+    source = np.concatenate([c.data for c in columns]) if columns else np.empty(0, np.uint8)
+    bases = np.cumsum([0, *(len(c.data) for c in columns[:-1])])
+    lengths = np.stack([c.lengths for c in columns], axis=1)  # (records, fields)
+    starts = np.stack([c.starts + base for c, base in zip(columns, bases, strict=True)], axis=1)
+    record_lengths = lengths.sum(axis=1)
+    out = np.empty(int(record_lengths.sum()), dtype=np.uint8)
+    at = 0
+    for first in range(0, count, _CHUNK_RECORDS):
+        seg_lengths = lengths[first : first + _CHUNK_RECORDS].reshape(-1)
+        seg_starts = starts[first : first + _CHUNK_RECORDS].reshape(-1)
+        total = int(seg_lengths.sum())
+        # Output byte j of a segment s comes from source[seg_starts[s] + j]: one gather.
+        placed = _starts(seg_lengths)
+        gather = np.repeat(seg_starts - placed, seg_lengths)
+        gather += np.arange(total, dtype=np.int64)
+        np.take(source, gather, out=out[at : at + total])
+        at += total
+    return Column(out, _starts(record_lengths), record_lengths)

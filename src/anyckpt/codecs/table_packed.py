@@ -1,0 +1,166 @@
+"""Building a whole table at once from all its keys and values, column-wise with NumPy.
+
+Produces exactly the bytes of :class:`~anyckpt.codecs.table.TableBuilder` fed the same entries
+(same block boundaries, restart points, prefix compression, separators and footer), but
+computes the shared key prefixes, the block boundaries and the entry encodings for all entries
+with a few array operations instead of a Python call per entry. The V2 writer builds its
+``.index`` this way: 10,000 entries take ~2 ms instead of ~25 ms.
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+from collections.abc import Sequence
+
+import numpy as np
+
+from .crc import crc32c, mask
+from .packed import Column, bytes_column, interleave, varint_column, varint_lengths
+from .table import (
+    _MAX_HANDLE_LEN,
+    BLOCK_RESTART_INTERVAL,
+    BLOCK_SIZE,
+    MAGIC,
+    NO_COMPRESSION,
+    BlockHandle,
+    _BlockBuilder,
+    short_successor,
+    shortest_separator,
+)
+
+#: Key bytes compared at once when looking for shared prefixes (longer ones: in Python).
+_PREFIX_WINDOW = 128
+#: Entries examined at first when looking for the end of a block (doubled as needed).
+_BLOCK_WINDOW = 4096
+
+
+def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
+    """Length of the common prefix of each key with the key before it (0 for the first)."""
+    count = len(keys)
+    shared = np.zeros(count, dtype=np.int64)
+    if count < 2:
+        return shared
+    width = int(min(lengths.max(), _PREFIX_WINDOW))
+    if width == 0:
+        return shared
+    # Every key's first `width` bytes, zero-padded, as one row of a matrix (NumPy's
+    # fixed-width bytes dtype truncates and pads in C).
+    matrix = np.array(keys, dtype=f"S{width}").view(np.uint8).reshape(count, width)
+    differ = matrix[1:] != matrix[:-1]
+    first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
+    shared[1:] = np.minimum(first, np.minimum(lengths[1:], lengths[:-1]))
+    # Pairs that agree on the whole window and go on: finish them in Python.
+    for i in (np.flatnonzero(shared[1:] == width) + 1).tolist():
+        a, b = keys[i - 1], keys[i]
+        limit = min(len(a), len(b))
+        diff = int.from_bytes(a[:limit], "big") ^ int.from_bytes(b[:limit], "big")
+        shared[i] = limit - (diff.bit_length() + 7) // 8 if diff else limit
+    return shared
+
+
+def _block_ends(
+    prefix: np.ndarray, key_lengths: np.ndarray, value_lengths: np.ndarray, block_size: int
+) -> list[int]:
+    """Where TableBuilder closes each data block: after the entry that brings the block's size
+    estimate (contents + 4 bytes per restart point + 4) to ``block_size`` or more."""
+    count = len(prefix)
+    value_varints = varint_lengths(value_lengths)
+    ends: list[int] = []
+    start = 0
+    window = _BLOCK_WINDOW
+    while start < count:
+        stop = min(count, start + window)
+        position = np.arange(stop - start, dtype=np.int64)
+        restart = position % BLOCK_RESTART_INTERVAL == 0
+        shared = np.where(restart, 0, prefix[start:stop])
+        non_shared = key_lengths[start:stop] - shared
+        size = (
+            varint_lengths(shared)
+            + varint_lengths(non_shared)
+            + value_varints[start:stop]
+            + non_shared
+            + value_lengths[start:stop]
+        )
+        estimate = np.cumsum(size) + 4 * (position // BLOCK_RESTART_INTERVAL + 1) + 4
+        full = np.flatnonzero(estimate >= block_size)
+        if len(full):
+            start += int(full[0]) + 1
+        elif stop == count:
+            start = count
+        else:
+            window *= 2  # the block goes on past the window: look further
+            continue
+        ends.append(start)
+        window = _BLOCK_WINDOW
+    return ends
+
+
+def _with_trailer(out: list[bytes], offset: int, contents: bytes) -> BlockHandle:
+    out.append(contents)
+    out.append(struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc32c(contents)))))
+    return BlockHandle(offset, len(contents))
+
+
+def build_table_packed(
+    keys: Sequence[bytes], values: Column, *, block_size: int = BLOCK_SIZE
+) -> bytes:
+    """The table of ``keys`` (strictly increasing, bytewise) and their ``values``, byte for
+    byte what :class:`~anyckpt.codecs.table.TableBuilder` writes for the same entries."""
+    count = len(keys)
+    if len(values) != count:
+        raise ValueError(f"{count} keys but {len(values)} values")
+    if not all(map(operator.lt, keys, keys[1:])):
+        raise ValueError("table keys must strictly increase")
+    key_column = bytes_column(keys)
+    prefix = _shared_prefixes(keys, key_column.lengths)
+    ends = _block_ends(prefix, key_column.lengths, values.lengths, block_size)
+
+    # Each entry's shared prefix within its own block (0 at every restart point).
+    position = np.arange(count, dtype=np.int64)
+    block_start = np.repeat([0, *ends[:-1]], np.diff([0, *ends])) if ends else position
+    restart = (position - block_start) % BLOCK_RESTART_INTERVAL == 0
+    shared = np.where(restart, 0, prefix)
+    non_shared = key_column.lengths - shared
+    entries = interleave(
+        [
+            varint_column(shared),
+            varint_column(non_shared),
+            varint_column(values.lengths),
+            Column(key_column.data, key_column.starts + shared, non_shared),
+            values,
+        ]
+    )
+    encoded = entries.data.tobytes()
+    entry_starts = entries.starts.tolist()
+    restart_at = np.flatnonzero(restart).tolist()
+
+    out: list[bytes] = []
+    offset = 0
+    index = _BlockBuilder(restart_interval=1)
+    first = 0
+    r = 0
+    for number, end in enumerate(ends):
+        base = entry_starts[first]
+        stop = entry_starts[end] if end < count else len(encoded)
+        points = []
+        while r < len(restart_at) and restart_at[r] < end:
+            points.append(entry_starts[restart_at[r]] - base)
+            r += 1
+        contents = encoded[base:stop] + struct.pack(f"<{len(points) + 1}I", *points, len(points))
+        handle = _with_trailer(out, offset, contents)
+        offset += len(contents) + 5
+        last = keys[end - 1]
+        separator = (
+            short_successor(last)
+            if number == len(ends) - 1
+            else (shortest_separator(last, keys[end]))
+        )
+        index.add(separator, handle.encode())
+        first = end
+    metaindex = _with_trailer(out, offset, _BlockBuilder().finish())
+    offset += metaindex.size + 5
+    index_handle = _with_trailer(out, offset, index.finish())
+    footer = metaindex.encode() + index_handle.encode()
+    out.append(footer + bytes(2 * _MAX_HANDLE_LEN - len(footer)) + struct.pack("<Q", MAGIC))
+    return b"".join(out)
