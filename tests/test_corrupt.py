@@ -384,7 +384,7 @@ CRAFTED: dict[str, list[tuple[bytes, BundleEntry]]] = {
 }
 
 
-FAIL_AT_OPEN = {
+INCONSISTENT_ENTRY = {
     "size_disagrees_with_shape",
     "product_beyond_int64",
     "more_strings_than_bytes",
@@ -407,15 +407,28 @@ async def test_crafted_entries_fail_fast_without_allocating(tmp_path: Path, name
         with pytest.raises(anyckpt.CorruptCheckpointError) as exc:
             await anyckpt.load(prefix)
         assert str(exc.value).startswith(str(tmp_path))
-        if name in FAIL_AT_OPEN:
-            # Inconsistent entries are refused when the index is opened.
-            with pytest.raises(anyckpt.CorruptCheckpointError) as exc:
-                await anyckpt.open(prefix)
-            assert exc.value.path == f"{prefix}.index"
-            return
-        # The rest pass the index checks and are caught when their data is read.
+        with pytest.raises(anyckpt.CorruptCheckpointError) as exc:
+            await anyckpt.load(prefix, ["w"])
+        assert str(exc.value).startswith(str(tmp_path))
+        # Opening checks the index as a table and its header; entries are checked when first
+        # used: inconsistent ones by every use (spec, read, keys), naming the index file.
         reader = await anyckpt.open(prefix)
         try:
+            if name in INCONSISTENT_ENTRY:
+                for use in (reader.keys, lambda: reader.spec("w")):
+                    with pytest.raises(anyckpt.CorruptCheckpointError) as exc:
+                        use()
+                    assert exc.value.path == f"{prefix}.index"
+                for index in reads:
+                    with pytest.raises(anyckpt.CorruptCheckpointError) as exc:
+                        await reader.read("w", index=index)
+                    assert exc.value.path == f"{prefix}.index"
+                with pytest.raises(anyckpt.CorruptCheckpointError) as exc:
+                    await reader.read_many(["w"])
+                assert exc.value.path == f"{prefix}.index"
+                return
+            # The rest pass the index checks and are caught when their data is read.
+            assert reader.keys() == ["w"]
             for index in reads:
                 with pytest.raises(anyckpt.CorruptCheckpointError) as exc:
                     await reader.read("w", index=index)

@@ -29,8 +29,8 @@ from ..codecs.dtypes import (
     disk_dtype,
     dtype_from_enum,
 )
-from ..codecs.ordered_code import decode_tensor_name_slice
-from ..codecs.table import read_table
+from ..codecs.ordered_code import decode_tensor_name_slice, encode_tensor_name_slice
+from ..codecs.table_lookup import LazyTable
 from ..errors import CorruptCheckpointError
 from ..storage import FileReader, Storage
 from ..tensors import key_from_bytes, key_to_bytes
@@ -46,34 +46,51 @@ from .v2_layout import (
 
 
 class V2Reader:
-    """An open V2 bundle: the parsed index, and reads of the data files on demand."""
+    """An open V2 bundle: the index, looked up lazily, and reads of the data files on demand.
 
-    def __init__(
-        self,
-        storage: Storage,
-        prefix: str,
-        num_shards: int,
-        entries: dict[str, BundleEntry],
-        slices: dict[str, dict[tuple[tuple[int, int], ...], BundleEntry]],
-    ) -> None:
+    Opening checks the index as a table (footer, every block's bounds and checksum) and its
+    header; entries are decoded and checked when first used (``spec``, ``read``,
+    ``read_many``), so reading a few tensors of a large checkpoint decodes only theirs.
+    :meth:`keys` decodes and checks every entry (once): a full restore, ``anyckpt verify`` and
+    ``inspect`` still see every inconsistency. An inconsistent entry raises
+    :class:`CorruptCheckpointError` naming the index file when it is first used.
+    """
+
+    def __init__(self, storage: Storage, prefix: str, num_shards: int, table: LazyTable) -> None:
         self.storage = storage
         self.prefix = prefix
         self.num_shards = num_shards
-        self._entries = entries
-        self._slices = slices
+        self._table = table
+        #: Checked entries: ordinary tensors and partitioned tensors' full-name entries.
+        self._entries: dict[str, BundleEntry] = {}
+        #: Checked slice entries of partitioned tensors, by name and extents.
+        self._slices: dict[str, dict[tuple[tuple[int, int], ...], BundleEntry]] = {}
+        self._keys: list[str] | None = None
         self._index_url = storage.url(index_path(prefix))
 
     @classmethod
     def from_index(cls, storage: Storage, prefix: str, data: bytes) -> V2Reader:
         where = storage.url(index_path(prefix))
         try:
-            table = read_table(data)
-            if not table or table[0][0] != HEADER_KEY:
+            table = LazyTable(data)
+            first = table.first()
+            if first is None or first[0] != HEADER_KEY:
                 raise DecodeError("the bundle header (key '') is missing")
-            num_shards = decode_header(table[0][1])
-            raw_entries = {key: decode_entry(value) for key, value in table[1:]}
+            num_shards = decode_header(first[1])
         except DecodeError as exc:
             raise CorruptCheckpointError(str(exc), path=where) from None
+        return cls(storage, prefix, num_shards, table)
+
+    def _corrupt(self, message: str) -> CorruptCheckpointError:
+        return CorruptCheckpointError(message, path=self._index_url)
+
+    def _load_all(self) -> None:
+        """Decode and check every entry (for :meth:`keys`)."""
+        try:
+            table = self._table.items()
+            raw_entries = {key: decode_entry(value) for key, value in table[1:]}
+        except DecodeError as exc:
+            raise self._corrupt(str(exc)) from None
         entries: dict[str, BundleEntry] = {}
         slices: dict[str, dict[tuple[tuple[int, int], ...], BundleEntry]] = {}
         partitioned = {k for k, e in raw_entries.items() if e.slices}
@@ -87,37 +104,51 @@ class V2Reader:
                     slices.setdefault(key_from_bytes(name), {})[extents] = entry
                     continue
             entries[key_from_bytes(raw)] = entry
-        reader = cls(storage, prefix, num_shards, entries, slices)
-        reader._validate()
-        return reader
-
-    def _corrupt(self, message: str) -> CorruptCheckpointError:
-        return CorruptCheckpointError(message, path=self._index_url)
-
-    def _validate(self) -> None:
-        for key, entry in self._entries.items():
-            dtype_from_enum(entry.dtype, path=self._index_url)
+        for key, entry in entries.items():
             if entry.slices:
-                stored = self._slices.get(key, {})
-                for extents in entry.slices:
-                    if len(extents) != len(entry.shape):
-                        raise self._corrupt(f"slice of {key!r} has the wrong rank")
-                    for (start, length), dim in zip(extents, entry.shape, strict=True):
-                        if start < 0 or length < -1 or (length != -1 and start + length > dim):
-                            raise self._corrupt(
-                                f"slice {extents} of {key!r} is outside {entry.shape}"
-                            )
-                    if extents not in stored:
-                        raise self._corrupt(f"slice {extents} of {key!r} has no entry")
-                if not _tiles(entry.shape, [TensorSlice(e).box(entry.shape) for e in entry.slices]):
-                    raise self._corrupt(f"the slices of {key!r} overlap or leave gaps")
-                continue
-            self._check_location(key, entry)
-        for key, by_extent in self._slices.items():
+                self._check_partitioned(key, entry, slices.get(key, {}))
+            else:
+                self._check_plain(key, entry)
+        for key, by_extent in slices.items():  # slices no full-name entry lists, too
+            full = entries.get(key)
+            if full is None:  # its full-name key is itself the slice key of another tensor
+                raise self._corrupt(f"{key!r} is both a partitioned tensor and a slice")
             for extents, entry in by_extent.items():
-                if entry.dtype != self._entries[key].dtype:
-                    raise self._corrupt(f"slice {extents} of {key!r} has another dtype")
-                self._check_location(key, entry)
+                self._check_slice(key, extents, entry, full)
+        self._entries = entries
+        self._slices = slices
+        self._keys = list(entries)  # table order: sorted by key_to_bytes
+
+    def _check_plain(self, key: str, entry: BundleEntry) -> None:
+        dtype_from_enum(entry.dtype, path=self._index_url)
+        self._check_location(key, entry)
+
+    def _check_partitioned(
+        self,
+        key: str,
+        entry: BundleEntry,
+        stored: dict[tuple[tuple[int, int], ...], BundleEntry],
+    ) -> None:
+        dtype_from_enum(entry.dtype, path=self._index_url)
+        for extents in entry.slices:
+            if len(extents) != len(entry.shape):
+                raise self._corrupt(f"slice of {key!r} has the wrong rank")
+            for (start, length), dim in zip(extents, entry.shape, strict=True):
+                if start < 0 or length < -1 or (length != -1 and start + length > dim):
+                    raise self._corrupt(f"slice {extents} of {key!r} is outside {entry.shape}")
+            if extents not in stored:
+                raise self._corrupt(f"slice {extents} of {key!r} has no entry")
+        if not _tiles(entry.shape, [TensorSlice(e).box(entry.shape) for e in entry.slices]):
+            raise self._corrupt(f"the slices of {key!r} overlap or leave gaps")
+        for extents in entry.slices:
+            self._check_slice(key, extents, stored[extents], entry)
+
+    def _check_slice(
+        self, key: str, extents: tuple[tuple[int, int], ...], entry: BundleEntry, full: BundleEntry
+    ) -> None:
+        if entry.dtype != full.dtype:
+            raise self._corrupt(f"slice {extents} of {key!r} has another dtype")
+        self._check_location(key, entry)
 
     def _check_location(self, key: str, entry: BundleEntry) -> None:
         if entry.shard_id >= self.num_shards:
@@ -132,22 +163,71 @@ class V2Reader:
         elif math.prod(entry.shape) > entry.size:
             raise self._corrupt(f"{key!r}: {math.prod(entry.shape)} strings in {entry.size} bytes")
 
+    def _lookup(self, raw: bytes) -> BundleEntry | None:
+        """The decoded entry stored under ``raw`` (unchecked), or None."""
+        try:
+            value = self._table.get(raw)
+            return None if value is None else decode_entry(value)
+        except DecodeError as exc:
+            raise self._corrupt(str(exc)) from None
+
+    def _find(self, key: str) -> BundleEntry | None:
+        """Look ``key`` up in the index and check its entry (and a partitioned one's slices)."""
+        try:
+            raw = key_to_bytes(key)
+        except (AttributeError, UnicodeError):
+            return None
+        if not raw:
+            return None  # the header
+        if raw[:1] == b"\0":  # a slice of a partitioned tensor is not a key of its own
+            try:
+                name, _ = decode_tensor_name_slice(raw)
+            except DecodeError:
+                pass
+            else:
+                holder = self._lookup(name) if name else None
+                if holder is not None and holder.slices:
+                    return None
+        entry = self._lookup(raw)
+        if entry is None:
+            return None
+        if not entry.slices:
+            self._check_plain(key, entry)
+            return entry
+        stored: dict[tuple[tuple[int, int], ...], BundleEntry] = {}
+        for extents in entry.slices:
+            if len(extents) == len(entry.shape) and extents not in stored:
+                part = self._lookup(encode_tensor_name_slice(raw, extents))
+                if part is not None:
+                    stored[extents] = part
+        self._check_partitioned(key, entry, stored)
+        self._slices[key] = stored
+        return entry
+
     # -- metadata --------------------------------------------------------------------------
 
     def keys(self) -> list[str]:
-        return sorted(self._entries, key=key_to_bytes)
+        if self._keys is None:
+            self._load_all()
+            assert self._keys is not None
+        return list(self._keys)
 
     def _entry(self, key: str) -> BundleEntry:
-        try:
-            return self._entries[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in checkpoint {self.prefix}") from None
+        entry = self._entries.get(key)
+        if entry is None:
+            entry = self._find(key) if self._keys is None else None
+            if entry is None:
+                raise KeyError(f"{key!r} is not in checkpoint {self.prefix}")
+            self._entries[key] = entry
+        return entry
 
     def spec(self, key: str) -> TensorSpec:
         entry = self._entry(key)
         parts = tuple(TensorSlice(extents) for extents in entry.slices)
         nbytes = (
-            sum(e.size for e in self._slices.get(key, {}).values()) if entry.slices else entry.size
+            sum(self._slices[key][e].size for e in dict.fromkeys(entry.slices))
+            if entry.slices
+            else entry.size
         )
         return TensorSpec(dtype_from_enum(entry.dtype), entry.shape, parts, nbytes)
 
