@@ -34,7 +34,7 @@ def entry_head(dtype: int, shape: tuple[int, ...]) -> bytes | None:
 
 
 def encode_entries(
-    heads: Sequence[bytes],
+    heads: Column | Sequence[bytes],
     shard_ids: np.ndarray,
     offsets: np.ndarray,
     sizes: np.ndarray,
@@ -49,7 +49,7 @@ def encode_entries(
         raise ValueError("offsets and sizes must be non-negative")
     return interleave(
         [
-            bytes_column(heads),
+            heads if isinstance(heads, Column) else bytes_column(heads),
             varint_column(shard_ids, tag=0x18, omit_zero=True),
             varint_column(offsets, tag=0x20, omit_zero=True),
             varint_column(sizes, tag=0x28, omit_zero=True),

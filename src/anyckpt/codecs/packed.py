@@ -51,7 +51,8 @@ def varint_lengths(values: np.ndarray) -> np.ndarray:
     """Bytes of each value's unsigned LEB128 varint (1 for 0)."""
     v = values.astype(np.uint64, copy=False)
     n = np.ones(len(v), dtype=np.int64)
-    for bits in range(7, 64, 7):
+    top = int(v.max()) if len(v) else 0
+    for bits in range(7, top.bit_length(), 7):  # only as many passes as the largest needs
         n += v >= np.uint64(1 << bits)
     return n
 

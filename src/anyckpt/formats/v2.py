@@ -59,18 +59,24 @@ class V2Format:
         A :class:`~anyckpt.Partitioned` tensor is stored as TensorFlow stores a partitioned
         variable: a full-name entry listing the slices, and one entry per slice."""
         opts = ShardOptions.from_options(options)
-        raws = {key: key_to_bytes(key) for key in tensors}
-        names = sorted(tensors, key=raws.__getitem__)
-        sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in names]
+        keys = list(tensors)
+        raws = dict(zip(keys, map(key_to_bytes, keys), strict=True))
+        plain = set(map(type, tensors.values())) <= {np.ndarray}  # no Partitioned among them
         holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
         groups: dict[int, list[tuple[bytes, np.ndarray]]] = {}
-        plain = set(map(type, tensors.values())) <= {np.ndarray}  # no Partitioned among them
-        for shard, keys in enumerate(plan_shards(sizes, opts)):
+        if plain and not opts.sharded:  # the common case: one file, in bytewise key order
+            groups[0] = sorted(zip(raws.values(), tensors.values(), strict=True))
+            shards: list[list[str]] = []
+        else:
+            names = sorted(tensors, key=raws.__getitem__)
+            sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in names]
+            shards = plan_shards(sizes, opts)
+        for shard, shard_keys in enumerate(shards):
             if plain:  # already in key order
-                groups[shard] = [(raws[key], tensors[key]) for key in keys]
+                groups[shard] = [(raws[key], tensors[key]) for key in shard_keys]
                 continue
             items: list[tuple[bytes, np.ndarray]] = []
-            for key in keys:
+            for key in shard_keys:
                 raw, array = raws[key], tensors[key]
                 parts = partitions_of(array)
                 if not parts:

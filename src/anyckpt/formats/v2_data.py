@@ -124,30 +124,26 @@ def write_data_file(
     keys = [key for key, _ in items]
     arrays = [array for _, array in items]
     count = len(arrays)
-    kinds = {dtype: _classify(dtype) for dtype in set(map(_dtype_of, arrays))}
     dtype_list = list(map(_dtype_of, arrays))
-    enums = [kinds[d][0] for d in dtype_list]
+    kinds = {dtype: _classify(dtype) for dtype in set(dtype_list)}
+    enum_of = {dtype: enum for dtype, (enum, _) in kinds.items()}
+    direct = {dtype for dtype, (_, ok) in kinds.items() if ok}
+    enums = list(map(enum_of.__getitem__, dtype_list))
     sizes = np.fromiter(map(_nbytes_of, arrays), dtype=np.int64, count=count)
     crcs = np.zeros(count, dtype=np.uint32)
     writer = storage.open_writer(path, durable=durable)
     write_many = getattr(writer, "write_many", None)
     # Ordinary small tensors: checksummed and written as they are, in bulk.
-    plain = np.fromiter(
-        (kinds[d][1] and c for d, c in zip(dtype_list, map(_contiguous, arrays), strict=True)),
-        dtype=bool,
-        count=count,
-    )
+    plain = np.fromiter(map(direct.__contains__, dtype_list), dtype=bool, count=count)
+    plain &= np.fromiter(map(_contiguous, arrays), dtype=bool, count=count)
     if write_many is not None:
         plain &= sizes < GATHER_BELOW
     else:
         plain[:] = False
     where = np.flatnonzero(plain)
     if len(where):
-        crcs[where] = np.fromiter(
-            map(_crc32c.crc32c, [arrays[i] for i in where.tolist()]),
-            dtype=np.uint32,
-            count=len(where),
-        )
+        chosen = arrays if len(where) == count else [arrays[i] for i in where.tolist()]
+        crcs[where] = np.fromiter(map(_crc32c.crc32c, chosen), dtype=np.uint32, count=len(where))
     helper: ThreadPoolExecutor | None = None
     try:
         # The rest, one by one (strings, byte-swapped or strided arrays, ml_dtypes, large).
@@ -185,8 +181,9 @@ def write_data_file(
             helper.shutdown(wait=True, cancel_futures=True)
     # Strings carry their masked CRC already; mask the others.
     masked = mask_crcs(crcs)
-    strings = [i for i, e in enumerate(enums) if e == DT_STRING]
-    masked[strings] = crcs[strings]
+    if direct != set(dtype_list):
+        strings = np.array(enums) == DT_STRING
+        masked[strings] = crcs[strings]
     offsets = np.zeros(count, dtype=np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
     shapes = list(map(attrgetter("shape"), arrays))
