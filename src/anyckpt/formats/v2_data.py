@@ -143,7 +143,8 @@ def write_data_file(
     where = np.flatnonzero(plain)
     if len(where):
         chosen = arrays if len(where) == count else [arrays[i] for i in where.tolist()]
-        crcs[where] = np.fromiter(map(_crc32c.crc32c, chosen), dtype=np.uint32, count=len(where))
+        checksums = map(_crc32c.crc32c, chosen)  # type: ignore[arg-type]  # arrays are buffers
+        crcs[where] = np.fromiter(checksums, dtype=np.uint32, count=len(where))
     helper: ThreadPoolExecutor | None = None
     try:
         # The rest, one by one (strings, byte-swapped or strided arrays, ml_dtypes, large).
