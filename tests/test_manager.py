@@ -494,6 +494,45 @@ async def test_save_captures_a_copy(hooked: str) -> None:
     assert restored["inner/v"].tolist() == np.ones((3, 3)).tolist()
 
 
+def _many_small() -> dict[str, Any]:
+    return {f"layer_{i:03d}/kernel": np.full(256, i, dtype=np.float32) for i in range(3000)}
+
+
+def _varied() -> dict[str, Any]:
+    return {
+        f"layer_{i:03d}/{part}": np.full((16, 16) if part == "kernel" else (16,), i, np.float32)
+        for i in range(1500)
+        for part in ("kernel", "bias")
+    }
+
+
+def _strided() -> dict[str, Any]:
+    return {f"w{i}": np.full((32, 16), i, dtype=np.float64)[:, ::2] for i in range(500)}
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", [_many_small, _varied, _strided])
+async def test_save_captures_many_tensors(hooked: str, make: Callable[[], dict[str, Any]]) -> None:
+    """As above, for thousands of small tensors (copied as one block when they share a dtype
+    and shape, one by one otherwise): every array is overwritten in place right after save()
+    returns, before the gated write starts, and the checkpoint still holds the values saved."""
+    gate = Gate()
+    HOOK.fn = gate
+    state = make()
+    expected = {k: v.copy() for k, v in state.items()}
+    async with CheckpointManager(hooked) as manager:
+        pending = await manager.save({"model": state}, step=1)
+        for value in state.values():
+            value[...] = -1
+        assert not pending.done()
+        gate.open()
+        await pending
+        restored = await manager.restore()
+    assert sorted(restored) == sorted(f"model/{k}" for k in expected)
+    for key, value in expected.items():
+        np.testing.assert_array_equal(restored[f"model/{key}"], value)
+
+
 @pytest.mark.anyio
 async def test_copy_false_writes_the_callers_buffer(hooked: str) -> None:
     """copy=False takes the caller's promise: no copy is made (the write sees the buffer)."""

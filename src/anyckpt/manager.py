@@ -26,6 +26,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
@@ -36,6 +37,7 @@ import numpy as np
 
 from .api import meta_path, write_meta_file
 from .codecs import DecodeError
+from .codecs.dtypes import NUMERIC_DTYPES
 from .codecs.state_file import (
     MAX_STATE_FILE_SIZE,
     CheckpointState,
@@ -708,40 +710,79 @@ class CheckpointManager:
 #: Python overhead, which threads (sharing the GIL) would only add to.
 _THREADED_COPY_BYTES = 1 << 20
 
+_NDARRAY = frozenset({np.ndarray})
+_dtype_of = attrgetter("dtype")
+_shape_of = attrgetter("shape")
+
 
 async def capture(tensors: Mapping[str, np.ndarray], *, threads: int = 2) -> dict[str, np.ndarray]:
     """Copy every array once (C order), so the caller may mutate its arrays as soon as this
     returns. Large arrays are spread over worker threads (NumPy copies release the GIL); small
     ones, and object arrays (bytes are immutable: a shallow copy is a full capture), are
-    copied here in one loop."""
+    copied here in one loop, or all at once if they share a dtype and shape."""
+    block = _capture_block(tensors)
+    if block is not None:
+        return block
     out: dict[str, np.ndarray] = {}
     big: list[tuple[str, np.ndarray]] = []
     for key, value in tensors.items():
-        if value.dtype != object and value.nbytes >= _THREADED_COPY_BYTES:
+        if value.nbytes >= _THREADED_COPY_BYTES and value.dtype != object:
             big.append((key, value))
         else:
-            out[key] = value.copy(order="C")  # keeps subclasses (anyckpt.Partitioned)
-    if big:
-        big.sort(key=lambda kv: -kv[1].nbytes)
-        lanes: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(max(1, threads))]
-        loads = [0] * len(lanes)
-        for kv in big:  # greedy balance by bytes
-            i = loads.index(min(loads))
-            lanes[i].append(kv)
-            loads[i] += kv[1].nbytes
+            out[key] = value.copy()  # C order; keeps subclasses (anyckpt.Partitioned)
+    if not big:
+        return out  # in the caller's order already
+    big.sort(key=lambda kv: -kv[1].nbytes)
+    lanes: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(max(1, threads))]
+    loads = [0] * len(lanes)
+    for kv in big:  # greedy balance by bytes
+        i = loads.index(min(loads))
+        lanes[i].append(kv)
+        loads[i] += kv[1].nbytes
 
-        def copy_lane(lane: list[tuple[str, np.ndarray]]) -> None:
-            for key, value in lane:
-                out[key] = value.copy(order="C")
+    def copy_lane(lane: list[tuple[str, np.ndarray]]) -> None:
+        for key, value in lane:
+            out[key] = value.copy()
 
-        if len(big) == 1:
-            copy_lane(big)
-        else:
-            async with anyio.create_task_group() as tg:
-                for lane in lanes:
-                    if lane:
-                        tg.start_soon(anyio.to_thread.run_sync, copy_lane, lane)
+    if len(big) == 1:
+        copy_lane(big)
+    else:
+        async with anyio.create_task_group() as tg:
+            for lane in lanes:
+                if lane:
+                    tg.start_soon(anyio.to_thread.run_sync, copy_lane, lane)
     return {key: out[key] for key in tensors}
+
+
+def _capture_block(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
+    """Many small arrays of one numeric dtype and one shape (the layers of a deep model),
+    copied all at once: their bytes joined into one fresh buffer, whose rows are handed out as
+    the copies. C-level passes instead of a Python call per array. None if ``tensors`` is not
+    such a state (checked in bulk)."""
+    values = list(tensors.values())
+    if len(values) < 2:
+        return None
+    first = values[0]
+    dtype, shape = first.dtype, first.shape
+    if (
+        type(first) is not np.ndarray
+        or not shape
+        or first.nbytes >= _THREADED_COPY_BYTES
+        or dtype not in NUMERIC_DTYPES  # never object arrays: join would take their pointers
+        or any(v.shape != shape or v.dtype != dtype for v in values[1:8])  # fails fast
+        or set(map(type, values)) != _NDARRAY
+        or set(map(_dtype_of, values)) != {dtype}
+        or set(map(_shape_of, values)) != {shape}
+    ):
+        return None
+    try:
+        # The copy: one malloc'd buffer (not np.empty, whose huge pages can stall the caller
+        # in the kernel's compaction). Refuses arrays that are not C-contiguous.
+        data = bytearray().join(values)  # type: ignore[arg-type]
+    except TypeError:
+        return None
+    rows = np.frombuffer(data, dtype=dtype).reshape(len(values), *shape)
+    return dict(zip(tensors, rows, strict=True))
 
 
 async def read_state(storage: Storage, root: str) -> CheckpointState | None:

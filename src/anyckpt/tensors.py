@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -72,10 +73,20 @@ def flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict[str, Any]
     out: dict[str, Any] = {}
 
     def visit(prefix: str, node: Mapping[Any, Any]) -> None:
+        if type(node) is dict and _plain_level(node):
+            # The common case in bulk (no Python per entry): a dict of str names to arrays.
+            if not prefix:
+                names: Any = node
+            else:
+                names = list(map(f"{prefix}{separator}".__add__, node))
+            if not out or out.keys().isdisjoint(names):
+                out.update(node if names is node else zip(names, node.values(), strict=True))
+                return
+            # A name taken already: the loop below raises the usual error for it.
         for raw_key, value in node.items():
-            key = normalize_key(raw_key)
+            key = raw_key if type(raw_key) is str and raw_key else normalize_key(raw_key)
             name = f"{prefix}{separator}{key}" if prefix else key
-            if isinstance(value, Mapping):
+            if type(value) is not np.ndarray and isinstance(value, Mapping):
                 visit(name, value)
             elif name in out:
                 raise ValueError(f"two entries flatten to the same name {name!r}")
@@ -86,6 +97,25 @@ def flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict[str, Any]
     return out
 
 
+def _plain_level(node: dict[Any, Any]) -> bool:
+    """Whether ``node`` holds only plain NumPy arrays under non-empty str names (checked in
+    bulk: a few C-level passes instead of Python per entry)."""
+    return (
+        set(map(type, node.values())) <= _NDARRAY
+        and set(map(type, node)) <= _STR
+        and "" not in node
+    )
+
+
+_NDARRAY = frozenset({np.ndarray})
+_STR = frozenset({str})
+_dtype_of = attrgetter("dtype")
+
+
 def prepare(tensors: Mapping[Any, Any]) -> dict[str, np.ndarray]:
     """Flatten and normalise a state mapping for a format's ``write``."""
-    return {key: as_tensor(value) for key, value in flatten(tensors).items()}
+    flat = flatten(tensors)
+    values = flat.values()
+    if set(map(type, values)) <= _NDARRAY and set(map(_dtype_of, values)) <= NUMERIC_DTYPES:
+        return flat  # plain numeric arrays only (checked in bulk): as_tensor keeps them as is
+    return {key: as_tensor(value) for key, value in flat.items()}

@@ -1,0 +1,180 @@
+"""anyckpt.tensors: flattening and normalising user state. The bulk fast paths of ``flatten``
+and ``prepare`` (plain dicts of str names to plain numeric arrays) must give exactly what the
+per-entry code gives, and the same errors, for any state: checked against a reference copy of
+that per-entry code, on hypothesis-generated states."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+from typing import Any
+
+import ml_dtypes
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import anyckpt
+from anyckpt.tensors import as_tensor, flatten, normalize_key, prepare
+
+
+def reference_flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict[str, Any]:
+    """The per-entry flatten (as it was before the bulk path)."""
+    out: dict[str, Any] = {}
+
+    def visit(prefix: str, node: Mapping[Any, Any]) -> None:
+        for raw_key, value in node.items():
+            key = normalize_key(raw_key)
+            name = f"{prefix}{separator}{key}" if prefix else key
+            if isinstance(value, Mapping):
+                visit(name, value)
+            elif name in out:
+                raise ValueError(f"two entries flatten to the same name {name!r}")
+            else:
+                out[name] = value
+
+    visit("", state)
+    return out
+
+
+def reference_prepare(state: Mapping[Any, Any]) -> dict[str, np.ndarray]:
+    return {key: as_tensor(value) for key, value in reference_flatten(state).items()}
+
+
+def outcome(fn: Any, state: Any) -> tuple[str, Any]:
+    try:
+        return "ok", fn(state)
+    except Exception as exc:
+        return "error", (type(exc), str(exc))
+
+
+def assert_same(got: tuple[str, Any], want: tuple[str, Any], *, identical: bool) -> None:
+    assert got[0] == want[0], (got, want)
+    if got[0] == "error":
+        assert got[1] == want[1]
+        return
+    assert list(got[1]) == list(want[1])  # same names, same order
+    for key, value in want[1].items():
+        mine = got[1][key]
+        if identical:  # flatten leaves values as they are
+            assert mine is value
+        else:
+            assert type(mine) is type(value)
+            assert mine.dtype == value.dtype
+            assert mine.shape == value.shape
+            assert mine.tolist() == value.tolist()
+
+
+ARRAY_DTYPES = [np.float32, np.float64, np.int8, np.int64, np.uint16, np.bool_, ml_dtypes.bfloat16]
+KEYS = st.one_of(
+    st.sampled_from(["a", "b", "a/b", "b/a", "", "w"]),
+    st.sampled_from([b"a", b"\xff", 3, None]),  # bytes names, and names that are refused
+    st.text(min_size=0, max_size=3),
+)
+
+
+@st.composite
+def leaves(draw: st.DrawFn) -> Any:
+    kind = draw(st.sampled_from(["array"] * 6 + ["scalar", "list", "str", "bytes", "odd"]))
+    if kind == "array":
+        dtype = draw(st.sampled_from(ARRAY_DTYPES))
+        shape = draw(st.sampled_from([(3,), (2, 2), (), (0,)]))
+        array = np.arange(int(np.prod(shape)), dtype=np.float32).reshape(shape).astype(dtype)
+        return array.T if draw(st.booleans()) else array  # sometimes not C-contiguous
+    if kind == "scalar":
+        return draw(st.sampled_from([1, 2.5, True, np.float32(3)]))
+    if kind == "list":
+        return [1.0, 2.0]
+    if kind == "str":
+        return "text"
+    if kind == "bytes":
+        return np.array([b"a\0", b"b"], dtype=object)
+    return draw(
+        st.sampled_from(
+            [
+                np.zeros(2, dtype=np.complex64),  # no TensorFlow name? (it has: complex64)
+                np.zeros(2, dtype=np.float16).astype(">f2"),  # big-endian
+                np.zeros(2, dtype="datetime64[s]"),  # refused
+                np.array(["x", "yz"]),  # NumPy text
+                anyckpt.Partitioned.split(np.arange(6.0).reshape(3, 2), 3, axis=0),
+            ]
+        )
+    )
+
+
+def states() -> st.SearchStrategy[Any]:
+    node = st.recursive(
+        leaves(),
+        lambda children: st.one_of(
+            st.dictionaries(KEYS, children, max_size=5),
+            st.dictionaries(KEYS, children, max_size=3).map(OrderedDict),
+        ),
+        max_leaves=12,
+    )
+    return st.dictionaries(KEYS, node, max_size=6)
+
+
+@settings(max_examples=400, deadline=None)
+@given(state=states())
+def test_flatten_and_prepare_match_the_per_entry_code(state: dict[Any, Any]) -> None:
+    assert_same(outcome(flatten, state), outcome(reference_flatten, state), identical=True)
+    assert_same(outcome(prepare, state), outcome(reference_prepare, state), identical=False)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    names=st.lists(st.sampled_from(["a", "b", "c", "a/b", "b/c", "x/y/z"]), max_size=6),
+    nest=st.sampled_from(["a", "b", "x/y", "x"]),
+)
+def test_plain_states_match_including_collisions(names: list[str], nest: str) -> None:
+    """The states the bulk path takes (dicts of str to plain arrays), nested and flat, with
+    names that collide after flattening: same result, same error."""
+    arrays = {name: np.full(2, i, dtype=np.float32) for i, name in enumerate(names)}
+    for state in (
+        arrays,
+        {nest: arrays},
+        {**arrays, nest: dict(arrays)},
+        {nest: dict(arrays), **arrays},
+        {"p": arrays, "q": {"r": arrays}},
+    ):
+        assert_same(outcome(flatten, state), outcome(reference_flatten, state), identical=True)
+        assert_same(outcome(prepare, state), outcome(reference_prepare, state), identical=False)
+
+
+def test_plain_state_is_returned_as_a_new_dict_of_the_same_arrays() -> None:
+    state = {f"layer_{i}/kernel": np.ones(4, dtype=np.float32) for i in range(50)}
+    prepared = prepare(state)
+    assert prepared is not state
+    assert list(prepared) == list(state)
+    assert all(prepared[k] is state[k] for k in state)
+    nested = {"model": state, "step": np.int64(3)}
+    flat = prepare(nested)
+    assert list(flat) == [f"model/{k}" for k in state] + ["step"]
+    assert flat["step"].dtype == np.int64
+    assert flat["step"].shape == ()
+
+
+@pytest.mark.parametrize(
+    ("state", "error", "message"),
+    [
+        ({"": np.zeros(1)}, ValueError, "empty tensor name"),
+        ({"a": {"": np.zeros(1)}}, ValueError, "empty tensor name"),
+        ({1: np.zeros(1)}, TypeError, "must be str or bytes"),
+        ({"a/b": np.zeros(1), "a": {"b": np.zeros(1)}}, ValueError, "'a/b'"),
+        ({"a": {"b": np.zeros(1)}, "a/b": np.zeros(1)}, ValueError, "'a/b'"),
+        ({"a": np.zeros(1, dtype="datetime64[s]")}, TypeError, "no TensorFlow equivalent"),
+        ({"a": np.zeros(1), "b": np.zeros(1, dtype=np.float16).view("V2")}, TypeError, "V2"),
+    ],
+)
+def test_bad_states_are_refused(state: dict[Any, Any], error: type, message: str) -> None:
+    with pytest.raises(error, match=message):
+        prepare(state)
+
+
+def test_bytes_names_and_str_subclasses_take_the_per_entry_path() -> None:
+    class Name(str):
+        pass
+
+    state = {b"caf\xc3\xa9": np.zeros(1), Name("n"): np.ones(1)}
+    assert list(prepare(state)) == ["café", "n"]
