@@ -14,8 +14,9 @@ the bytes, as ``tensor_bundle.cc`` computes it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 
@@ -340,6 +341,65 @@ def decode_entry(data: bytes) -> BundleEntry:
         return _decode_entry_fast(data)
     except _NotCanonical:
         return _decode_entry_proto(data)
+
+
+class EntryRecord(NamedTuple):
+    """A decoded ``BundleEntryProto`` with the fields of :class:`BundleEntry`, as a tuple:
+    several times cheaper to make, for readers that decode thousands of entries at once."""
+
+    dtype: int
+    shape: tuple[int, ...]
+    shard_id: int = 0
+    offset: int = 0
+    size: int = 0
+    crc32c: int = 0
+    slices: tuple[tuple[Extent, ...], ...] = ()
+
+
+_new_tuple = tuple.__new__
+
+
+def decode_record(data: bytes) -> EntryRecord:
+    """:func:`decode_entry` as an :class:`EntryRecord` (same values, same errors)."""
+    return decode_records((data,))[0]
+
+
+def decode_records(values: Iterable[bytes]) -> list[EntryRecord]:
+    """:func:`decode_entry` of each value, as :class:`EntryRecord` tuples (same values, same
+    errors): the dtype and shape of a head seen before are looked up, and the rest of the
+    entry parsed in one pass."""
+    out: list[EntryRecord] = []
+    append = out.append
+    heads = _DECODED_HEADS
+    for data in values:
+        end = len(data)
+        if end >= 4 and data[0] == 0x08 and data[2] == 0x12 and data[1] < 0x80 and data[3] < 0x80:
+            split = 4 + data[3]
+            known = heads.get(data[:split])
+            if known is not None:
+                try:
+                    tail = _decode_tail(data, split, end)
+                except _NotCanonical:
+                    pass
+                else:
+                    append(_new_tuple(EntryRecord, (*known, *tail, ())))
+                    continue
+        entry = decode_entry(data)
+        append(
+            _new_tuple(
+                EntryRecord,
+                (
+                    entry.dtype,
+                    entry.shape,
+                    entry.shard_id,
+                    entry.offset,
+                    entry.size,
+                    entry.crc32c,
+                    entry.slices,
+                ),
+            )
+        )
+    return out
 
 
 def encode_string_tensor(values: Sequence[bytes]) -> tuple[bytes, int]:

@@ -1,0 +1,150 @@
+"""Decoding the ``BundleEntryProto`` values of a whole V2 index at once, with NumPy.
+
+An index of many small tensors holds thousands of entries that differ only in their offset and
+checksum: the dtype and shape fields (the "head") repeat, and the rest is ``[0x18 shard_id]
+[0x20 offset] [0x28 size] [0x35 crc32c]``, each field left out when zero. :func:`decode_batch`
+finds the distinct heads (decoded once each) and parses those fields of every entry as columns;
+an entry in any other form (partitioned tensors, unknown fields, another field order, numbers
+out of range, damage) is decoded on its own by :func:`~anyckpt.codecs.bundle.decode_entry`, so
+the results and the errors are exactly those of ``decode_entry`` entry by entry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from itertools import repeat
+
+import numpy as np
+
+from .bundle import (
+    _DECODED_HEADS,
+    _INT32_MAX,
+    EntryRecord,
+    _decode_entry_fast,
+    _NotCanonical,
+    decode_record,
+)
+
+#: Longest varint decoded with NumPy: 9 bytes hold 63 bits, so every value is an int64.
+_MAX_VARINT = 9
+_SHIFTS = (7 * np.arange(_MAX_VARINT, dtype=np.uint64)).astype(np.uint64)
+
+
+@dataclass
+class EntryBatch:
+    """Decoded entries, in the order given, plus the columns of those decoded together."""
+
+    records: list[EntryRecord]
+    #: The distinct (dtype, shape) heads of the entries decoded together.
+    heads: list[tuple[int, tuple[int, ...]]]
+    #: Per entry: its index in ``heads``, or -1 if it was decoded on its own.
+    head_ids: np.ndarray
+    shard_ids: np.ndarray
+    sizes: np.ndarray
+
+
+def _varints(
+    buf: np.ndarray, at: np.ndarray, ends: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, length, ok) of the varint starting at each ``at``: ok if it ends before its
+    entry's end within _MAX_VARINT bytes."""
+    raw = buf[at[:, None] + np.arange(_MAX_VARINT)]
+    last = raw < 0x80
+    length = np.argmax(last, axis=1) + 1
+    ok = last.any(axis=1) & (at + length <= ends)
+    keep = np.arange(_MAX_VARINT) < length[:, None]
+    value = (((raw & 0x7F).astype(np.uint64) << _SHIFTS) * keep).sum(axis=1, dtype=np.uint64)
+    return value.astype(np.int64), length, ok
+
+
+def decode_batch(values: Sequence[bytes]) -> EntryBatch:
+    """Decode every value (see the module docstring); raises what ``decode_entry`` raises for
+    the first value it refuses."""
+    n = len(values)
+    if not n:
+        empty = np.zeros(0, dtype=np.int64)
+        return EntryBatch([], [], empty, empty, empty)
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    # Padding: every gather below stays inside the buffer whatever the entries hold.
+    pad = 4 + 128 + 2 * _MAX_VARINT + 8
+    buf = np.frombuffer(b"".join(values) + bytes(pad), dtype=np.uint8)
+    first = buf[starts[:, None] + np.arange(4)]
+    ok = (
+        (lengths >= 4)
+        & (first[:, 0] == 0x08)
+        & (first[:, 1] < 0x80)
+        & (first[:, 2] == 0x12)
+        & (first[:, 3] < 0x80)
+    )
+    split = 4 + first[:, 3].astype(np.int64)
+    ok &= split <= lengths
+    split[~ok] = 0  # every position below stays within its entry (or just past its end)
+    # Distinct heads: rows of (split, the head's bytes, zeros after it) compared as bytes.
+    width = int(split[ok].max()) if ok.any() else 4
+    cols = np.arange(width)
+    rows = np.zeros((n, width + 1), dtype=np.uint8)
+    rows[:, 0] = split
+    rows[:, 1:] = buf[starts[:, None] + cols] * (cols < split[:, None])
+    keys = np.ascontiguousarray(rows).view(np.dtype((np.void, width + 1))).ravel()
+    unique, head_ids = np.unique(keys, return_inverse=True)
+    head_ids = head_ids.ravel().astype(np.int64)
+    heads: list[tuple[int, tuple[int, ...]]] = []
+    bad_heads: list[int] = []
+    for i, key in enumerate(unique.tolist()):
+        raw = bytes(key)
+        head = raw[1 : 1 + raw[0]]
+        known = _DECODED_HEADS.get(head)
+        if known is None:
+            try:
+                entry = _decode_entry_fast(head)
+            except (_NotCanonical, IndexError):
+                bad_heads.append(i)
+                known = (0, ())
+            else:
+                known = (entry.dtype, entry.shape)
+        heads.append(known)
+    if bad_heads:
+        ok &= ~np.isin(head_ids, bad_heads)
+
+    pos = starts + split
+    columns = []
+    for tag in (0x18, 0x20, 0x28):
+        has = (pos < ends) & (buf[pos] == tag)
+        value, length, good = _varints(buf, pos + 1, ends)
+        ok &= ~has | good
+        columns.append(np.where(has & good, value, 0))
+        pos = np.minimum(np.where(has, pos + 1 + length, pos), ends)
+    has = (pos < ends) & (buf[pos] == 0x35)
+    ok &= ~has | (pos + 5 <= ends)
+    crc_bytes = buf[pos[:, None] + np.arange(1, 5)].astype(np.uint32)
+    crc = crc_bytes[:, 0] | crc_bytes[:, 1] << 8 | crc_bytes[:, 2] << 16 | crc_bytes[:, 3] << 24
+    crcs = np.where(has, crc, 0)
+    pos = np.where(has, pos + 5, pos)  # pos + 5 <= ends where ok
+    shard_ids, offsets, sizes = columns
+    ok &= (pos == ends) & (shard_ids <= _INT32_MAX)
+
+    head_ids[~ok] = -1
+    dtypes = [h[0] for h in heads]
+    shapes = [h[1] for h in heads]
+    ids = head_ids.tolist()
+    records = list(
+        map(
+            EntryRecord._make,
+            zip(
+                map(dtypes.__getitem__, ids),
+                map(shapes.__getitem__, ids),
+                shard_ids.tolist(),
+                offsets.tolist(),
+                sizes.tolist(),
+                crcs.tolist(),
+                repeat(()),
+                strict=False,
+            ),
+        )
+    )
+    for i in np.flatnonzero(~ok).tolist():
+        records[i] = decode_record(values[i])
+    return EntryBatch(records, heads, head_ids, shard_ids, sizes)
