@@ -124,12 +124,17 @@ async def test_save_load_round_trip(store: Store) -> None:
     assert some["step"] == 42
 
 
-async def test_s3_big_tensor_took_a_multipart_upload(s3_bucket: RemoteBucket) -> None:
+async def test_s3_big_file_took_a_multipart_upload(
+    s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Files above S3_SINGLE_PUT_MAX go in parts of S3_PART_SIZE (S3's smallest: 5 MiB).
+    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 5 << 20)
+    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
     prefix = f"{s3_bucket.url}/model-1"
     files = await anyckpt.save(prefix, _tensors(), storage_options=s3_bucket.storage_options)
     raw = s3_bucket.filesystem()
     etag = raw.info(files[0])["ETag"].strip('"')
-    # A multipart upload's ETag ends in "-<number of parts>": 6 MiB of kernel, then the rest.
+    # A multipart upload's ETag ends in "-<number of parts>": 6 MiB and more, in 5 MiB parts.
     assert etag.endswith("-2"), f"expected a 2-part upload, the ETag is {etag}"
     assert raw.list_multipart_uploads(s3_bucket.name) == []
     loaded = await anyckpt.load(prefix, storage_options=s3_bucket.storage_options)

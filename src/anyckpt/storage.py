@@ -8,13 +8,18 @@ fsspec's I/O thread, which keeps this usable under both asyncio and trio.
 * Writes are atomic per file. Local: a temporary name in the same directory, ``fsync`` when
   durable, then ``rename``. Object stores: one object, made visible only when the upload
   completes (a single PUT or a completed multipart upload); an aborted upload is discarded.
-* Tensor bytes are written from the caller's buffers (no copy on the local path) and read
-  straight into destination arrays (``preadv``).
+* Tensor bytes are written from the caller's buffers (no copy on the local path, nor on S3,
+  where the buffers are kept until ``commit`` and sent from there) and read straight into
+  destination arrays (``preadv``).
+* S3 (s3fs): a file is uploaded on ``commit``, in one PUT up to :data:`S3_SINGLE_PUT_MAX`,
+  else as a multipart upload of :data:`S3_PART_SIZE` parts sent concurrently; the upload is
+  retried as a whole (:class:`RetryPolicy`) with the buffers sent again.
 * Whole-object operations on remote filesystems (reading a file or a range of it, writing a
   file from bytes, deleting, listing, conditional writes) are retried after transient failures
   (timeouts, throttling, 5xx; :func:`is_transient`) with jittered exponential backoff
   (:class:`RetryPolicy`); permanent failures are raised at once. Streamed uploads of data
-  files are not retried here (the client library retries each of their requests).
+  files to other object stores (gcsfs) are not retried here (the client library retries each
+  of their requests).
 * Conditional writes for the manager's lock and state file: :meth:`Storage.create_exclusive`,
   :meth:`Storage.replace_if`, :meth:`Storage.remove_if`; and :class:`LocalLock` (``flock``).
 """
@@ -22,8 +27,10 @@ fsspec's I/O thread, which keeps this usable under both asyncio and trio.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import errno
 import hashlib
+import io
 import logging
 import os
 import posixpath
@@ -88,7 +95,10 @@ def _bytes_view(buffer: Buffer) -> memoryview:
 
 
 class FileWriter(Protocol):
-    """A file being written; nothing is visible under its name before :meth:`commit`."""
+    """A file being written; nothing is visible under its name before :meth:`commit`.
+
+    The buffers given to :meth:`write` must not change until :meth:`commit` or :meth:`abort`
+    returns: a remote writer may keep them and send them from there."""
 
     path: str
 
@@ -206,6 +216,202 @@ class _FsspecWriter:
         with suppress(FileNotFoundError):
             if self._fs.exists(self._target):
                 self._fs.rm_file(self._target)
+
+
+#: Files up to this size go to S3 in one PUT; bigger ones in a multipart upload. One request
+#: per file is the cheapest for the client and the server (no part to store, re-read and
+#: join), and a sharded save already sends its files concurrently; the parts of a bigger
+#: file are sent concurrently instead. (S3 takes up to 5 GiB in one PUT.)
+S3_SINGLE_PUT_MAX = 512 * 2**20
+#: The part size of those multipart uploads (S3: at least 5 MiB, at most 10,000 parts).
+S3_PART_SIZE = 64 * 2**20
+#: Parts of one file in flight at once.
+S3_PART_CONCURRENCY = 4
+_S3_MAX_PARTS = 10_000
+
+
+class _GatherBody(io.RawIOBase):
+    """Byte views back to back, as a read-only, seekable file: the body of one upload request,
+    read from the caller's buffers (``read`` copies only the bytes it returns)."""
+
+    def __init__(self, views: list[memoryview]) -> None:
+        super().__init__()
+        self._views = views
+        self._starts = [0]
+        for view in views:
+            self._starts.append(self._starts[-1] + view.nbytes)
+        self._size = self._starts[-1]
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """As :class:`io.BytesIO`: a negative absolute position is an error, a relative one
+        stops at the start."""
+        if whence == io.SEEK_SET and offset < 0:
+            raise ValueError(f"negative seek position {offset}")
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._size}[whence]
+        self._pos = max(0, base + offset)
+        return self._pos
+
+    def read(self, size: int | None = -1) -> bytes:
+        end = self._size if size is None or size < 0 else min(self._size, self._pos + size)
+        if end <= self._pos:
+            return b""
+        chunks = _slice_views(self._views, self._starts, self._pos, end)
+        self._pos = end
+        return bytes(chunks[0]) if len(chunks) == 1 else b"".join(chunks)
+
+    def readinto(self, buffer: Buffer) -> int:
+        view = _bytes_view(buffer)
+        data = self.read(view.nbytes)
+        view[: len(data)] = data
+        return len(data)
+
+
+def _slice_views(
+    views: list[memoryview], starts: list[int], start: int, stop: int
+) -> list[memoryview]:
+    """The bytes ``start:stop`` of ``views`` back to back (``starts``: their offsets, and the
+    total size last), as views of them."""
+    out: list[memoryview] = []
+    i = bisect.bisect_right(starts, start) - 1
+    while start < stop:
+        view = views[i]
+        begin = start - starts[i]
+        take = min(view.nbytes - begin, stop - start)
+        if take > 0:
+            out.append(view[begin : begin + take])
+            start += take
+        i += 1
+    return out
+
+
+class _S3Writer:
+    """S3 through s3fs: the buffers written are kept (not copied) and uploaded on
+    :meth:`commit`, in one PUT or a multipart upload (see :data:`S3_SINGLE_PUT_MAX`).
+
+    The requests go straight to s3fs's client, with s3fs's extra arguments (server-side
+    encryption, requester pays...), so that each try of the whole upload reads the buffers
+    from the start: the client library retries each request (rewinding its body), and
+    :class:`RetryPolicy` the whole upload. Nothing exists under the name before the upload
+    completes; a multipart upload that fails is aborted. Integrity: the client sends the
+    checksum its configuration asks for (botocore: a CRC32 of every request body by default,
+    which S3 verifies; a SHA-256 of the body in the signature over plain http unless
+    ``config_kwargs={"s3": {"payload_signing_enabled": False}}``), and the V2 data file's
+    own CRC32C of every tensor is verified when it is read."""
+
+    def __init__(self, fs: Any, path: str, retry: RetryPolicy) -> None:
+        self.path = path
+        self._fs = fs
+        self._retry = retry
+        self._views: list[memoryview] = []
+        self._size = 0
+
+    def write(self, data: Buffer) -> None:
+        view = memoryview(data)
+        if view.nbytes:  # (an empty array's view, shaped (0, n), cannot be cast)
+            view = _bytes_view(view)
+            self._views.append(view)
+            self._size += view.nbytes
+
+    def write_many(self, buffers: list[memoryview]) -> None:
+        for buffer in buffers:
+            self.write(buffer)
+
+    def commit(self) -> None:
+        try:
+            self._retry.run(
+                lambda: fsspec.asyn.sync(self._fs.loop, self._upload),
+                f"writing {self._fs.unstrip_protocol(self.path)}",
+            )
+        finally:
+            self._views = []
+
+    def abort(self) -> None:
+        self._views = []  # nothing was sent
+
+    async def _call(self, method: str, **kwargs: Any) -> Any:
+        fs = self._fs
+        client = await fs.get_s3(kwargs.get("Bucket"))
+        call = getattr(client, method)
+        try:
+            return await call(**fs._get_s3_method_kwargs(call, **kwargs))
+        except Exception as exc:
+            from s3fs.errors import translate_boto_error
+
+            error = translate_boto_error(exc)
+            if error is exc:
+                raise
+            raise error from exc
+
+    async def _upload(self) -> None:
+        fs = self._fs
+        bucket, key, _ = fs.split_path(self.path)
+        await fs.set_session()
+        try:
+            if self._size <= S3_SINGLE_PUT_MAX:
+                await self._call(
+                    "put_object", Bucket=bucket, Key=key, Body=_GatherBody(self._views)
+                )
+            else:
+                await self._multipart(bucket, key)
+        finally:
+            fs.invalidate_cache(self.path)
+
+    async def _multipart(self, bucket: str, key: str) -> None:
+        part_size = max(S3_PART_SIZE, -(-self._size // _S3_MAX_PARTS))
+        starts = [0]
+        for view in self._views:
+            starts.append(starts[-1] + view.nbytes)
+        upload = await self._call("create_multipart_upload", Bucket=bucket, Key=key)
+        upload_id = upload["UploadId"]
+        slots = asyncio.Semaphore(S3_PART_CONCURRENCY)
+
+        async def part(number: int, start: int) -> dict[str, Any]:
+            body = _GatherBody(
+                _slice_views(self._views, starts, start, min(self._size, start + part_size))
+            )
+            async with slots:
+                out = await self._call(
+                    "upload_part",
+                    Bucket=bucket,
+                    Key=key,
+                    UploadId=upload_id,
+                    PartNumber=number,
+                    Body=body,
+                )
+            return {"PartNumber": number, "ETag": out["ETag"]}
+
+        tasks = [
+            asyncio.ensure_future(part(number, start))
+            for number, start in enumerate(range(0, self._size, part_size), 1)
+        ]
+        try:
+            parts = await asyncio.gather(*tasks)
+            await self._call(
+                "complete_multipart_upload",
+                Bucket=bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": list(parts)},
+            )
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            with suppress(Exception):
+                await self._call(
+                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
+                )
+            raise
 
 
 class _LocalReader:
@@ -348,10 +554,17 @@ class Storage:
         """Start writing ``path`` atomically (visible only after ``commit``)."""
         if self.is_local:
             return _LocalWriter(path, durable)
+        if _is_s3fs(self.fs):
+            return _S3Writer(self.fs, path, self.retry)
         return _FsspecWriter(self.fs, path)
 
     def write_bytes(self, path: str, data: Buffer, *, durable: bool = True) -> None:
         """Write a whole file atomically (retried as a whole on remote filesystems)."""
+        if _is_s3fs(self.fs):  # its writer retries the upload as a whole itself
+            writer = _S3Writer(self.fs, path, self.retry)
+            writer.write(data)
+            writer.commit()
+            return
 
         def write() -> None:
             writer = self.open_writer(path, durable=durable)
@@ -597,6 +810,11 @@ class Storage:
         if self.is_local:
             return op()
         return self.retry.run(op, what)
+
+
+def _is_s3fs(fs: Any) -> bool:
+    """An s3fs filesystem (not a wrapper or test double declaring itself an object store)."""
+    return type(fs).__module__.split(".")[0] == "s3fs" and hasattr(fs, "get_s3")
 
 
 def _is_object_store(fs: Any) -> bool:

@@ -151,8 +151,10 @@ ABSORBED = {"HeadBucket"}
 
 def _streamed(target: tuple[str, str] | None) -> bool:
     """Operations anyckpt does not retry: the streamed writes of data files (the client
-    library retries their requests itself)."""
+    library retries their requests itself). On S3 a data file is one upload from the
+    caller's buffers, retried as a whole like every other request (storage._S3Writer)."""
     whole = {"delete", "stat", "list", "read", "DeleteObject", "HeadObject", "GetObject"}
+    whole |= {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"}
     return target is not None and ".data-" in target[1] and target[0] not in whole
 
 
