@@ -53,9 +53,11 @@ def _varints(
     last = raw < 0x80
     length = np.argmax(last, axis=1) + 1
     ok = last.any(axis=1) & (at + length <= ends)
-    keep = np.arange(_MAX_VARINT) < length[:, None]
-    value = (((raw & 0x7F).astype(np.uint64) << _SHIFTS) * keep).sum(axis=1, dtype=np.uint64)
-    return value.astype(np.int64), length, ok
+    width = int(length.max()) if len(length) else 0
+    digits = (raw[:, :width] & 0x7F).astype(np.uint64)
+    digits <<= _SHIFTS[:width]
+    digits[np.arange(width) >= length[:, None]] = 0
+    return digits.sum(axis=1, dtype=np.uint64).astype(np.int64), length, ok
 
 
 def decode_batch(values: Sequence[bytes]) -> EntryBatch:
@@ -112,11 +114,15 @@ def decode_batch(values: Sequence[bytes]) -> EntryBatch:
     pos = starts + split
     columns = []
     for tag in (0x18, 0x20, 0x28):
-        has = (pos < ends) & (buf[pos] == tag)
-        value, length, good = _varints(buf, pos + 1, ends)
-        ok &= ~has | good
-        columns.append(np.where(has & good, value, 0))
-        pos = np.minimum(np.where(has, pos + 1 + length, pos), ends)
+        column = np.zeros(n, dtype=np.int64)
+        columns.append(column)
+        has = np.flatnonzero((pos < ends) & (buf[pos] == tag))
+        if not has.size:
+            continue
+        value, length, good = _varints(buf, pos[has] + 1, ends[has])
+        ok[has[~good]] = False
+        column[has] = np.where(good, value, 0)
+        pos[has] = np.minimum(pos[has] + 1 + length, ends[has])
     has = (pos < ends) & (buf[pos] == 0x35)
     ok &= ~has | (pos + 5 <= ends)
     crc_bytes = buf[pos[:, None] + np.arange(1, 5)].astype(np.uint32)
@@ -130,9 +136,10 @@ def decode_batch(values: Sequence[bytes]) -> EntryBatch:
     dtypes = [h[0] for h in heads]
     shapes = [h[1] for h in heads]
     ids = head_ids.tolist()
-    records = list(
+    records: list[EntryRecord] = list(
         map(
-            EntryRecord._make,
+            tuple.__new__,
+            repeat(EntryRecord),
             zip(
                 map(dtypes.__getitem__, ids),
                 map(shapes.__getitem__, ids),

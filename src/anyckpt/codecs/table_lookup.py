@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import struct
 from bisect import bisect_left
+from itertools import pairwise
 
 from . import DecodeError
 from .crc import crc32c, mask
@@ -125,6 +126,7 @@ class LazyTable:
             self._handles.append(handle)
         self._blocks: list[_Block | None] = [None] * len(self._handles)
         self._items: list[tuple[bytes, bytes]] | None = None
+        self._columns: tuple[list[bytes], list[bytes]] | None = None
         self._by_key: dict[bytes, bytes] | None = None
 
     def _block(self, i: int) -> _Block:
@@ -160,27 +162,79 @@ class LazyTable:
         each block's keys lie between its separator key and the one before it (so lookups and
         this listing agree)."""
         if self._items is None:
-            entries: list[tuple[bytes, bytes]] = []
-            last: bytes | None = None
-            for i, handle in enumerate(self._handles):
-                contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
-                low = self._separators[i - 1] if i else None
-                high = self._separators[i]
-                for key, value in _block_entries(contents, "data"):
-                    if last is not None and key <= last:
-                        raise DecodeError(f"table keys out of order: {key!r} after {last!r}")
-                    if key > high or (low is not None and key <= low):
-                        raise DecodeError(f"table key {key!r} is outside its block's key range")
-                    entries.append((key, value))
-                    last = key
-            self._items = entries
+            self._items = list(zip(*self.columns(), strict=True))
         return self._items
+
+    def columns(self) -> tuple[list[bytes], list[bytes]]:
+        """:meth:`items` as a list of keys and a list of values (cached)."""
+        if self._columns is None:
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            spans = []
+            for handle in self._handles:
+                contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
+                start = len(keys)
+                _parse_block(contents, keys, values)
+                spans.append((start, len(keys)))
+            if keys != sorted(keys) or len(set(keys)) != len(keys):
+                for before, key in pairwise(keys):
+                    if key <= before:
+                        raise DecodeError(f"table keys out of order: {key!r} after {before!r}")
+            for i, (start, stop) in enumerate(spans):  # sorted: the first and last suffice
+                if start == stop:
+                    continue
+                if keys[stop - 1] > self._separators[i]:
+                    raise DecodeError(
+                        f"table key {keys[stop - 1]!r} is outside its block's key range"
+                    )
+                if i and keys[start] <= self._separators[i - 1]:
+                    raise DecodeError(f"table key {keys[start]!r} is outside its block's key range")
+            self._columns = (keys, values)
+        return self._columns
 
     def as_dict(self) -> dict[bytes, bytes]:
         """:meth:`items` as a dict (cached; lookups use it from then on)."""
         if self._by_key is None:
             self._by_key = dict(self.items())
         return self._by_key
+
+
+def _parse_block(block: memoryview, keys: list[bytes], values: list[bytes]) -> None:
+    """Append a data block's keys and values (what ``_block_entries`` yields, same checks)."""
+    size = len(block)
+    (num_restarts,) = _U32.unpack_from(block, size - 4)
+    restarts_start = size - 4 - 4 * num_restarts
+    if num_restarts == 0 or restarts_start < 0:
+        raise DecodeError(f"data block: bad restart count {num_restarts}")
+    data = bytes(block[:restarts_start])
+    add_key = keys.append
+    add_value = values.append
+    pos = 0
+    key = b""
+    while pos < restarts_start:
+        # Three varints; one byte each nearly always, so decode that case inline.
+        shared = data[pos]
+        if shared < 0x80:
+            pos += 1
+        else:
+            shared, pos = decode_varint(data, pos, restarts_start)
+        non_shared = data[pos] if pos < restarts_start else 0x80
+        if non_shared < 0x80:
+            pos += 1
+        else:
+            non_shared, pos = decode_varint(data, pos, restarts_start)
+        value_len = data[pos] if pos < restarts_start else 0x80
+        if value_len < 0x80:
+            pos += 1
+        else:
+            value_len, pos = decode_varint(data, pos, restarts_start)
+        if shared > len(key) or pos + non_shared + value_len > restarts_start:
+            raise DecodeError(f"data block: corrupt entry at offset {pos}")
+        end = pos + non_shared
+        key = key[:shared] + data[pos:end] if shared else data[pos:end]
+        pos = end + value_len
+        add_key(key)
+        add_value(data[end:pos])
 
 
 def _check_block(data: bytes, handle: BlockHandle) -> None:

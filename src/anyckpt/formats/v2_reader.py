@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from itertools import repeat
 from typing import Any
 
 import anyio
@@ -97,13 +98,13 @@ class V2Reader:
         together are checked column-wise, the rest (and the first failing one, to name what
         is wrong with it) one by one, as :meth:`_find` checks them."""
         try:
-            table = self._table.items()[1:]
-            batch = decode_batch([value for _, value in table])
+            raws, values = self._table.columns()
+            raws, values = raws[1:], values[1:]  # after the header
+            batch = decode_batch(values)
         except DecodeError as exc:
             raise self._corrupt(str(exc)) from None
         records = batch.records
-        raws = [raw for raw, _ in table]
-        keys = [raw.decode("utf-8", "surrogateescape") for raw in raws]  # key_from_bytes
+        keys = list(map(bytes.decode, raws, repeat("utf-8"), repeat("surrogateescape")))
         entries = dict(zip(keys, records, strict=True))
         slices: dict[str, dict[tuple[tuple[int, int], ...], EntryRecord]] = {}
         alone = np.flatnonzero(batch.head_ids < 0).tolist()
@@ -423,8 +424,12 @@ class V2Reader:
         """Back-to-back numeric tensors: each into its own fresh array, with one scatter
         read; their checksums computed in one pass and compared column-wise."""
         empty = np.empty
-        arrays = [empty(entry.shape, _dtypes(entry.dtype)[0]) for _, entry in run]
-        views = list(map(_bytes_of, arrays))
+        disk = {dtype: _dtypes(dtype)[0] for dtype in {entry.dtype for _, entry in run}}
+        arrays = [empty(entry.shape, disk[entry.dtype]) for _, entry in run]
+        try:
+            views = [memoryview(a).cast("B") for a in arrays]  # type: ignore[arg-type]
+        except (TypeError, ValueError):  # see _bytes_of
+            views = list(map(_bytes_of, arrays))
         read_into_many(run[0][1].offset, views)
         if verify:
             count = len(run)
@@ -469,8 +474,11 @@ class V2Reader:
         self, wanted: list[tuple[str, EntryRecord]], verify: bool
     ) -> list[tuple[str, EntryRecord, np.ndarray]]:
         by_shard: dict[int, list[tuple[str, EntryRecord]]] = defaultdict(list)
-        for key, entry in wanted:
-            by_shard[entry.shard_id].append((key, entry))
+        if self.num_shards == 1:  # every entry was checked to be in shard 0
+            by_shard[0] = list(wanted)
+        else:
+            for key, entry in wanted:
+                by_shard[entry.shard_id].append((key, entry))
         results: list[tuple[str, EntryRecord, np.ndarray]] = []
 
         async def run(shard: int, items: list[tuple[str, EntryRecord]]) -> None:
@@ -483,11 +491,16 @@ class V2Reader:
     async def read_many(
         self, keys: Sequence[str] | None = None, *, verify: bool = True
     ) -> dict[str, np.ndarray]:
-        names = self.keys() if keys is None else list(keys)
-        plain = [(k, self._entry(k)) for k in names if not self._entry(k).slices]
+        if keys is None:
+            names = self.keys()
+            pairs = list(self._entries.items())  # every entry, checked, in key order
+        else:
+            names = list(keys)
+            pairs = list(zip(names, map(self._entry, names), strict=True))
+        plain = [pair for pair in pairs if not pair[1].slices]
         out = {key: array for key, _, array in await self._read_entries(plain, verify)}
-        for key in names:
-            if self._entry(key).slices:
+        for key, entry in pairs:
+            if entry.slices:
                 out[key] = await self._assemble(key, None, verify)
         return {key: out[key] for key in names}
 
