@@ -56,9 +56,22 @@ class _Block:
         end = len(data)
         if pos >= end:
             raise DecodeError(f"data block: entry offset {pos} is past its entries ({end})")
-        shared, pos = decode_varint(data, pos, end)
-        non_shared, pos = decode_varint(data, pos, end)
-        value_len, pos = decode_varint(data, pos, end)
+        # Three varints, one byte each nearly always: that case inline.
+        shared = data[pos]
+        if shared < 0x80:
+            pos += 1
+        else:
+            shared, pos = decode_varint(data, pos, end)
+        non_shared = data[pos] if pos < end else 0x80
+        if non_shared < 0x80:
+            pos += 1
+        else:
+            non_shared, pos = decode_varint(data, pos, end)
+        value_len = data[pos] if pos < end else 0x80
+        if value_len < 0x80:
+            pos += 1
+        else:
+            value_len, pos = decode_varint(data, pos, end)
         if shared > len(prev) or pos + non_shared + value_len > end:
             raise DecodeError(f"data block: corrupt entry at offset {pos}")
         key_end = pos + non_shared
