@@ -5,7 +5,8 @@ Saves (page cache, no fsync) of ``--tensors`` tensors of ``--mib`` MiB into a fr
 - ``tofile``: ``ndarray.tofile`` of every tensor (the limit; no checksum);
 - ``whole``: today's data-file writer: ``os.write`` of each tensor while a helper thread
   checksums whole tensors ahead of the writes (``formats/v2_data.py``);
-- ``lock-N``: :func:`anyckpt.formats._checksummed_io.write_checksummed`, chunks of N MiB;
+- ``lock-N/L``: :func:`anyckpt.formats._checksummed_io.write_checksummed`, chunks of N MiB,
+  the CRC trailing by at most L chunks (``--lags``);
 - ``+fa``: the file's blocks reserved first (:func:`~anyckpt.formats._checksummed_io.preallocate`,
   ``fallocate``, which ``tofile`` does too).
 
@@ -16,7 +17,7 @@ and warm:
 - ``readinto``: one ``readinto`` of the whole file into one fresh buffer (the warm limit);
 - ``whole``: today's reader: ``preadv`` of each tensor, the helper checksums whole tensors
   behind the reads (``formats/v2_reader.py``);
-- ``lock-N``: :func:`anyckpt.formats._checksummed_io.read_checksummed`, chunks of N MiB.
+- ``lock-N/L``: :func:`anyckpt.formats._checksummed_io.read_checksummed`, chunks of N MiB.
 
 ``--durable``: the saves fsync their file inside the clock (``tofile`` then ``fsync``).
 
@@ -45,7 +46,12 @@ import numpy as np
 
 from anyckpt.codecs.crc import masked_crc32c
 from anyckpt.formats._arrays import _byte_view, _empty_large
-from anyckpt.formats._checksummed_io import preallocate, read_checksummed, write_checksummed
+from anyckpt.formats._checksummed_io import (
+    LAG_CHUNKS,
+    preallocate,
+    read_checksummed,
+    write_checksummed,
+)
 
 MiB = 1 << 20
 #: Saves fsync their file inside the clock (``--durable``).
@@ -117,14 +123,15 @@ def save_whole(reserve: bool) -> Save:
     return save
 
 
-def save_lockstep(chunk: int, reserve: bool) -> Save:
+def save_lockstep(chunk: int, reserve: bool, lag: int = LAG_CHUNKS) -> Save:
     def save(path: str, arrays: list[np.ndarray], pool: ThreadPoolExecutor) -> list[int]:
         fd = create(path, arrays, reserve)
         try:
-            crcs = [
-                write_checksummed(lambda v: write_all(fd, v), _byte_view(a), pool, chunk)
+            futures = [
+                write_checksummed(lambda v: write_all(fd, v), _byte_view(a), pool, chunk, lag)
                 for a in arrays
             ]
+            crcs = [f.result() for f in futures]
             if DURABLE:
                 os.fsync(fd)
             return crcs
@@ -170,24 +177,29 @@ def restore_whole(
     return arrays, [f.result() for f in futures]
 
 
-def restore_lockstep(chunk: int) -> Restore:
+def restore_lockstep(chunk: int, lag: int = LAG_CHUNKS) -> Restore:
     def restore(
         path: str, count: int, size: int, pool: ThreadPoolExecutor
     ) -> tuple[list[np.ndarray], list[int]]:
         fd = os.open(path, os.O_RDONLY)
-        arrays, crcs = [], []
+        arrays, futures = [], []
         try:
             for i in range(count):
                 array = _empty_large((size // 4,), np.dtype("<f4"))
-                crcs.append(
+                futures.append(
                     read_checksummed(
-                        lambda o, v: read_all(fd, o, v), i * size, _byte_view(array), pool, chunk
+                        lambda o, v: read_all(fd, o, v),
+                        i * size,
+                        _byte_view(array),
+                        pool,
+                        chunk,
+                        lag,
                     )
                 )
                 arrays.append(array)
         finally:
             os.close(fd)
-        return arrays, crcs
+        return arrays, [f.result() for f in futures]
 
     return restore
 
@@ -232,7 +244,10 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=7)
     parser.add_argument("--tensors", type=int, default=64)
     parser.add_argument("--mib", type=int, default=16)
-    parser.add_argument("--chunks", type=int, nargs="+", default=[1, 2, 4, 8], help="MiB")
+    parser.add_argument("--chunks", type=int, nargs="+", default=[2, 4, 8], help="MiB")
+    parser.add_argument(
+        "--lags", type=int, nargs="+", default=[LAG_CHUNKS], help="chunks the CRC may trail"
+    )
     parser.add_argument("--dir", default=None, help="scratch directory (default: a temp dir)")
     parser.add_argument("--only", choices=["save", "restore"], default=None)
     parser.add_argument("--no-cold", action="store_true", help="skip the cold restores")
@@ -267,9 +282,21 @@ def main() -> None:
             "whole+fa": save_whole(True),
             f"lock-{args.chunks[0]}": save_lockstep(args.chunks[0] * MiB, False),
         }
-        saves.update({f"lock-{c}+fa": save_lockstep(c * MiB, True) for c in args.chunks})
+        saves.update(
+            {
+                f"lock-{c}/{lag}+fa": save_lockstep(c * MiB, True, lag)
+                for c in args.chunks
+                for lag in args.lags
+            }
+        )
         restores: dict[str, Restore] = {"whole": restore_whole}
-        restores.update({f"lock-{c}": restore_lockstep(c * MiB) for c in args.chunks})
+        restores.update(
+            {
+                f"lock-{c}/{lag}": restore_lockstep(c * MiB, lag)
+                for c in args.chunks
+                for lag in args.lags
+            }
+        )
         save_res: dict[str, list[tuple[float, float]]] = {k: [] for k in saves}
         cold_res: dict[str, list[tuple[float, float]]] = {"dd": [], **{k: [] for k in restores}}
         warm_res: dict[str, list[tuple[float, float]]] = {
@@ -285,7 +312,7 @@ def main() -> None:
                 for tool, fn in saves.items():
                     if DURABLE:
                         os.sync()  # the previous round's dirty pages are not this one's
-                    path = os.path.join(directory, f"save-{tool}.bin")
+                    path = os.path.join(directory, "save-" + tool.replace("/", "_") + ".bin")
                     t0, c0 = time.perf_counter(), time.process_time()
                     crcs = fn(path, arrays, pool)
                     save_res[tool].append((time.perf_counter() - t0, time.process_time() - c0))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
@@ -27,17 +28,19 @@ class RecordingPool(Executor):
     """A one-thread pool that keeps every future it hands out, and can make the n-th task
     (0-based) raise instead of running."""
 
-    def __init__(self, fail_at: int | None = None) -> None:
+    def __init__(self, fail_at: int | None = None, delay: float = 0.0) -> None:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="test-crc")
         self.futures: list[Future[Any]] = []
         self.threads: set[int] = set()
         self._fail_at = fail_at
+        self._delay = delay
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Future[Any]:
         index = len(self.futures)
 
         def task() -> Any:
             self.threads.add(threading.get_ident())
+            time.sleep(self._delay)
             if index == self._fail_at:
                 raise RuntimeError(f"checksum task {index} failed")
             return fn(*args, **kwargs)
@@ -66,7 +69,9 @@ def _chunks(size: int, chunk: int) -> list[int]:
 def test_write_crc_and_bytes(data: bytes, chunk: int) -> None:
     written: list[bytes] = []
     with ThreadPoolExecutor(1) as pool:
-        crc = write_checksummed(lambda v: written.append(bytes(v)), memoryview(data), pool, chunk)
+        crc = write_checksummed(
+            lambda v: written.append(bytes(v)), memoryview(data), pool, chunk
+        ).result()
     assert crc == masked_crc32c(data)
     assert b"".join(written) == data
     assert [len(w) for w in written] == _chunks(len(data), chunk)
@@ -91,11 +96,53 @@ def test_read_crc_and_bytes(data: bytes, chunk: int, before: int, after: int, se
 
     dest = bytearray(len(data))
     with ThreadPoolExecutor(1) as pool:
-        crc = read_checksummed(read_into, before, memoryview(dest), pool, chunk)
+        crc = read_checksummed(read_into, before, memoryview(dest), pool, chunk).result()
     assert crc == masked_crc32c(data)
     assert bytes(dest) == data
     sizes = _chunks(len(data), chunk)
     assert calls == [(before + sum(sizes[:i]), n) for i, n in enumerate(sizes)]
+
+
+@pytest.mark.parametrize("lag", [0, 1, 3])
+def test_checksums_trail_by_at_most_lag_chunks(lag: int) -> None:
+    """When chunk k is written, the checksums of chunks before k - lag are done; when chunk
+    k is read, those before k - 1 - lag (chunk k - 1's may run during the read). The
+    checksums are slowed down, so only waiting for them gets them done in time."""
+    pool = RecordingPool(delay=0.002)
+    data = memoryview(bytes(range(256)) * 40)
+    seen: list[list[bool]] = []
+    write_checksummed(lambda v: seen.append([f.done() for f in pool.futures]), data, pool, 100, lag)
+    for k, done in enumerate(seen):
+        assert len(done) == k + 1
+        assert all(done[: max(0, k - lag)])
+    pool.futures.clear()
+    seen.clear()
+    read_checksummed(
+        lambda o, v: seen.append([f.done() for f in pool.futures]),
+        0,
+        memoryview(bytearray(data.nbytes)),
+        pool,
+        100,
+        lag,
+    )
+    for k, done in enumerate(seen):
+        assert len(done) == k
+        assert all(done[: max(0, k - 1 - lag)])
+    pool.shutdown()
+
+
+@settings(max_examples=50, deadline=None)
+@given(data=st.binary(max_size=300), chunk=st.integers(1, 40), lag=st.integers(0, 5))
+def test_any_lag_same_crc(data: bytes, chunk: int, lag: int) -> None:
+    with ThreadPoolExecutor(2) as pool:  # two workers: chained tasks may wait on each other
+        crc = write_checksummed(lambda v: None, memoryview(data), pool, chunk, lag).result()
+        dest = bytearray(len(data))
+
+        def read_into(offset: int, view: memoryview) -> None:
+            view[:] = data[offset : offset + view.nbytes]
+
+        assert read_checksummed(read_into, 0, memoryview(dest), pool, chunk, lag).result() == crc
+    assert crc == masked_crc32c(data)
 
 
 def test_crc_runs_on_the_pool(pool: RecordingPool) -> None:
@@ -109,7 +156,7 @@ def test_crc_runs_on_the_pool(pool: RecordingPool) -> None:
 def test_typed_multidimensional_views(pool: RecordingPool, shape: tuple[int, ...]) -> None:
     array = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
     written = bytearray()
-    crc = write_checksummed(written.extend, memoryview(array), pool, 1000)
+    crc = write_checksummed(written.extend, memoryview(array), pool, 1000).result()
     assert crc == masked_crc32c(array.tobytes())
     assert bytes(written) == array.tobytes()
 
@@ -119,7 +166,7 @@ def test_typed_multidimensional_views(pool: RecordingPool, shape: tuple[int, ...
     def read_into(offset: int, view: memoryview) -> None:
         view[:] = raw[offset : offset + view.nbytes]
 
-    assert read_checksummed(read_into, 0, memoryview(out), pool, 1000) == crc
+    assert read_checksummed(read_into, 0, memoryview(out), pool, 1000).result() == crc
     np.testing.assert_array_equal(out, array)
 
 
@@ -135,7 +182,7 @@ def test_real_file_round_trip(tmp_path: Path, pool: RecordingPool) -> None:
             while view.nbytes:
                 view = view[os.write(fd, view) :]
 
-        crc = write_checksummed(write, memoryview(array), pool)
+        crc = write_checksummed(write, memoryview(array), pool).result()
     finally:
         os.close(fd)
     assert crc == masked_crc32c(array.tobytes())
@@ -151,7 +198,7 @@ def test_real_file_round_trip(tmp_path: Path, pool: RecordingPool) -> None:
                 assert n > 0
                 view, offset = view[n:], offset + n
 
-        assert read_checksummed(read_into, 4, memoryview(out), pool) == crc
+        assert read_checksummed(read_into, 4, memoryview(out), pool).result() == crc
     finally:
         os.close(fd)
     np.testing.assert_array_equal(out, array)
@@ -159,10 +206,10 @@ def test_real_file_round_trip(tmp_path: Path, pool: RecordingPool) -> None:
 
 def test_empty(pool: RecordingPool) -> None:
     calls: list[object] = []
-    assert write_checksummed(calls.append, memoryview(b""), pool) == masked_crc32c(b"")
-    assert read_checksummed(lambda o, v: calls.append(v), 0, memoryview(bytearray()), pool) == (
-        masked_crc32c(b"")
-    )
+    assert write_checksummed(calls.append, memoryview(b""), pool).result() == masked_crc32c(b"")
+    assert read_checksummed(
+        lambda o, v: calls.append(v), 0, memoryview(bytearray()), pool
+    ).result() == (masked_crc32c(b""))
     assert calls == []
     assert pool.futures == []
 
@@ -213,12 +260,12 @@ def test_checksum_error_propagates(fail_at: int) -> None:
     pool = RecordingPool(fail_at=fail_at)
     try:
         with pytest.raises(RuntimeError, match=f"task {fail_at} failed"):
-            write_checksummed(lambda v: None, memoryview(bytes(1000)), pool, 100)
+            write_checksummed(lambda v: None, memoryview(bytes(1000)), pool, 100).result()
         assert all(f.done() for f in pool.futures)
         pool.futures.clear()
         pool._fail_at = fail_at
         with pytest.raises(RuntimeError, match=f"task {fail_at} failed"):
-            read_checksummed(lambda o, v: None, 0, memoryview(bytearray(1000)), pool, 100)
+            read_checksummed(lambda o, v: None, 0, memoryview(bytearray(1000)), pool, 100).result()
         assert all(f.done() for f in pool.futures)
     finally:
         pool.shutdown()
@@ -256,3 +303,19 @@ def test_preallocate_bad_fd_is_false() -> None:
     fd = os.open(os.devnull, os.O_RDONLY)
     os.close(fd)
     assert preallocate(fd, 0, 4096) is False
+
+
+def test_last_checksum_may_run_on() -> None:
+    """The caller goes on to the next tensor while the last chunk's checksum runs."""
+    pool = RecordingPool(delay=0.5)
+    try:
+        data = b"x" * 250
+        crc = write_checksummed(lambda v: None, memoryview(data), pool, 100)
+        assert not crc.done()
+        assert crc.result() == masked_crc32c(data)
+        dest = bytearray(250)
+        crc = read_checksummed(lambda o, v: None, 0, memoryview(dest), pool, 100)
+        assert not crc.done()
+        assert crc.result() == masked_crc32c(dest)
+    finally:
+        pool.shutdown()

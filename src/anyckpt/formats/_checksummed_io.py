@@ -26,6 +26,8 @@ from ..codecs.crc import mask
 #: Default chunk: a few MiB, small enough to stay in the shared L3 while both threads
 #: touch it, large enough that the per-chunk hand-off (tens of µs) is a few percent.
 CHUNK_BYTES = 4 << 20
+#: How many chunks the checksums may trail the I/O before the I/O thread waits for them.
+LAG_CHUNKS = 1
 
 
 #: ``fallocate(2)``'s mode flag that reserves blocks without changing the file's size.
@@ -67,32 +69,57 @@ def _settle(future: Future[int] | None) -> None:
             future.result()
 
 
+def _crc(piece: memoryview, before: Future[int] | None, last: bool) -> int:
+    """CRC-32C of ``piece`` continuing ``before``'s (0: the first chunk); masked if ``last``."""
+    crc = int(_crc32c.crc32c(piece, 0 if before is None else before.result()))
+    return mask(crc) if last else crc
+
+
+def _chunks(view: memoryview, chunk: int) -> list[memoryview]:
+    if chunk <= 0:
+        raise ValueError(f"chunk must be positive, not {chunk}")
+    if view.format != "B" or view.ndim != 1:
+        view = view.cast("B")
+    return [view[start : start + chunk] for start in range(0, view.nbytes, chunk)]
+
+
+def _empty_crc() -> Future[int]:
+    done: Future[int] = Future()
+    done.set_result(mask(0))
+    return done
+
+
 def write_checksummed(
     write: Callable[[memoryview], object],
     data: memoryview,
     pool: Executor,
     chunk: int = CHUNK_BYTES,
-) -> int:
+    lag: int = LAG_CHUNKS,
+) -> Future[int]:
     """Write ``data`` with ``write`` (all of each chunk it is given) while ``pool`` computes
-    its CRC-32C; return the masked CRC (:func:`anyckpt.codecs.crc.masked_crc32c` of ``data``).
+    its CRC-32C; return a future of the masked CRC
+    (:func:`anyckpt.codecs.crc.masked_crc32c` of ``data``).
 
-    Chunk ``k`` is written here while the pool checksums the same chunk. When this returns
-    or raises, no checksum of ``data`` is still running."""
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, not {chunk}")
-    view = data.cast("B") if data.format != "B" or data.ndim != 1 else data
-    size = view.nbytes
+    The pool checksums each chunk while it is written here; this thread waits before a
+    chunk only if the checksums trail by more than ``lag`` chunks. The last chunk's may
+    still run on return (so the next tensor's writes need not wait for it): ``data`` must
+    stay unchanged until the future is done. On an error, no checksum is left running."""
+    pieces = _chunks(data, chunk)
+    futures: list[Future[int]] = []
     crc: Future[int] | None = None
     try:
-        for start in range(0, size, chunk):
-            piece = view[start : start + chunk]
-            value = crc.result() if crc is not None else 0
-            crc = pool.submit(_crc32c.crc32c, piece, value)
+        for k, piece in enumerate(pieces):
+            if k > lag:
+                futures[k - lag - 1].result()
+            # Chained: each task waits only for the one before it (on a one-thread pool it
+            # ran first), so when a chunk's checksum is done, so are all before it.
+            crc = pool.submit(_crc, piece, crc, k == len(pieces) - 1)
+            futures.append(crc)
             write(piece)
     except BaseException:
         _settle(crc)
         raise
-    return mask(crc.result() if crc is not None else 0)
+    return crc if crc is not None else _empty_crc()
 
 
 def read_checksummed(
@@ -101,25 +128,28 @@ def read_checksummed(
     dest: memoryview,
     pool: Executor,
     chunk: int = CHUNK_BYTES,
-) -> int:
+    lag: int = LAG_CHUNKS,
+) -> Future[int]:
     """Fill ``dest`` from the file bytes at ``offset`` with ``read_into(offset, view)`` (which
     fills all of ``view``), chunk by chunk, while ``pool`` checksums each chunk read; return
-    the masked CRC-32C of what was read.
+    a future of the masked CRC-32C of what was read.
 
-    Chunk ``k + 1`` is read here while the pool checksums chunk ``k``, still in the cache.
-    When this returns or raises, no checksum of ``dest`` is still running."""
-    if chunk <= 0:
-        raise ValueError(f"chunk must be positive, not {chunk}")
-    view = dest.cast("B") if dest.format != "B" or dest.ndim != 1 else dest
-    size = view.nbytes
+    The pool checksums a chunk, still in the cache, while the next is read here; this
+    thread waits before a read only if the checksums trail that by more than ``lag``
+    chunks. The last chunk's may still run on return (so the next tensor's reads need not
+    wait for it): ``dest`` must stay unchanged until the future is done. On an error, no
+    checksum is left running."""
+    pieces = _chunks(dest, chunk)
+    futures: list[Future[int]] = []
     crc: Future[int] | None = None
     try:
-        for start in range(0, size, chunk):
-            piece = view[start : start + chunk]
-            read_into(offset + start, piece)
-            value = crc.result() if crc is not None else 0
-            crc = pool.submit(_crc32c.crc32c, piece, value)
+        for k, piece in enumerate(pieces):
+            if k > lag + 1:
+                futures[k - lag - 2].result()  # chunk k - 1's may still run: it was just read
+            read_into(offset + k * chunk, piece)
+            crc = pool.submit(_crc, piece, crc, k == len(pieces) - 1)
+            futures.append(crc)
     except BaseException:
         _settle(crc)
         raise
-    return mask(crc.result() if crc is not None else 0)
+    return crc if crc is not None else _empty_crc()
