@@ -9,7 +9,10 @@ the run of (at most 16) entries, and a short scan finds the key. :meth:`LazyTabl
 every block once (cached) with all the checks of :func:`~anyckpt.codecs.table.read_table`.
 
 Every bound is checked before it is used: hostile bytes raise :class:`DecodeError`, never an
-IndexError, a hang or a large allocation.
+IndexError, a hang or a large allocation. Like TensorFlow's, a lookup trusts a block's restart
+points (they are covered by the block's checksum, so only a crafted file can lie there): crafted
+ones may make it miss or misread a key, within the block; :meth:`LazyTable.items` does not use
+them.
 """
 
 from __future__ import annotations
