@@ -8,13 +8,16 @@ environment, so peak RSS is clean and the peers' imports never meet: anyckpt, th
 and numpy.savez in the project's ``.venv``; TensorFlow in ``.venv-tf``; torch, safetensors and
 torch.distributed.checkpoint in ``.venv-bench/peers``; Orbax in ``.venv-bench/orbax`` (the
 ``.venv-bench`` ones are created here on first use). ``dd`` gives the durable-write and
-cold-read limits. Results: a Markdown table on stdout, and JSON + Markdown in
-``benchmarks/results/``.
+cold-read limits. Last, ``benchmarks/sharded_save_s3.py`` (a process of its own) measures a
+sharded save to the S3 test server (moto, started on 127.0.0.1 and stopped there) against one
+sequential upload of the same bytes: 1 GiB × ``--scale`` (``--no-s3`` leaves it out).
+Results: a Markdown table on stdout, and JSON + Markdown in ``benchmarks/results/``.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -34,6 +37,7 @@ ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
 sys.path.insert(0, HERE)
 
+import sharded_save_s3  # noqa: E402
 import workloads  # noqa: E402
 
 OPS = ("save_durable", "save", "async_save", "restore_warm", "restore_cold", "restore_subset")
@@ -435,7 +439,39 @@ def compute_ratios(results: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def evaluate_targets(results: dict[str, Any], metas: dict[str, Any]) -> list[dict[str, Any]]:
+#: Shards of the S3 measurement (the target: a sharded save ≥ 2 × one sequential upload).
+S3_SHARDS = 4
+
+
+def run_s3(args: argparse.Namespace) -> dict[str, Any]:
+    """``benchmarks/sharded_save_s3.py`` in a process of its own: its figures, or a problem."""
+    out = os.path.join(os.path.abspath(args.work_dir) + "-s3.json")
+    cmd = [sys.executable, os.path.join(HERE, "sharded_save_s3.py"), "--quiet", "--json", out]
+    cmd += ["--gib", str(args.scale), "--shards", str(S3_SHARDS), "--repeat", str(args.runs)]
+    log(f"== S3 test server: {args.scale:g} GiB, {S3_SHARDS} shards", args.quiet)
+    LOAD_SAMPLES.append(os.getloadavg()[0])
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=args.timeout, env=bench_env(), cwd=ROOT
+        )
+    except subprocess.TimeoutExpired:
+        return {"problem": f"timed out after {args.timeout:.0f} s"}
+    try:
+        if proc.returncode != 0:
+            return {"problem": f"exit status {proc.returncode}: {proc.stderr.strip()[-800:]}"}
+        with open(out) as f:
+            figures: dict[str, Any] = json.load(f)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(out)
+    for name, entry in figures["cases"].items():
+        log(f"   {name:18} median {entry['median_s']:.2f} s", args.quiet)
+    return figures
+
+
+def evaluate_targets(
+    results: dict[str, Any], metas: dict[str, Any], s3: dict[str, Any] | None = None
+) -> list[dict[str, Any]]:
     targets: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, goal: float, higher: bool, detail: str) -> None:
@@ -499,6 +535,16 @@ def evaluate_targets(results: dict[str, Any], metas: dict[str, Any]) -> list[dic
                 False,
                 "MiB above the baseline",
             )
+    if s3 is not None:
+        sharded = s3.get("cases", {}).get(f"anyckpt shards={S3_SHARDS}")
+        add(
+            f"to the S3 test server, a sharded save ({S3_SHARDS} shards) ≥ 2 × one sequential "
+            "upload",
+            None if sharded is None else sharded["x_sequential_median"],
+            2.0,
+            True,
+            "time ratio of the medians" if sharded else s3.get("problem", "no figures"),
+        )
     return targets
 
 
@@ -587,6 +633,15 @@ def render(summary: dict[str, Any]) -> str:
             cells = [f"{row[p]:.2f}" if row.get(p) is not None else "—" for p in PEER_NAMES]
             lines.append(f"| {wl} | {OP_TITLES[op]} | {limit_text} | " + " | ".join(cells) + " |")
     lines.append("")
+    s3 = summary.get("s3")
+    if s3 is not None:
+        lines.append("### Sharded save to the S3 test server against one sequential upload")
+        lines.append("")
+        if "cases" in s3:
+            lines.append(sharded_save_s3.render(s3))
+        else:
+            lines.append(f"Not measured: {s3.get('problem')}")
+        lines.append("")
     lines.append("### Targets")
     lines.append("")
     for t in summary["targets"]:
@@ -630,6 +685,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per measuring process")
     p.add_argument("--quiet", action="store_true")
     p.add_argument(
+        "--no-s3", action="store_true", help="leave out the sharded save to the S3 test server"
+    )
+    p.add_argument(
         "--no-drop-caches",
         action="store_true",
         help="never drop the page cache (cold restores are then warm, and say so)",
@@ -648,6 +706,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     started = time.time()
     load_start = os.getloadavg()
     summary = measure(args)
+    if not args.no_s3:
+        summary["s3"] = run_s3(args)
+        summary["targets"] = evaluate_targets(
+            summary["results"], summary["workloads"], summary["s3"]
+        )
     summary["wall_seconds"] = round(time.time() - started, 1)
     summary["machine"]["loadavg_start"] = load_start
     summary["machine"]["loadavg_end"] = os.getloadavg()

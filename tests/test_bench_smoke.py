@@ -82,3 +82,21 @@ def test_ratios_and_targets(summary: dict) -> None:
     names = " ".join(t["target"] for t in targets)
     assert "async save() blocks" in names
     assert "peak RSS" in names
+
+
+def test_sharded_save_to_the_s3_test_server(summary: dict) -> None:
+    s3 = summary["s3"]
+    assert "problem" not in s3, s3
+    assert s3["bytes"] > 0
+    cases = s3["cases"]
+    assert set(cases) == {"sequential", "pipe", "anyckpt shards=1", "anyckpt shards=4"}
+    for entry in cases.values():
+        assert len(entry["runs"]) == 1
+        assert entry["best_s"] > 0
+        assert entry["client_cpu_s_min"] >= 0
+        assert entry["server_cpu_s_min"] >= 0
+        assert entry["x_sequential_median"] > 0
+    assert cases["sequential"]["x_sequential_median"] == 1.0
+    target = [t for t in summary["targets"] if "S3 test server" in t["target"]]
+    assert len(target) == 1
+    assert target[0]["met"] in (True, False)
