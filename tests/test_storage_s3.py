@@ -138,6 +138,28 @@ def test_big_file_goes_in_concurrent_parts(
     assert raw.list_multipart_uploads(s3_bucket.name) == []
 
 
+def test_parts_are_sent_while_writing(
+    s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 1 << 20)
+    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
+    storage, path = _storage(s3_bucket, "streamed")
+    writer = storage.open_writer(path)
+    assert isinstance(writer, _S3Writer)
+    pieces = [np.full(3 << 20, i, dtype=np.uint8) for i in range(5)]
+    for piece in pieces:
+        writer.write(piece)
+    # Two 5 MiB parts are on their way (or sent); only the last 5 MiB are still held.
+    assert len(writer._parts) == 3
+    assert writer._size == 0
+    raw = s3_bucket.filesystem()
+    assert not raw.exists(path)
+    writer.commit()
+    assert raw.cat_file(path) == b"".join(p.tobytes() for p in pieces)
+    assert raw.info(path)["ETag"].strip('"').endswith("-3")
+    assert raw.list_multipart_uploads(s3_bucket.name) == []
+
+
 def test_failed_part_aborts_the_upload(
     s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -208,3 +230,28 @@ def test_sharded_save_round_trip(s3_bucket: RemoteBucket) -> None:
     loaded = anyckpt.sync.load(prefix, storage_options=s3_bucket.storage_options)
     for key, value in tensors.items():
         np.testing.assert_array_equal(loaded[key], value)
+
+
+def test_failed_part_is_raised_by_a_later_write(
+    s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 1 << 20)
+    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
+    monkeypatch.setattr(anyckpt.storage, "S3_PART_CONCURRENCY", 1)
+    original = _S3Writer._call
+
+    async def failing(self: _S3Writer, method: str, **kwargs: Any) -> Any:
+        if method == "upload_part":
+            raise PermissionError(errno.EACCES, "denied")
+        return await original(self, method, **kwargs)
+
+    monkeypatch.setattr(_S3Writer, "_call", failing)
+    storage, path = _storage(s3_bucket, "failed-early")
+    writer = storage.open_writer(path)
+    writer.write(bytes(5 << 20))  # part 1 goes out, and fails
+    with pytest.raises(PermissionError):
+        writer.write(bytes(5 << 20))  # part 2 waits for part 1's slot: its error surfaces
+    writer.abort()
+    raw = s3_bucket.filesystem()
+    assert not raw.exists(path)
+    assert raw.list_multipart_uploads(s3_bucket.name) == []

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import concurrent.futures
 import errno
 import hashlib
 import io
@@ -221,13 +222,12 @@ class _FsspecWriter:
 #: Files up to this size go to S3 in one PUT; bigger ones in a multipart upload. One request
 #: per file is the cheapest for the client and the server (no part to store, re-read and
 #: join), and a sharded save already sends its files concurrently; the parts of a bigger
-#: file are sent concurrently instead. (S3 takes up to 5 GiB in one PUT.)
+#: file are sent while it is written, concurrently. (S3 takes up to 5 GiB in one PUT.)
 S3_SINGLE_PUT_MAX = 512 * 2**20
-#: The part size of those multipart uploads (S3: at least 5 MiB, at most 10,000 parts).
+#: The part size of those multipart uploads (S3: at least 5 MiB; doubled every 1,000 parts).
 S3_PART_SIZE = 64 * 2**20
 #: Parts of one file in flight at once.
 S3_PART_CONCURRENCY = 4
-_S3_MAX_PARTS = 10_000
 
 
 class _GatherBody(io.RawIOBase):
@@ -295,32 +295,49 @@ def _slice_views(
 
 
 class _S3Writer:
-    """S3 through s3fs: the buffers written are kept (not copied) and uploaded on
-    :meth:`commit`, in one PUT or a multipart upload (see :data:`S3_SINGLE_PUT_MAX`).
+    """S3 through s3fs: the buffers written are kept (not copied) and sent from there. A file
+    of up to :data:`S3_SINGLE_PUT_MAX` bytes is uploaded on :meth:`commit` in one PUT; once
+    a file grows past it, a multipart upload starts and each :data:`S3_PART_SIZE` bytes
+    written are sent as a part (at most :data:`S3_PART_CONCURRENCY` in flight: ``write``
+    waits for one to finish), then released. So at most about ``S3_SINGLE_PUT_MAX`` bytes are
+    held (the caller's own buffers, except what a format made for the file: strings,
+    compressed frames...).
 
     The requests go straight to s3fs's client, with s3fs's extra arguments (server-side
-    encryption, requester pays...), so that each try of the whole upload reads the buffers
-    from the start: the client library retries each request (rewinding its body), and
-    :class:`RetryPolicy` the whole upload. Nothing exists under the name before the upload
-    completes; a multipart upload that fails is aborted. Integrity: the client sends the
-    checksum its configuration asks for (botocore: a CRC32 of every request body by default,
-    which S3 verifies; a SHA-256 of the body in the signature over plain http unless
-    ``config_kwargs={"s3": {"payload_signing_enabled": False}}``), and the V2 data file's
-    own CRC32C of every tensor is verified when it is read."""
+    encryption, requester pays...), and each try of a request reads its bytes from the start:
+    the client library retries each request (rewinding its body), :class:`RetryPolicy` the
+    PUT or each part as a whole. Nothing exists under the name before the upload completes; a
+    multipart upload that fails or is aborted is aborted on the server. Integrity: the client
+    sends the checksum its configuration asks for (botocore: a CRC32 of every request body by
+    default, which S3 verifies; over plain http, a SHA-256 of the body in the signature too,
+    unless ``config_kwargs={"s3": {"payload_signing_enabled": False}}``), and the V2 data
+    file's own CRC32C of every tensor is verified when it is read."""
 
     def __init__(self, fs: Any, path: str, retry: RetryPolicy) -> None:
         self.path = path
         self._fs = fs
         self._retry = retry
-        self._views: list[memoryview] = []
+        self._views: list[memoryview] = []  # written, not sent yet
         self._size = 0
+        self._upload_id: str | None = None
+        self._parts: list[concurrent.futures.Future[dict[str, Any]]] = []
+        self._bucket, self._key, _ = fs.split_path(path)
 
     def write(self, data: Buffer) -> None:
         view = memoryview(data)
-        if view.nbytes:  # (an empty array's view, shaped (0, n), cannot be cast)
-            view = _bytes_view(view)
-            self._views.append(view)
-            self._size += view.nbytes
+        if not view.nbytes:  # (an empty array's view, shaped (0, n), cannot be cast)
+            return
+        view = _bytes_view(view)
+        self._views.append(view)
+        self._size += view.nbytes
+        if self._upload_id is None and self._size > S3_SINGLE_PUT_MAX:
+            out = self._retry.run(
+                lambda: self._sync(self._call, "create_multipart_upload"), self._what()
+            )
+            self._upload_id = str(out["UploadId"])
+        if self._upload_id is not None:
+            while self._size >= self._part_size():
+                self._send_part(self._part_size())
 
     def write_many(self, buffers: list[memoryview]) -> None:
         for buffer in buffers:
@@ -328,20 +345,111 @@ class _S3Writer:
 
     def commit(self) -> None:
         try:
-            self._retry.run(
-                lambda: fsspec.asyn.sync(self._fs.loop, self._upload),
-                f"writing {self._fs.unstrip_protocol(self.path)}",
-            )
+            if self._upload_id is None:
+                self._retry.run(
+                    lambda: self._sync(self._call, "put_object", Body=_GatherBody(self._views)),
+                    self._what(),
+                )
+            else:
+                if self._size:
+                    self._send_part(self._size)
+                parts = [part.result() for part in self._parts]
+                self._retry.run(
+                    lambda: self._sync(
+                        self._call,
+                        "complete_multipart_upload",
+                        UploadId=self._upload_id,
+                        MultipartUpload={"Parts": parts},
+                    ),
+                    self._what(),
+                )
+                self._upload_id = None
+        except BaseException:
+            self.abort()
+            raise
         finally:
             self._views = []
+            self._fs.invalidate_cache(self.path)
 
     def abort(self) -> None:
-        self._views = []  # nothing was sent
+        self._views = []
+        upload_id, self._upload_id = self._upload_id, None
+        if upload_id is None:
+            return  # nothing was sent, or the upload completed
+        for part in self._parts:
+            part.cancel()
+        concurrent.futures.wait(self._parts)
+        with suppress(Exception):
+            self._sync(self._call, "abort_multipart_upload", UploadId=upload_id)
+
+    def _what(self) -> str:
+        return f"writing {self._fs.unstrip_protocol(self.path)}"
+
+    def _sync(self, func: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        return fsspec.asyn.sync(self._fs.loop, func, *args, **kwargs)
+
+    def _part_size(self) -> int:
+        # Doubled every 1,000 parts: S3 takes at most 10,000 per upload.
+        return int(S3_PART_SIZE) << (len(self._parts) // 1000)
+
+    def _send_part(self, size: int) -> None:
+        """Send the first ``size`` bytes not sent yet as the next part (in the background);
+        first wait for a free slot, and raise the error of a part that failed."""
+        while True:
+            pending = [p for p in self._parts if not p.done()]
+            for part in self._parts:
+                if part.done() and part.exception() is not None:
+                    part.result()  # raises it
+            if len(pending) < S3_PART_CONCURRENCY:
+                break
+            concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+        starts = [0]
+        for view in self._views:
+            starts.append(starts[-1] + view.nbytes)
+        views = _slice_views(self._views, starts, 0, size)
+        rest = _slice_views(self._views, starts, size, self._size)
+        self._views, self._size = rest, self._size - size
+        number = len(self._parts) + 1
+        self._parts.append(
+            asyncio.run_coroutine_threadsafe(self._send(number, views), self._fs.loop)
+        )
+
+    async def _send(self, number: int, views: list[memoryview]) -> dict[str, Any]:
+        """Upload one part, retried as a whole after transient failures."""
+        attempt = 1
+        while True:
+            try:
+                out = await self._call(
+                    "upload_part",
+                    UploadId=self._upload_id,
+                    PartNumber=number,
+                    Body=_GatherBody(views),
+                )
+                return {"PartNumber": number, "ETag": out["ETag"]}
+            except Exception as exc:  # noqa: PERF203 - the loop is the retry
+                if attempt >= self._retry.attempts or not is_transient(exc):
+                    raise
+                pause = self._retry.delay(attempt)
+                logger.warning(
+                    "%s, part %d, failed (%s: %s); retry %d of %d in %.3f s",
+                    self._what(),
+                    number,
+                    type(exc).__name__,
+                    exc,
+                    attempt,
+                    self._retry.attempts - 1,
+                    pause,
+                )
+                await asyncio.sleep(pause)
+                attempt += 1
 
     async def _call(self, method: str, **kwargs: Any) -> Any:
+        """One request of s3fs's client on this object, its errors translated as s3fs's."""
         fs = self._fs
-        client = await fs.get_s3(kwargs.get("Bucket"))
+        await fs.set_session()
+        client = await fs.get_s3(self._bucket)
         call = getattr(client, method)
+        kwargs.update(Bucket=self._bucket, Key=self._key)
         try:
             return await call(**fs._get_s3_method_kwargs(call, **kwargs))
         except Exception as exc:
@@ -351,67 +459,6 @@ class _S3Writer:
             if error is exc:
                 raise
             raise error from exc
-
-    async def _upload(self) -> None:
-        fs = self._fs
-        bucket, key, _ = fs.split_path(self.path)
-        await fs.set_session()
-        try:
-            if self._size <= S3_SINGLE_PUT_MAX:
-                await self._call(
-                    "put_object", Bucket=bucket, Key=key, Body=_GatherBody(self._views)
-                )
-            else:
-                await self._multipart(bucket, key)
-        finally:
-            fs.invalidate_cache(self.path)
-
-    async def _multipart(self, bucket: str, key: str) -> None:
-        part_size = max(S3_PART_SIZE, -(-self._size // _S3_MAX_PARTS))
-        starts = [0]
-        for view in self._views:
-            starts.append(starts[-1] + view.nbytes)
-        upload = await self._call("create_multipart_upload", Bucket=bucket, Key=key)
-        upload_id = upload["UploadId"]
-        slots = asyncio.Semaphore(S3_PART_CONCURRENCY)
-
-        async def part(number: int, start: int) -> dict[str, Any]:
-            body = _GatherBody(
-                _slice_views(self._views, starts, start, min(self._size, start + part_size))
-            )
-            async with slots:
-                out = await self._call(
-                    "upload_part",
-                    Bucket=bucket,
-                    Key=key,
-                    UploadId=upload_id,
-                    PartNumber=number,
-                    Body=body,
-                )
-            return {"PartNumber": number, "ETag": out["ETag"]}
-
-        tasks = [
-            asyncio.ensure_future(part(number, start))
-            for number, start in enumerate(range(0, self._size, part_size), 1)
-        ]
-        try:
-            parts = await asyncio.gather(*tasks)
-            await self._call(
-                "complete_multipart_upload",
-                Bucket=bucket,
-                Key=key,
-                UploadId=upload_id,
-                MultipartUpload={"Parts": list(parts)},
-            )
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            await asyncio.gather(*tasks, return_exceptions=True)
-            with suppress(Exception):
-                await self._call(
-                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload_id
-                )
-            raise
 
 
 class _LocalReader:
