@@ -23,7 +23,8 @@ from ..codecs.bundle import BundleEntry, encode_string_tensor
 from ..codecs.crc import crc32c
 from ..codecs.dtypes import DT_STRING, enum_from_dtype, to_little_endian
 from ..storage import Storage
-from ._arrays import _byte_view, _is_le_contiguous
+from ._arrays import _byte_view
+from ._checksummed_io import write_checksummed
 from .v2_layout import GATHER_BELOW, GATHER_BYTES, PARALLEL_BYTES
 
 _MASK_DELTA = np.uint32(0xA282EAD8)
@@ -118,9 +119,11 @@ def write_data_file(
 ) -> DataFileEntries:
     """Write one data file; return the index entries of its tensors (runs in a worker thread).
 
-    Small tensors are gathered into one ``writev`` per IOV_MAX of them (where the storage
-    offers ``write_many``); the checksums of large ones are computed by a helper thread that
-    runs ahead of the writes. Bytes and checksums are the same as writing one by one."""
+    The file's blocks are reserved first where the storage can (local files). Small tensors
+    are gathered into one ``writev`` per IOV_MAX of them (where the storage offers
+    ``write_many``); large ones are written in chunks while a helper thread checksums each
+    chunk as it goes out (:mod:`._checksummed_io`). Bytes and checksums are the same as
+    writing one by one."""
     keys = [key for key, _ in items]
     arrays = [array for _, array in items]
     count = len(arrays)
@@ -131,60 +134,45 @@ def write_data_file(
     enums = list(map(enum_of.__getitem__, dtype_list))
     sizes = np.fromiter(map(_nbytes_of, arrays), dtype=np.int64, count=count)
     crcs = np.zeros(count, dtype=np.uint32)
+    premasked = np.zeros(count, dtype=bool)  # CRCs already masked (strings, large tensors)
     writer = storage.open_writer(path, durable=durable)
-    write_many = getattr(writer, "write_many", None)
-    # Ordinary small tensors: checksummed and written as they are, in bulk.
-    plain = np.fromiter(map(direct.__contains__, dtype_list), dtype=bool, count=count)
-    plain &= np.fromiter(map(_contiguous, arrays), dtype=bool, count=count)
-    if write_many is not None:
-        plain &= sizes < GATHER_BELOW
-    else:
-        plain[:] = False
-    where = np.flatnonzero(plain)
-    if len(where):
-        chosen = arrays if len(where) == count else [arrays[i] for i in where.tolist()]
-        checksums = map(_crc32c.crc32c, chosen)  # type: ignore[arg-type]  # arrays are buffers
-        crcs[where] = np.fromiter(checksums, dtype=np.uint32, count=len(where))
-    helper: ThreadPoolExecutor | None = None
     try:
-        # The rest, one by one (strings, byte-swapped or strided arrays, ml_dtypes, large).
-        big: list[memoryview] = []
-        big_at: list[int] = []
-        views: dict[int, memoryview] = {}
-        for i in np.flatnonzero(~plain).tolist():
-            array = arrays[i]
-            if enums[i] == DT_STRING:
-                data, crc = encode_string_tensor(array.reshape(-1).tolist())
-                views[i] = view = memoryview(data)
-                crcs[i] = crc  # already masked
-                sizes[i] = view.nbytes
-                continue
-            if array.nbytes >= PARALLEL_BYTES and _is_le_contiguous(array):
-                views[i] = view = _byte_view(array)
-                big.append(view)
-                big_at.append(i)
-                continue
-            views[i] = view = _byte_view(to_little_endian(array))
-            crcs[i] = crc32c(view)
-        big_crcs: Future[list[int]] | None = None
-        if big:
-            helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
-            big_crcs = helper.submit(lambda: [crc32c(view) for view in big])
-        _write_in_order(writer, write_many, arrays, plain, views, sizes, check_cancelled)
-        if big_crcs is not None:
-            crcs[big_at] = big_crcs.result()
+        write_many = getattr(writer, "write_many", None)
+        # Ordinary small tensors: checksummed and written as they are, in bulk.
+        plain = np.fromiter(map(direct.__contains__, dtype_list), dtype=bool, count=count)
+        plain &= np.fromiter(map(_contiguous, arrays), dtype=bool, count=count)
+        if write_many is not None:
+            plain &= sizes < GATHER_BELOW
+        else:
+            plain[:] = False
+        where = np.flatnonzero(plain)
+        if len(where):
+            chosen = arrays if len(where) == count else [arrays[i] for i in where.tolist()]
+            checksums = map(_crc32c.crc32c, chosen)  # type: ignore[arg-type]  # arrays are buffers
+            crcs[where] = np.fromiter(checksums, dtype=np.uint32, count=len(where))
+        # String tensors are encoded first: their stored size is known only then.
+        encoded: dict[int, memoryview] = {}
+        if direct != set(dtype_list):
+            for i in np.flatnonzero(np.array(enums) == DT_STRING).tolist():
+                data, crcs[i] = encode_string_tensor(arrays[i].reshape(-1).tolist())
+                encoded[i] = memoryview(data)
+                sizes[i] = len(data)
+                premasked[i] = True
+        reserve = getattr(writer, "reserve", None)
+        if reserve is not None:
+            reserve(0, int(sizes.sum()))
+        large = _write_in_order(
+            writer, write_many, arrays, plain, encoded, sizes, crcs, check_cancelled
+        )
+        for i, future in large.items():
+            crcs[i] = future.result()
+            premasked[i] = True
         writer.commit()
     except BaseException:
         writer.abort()
         raise
-    finally:
-        if helper is not None:
-            helper.shutdown(wait=True, cancel_futures=True)
-    # Strings carry their masked CRC already; mask the others.
     masked = mask_crcs(crcs)
-    if direct != set(dtype_list):
-        strings = np.array(enums) == DT_STRING
-        masked[strings] = crcs[strings]
+    masked[premasked] = crcs[premasked]
     offsets = np.zeros(count, dtype=np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
     shapes = list(map(attrgetter("shape"), arrays))
@@ -196,15 +184,21 @@ def _write_in_order(
     write_many: Callable[[list[memoryview]], None] | None,
     arrays: Sequence[np.ndarray],
     plain: np.ndarray,
-    views: dict[int, memoryview],
+    encoded: dict[int, memoryview],
     sizes: np.ndarray,
+    crcs: np.ndarray,
     check_cancelled: Callable[[], None],
-) -> None:
+) -> dict[int, Future[int]]:
     """Write every tensor in order: runs of plain ones by batches of ``writev``, small others
-    gathered too, large ones alone."""
+    gathered too (after a byte-order or layout copy if needed; their CRCs go into ``crcs``),
+    large ones alone, chunk by chunk with their checksums on a helper thread. Returns the
+    futures of the large tensors' masked CRCs (done once this returns)."""
     write = writer.write  # type: ignore[attr-defined]
     pending: list[memoryview] = []
     pending_bytes = 0
+    large: dict[int, Future[int]] = {}
+    in_flight: list[tuple[Future[int], memoryview]] = []  # copies kept until checksummed
+    helper: ThreadPoolExecutor | None = None
 
     def flush() -> None:
         nonlocal pending, pending_bytes
@@ -215,27 +209,46 @@ def _write_in_order(
 
     changes = np.flatnonzero(plain[1:] != plain[:-1]) + 1
     bounds = [0, *changes.tolist(), len(arrays)]
-    for start, stop in itertools.pairwise(bounds):
-        if start == stop:
-            continue
-        if plain[start]:  # a run of plain tensors: straight from their buffers
-            flush()
-            for first, last in _batches(sizes, start, stop):
-                check_cancelled()
-                write_many(list(arrays[first:last]))  # type: ignore[misc, arg-type]
-            continue
-        for i in range(start, stop):
-            view = views[i]
-            if write_many is not None and view.nbytes < GATHER_BELOW:
-                pending.append(view)
-                pending_bytes += view.nbytes
-                if len(pending) >= _BATCH or pending_bytes >= GATHER_BYTES:
-                    flush()
-            else:
+    try:
+        for start, stop in itertools.pairwise(bounds):
+            if start == stop:
+                continue
+            if plain[start]:  # a run of plain tensors: straight from their buffers
                 flush()
-                check_cancelled()
-                write(view)
-    flush()
+                for first, last in _batches(sizes, start, stop):
+                    check_cancelled()
+                    write_many(list(arrays[first:last]))  # type: ignore[misc, arg-type]
+                continue
+            for i in range(start, stop):
+                view = encoded.get(i)
+                if view is None:  # one copy at a time, if the layout or byte order needs it
+                    view = _byte_view(to_little_endian(arrays[i]))
+                    if view.nbytes >= PARALLEL_BYTES:
+                        flush()
+                        check_cancelled()
+                        if helper is None:
+                            helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
+                        in_flight = [(f, v) for f, v in in_flight if not f.done()]
+                        large[i] = future = write_checksummed(write, view, helper)
+                        in_flight.append((future, view))
+                        continue
+                    crcs[i] = crc32c(view)
+                if write_many is not None and view.nbytes < GATHER_BELOW:
+                    pending.append(view)
+                    pending_bytes += view.nbytes
+                    if len(pending) >= _BATCH or pending_bytes >= GATHER_BYTES:
+                        flush()
+                else:
+                    flush()
+                    check_cancelled()
+                    write(view)
+        flush()
+        for future in large.values():
+            future.result()
+    finally:
+        if helper is not None:
+            helper.shutdown(wait=True, cancel_futures=True)
+    return large
 
 
 def _write_shard(
