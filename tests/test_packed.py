@@ -193,6 +193,8 @@ def test_data_file_and_index_of_every_kind_of_tensor(
         else:
             value = rng.standard_normal(2048).astype(np.float32)  # 8 KiB: "large"
         state[f"t/{i:03d}"] = value
+    state["t/big_big_endian"] = np.arange(3000, dtype=">f8")  # large, copied to little-endian
+    state["t/big_strided"] = np.arange(20000, dtype=np.float32)[::2]  # large, copied
     prefix = f"{tmp_path}/ckpt"
     anyio.run(lambda: anyckpt.save(prefix, state, durable=False))
     data = open(prefix + ".data-00000-of-00001", "rb").read()  # noqa: SIM115
