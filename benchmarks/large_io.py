@@ -7,7 +7,7 @@ Saves (page cache, no fsync) of ``--tensors`` tensors of ``--mib`` MiB into a fr
   checksums whole tensors ahead of the writes (``formats/v2_data.py``);
 - ``lock-N/L``: :func:`anyckpt.formats._checksummed_io.write_checksummed`, chunks of N MiB,
   the CRC trailing by at most L chunks (``--lags``);
-- ``+fa``: the file's blocks reserved first (:func:`~anyckpt.formats._checksummed_io.preallocate`,
+- ``+fa``: the file's blocks reserved first (:func:`~anyckpt.storage.preallocate`,
   ``fallocate``, which ``tofile`` does too).
 
 Restores into fresh (2 MiB-aligned) arrays, cold (``drop_caches`` before each run; needs root)
@@ -48,10 +48,10 @@ from anyckpt.codecs.crc import masked_crc32c
 from anyckpt.formats._arrays import _byte_view, _empty_large
 from anyckpt.formats._checksummed_io import (
     LAG_CHUNKS,
-    preallocate,
     read_checksummed,
     write_checksummed,
 )
+from anyckpt.storage import preallocate
 
 MiB = 1 << 20
 #: Saves fsync their file inside the clock (``--durable``).

@@ -18,10 +18,10 @@ from hypothesis import strategies as st
 from anyckpt.codecs.crc import masked_crc32c
 from anyckpt.formats._checksummed_io import (
     CHUNK_BYTES,
-    preallocate,
     read_checksummed,
     write_checksummed,
 )
+from anyckpt.storage import preallocate
 
 
 class RecordingPool(Executor):

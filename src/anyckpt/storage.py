@@ -29,6 +29,8 @@ from __future__ import annotations
 import asyncio
 import bisect
 import concurrent.futures
+import ctypes
+import ctypes.util
 import errno
 import hashlib
 import io
@@ -83,6 +85,38 @@ def _iov_max() -> int:
 _IOV_MAX = _iov_max()
 
 
+#: ``fallocate(2)``'s mode flag that reserves blocks without changing the file's size.
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``fallocate`` (Linux), or None where there is none."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fallocate = libc.fallocate
+    except (OSError, AttributeError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+_fallocate = _load_fallocate()
+
+
+def preallocate(fd: int, offset: int, length: int) -> bool:
+    """Reserve the blocks of ``length`` bytes at ``offset`` of a file about to be written
+    (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, as ``ndarray.tofile`` does); return whether
+    the file system did. The file's size and contents do not change; writes into reserved
+    blocks skip the file system's per-page delayed allocation (ext4: ~20% of a page-cache
+    write). Unsupported (other systems, file systems without it): False, nothing done."""
+    if _fallocate is None or length <= 0:
+        return False
+    return _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
 def _nbytes(buffer: Buffer) -> int:
     """Size in bytes of a memoryview or NumPy array (both have ``nbytes``)."""
     return buffer.nbytes  # type: ignore[attr-defined, no-any-return]
@@ -134,6 +168,12 @@ class _LocalWriter:
         while view.nbytes:
             written = os.write(self._fd, view)
             view = view[written:]
+
+    def reserve(self, offset: int, length: int) -> None:
+        """Reserve the blocks of the ``length`` bytes at ``offset`` about to be written
+        (:func:`preallocate`); the file's size does not change."""
+        assert self._fd is not None
+        preallocate(self._fd, offset, length)
 
     def write_many(self, buffers: Sequence[Buffer]) -> None:
         """Write buffers (byte views, C-contiguous arrays) back to back, up to IOV_MAX per

@@ -13,9 +13,6 @@ the cache). ``crc32c`` continues a CRC across chunks and releases the GIL, as do
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import ctypes.util
-import sys
 from collections.abc import Callable
 from concurrent.futures import Executor, Future
 
@@ -28,38 +25,6 @@ from ..codecs.crc import mask
 CHUNK_BYTES = 4 << 20
 #: How many chunks the checksums may trail the I/O before the I/O thread waits for them.
 LAG_CHUNKS = 1
-
-
-#: ``fallocate(2)``'s mode flag that reserves blocks without changing the file's size.
-_FALLOC_FL_KEEP_SIZE = 1
-
-
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``fallocate`` (Linux), or None where there is none."""
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fallocate = libc.fallocate
-    except (OSError, AttributeError):
-        return None
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fallocate.restype = ctypes.c_int
-    return fallocate
-
-
-_fallocate = _load_fallocate()
-
-
-def preallocate(fd: int, offset: int, length: int) -> bool:
-    """Reserve the blocks of ``length`` bytes at ``offset`` of a file about to be written
-    (``fallocate`` with ``FALLOC_FL_KEEP_SIZE``, as ``ndarray.tofile`` does); return whether
-    the file system did. The file's size and contents do not change; writes into reserved
-    blocks skip the file system's per-page delayed allocation (ext4: ~20% of a page-cache
-    write). Unsupported (other systems, file systems without it): False, nothing done."""
-    if _fallocate is None or length <= 0:
-        return False
-    return _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
 def _settle(future: Future[int] | None) -> None:
