@@ -41,6 +41,7 @@ from ..errors import CorruptCheckpointError
 from ..storage import FileReader, Storage
 from ..tensors import key_from_bytes, key_to_bytes
 from ._arrays import _byte_view, _dtypes, _empty_large
+from ._checksummed_io import read_checksummed
 from .base import Index, TensorSlice, TensorSpec
 from .v2_layout import (
     COALESCE_BYTES,
@@ -392,8 +393,11 @@ class V2Reader:
                     anyio.from_thread.check_cancelled()
                     array = _empty_large(entry.shape, _dtypes(entry.dtype)[0])
                     view = _byte_view(array)
-                    reader.read_into(entry.offset, view)
-                    crc = helper.submit(masked_crc32c, view) if verify else None
+                    crc = None
+                    if verify:  # chunk by chunk, each checksummed while still in the cache
+                        crc = read_checksummed(reader.read_into, entry.offset, view, helper)
+                    else:
+                        reader.read_into(entry.offset, view)
                     checks.append((key, entry, array, crc))
             for run in _coalesce_small(small):
                 anyio.from_thread.check_cancelled()
