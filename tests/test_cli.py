@@ -369,6 +369,36 @@ def test_verify_reports_a_missing_data_file(tmp_path: Path) -> None:
     assert "file is missing (2 tensors unreadable)" in one_error_line(result)
 
 
+def test_verify_reports_an_entry_whose_size_disagrees_with_its_shape(tmp_path: Path) -> None:
+    """An index whose checksums are fine but whose entry for ``b`` claims 8 bytes for three
+    float64s: verify lists it as DAMAGED (exit 1, the index named), and goes on to the
+    other checkpoints of the directory."""
+    from dataclasses import replace
+
+    from anyckpt.codecs.bundle import decode_entry, encode_entry
+    from anyckpt.codecs.table import build_table, read_table
+
+    anyckpt.sync.save(tmp_path / "m-1", {"a": np.arange(10), "b": np.ones(3)})
+    anyckpt.sync.save(tmp_path / "m-2", {"a": np.arange(10)})
+    index = tmp_path / "m-1.index"
+    entries = read_table(index.read_bytes())
+    forged = [
+        (key, encode_entry(replace(decode_entry(value), size=8)) if key == b"b" else value)
+        for key, value in entries
+    ]
+    index.write_bytes(build_table(forged))
+    result = run("verify", str(tmp_path / "m-1"))
+    assert result.returncode == 1
+    assert "DAMAGED" in result.stdout
+    line = one_error_line(result)
+    assert "m-1.index" in line
+    assert "'b'" in line
+    doc = json.loads(run("verify", str(tmp_path), "--json").stdout)
+    assert doc["ok"] is False
+    assert len(doc["checkpoints"]) == 2
+    assert [bool(c["problems"]) for c in doc["checkpoints"]] == [True, False]
+
+
 def test_verify_of_a_directory_checks_every_checkpoint(run_dir: Path) -> None:
     result = run("verify", str(run_dir))
     assert result.returncode == 0, result.stdout + result.stderr

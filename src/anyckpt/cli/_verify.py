@@ -64,8 +64,12 @@ async def verify_checkpoint(
         report.problems.append(Problem(str(exc), exc.path))
         return report
     try:
-        keys = reader.keys()
-        specs = {k: reader.spec(k) for k in keys}
+        try:
+            keys = reader.keys()
+            specs = {k: reader.spec(k) for k in keys}
+        except CheckpointError as exc:  # a format may check its entries only when listed
+            report.problems.append(Problem(str(exc), exc.path))
+            return report
         report.tensors = len(keys)
         missing_files: dict[str, int] = {}
         limiter = anyio.CapacityLimiter(4)
@@ -106,6 +110,8 @@ async def _total_bytes(storage: Storage, path: str, fmt: CheckpointFormat) -> in
         return 0
     try:
         return sum(tensor_nbytes(reader.spec(k)) for k in reader.keys())  # noqa: SIM118
+    except CheckpointError:
+        return 0
     finally:
         await reader.aclose()
 
