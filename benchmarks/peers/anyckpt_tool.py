@@ -22,12 +22,26 @@ def save(ctx: Context, state: State, durable: bool) -> None:
     anyio.run(lambda: anyckpt.save(_prefix(ctx), state, durable=durable))
 
 
+def _load(ctx: Context, keys: list[str] | None) -> Mapping[str, Any]:
+    """``await anyckpt.load(...)`` in an event loop. The result is handed out through a
+    closure, not as ``anyio.run``'s return value: on CPython 3.11 ``asyncio.Runner`` takes the
+    ``repr()`` of its main task, and with it of a returned dict of 10,000 arrays (~5 ms,
+    whatever the library); a trainer's own event loop never pays that."""
+    out: dict[str, Mapping[str, Any]] = {}
+
+    async def go() -> None:
+        out["tensors"] = await anyckpt.load(_prefix(ctx), keys)
+
+    anyio.run(go)
+    return out["tensors"]
+
+
 def restore(ctx: Context) -> Mapping[str, Any]:
-    return anyio.run(anyckpt.load, _prefix(ctx))
+    return _load(ctx, None)
 
 
 def restore_subset(ctx: Context) -> Mapping[str, Any]:
-    return anyio.run(anyckpt.load, _prefix(ctx), ctx.subset)
+    return _load(ctx, ctx.subset)
 
 
 def async_save(ctx: Context, state: State) -> dict[str, float]:
