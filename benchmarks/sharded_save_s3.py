@@ -12,7 +12,12 @@ its run. The cases, all with s3fs's default settings:
 * ``pipe``: s3fs ``pipe`` of the same bytes as one ``bytes`` object (s3fs sends 50 MiB parts,
   up to 10 at once), for comparison;
 * ``anyckpt shards=1`` and ``anyckpt shards=N``: ``anyckpt.sync.save``, unsharded and over
-  ``--shards`` data files (uploaded concurrently).
+  ``--shards`` data files (uploaded concurrently);
+* ``anyckpt shards=N unsigned``: the same with ``config_kwargs={"s3":
+  {"payload_signing_enabled": False}}``: over plain http botocore otherwise puts a SHA-256 of
+  every request body in its signature, computed in s3fs's one event-loop thread, which then
+  hashes the shards one after the other (on https botocore skips it: TLS and the CRC32
+  checksum cover the body).
 
 For each: the wall time, the CPU time of this process (the client) and of the server process
 (``/proc/PID/stat``), best and median. The server is a Python process on the same cores as
@@ -105,13 +110,15 @@ def measure(
                 for tensor in tensors.values():
                     f.write(tensor.data)
 
-        def save(count: int) -> Callable[[str], None]:
+        unsigned = {**options, "config_kwargs": {"s3": {"payload_signing_enabled": False}}}
+
+        def save(count: int, storage_options: dict[str, Any] = options) -> Callable[[str], None]:
             def run(where: str) -> None:
                 anyckpt.sync.save(
                     f"s3://{where}/ckpt",
                     tensors,
                     options={"num_shards": count} if count > 1 else None,
-                    storage_options=options,
+                    storage_options=storage_options,
                 )
 
             return run
@@ -123,6 +130,7 @@ def measure(
         }
         if shards > 1:
             cases[f"anyckpt shards={shards}"] = save(shards)
+        cases[f"anyckpt shards={shards} unsigned"] = save(shards, unsigned)
         for name, case in cases.items():  # warm-up: imports, connections, first-call set-up
             case(f"bench/warmup-{name.replace(' ', '-')}")
             fs.rm(f"bench/warmup-{name.replace(' ', '-')}", recursive=True)

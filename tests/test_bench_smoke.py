@@ -89,7 +89,13 @@ def test_sharded_save_to_the_s3_test_server(summary: dict) -> None:
     assert "problem" not in s3, s3
     assert s3["bytes"] > 0
     cases = s3["cases"]
-    assert set(cases) == {"sequential", "pipe", "anyckpt shards=1", "anyckpt shards=4"}
+    assert set(cases) == {
+        "sequential",
+        "pipe",
+        "anyckpt shards=1",
+        "anyckpt shards=4",
+        "anyckpt shards=4 unsigned",
+    }
     for entry in cases.values():
         assert len(entry["runs"]) == 1
         assert entry["best_s"] > 0
