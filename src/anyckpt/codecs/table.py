@@ -220,13 +220,19 @@ def _read_block(data: bytes, handle: BlockHandle, what: str) -> memoryview:
     return contents
 
 
-def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]]:
+def block_entries_into(
+    block: memoryview, keys: list[bytes], values: list[bytes], what: str = "data"
+) -> None:
+    """Append a block's keys and values, in order, to ``keys`` and ``values`` (checking every
+    length against the block; prefix compression undone)."""
     size = len(block)
     (num_restarts,) = _U32.unpack_from(block, size - 4)
     restarts_start = size - 4 - 4 * num_restarts
     if num_restarts == 0 or restarts_start < 0:
         raise DecodeError(f"{what} block: bad restart count {num_restarts}")
     data = bytes(block[:restarts_start])  # slicing bytes beats slicing a memoryview + bytes()
+    add_key = keys.append
+    add_value = values.append
     pos = 0
     key = b""
     while pos < restarts_start:
@@ -251,7 +257,15 @@ def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]
         end = pos + non_shared
         key = key[:shared] + data[pos:end] if shared else data[pos:end]
         pos = end + value_len
-        yield key, data[end:pos]
+        add_key(key)
+        add_value(data[end:pos])
+
+
+def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]]:
+    keys: list[bytes] = []
+    values: list[bytes] = []
+    block_entries_into(block, keys, values, what)
+    return zip(keys, values, strict=True)
 
 
 def read_table(data: bytes) -> list[tuple[bytes, bytes]]:

@@ -31,6 +31,7 @@ from .table import (
     BlockHandle,
     _block_entries,
     _read_block,
+    block_entries_into,
 )
 from .varint import decode_varint
 
@@ -190,7 +191,7 @@ class LazyTable:
             for handle in self._handles:
                 contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
                 start = len(keys)
-                _parse_block(contents, keys, values)
+                block_entries_into(contents, keys, values)
                 spans.append((start, len(keys)))
             if keys != sorted(keys) or len(set(keys)) != len(keys):
                 for before, key in pairwise(keys):
@@ -213,44 +214,6 @@ class LazyTable:
         if self._by_key is None:
             self._by_key = dict(self.items())
         return self._by_key
-
-
-def _parse_block(block: memoryview, keys: list[bytes], values: list[bytes]) -> None:
-    """Append a data block's keys and values (what ``_block_entries`` yields, same checks)."""
-    size = len(block)
-    (num_restarts,) = _U32.unpack_from(block, size - 4)
-    restarts_start = size - 4 - 4 * num_restarts
-    if num_restarts == 0 or restarts_start < 0:
-        raise DecodeError(f"data block: bad restart count {num_restarts}")
-    data = bytes(block[:restarts_start])
-    add_key = keys.append
-    add_value = values.append
-    pos = 0
-    key = b""
-    while pos < restarts_start:
-        # Three varints; one byte each nearly always, so decode that case inline.
-        shared = data[pos]
-        if shared < 0x80:
-            pos += 1
-        else:
-            shared, pos = decode_varint(data, pos, restarts_start)
-        non_shared = data[pos] if pos < restarts_start else 0x80
-        if non_shared < 0x80:
-            pos += 1
-        else:
-            non_shared, pos = decode_varint(data, pos, restarts_start)
-        value_len = data[pos] if pos < restarts_start else 0x80
-        if value_len < 0x80:
-            pos += 1
-        else:
-            value_len, pos = decode_varint(data, pos, restarts_start)
-        if shared > len(key) or pos + non_shared + value_len > restarts_start:
-            raise DecodeError(f"data block: corrupt entry at offset {pos}")
-        end = pos + non_shared
-        key = key[:shared] + data[pos:end] if shared else data[pos:end]
-        pos = end + value_len
-        add_key(key)
-        add_value(data[end:pos])
 
 
 def _check_block(data: bytes, handle: BlockHandle) -> None:
