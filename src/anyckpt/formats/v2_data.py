@@ -116,8 +116,13 @@ def write_data_file(
     durable: bool,
     shard_id: int,
     check_cancelled: Callable[[], None],
+    early: Callable[[DataFileEntries], None] | None = None,
 ) -> DataFileEntries:
     """Write one data file; return the index entries of its tensors (runs in a worker thread).
+
+    ``early``, if given, receives the entries before the data is written when they are
+    already final then (every tensor plain or a string: no checksum left to compute while
+    writing), so that the index can be built while the data goes out.
 
     The file's blocks are reserved first where the storage can (local files). Small tensors
     are gathered into one ``writev`` per IOV_MAX of them (where the storage offers
@@ -161,6 +166,8 @@ def write_data_file(
         reserve = getattr(writer, "reserve", None)
         if reserve is not None:
             reserve(0, int(sizes.sum()))
+        if early is not None and bool(np.all(plain | premasked)):
+            early(_entries(shard_id, keys, enums, arrays, sizes, crcs, premasked))
         large = _write_in_order(
             writer, write_many, arrays, plain, encoded, sizes, crcs, check_cancelled
         )
@@ -171,12 +178,25 @@ def write_data_file(
     except BaseException:
         writer.abort()
         raise
+    return _entries(shard_id, keys, enums, arrays, sizes, crcs, premasked)
+
+
+def _entries(
+    shard_id: int,
+    keys: list[bytes],
+    enums: list[int],
+    arrays: Sequence[np.ndarray],
+    sizes: np.ndarray,
+    crcs: np.ndarray,
+    premasked: np.ndarray,
+) -> DataFileEntries:
+    """The entries of tensors stored back to back with these sizes and (masked or not) CRCs."""
     masked = mask_crcs(crcs)
     masked[premasked] = crcs[premasked]
-    offsets = np.zeros(count, dtype=np.int64)
+    offsets = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
     shapes = list(map(attrgetter("shape"), arrays))
-    return DataFileEntries(shard_id, keys, enums, shapes, offsets, sizes, masked)
+    return DataFileEntries(shard_id, keys, enums, shapes, offsets, sizes.copy(), masked)
 
 
 def _write_in_order(
