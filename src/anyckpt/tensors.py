@@ -59,11 +59,17 @@ def as_tensor(value: Any) -> np.ndarray:
         # caller's own str/bytes objects instead.
         array = np.asarray(value, dtype=object)
     if array.dtype.kind in "OUS":
-        out = np.empty(array.shape, dtype=STRING_DTYPE)
-        flat = out.reshape(-1)
-        for i, item in enumerate(array.reshape(-1).tolist()):
-            flat[i] = _as_bytes(item)
-        return out
+        items = array.reshape(-1).tolist()
+        kinds = set(map(type, items))
+        if kinds <= {bytes}:
+            values = items
+        elif kinds <= {str}:
+            values = [item.encode("utf-8") for item in items]
+        else:
+            values = list(map(_as_bytes, items))
+        out = np.empty(len(values), dtype=STRING_DTYPE)
+        out[:] = values  # bytes are not sequences to NumPy: one object per element
+        return out.reshape(array.shape)
     enum_from_dtype(array.dtype)  # raises TypeError if unsupported
     return array
 

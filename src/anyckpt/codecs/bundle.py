@@ -24,6 +24,7 @@ from .._proto import tensor_bundle_pb2
 from . import DecodeError
 from .crc import crc32c, mask
 from .ordered_code import Extent
+from .packed import interleave, varint_column
 from .varint import decode_varint, encode_varint
 
 HEADER_KEY = b""
@@ -404,11 +405,12 @@ def decode_records(values: Iterable[bytes]) -> list[EntryRecord]:
 
 def encode_string_tensor(values: Sequence[bytes]) -> tuple[bytes, int]:
     """Encode the elements of a string tensor (C order); return (bytes, masked entry CRC)."""
-    lengths = [len(v) for v in values]
-    lengths32 = struct.pack(f"<{len(lengths)}I", *(n & 0xFFFFFFFF for n in lengths))
+    lengths = np.fromiter(map(len, values), dtype=np.uint64, count=len(values))
+    lengths32 = (lengths & np.uint64(0xFFFFFFFF)).astype("<u4").tobytes()
     length_crc = _U32.pack(mask(crc32c(lengths32)))
     body = b"".join(values)
-    data = b"".join(encode_varint(n) for n in lengths) + length_crc + body
+    varints = interleave([varint_column(lengths)]).data.tobytes()  # all at once
+    data = varints + length_crc + body
     entry_crc = mask(crc32c(body, crc32c(length_crc, crc32c(lengths32))))
     return data, entry_crc
 
