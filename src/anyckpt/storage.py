@@ -35,6 +35,7 @@ import errno
 import hashlib
 import io
 import logging
+import operator
 import os
 import posixpath
 import random
@@ -117,6 +118,9 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     return _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0
 
 
+_NBYTES = operator.attrgetter("nbytes")
+
+
 def _nbytes(buffer: Buffer) -> int:
     """Size in bytes of a memoryview or NumPy array (both have ``nbytes``)."""
     return buffer.nbytes  # type: ignore[attr-defined, no-any-return]
@@ -184,11 +188,14 @@ class _LocalWriter:
             for view in buffers:
                 self.write(view)
             return
-        views: list[Buffer] = [v for v in buffers if _nbytes(v)]
+        views = list(buffers)
         while views:
             batch = views[:_IOV_MAX]
             written = os.writev(self._fd, batch)
-            # Drop what was written; a short write leaves the rest of one view to redo.
+            if written == sum(map(_NBYTES, batch)):  # the usual case: all of it
+                views = views[_IOV_MAX:]
+                continue
+            # A short write: drop what was written, redo the rest of the view it stopped in.
             done = 0
             for view in batch:
                 size = _nbytes(view)
