@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 from anyckpt.codecs.bundle import BundleEntry, encode_entry
 from anyckpt.codecs.bundle_packed import encode_entries, entry_head
-from anyckpt.codecs.crc import crc32c, mask
+from anyckpt.codecs.crc import crc32c, mask, mask_many
 from anyckpt.codecs.packed import (
     Column,
     bytes_column,
@@ -20,7 +20,6 @@ from anyckpt.codecs.packed import (
 from anyckpt.codecs.table import TableBuilder, read_table
 from anyckpt.codecs.table_packed import build_table_packed
 from anyckpt.codecs.varint import encode_varint
-from anyckpt.formats.v2_data import mask_crcs
 
 u64 = st.integers(0, (1 << 64) - 1)
 
@@ -70,8 +69,8 @@ def test_interleave_spans_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @given(st.lists(st.integers(0, 0xFFFFFFFF), max_size=100))
-def test_mask_crcs_matches_mask(values: list[int]) -> None:
-    assert mask_crcs(np.array(values, dtype=np.uint32)).tolist() == [mask(v) for v in values]
+def test_mask_many_matches_mask(values: list[int]) -> None:
+    assert mask_many(np.array(values, dtype=np.uint32)).tolist() == [mask(v) for v in values]
 
 
 entries = st.builds(

@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import crc32c as _crc32c
+import numpy as np
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -24,6 +25,13 @@ def crc32c(data: Buffer, value: int = 0) -> int:
 def mask(crc: int) -> int:
     """LevelDB's masked CRC: rotate right by 15 and add a constant (mod 2**32)."""
     return (((crc >> 15) | (crc << 17)) + _MASK_DELTA) & 0xFFFFFFFF
+
+
+def mask_many(crcs: np.ndarray) -> np.ndarray:
+    """:func:`mask` of many CRCs at once (a uint32 array of the masked values)."""
+    c = np.asarray(crcs).astype(np.uint32)
+    masked: np.ndarray = ((c >> np.uint32(15)) | (c << np.uint32(17))) + np.uint32(_MASK_DELTA)
+    return masked
 
 
 def unmask(masked: int) -> int:

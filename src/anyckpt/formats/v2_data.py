@@ -20,14 +20,13 @@ import crc32c as _crc32c
 import numpy as np
 
 from ..codecs.bundle import BundleEntry, encode_string_tensor
-from ..codecs.crc import crc32c
+from ..codecs.crc import crc32c, mask_many
 from ..codecs.dtypes import DT_STRING, enum_from_dtype, to_little_endian
 from ..storage import Storage
 from ._arrays import _byte_view
 from ._checksummed_io import write_checksummed
 from .v2_layout import GATHER_BELOW, GATHER_BYTES, PARALLEL_BYTES
 
-_MASK_DELTA = np.uint32(0xA282EAD8)
 #: Buffers per writev call (Linux's IOV_MAX).
 _BATCH = 1024
 
@@ -62,13 +61,6 @@ class DataFileEntries:
                 strict=True,
             )
         }
-
-
-def mask_crcs(crcs: np.ndarray) -> np.ndarray:
-    """LevelDB's masking of many CRC-32Cs at once (see :func:`anyckpt.codecs.crc.mask`)."""
-    c = crcs.astype(np.uint32)
-    masked: np.ndarray = ((c >> np.uint32(15)) | (c << np.uint32(17))) + _MASK_DELTA
-    return masked
 
 
 _DIRECT: dict[np.dtype, tuple[int, bool]] = {}
@@ -191,7 +183,7 @@ def _entries(
     premasked: np.ndarray,
 ) -> DataFileEntries:
     """The entries of tensors stored back to back with these sizes and (masked or not) CRCs."""
-    masked = mask_crcs(crcs)
+    masked = mask_many(crcs)
     masked[premasked] = crcs[premasked]
     offsets = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])

@@ -28,7 +28,7 @@ from ..codecs.bundle import (
     string_array,
 )
 from ..codecs.bundle_batch import EntryBatch, decode_batch
-from ..codecs.crc import masked_crc32c
+from ..codecs.crc import mask_many, masked_crc32c
 from ..codecs.dtypes import (
     _BY_ENUM,
     DT_STRING,
@@ -437,7 +437,7 @@ class V2Reader:
         read_into_many(run[0][1].offset, views)
         if verify:
             count = len(run)
-            actual = _mask(np.fromiter(map(_crc32c, views), dtype=np.uint32, count=count))
+            actual = mask_many(np.fromiter(map(_crc32c, views), dtype=np.uint32, count=count))
             stored = np.fromiter((entry.crc32c for _, entry in run), dtype=np.uint32, count=count)
             for i in np.flatnonzero(actual != stored)[:1].tolist():
                 key, entry = run[i]
@@ -627,13 +627,6 @@ class V2Reader:
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
-_MASK_DELTA = np.uint32(0xA282EAD8)
-
-
-def _mask(crcs: np.ndarray) -> np.ndarray:
-    """:func:`~anyckpt.codecs.crc.mask` of many CRCs (uint32) at once."""
-    masked: np.ndarray = ((crcs >> 15) | (crcs << 17)) + _MASK_DELTA
-    return masked
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
