@@ -10,7 +10,8 @@ torch.distributed.checkpoint in ``.venv-bench/peers``; Orbax in ``.venv-bench/or
 ``.venv-bench`` ones are created here on first use). ``dd`` gives the durable-write and
 cold-read limits. Last, ``benchmarks/sharded_save_s3.py`` (a process of its own) measures a
 sharded save to the S3 test server (moto, started on 127.0.0.1 and stopped there) against one
-sequential upload of the same bytes: 1 GiB × ``--scale`` (``--no-s3`` leaves it out).
+sequential upload of the same bytes: 1 GiB × ``--scale`` (``--no-s3`` leaves it out, as does
+a run narrowed by ``--ops`` or ``--tools`` unless ``--s3`` is given).
 Results: a Markdown table on stdout, and JSON + Markdown in ``benchmarks/results/``.
 """
 
@@ -692,11 +693,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--no-s3", action="store_true", help="leave out the sharded save to the S3 test server"
     )
     p.add_argument(
+        "--s3",
+        action="store_true",
+        help="measure the S3 save even when --ops or --tools select part of the suite "
+        "(without it, such a partial run leaves S3 out)",
+    )
+    p.add_argument(
         "--no-drop-caches",
         action="store_true",
         help="never drop the page cache (cold restores are then warm, and say so)",
     )
     args = p.parse_args(argv)
+    given = sys.argv[1:] if argv is None else list(argv)
+    partial = any(a.split("=")[0] in ("--ops", "--tools") for a in given)
+    args.no_s3 = args.no_s3 or (partial and not args.s3)
     if args.no_drop_caches:
         os.environ["ANYCKPT_BENCH_NO_DROP"] = "1"  # inherited by every measuring process
     if args.no_venvs:
