@@ -90,21 +90,29 @@ _IOV_MAX = _iov_max()
 _FALLOC_FL_KEEP_SIZE = 1
 
 
-def _load_fallocate() -> Callable[[int, int, int, int], int] | None:
-    """libc's ``fallocate`` (Linux), or None where there is none."""
+def _load_libc(name: str, argtypes: list[Any]) -> Callable[..., int] | None:
+    """A libc function (Linux), or None where there is none."""
     if not sys.platform.startswith("linux"):
         return None
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-        fallocate = libc.fallocate
+        function = getattr(libc, name)
     except (OSError, AttributeError):
         return None
-    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-    fallocate.restype = ctypes.c_int
-    return fallocate
+    function.argtypes = argtypes
+    function.restype = ctypes.c_int
+    return function  # type: ignore[no-any-return]
 
 
-_fallocate = _load_fallocate()
+_fallocate = _load_libc("fallocate", [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64])
+_sync_file_range = _load_libc(
+    "sync_file_range", [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+)
+#: ``sync_file_range(2)``: start writing the range's dirty pages out, do not wait.
+_SYNC_FILE_RANGE_WRITE = 2
+#: A durable file being written has its pages sent to the disk every this many bytes, so the
+#: final fsync waits for the last stretch only, not for the whole file (1 GiB: 0.20 -> 0.12 s).
+WRITEBACK_BYTES = 32 << 20
 
 
 def preallocate(fd: int, offset: int, length: int) -> bool:
@@ -116,6 +124,16 @@ def preallocate(fd: int, offset: int, length: int) -> bool:
     if _fallocate is None or length <= 0:
         return False
     return _fallocate(fd, _FALLOC_FL_KEEP_SIZE, offset, length) == 0
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Start writing ``length`` bytes at ``offset`` of a file out to its disk, without waiting
+    (``sync_file_range`` with ``SYNC_FILE_RANGE_WRITE``); return whether the system did. It
+    guarantees nothing by itself (``fsync`` still does that) but lets the disk work while
+    more is written. Unsupported: False, nothing done."""
+    if _sync_file_range is None or length <= 0:
+        return False
+    return _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 _NBYTES = operator.attrgetter("nbytes")
@@ -165,6 +183,8 @@ class _LocalWriter:
         self._fd: int | None = os.open(
             self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
         )
+        self._end = 0  # bytes written
+        self._sent = 0  # bytes whose writeback was started
 
     def write(self, data: Buffer) -> None:
         assert self._fd is not None
@@ -172,6 +192,15 @@ class _LocalWriter:
         while view.nbytes:
             written = os.write(self._fd, view)
             view = view[written:]
+            self._end += written
+        self._write_back()
+
+    def _write_back(self) -> None:
+        """Durable files: send what was written to the disk every WRITEBACK_BYTES."""
+        if self._durable and self._end - self._sent >= WRITEBACK_BYTES:
+            assert self._fd is not None
+            start_writeback(self._fd, self._sent, self._end - self._sent)
+            self._sent = self._end
 
     def reserve(self, offset: int, length: int) -> None:
         """Reserve the blocks of the ``length`` bytes at ``offset`` about to be written
@@ -192,6 +221,7 @@ class _LocalWriter:
         while views:
             batch = views[:_IOV_MAX]
             written = os.writev(self._fd, batch)
+            self._end += written
             if written == sum(map(_NBYTES, batch)):  # the usual case: all of it
                 views = views[_IOV_MAX:]
                 continue
@@ -206,6 +236,7 @@ class _LocalWriter:
             views = views[done:]
             if written:
                 views[0] = _bytes_view(views[0])[written:]
+        self._write_back()
 
     def commit(self) -> None:
         assert self._fd is not None
