@@ -53,19 +53,12 @@ from anyckpt.formats._checksummed_io import (
 )
 from anyckpt.storage import preallocate
 
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "peers"))
+from _harness import drop_caches  # one copy, shared with the suite
+
 MiB = 1 << 20
 #: Saves fsync their file inside the clock (``--durable``).
 DURABLE = False
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-        return True
-    except OSError:
-        return False
 
 
 def write_all(fd: int, view: memoryview) -> None:

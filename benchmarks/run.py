@@ -37,9 +37,11 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 PEERS = os.path.join(HERE, "peers")
 sys.path.insert(0, HERE)
+sys.path.insert(0, PEERS)
 
 import sharded_save_s3  # noqa: E402
 import workloads  # noqa: E402
+from _harness import drop_caches  # noqa: E402
 
 OPS = ("save_durable", "save", "async_save", "restore_warm", "restore_cold", "restore_subset")
 OP_TITLES = {
@@ -222,18 +224,6 @@ def _dd(cmd: list[str]) -> float:
     wall = time.perf_counter() - started
     match = _DD_SECONDS.search(proc.stderr)
     return float(match.group(1)) if match else wall
-
-
-def drop_caches() -> bool:
-    os.sync()
-    if os.environ.get("ANYCKPT_BENCH_NO_DROP"):
-        return False
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3")
-        return True
-    except OSError:
-        return False
 
 
 def run_dd(nbytes: int, directory: str, op: str) -> dict[str, Any]:

@@ -136,12 +136,8 @@ def start_writeback(fd: int, offset: int, length: int) -> bool:
     return _sync_file_range(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
+#: Size in bytes of a memoryview or NumPy array (both have ``nbytes``).
 _NBYTES = operator.attrgetter("nbytes")
-
-
-def _nbytes(buffer: Buffer) -> int:
-    """Size in bytes of a memoryview or NumPy array (both have ``nbytes``)."""
-    return buffer.nbytes  # type: ignore[attr-defined, no-any-return]
 
 
 def _bytes_view(buffer: Buffer) -> memoryview:
@@ -228,7 +224,7 @@ class _LocalWriter:
             # A short write: drop what was written, redo the rest of the view it stopped in.
             done = 0
             for view in batch:
-                size = _nbytes(view)
+                size = _NBYTES(view)
                 if written < size:
                     break
                 written -= size

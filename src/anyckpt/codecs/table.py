@@ -128,6 +128,17 @@ def short_successor(key: bytes) -> bytes:
     return key
 
 
+def block_trailer(contents: bytes) -> bytes:
+    """The 5 bytes after a block: its compression type (none) and masked CRC-32C."""
+    return struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc32c(contents))))
+
+
+def footer(metaindex: BlockHandle, index: BlockHandle) -> bytes:
+    """The table's last 48 bytes: both handles, zero padding, the magic number."""
+    handles = metaindex.encode() + index.encode()
+    return handles + bytes(2 * _MAX_HANDLE_LEN - len(handles)) + struct.pack("<Q", MAGIC)
+
+
 class TableBuilder:
     """Builds a table in memory from keys added in strictly increasing bytewise order.
 
@@ -164,11 +175,8 @@ class TableBuilder:
 
     def _write_block(self, contents: bytes) -> BlockHandle:
         handle = BlockHandle(len(self._out), len(contents))
-        type_byte = bytes([NO_COMPRESSION])
-        crc = mask(crc32c(type_byte, crc32c(contents)))
         self._out += contents
-        self._out += type_byte
-        self._out += _U32.pack(crc)
+        self._out += block_trailer(contents)
         return handle
 
     def finish(self) -> bytes:
@@ -180,10 +188,7 @@ class TableBuilder:
             self._index.add(short_successor(self._last_key), self._pending_handle.encode())
             self._pending_handle = None
         index = self._write_block(self._index.finish())
-        footer = bytearray(metaindex.encode() + index.encode())
-        footer += bytes(2 * _MAX_HANDLE_LEN - len(footer))
-        footer += struct.pack("<Q", MAGIC)
-        self._out += footer
+        self._out += footer(metaindex, index)
         return bytes(self._out)
 
 
@@ -220,45 +225,60 @@ def _read_block(data: bytes, handle: BlockHandle, what: str) -> memoryview:
     return contents
 
 
-def block_entries_into(
-    block: memoryview, keys: list[bytes], values: list[bytes], what: str = "data"
-) -> None:
-    """Append a block's keys and values, in order, to ``keys`` and ``values`` (checking every
-    length against the block; prefix compression undone)."""
+def split_block(block: memoryview, what: str = "data") -> tuple[bytes, tuple[int, ...]]:
+    """A block's entry bytes and its restart offsets (the count checked against its size)."""
     size = len(block)
     (num_restarts,) = _U32.unpack_from(block, size - 4)
     restarts_start = size - 4 - 4 * num_restarts
     if num_restarts == 0 or restarts_start < 0:
         raise DecodeError(f"{what} block: bad restart count {num_restarts}")
-    data = bytes(block[:restarts_start])  # slicing bytes beats slicing a memoryview + bytes()
+    restarts = struct.unpack_from(f"<{num_restarts}I", block, restarts_start)
+    return bytes(block[:restarts_start]), restarts  # slicing bytes beats a memoryview
+
+
+def decode_block_entry(
+    data: bytes, pos: int, prev: bytes, what: str = "data"
+) -> tuple[bytes, int, int]:
+    """(key, value start, value end) of the entry at ``pos`` of a block's entry bytes;
+    ``prev`` is the key before it (b"" at a restart point). Every length is checked."""
+    end = len(data)
+    # Three varints; one byte each nearly always, so decode that case inline.
+    shared = data[pos]
+    if shared < 0x80:
+        pos += 1
+    else:
+        shared, pos = decode_varint(data, pos, end)
+    non_shared = data[pos] if pos < end else 0x80
+    if non_shared < 0x80:
+        pos += 1
+    else:
+        non_shared, pos = decode_varint(data, pos, end)
+    value_len = data[pos] if pos < end else 0x80
+    if value_len < 0x80:
+        pos += 1
+    else:
+        value_len, pos = decode_varint(data, pos, end)
+    if shared > len(prev) or pos + non_shared + value_len > end:
+        raise DecodeError(f"{what} block: corrupt entry at offset {pos}")
+    key_end = pos + non_shared
+    key = prev[:shared] + data[pos:key_end] if shared else data[pos:key_end]
+    return key, key_end, key_end + value_len
+
+
+def block_entries_into(
+    block: memoryview, keys: list[bytes], values: list[bytes], what: str = "data"
+) -> None:
+    """Append a block's keys and values, in order, to ``keys`` and ``values`` (checking every
+    length against the block; prefix compression undone)."""
+    data, _ = split_block(block, what)
     add_key = keys.append
     add_value = values.append
     pos = 0
     key = b""
-    while pos < restarts_start:
-        # Three varints; one byte each nearly always, so decode that case inline.
-        shared = data[pos]
-        if shared < 0x80:
-            pos += 1
-        else:
-            shared, pos = decode_varint(data, pos, restarts_start)
-        non_shared = data[pos] if pos < restarts_start else 0x80
-        if non_shared < 0x80:
-            pos += 1
-        else:
-            non_shared, pos = decode_varint(data, pos, restarts_start)
-        value_len = data[pos] if pos < restarts_start else 0x80
-        if value_len < 0x80:
-            pos += 1
-        else:
-            value_len, pos = decode_varint(data, pos, restarts_start)
-        if shared > len(key) or pos + non_shared + value_len > restarts_start:
-            raise DecodeError(f"{what} block: corrupt entry at offset {pos}")
-        end = pos + non_shared
-        key = key[:shared] + data[pos:end] if shared else data[pos:end]
-        pos = end + value_len
+    while pos < len(data):
+        key, start, pos = decode_block_entry(data, pos, key, what)
         add_key(key)
-        add_value(data[end:pos])
+        add_value(data[start:pos])
 
 
 def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]]:
@@ -268,12 +288,9 @@ def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]
     return zip(keys, values, strict=True)
 
 
-def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
-    """Parse a whole table; return its (key, value) pairs in file order.
-
-    Checks the footer's magic number, that every block handle lies inside the file, every
-    block's checksum, every entry's lengths, and that keys strictly increase.
-    """
+def read_index_block(data: bytes) -> memoryview:
+    """The index block of a table, after checking the footer's magic number, that the block
+    lies inside the file, and its checksum."""
     if len(data) < FOOTER_SIZE:
         raise DecodeError(f"file too short for a table footer ({len(data)} bytes)")
     footer_start = len(data) - FOOTER_SIZE
@@ -283,7 +300,16 @@ def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
     limit = len(data) - 8
     _, pos = BlockHandle.decode(data, footer_start, limit)  # metaindex: TF writes it empty
     index_handle, _ = BlockHandle.decode(data, pos, limit)
-    index = _read_block(data, index_handle, "index")
+    return _read_block(data, index_handle, "index")
+
+
+def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
+    """Parse a whole table; return its (key, value) pairs in file order.
+
+    Checks the footer's magic number, that every block handle lies inside the file, every
+    block's checksum, every entry's lengths, and that keys strictly increase.
+    """
+    index = read_index_block(data)
     entries: list[tuple[bytes, bytes]] = []
     last: bytes | None = None
     for _, handle_bytes in _block_entries(index, "index"):

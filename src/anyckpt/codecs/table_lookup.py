@@ -17,25 +17,19 @@ them.
 
 from __future__ import annotations
 
-import struct
 from bisect import bisect_left
 from itertools import pairwise
 
 from . import DecodeError
-from .crc import crc32c, mask
 from .table import (
-    BLOCK_TRAILER_SIZE,
-    FOOTER_SIZE,
-    MAGIC,
-    NO_COMPRESSION,
     BlockHandle,
     _block_entries,
     _read_block,
     block_entries_into,
+    decode_block_entry,
+    read_index_block,
+    split_block,
 )
-from .varint import decode_varint
-
-_U32 = struct.Struct("<I")
 
 
 class _Block:
@@ -44,43 +38,17 @@ class _Block:
     __slots__ = ("_restart_keys", "data", "restarts")
 
     def __init__(self, contents: memoryview) -> None:
-        size = len(contents)
-        (num_restarts,) = _U32.unpack_from(contents, size - 4)
-        restarts_start = size - 4 - 4 * num_restarts
-        if num_restarts == 0 or restarts_start < 0:
-            raise DecodeError(f"data block: bad restart count {num_restarts}")
-        self.data = bytes(contents[:restarts_start])
-        self.restarts = struct.unpack_from(f"<{num_restarts}I", contents, restarts_start)
+        self.data, self.restarts = split_block(contents)
         self._restart_keys: dict[int, bytes] = {}
 
     def _entry_at(self, pos: int, prev: bytes) -> tuple[bytes, int, int]:
         """(key, value start, value end) of the entry at ``pos``; ``prev`` is the key
         before it (b"" at a restart point)."""
-        data = self.data
-        end = len(data)
-        if pos >= end:
-            raise DecodeError(f"data block: entry offset {pos} is past its entries ({end})")
-        # Three varints, one byte each nearly always: that case inline.
-        shared = data[pos]
-        if shared < 0x80:
-            pos += 1
-        else:
-            shared, pos = decode_varint(data, pos, end)
-        non_shared = data[pos] if pos < end else 0x80
-        if non_shared < 0x80:
-            pos += 1
-        else:
-            non_shared, pos = decode_varint(data, pos, end)
-        value_len = data[pos] if pos < end else 0x80
-        if value_len < 0x80:
-            pos += 1
-        else:
-            value_len, pos = decode_varint(data, pos, end)
-        if shared > len(prev) or pos + non_shared + value_len > end:
-            raise DecodeError(f"data block: corrupt entry at offset {pos}")
-        key_end = pos + non_shared
-        key = prev[:shared] + data[pos:key_end] if shared else data[pos:key_end]
-        return key, key_end, key_end + value_len
+        if pos >= len(self.data):
+            raise DecodeError(
+                f"data block: entry offset {pos} is past its entries ({len(self.data)})"
+            )
+        return decode_block_entry(self.data, pos, prev)
 
     def _restart_key(self, i: int) -> bytes:
         try:
@@ -121,16 +89,7 @@ class LazyTable:
     """A table (``.index`` of a V2 bundle) checked at once, parsed on demand."""
 
     def __init__(self, data: bytes) -> None:
-        if len(data) < FOOTER_SIZE:
-            raise DecodeError(f"file too short for a table footer ({len(data)} bytes)")
-        footer_start = len(data) - FOOTER_SIZE
-        (magic,) = struct.unpack_from("<Q", data, len(data) - 8)
-        if magic != MAGIC:
-            raise DecodeError(f"bad table magic number {magic:#018x} (expected {MAGIC:#018x})")
-        limit = len(data) - 8
-        _, pos = BlockHandle.decode(data, footer_start, limit)  # metaindex: TF writes it empty
-        index_handle, _ = BlockHandle.decode(data, pos, limit)
-        index = _read_block(data, index_handle, "index")
+        index = read_index_block(data)
         self._data = data
         self._separators: list[bytes] = []
         self._handles: list[BlockHandle] = []
@@ -138,7 +97,7 @@ class LazyTable:
             if self._separators and separator <= self._separators[-1]:
                 raise DecodeError(f"index block: separator keys out of order at {separator!r}")
             handle, _ = BlockHandle.decode(handle_bytes)
-            _check_block(data, handle)
+            _read_block(data, handle, "data")  # in the file, checksum, uncompressed
             self._separators.append(separator)
             self._handles.append(handle)
         self._blocks: list[_Block | None] = [None] * len(self._handles)
@@ -214,26 +173,3 @@ class LazyTable:
         if self._by_key is None:
             self._by_key = dict(self.items())
         return self._by_key
-
-
-def _check_block(data: bytes, handle: BlockHandle) -> None:
-    """A data block lies inside the file, its checksum matches, it is uncompressed."""
-    end = handle.offset + handle.size + BLOCK_TRAILER_SIZE
-    if handle.size < 4 or end > len(data) - FOOTER_SIZE:
-        raise DecodeError(
-            f"data block handle (offset {handle.offset}, size {handle.size}) "
-            f"lies outside the file ({len(data)} bytes)"
-        )
-    at = handle.offset + handle.size
-    (stored,) = _U32.unpack_from(data, at + 1)
-    actual = mask(crc32c(memoryview(data)[handle.offset : at + 1]))
-    if stored != actual:
-        raise DecodeError(
-            f"data block at offset {handle.offset}: checksum mismatch "
-            f"(stored {stored:#010x}, computed {actual:#010x})"
-        )
-    if data[at] != NO_COMPRESSION:
-        raise DecodeError(
-            f"data block at offset {handle.offset}: compression type {data[at]} "
-            "is not supported (TensorFlow writes 0, none)"
-        )

@@ -15,16 +15,14 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .crc import crc32c, mask
 from .packed import Column, bytes_column, interleave, varint_column, varint_lengths
 from .table import (
-    _MAX_HANDLE_LEN,
     BLOCK_RESTART_INTERVAL,
     BLOCK_SIZE,
-    MAGIC,
-    NO_COMPRESSION,
     BlockHandle,
     _BlockBuilder,
+    block_trailer,
+    footer,
     short_successor,
     shortest_separator,
 )
@@ -98,7 +96,7 @@ def _block_ends(
 
 def _with_trailer(out: list[bytes], offset: int, contents: bytes) -> BlockHandle:
     out.append(contents)
-    out.append(struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc32c(contents)))))
+    out.append(block_trailer(contents))
     return BlockHandle(offset, len(contents))
 
 
@@ -161,6 +159,5 @@ def build_table_packed(
     metaindex = _with_trailer(out, offset, _BlockBuilder().finish())
     offset += metaindex.size + 5
     index_handle = _with_trailer(out, offset, index.finish())
-    footer = metaindex.encode() + index_handle.encode()
-    out.append(footer + bytes(2 * _MAX_HANDLE_LEN - len(footer)) + struct.pack("<Q", MAGIC))
+    out.append(footer(metaindex, index_handle))
     return b"".join(out)
