@@ -52,6 +52,8 @@ __all__ = ["LOCK_FILE", "DirectoryLock"]
 LOCK_FILE = "checkpoint.lock"
 #: Largest lock file that is read.
 _MAX_LOCK_BYTES = 64 << 10
+#: How long a contender waits for a local lock's holder to name itself in the file.
+_NAMING_GRACE_SECONDS = 1.0
 
 logger = logging.getLogger("anyckpt.lease")
 
@@ -155,13 +157,22 @@ class DirectoryLock:
         self._acquired = True
 
     def _acquire_local(self) -> None:
-        try:
-            self._local = self.storage.lock_local(self.path)
-        except FileExistsError:
-            holder = None
-            with contextlib.suppress(OSError, CheckpointError):
-                holder = _parse(self.storage.read_bytes(self.path, max_size=_MAX_LOCK_BYTES))
-            raise self._held_by(holder) from None
+        # A holder names itself in the file right after taking the flock, so a contender can
+        # find the lock held and the file still empty (or the lock just released and taken
+        # by a newcomer): it looks again for a moment, trying the lock each time, before it
+        # reports an unnamed holder.
+        deadline = time.monotonic() + _NAMING_GRACE_SECONDS
+        while True:
+            try:
+                self._local = self.storage.lock_local(self.path)
+                break
+            except FileExistsError:
+                holder = None
+                with contextlib.suppress(OSError, CheckpointError):
+                    holder = _parse(self.storage.read_bytes(self.path, max_size=_MAX_LOCK_BYTES))
+                if holder is not None or time.monotonic() >= deadline:
+                    raise self._held_by(holder) from None
+                time.sleep(0.01)
         try:
             self._local.write(self._info())
         except BaseException:

@@ -260,6 +260,39 @@ async def test_many_processes_race_exactly_one_wins(tmp_path: Path) -> None:
             assert "is locked by process" in out["message"]
 
 
+def test_contender_waits_for_a_new_holder_to_name_itself(tmp_path: Path) -> None:
+    """The window between a holder's flock and its name in the file: a contender arriving
+    then reports the holder by name, not as an unreadable lock (CI once saw this race)."""
+    storage, root = Storage.from_url(str(tmp_path))
+    path = str(tmp_path / LOCK_FILE)
+    unnamed = storage.lock_local(path)  # locked, the file still empty
+    namer = threading.Timer(0.2, unnamed.write, args=(json.dumps({"pid": 4242}).encode(),))
+    namer.start()
+    try:
+        with pytest.raises(ConcurrentWriterError, match="locked by process 4242"):
+            anyckpt.lease.DirectoryLock(storage, root).acquire()
+    finally:
+        namer.join()
+        unnamed.release()
+    # Released: the next contender takes it.
+    lock = anyckpt.lease.DirectoryLock(storage, root)
+    lock.acquire()
+    lock.release()
+
+
+def test_holder_that_never_names_itself_is_reported_unnamed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(anyckpt.lease, "_NAMING_GRACE_SECONDS", 0.1)
+    storage, root = Storage.from_url(str(tmp_path))
+    unnamed = storage.lock_local(str(tmp_path / LOCK_FILE))
+    try:
+        with pytest.raises(ConcurrentWriterError, match="empty or unreadable"):
+            anyckpt.lease.DirectoryLock(storage, root).acquire()
+    finally:
+        unnamed.release()
+
+
 async def test_another_host_on_the_same_bucket_fails_then_takes_over_a_dead_lease(
     s3_bucket: Any,
 ) -> None:
