@@ -303,7 +303,8 @@ async def test_another_host_on_the_same_bucket_fails_then_takes_over_a_dead_leas
     holder, step = _hold_in_process(place, lease_seconds=1.0, machine="host-a")
     try:
         started = time.monotonic()
-        result = _try_in_process(place, machine="host-b", lease_seconds=1.0)
+        # B watches up to 4 s; A renews every 0.25 s (margin against a loaded machine).
+        result = _try_in_process(place, machine="host-b", lease_seconds=4.0)
         assert result["opened"] is False
         assert "is locked by process" in result["message"]
         assert time.monotonic() - started < 30
@@ -339,7 +340,7 @@ async def test_a_live_lease_is_never_taken_over_even_with_a_skewed_clock(
         monkeypatch.setattr(anyckpt.lease, "time", Skewed())
         monkeypatch.setattr(anyckpt.lease, "MACHINE", "host-b")
         with pytest.raises(ConcurrentWriterError, match="which renewed it"):
-            async with place.manager(lease_seconds=1.0):
+            async with place.manager(lease_seconds=4.0):  # watched up to 4 s
                 pass
     finally:
         holder.communicate("", timeout=60)
