@@ -12,13 +12,16 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
+from .crc import crc32c, mask
 from .packed import Column, bytes_column, interleave, varint_column, varint_lengths
 from .table import (
     BLOCK_RESTART_INTERVAL,
     BLOCK_SIZE,
+    NO_COMPRESSION,
     BlockHandle,
     _BlockBuilder,
     block_trailer,
@@ -100,11 +103,45 @@ def _with_trailer(out: list[bytes], offset: int, contents: bytes) -> BlockHandle
     return BlockHandle(offset, len(contents))
 
 
+class TableLayout(NamedTuple):
+    """Where a built table's entries and data blocks lie, to patch values in place later."""
+
+    entry_ends: np.ndarray  # int64: each entry's end (its value's end) in the table
+    data_blocks: list[tuple[int, int]]  # each data block's (offset, size of its contents)
+
+
 def build_table_packed(
     keys: Sequence[bytes], values: Column, *, block_size: int = BLOCK_SIZE
 ) -> bytes:
     """The table of ``keys`` (strictly increasing, bytewise) and their ``values``, byte for
     byte what :class:`~anyckpt.codecs.table.TableBuilder` writes for the same entries."""
+    return build_table_with_layout(keys, values, block_size=block_size)[0]
+
+
+def replace_value_tails(
+    table: bytes, layout: TableLayout, entries: np.ndarray, tails: np.ndarray
+) -> bytes:
+    """``table`` with the last ``tails.shape[1]`` bytes of the values of ``entries`` (entry
+    numbers) replaced by the rows of ``tails`` (uint8), and every data block's trailer
+    recomputed: the table :func:`build_table_packed` builds from the same keys and the values
+    so changed, without building it again (nothing else depends on those bytes)."""
+    width = tails.shape[1]
+    out = bytearray(table)
+    view = np.frombuffer(out, dtype=np.uint8)
+    ends = layout.entry_ends[entries]
+    view[(ends - width)[:, None] + np.arange(width)] = tails
+    buffer = memoryview(out)
+    for offset, size in layout.data_blocks:
+        crc = mask(crc32c(b"\0", crc32c(buffer[offset : offset + size])))
+        out[offset + size : offset + size + 5] = struct.pack("<BI", NO_COMPRESSION, crc)
+    buffer.release()
+    return bytes(out)
+
+
+def build_table_with_layout(
+    keys: Sequence[bytes], values: Column, *, block_size: int = BLOCK_SIZE
+) -> tuple[bytes, TableLayout]:
+    """:func:`build_table_packed`, and the table's :class:`TableLayout`."""
     count = len(keys)
     if len(values) != count:
         raise ValueError(f"{count} keys but {len(values)} values")
@@ -138,15 +175,19 @@ def build_table_packed(
     index = _BlockBuilder(restart_interval=1)
     first = 0
     r = 0
+    entry_ends = entries.starts + entries.lengths  # in `encoded`; moved to the table below
+    data_blocks: list[tuple[int, int]] = []
     for number, end in enumerate(ends):
         base = entry_starts[first]
         stop = entry_starts[end] if end < count else len(encoded)
+        entry_ends[first:end] += offset - base
         points = []
         while r < len(restart_at) and restart_at[r] < end:
             points.append(entry_starts[restart_at[r]] - base)
             r += 1
         contents = encoded[base:stop] + struct.pack(f"<{len(points) + 1}I", *points, len(points))
         handle = _with_trailer(out, offset, contents)
+        data_blocks.append((offset, len(contents)))
         offset += len(contents) + 5
         last = keys[end - 1]
         separator = (
@@ -160,4 +201,4 @@ def build_table_packed(
     offset += metaindex.size + 5
     index_handle = _with_trailer(out, offset, index.finish())
     out.append(footer(metaindex, index_handle))
-    return b"".join(out)
+    return b"".join(out), TableLayout(entry_ends, data_blocks)

@@ -32,7 +32,7 @@ from ..codecs.ordered_code import encode_tensor_name_slice
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..partitioned import partitions_of
 from ..storage import Storage
-from ..tensors import key_to_bytes
+from ..tensors import stored_key_order
 from .sharded import ShardOptions, plan_shards, tensor_nbytes
 from .v2_data import DataFileEntries, write_data_file
 from .v2_index import build_index
@@ -61,15 +61,17 @@ class V2Format:
         variable: a full-name entry listing the slices, and one entry per slice."""
         opts = ShardOptions.from_options(options)
         keys = list(tensors)
-        raws = dict(zip(keys, map(key_to_bytes, keys), strict=True))
-        plain = set(map(type, tensors.values())) <= {np.ndarray}  # no Partitioned among them
+        values = list(tensors.values())
+        sorted_raws, order = stored_key_order(keys)  # bytewise order
+        plain = set(map(type, values)) <= {np.ndarray}  # no Partitioned among them
         holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
         groups: dict[int, list[tuple[bytes, np.ndarray]]] = {}
         if plain and not opts.sharded:  # the common case: one file, in bytewise key order
-            groups[0] = sorted(zip(raws.values(), tensors.values(), strict=True))
+            groups[0] = list(zip(sorted_raws, [values[i] for i in order], strict=True))
             shards: list[list[str]] = []
         else:
-            names = sorted(tensors, key=raws.__getitem__)
+            names = [keys[i] for i in order]
+            raws = dict(zip(names, sorted_raws, strict=True))
             sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in names]
             shards = plan_shards(sizes, opts)
         for shard, shard_keys in enumerate(shards):

@@ -3,15 +3,73 @@ slice of a partitioned tensor), in bytewise key order, as TensorFlow's table."""
 
 from __future__ import annotations
 
+import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
 from ..codecs.packed import Column, bytes_column
-from ..codecs.table_packed import build_table_packed
+from ..codecs.table_packed import TableLayout, build_table_with_layout, replace_value_tails
 from .v2_data import DataFileEntries
+
+#: Structures whose last index is kept as a template (see :class:`_Template`).
+_TEMPLATES_MAX = 4
+
+
+@dataclass(frozen=True)
+class _Template:
+    """The index of one data file's entries, kept to be patched when the same structure is
+    saved again. A trainer saves the same tensors (names, dtypes, shapes, so offsets and
+    sizes) step after step; between two such saves only each entry's ``crc32c`` changes, and
+    it is the last field of its value, four bytes wide whenever it is not zero. So the next
+    index is this one with those four bytes replaced and the data blocks' trailers recomputed:
+    the same bytes as building it again, for a fraction of the work."""
+
+    shard_id: int
+    dtypes: list[int]
+    shapes: list[tuple[int, ...]]
+    offsets: np.ndarray
+    sizes: np.ndarray
+    table: bytes
+    layout: TableLayout
+
+    def fits(self, entries: DataFileEntries) -> bool:
+        return (
+            self.shard_id == entries.shard_id
+            and self.dtypes == entries.dtypes
+            and self.shapes == entries.shapes
+            and np.array_equal(self.offsets, entries.offsets)
+            and np.array_equal(self.sizes, entries.sizes)
+        )
+
+    def patched(self, crcs: np.ndarray) -> bytes:
+        tails = crcs.astype("<u4").view(np.uint8).reshape(-1, 4)
+        entries = np.arange(1, len(crcs) + 1)  # entry 0 is the header
+        return replace_value_tails(self.table, self.layout, entries, tails)
+
+
+_TEMPLATES: OrderedDict[tuple[int, tuple[bytes, ...]], _Template] = OrderedDict()
+_TEMPLATES_GUARD = threading.Lock()
+
+
+def _template_for(key: tuple[int, tuple[bytes, ...]]) -> _Template | None:
+    with _TEMPLATES_GUARD:
+        template = _TEMPLATES.get(key)
+        if template is not None:
+            _TEMPLATES.move_to_end(key)
+        return template
+
+
+def _keep_template(key: tuple[int, tuple[bytes, ...]], template: _Template) -> None:
+    with _TEMPLATES_GUARD:
+        _TEMPLATES[key] = template
+        _TEMPLATES.move_to_end(key)
+        while len(_TEMPLATES) > _TEMPLATES_MAX:
+            _TEMPLATES.popitem(last=False)
 
 
 def build_index(
@@ -22,6 +80,14 @@ def build_index(
     """The ``.index`` table for the entries of every data file plus ``holders`` (the full-name
     entries of partitioned tensors, which point at their slices' entries)."""
     holders = holders or {}
+    # One data file of ordinary entries, every CRC present (a zero one is left out of its
+    # entry, which changes the layout): the structure's template, if it was saved before.
+    reusable = len(files) == 1 and not holders and bool(files[0].crcs.all())
+    if reusable:
+        template_key = (num_shards, tuple(files[0].keys))
+        template = _template_for(template_key)
+        if template is not None and template.fits(files[0]):
+            return template.patched(files[0].crcs)
     distinct_heads: dict[bytes, int] = {}  # each distinct encoded head, numbered
 
     def number(head: bytes) -> int:
@@ -44,6 +110,7 @@ def build_index(
             columns[2].append(entries.sizes)
             crcs.append(entries.crcs)
         else:  # numbers beyond the hand encoding: protobuf, each entry whole
+            reusable = False
             whole = [number(encode_entry(e)) for e in entries.as_entries().values()]
             head_ids.append(np.array(whole, np.int64))
             for column in columns:
@@ -63,7 +130,22 @@ def build_index(
         ids_all, shard_ids, offsets, sizes, crc = (
             a[order] for a in (ids_all, shard_ids, offsets, sizes, crc)
         )
-    table = bytes_column(list(distinct_heads))
-    heads_column = Column(table.data, table.starts[ids_all], table.lengths[ids_all])
+    head_table = bytes_column(list(distinct_heads))
+    heads_column = Column(head_table.data, head_table.starts[ids_all], head_table.lengths[ids_all])
     values = encode_entries(heads_column, shard_ids, offsets, sizes, crc)
-    return build_table_packed(keys, values)
+    table, layout = build_table_with_layout(keys, values)
+    if reusable:
+        entries = files[0]
+        _keep_template(
+            template_key,
+            _Template(
+                entries.shard_id,
+                list(entries.dtypes),
+                list(entries.shapes),
+                entries.offsets.copy(),
+                entries.sizes.copy(),
+                table,
+                layout,
+            ),
+        )
+    return table
