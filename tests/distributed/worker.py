@@ -143,7 +143,7 @@ async def faults(coordinator: TorchCoordinator, args: dict[str, Any]) -> dict[st
     rank, world = coordinator.rank, coordinator.world_size
     bad = args["bad"]
     outcomes: dict[str, Any] = {}
-    real_write = dsave._write_shard
+    real_write = dsave.write_data_file
 
     def failing_write(*a: Any) -> Any:
         raise OSError(28, "No space left on device (injected)")
@@ -152,7 +152,7 @@ async def faults(coordinator: TorchCoordinator, args: dict[str, Any]) -> dict[st
         for step in (1, 2, 3, 4):
             state = rank_state(rank, world, step)
             if step == 2 and rank == bad:
-                dsave._write_shard = failing_write  # type: ignore[assignment]
+                dsave.write_data_file = failing_write  # type: ignore[assignment]
             if step == 3:
                 state["model"]["bias"] = np.zeros(7 + (rank == bad), dtype=np.float32)
             started = time.monotonic()
@@ -163,7 +163,7 @@ async def faults(coordinator: TorchCoordinator, args: dict[str, Any]) -> dict[st
             except Exception as exc:
                 outcomes[str(step)] = error_info(exc, started)
             finally:
-                dsave._write_shard = real_write  # type: ignore[assignment]
+                dsave.write_data_file = real_write  # type: ignore[assignment]
             outcomes[str(step)]["latest"] = await latest(args)
             outcomes[str(step)]["files"] = sorted(
                 n for n in os.listdir(args["url"]) if n.startswith(f"ckpt-{step}")
@@ -188,7 +188,7 @@ async def kill(coordinator: TorchCoordinator, args: dict[str, Any]) -> dict[str,
     async with manager(coordinator, args) as m:
         await (await m.save(rank_state(rank, world, 1), step=1))
         if rank == victim:
-            dsave._write_shard = dying_write  # type: ignore[assignment]
+            dsave.write_data_file = dying_write  # type: ignore[assignment]
         started = time.monotonic()
         try:
             await (await m.save(rank_state(rank, world, 2), step=2))

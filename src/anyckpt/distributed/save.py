@@ -33,12 +33,11 @@ import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 
-from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.dtypes import enum_from_dtype
-from ..codecs.table import TableBuilder
 from ..errors import CheckpointError, ConcurrentWriterError
 from ..formats.sharded import tensor_nbytes
-from ..formats.v2_data import _write_shard
+from ..formats.v2_data import DataFileEntries, write_data_file
+from ..formats.v2_index import build_index
 from ..formats.v2_layout import data_path, index_path
 from ..partitioned import Partitioned, partitions_of
 from ..tensors import as_tensor, flatten, key_to_bytes
@@ -71,7 +70,7 @@ class _Start:
 
 @dataclass(frozen=True)
 class _Report:
-    entries: dict[bytes, BundleEntry] | None
+    files: list[DataFileEntries] | None  # the index entries of this rank's data files
     nbytes: int = 0
     error: str | None = None
 
@@ -298,18 +297,18 @@ async def _write_and_commit(
             # 2. This rank's data files.
             written: list[str] = []
             local_error: Exception | None = None
-            entries: dict[bytes, BundleEntry] = {}
+            files: list[DataFileEntries] = []
             try:
-                entries = await _write_files(manager, name, plan, rank, arrays, written)
+                files = await _write_files(manager, name, plan, rank, arrays, written)
             except Exception as exc:
                 local_error = exc
                 with anyio.CancelScope(shield=True):
                     for path in written:
                         await anyio.to_thread.run_sync(manager.storage.remove, path)
-            nbytes = sum(e.size for e in entries.values())  # what this rank wrote
+            nbytes = sum(int(f.sizes.sum()) for f in files)  # what this rank wrote
             del arrays
             report = _Report(
-                None if local_error else entries,
+                None if local_error else files,
                 nbytes,
                 None if local_error is None else _describe(local_error),
             )
@@ -354,20 +353,20 @@ async def _write_files(
     rank: int,
     arrays: Arrays,
     written: list[str],
-) -> dict[bytes, BundleEntry]:
+) -> list[DataFileEntries]:
     """Write this rank's data files concurrently; return their index entries."""
     prefix = manager._path(name)
     storage = manager.storage
     directory = posixpath.dirname(prefix)
     if directory:
         await anyio.to_thread.run_sync(storage.makedirs, directory)
-    entries: dict[bytes, BundleEntry] = {}
+    files: list[DataFileEntries] = []
 
     async def one(shard: int, items: tuple[Item, ...]) -> None:
         path = data_path(prefix, shard, plan.num_shards)
         pairs = [(item.data_key, arrays[item.unit]) for item in items]
         found = await anyio.to_thread.run_sync(
-            _write_shard,
+            write_data_file,
             storage,
             path,
             pairs,
@@ -376,7 +375,7 @@ async def _write_files(
             anyio.from_thread.check_cancelled,
         )
         written.append(path)
-        entries.update(found)
+        files.append(found)
 
     try:
         async with anyio.create_task_group() as tg:
@@ -387,7 +386,7 @@ async def _write_files(
         if isinstance(exc, Exception) and inner and isinstance(inner[0], Exception):
             raise inner[0] from None  # one clear error, not a group
         raise
-    return entries
+    return files
 
 
 async def _primary_commit(
@@ -485,22 +484,17 @@ async def _write_index(
     manager: CheckpointManager, name: str, plan: Plan, reports: list[_Report]
 ) -> None:
     """Merge the ranks' index entries into one ``PREFIX.index`` (the commit marker)."""
-    entries: dict[bytes, BundleEntry] = {}
+    files: list[DataFileEntries] = []
     for report in reports:
-        assert report.entries is not None
-        entries.update(report.entries)
-    missing = plan.data_keys() - set(entries)
+        assert report.files is not None
+        files += report.files
+    written = [key for f in files for key in f.keys]
+    missing = plan.data_keys() - set(written)
     if missing:
         raise CheckpointError(f"{len(missing)} planned tensors were not written")
-
-    def build() -> bytes:
-        builder = TableBuilder()
-        builder.add(HEADER_KEY, encode_header(plan.num_shards))
-        for raw in sorted([*entries, *plan.holders]):
-            builder.add(raw, encode_entry(entries[raw] if raw in entries else plan.holders[raw]))
-        return builder.finish()
-
-    table = await anyio.to_thread.run_sync(build)
+    if len(set(written)) != len(written) or set(written) & set(plan.holders):
+        raise CheckpointError("a tensor was written twice: the ranks' plans differ")
+    table = await anyio.to_thread.run_sync(build_index, plan.num_shards, files, plan.holders)
     prefix = manager._path(name)
     storage = manager.storage
     await anyio.to_thread.run_sync(

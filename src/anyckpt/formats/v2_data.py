@@ -261,15 +261,3 @@ def _write_in_order(
         if helper is not None:
             helper.shutdown(wait=True, cancel_futures=True)
     return large
-
-
-def _write_shard(
-    storage: Storage,
-    path: str,
-    items: Sequence[tuple[bytes, np.ndarray]],
-    durable: bool,
-    shard_id: int,
-    check_cancelled: Callable[[], None],
-) -> dict[bytes, BundleEntry]:
-    """:func:`write_data_file` with its entries as :class:`BundleEntry` objects by key."""
-    return write_data_file(storage, path, items, durable, shard_id, check_cancelled).as_entries()
