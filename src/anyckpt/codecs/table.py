@@ -21,10 +21,14 @@ from __future__ import annotations
 import struct
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from . import DecodeError
 from .crc import crc32c, mask
 from .varint import decode_varint, encode_varint
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 MAGIC = 0xDB4775248B80FB57
 FOOTER_SIZE = 48
@@ -128,7 +132,7 @@ def short_successor(key: bytes) -> bytes:
     return key
 
 
-def block_trailer(contents: bytes) -> bytes:
+def block_trailer(contents: Buffer) -> bytes:
     """The 5 bytes after a block: its compression type (none) and masked CRC-32C."""
     return struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc32c(contents))))
 

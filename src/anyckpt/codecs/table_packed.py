@@ -16,12 +16,10 @@ from typing import NamedTuple
 
 import numpy as np
 
-from .crc import crc32c, mask
 from .packed import Column, bytes_column, interleave, varint_column, varint_lengths
 from .table import (
     BLOCK_RESTART_INTERVAL,
     BLOCK_SIZE,
-    NO_COMPRESSION,
     BlockHandle,
     _BlockBuilder,
     block_trailer,
@@ -130,11 +128,9 @@ def replace_value_tails(
     view = np.frombuffer(out, dtype=np.uint8)
     ends = layout.entry_ends[entries]
     view[(ends - width)[:, None] + np.arange(width)] = tails
-    buffer = memoryview(out)
-    for offset, size in layout.data_blocks:
-        crc = mask(crc32c(b"\0", crc32c(buffer[offset : offset + size])))
-        out[offset + size : offset + size + 5] = struct.pack("<BI", NO_COMPRESSION, crc)
-    buffer.release()
+    with memoryview(out) as buffer:
+        for offset, size in layout.data_blocks:
+            out[offset + size : offset + size + 5] = block_trailer(buffer[offset : offset + size])
     return bytes(out)
 
 
