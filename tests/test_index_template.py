@@ -133,6 +133,23 @@ def test_templates_are_bounded() -> None:
     assert len(v2_index._TEMPLATES) == v2_index._TEMPLATES_MAX
 
 
+def test_huge_structures_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    from anyckpt import tensors
+
+    keys = [f"w/{i:04d}".encode() for i in range(1000)]
+    monkeypatch.setattr(v2_index, "_TEMPLATE_MAX_BYTES", 10_000)
+    one = _entries(keys, [(2,)] * 1000, [5] * 1000)
+    assert build_index(1, [one]) == _fresh(1, one)
+    assert not v2_index._TEMPLATES  # built, not kept
+    monkeypatch.setattr(tensors, "_ORDER_MAX_BYTES", 1000)
+    tensors._ORDERS.clear()
+    names = [k.decode() for k in keys]
+    assert list(stored_key_order(names)[0]) == keys
+    assert not tensors._ORDERS
+    assert list(stored_key_order(names[:10])[0]) == keys[:10]
+    assert len(tensors._ORDERS) == 1  # small ones still are
+
+
 @settings(max_examples=200)
 @given(
     st.lists(

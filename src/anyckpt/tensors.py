@@ -21,6 +21,8 @@ def key_to_bytes(key: str) -> bytes:
 
 _ORDERS: OrderedDict[tuple[str, ...], tuple[tuple[bytes, ...], tuple[int, ...]]] = OrderedDict()
 _ORDERS_MAX = 4
+#: Largest set of names remembered (their encoded bytes).
+_ORDER_MAX_BYTES = 8 << 20
 _ORDERS_GUARD = threading.Lock()
 
 
@@ -37,6 +39,8 @@ def stored_key_order(keys: Sequence[str]) -> tuple[tuple[bytes, ...], tuple[int,
     raws = list(map(key_to_bytes, names))
     order = tuple(sorted(range(len(raws)), key=raws.__getitem__))
     result = tuple(raws[i] for i in order), order
+    if sum(map(len, raws)) > _ORDER_MAX_BYTES:
+        return result
     with _ORDERS_GUARD:
         _ORDERS[names] = result
         while len(_ORDERS) > _ORDERS_MAX:

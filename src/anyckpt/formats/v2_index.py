@@ -18,6 +18,8 @@ from .v2_data import DataFileEntries
 
 #: Structures whose last index is kept as a template (see :class:`_Template`).
 _TEMPLATES_MAX = 4
+#: Largest template kept (its index, layout and names, about): at most 4 × this stays in memory.
+_TEMPLATE_MAX_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -65,6 +67,9 @@ def _template_for(key: tuple[int, tuple[bytes, ...]]) -> _Template | None:
 
 
 def _keep_template(key: tuple[int, tuple[bytes, ...]], template: _Template) -> None:
+    held = 2 * len(template.table) + template.layout.entry_ends.nbytes  # the names ~ the table
+    if held > _TEMPLATE_MAX_BYTES:
+        return  # a huge structure: building its index each time costs less than holding it
     with _TEMPLATES_GUARD:
         _TEMPLATES[key] = template
         _TEMPLATES.move_to_end(key)
