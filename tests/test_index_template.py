@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import anyckpt
+from anyckpt._recent import RecentCache
 from anyckpt.codecs.bundle import decode_entry
 from anyckpt.codecs.dtypes import enum_from_dtype
 from anyckpt.codecs.packed import bytes_column
@@ -34,13 +35,13 @@ def _no_templates() -> None:
 
 
 def _fresh(num_shards: int, entries: DataFileEntries) -> bytes:
-    saved = dict(v2_index._TEMPLATES)
-    v2_index._TEMPLATES.clear()
+    """The index built from scratch (with no template), the templates left as they were."""
+    kept = v2_index._TEMPLATES
+    v2_index._TEMPLATES = RecentCache(kept.size)
     try:
         return build_index(num_shards, [entries])
     finally:
-        v2_index._TEMPLATES.clear()
-        v2_index._TEMPLATES.update(saved)
+        v2_index._TEMPLATES = kept
 
 
 @settings(max_examples=200)
@@ -127,10 +128,10 @@ def test_a_changed_layout_is_built_anew() -> None:
 
 
 def test_templates_are_bounded() -> None:
-    for n in range(1, 3 * v2_index._TEMPLATES_MAX):
+    for n in range(1, 3 * v2_index._TEMPLATES.size):
         keys = [f"k{i:03d}".encode() for i in range(n)]
         build_index(1, [_entries(keys, [(2,)] * n, [7] * n)])
-    assert len(v2_index._TEMPLATES) == v2_index._TEMPLATES_MAX
+    assert len(v2_index._TEMPLATES) == v2_index._TEMPLATES.size
 
 
 def test_huge_structures_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:

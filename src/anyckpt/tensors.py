@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from operator import attrgetter
 from typing import Any
 
 import numpy as np
 
+from ._recent import RecentCache
 from .codecs.dtypes import NUMERIC_DTYPES, STRING_DTYPE, enum_from_dtype
 from .partitioned import Partitioned
 
@@ -19,11 +18,10 @@ def key_to_bytes(key: str) -> bytes:
     return key.encode("utf-8", "surrogateescape")
 
 
-_ORDERS: OrderedDict[tuple[str, ...], tuple[tuple[bytes, ...], tuple[int, ...]]] = OrderedDict()
-_ORDERS_MAX = 4
+#: The last few sets of names saved, by the names: their stored order.
+_ORDERS: RecentCache[tuple[str, ...], tuple[tuple[bytes, ...], tuple[int, ...]]] = RecentCache(4)
 #: Largest set of names remembered (their encoded bytes).
 _ORDER_MAX_BYTES = 8 << 20
-_ORDERS_GUARD = threading.Lock()
 
 
 def stored_key_order(keys: Sequence[str]) -> tuple[tuple[bytes, ...], tuple[int, ...]]:
@@ -31,20 +29,14 @@ def stored_key_order(keys: Sequence[str]) -> tuple[tuple[bytes, ...], tuple[int,
     ``keys`` of each. The last few sets of names are remembered: a trainer saves the same
     names step after step, and encoding and sorting 10,000 of them costs a millisecond."""
     names = tuple(keys)
-    with _ORDERS_GUARD:
-        known = _ORDERS.get(names)
-        if known is not None:
-            _ORDERS.move_to_end(names)
-            return known
+    known = _ORDERS.get(names)
+    if known is not None:
+        return known
     raws = list(map(key_to_bytes, names))
     order = tuple(sorted(range(len(raws)), key=raws.__getitem__))
     result = tuple(raws[i] for i in order), order
-    if sum(map(len, raws)) > _ORDER_MAX_BYTES:
-        return result
-    with _ORDERS_GUARD:
-        _ORDERS[names] = result
-        while len(_ORDERS) > _ORDERS_MAX:
-            _ORDERS.popitem(last=False)
+    if sum(map(len, raws)) <= _ORDER_MAX_BYTES:
+        _ORDERS.put(names, result)
     return result
 
 

@@ -3,22 +3,19 @@ slice of a partitioned tensor), in bytewise key order, as TensorFlow's table."""
 
 from __future__ import annotations
 
-import threading
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
+from .._recent import RecentCache
 from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
 from ..codecs.packed import Column, bytes_column
 from ..codecs.table_packed import TableLayout, build_table_with_layout, replace_value_tails
 from .v2_data import DataFileEntries
 
-#: Structures whose last index is kept as a template (see :class:`_Template`).
-_TEMPLATES_MAX = 4
-#: Largest template kept (its index, layout and names, about): at most 4 × this stays in memory.
+#: Largest template kept (its index, layout and names, about); the last 4 structures' are.
 _TEMPLATE_MAX_BYTES = 16 << 20
 
 
@@ -54,27 +51,13 @@ class _Template:
         return replace_value_tails(self.table, self.layout, entries, tails)
 
 
-_TEMPLATES: OrderedDict[tuple[int, tuple[bytes, ...]], _Template] = OrderedDict()
-_TEMPLATES_GUARD = threading.Lock()
-
-
-def _template_for(key: tuple[int, tuple[bytes, ...]]) -> _Template | None:
-    with _TEMPLATES_GUARD:
-        template = _TEMPLATES.get(key)
-        if template is not None:
-            _TEMPLATES.move_to_end(key)
-        return template
+_TEMPLATES: RecentCache[tuple[int, tuple[bytes, ...]], _Template] = RecentCache(4)
 
 
 def _keep_template(key: tuple[int, tuple[bytes, ...]], template: _Template) -> None:
     held = 2 * len(template.table) + template.layout.entry_ends.nbytes  # the names ~ the table
-    if held > _TEMPLATE_MAX_BYTES:
-        return  # a huge structure: building its index each time costs less than holding it
-    with _TEMPLATES_GUARD:
-        _TEMPLATES[key] = template
-        _TEMPLATES.move_to_end(key)
-        while len(_TEMPLATES) > _TEMPLATES_MAX:
-            _TEMPLATES.popitem(last=False)
+    if held <= _TEMPLATE_MAX_BYTES:  # a huge structure's index costs less to build than to hold
+        _TEMPLATES.put(key, template)
 
 
 def build_index(
@@ -90,7 +73,7 @@ def build_index(
     reusable = len(files) == 1 and not holders and bool(files[0].crcs.all())
     if reusable:
         template_key = (num_shards, tuple(files[0].keys))
-        template = _template_for(template_key)
+        template = _TEMPLATES.get(template_key)
         if template is not None and template.fits(files[0]):
             return template.patched(files[0].crcs)
     distinct_heads: dict[bytes, int] = {}  # each distinct encoded head, numbered
