@@ -98,3 +98,18 @@ def test_fixture_case_matches_its_manifest(case: str) -> None:
                 assert list(array.shape) == meta["shape"], key
                 data = np.ascontiguousarray(array.astype(array.dtype.newbyteorder("<"))).tobytes()
                 assert hashlib.sha256(data).hexdigest() == meta["sha256"], key
+
+
+def test_ci_workflow_runs_make_test_on_every_supported_python() -> None:
+    """.github/workflows/ci.yml runs what .ci/run runs (`make test`), once per CPython from
+    requires-python up to 3.13."""
+    import yaml  # installed with mkdocs (the docs extra)
+
+    workflow = yaml.safe_load((REPO_ROOT / ".github" / "workflows" / "ci.yml").read_text())
+    job = workflow["jobs"]["test"]
+    assert job["strategy"]["matrix"]["python"] == ["3.10", "3.11", "3.12", "3.13"]
+    assert any(step.get("run", "").startswith("make test") for step in job["steps"])
+    assert "make test" in (REPO_ROOT / ".ci" / "run").read_text()
+    pyproject = (REPO_ROOT / "pyproject.toml").read_text()
+    assert 'requires-python = ">=3.10"' in pyproject
+    assert "[project.urls]" not in pyproject  # no address is published yet; none is invented
