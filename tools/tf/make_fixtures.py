@@ -898,12 +898,14 @@ compared bit for bit with the values that were saved, before its folder is repla
 use these files in place and never need TensorFlow for them; a missing file is a test failure.
 
 What a rerun changes, and what it does not:
-- Tensor bytes, `.index`/`.data`/V1 files and their sizes come out the same: the values are
-  fixed in the generator (the large tensor from a seeded generator).
-- The timestamps in `tf2_object/checkpoint` (CheckpointManager writes `time.time()`) differ on
-  every run; tests read them from `manifest.json` or the file itself, never hard-code them.
-- `.meta` graphs may differ between TF versions; the `expected/*.npy` files may differ in their
-  NumPy header if NumPy's format changes.
+- With the same versions, every file comes out byte for byte the same except
+  `tf2_object/checkpoint` and, in `tf2_object/manifest.json`, `state_file_parsed` and the
+  file's size: CheckpointManager writes `time.time()` timestamps. (Checked by regenerating
+  into a scratch folder and `diff -rq` against the committed copy.) Tests read those timestamps
+  from the file or the manifest and never hard-code them.
+- The values are fixed in the generator (the large tensor from a seeded NumPy generator), so
+  the `.index`, `.data` and V1 files depend only on TensorFlow's writer. Other versions of
+  TensorFlow may write other `.meta` graphs; another NumPy may write other `.npy` headers.
 
 ## Folder layout (every case)
 
