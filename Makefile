@@ -44,6 +44,12 @@ lint: $(VENV)/.installed
 protos: $(VENV)/.installed
 	$(PY) tools/gen_protos.py
 
+# The TensorFlow-written fixtures the tests read (tests/fixtures/tf-2.21, committed): rewrites
+# them with real TensorFlow, each case verified by reading it back (see their README.md).
+.PHONY: fixtures
+fixtures: $(TF_VENV)/.installed
+	$(TF_PY) tools/tf/make_fixtures.py tests/fixtures/tf-2.21
+
 demo: $(VENV)/.runtime
 	$(VENV)/bin/anyckpt demo
 

@@ -1,7 +1,7 @@
 """The ``anyckpt`` command as a user runs it: the installed console script (and ``python -m
 anyckpt``) in a subprocess, piped and on a pseudo-terminal, checking output and exit codes.
 
-TensorFlow-written fixtures (``shared/fixtures/tf-2.21``) are used in place, read-only; tests
+TensorFlow-written fixtures (``tests/fixtures/tf-2.21``) are used in place, read-only; tests
 that damage one work on a copy.
 """
 
@@ -20,19 +20,13 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 
 import anyckpt
 from anyckpt.storage import TEMP_MARKER
 
 BIN = Path(sys.executable).parent
 ANYCKPT = str(BIN / "anyckpt")
-FIXTURES = Path(
-    os.environ.get(
-        "ANYCKPT_TF_FIXTURES",
-        Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tf-2.21",
-    )
-)
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
 ANSI = re.compile(r"\x1b\[")
 TIMEOUT = 120
 
@@ -199,7 +193,6 @@ def test_common_options_go_before_or_after_the_command(run_dir: Path) -> None:
 # -- ls ------------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_ls_reads_a_tensorflow_checkpoint_manager_directory() -> None:
     result = run("ls", str(FIXTURES / "tf2_object"))
     assert result.returncode == 0, result.stderr
@@ -223,7 +216,6 @@ def test_ls_reads_a_tensorflow_checkpoint_manager_directory() -> None:
     assert doc["orphans"] == []
 
 
-@needs_fixtures
 def test_ls_of_a_saver_directory_shows_untracked_checkpoints_as_preserved() -> None:
     doc = json.loads(run("ls", str(FIXTURES / "v2_max_to_keep"), "--json").stdout)
     assert [c["name"] for c in doc["checkpoints"]] == ["model.ckpt-3", "model.ckpt-4"]
@@ -262,7 +254,6 @@ def test_ls_of_a_file_says_so(run_dir: Path) -> None:
 # -- inspect -------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_inspect_shows_partitions() -> None:
     result = run("inspect", str(FIXTURES / "v2_partitioned" / "model.ckpt-1"))
     assert result.returncode == 0, result.stderr
@@ -281,7 +272,6 @@ def test_inspect_shows_partitions() -> None:
     assert len(doc["files"]) == 2
 
 
-@needs_fixtures
 def test_inspect_values_of_one_key() -> None:
     prefix = str(FIXTURES / "v2_partitioned" / "model.ckpt-1")
     result = run("inspect", prefix, "--values", "--key", "part/w")
@@ -294,7 +284,6 @@ def test_inspect_values_of_one_key() -> None:
     assert tensor["values"][3] == {"base64": "gA=="}  # b"\x80" is not UTF-8
 
 
-@needs_fixtures
 def test_inspect_shows_the_meta_graph() -> None:
     result = run("inspect", str(FIXTURES / "v1_sharded" / "model.ckpt-5-?????-of-00002"))
     assert result.returncode == 0, result.stderr
@@ -311,7 +300,6 @@ def test_inspect_shows_the_meta_graph() -> None:
     assert plain["meta_graph"] is None  # tf.train.CheckpointManager writes no .meta
 
 
-@needs_fixtures
 def test_inspect_of_a_damaged_meta_graph_exits_1(tmp_path: Path) -> None:
     prefix = tmp_path / "m-1"
     assert (
@@ -324,7 +312,6 @@ def test_inspect_of_a_damaged_meta_graph_exits_1(tmp_path: Path) -> None:
     assert "m-1.meta" in one_error_line(result)
 
 
-@needs_fixtures
 def test_inspect_unknown_key_exits_3() -> None:
     result = run("inspect", str(FIXTURES / "v2_partitioned"), "--key", "nope")
     assert result.returncode == 3
@@ -334,7 +321,6 @@ def test_inspect_unknown_key_exits_3() -> None:
 # -- verify --------------------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_verify_tensorflow_checkpoints() -> None:
     result = run("verify", str(FIXTURES / "tf2_object"))
     assert result.returncode == 0, result.stdout + result.stderr
@@ -343,7 +329,6 @@ def test_verify_tensorflow_checkpoints() -> None:
     assert result.stderr == ""
 
 
-@needs_fixtures
 def test_verify_names_the_file_and_tensor_of_a_flipped_byte(damaged: tuple[Path, str]) -> None:
     directory, data_file = damaged
     for target in (directory, directory / "model.ckpt-1"):
@@ -416,7 +401,6 @@ def test_verify_of_an_empty_directory_exits_3(tmp_path: Path) -> None:
 # -- convert and diff ----------------------------------------------------------------------------
 
 
-@needs_fixtures
 def test_convert_then_diff(tmp_path: Path) -> None:
     src = str(FIXTURES / "v2_dtypes")
     dst = str(tmp_path / "out" / "model-7")
@@ -437,7 +421,6 @@ def test_convert_then_diff(tmp_path: Path) -> None:
     assert "no-such-format" in one_error_line(unknown)
 
 
-@needs_fixtures
 def test_diff_names_tensors_and_max_abs_difference() -> None:
     a, b = str(FIXTURES / "tf2_object" / "ckpt-2"), str(FIXTURES / "tf2_object" / "ckpt-4")
     result = run("diff", a, b)
@@ -511,7 +494,6 @@ def test_prune_preserves_with_keep_every_n_hours(tmp_path: Path) -> None:
     }
 
 
-@needs_fixtures
 def test_prune_never_touches_a_saver_directory() -> None:
     result = run("prune", str(FIXTURES / "v2_max_to_keep"), "--max-to-keep", "1", "--dry-run")
     assert result.returncode == 0

@@ -1,8 +1,5 @@
-"""Real TensorFlow 2.21 V2 checkpoints (``shared/fixtures/tf-2.21``) read back bit-exactly, and
-anyckpt re-saves them byte for byte.
-
-The fixtures are used in place (never copied into the repository): ``<repo>/../shared/fixtures``,
-or ``$ANYCKPT_TF_FIXTURES``.
+"""Real TensorFlow 2.21 V2 checkpoints (``tests/fixtures/tf-2.21``, written by
+``tools/tf/make_fixtures.py``) read back bit-exactly, and anyckpt re-saves them byte for byte.
 """
 
 from __future__ import annotations
@@ -11,7 +8,6 @@ import base64
 import hashlib
 import itertools
 import json
-import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,17 +15,12 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 
 import anyckpt
 from anyckpt.codecs.bundle import decode_entry, encode_entry
 from anyckpt.codecs.table import build_table, read_table
 
-FIXTURES = Path(
-    os.environ.get(
-        "ANYCKPT_TF_FIXTURES",
-        Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tf-2.21",
-    )
-)
 V2_CASES = [
     "v2_dtypes",
     "v2_large_entry",
@@ -40,8 +31,6 @@ V2_CASES = [
 ]
 #: Written by the tf.compat.v1 Saver: data in sorted key order, so anyckpt can reproduce them.
 SAVER_CASES = ["v2_dtypes", "v2_large_entry", "v2_sharded", "v2_max_to_keep"]
-
-pytestmark = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -58,8 +47,6 @@ def manifest(case: str) -> dict[str, Any]:
 
 def checkpoints() -> Iterator[tuple[str, dict[str, Any]]]:
     for case in V2_CASES:
-        if not (FIXTURES / case / "manifest.json").is_file():
-            continue
         for ckpt in manifest(case)["checkpoints"]:
             yield case, ckpt
 

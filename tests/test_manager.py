@@ -12,7 +12,6 @@ import base64
 import contextlib
 import io
 import json
-import os
 import shutil
 import sys
 import threading
@@ -27,6 +26,7 @@ import fsspec
 import ml_dtypes
 import numpy as np
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from fsspec.utils import stringify_path
 
@@ -39,7 +39,6 @@ from anyckpt.storage import TEMP_MARKER
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
 
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
 HOUR = 3600.0
 
 

@@ -9,7 +9,6 @@ property (the save is not done while the gate is closed), not as a timing.
 from __future__ import annotations
 
 import io
-import os
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -20,6 +19,7 @@ from typing import Any, ClassVar
 import fsspec
 import numpy as np
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from fsspec.utils import stringify_path
 
@@ -27,8 +27,6 @@ import anyckpt
 import anyckpt.sync
 from anyckpt.codecs.state_file import decode_state
 from anyckpt.lease import LOCK_FILE
-
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
 
 
 class InjectedFault(OSError):

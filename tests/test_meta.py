@@ -16,6 +16,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 from google.protobuf import text_format
 
 import anyckpt
@@ -39,13 +40,6 @@ from anyckpt.meta import (
 )
 from anyckpt.partitioned import Partitioned
 
-FIXTURES = Path(
-    os.environ.get(
-        "ANYCKPT_TF_FIXTURES",
-        Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tf-2.21",
-    )
-)
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
 #: TensorFlow's op-name rule (python/framework/ops.py, _VALID_OP_NAME_REGEX).
 VALID_OP_NAME = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*")
 
@@ -126,7 +120,6 @@ FIXTURE_CASES = [
 ]
 
 
-@needs_fixtures
 @pytest.mark.parametrize(("case", "version", "groups", "same_devices"), FIXTURE_CASES)
 def test_save_subgraph_matches_tensorflows(
     case: str, version: int, groups: tuple[str, ...] | None, same_devices: bool
@@ -150,7 +143,6 @@ def test_save_subgraph_matches_tensorflows(
     assert SaverConfig.from_proto(ours.saver_def) == SaverConfig.from_proto(tf_meta.saver_def)
 
 
-@needs_fixtures
 @pytest.mark.parametrize("case", ["v2_dtypes", "v1_single"])
 def test_variables_and_collections_match_tensorflows(case: str) -> None:
     ckpt, tf_meta, _ = fixture_case(case)
@@ -187,7 +179,6 @@ def test_variables_and_collections_match_tensorflows(case: str) -> None:
         assert (var.dtype_enum, var.shape) == (tf_vars[where].dtype_enum, tf_vars[where].shape)
 
 
-@needs_fixtures
 def test_partitioned_slice_info_matches_tensorflows() -> None:
     ckpt, tf_meta, _ = fixture_case("v1_single")
     ours = build_meta_graph(fixture_specs(ckpt))
@@ -214,7 +205,6 @@ def test_partitioned_slice_info_matches_tensorflows() -> None:
 # -- reading TF's .meta -----------------------------------------------------------------------
 
 
-@needs_fixtures
 @pytest.mark.parametrize("case", ["v2_dtypes", "v2_sharded", "v1_single", "v1_sharded"])
 def test_reads_tensorflow_meta(case: str) -> None:
     ckpt, tf_meta, data = fixture_case(case)
@@ -240,7 +230,6 @@ def test_reads_tensorflow_meta(case: str) -> None:
     json.dumps(info.to_dict())  # JSON-ready for `anyckpt inspect --json`
 
 
-@needs_fixtures
 def test_read_meta_graph_api_on_fixture() -> None:
     info = sync.read_meta_graph(str(FIXTURES / "v2_dtypes" / "model.ckpt-7"))  # the prefix
     assert isinstance(info, MetaGraphInfo)
@@ -655,8 +644,6 @@ def test_manager_without_tf_saver_equivalent_refuses_meta(
 
 def test_copied_fixture_meta_survives_the_manager(tmp_path: Path) -> None:
     """A TF-written directory (Saver with .meta) opened by the manager loses nothing."""
-    if not FIXTURES.is_dir():
-        pytest.skip("no fixtures")
     directory = tmp_path / "tf"
     shutil.copytree(
         FIXTURES / "v2_max_to_keep", directory, ignore=shutil.ignore_patterns("expected")

@@ -5,7 +5,6 @@ from __future__ import annotations
 import importlib
 import os
 import pkgutil
-import re
 import subprocess
 import sys
 import textwrap
@@ -13,21 +12,16 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
-from google.protobuf import descriptor_pool
+from fixture_paths import TF_FIXTURES as FIXTURES
+from google.protobuf import descriptor_pb2, descriptor_pool
 from google.protobuf.descriptor import Descriptor, EnumDescriptor
 
 import anyckpt._proto
 
 ROOT = Path(__file__).resolve().parents[1]
-FIXTURE_PROTOS = (
-    Path(
-        os.environ.get(
-            "ANYCKPT_TF_FIXTURES",
-            Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "tf-2.21",
-        )
-    )
-    / "protos"
-)
+#: TF's own tensor_bundle.proto and its imports, as the TF wheel describes them (a
+#: FileDescriptorSet written by tools/tf/make_fixtures.py).
+TF_DESCRIPTORS = FIXTURES / "tf_descriptors.binpb"
 PACKAGE = "anyckpt.tf"
 
 
@@ -106,40 +100,28 @@ def test_protos_live_in_our_package() -> None:
         pool.FindFileByName("tensorflow/core/protobuf/tensor_bundle.proto")
 
 
-def _tf_layout(tmp: Path) -> Path:
-    """Lay TF's own .proto files (the fixtures' copies) out under the paths they import."""
-    paths: dict[str, str] = {}
-    texts = {p.name: p.read_text() for p in FIXTURE_PROTOS.glob("*.proto")}
-    for text in texts.values():
-        for imported in re.findall(r'^import "([^"]+)";', text, re.M):
-            paths[imported.rsplit("/", 1)[-1]] = imported
-    for name, text in texts.items():
-        target = tmp / paths.get(name, f"tensorflow/core/protobuf/{name}")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_text(text)
-    return tmp
-
-
-@pytest.mark.skipif(not FIXTURE_PROTOS.is_dir(), reason="no TF proto copies in the fixtures")
-def test_coexists_and_is_wire_compatible_with_tensorflows_protos(tmp_path: Path) -> None:
-    """Compile TF's tensor_bundle.proto (package `tensorflow`) and load it next to ours in one
-    process: no registration clash, and the bytes mean the same to both."""
-    protoc = pytest.importorskip("grpc_tools.protoc")
-    src = _tf_layout(tmp_path / "src")
-    out = tmp_path / "out"
-    out.mkdir()
-    files = ["tensorflow/core/protobuf/tensor_bundle.proto"]
-    files += [
-        str(p.relative_to(src))
-        for p in src.rglob("*.proto")
-        if p.name in {"tensor_shape.proto", "tensor_slice.proto", "types.proto", "versions.proto"}
-    ]
-    assert protoc.main(["protoc", f"-I{src}", f"--python_out={out}", *files]) == 0
+def test_coexists_and_is_wire_compatible_with_tensorflows_protos() -> None:
+    """Load TF's tensor_bundle.proto (package `tensorflow`, from the TF wheel's descriptors)
+    into the default pool next to ours, in one process: no registration clash, and the bytes
+    mean the same to both."""
+    fds = descriptor_pb2.FileDescriptorSet.FromString(TF_DESCRIPTORS.read_bytes())
+    names = [f.name for f in fds.file]
+    assert "tensorflow/core/protobuf/tensor_bundle.proto" in names
+    assert {f.package for f in fds.file} == {"tensorflow"}
     script = textwrap.dedent(
         """
         import sys
+        from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
         from anyckpt._proto import tensor_bundle_pb2 as ours
-        from tensorflow.core.protobuf import tensor_bundle_pb2 as theirs
+        pool = descriptor_pool.Default()
+        with open(sys.argv[1], "rb") as f:
+            for file in descriptor_pb2.FileDescriptorSet.FromString(f.read()).file:
+                pool.Add(file)
+        class theirs:
+            BundleEntryProto = message_factory.GetMessageClass(
+                pool.FindMessageTypeByName("tensorflow.BundleEntryProto"))
+            BundleHeaderProto = message_factory.GetMessageClass(
+                pool.FindMessageTypeByName("tensorflow.BundleHeaderProto"))
         assert theirs.BundleEntryProto.DESCRIPTOR.full_name == "tensorflow.BundleEntryProto"
         assert ours.BundleEntryProto.DESCRIPTOR.full_name == "anyckpt.tf.BundleEntryProto"
         entry = ours.BundleEntryProto(dtype=14, shard_id=1, offset=17, size=6, crc32c=123)
@@ -157,9 +139,9 @@ def test_coexists_and_is_wire_compatible_with_tensorflows_protos(tmp_path: Path)
         print("ok")
         """
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(out), *sys.path])}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     result = subprocess.run(
-        [sys.executable, "-c", script],
+        [sys.executable, "-c", script, str(TF_DESCRIPTORS)],
         capture_output=True,
         text=True,
         timeout=120,

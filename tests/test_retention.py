@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
-from pathlib import Path
 
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -22,14 +21,11 @@ from anyckpt.retention import (
     start_fresh,
 )
 
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
 HOUR = 3600.0
 
 
 def fixture_state(case: str) -> tuple[bytes, CheckpointState]:
     path = FIXTURES / case / "checkpoint"
-    if not path.is_file():
-        pytest.skip(f"TensorFlow fixture {path} not available")
     data = path.read_bytes()
     return data, decode_state(data)
 

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -27,8 +28,6 @@ from anyckpt.storage import Storage
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
-
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
 
 
 @pytest.fixture(params=["asyncio", "trio"])
@@ -135,8 +134,6 @@ def test_tensor_nbytes() -> None:
 
 
 def test_v2_sharded_fixture_resaves_byte_for_byte(tmp_path: Path) -> None:
-    if not FIXTURES.is_dir():
-        pytest.skip("no fixtures")
     case = FIXTURES / "v2_sharded"
     index = read_table((case / "model.ckpt-3.index").read_bytes())
     shard = {k.decode(): decode_entry(v).shard_id for k, v in index[1:]}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
-import os
-from pathlib import Path
 
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 from google.protobuf import text_format
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -23,13 +23,9 @@ from anyckpt.codecs.state_file import (
 )
 from anyckpt.errors import UnsafePathError
 
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
-
 
 def fixture_bytes(case: str) -> bytes:
     path = FIXTURES / case / "checkpoint"
-    if not path.is_file():
-        pytest.skip(f"TensorFlow fixture {path} not available")
     return path.read_bytes()
 
 
@@ -37,13 +33,21 @@ def fixture_bytes(case: str) -> bytes:
 
 
 def test_decode_tf2_object_fixture() -> None:
+    """The state file decodes to what TF's own text_format parser saw (the manifest records
+    it; the timestamps are those of the run that made the fixtures)."""
     state = decode_state(fixture_bytes("tf2_object"))
+    parsed = json.loads((FIXTURES / "tf2_object" / "manifest.json").read_text())
+    tf_saw = parsed["state_file_parsed"]
+    assert len(tf_saw["all_model_checkpoint_timestamps"]) == 3
     assert state == CheckpointState(
         model_checkpoint_path="ckpt-4",
         all_model_checkpoint_paths=("ckpt-2", "ckpt-3", "ckpt-4"),
-        all_model_checkpoint_timestamps=(1795304258.197924, 1795304259.309636, 1795304260.421849),
-        last_preserved_timestamp=1795304256.0087636,
+        all_model_checkpoint_timestamps=tuple(tf_saw["all_model_checkpoint_timestamps"]),
+        last_preserved_timestamp=tf_saw["last_preserved_timestamp"],
     )
+    # CheckpointManager: last_preserved is set before the first save, then one per save.
+    stamps = state.all_model_checkpoint_timestamps
+    assert state.last_preserved_timestamp < stamps[0] < stamps[1] < stamps[2]
 
 
 def test_decode_saver_fixture_has_no_timestamps() -> None:

@@ -16,6 +16,7 @@ import anyio
 import ml_dtypes
 import numpy as np
 import pytest
+from fixture_paths import TF_FIXTURES as FIXTURES
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes, arrays
@@ -32,9 +33,6 @@ from anyckpt.formats import get_format
 from anyckpt.formats.v1 import V1Format, pattern_path, shard_path
 from anyckpt.partitioned import Partitioned
 from anyckpt.storage import Storage
-
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
-needs_fixtures = pytest.mark.skipif(not FIXTURES.is_dir(), reason=f"no fixtures at {FIXTURES}")
 
 V1_DTYPES = {
     "float32": np.float32,
@@ -110,7 +108,6 @@ def fixture_expected(case: str) -> dict[str, np.ndarray]:
     return out
 
 
-@needs_fixtures
 @pytest.mark.parametrize(
     ("case", "prefix"),
     [
@@ -147,7 +144,6 @@ def test_fixture_reads_exactly(case: str, prefix: str) -> None:
             assert_same(reader.read("d1/part", 3), expected["d1/part"][3])
 
 
-@needs_fixtures
 def test_fixtures_are_detected_as_v1() -> None:
     async def main() -> None:
         v1 = get_format("v1")
@@ -169,7 +165,6 @@ def test_fixtures_are_detected_as_v1() -> None:
     anyio.run(main)
 
 
-@needs_fixtures
 def test_fixtures_resave_byte_for_byte(tmp_path: Path) -> None:
     single = anyckpt.sync.load(FIXTURES / "v1_single" / "model.ckpt-5")
     single["v1/part"] = Partitioned.split(single["v1/part"], 3, axis=0)

@@ -31,7 +31,10 @@ def tf_oracle(tmp_path_factory: pytest.TempPathFactory) -> TFOracle:
 
 @pytest.fixture(scope="session")
 def tf_fixtures() -> Path:
-    """The golden TF 2.21 fixtures directory (used in place); skips if it is absent."""
+    """The TF 2.21 fixtures in the repository (used in place); fails if they are absent."""
     if not (FIXTURES_DIR / "README.md").is_file():
-        pytest.skip(f"TF fixtures not found at {FIXTURES_DIR} (set ANYCKPT_TF_FIXTURES)")
+        pytest.fail(
+            f"TF fixtures missing at {FIXTURES_DIR}: regenerate them with `make fixtures`",
+            pytrace=False,
+        )
     return Path(FIXTURES_DIR)

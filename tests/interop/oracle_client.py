@@ -14,11 +14,12 @@ from typing import Any
 
 import ml_dtypes
 import numpy as np
+from fixture_paths import TF_FIXTURES
 from tf_oracle import read_npz, write_npz
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 ORACLE_SCRIPT = Path(__file__).with_name("tf_oracle.py")
-FIXTURES_DIR = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
+FIXTURES_DIR = TF_FIXTURES
 DEFAULT_TIMEOUT = 180.0
 
 

@@ -164,16 +164,15 @@ def make_cases(root: Path) -> list[Case]:
             manager.save(state, step=step).wait()
     cases.append(Case("manager", state, str(d / "ckpt-3.meta"), str(d / "ckpt-3"), resave=False))
 
-    if (FIXTURES_DIR / "v2_partitioned").is_dir():
-        # A TF-written partitioned V2 checkpoint, string and uint partitions included, which
-        # TF cannot restore whole: our graph restores it slice by slice.
-        d = root / "export"
-        shutil.copytree(
-            FIXTURES_DIR / "v2_partitioned", d, ignore=shutil.ignore_patterns("*.meta", "expected")
-        )
-        prefix = str(d / "model.ckpt-1")
-        meta = sync.export_meta_graph(prefix)
-        cases.append(Case("export", sync.load(prefix), meta, prefix, resave=False))
+    # A TF-written partitioned V2 checkpoint, string and uint partitions included, which
+    # TF cannot restore whole: our graph restores it slice by slice.
+    d = root / "export"
+    shutil.copytree(
+        FIXTURES_DIR / "v2_partitioned", d, ignore=shutil.ignore_patterns("*.meta", "expected")
+    )
+    prefix = str(d / "model.ckpt-1")
+    meta = sync.export_meta_graph(prefix)
+    cases.append(Case("export", sync.load(prefix), meta, prefix, resave=False))
     return cases
 
 

@@ -24,7 +24,8 @@ from anyckpt.partitioned import Partitioned
 
 st_numpy = pytest.importorskip("safetensors.numpy")  # the reference, as an oracle
 
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
+#: The TF-written fixtures of the anyckpt repository this plugin lives in (tests/fixture_paths.py).
+FIXTURES = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "tf-2.21"
 DTYPES = list(codec.DTYPES.values())
 
 
@@ -110,7 +111,6 @@ def test_the_format_is_registered_and_detected(tmp_path: Path) -> None:
         assert reader.keys() == ["a"]
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="no TF fixtures")
 def test_converts_a_tf_checkpoint_and_back(tmp_path: Path) -> None:
     source = FIXTURES / "v2_partitioned" / "model.ckpt-1"
     tensors = anyckpt.sync.load(source)

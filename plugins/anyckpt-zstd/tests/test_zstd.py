@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import struct
 import time
 from pathlib import Path
@@ -26,7 +25,8 @@ from anyckpt.codecs.crc import crc32c
 from anyckpt.partitioned import Partitioned
 from anyckpt.storage import Storage
 
-FIXTURES = Path(os.environ.get("ANYCKPT_TF_FIXTURES", "/work/shared/fixtures/tf-2.21"))
+#: The TF-written fixtures of the anyckpt repository this plugin lives in (tests/fixture_paths.py).
+FIXTURES = Path(__file__).resolve().parents[3] / "tests" / "fixtures" / "tf-2.21"
 DTYPES = [
     np.float32,
     np.float64,
@@ -157,7 +157,6 @@ def test_registered_detected_and_partitions_kept(tmp_path: Path) -> None:
         assert reader.files() == [str(tmp_path / "m.zckpt")]
 
 
-@pytest.mark.skipif(not FIXTURES.is_dir(), reason="no TF fixtures")
 def test_converts_tf_checkpoints_both_ways(tmp_path: Path) -> None:
     for case, prefix in [("v2_dtypes", "model.ckpt-7"), ("v1_single", "model.ckpt-5")]:
         tensors = anyckpt.sync.load(FIXTURES / case / prefix)
