@@ -165,8 +165,10 @@ class Node:
 
     @property
     def is_leaf(self) -> bool:
-        """A plain variable: one ``VARIABLE_VALUE`` attribute, no children, no slots."""
-        return not self.children and not self.slots and list(self.attributes) == [VARIABLE_VALUE]
+        """A plain variable: one ``VARIABLE_VALUE`` attribute, no children, no slots (the
+        root is always an object)."""
+        only_value = list(self.attributes) == [VARIABLE_VALUE]
+        return self.id != 0 and not self.children and not self.slots and only_value
 
 
 @dataclass
@@ -176,7 +178,7 @@ class Layout:
     nodes: dict[int, Node]
     aliases: dict[str, str]
 
-    def keys(self) -> list[str]:
+    def checkpoint_keys(self) -> list[str]:
         """Every checkpoint key the objects name, in node order."""
         return [k for node in self.nodes.values() for k in node.attributes.values()]
 
@@ -207,6 +209,8 @@ def decode_layout(graph: TrackableObjectGraph, keys: set[str] | None = None) -> 
             name, child = ref.local_name, ref.node_id
             if name in seen:
                 raise _bad(f"object {node.path or '(root)'!r} has two children named {name!r}")
+            if not name:
+                raise _bad(f"object {node.path or '(root)'!r} has a child with an empty name")
             if name in _RESERVED:
                 raise _bad(f"object {node.path or '(root)'!r} has a child named {name!r}")
             seen.add(name)

@@ -69,7 +69,7 @@ async def read_tree(
     variables, too many nodes...).
     """
     layout, data, keys = await read_layout(prefix, storage_options=storage_options)
-    wanted = layout.keys()
+    wanted = layout.checkpoint_keys()
     async with open(prefix, storage_options=storage_options) as reader:
         values = await reader.read_many(wanted, verify=verify)
     named = set(wanted) | {OBJECT_GRAPH_KEY}
