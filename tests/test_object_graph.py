@@ -213,3 +213,43 @@ async def test_save_and_load_tree_async(tmp_path: Path) -> None:
     await anyckpt.save(again, back, object_graph=True)
     for suffix in (".index", ".data-00000-of-00001"):
         assert Path(again + suffix).read_bytes() == Path(prefix + suffix).read_bytes()
+
+
+def test_manager_writes_object_graphs_with_save_counter(tmp_path: Path) -> None:
+    with sync.CheckpointManager(tmp_path, object_graph=True) as manager:
+        manager.save({"model": {"w": np.ones(2)}}, step=7)
+        manager.save({"model": {"w": np.ones(2)}, "save_counter": np.int64(1)}, step=8)
+    assert sync.read_tree(tmp_path / "ckpt-7")["save_counter"] == 7
+    assert sync.read_tree(tmp_path / "ckpt-8")["save_counter"] == 1  # the tree's own wins
+    with pytest.raises(ValueError, match="coordinator"):
+        anyckpt.CheckpointManager(tmp_path, object_graph=True, coordinator=object())  # type: ignore[arg-type]
+
+
+def test_remap_replaces_checks_and_keeps_the_rest(tmp_path: Path) -> None:
+    source = str(tmp_path / "src")
+    tree = {
+        "model": {
+            "dense": {"kernel": np.zeros((2, 3), np.float32), "bias": np.zeros(3, np.float32)}
+        },
+        "optimizer": {"iterations": np.int64(10)},
+    }
+    sync.save(source, tree, object_graph=True)
+    dest = str(tmp_path / "dest")
+    weight = np.arange(6, dtype=np.float32).reshape(3, 2)  # PyTorch's (out, in)
+    sync.remap(
+        source,
+        dest,
+        {"fc.weight": weight},
+        lambda name: "model/dense/kernel" if name == "fc.weight" else None,
+        transform=lambda path, a: a.T,
+    )
+    back = sync.read_tree(dest)
+    assert back["model"]["dense"]["kernel"].tolist() == weight.T.tolist()
+    assert back["optimizer"]["iterations"] == 10
+    assert Path(dest + ".index").read_bytes() != Path(source + ".index").read_bytes()
+    with pytest.raises(ValueError, match="does not fit"):
+        sync.remap(source, dest, {"model/dense/bias": np.zeros(4, np.float32)})
+    with pytest.raises(ValueError, match="does not fit"):
+        sync.remap(source, dest, {"model/dense/bias": np.zeros(3, np.float64)})
+    with pytest.raises(KeyError, match="maps to no object path"):
+        sync.remap(source, dest, {"other": np.zeros(1)}, {})
