@@ -22,6 +22,7 @@ Paths are TensorFlow's object path strings: local names escaped (``.`` -> ``..``
 
 from __future__ import annotations
 
+import re
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
@@ -417,15 +418,12 @@ def encode_tree(
 
 def unescape_local_name(name: str) -> str:
     """Undo :func:`escape_local_name`."""
-    out, i = [], 0
-    while i < len(name):
-        if name[i] == "." and i + 1 < len(name):
-            out.append("/" if name[i + 1] == "S" else name[i + 1])
-            i += 2
-        else:
-            out.append(name[i])
-            i += 1
-    return "".join(out)
+    if "." not in name:
+        return name
+    return _ESCAPED.sub(lambda m: "/" if m[1] == "S" else m[1], name)
+
+
+_ESCAPED = re.compile(r"\.(.)", re.DOTALL)
 
 
 def _variable(
