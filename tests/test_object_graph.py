@@ -253,3 +253,39 @@ def test_remap_replaces_checks_and_keeps_the_rest(tmp_path: Path) -> None:
         sync.remap(source, dest, {"model/dense/bias": np.zeros(3, np.float64)})
     with pytest.raises(KeyError, match="maps to no object path"):
         sync.remap(source, dest, {"other": np.zeros(1)}, {})
+
+
+@st.composite
+def _graphs(draw: st.DrawFn) -> TrackableObjectGraph:
+    """Small graphs whose ids, names, attributes and slots are often (not always) valid."""
+    n = draw(st.integers(1, 6))
+    ids = st.integers(-1, n)
+    graph = TrackableObjectGraph()
+    for _ in range(n):
+        node = graph.nodes.add()
+        for node_id, name in draw(st.lists(st.tuples(ids, st.sampled_from("ab.")), max_size=3)):
+            node.children.add(node_id=node_id, local_name=name)
+        if draw(st.booleans()):
+            node.attributes.add(name="VARIABLE_VALUE", checkpoint_key=draw(st.sampled_from("kx")))
+        for var, slot in draw(st.lists(st.tuples(ids, ids), max_size=2)):
+            node.slot_variables.add(
+                original_variable_node_id=var, slot_name="m", slot_variable_node_id=slot
+            )
+    return graph
+
+
+@settings(max_examples=400, deadline=None)
+@given(_graphs())
+def test_structured_hostile_graphs(graph: TrackableObjectGraph) -> None:
+    """Any graph either raises CorruptCheckpointError or lays out into a tree that writes back
+    to a graph with the same objects, values and aliases."""
+    try:
+        layout = decode_layout(graph, {"k"})
+    except CorruptCheckpointError:
+        return
+    values = {key: np.array([i]) for i, key in enumerate(layout.checkpoint_keys())}
+    tree = build_tree(layout, values)
+    again, data = encode_tree(dict(tree), aliases=tree.aliases)
+    relaid = decode_tree_layout(data, set(again))
+    assert _same(build_tree(relaid, again), tree)
+    assert relaid.aliases == layout.aliases
