@@ -10,7 +10,7 @@ Blocking twins live in :mod:`anyckpt.sync`.
 
 from __future__ import annotations
 
-from . import sync
+from . import sync, tf2
 from .api import export_meta_graph, load, open, open_reader, read_meta_graph, save
 from .codecs.state_file import CheckpointState
 from .errors import (
@@ -67,4 +67,5 @@ __all__ = [
     "register_format",
     "save",
     "sync",
+    "tf2",
 ]

@@ -8,7 +8,7 @@ import posixpath
 import re
 from collections.abc import Generator, Mapping, Sequence
 from types import TracebackType
-from typing import Any
+from typing import Any, Literal, overload
 
 import anyio
 import anyio.to_thread
@@ -19,6 +19,7 @@ from .errors import CorruptCheckpointError
 from .formats import detect_format, get_format
 from .formats.base import CheckpointFormat, CheckpointReader
 from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph, encode_meta_graph
+from .object_graph import OBJECT_GRAPH_KEY, ObjectTree, encode_tree
 from .storage import Storage
 from .tensors import key_to_bytes, prepare
 
@@ -34,6 +35,7 @@ async def save(
     durable: bool = True,
     options: Mapping[str, Any] | None = None,
     write_meta_graph: bool = False,
+    object_graph: bool = False,
 ) -> list[str]:
     """Write ``tensors`` as one checkpoint at ``prefix``; return the files written.
 
@@ -42,9 +44,14 @@ async def save(
     are flattened to ``a/b/c`` names. ``durable=False`` skips ``fsync`` (page cache only).
     ``write_meta_graph=True`` also writes ``PREFIX.meta`` (first, so it exists once the
     checkpoint is complete) for ``tf.compat.v1.train.import_meta_graph``; see docs/meta-graph.md.
+    ``object_graph=True`` writes ``tensors`` as a TF2 object tree (see `anyckpt.object_graph`)
+    with its ``_CHECKPOINTABLE_OBJECT_GRAPH``, for ``tf.train.Checkpoint.restore``.
     """
     storage, path = Storage.from_url(prefix, storage_options)
     fmt = get_format(format)
+    if object_graph:
+        tensors = with_object_graph(tensors)
+        options = {"data_order": "given", **(options or {})}
     prepared = prepare(tensors)
     if not write_meta_graph:
         return await fmt.write(storage, path, prepared, durable=durable, options=options)
@@ -58,18 +65,60 @@ async def save(
     return [*files, meta]
 
 
+def with_object_graph(tree: Mapping[str, Any]) -> dict[str, Any]:
+    """The flat tensors of a TF2 object tree, ``_CHECKPOINTABLE_OBJECT_GRAPH`` included."""
+    values, graph = encode_tree(tree)
+    if OBJECT_GRAPH_KEY in values:
+        raise ValueError(f"{OBJECT_GRAPH_KEY} is reserved for the object graph")
+    blob = np.empty((), dtype=object)
+    blob[()] = graph
+    return {**values, OBJECT_GRAPH_KEY: blob}
+
+
+@overload
 async def load(
     prefix: PathLike,
     keys: Sequence[str] | None = None,
     *,
     verify: bool = True,
     storage_options: dict[str, Any] | None = None,
-) -> dict[str, np.ndarray]:
+    layout: Literal["flat"] = "flat",
+) -> dict[str, np.ndarray]: ...
+
+
+@overload
+async def load(
+    prefix: PathLike,
+    keys: Sequence[str] | None = None,
+    *,
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    layout: Literal["tree"],
+) -> ObjectTree: ...
+
+
+async def load(
+    prefix: PathLike,
+    keys: Sequence[str] | None = None,
+    *,
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    layout: Literal["flat", "tree"] = "flat",
+) -> dict[str, np.ndarray] | ObjectTree:
     """Read the tensors at ``prefix`` (all, or ``keys``); the format is detected.
 
     Checksums are verified unless ``verify=False``. String tensors come back as object arrays
-    of ``bytes``; bfloat16 as ``ml_dtypes.bfloat16``.
+    of ``bytes``; bfloat16 as ``ml_dtypes.bfloat16``. ``layout="tree"`` reads a TF2
+    object-based checkpoint along its object graph (`anyckpt.tf2.read_tree`; no ``keys``).
     """
+    if layout == "tree":
+        if keys is not None:
+            raise ValueError("layout='tree' reads the whole object graph: pass no keys")
+        from .tf2 import read_tree
+
+        return await read_tree(prefix, verify=verify, storage_options=storage_options)
+    if layout != "flat":
+        raise ValueError(f"layout must be 'flat' or 'tree', not {layout!r}")
     async with open(prefix, storage_options=storage_options) as reader:
         return await reader.read_many(keys, verify=verify)
 

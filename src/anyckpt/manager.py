@@ -35,7 +35,7 @@ import anyio.abc
 import anyio.to_thread
 import numpy as np
 
-from .api import meta_path, write_meta_file
+from .api import meta_path, with_object_graph, write_meta_file
 from .codecs import DecodeError
 from .codecs.dtypes import NUMERIC_DTYPES
 from .codecs.state_file import (
@@ -163,6 +163,10 @@ class CheckpointManager:
         coordinator: save from several processes (:mod:`anyckpt.distributed`): every rank
             writes its own shards, rank 0 merges the index, commits and applies retention;
             see docs/distributed.md. Every rank makes the same calls in the same order.
+        object_graph: save each state as a TF2 object tree with its
+            ``_CHECKPOINTABLE_OBJECT_GRAPH`` (and a ``save_counter`` of the step unless the
+            tree has one), for ``tf.train.Checkpoint`` / ``tf.train.CheckpointManager``;
+            see docs/tensorflow.md. Not with a ``coordinator``.
     """
 
     def __init__(
@@ -183,6 +187,7 @@ class CheckpointManager:
         lease_seconds: float = 60.0,
         write_meta_graph: bool = False,
         coordinator: Coordinator | None = None,
+        object_graph: bool = False,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -204,6 +209,11 @@ class CheckpointManager:
             saver_version(self.format)  # only formats TensorFlow's Saver writes get a .meta
         self.write_meta_graph = write_meta_graph
         self.coordinator = coordinator
+        self.object_graph = object_graph
+        if object_graph:
+            if coordinator is not None:
+                raise ValueError("object_graph=True is not supported with a coordinator")
+            self.format_options.setdefault("data_order", "given")
         if coordinator is not None:
             from .distributed.save import check_manager
 
@@ -449,6 +459,10 @@ class CheckpointManager:
         ):
             self._last_step = step
             return PendingSave(step, None, skipped=True)
+        if self.object_graph:
+            if "save_counter" not in state:  # what TF's manager numbers its checkpoints by
+                state = {**state, "save_counter": np.int64(step)}
+            state = with_object_graph(state)
         tensors = prepare(state)
         await self._slots.acquire()
         try:

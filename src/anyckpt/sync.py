@@ -15,11 +15,12 @@ from typing import Any
 import numpy as np
 from anyio.from_thread import BlockingPortal, start_blocking_portal
 
-from . import api
+from . import api, tf2
 from . import manager as _manager
 from .codecs.state_file import CheckpointState
 from .formats.base import CheckpointReader, Index, TensorSpec
 from .meta import MetaGraphInfo
+from .object_graph import ObjectTree
 
 
 def save(prefix: api.PathLike, tensors: Mapping[Any, Any], **kwargs: Any) -> list[str]:
@@ -33,7 +34,20 @@ def load(
 ) -> dict[str, np.ndarray]:
     """Blocking :func:`anyckpt.load`."""
     with start_blocking_portal() as portal:
-        return portal.call(partial(api.load, prefix, keys, **kwargs))
+        result: dict[str, np.ndarray] = portal.call(partial(api.load, prefix, keys, **kwargs))
+        return result
+
+
+def read_tree(prefix: api.PathLike, **kwargs: Any) -> ObjectTree:
+    """Blocking :func:`anyckpt.tf2.read_tree`."""
+    with start_blocking_portal() as portal:
+        return portal.call(partial(tf2.read_tree, prefix, **kwargs))
+
+
+def remap(source: api.PathLike, dest: api.PathLike, *args: Any, **kwargs: Any) -> list[str]:
+    """Blocking :func:`anyckpt.tf2.remap`."""
+    with start_blocking_portal() as portal:
+        return portal.call(partial(tf2.remap, source, dest, *args, **kwargs))
 
 
 def read_meta_graph(path: api.PathLike, **kwargs: Any) -> MetaGraphInfo:

@@ -11,8 +11,10 @@ import numpy as np
 
 from ..errors import CheckpointNotFoundError
 from ..formats import available_formats, detect_format, get_format
+from ..object_graph import OBJECT_GRAPH_KEY
 from ._common import CliError, Context, ExitCode, find_checkpoint, parse_key_values, tensor_nbytes
 from ._output import format_bytes, format_duration, print_json
+from ._tf2 import DROPPED_NOTE, TF_FORMATS
 
 
 def _formats_help() -> str:
@@ -78,6 +80,11 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         await reader.aclose()
     read_seconds = time.perf_counter() - started
+    notes = []
+    if OBJECT_GRAPH_KEY in tensors and fmt.name not in TF_FORMATS:
+        del tensors[OBJECT_GRAPH_KEY]  # a TF2 checkpoint into a format TF does not read
+        keys = [k for k in keys if k != OBJECT_GRAPH_KEY]
+        notes.append(DROPPED_NOTE.format(fmt=fmt.name))
 
     if existing is not None:
         for path in reversed(await existing.files(dst_storage, dst_path)):
@@ -99,6 +106,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 "bytes": total,
                 "files": [dst_storage.url(p) for p in written],
                 "seconds": elapsed,
+                "notes": notes,
             },
             ctx.out,
         )
@@ -110,4 +118,6 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         )
         for path in written:
             ctx.echo(f"  {dst_storage.url(path)}")
+        for note in notes:
+            ctx.echo(f"note: {note}")
     return ExitCode.OK

@@ -8,8 +8,10 @@ from typing import Any
 
 import numpy as np
 
+from ..object_graph import OBJECT_GRAPH_KEY
 from ._common import Context, ExitCode, find_checkpoint, shape_text, tensor_nbytes
 from ._output import print_json, table
+from ._tf2 import graph_difference, read_graph
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -35,7 +37,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 @dataclass
 class Difference:
     key: str
-    kind: str  # only-a, only-b, dtype, shape, values
+    kind: str  # only-a, only-b, dtype, shape, values, object-graph
     detail: str
     max_abs_diff: float | None = None
     differing: int | None = None
@@ -112,6 +114,11 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                         if found is not None:
                             diffs.append(found)
                     bar.advance(tensor_nbytes(spec_a) + tensor_nbytes(spec_b))
+            for d in diffs:  # TF2 object graphs: say which objects differ, not "1 string"
+                if d.key == OBJECT_GRAPH_KEY and d.kind == "values":
+                    layout_a, _, _ = await read_graph(reader_a)
+                    layout_b, _, _ = await read_graph(reader_b)
+                    d.kind, d.detail = "object-graph", graph_difference(layout_a, layout_b)
         finally:
             await reader_b.aclose()
     finally:
@@ -145,7 +152,9 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         if diffs:
             rows = [["TENSOR", "DIFFERENCE"], *([d.key, d.detail] for d in diffs)]
             ctx.echo(table(rows, indent="  "))
-        same = len(common) - sum(d.kind in ("values", "dtype", "shape") for d in diffs)
+        same = len(common) - sum(
+            d.kind in ("values", "dtype", "shape", "object-graph") for d in diffs
+        )
         ctx.echo(
             f"{len(diffs)} differences; {same} of {len(common)} tensors in both are identical"
             + (f" (within atol {args.atol:g})" if args.atol else "")

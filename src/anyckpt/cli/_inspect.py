@@ -16,9 +16,11 @@ from ..codecs.dtypes import tf_name
 from ..errors import CheckpointNotFoundError
 from ..formats.base import CheckpointReader, TensorSlice, TensorSpec
 from ..meta import MetaGraphInfo
+from ..object_graph import OBJECT_GRAPH_KEY
 from ..storage import Storage
 from ._common import CliError, Context, ExitCode, find_checkpoint, shape_text, tensor_nbytes
 from ._output import format_bytes, print_json, table
+from ._tf2 import graph_json, graph_lines, read_graph
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -178,6 +180,8 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         specs = {k: reader.spec(k) for k in keys}
         paths = reader.files()
         sizes = await anyio.to_thread.run_sync(file_sizes, ckpt.storage, paths)
+        layout, _, graph_problem = await read_graph(reader)  # TF2: decoded, never raw bytes
+        graph_specs = {k: reader.spec(k) for k in layout.checkpoint_keys()} if layout else {}
         values: dict[str, np.ndarray] = {}
         if args.values:
             total = sum(tensor_nbytes(s) for s in specs.values())
@@ -192,7 +196,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         tensors = []
         for key in keys:
             entry = tensor_json(key, specs[key])
-            if key in values:
+            if key in values and not (key == OBJECT_GRAPH_KEY and layout):
                 entry["values"] = jsonable(values[key])
             tensors.append(entry)
         print_json(
@@ -205,6 +209,8 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 ],
                 "tensors": tensors,
                 "meta_graph": None if meta is None else meta.to_dict(),
+                **({"object_graph": graph_json(layout, graph_specs)} if layout else {}),
+                **({"object_graph_error": graph_problem} if graph_problem else {}),
             },
             ctx.out,
         )
@@ -239,9 +245,17 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         ctx.echo()
         for line in meta_lines(meta, set(keys) if args.key else None):
             ctx.echo(line)
+    if layout is not None or graph_problem:
+        ctx.echo()
+        for line in graph_lines(layout, graph_specs) if layout else [graph_problem or ""]:
+            ctx.echo(line)
+    if layout is not None:
+        values.pop(OBJECT_GRAPH_KEY, None)  # shown decoded above
     if values:
         with np.printoptions(threshold=200, edgeitems=3, linewidth=100):
             for key in keys:
+                if key not in values:
+                    continue
                 ctx.echo()
                 head = f"{key} = "
                 ctx.echo(head + np.array2string(values[key], separator=", ", prefix=head))

@@ -57,6 +57,8 @@ class V2Format:
         """Write a bundle. Sharding options (``devices``, ``max_shard_bytes``, ``num_shards``
         or ``shard_of``; see :mod:`.sharded`) split it over several data files, written
         concurrently. The index is written last, so a bundle whose index exists is complete.
+        ``data_order="given"`` (unsharded) lays the data file out in the mapping's order, as
+        TensorFlow 2's object-based saver does; the index is in key order either way.
         A :class:`~anyckpt.Partitioned` tensor is stored as TensorFlow stores a partitioned
         variable: a full-name entry listing the slices, and one entry per slice."""
         opts = ShardOptions.from_options(options)
@@ -66,9 +68,15 @@ class V2Format:
         plain = set(map(type, values)) <= {np.ndarray}  # no Partitioned among them
         holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
         groups: dict[int, list[tuple[bytes, np.ndarray]]] = {}
-        if plain and not opts.sharded:  # the common case: one file, in bytewise key order
+        shards: list[list[str]] = []
+        if plain and not opts.sharded and (options or {}).get("data_order") == "given":
+            # TF2's order: the data file holds the tensors as given, the index is sorted.
+            raws_given = [b""] * len(keys)
+            for raw, i in zip(sorted_raws, order, strict=True):
+                raws_given[i] = raw
+            groups[0] = list(zip(raws_given, values, strict=True))
+        elif plain and not opts.sharded:  # the common case: one file, in bytewise key order
             groups[0] = list(zip(sorted_raws, [values[i] for i in order], strict=True))
-            shards: list[list[str]] = []
         else:
             names = [keys[i] for i in order]
             raws = dict(zip(names, sorted_raws, strict=True))

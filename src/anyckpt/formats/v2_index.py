@@ -70,7 +70,8 @@ def build_index(
     holders = holders or {}
     # One data file of ordinary entries, every CRC present (a zero one is left out of its
     # entry, which changes the layout): the structure's template, if it was saved before.
-    reusable = len(files) == 1 and not holders and bool(files[0].crcs.all())
+    in_order = all(a < b for f in files for a, b in zip(f.keys, f.keys[1:], strict=False))
+    reusable = len(files) == 1 and not holders and bool(files[0].crcs.all()) and in_order
     if reusable:
         template_key = (num_shards, tuple(files[0].keys))
         template = _TEMPLATES.get(template_key)
@@ -112,7 +113,7 @@ def build_index(
     )
     crc = np.concatenate([*crcs, np.zeros(extra, np.uint32)])
     ids_all = np.concatenate(head_ids)
-    if len(files) > 1 or extra:
+    if len(files) > 1 or extra or not in_order:  # a data file in another order (TF2's)
         order = sorted(range(len(keys)), key=keys.__getitem__)
         keys = [keys[i] for i in order]
         ids_all, shard_ids, offsets, sizes, crc = (

@@ -1,0 +1,14 @@
+
+
+v
+opt*
+71
+VARIABLE_VALUEvv/.ATTRIBUTES/VARIABLE_VALUE*
+'
+beta1_powermv*
+SM
+VARIABLE_VALUEopt/beta1_power*opt/beta1_power/.ATTRIBUTES/VARIABLE_VALUE*
+b\
+VARIABLE_VALUEv/OPTIMIZER_SLOT/opt/m2v/.OPTIMIZER_SLOT/opt/m/.ATTRIBUTES/VARIABLE_VALUE*
+b\
+VARIABLE_VALUEv/OPTIMIZER_SLOT/opt/v2v/.OPTIMIZER_SLOT/opt/v/.ATTRIBUTES/VARIABLE_VALUE*
