@@ -17,6 +17,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 from google.protobuf import text_format
+from hypothesis import given
+from hypothesis import strategies as st
 
 import anyckpt
 import anyckpt.api
@@ -665,3 +667,67 @@ def test_copied_fixture_meta_survives_the_manager(tmp_path: Path) -> None:
     with sync.CheckpointManager(str(directory), checkpoint_name="model.ckpt"):
         pass
     assert sorted(os.listdir(directory)) == before
+
+
+# -- hostile .meta files (issue 13, defect 3) ------------------------------------------------
+
+
+def test_a_const_bomb_is_read_in_constant_memory(tmp_path: Path) -> None:
+    """String Consts of shape [2^24] storing one value each (TensorFlow repeats the last
+    value), read by 100 Assign nodes: once a 16M-element list per node, now one value each."""
+    import tracemalloc
+
+    from hostile_cases import meta_const_bomb_bytes
+
+    data = meta_const_bomb_bytes(1 << 24, assigns=100)
+    assert len(data) < 8192
+    tracemalloc.start()
+    try:
+        info = decode_meta_graph(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert len(info.variables) == 100
+    assert {(v.checkpoint_key, v.slice_spec) for v in info.variables} == {("w", "")}
+    (tmp_path / "m.meta").write_bytes(data)
+    assert sync.read_meta_graph(tmp_path / "m.meta").variable("v99").checkpoint_key == "w"
+
+
+def _restore_graph(values: list[bytes], dims: list[int], index: int) -> bytes:
+    meta = MetaGraphDef()
+    const = meta.graph_def.node.add(name="save/names", op="Const")
+    tensor = const.attr["value"].tensor
+    tensor.dtype = 7
+    for d in dims:
+        tensor.tensor_shape.dim.add(size=d)
+    tensor.string_val.extend(values)
+    meta.graph_def.node.add(name="save/RestoreV2", op="RestoreV2").input.extend(
+        ["save/Const", "save/names", "save/names"]
+    )
+    meta.graph_def.node.add(name="v", op="VariableV2")
+    meta.graph_def.node.add(name="save/Assign", op="Assign").input.extend(
+        ["v", f"save/RestoreV2:{index}"]
+    )
+    meta.saver_def.restore_op_name = "save/restore_all"
+    return meta.SerializeToString()
+
+
+@given(
+    values=st.lists(st.binary(max_size=4), max_size=4),
+    dims=st.lists(st.integers(-2, 1 << 40), max_size=3),
+    index=st.integers(0, 1 << 41),
+)
+def test_const_fill_rule(values: list[bytes], dims: list[int], index: int) -> None:
+    """A Const's element ``index`` is its stored value there, else the last stored value while
+    ``index`` is below the element count (TensorFlow's fill rule), else nothing."""
+    count = 1
+    for d in dims:
+        count *= max(d, 0)
+    length = count if values and count > len(values) else len(values)
+    expected = None
+    if index < length:
+        expected = values[min(index, len(values) - 1)].decode("utf-8", "surrogateescape")
+    (var,) = decode_meta_graph(_restore_graph(values, dims, index)).variables
+    assert var.checkpoint_key == expected
+    assert var.slice_spec == (expected or "")

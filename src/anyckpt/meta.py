@@ -49,6 +49,8 @@ TF_KEEP_HOURS_NEVER = 10000.0
 GRAPH_PRODUCER = 2474
 #: Largest ``.meta`` file we agree to parse (protobuf's own limit is 2 GiB).
 MAX_META_BYTES = (1 << 31) - 1
+#: Element counts of Const tensors are clamped here (an int64 dimension product).
+_MAX_ELEMENTS = (1 << 63) - 1
 
 DT_INT32 = 3
 _CPU0 = "/device:CPU:0"
@@ -793,18 +795,33 @@ def _shape(proto: TensorShapeProto) -> tuple[int, ...] | None:
     return tuple(int(d.size) for d in proto.dim)
 
 
-def _const_strings(node: NodeDef | None) -> list[str] | None:
-    """The string values of a Const node (TensorFlow's fill rule: the last value repeats)."""
+class _ConstStrings:
+    """The string values of a Const node, read one at a time: TensorFlow's fill rule (the
+    last stored value repeats up to the element count) without building the filled list, so a
+    small ``.meta`` declaring a shape of billions of strings costs nothing."""
+
+    def __init__(self, tensor: TensorProto) -> None:
+        self._values = tensor.string_val
+        size = 1
+        for d in tensor.tensor_shape.dim:
+            size = min(size * max(int(d.size), 0), _MAX_ELEMENTS)
+        stored = len(self._values)
+        #: The element count (TensorFlow's), or the number stored if that is larger.
+        self.size = size if stored and size > stored else stored
+
+    def get(self, index: int) -> str | None:
+        """Element ``index``, or None past the end."""
+        if not 0 <= index < self.size:
+            return None
+        raw = self._values[min(index, len(self._values) - 1)]
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def _const_strings(node: NodeDef | None) -> _ConstStrings | None:
+    """The string values of a Const node (None if ``node`` is not a Const with a value)."""
     if node is None or node.op != "Const" or "value" not in node.attr:
         return None
-    tensor = node.attr["value"].tensor
-    values = [v.decode("utf-8", "surrogateescape") for v in tensor.string_val]
-    size = 1
-    for d in tensor.tensor_shape.dim:
-        size *= max(int(d.size), 0)
-    if values and len(values) < size <= 1 << 24:
-        values += [values[-1]] * (size - len(values))
-    return values
+    return _ConstStrings(node.attr["value"].tensor)
 
 
 def _split_input(name: str) -> tuple[str, int]:
@@ -818,6 +835,14 @@ def _split_input(name: str) -> tuple[str, int]:
 def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[str, tuple[str, str]]:
     """Variable op name -> (checkpoint key, slice spec), from the Saver's restore subgraph."""
     out: dict[str, tuple[str, str]] = {}
+    cache: dict[str, _ConstStrings | None] = {}
+
+    def consts(name: str) -> _ConstStrings | None:
+        op = _split_input(name)[0]
+        if op not in cache:
+            cache[op] = _const_strings(nodes.get(op))
+        return cache[op]
+
     for node in nodes.values():
         if node.op not in _ASSIGN_OPS or len(node.input) < 2:
             continue
@@ -836,19 +861,16 @@ def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[st
         names_at, slices_at = _RESTORE_OPS[restore.op]
         if len(restore.input) <= max(names_at, slices_at or 0):
             continue
-        names = _const_strings(nodes.get(_split_input(restore.input[names_at])[0]))
-        slices = (
-            _const_strings(nodes.get(_split_input(restore.input[slices_at])[0]))
-            if slices_at is not None
-            else None
-        )
+        names = consts(restore.input[names_at])
+        slices = consts(restore.input[slices_at]) if slices_at is not None else None
         if restore.op != "RestoreV2":
             index = 0 if index == 0 else -1
-        if names is None or not 0 <= index < len(names):
+        name = names.get(index) if names is not None else None
+        if name is None:
             continue
-        spec = slices[index] if slices is not None and index < len(slices) else ""
+        spec = slices.get(index) if slices is not None else None
         target = _split_input(node.input[0])[0]
-        out.setdefault(target, (names[index], spec))
+        out.setdefault(target, (name, spec or ""))
     return out
 
 
