@@ -12,7 +12,7 @@ checkpoints of every format, state files, meta graphs, made with anyckpt itself;
 ``-timeout=10`` (an input taking longer is a hang), ``-rss_limit_mb=2048`` and
 ``-malloc_limit_mb=512`` (a single allocation that large from an input of at most ``-max_len``
 bytes is a finding), and stops at the first finding, leaving ``crash-*``, ``timeout-*`` or
-``oom-*`` files in the output directory. The summary is ``summary.json``. ``--smoke`` is 15 s
+``oom-*`` files in the output directory. The summary is ``summary.json``. ``--smoke`` is 10 s
 per harness, two at a time, in a temporary directory, failing on any finding.
 """
 
@@ -187,7 +187,7 @@ def run_one(harness: str, seconds: int, out: Path) -> dict[str, object]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("names", nargs="*", default=HARNESSES)
-    parser.add_argument("--seconds", type=int, default=None, help="per harness (180; smoke 15)")
+    parser.add_argument("--seconds", type=int, default=None, help="per harness (180; smoke 10)")
     parser.add_argument("--jobs", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None, help="default /tmp/anyckpt-fuzz")
     parser.add_argument("--smoke", action="store_true", help="short run in a temporary dir")
@@ -196,7 +196,7 @@ def main() -> int:
     if args.update_seeds:
         update_seeds(args.names)
         return 0
-    seconds = args.seconds or (15 if args.smoke else 180)
+    seconds = args.seconds or (10 if args.smoke else 180)
     with contextlib.ExitStack() as stack:
         out = args.out
         if out is None:
