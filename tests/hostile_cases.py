@@ -112,6 +112,70 @@ def meta_const_bomb_meta(directory: Path) -> Path:
     return path
 
 
+def meta_identity_chain_bytes(chain: int = 100, assigns: int = 20_000) -> bytes:
+    """A MetaGraphDef whose ``assigns`` Assign nodes all restore through one chain of
+    ``chain`` Identity nodes (each Assign once walked the whole chain: 29 s for 2.6 MB)."""
+    from anyckpt._proto.meta_graph_pb2 import MetaGraphDef
+
+    meta = MetaGraphDef()
+    nodes = meta.graph_def.node
+    const = nodes.add(name="save/names", op="Const")
+    const.attr["value"].tensor.dtype = 7  # DT_STRING
+    const.attr["value"].tensor.string_val.append(b"w")
+    nodes.add(name="save/RestoreV2", op="RestoreV2").input.extend(["p", "save/names", "s"])
+    previous = "save/RestoreV2"
+    for i in range(chain):
+        nodes.add(name=f"save/id{i}", op="Identity").input.append(previous)
+        previous = f"save/id{i}"
+    nodes.add(name="v", op="VariableV2")
+    for i in range(assigns):
+        nodes.add(name=f"save/a{i}", op="Assign").input.extend(["v", previous])
+    meta.saver_def.restore_op_name = "save/restore_all"
+    return meta.SerializeToString()
+
+
+@case(
+    "meta-identity-chain",
+    action="meta",
+    summary="500 KB .meta, 20,000 Assigns behind one chain of 100 Identity nodes",
+)
+def meta_identity_chain(directory: Path) -> Path:
+    path = directory / "model.meta"
+    path.write_bytes(meta_identity_chain_bytes())
+    return path
+
+
+def meta_empty_nodes_bytes(nodes: int = 200_000) -> bytes:
+    """A MetaGraphDef of ``nodes`` empty NodeDefs, 2 bytes each on the wire: protobuf's
+    in-memory messages (upb) take ~56 times that (the known limit of the .meta row)."""
+    body = b"\x0a\x00" * nodes  # GraphDef.node (field 1), empty
+    size = len(body)
+    varint = bytearray()
+    while True:
+        varint.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+        size >>= 7
+        if not size:
+            break
+    return b"\x12" + bytes(varint) + body  # MetaGraphDef.graph_def (field 2)
+
+
+@case(
+    "meta-empty-nodes",
+    action="meta",
+    summary="400 KB .meta of 200,000 empty NodeDefs (protobuf's in-memory size)",
+)
+def meta_empty_nodes(directory: Path) -> Path:
+    path = directory / "model.meta"
+    path.write_bytes(meta_empty_nodes_bytes())
+    return path
+
+
+#: Actions and fuzz harnesses that decode a protobuf graph: their RSS may reach this many times
+#: the input (upb's in-memory messages: measured ~56x for empty NodeDefs, the worst found).
+PROTOBUF_RSS_FACTOR = 64
+PROTOBUF_ACTIONS = frozenset({"meta", "inspect", "fuzz_meta"})
+
+
 # -- defect 5: zstd frames at zstd's own limit (~32,700 raw bytes per stored byte) ----------
 
 

@@ -843,18 +843,41 @@ def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[st
             cache[op] = _const_strings(nodes.get(op))
         return cache[op]
 
+    # What each Identity node forwards, once per node whatever the number of Assigns that
+    # reach it (None for a cycle): linear in the graph's size.
+    forwards: dict[str, tuple[str, int] | None] = {}
+
+    def through_identities(source: str, index: int) -> tuple[str, int] | None:
+        path: list[str] = []
+        on_path: set[str] = set()
+        found: tuple[str, int] | None
+        while True:
+            node = nodes.get(source)
+            if node is None or node.op != "Identity" or not node.input:
+                found = (source, index)
+                break
+            if source in forwards:
+                found = forwards[source]
+                break
+            if source in on_path:
+                found = None
+                break
+            path.append(source)
+            on_path.add(source)
+            source, index = _split_input(node.input[0])
+        for name in path:
+            forwards[name] = found
+        return found
+
     for node in nodes.values():
         if node.op not in _ASSIGN_OPS or len(node.input) < 2:
             continue
         if scope is not None and not node.name.startswith(f"{scope}/"):
             continue
-        source, index = _split_input(node.input[1])
-        seen = 0
-        while source in nodes and nodes[source].op == "Identity" and nodes[source].input:
-            source, index = _split_input(nodes[source].input[0])
-            seen += 1
-            if seen > 100:
-                break
+        found = through_identities(*_split_input(node.input[1]))
+        if found is None:
+            continue
+        source, index = found
         restore = nodes.get(source)
         if restore is None or restore.op not in _RESTORE_OPS:
             continue
