@@ -46,10 +46,10 @@ MAX_CHUNK_BYTES = 1 << 30
 #: The most raw bytes a chunk may hold per stored byte (its frame plus any padding), unless the
 #: reader opts in to more (``ZstdFormat(max_ratio=...)``): a file of S bytes can declare at most
 #: ``DEFAULT_MAX_RATIO * S`` bytes of tensors. Measured (``bench.py --ratios``, 4 MiB chunks):
-#: float weights 1.2x, token ids 7x, Adam slots with 5 % / 1 % / 0.1 % of rows touched 25x /
-#: 170x / 2,100x; only constant chunks (zeros, ones) go beyond, to zstd's limit of ~32,768x (one
-#: 4-byte RLE block per 128 KiB). The writer pads such chunks (:func:`padding`), at a cost of at
-#: most 1/DEFAULT_MAX_RATIO of their raw size.
+#: float weights 1.2-1.5x, token ids 7x, masks 44-59x, Adam's v with 5 % / 1 % of rows touched
+#: 26x / 133x; only nearly constant chunks go beyond: v with 0.1 % of rows touched 720-3,900x,
+#: zeros or any constant ~28,500x (zstd's limit: one 4-byte RLE block per 128 KiB). The writer
+#: pads those (:func:`padding`), at a cost of at most 1/DEFAULT_MAX_RATIO of their raw size.
 DEFAULT_MAX_RATIO = 1024
 #: Largest zstd window (log2) the writer uses and the reader accepts: bounds the decoder's own
 #: buffer (levels 1-19 use at most 2^23 anyway; the "ultra" levels 20-22 are held to it).
