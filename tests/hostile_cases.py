@@ -13,7 +13,9 @@ runs every registered case in a fresh process and checks its peak allocation aga
 the builders directly. Each builder is deterministic and cheap (its files are small: that is
 the point of an amplification attack).
 
-``python tests/hostile_cases.py measure ACTION PATH`` is the probe that test runs: it prints
+``python tests/hostile_cases.py build DIR`` writes every case under ``DIR/NAME/`` and lists
+them; ``... run ACTION PATH`` times one (wall seconds and peak RSS, no tracemalloc: the figures
+of docs/reliability.md). ``... measure ACTION PATH`` is the probe that test runs: it prints
 one JSON line with the outcome and the peaks (see :func:`measure`); ``... corpus HARNESS
 FILE...`` does the same for inputs of a fuzz harness's corpus (:func:`measure_corpus`).
 """
@@ -309,6 +311,27 @@ def measure(action: str, path: str) -> dict[str, Any]:
     return _measured(lambda: run_action(action, path), (CheckpointError, DecodeError))
 
 
+def timed(action: str, path: str) -> dict[str, Any]:
+    """Run ``action`` on ``path`` once, without tracemalloc (whose overhead would distort the
+    time): wall seconds, and the process's peak RSS before and after (imports included)."""
+    import resource
+    import time
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    started = time.perf_counter()
+    error = None
+    try:
+        run_action(action, path)
+    except (CheckpointError, DecodeError) as exc:
+        error = f"{type(exc).__name__}: {exc}"
+    return {
+        "seconds": round(time.perf_counter() - started, 3),
+        "rss_peak_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "rss_before_mb": round(before / (1 << 20), 1),
+        "error": error,
+    }
+
+
 def warm_up(directory: Path) -> None:
     """Import what the actions import lazily (formats, plugins, CLI), on a small valid
     checkpoint, so that a measurement sees only the case's own allocations."""
@@ -351,6 +374,16 @@ def main(argv: list[str]) -> int:
         with tempfile.TemporaryDirectory() as tmp:
             warm_up(Path(tmp))
         print(json.dumps(measure(argv[1], argv[2])))
+        return 0
+    if len(argv) == 2 and argv[0] == "build":
+        for c in CASES:
+            directory = Path(argv[1]) / c.name
+            directory.mkdir(parents=True, exist_ok=True)
+            path = c.build(directory)
+            print(f"{c.name}\t{c.action}\t{path}\t{files_bytes(path)} bytes")
+        return 0
+    if len(argv) == 3 and argv[0] == "run":
+        print(json.dumps(timed(argv[1], argv[2])))
         return 0
     if len(argv) >= 2 and argv[0] == "corpus":
         for result in measure_corpus(argv[1], argv[2:]):
