@@ -58,6 +58,11 @@ def _checkpoints(fmt: str) -> list[dict[str, bytes]]:
             "half": np.ones(3, dtype=np.float16),
         },
         {"names": np.array([b"alpha", b"", b"\xff"], dtype=object), "n": np.array(3)},
+        {  # the keys of a TF2 (object-based) checkpoint
+            "_CHECKPOINTABLE_OBJECT_GRAPH": np.array(b"\n\x06\n\x04\x08\x01\x12\x00", dtype=object),
+            "model/dense/kernel/.ATTRIBUTES/VARIABLE_VALUE": np.ones((3, 2), np.float32),
+            "save_counter/.ATTRIBUTES/VARIABLE_VALUE": np.array(1, np.int64),
+        },
         {
             "p": anyckpt.Partitioned.from_full(
                 np.arange(12.0).reshape(6, 2), [[(0, 3), (0, 2)], [(3, 3), (0, 2)]]
