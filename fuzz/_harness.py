@@ -17,6 +17,14 @@ import sys
 import atheris
 
 with atheris.instrument_imports(include=["anyckpt", "anyckpt_safetensors", "anyckpt_zstd"]):
+    # Imported here to be instrumented (the targets use them).
+    import anyckpt
+    import anyckpt.api
+    import anyckpt.cli._inspect
+    import anyckpt.codecs
+    import anyckpt.formats
+    import anyckpt.manager
+    import anyckpt.meta  # noqa: F401
 
     # The plugins (optional), instrumented too: loaded now rather than by the registry.
     for plugin in ("anyckpt_safetensors.format", "anyckpt_zstd.format"):
