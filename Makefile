@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TF_PY := $(TF_VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: test lint demo docs protos bench clean
+.PHONY: test lint demo docs protos bench clean fuzz-smoke
 
 # The runtime alone (what `make demo` needs), then the test and docs extras on top.
 $(VENV)/.runtime: pyproject.toml Makefile
@@ -15,7 +15,7 @@ $(VENV)/.runtime: pyproject.toml Makefile
 	touch $@
 
 $(VENV)/.installed: $(VENV)/.runtime plugins/anyckpt-zstd/pyproject.toml plugins/anyckpt-safetensors/pyproject.toml
-	$(PY) -m pip install --quiet -e '.[test,docs,dist]'
+	$(PY) -m pip install --quiet -e '.[test,docs,dist,fuzz]'
 	$(PY) -m pip install --quiet -e plugins/anyckpt-zstd -e 'plugins/anyckpt-safetensors[test]'
 	touch $@
 
@@ -35,6 +35,12 @@ test: $(VENV)/.installed $(TF_VENV)/.installed
 	ANYCKPT_TF_PYTHON=$(abspath $(TF_PY)) $(PY) -m pytest $(PYTEST_ARGS)
 	$(PY) -m pytest $(PYTEST_ARGS) plugins/anyckpt-zstd/tests plugins/anyckpt-safetensors/tests
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --quiet --site-dir site
+	$(MAKE) fuzz-smoke
+
+# Every atheris harness for 10 s on its committed corpus (fuzz/corpus/), two at a time; any
+# crash, hang or over-allocation fails. Longer runs: fuzz/run.py --seconds N (fuzz/README.md).
+fuzz-smoke: $(VENV)/.installed
+	$(PY) fuzz/run.py --smoke
 
 lint: $(VENV)/.installed
 	$(PY) -m ruff check src tests tools benchmarks

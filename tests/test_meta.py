@@ -18,6 +18,8 @@ import numpy as np
 import pytest
 from fixture_paths import TF_FIXTURES as FIXTURES
 from google.protobuf import text_format
+from hypothesis import given
+from hypothesis import strategies as st
 
 import anyckpt
 import anyckpt.api
@@ -652,3 +654,119 @@ def test_copied_fixture_meta_survives_the_manager(tmp_path: Path) -> None:
     with sync.CheckpointManager(str(directory), checkpoint_name="model.ckpt"):
         pass
     assert sorted(os.listdir(directory)) == before
+
+
+# -- hostile .meta files (issue 13, defect 3) ------------------------------------------------
+
+
+def test_a_const_bomb_is_read_in_constant_memory(tmp_path: Path) -> None:
+    """String Consts of shape [2^24] storing one value each (TensorFlow repeats the last
+    value), read by 100 Assign nodes: once a 16M-element list per node, now one value each."""
+    import tracemalloc
+
+    from hostile_cases import meta_const_bomb_bytes
+
+    data = meta_const_bomb_bytes(1 << 24, assigns=100)
+    assert len(data) < 8192
+    tracemalloc.start()
+    try:
+        info = decode_meta_graph(data)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20, peak
+    assert len(info.variables) == 100
+    assert {(v.checkpoint_key, v.slice_spec) for v in info.variables} == {("w", "")}
+    (tmp_path / "m.meta").write_bytes(data)
+    assert sync.read_meta_graph(tmp_path / "m.meta").variable("v99").checkpoint_key == "w"
+
+
+def _restore_graph(values: list[bytes], dims: list[int], index: int) -> bytes:
+    meta = MetaGraphDef()
+    const = meta.graph_def.node.add(name="save/names", op="Const")
+    tensor = const.attr["value"].tensor
+    tensor.dtype = 7
+    for d in dims:
+        tensor.tensor_shape.dim.add(size=d)
+    tensor.string_val.extend(values)
+    meta.graph_def.node.add(name="save/RestoreV2", op="RestoreV2").input.extend(
+        ["save/Const", "save/names", "save/names"]
+    )
+    meta.graph_def.node.add(name="v", op="VariableV2")
+    meta.graph_def.node.add(name="save/Assign", op="Assign").input.extend(
+        ["v", f"save/RestoreV2:{index}"]
+    )
+    meta.saver_def.restore_op_name = "save/restore_all"
+    return meta.SerializeToString()
+
+
+@given(
+    values=st.lists(st.binary(max_size=4), max_size=4),
+    dims=st.lists(st.integers(-2, 1 << 40), max_size=3),
+    index=st.integers(0, 1 << 41),
+)
+def test_const_fill_rule(values: list[bytes], dims: list[int], index: int) -> None:
+    """A Const's element ``index`` is its stored value there, else the last stored value while
+    ``index`` is below the element count (TensorFlow's fill rule), else nothing."""
+    count = 1
+    for d in dims:
+        count *= max(d, 0)
+    length = count if values and count > len(values) else len(values)
+    expected = None
+    if index < length:
+        expected = values[min(index, len(values) - 1)].decode("utf-8", "surrogateescape")
+    (var,) = decode_meta_graph(_restore_graph(values, dims, index)).variables
+    assert var.checkpoint_key == expected
+    assert var.slice_spec == (expected or "")
+
+
+def _identity_chain_graph(chain: int, assigns: int, cycle: bool = False) -> MetaGraphDef:
+    meta = MetaGraphDef()
+    nodes = meta.graph_def.node
+    const = nodes.add(name="save/names", op="Const")
+    const.attr["value"].tensor.dtype = 7
+    const.attr["value"].tensor.string_val.append(b"w")
+    nodes.add(name="save/RestoreV2", op="RestoreV2").input.extend(["p", "save/names", "s"])
+    previous = "save/RestoreV2"
+    for i in range(chain):
+        nodes.add(name=f"save/id{i}", op="Identity").input.append(previous)
+        previous = f"save/id{i}"
+    if cycle:
+        nodes[3].input[0] = previous  # save/id0 now reads the last Identity
+    for i in range(assigns):
+        nodes.add(name=f"v{i}", op="VariableV2")
+        nodes.add(name=f"save/Assign_{i}", op="Assign").input.extend([f"v{i}", previous])
+    return meta
+
+
+class _CountingNodes(dict[str, NodeDef]):
+    lookups = 0
+
+    def get(self, key: str, default: Any = None) -> Any:
+        type(self).lookups += 1
+        return super().get(key, default)
+
+    def __getitem__(self, key: str) -> NodeDef:
+        type(self).lookups += 1
+        return super().__getitem__(key)
+
+    def __contains__(self, key: object) -> bool:
+        type(self).lookups += 1
+        return super().__contains__(key)
+
+
+def test_identity_chains_are_followed_once_per_node() -> None:
+    """Many Assigns behind one long Identity chain: each Identity is followed once (it was
+    up to 100 times per Assign: 29 s for a 2.6 MB file of 100,000 Assigns)."""
+    from anyckpt.meta import _restore_sources
+
+    meta = _identity_chain_graph(chain=90, assigns=2000)
+    nodes = _CountingNodes({n.name: n for n in meta.graph_def.node})
+    _CountingNodes.lookups = 0
+    sources = _restore_sources(nodes, "save")
+    assert sources == {f"v{i}": ("w", "") for i in range(2000)}
+    assert _CountingNodes.lookups <= 4 * len(nodes), _CountingNodes.lookups
+    long = decode_meta_graph(_identity_chain_graph(150, 2).SerializeToString())
+    assert [v.checkpoint_key for v in long.variables] == ["w", "w"]  # no 100-hop cut-off
+    cyclic = decode_meta_graph(_identity_chain_graph(10, 3, cycle=True).SerializeToString())
+    assert [v.checkpoint_key for v in cyclic.variables] == [None] * 3

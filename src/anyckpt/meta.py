@@ -49,6 +49,8 @@ TF_KEEP_HOURS_NEVER = 10000.0
 GRAPH_PRODUCER = 2474
 #: Largest ``.meta`` file we agree to parse (protobuf's own limit is 2 GiB).
 MAX_META_BYTES = (1 << 31) - 1
+#: Element counts of Const tensors are clamped here (an int64 dimension product).
+_MAX_ELEMENTS = (1 << 63) - 1
 
 DT_INT32 = 3
 _CPU0 = "/device:CPU:0"
@@ -793,18 +795,33 @@ def _shape(proto: TensorShapeProto) -> tuple[int, ...] | None:
     return tuple(int(d.size) for d in proto.dim)
 
 
-def _const_strings(node: NodeDef | None) -> list[str] | None:
-    """The string values of a Const node (TensorFlow's fill rule: the last value repeats)."""
+class _ConstStrings:
+    """The string values of a Const node, read one at a time: TensorFlow's fill rule (the
+    last stored value repeats up to the element count) without building the filled list, so a
+    small ``.meta`` declaring a shape of billions of strings costs nothing."""
+
+    def __init__(self, tensor: TensorProto) -> None:
+        self._values = tensor.string_val
+        size = 1
+        for d in tensor.tensor_shape.dim:
+            size = min(size * max(int(d.size), 0), _MAX_ELEMENTS)
+        stored = len(self._values)
+        #: The element count (TensorFlow's), or the number stored if that is larger.
+        self.size = size if stored and size > stored else stored
+
+    def get(self, index: int) -> str | None:
+        """Element ``index``, or None past the end."""
+        if not 0 <= index < self.size:
+            return None
+        raw = self._values[min(index, len(self._values) - 1)]
+        return raw.decode("utf-8", "surrogateescape")
+
+
+def _const_strings(node: NodeDef | None) -> _ConstStrings | None:
+    """The string values of a Const node (None if ``node`` is not a Const with a value)."""
     if node is None or node.op != "Const" or "value" not in node.attr:
         return None
-    tensor = node.attr["value"].tensor
-    values = [v.decode("utf-8", "surrogateescape") for v in tensor.string_val]
-    size = 1
-    for d in tensor.tensor_shape.dim:
-        size *= max(int(d.size), 0)
-    if values and len(values) < size <= 1 << 24:
-        values += [values[-1]] * (size - len(values))
-    return values
+    return _ConstStrings(node.attr["value"].tensor)
 
 
 def _split_input(name: str) -> tuple[str, int]:
@@ -818,37 +835,65 @@ def _split_input(name: str) -> tuple[str, int]:
 def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[str, tuple[str, str]]:
     """Variable op name -> (checkpoint key, slice spec), from the Saver's restore subgraph."""
     out: dict[str, tuple[str, str]] = {}
+    cache: dict[str, _ConstStrings | None] = {}
+
+    def consts(name: str) -> _ConstStrings | None:
+        op = _split_input(name)[0]
+        if op not in cache:
+            cache[op] = _const_strings(nodes.get(op))
+        return cache[op]
+
+    # What each Identity node forwards, once per node whatever the number of Assigns that
+    # reach it (None for a cycle): linear in the graph's size.
+    forwards: dict[str, tuple[str, int] | None] = {}
+
+    def through_identities(source: str, index: int) -> tuple[str, int] | None:
+        path: list[str] = []
+        on_path: set[str] = set()
+        found: tuple[str, int] | None
+        while True:
+            node = nodes.get(source)
+            if node is None or node.op != "Identity" or not node.input:
+                found = (source, index)
+                break
+            if source in forwards:
+                found = forwards[source]
+                break
+            if source in on_path:
+                found = None
+                break
+            path.append(source)
+            on_path.add(source)
+            source, index = _split_input(node.input[0])
+        for name in path:
+            forwards[name] = found
+        return found
+
     for node in nodes.values():
         if node.op not in _ASSIGN_OPS or len(node.input) < 2:
             continue
         if scope is not None and not node.name.startswith(f"{scope}/"):
             continue
-        source, index = _split_input(node.input[1])
-        seen = 0
-        while source in nodes and nodes[source].op == "Identity" and nodes[source].input:
-            source, index = _split_input(nodes[source].input[0])
-            seen += 1
-            if seen > 100:
-                break
+        found = through_identities(*_split_input(node.input[1]))
+        if found is None:
+            continue
+        source, index = found
         restore = nodes.get(source)
         if restore is None or restore.op not in _RESTORE_OPS:
             continue
         names_at, slices_at = _RESTORE_OPS[restore.op]
         if len(restore.input) <= max(names_at, slices_at or 0):
             continue
-        names = _const_strings(nodes.get(_split_input(restore.input[names_at])[0]))
-        slices = (
-            _const_strings(nodes.get(_split_input(restore.input[slices_at])[0]))
-            if slices_at is not None
-            else None
-        )
+        names = consts(restore.input[names_at])
+        slices = consts(restore.input[slices_at]) if slices_at is not None else None
         if restore.op != "RestoreV2":
             index = 0 if index == 0 else -1
-        if names is None or not 0 <= index < len(names):
+        name = names.get(index) if names is not None else None
+        if name is None:
             continue
-        spec = slices[index] if slices is not None and index < len(slices) else ""
+        spec = slices.get(index) if slices is not None else None
         target = _split_input(node.input[0])[0]
-        out.setdefault(target, (names[index], spec))
+        out.setdefault(target, (name, spec or ""))
     return out
 
 

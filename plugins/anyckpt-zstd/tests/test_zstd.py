@@ -7,6 +7,7 @@ import contextlib
 import json
 import struct
 import time
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -132,7 +133,8 @@ def test_a_partial_read_decompresses_only_its_chunks(
 
 
 def test_options_level_and_threads(tmp_path: Path) -> None:
-    data = {"z": np.zeros(1 << 18, np.float32), "r": make(1, np.float32, (1 << 16,))}
+    # Zeros are padded to the ratio limit at every level; "r" compresses better at 19.
+    data = {"z": np.zeros(1 << 18, np.float32), "r": (np.arange(1 << 16) % 977).astype(np.float32)}
     sizes = {}
     for level in (1, 19):
         anyckpt.sync.save(
@@ -237,7 +239,7 @@ def crafted(tmp_path: Path, tensors: dict[str, Any], frames: bytes = b"") -> Pat
         # A 1 GiB chunk claimed for 10 compressed bytes.
         (
             {"dtype": 1, "shape": [1 << 28], "layout": "raw", "chunks": [[0, 10, 1 << 30, 0]]},
-            "impossible ratio",
+            "ratio limit",
         ),
         ({"dtype": 1, "shape": [4], "layout": "raw", "chunks": [[0, 10**9, 16, 0]]}, "outside"),
         ({"dtype": 99, "shape": [1], "layout": "raw", "chunks": []}, "malformed"),
@@ -286,3 +288,100 @@ def test_overlapping_chunks_and_bad_footer(tmp_path: Path) -> None:
 def test_random_headers_never_crash(data: bytes) -> None:
     with contextlib.suppress(codec.ContainerError):
         codec.decode_header(data, crc32c(data), 1000)
+
+
+# -- the ratio limit and bounded decompression (issue 13, defect 5) -------------------------
+
+
+def zeros_bomb(tmp_path: Path, raw_bytes: int) -> Path:
+    """A file whose one chunk is a real zstd frame of ``raw_bytes`` zeros (float32): zstd
+    stores them as 4-byte RLE blocks, ~32,700 raw bytes per stored byte."""
+    import zstandard
+
+    frame = zstandard.ZstdCompressor(level=3).compress(bytes(raw_bytes))
+    chunk = [0, len(frame), raw_bytes, crc32c(bytes(raw_bytes))]
+    entry = {"dtype": 1, "shape": [raw_bytes // 4], "layout": "raw", "chunks": [chunk]}
+    return crafted(tmp_path, {"t": entry}, frame)
+
+
+def test_an_8kb_file_claiming_256mib_is_refused(tmp_path: Path) -> None:
+    path = zeros_bomb(tmp_path, 256 << 20)
+    assert path.stat().st_size < 8500
+    tracemalloc.start()
+    try:
+        with pytest.raises(anyckpt.CorruptCheckpointError, match="ratio limit") as info:
+            load_zstd(tmp_path / "c")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert str(path) in str(info.value)
+    assert peak < 1 << 20
+
+
+def read_with(fmt: ZstdFormat, prefix: Path) -> dict[str, np.ndarray]:
+    async def main() -> dict[str, np.ndarray]:
+        storage, path = Storage.from_url(str(prefix))
+        reader = await fmt.open(storage, path)
+        return await reader.read_many()
+
+    return anyio.run(main)
+
+
+def test_a_trusted_file_over_the_limit_reads_with_the_opt_in_in_bounded_memory(
+    tmp_path: Path,
+) -> None:
+    raw = 32 << 20
+    zeros_bomb(tmp_path, raw)
+    tracemalloc.start()
+    try:
+        out = read_with(ZstdFormat(max_ratio=1 << 15), tmp_path / "c")["t"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert out.nbytes == raw
+    assert not out.any()
+    # The output array and a constant: the chunk is decompressed straight into it.
+    assert peak < raw + (1 << 20), peak
+
+
+def test_shuffled_chunks_are_unshuffled_while_streaming(tmp_path: Path) -> None:
+    w = np.arange(3 << 20, dtype=np.float64)  # 24 MiB in one chunk, byte-shuffled
+    anyckpt.sync.save(tmp_path / "m", {"w": w}, format="zstd", options={"chunk_bytes": 32 << 20})
+    tracemalloc.start()
+    try:
+        back = anyckpt.sync.load(tmp_path / "m")["w"]
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert same(back, w)
+    assert peak < w.nbytes + (2 << 20), peak  # no decompressed or unshuffled copy of the chunk
+
+
+def test_the_writer_pads_chunks_to_the_ratio_limit(tmp_path: Path) -> None:
+    zeros = np.zeros(1 << 20, np.float32)  # 4 MiB: ~30,000x without padding
+    anyckpt.sync.save(tmp_path / "m", {"z": zeros}, format="zstd")
+    size = (tmp_path / "m.zckpt").stat().st_size
+    assert zeros.nbytes // codec.DEFAULT_MAX_RATIO <= size < zeros.nbytes // 1000 + 512
+    assert same(anyckpt.sync.load(tmp_path / "m")["z"], zeros)
+    assert same(read_with(ZstdFormat(), tmp_path / "m")["z"], zeros)
+    # A writer may go further (max_ratio option); then readers must opt in.
+    options = {"max_ratio": 1 << 15}
+    anyckpt.sync.save(tmp_path / "big", {"z": zeros}, format="zstd", options=options)
+    assert (tmp_path / "big.zckpt").stat().st_size < 1024
+    with pytest.raises(anyckpt.CorruptCheckpointError, match="ratio limit"):
+        anyckpt.sync.load(tmp_path / "big")
+    assert same(read_with(ZstdFormat(max_ratio=1 << 15), tmp_path / "big")["z"], zeros)
+    with pytest.raises(ValueError, match="max_ratio"):
+        ZstdFormat(max_ratio=0)
+
+
+@pytest.mark.parametrize("level", [3, 22])
+def test_windows_stay_within_the_readers_limit(tmp_path: Path, level: int) -> None:
+    import zstandard
+
+    data = make(3, np.uint8, (9 << 20,))  # ultra levels would pick a 2^25+ window
+    options = {"level": level, "chunk_bytes": 16 << 20, "threads": 1}
+    anyckpt.sync.save(tmp_path / "m", {"d": data}, format="zstd", options=options)
+    assert same(anyckpt.sync.load(tmp_path / "m")["d"], data)
+    frame = (tmp_path / "m.zckpt").read_bytes()
+    assert zstandard.get_frame_parameters(frame).window_size <= 1 << codec.MAX_WINDOW_LOG

@@ -104,6 +104,8 @@ def _encode_varint_chunk(v: np.ndarray) -> np.ndarray:
 def decode_varints(data: bytes | memoryview, count: int) -> np.ndarray:
     """Exactly ``count`` concatenated varints from ``data`` (all of it), as uint64."""
     raw = np.frombuffer(data, dtype=np.uint8)
+    if count > len(raw):  # each varint takes at least one byte: refuse before allocating
+        raise DecodeError(f"{len(raw)} bytes cannot hold {count} packed values")
     out = np.empty(count, dtype=np.uint64)
     done = 0
     pos = 0

@@ -7,7 +7,16 @@ chunks in flight. Every chunk is checked against its crc32c when read (unless ``
 
 Options for ``write``: ``level`` (zstd level, default 3; negative levels are the fast modes),
 ``threads`` (default: the CPU count, at most 8), ``chunk_bytes`` (default 4 MiB), ``shuffle``
-(default True: byte-transpose numeric chunks before compressing).
+(default True: byte-transpose numeric chunks before compressing), ``max_ratio`` (default
+:data:`.codec.DEFAULT_MAX_RATIO`: chunks that compress better are padded up to it).
+
+Reading decompresses each chunk as a stream, in pieces of :data:`PIECE_BYTES`, straight into the
+caller's array (a shuffled chunk's byte planes are scattered into it as they come), so memory is
+the tensors asked for plus a constant; only a chunk cut by a partial read is decompressed into a
+scratch buffer of its own size (its checksum covers all of it). A chunk may not claim more than
+``max_ratio`` raw bytes per stored byte (``ZstdFormat(max_ratio=...)`` raises the limit for a
+trusted file: ``anyckpt.register_format(ZstdFormat(max_ratio=1 << 15))``), nor a zstd window
+over 2^:data:`.codec.MAX_WINDOW_LOG`.
 """
 
 from __future__ import annotations
@@ -45,6 +54,8 @@ from . import codec
 SUFFIX = ".zckpt"
 DEFAULT_LEVEL = 3
 DEFAULT_CHUNK = 4 << 20
+#: Decompressed bytes produced per step when a chunk is scattered or read partially.
+PIECE_BYTES = 256 << 10
 
 
 def file_path(prefix: str) -> str:
@@ -81,6 +92,9 @@ class ZstdFormat:
 
     name = "zstd"
 
+    def __init__(self, *, max_ratio: int = codec.DEFAULT_MAX_RATIO) -> None:
+        self.max_ratio = _ratio(max_ratio)
+
     async def write(
         self,
         storage: Storage,
@@ -95,6 +109,7 @@ class ZstdFormat:
         threads = _threads(options.get("threads"))
         chunk_bytes = int(options.get("chunk_bytes", DEFAULT_CHUNK))
         do_shuffle = bool(options.get("shuffle", True))
+        max_ratio = _ratio(options.get("max_ratio", codec.DEFAULT_MAX_RATIO))
         if not 1 <= chunk_bytes <= codec.MAX_CHUNK_BYTES:
             raise ValueError(f"chunk_bytes must be 1..{codec.MAX_CHUNK_BYTES}")
         if not -(1 << 17) <= level <= zstandard.MAX_COMPRESSION_LEVEL:
@@ -106,10 +121,11 @@ class ZstdFormat:
         def compress(job: tuple[np.ndarray, int]) -> tuple[bytes, int, int]:
             piece, itemsize = job
             if local.compressor is None:
-                local.compressor = zstandard.ZstdCompressor(level=level, write_content_size=True)
+                local.compressor = _compressor(level, chunk_bytes)
             crc = crc32c(piece.data)
             data = shuffle_if(piece, itemsize)
-            return local.compressor.compress(data.data), piece.nbytes, crc
+            frame = local.compressor.compress(data.data)
+            return frame + codec.padding(len(frame), piece.nbytes, max_ratio), piece.nbytes, crc
 
         def shuffle_if(piece: np.ndarray, itemsize: int) -> np.ndarray:
             return codec.shuffle(piece, itemsize) if itemsize > 1 else piece
@@ -205,7 +221,8 @@ class ZstdFormat:
                     raise codec.ContainerError(f"file too short ({size} bytes)")
                 footer = reader.read(size - codec.FOOTER_SIZE, codec.FOOTER_SIZE)
                 offset, length, crc = codec.decode_footer(footer, size)
-                return codec.decode_header(reader.read(offset, length), crc, offset)
+                header = reader.read(offset, length)
+                return codec.decode_header(header, crc, offset, self.max_ratio)
             except codec.ContainerError as exc:
                 raise CorruptCheckpointError(str(exc), path=url) from None
             finally:
@@ -213,6 +230,23 @@ class ZstdFormat:
 
         level, tensors = await anyio.to_thread.run_sync(load)
         return ZstdReader(storage, prefix, path, level, tensors)
+
+
+def _ratio(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"max_ratio must be a positive integer, not {value!r}")
+    return value
+
+
+def _compressor(level: int, chunk_bytes: int) -> zstandard.ZstdCompressor:
+    """A compressor at ``level`` whose window stays within ``codec.MAX_WINDOW_LOG``."""
+    params = zstandard.ZstdCompressionParameters.from_level(level, source_size=chunk_bytes)
+    if params.window_log <= codec.MAX_WINDOW_LOG:
+        return zstandard.ZstdCompressor(level=level, write_content_size=True)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=chunk_bytes, window_log=codec.MAX_WINDOW_LOG, write_content_size=1
+    )
+    return zstandard.ZstdCompressor(compression_params=params)
 
 
 def _layout(array: np.ndarray, do_shuffle: bool) -> str:
@@ -228,6 +262,31 @@ def _tensor_bytes(array: np.ndarray) -> np.ndarray:
         return np.frombuffer(data, dtype=np.uint8)
     raw: np.ndarray = to_little_endian(np.asarray(array)).reshape(-1).view(np.uint8)
     return raw
+
+
+def _fill(stream: Any, target: memoryview) -> None:
+    """Decompress exactly ``len(target)`` bytes from ``stream`` into ``target``."""
+    at = 0
+    while at < len(target):
+        n = stream.readinto(target[at : at + PIECE_BYTES])
+        if not n:
+            raise EOFError
+        at += n
+
+
+def _scatter_planes(stream: Any, target: memoryview, itemsize: int) -> None:
+    """Undo :func:`.codec.shuffle` while decompressing: the stream holds byte 0 of every
+    element, then byte 1...; each piece goes straight to its column of ``target``."""
+    columns = np.frombuffer(target, np.uint8).reshape(-1, itemsize)
+    piece = memoryview(bytearray(min(PIECE_BYTES, len(columns)) or 1))
+    for plane in range(itemsize):
+        at = 0
+        while at < len(columns):
+            n = stream.readinto(piece[: len(columns) - at])
+            if not n:
+                raise EOFError
+            columns[at : at + n, plane] = np.frombuffer(piece, np.uint8, n)
+            at += n
 
 
 class ZstdReader:
@@ -286,8 +345,16 @@ class ZstdReader:
     # -- data ------------------------------------------------------------------------------
 
     def _decompress(
-        self, reader: FileReader, chunk: codec.Chunk, itemsize: int, verify: bool
-    ) -> bytes:
+        self,
+        reader: FileReader,
+        chunk: codec.Chunk,
+        itemsize: int,
+        verify: bool,
+        dest: memoryview,
+        skip: int,
+    ) -> None:
+        """Decompress ``chunk`` and put its raw bytes ``[skip, skip + len(dest))`` into
+        ``dest``: straight into it for a whole chunk, through a scratch chunk otherwise."""
         frame = reader.read(chunk.offset, chunk.size)
         try:
             content = zstandard.frame_content_size(frame)
@@ -299,30 +366,40 @@ class ZstdReader:
                 f"{chunk.raw_size}",
                 path=self._url,
             )
+        whole = skip == 0 and len(dest) == chunk.raw_size
+        target = dest if whole else memoryview(bytearray(chunk.raw_size))
         if self._local.decompressor is None:
-            self._local.decompressor = zstandard.ZstdDecompressor()
+            self._local.decompressor = zstandard.ZstdDecompressor(
+                max_window_size=1 << codec.MAX_WINDOW_LOG
+            )
         try:
-            data = self._local.decompressor.decompress(frame, max_output_size=chunk.raw_size)
+            stream = self._local.decompressor.stream_reader(frame, read_across_frames=False)
+            if itemsize > 1:
+                _scatter_planes(stream, target, itemsize)
+            else:
+                _fill(stream, target)
         except zstandard.ZstdError as exc:
             raise CorruptCheckpointError(
                 f"zstd frame at {chunk.offset}: {exc}", path=self._url
             ) from None
-        if len(data) != chunk.raw_size:
-            raise CorruptCheckpointError(f"frame at {chunk.offset} is short", path=self._url)
-        if itemsize > 1:
-            data = codec.unshuffle(np.frombuffer(data, np.uint8), itemsize).tobytes()
-        if verify and crc32c(data) != chunk.crc:
+        except EOFError:
+            raise CorruptCheckpointError(
+                f"frame at {chunk.offset} is short", path=self._url
+            ) from None
+        if verify and crc32c(target) != chunk.crc:
             raise CorruptCheckpointError(
                 f"chunk at offset {chunk.offset}: checksum mismatch", path=self._url
             )
-        return data
+        if not whole:
+            dest[:] = target[skip : skip + len(dest)]
 
     def _read_bytes(
         self, info: codec.TensorInfo, start: int, stop: int, verify: bool, out: memoryview | None
-    ) -> bytes | None:
+    ) -> memoryview | None:
         """Bytes [start, stop) of a tensor's raw data (into ``out`` when given)."""
         dtype = dtype_from_enum(info.dtype)
         itemsize = dtype.itemsize if info.layout == "shuffle" else 1
+        buffer = out if out is not None else memoryview(bytearray(stop - start))
         wanted: list[tuple[int, codec.Chunk]] = []
         at = 0
         for chunk in info.chunks:
@@ -333,18 +410,17 @@ class ZstdReader:
         try:
             with ThreadPoolExecutor(self._threads, thread_name_prefix="anyckpt-zstd") as pool:
 
-                def one(item: tuple[int, codec.Chunk]) -> tuple[int, bytes]:
-                    return item[0], self._decompress(reader, item[1], itemsize, verify)
+                def one(item: tuple[int, codec.Chunk]) -> None:
+                    base, chunk = item
+                    lo, hi = max(start, base), min(stop, base + chunk.raw_size)
+                    dest = buffer[lo - start : hi - start]
+                    self._decompress(reader, chunk, itemsize, verify, dest, lo - base)
 
-                pieces = _ordered_map(pool, one, iter(wanted), 2 * self._threads)
-                buffer = out if out is not None else memoryview(bytearray(stop - start))
-                for base, data in pieces:
+                for _ in _ordered_map(pool, one, iter(wanted), 2 * self._threads):
                     anyio.from_thread.check_cancelled()
-                    lo, hi = max(start, base), min(stop, base + len(data))
-                    buffer[lo - start : hi - start] = data[lo - base : hi - base]
         finally:
             reader.close()
-        return None if out is not None else bytes(buffer)
+        return None if out is not None else buffer
 
     def _read(self, key: str, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
         info = self._info(key)
