@@ -422,6 +422,14 @@ class CheckpointManager:
         doomed.sort(key=lambda n: not n.endswith(".index"))  # commit markers first
         for name in doomed:
             await anyio.to_thread.run_sync(self.storage.remove, self._path(name))
+        # On S3, a save killed mid-upload leaves an unfinished multipart upload (its parts
+        # billed, invisible to listings). Under the lock no save of ours is in flight, so
+        # every upload of one of our names (the state file, any format's checkpoint files,
+        # their temporary names) belongs to an interrupted save: abort it.
+        for upload in await anyio.to_thread.run_sync(self.storage.list_uploads, self._root):
+            base = posixpath.basename(upload.path).split(TEMP_MARKER, 1)[0]
+            if base == STATE_FILE or ours.fullmatch(base) or any_format.fullmatch(base):
+                await anyio.to_thread.run_sync(self.storage.abort_upload, upload)
 
     # -- public view -------------------------------------------------------------------------
 

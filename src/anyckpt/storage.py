@@ -147,6 +147,16 @@ def _bytes_view(buffer: Buffer) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An unfinished multipart upload (see :meth:`Storage.list_uploads`)."""
+
+    path: str  # of the object it would create
+    upload_id: str
+    initiated: float | None  # seconds since the epoch
+    size: int  # bytes of the parts uploaded so far
+
+
 class FileWriter(Protocol):
     """A file being written; nothing is visible under its name before :meth:`commit`.
 
@@ -1017,6 +1027,71 @@ class Storage:
             raise
 
     # -- local lock ------------------------------------------------------------------------
+    # -- unfinished multipart uploads (object stores) ----------------------------------------
+    def list_uploads(self, directory: str) -> list[Upload]:
+        """The multipart uploads started and never completed or aborted for objects directly
+        in ``directory`` (what a process killed mid-upload leaves on S3, billed and invisible
+        to listings). Empty on filesystems that have none."""
+        if not _is_s3fs(self.fs):
+            return []
+        bucket, key, _ = self.fs.split_path(directory)
+        prefix = f"{key}/" if key else ""
+
+        def call(method: str, **kwargs: Any) -> Any:
+            return self._retrying(
+                lambda: self.fs.call_s3(method, Bucket=bucket, **kwargs),
+                f"listing uploads under {self.url(directory)}",
+            )
+
+        found: list[Upload] = []
+        markers: dict[str, Any] = {}
+        while True:
+            page = call("list_multipart_uploads", Prefix=prefix, **markers)
+            for item in page.get("Uploads", []):
+                name = str(item["Key"])[len(prefix) :]
+                if not name or "/" in name:
+                    continue
+                size = 0
+                part_marker: dict[str, Any] = {}
+                while True:
+                    parts = call(
+                        "list_parts", Key=item["Key"], UploadId=item["UploadId"], **part_marker
+                    )
+                    size += sum(int(p.get("Size", 0)) for p in parts.get("Parts", []))
+                    if not parts.get("IsTruncated"):
+                        break
+                    part_marker = {"PartNumberMarker": parts["NextPartNumberMarker"]}
+                started = item.get("Initiated")
+                found.append(
+                    Upload(
+                        posixpath.join(directory, name),
+                        str(item["UploadId"]),
+                        started.timestamp() if hasattr(started, "timestamp") else None,
+                        size,
+                    )
+                )
+            if not page.get("IsTruncated"):
+                break
+            markers = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
+        return sorted(found, key=lambda u: (u.path, u.initiated or 0.0))
+
+    def abort_upload(self, upload: Upload) -> bool:
+        """Abort an unfinished multipart upload (its parts are deleted); False if it is gone."""
+        bucket, key, _ = self.fs.split_path(upload.path)
+        try:
+            self._retrying(
+                lambda: self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id
+                ),
+                f"aborting the upload of {self.url(upload.path)}",
+            )
+        except FileNotFoundError:  # NoSuchUpload: completed or aborted meanwhile
+            return False
+        return True
+
     def lock_local(self, path: str) -> LocalLock:
         """Take the exclusive lock of local file ``path`` (FileExistsError if another holds
         it); see :class:`LocalLock`."""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import warnings
 from importlib.metadata import EntryPoint, entry_points
+from typing import cast
 
 from ..errors import CheckpointNotFoundError, PluginError, PluginWarning, UnsupportedFormatError
 from ..storage import Storage
@@ -57,14 +58,12 @@ def _load_one(ep: EntryPoint) -> CheckpointFormat:
         factory = ep.load()
         fmt = factory()
     except Exception as exc:
-        raise UnsupportedFormatError(
-            f"{what} failed to load: {type(exc).__name__}: {exc}"
-        ) from exc
+        raise UnsupportedFormatError(f"{what} failed to load: {type(exc).__name__}: {exc}") from exc
     problem = interface_problem(fmt)
     if problem is not None:
         raise UnsupportedFormatError(f"{what} does not implement CheckpointFormat: {problem}")
     _origins[ep.name] = info_for(ep.name, fmt, ep.value, package)
-    return fmt
+    return cast(CheckpointFormat, fmt)
 
 
 def _load_plugins() -> dict[str, CheckpointFormat]:

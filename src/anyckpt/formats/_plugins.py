@@ -43,14 +43,14 @@ def interface_problem(fmt: Any) -> str | None:
             return f"'{member}' is not a coroutine function (it must be 'async def {member}')"
     for member in OPTIONAL_MEMBERS:
         method = getattr(fmt, member, None)
-        if method is not None and (
-            not callable(method) or inspect.iscoroutinefunction(method)
-        ):
+        if method is not None and (not callable(method) or inspect.iscoroutinefunction(method)):
             return f"'{member}' must be a plain (not async) method"
     return None
 
 
-def info_for(name: str, fmt: Any, source: str | None = None, package: str | None = None) -> PluginInfo:
+def info_for(
+    name: str, fmt: Any, source: str | None = None, package: str | None = None
+) -> PluginInfo:
     """The :class:`PluginInfo` of ``fmt``, registered as ``name``."""
     cls = type(fmt)
     module = (source.split(":", 1)[0] if source else cls.__module__).split(".")[0]
