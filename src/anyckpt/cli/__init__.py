@@ -156,6 +156,12 @@ _default_show = warnings.showwarning
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``anyckpt`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
     status."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -169,9 +175,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             progress=not args.no_progress,
             storage_options=parse_key_values(args.storage_option, "--storage-option"),
         )
-        with warnings.catch_warnings():
-            warnings.showwarning = _show_warning
-            return int(anyio.run(args.run, ctx, args))
+        return int(anyio.run(args.run, ctx, args))
     except BaseException as raw:
         if isinstance(raw, SystemExit):
             raise
