@@ -133,7 +133,9 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--formats", default="v2,safetensors,zstd")
     parser.add_argument("--json", type=Path)
-    parser.add_argument("--ticker-child", nargs=2, metavar=("URL", "OPTIONS"), help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--ticker-child", nargs=2, metavar=("URL", "OPTIONS"), help=argparse.SUPPRESS
+    )
     args = parser.parse_args()
     if args.ticker_child:
         url, options = args.ticker_child[0], json.loads(args.ticker_child[1])
