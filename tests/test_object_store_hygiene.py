@@ -246,3 +246,94 @@ def test_a_plugin_load_on_s3_is_a_few_requests(s3_bucket: RemoteBucket, fmt: str
         assert counter.methods.count("GET") == 1
         assert len(counter.methods) <= 2
     assert all(loaded[k].tobytes() == v.tobytes() for k, v in tensors.items())
+
+
+# -- the event loop ------------------------------------------------------------------------
+
+LOOP_PROBE = """
+import asyncio, json, sys, threading, time
+import numpy as np
+
+first_imports = {}  # module -> thread of its first import
+
+def hook(event, args):
+    if event == "import" and args[0].split(".")[0] in ("s3fs", "aiobotocore", "botocore"):
+        first_imports.setdefault(args[0], threading.get_ident())
+
+sys.addaudithook(hook)
+import anyckpt
+import anyckpt.storage
+
+assert "s3fs" not in sys.modules and "botocore" not in sys.modules
+opened_on = []
+from_url = anyckpt.storage.Storage.from_url.__func__
+
+def spy(cls, *args, **kwargs):
+    opened_on.append(threading.get_ident())
+    return from_url(cls, *args, **kwargs)
+
+anyckpt.storage.Storage.from_url = classmethod(spy)
+
+async def main(url, options):
+    gaps, last, phase = {}, [time.perf_counter()], ["idle"]
+    done = asyncio.Event()
+
+    async def tick():
+        while not done.is_set():
+            await asyncio.sleep(0.001)
+            now = time.perf_counter()
+            gaps[phase[0]] = max(gaps.get(phase[0], 0.0), now - last[0])
+            last[0] = now
+
+    task = asyncio.create_task(tick())
+    await asyncio.sleep(0.05)
+    phase[0] = "open"
+    async with anyckpt.CheckpointManager(url, storage_options=options, durable=False) as m:
+        phase[0] = "save"
+        await (await m.save({"w": np.arange(1000.0)}, 1))
+        phase[0] = "restore"
+        restored = await m.restore()
+        phase[0] = "close"
+    await asyncio.sleep(0.01)
+    done.set()
+    await task
+    assert restored["w"].tolist() == list(np.arange(1000.0))
+    return {k: round(v * 1000, 1) for k, v in gaps.items() if k != "idle"}
+
+gaps = asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
+loop = threading.get_ident()  # asyncio.run ran the loop on this (the main) thread
+print(json.dumps({
+    "on_loop": sorted(m for m, t in first_imports.items() if t == loop),
+    "imported": sorted(first_imports),
+    "opened_on_loop": sum(t == loop for t in opened_on),
+    "opened": len(opened_on),
+    "gaps_ms": gaps,
+}))
+"""
+
+
+def test_opening_s3_storage_happens_off_the_event_loop(s3_bucket: RemoteBucket) -> None:
+    """The first S3 manager imports s3fs, aiobotocore and botocore (~0.2 s): in a worker
+    thread, never on the loop. Structural (the thread of each first import, by an audit hook;
+    the thread constructing the storage), not timed; the ticker's gaps are printed."""
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            LOOP_PROBE,
+            f"{s3_bucket.url}/run",
+            json.dumps(s3_bucket.storage_options),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), *sys.path])},
+    )
+    assert out.returncode == 0, out.stderr
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    print("event-loop gaps (ms), first S3 manager:", result["gaps_ms"])
+    assert "s3fs.core" in result["imported"]  # (fsspec imports the package by importlib)
+    assert "aiobotocore" in result["imported"]
+    assert result["on_loop"] == []  # none of them imported on the loop thread
+    assert result["opened"] >= 1
+    assert result["opened_on_loop"] == 0

@@ -208,7 +208,7 @@ def coalesce(
         end = offset + length
         if groups:
             start, stop, members = groups[-1]
-            if offset - stop <= gap and max(stop, end) - start <= limit:
+            if end <= stop or (offset - stop <= gap and max(stop, end) - start <= limit):
                 groups[-1] = (start, max(stop, end), [*members, i])
                 continue
         groups.append((offset, end, [i]))
