@@ -11,6 +11,9 @@ import warnings
 from importlib.metadata import EntryPoint, entry_points
 from typing import cast
 
+import anyio
+import anyio.to_thread
+
 from ..errors import CheckpointNotFoundError, PluginError, PluginWarning, UnsupportedFormatError
 from ..storage import Storage
 from ._plugins import PluginInfo, blame, info_for, interface_problem
@@ -132,7 +135,9 @@ async def detect_format(storage: Storage, prefix: str) -> CheckpointFormat:
     for fmt in _BUILTINS.values():
         if await fmt.detect(storage, prefix):
             return fmt
-    for fmt in list(_load_plugins().values()):
+    # Loading plugins imports their packages: in a worker thread, off the event loop.
+    plugins = _plugins if _plugins is not None else await anyio.to_thread.run_sync(_load_plugins)
+    for fmt in list(plugins.values()):
         if await fmt.detect(storage, prefix):
             return fmt
     raise CheckpointNotFoundError("no checkpoint of any known format", path=storage.url(prefix))
