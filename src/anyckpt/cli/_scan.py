@@ -216,7 +216,7 @@ async def _detect(storage: Storage, path: str) -> CheckpointFormat | Exception |
         return exc
 
 
-def _why_unreadable(name: str, error: Exception | None) -> tuple[str, int]:
+def _why_unreadable(error: Exception | None) -> tuple[str, int]:
     """Why the files of ``name`` could not be read as a checkpoint, and the exit status."""
     if error is not None:
         blamed = plugin_error(error)
@@ -356,7 +356,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
             missing.append(name)
             continue
         error = formats.get(name)
-        reason, code = _why_unreadable(name, error if isinstance(error, Exception) else None)
+        reason, code = _why_unreadable(error if isinstance(error, Exception) else None)
         unreadable.append(Unreadable(name, present, reason, code))
         claimed.update(f.name for f in present)
     orphans: list[Orphan] = []

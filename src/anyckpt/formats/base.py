@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import anyio
 import numpy as np
 
 from ..codecs.dtypes import dtype_name
@@ -122,8 +123,6 @@ class ReaderBase:
     async def read_many(
         self, keys: Sequence[str] | None = None, *, verify: bool = True
     ) -> dict[str, np.ndarray]:
-        import anyio  # here: the base module stays importable without an event loop library
-
         names = self.keys() if keys is None else list(keys)
         out: dict[str, np.ndarray] = {}
 
