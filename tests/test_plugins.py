@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import warnings
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import numpy as np
 import pytest
 
 import anyckpt
+import anyckpt.errors
 import anyckpt.formats as formats
 import anyckpt.sync
 
@@ -96,17 +98,73 @@ def test_a_plugin_cannot_shadow_a_built_in(
     [
         ("no_such_module_anyckpt:Format", "failed to load"),
         ("anyckpt.formats.v2:NoSuchClass", "failed to load"),
-        ("builtins:object", "does not implement CheckpointFormat"),
+        ("builtins:object", "does not implement CheckpointFormat: it has no 'name'"),
     ],
 )
-def test_broken_plugins_are_named(
+def test_broken_plugins_are_skipped_with_one_warning_and_named_when_asked_for(
     monkeypatch: pytest.MonkeyPatch, fresh_registry: None, value: str, message: str
 ) -> None:
-    fake_entry_points(monkeypatch, ("broken", value))
-    with pytest.raises(anyckpt.UnsupportedFormatError, match=message) as info:
+    fake_entry_points(monkeypatch, ("broken", value), ("zstd2", "anyckpt_zstd:ZstdFormat"))
+    with warnings.catch_warnings(record=True) as record:
+        warnings.simplefilter("always")
+        names = anyckpt.available_formats()
         anyckpt.available_formats()
+    assert len(record) == 1  # once, not on every lookup
+    assert record[0].category is anyckpt.errors.PluginWarning
+    assert message in str(record[0].message)
+    assert "'broken'" in str(record[0].message)
+    assert "broken" not in names
+    assert "zstd2" in names  # the others still work
+    assert "broken" in anyckpt.formats.broken_plugins()
+    with pytest.raises(anyckpt.UnsupportedFormatError, match=message) as info:
+        anyckpt.get_format("broken")  # only asking for it by name raises
     assert "'broken'" in str(info.value)
     assert value in str(info.value)
+
+
+class _Fmt:
+    name = "partial"
+
+    async def write(self, *args: Any, **kwargs: Any) -> list[str]:
+        return []
+
+    async def open(self, *args: Any) -> Any:
+        raise NotImplementedError
+
+    async def detect(self, *args: Any) -> bool:
+        return False
+
+    async def files(self, *args: Any) -> list[str]:
+        return []
+
+
+class _SyncDetect(_Fmt):
+    def detect(self, *args: Any) -> bool:  # type: ignore[override]
+        return False
+
+
+class _NoFiles:
+    name = "nofiles"
+    write, open, detect = _Fmt.write, _Fmt.open, _Fmt.detect
+
+
+@pytest.mark.parametrize(
+    ("cls", "message"),
+    [
+        (_SyncDetect, "'detect' is not a coroutine function"),
+        (_NoFiles, "it has no 'files' member"),
+    ],
+)
+def test_registration_checks_members_and_coroutines(
+    monkeypatch: pytest.MonkeyPatch, fresh_registry: None, cls: type, message: str
+) -> None:
+    with pytest.raises(TypeError, match=f"does not implement CheckpointFormat: {message}"):
+        anyckpt.register_format(cls())
+    fake_entry_points(monkeypatch, ("bad", f"{__name__}:{cls.__name__}"))
+    with pytest.warns(anyckpt.errors.PluginWarning, match=message):
+        assert "bad" not in anyckpt.available_formats()
+    with pytest.raises(anyckpt.UnsupportedFormatError, match=message):
+        anyckpt.get_format("bad")
 
 
 def test_unknown_format_lists_what_exists() -> None:

@@ -26,6 +26,14 @@ from .tensors import key_to_bytes, prepare
 PathLike = str | os.PathLike[str]
 
 
+async def open_storage(
+    url: PathLike, storage_options: dict[str, Any] | None = None
+) -> tuple[Storage, str]:
+    """:meth:`Storage.from_url` in a worker thread: the first use of a protocol imports its
+    filesystem (s3fs and aiobotocore: ~0.2 s), which must not stall the event loop."""
+    return await anyio.to_thread.run_sync(Storage.from_url, url, storage_options)
+
+
 async def save(
     prefix: PathLike,
     tensors: Mapping[Any, Any],
@@ -47,12 +55,15 @@ async def save(
     ``object_graph=True`` writes ``tensors`` as a TF2 object tree (see `anyckpt.object_graph`)
     with its ``_CHECKPOINTABLE_OBJECT_GRAPH``, for ``tf.train.Checkpoint.restore``.
     """
-    storage, path = Storage.from_url(prefix, storage_options)
     fmt = get_format(format)
     if object_graph:
         tensors = with_object_graph(tensors)
         options = {"data_order": "given", **(options or {})}
+    storage, path = await open_storage(prefix, storage_options)
     prepared = prepare(tensors)
+    directory = posixpath.dirname(path)
+    if directory:  # formats may rely on it (docs/plugins.md)
+        await anyio.to_thread.run_sync(storage.makedirs, directory)
     if not write_meta_graph:
         return await fmt.write(storage, path, prepared, durable=durable, options=options)
     meta = await write_meta_file(storage, path, fmt, prepared, options, durable=durable)
@@ -127,7 +138,7 @@ async def open_reader(
     prefix: PathLike, *, format: str | None = None, storage_options: dict[str, Any] | None = None
 ) -> CheckpointReader:
     """Open the checkpoint at ``prefix``; close it with ``await reader.aclose()``."""
-    storage, path = Storage.from_url(prefix, storage_options)
+    storage, path = await open_storage(prefix, storage_options)
     fmt = get_format(format) if format else await detect_format(storage, path)
     return await fmt.open(storage, path)
 
@@ -231,7 +242,7 @@ async def export_meta_graph(
     """Write ``PREFIX.meta`` for an existing checkpoint (its format is detected); return its
     path. The graph restores every tensor, partitioned ones slice by slice; its save graph is
     unsharded whatever the checkpoint's shards (TensorFlow restores either way)."""
-    storage, path = Storage.from_url(prefix, storage_options)
+    storage, path = await open_storage(prefix, storage_options)
     fmt = await detect_format(storage, path)
     reader = await fmt.open(storage, path)
     try:
@@ -256,7 +267,7 @@ async def read_meta_graph(
     """Parse a ``.meta`` file (``path`` ends in ``.meta``, or is the checkpoint prefix): its
     variables (name, dtype, shape, and the checkpoint key each is restored from), saver_def
     and collections. Damaged or foreign bytes raise :class:`~anyckpt.CorruptCheckpointError`."""
-    storage, where = Storage.from_url(path, storage_options)
+    storage, where = await open_storage(path, storage_options)
     return await read_meta_file(storage, where if where.endswith(".meta") else meta_path(where))
 
 

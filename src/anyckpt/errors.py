@@ -29,3 +29,11 @@ class UnsafePathError(CheckpointError):
 
 class ConcurrentWriterError(CheckpointError):
     """Another writer changed the checkpoint directory under this manager."""
+
+
+class PluginError(CheckpointError):
+    """A format plugin failed in its own code (a bug to report to the plugin's authors)."""
+
+
+class PluginWarning(UserWarning):
+    """A format plugin could not be loaded; the other formats work without it."""

@@ -36,6 +36,7 @@ import socket
 import threading
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Any
 
 from .errors import (
@@ -46,7 +47,7 @@ from .errors import (
 )
 from .storage import LocalLock, Storage
 
-__all__ = ["LOCK_FILE", "DirectoryLock"]
+__all__ = ["LOCK_FILE", "DirectoryLock", "LockInfo", "read_lock"]
 
 #: Name of the lock file in a checkpoint directory.
 LOCK_FILE = "checkpoint.lock"
@@ -376,3 +377,67 @@ class DirectoryLock:
             ref = _HELD.get(self.url)
             if ref is not None and ref() in (self, None):
                 del _HELD[self.url]
+
+
+# -- reading a lock (for ``anyckpt ls``) -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    """A ``checkpoint.lock`` found in a directory: who holds it and what the next
+    :class:`~anyckpt.CheckpointManager` opening the directory will do about it."""
+
+    url: str
+    holder: dict[str, Any] | None  # the holder's record (None: empty or unreadable)
+    lease: bool  # an object-store lease (else a local flock)
+    running: bool | None  # the holder's process is running (None: another machine)
+    expired: bool | None  # the lease's term has passed by this clock (None: local lock)
+    next_open: str  # what the next manager opening the directory does
+
+    @property
+    def holder_text(self) -> str:
+        return _describe(self.holder)
+
+
+def read_lock(storage: Storage, root: str, now: float | None = None) -> LockInfo | None:
+    """The lock file of the directory ``root``, read (never taken); None if there is none."""
+    path = posixpath.join(root, LOCK_FILE)
+    now = time.time() if now is None else now
+    try:
+        holder = _parse(storage.read_bytes(path, max_size=_MAX_LOCK_BYTES))
+    except CheckpointNotFoundError:
+        return None
+    except CorruptCheckpointError:
+        holder = None
+    pid = holder.get("pid") if holder else None
+    running = (
+        _pid_running(pid)
+        if holder is not None and holder.get("machine") == MACHINE and isinstance(pid, int)
+        else None
+    )
+    lease = not (storage.is_local and LocalLock.available())
+    expires = holder.get("expires") if holder else None
+    expired = (expires < now) if lease and isinstance(expires, (int, float)) else None
+    if not lease:
+        if running:
+            plan = "held by a running process: the next open fails until that process ends"
+        elif running is False:
+            plan = "its holder has ended (the kernel dropped its lock): the next open takes it"
+        else:
+            plan = (
+                "the next open takes it at once if no process holds its flock (a process "
+                "on another machine sharing this disk may)"
+            )
+    elif running is False:
+        plan = "its holder has ended: the next open takes the lease over at once"
+    elif expired:
+        plan = (
+            "the lease has expired (not renewed): the next open watches it for one lease "
+            "term (lease_seconds) and takes it over if it stays unchanged"
+        )
+    else:
+        plan = (
+            "the lease is current: the next open fails if its holder renews it within one "
+            "lease term (lease_seconds), else takes it over"
+        )
+    return LockInfo(storage.url(path), holder, lease, running, expired, plan)

@@ -218,7 +218,11 @@ class CheckpointManager:
             from .distributed.save import check_manager
 
             check_manager(self)
-        self.storage, self._root = Storage.from_url(self.directory, storage_options)
+        # Opened on entering (in a worker thread: the first s3:// imports s3fs and aiobotocore,
+        # ~0.2 s that must not stall the event loop), or on first use of ``storage``.
+        self._storage: Storage | None = None
+        self._root_path = ""
+        self._storage_options = storage_options
         if not lease_seconds > 0:
             raise ValueError("lease_seconds must be positive")
         self.lease_seconds = float(lease_seconds)
@@ -239,11 +243,33 @@ class CheckpointManager:
 
     # -- lifecycle ---------------------------------------------------------------------------
 
+    @property
+    def storage(self) -> Storage:
+        """The directory's storage (opened on entering the manager, or here on first use)."""
+        if self._storage is None:
+            self._set_storage(Storage.from_url(self.directory, self._storage_options))
+        assert self._storage is not None
+        return self._storage
+
+    @property
+    def _root(self) -> str:
+        self.storage  # noqa: B018 (opens it)
+        return self._root_path
+
+    def _set_storage(self, opened: tuple[Storage, str]) -> None:
+        if self._storage is None:
+            self._storage, self._root_path = opened
+
     async def __aenter__(self) -> CheckpointManager:
         if self._entered:
             raise RuntimeError("a CheckpointManager can be entered once")
         self._entered = True
         try:
+            if self._storage is None:
+                opened = await anyio.to_thread.run_sync(
+                    Storage.from_url, self.directory, self._storage_options
+                )
+                self._set_storage(opened)
             if self.coordinator is None:
                 await self._open_directory()
             else:
@@ -406,6 +432,14 @@ class CheckpointManager:
         doomed.sort(key=lambda n: not n.endswith(".index"))  # commit markers first
         for name in doomed:
             await anyio.to_thread.run_sync(self.storage.remove, self._path(name))
+        # On S3, a save killed mid-upload leaves an unfinished multipart upload (its parts
+        # billed, invisible to listings). Under the lock no save of ours is in flight, so
+        # every upload of one of our names (the state file, any format's checkpoint files,
+        # their temporary names) belongs to an interrupted save: abort it.
+        for upload in await anyio.to_thread.run_sync(self.storage.list_uploads, self._root):
+            base = posixpath.basename(upload.path).split(TEMP_MARKER, 1)[0]
+            if base == STATE_FILE or ours.fullmatch(base) or any_format.fullmatch(base):
+                await anyio.to_thread.run_sync(self.storage.abort_upload, upload)
 
     # -- public view -------------------------------------------------------------------------
 
@@ -633,16 +667,25 @@ class CheckpointManager:
 
     async def _delete_checkpoint(self, name: str) -> None:
         prefix = self._path(name)
-        try:
-            fmt = await detect_format(self.storage, prefix)
-        except CheckpointNotFoundError:
-            fmt = self.format
+        fmt = await self._format_of(prefix)
         files = await fmt.files(self.storage, prefix)
         for path in reversed(files):  # the commit marker (last written) goes first
             if posixpath.dirname(path) != self._root:
                 raise CheckpointError(f"format listed {path} outside the directory")
             await anyio.to_thread.run_sync(self.storage.remove, path)
         await anyio.to_thread.run_sync(self.storage.remove, meta_path(prefix))  # after the data
+
+    async def _format_of(self, prefix: str, *, missing_ok: bool = True) -> CheckpointFormat:
+        """The format of the checkpoint at ``prefix``: this manager's own format first, so
+        its retention and restores never depend on other formats (plugins) loading."""
+        if await self.format.detect(self.storage, prefix):
+            return self.format
+        try:
+            return await detect_format(self.storage, prefix)
+        except CheckpointNotFoundError:
+            if not missing_ok:
+                raise
+            return self.format
 
     async def wait(self) -> None:
         """Wait until every save so far is committed; raise the first unseen error."""
@@ -702,7 +745,7 @@ class CheckpointManager:
         else:
             name = f"{self.checkpoint_name}-{int(step)}"
         prefix = self._path(name)
-        fmt = await detect_format(self.storage, prefix)
+        fmt = await self._format_of(prefix, missing_ok=False)
         reader = await fmt.open(self.storage, prefix)
         try:
             if not isinstance(keys, Mapping):
@@ -846,7 +889,7 @@ async def get_checkpoint_state(
 ) -> CheckpointState | None:
     """TensorFlow's ``tf.train.get_checkpoint_state``: the directory's state, with paths
     joined onto ``directory``; None if it has no state file."""
-    storage, root = Storage.from_url(directory, storage_options)
+    storage, root = await anyio.to_thread.run_sync(Storage.from_url, directory, storage_options)
     state = await read_state(storage, root)
     if state is None:
         return None

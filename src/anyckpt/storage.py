@@ -147,6 +147,16 @@ def _bytes_view(buffer: Buffer) -> memoryview:
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
 
+@dataclass(frozen=True)
+class Upload:
+    """An unfinished multipart upload (see :meth:`Storage.list_uploads`)."""
+
+    path: str  # of the object it would create
+    upload_id: str
+    initiated: float | None  # seconds since the epoch
+    size: int  # bytes of the parts uploaded so far
+
+
 class FileWriter(Protocol):
     """A file being written; nothing is visible under its name before :meth:`commit`.
 
@@ -161,14 +171,61 @@ class FileWriter(Protocol):
 
 
 class FileReader(Protocol):
-    """Random access to one file of known size."""
+    """Random access to one file of known size (``size``; there is no seek or tell: every
+    read names its offset). Reads past the end raise CorruptCheckpointError.
+
+    :meth:`read_ranges` and :meth:`read_ranges_into` read many ranges at once: locally with
+    ``preadv``, remotely in concurrent requests, nearby ranges merged into one (gaps under
+    :data:`COALESCE_GAP`), so a format reading many tensors pays for a few round trips, not
+    one per tensor."""
 
     path: str
     size: int
 
     def read(self, offset: int, length: int) -> bytes: ...
     def read_into(self, offset: int, buffer: Buffer) -> None: ...
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]: ...
+    def read_ranges_into(self, requests: Sequence[tuple[int, Buffer]]) -> None: ...
     def close(self) -> None: ...
+
+
+#: Remote ranged reads: ranges this close are fetched in one request (the gap is discarded)...
+COALESCE_GAP = 1 << 20
+#: ...as long as the request stays under this size.
+COALESCE_LIMIT = 64 << 20
+
+
+def coalesce(
+    ranges: Sequence[tuple[int, int]], *, gap: int = COALESCE_GAP, limit: int = COALESCE_LIMIT
+) -> list[tuple[int, int, list[int]]]:
+    """Merge byte ranges ``(offset, length)`` into requests ``(start, end, members)``: ranges
+    at most ``gap`` bytes apart share a request unless it would exceed ``limit`` bytes (a
+    single larger range is its own request). ``members`` are indices into ``ranges``."""
+    order = sorted(range(len(ranges)), key=lambda i: ranges[i][0])
+    groups: list[tuple[int, int, list[int]]] = []
+    for i in order:
+        offset, length = ranges[i]
+        end = offset + length
+        if groups:
+            start, stop, members = groups[-1]
+            if end <= stop or (offset - stop <= gap and max(stop, end) - start <= limit):
+                groups[-1] = (start, max(stop, end), [*members, i])
+                continue
+        groups.append((offset, end, [i]))
+    return groups
+
+
+def _views_for(ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+    """Byte views over one new buffer, one per range (what :meth:`read_ranges` fills)."""
+    for offset, length in ranges:
+        if length < 0 or offset < 0:
+            raise ValueError(f"bad range ({offset}, {length})")
+    whole = memoryview(bytearray(sum(length for _, length in ranges)))
+    views, at = [], 0
+    for _, length in ranges:
+        views.append(whole[at : at + length])
+        at += length
+    return views
 
 
 class _LocalWriter:
@@ -589,6 +646,15 @@ class _LocalReader:
             if n:
                 views[0] = views[0][n:]
 
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+        views = _views_for(ranges)
+        self.read_ranges_into([(o, v) for (o, _), v in zip(ranges, views, strict=True)])
+        return views
+
+    def read_ranges_into(self, requests: Sequence[tuple[int, Buffer]]) -> None:
+        for offset, buffer in requests:  # one preadv each: no round trips to save locally
+            self.read_into(offset, buffer)
+
     def close(self) -> None:
         os.close(self._fd)
 
@@ -623,6 +689,46 @@ class _FsspecReader:
     def read_into(self, offset: int, buffer: Buffer) -> None:
         view = _bytes_view(buffer)
         view[:] = self.read(offset, view.nbytes)
+
+    def read_ranges(self, ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
+        views = _views_for(ranges)
+        self.read_ranges_into([(o, v) for (o, _), v in zip(ranges, views, strict=True)])
+        return views
+
+    def read_ranges_into(self, requests: Sequence[tuple[int, Buffer]]) -> None:
+        views = [_bytes_view(buffer) for _, buffer in requests]
+        ranges = [(offset, v.nbytes) for (offset, _), v in zip(requests, views, strict=True)]
+        for offset, length in ranges:
+            if offset < 0 or offset + length > self.size:
+                raise CorruptCheckpointError(
+                    f"read of {length} bytes at offset {offset} is past the end of the file "
+                    f"({self.size} bytes)",
+                    path=self.path,
+                )
+        groups = [g for g in coalesce(ranges) if g[1] > g[0]]
+        if not groups:
+            return
+        n = len(groups)
+
+        def fetch() -> list[Any]:
+            return list(
+                self._fs.cat_ranges(
+                    [self.path] * n,
+                    [start for start, _, _ in groups],
+                    [end for _, end, _ in groups],
+                    on_error="raise",
+                )
+            )
+
+        with _not_found_as_ours(str(self._fs.unstrip_protocol(self.path))):
+            blobs = self._retry.run(fetch, f"reading {self.path}")
+        for (start, end, members), blob in zip(groups, blobs, strict=True):
+            data = memoryview(blob)
+            if data.nbytes != end - start:
+                raise CorruptCheckpointError("short read", path=self.path)
+            for i in members:
+                offset, length = ranges[i]
+                views[i][:] = data[offset - start : offset - start + length]
 
     def close(self) -> None:
         pass
@@ -921,6 +1027,71 @@ class Storage:
             raise
 
     # -- local lock ------------------------------------------------------------------------
+    # -- unfinished multipart uploads (object stores) ----------------------------------------
+    def list_uploads(self, directory: str) -> list[Upload]:
+        """The multipart uploads started and never completed or aborted for objects directly
+        in ``directory`` (what a process killed mid-upload leaves on S3, billed and invisible
+        to listings). Empty on filesystems that have none."""
+        if not _is_s3fs(self.fs):
+            return []
+        bucket, key, _ = self.fs.split_path(directory)
+        prefix = f"{key}/" if key else ""
+
+        def call(method: str, **kwargs: Any) -> Any:
+            return self._retrying(
+                lambda: self.fs.call_s3(method, Bucket=bucket, **kwargs),
+                f"listing uploads under {self.url(directory)}",
+            )
+
+        found: list[Upload] = []
+        markers: dict[str, Any] = {}
+        while True:
+            page = call("list_multipart_uploads", Prefix=prefix, **markers)
+            for item in page.get("Uploads", []):
+                name = str(item["Key"])[len(prefix) :]
+                if not name or "/" in name:
+                    continue
+                size = 0
+                part_marker: dict[str, Any] = {}
+                while True:
+                    parts = call(
+                        "list_parts", Key=item["Key"], UploadId=item["UploadId"], **part_marker
+                    )
+                    size += sum(int(p.get("Size", 0)) for p in parts.get("Parts", []))
+                    if not parts.get("IsTruncated"):
+                        break
+                    part_marker = {"PartNumberMarker": parts["NextPartNumberMarker"]}
+                started = item.get("Initiated")
+                found.append(
+                    Upload(
+                        posixpath.join(directory, name),
+                        str(item["UploadId"]),
+                        started.timestamp() if hasattr(started, "timestamp") else None,
+                        size,
+                    )
+                )
+            if not page.get("IsTruncated"):
+                break
+            markers = {
+                "KeyMarker": page["NextKeyMarker"],
+                "UploadIdMarker": page["NextUploadIdMarker"],
+            }
+        return sorted(found, key=lambda u: (u.path, u.initiated or 0.0))
+
+    def abort_upload(self, upload: Upload) -> bool:
+        """Abort an unfinished multipart upload (its parts are deleted); False if it is gone."""
+        bucket, key, _ = self.fs.split_path(upload.path)
+        try:
+            self._retrying(
+                lambda: self.fs.call_s3(
+                    "abort_multipart_upload", Bucket=bucket, Key=key, UploadId=upload.upload_id
+                ),
+                f"aborting the upload of {self.url(upload.path)}",
+            )
+        except FileNotFoundError:  # NoSuchUpload: completed or aborted meanwhile
+            return False
+        return True
+
     def lock_local(self, path: str) -> LocalLock:
         """Take the exclusive lock of local file ``path`` (FileExistsError if another holds
         it); see :class:`LocalLock`."""

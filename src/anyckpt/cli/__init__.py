@@ -13,6 +13,7 @@ import argparse
 import os
 import sys
 import traceback
+import warnings
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
@@ -23,8 +24,10 @@ from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    PluginWarning,
     UnsupportedFormatError,
 )
+from ..formats import plugin_error
 from . import _convert, _demo, _diff, _inspect, _ls, _prune, _verify
 from ._common import CliError, Context, ExitCode, parse_key_values
 
@@ -127,6 +130,9 @@ def _classify(exc: BaseException) -> tuple[ExitCode, str]:
         return ExitCode.FAILED, str(exc) or type(exc).__name__
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED, "interrupted"
+    blamed = plugin_error(exc)  # a bug in a format plugin is not ours to report
+    if blamed is not None:
+        return ExitCode.FAILED, str(blamed)
     if isinstance(exc, ImportError):
         return ExitCode.FAILED, f"{exc} (is the package for this URL's protocol installed?)"
     return (
@@ -136,9 +142,26 @@ def _classify(exc: BaseException) -> tuple[ExitCode, str]:
     )
 
 
+def _show_warning(message: Warning | str, category: type[Warning], *args: Any, **kw: Any) -> None:
+    """Plugin warnings as one line (``anyckpt: warning: ...``), others as Python shows them."""
+    if issubclass(category, PluginWarning):
+        print(f"{PROG}: warning: {message}", file=sys.stderr, flush=True)
+    else:
+        _default_show(message, category, *args, **kw)
+
+
+_default_show = warnings.showwarning
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``anyckpt`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
     status."""
+    with warnings.catch_warnings():
+        warnings.showwarning = _show_warning
+        return _main(argv)
+
+
+def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import posixpath
 import time
 from typing import Any
 
@@ -89,6 +90,9 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     if existing is not None:
         for path in reversed(await existing.files(dst_storage, dst_path)):
             await anyio.to_thread.run_sync(dst_storage.remove, path)
+    directory = posixpath.dirname(dst_path)
+    if directory:  # formats rely on it (docs/plugins.md)
+        await anyio.to_thread.run_sync(dst_storage.makedirs, directory)
     with ctx.progress_bar("writing", None) as bar:
         bar.note = f"{format_bytes(total)} as {fmt.name}"
         bar.draw(force=True)

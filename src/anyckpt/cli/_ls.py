@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import posixpath
+import time
 from typing import Any
 
+from ..lease import LOCK_FILE
 from ._common import Context, ExitCode
 from ._output import format_bytes, format_time, print_json, table
 from ._scan import PRESERVED, TRACKED, UNCOMMITTED, UNTRACKED, Listing, scan
@@ -66,7 +69,74 @@ def listing_json(listing: Listing) -> dict[str, Any]:
         "unsafe_paths": listing.unsafe,
         "orphans": [{"name": o.name, "size": o.size, "reason": o.reason} for o in listing.orphans],
         "other_files": [{"name": f.name, "size": f.size} for f in listing.other],
+        "unreadable": [
+            {
+                "name": u.name,
+                "files": [{"name": f.name, "size": f.size} for f in u.files],
+                "reason": u.reason,
+            }
+            for u in listing.unreadable
+        ],
+        "uploads": [
+            {"name": posixpath.basename(u.path), "initiated": u.initiated, "size": u.size}
+            for u in listing.uploads
+        ],
+        "lock": None
+        if listing.lock is None
+        else {
+            "holder": listing.lock.holder,
+            "lease": listing.lock.lease,
+            "running": listing.lock.running,
+            "expired": listing.lock.expired,
+            "next_open": listing.lock.next_open,
+        },
     }
+
+
+def _age(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 2 * 3600:
+        return f"{seconds / 60:.0f} min"
+    if seconds < 2 * 86400:
+        return f"{seconds / 3600:.0f} h"
+    return f"{seconds / 86400:.0f} days"
+
+
+def _print_extras(ctx: Context, listing: Listing) -> None:
+    """Unreadable checkpoints, unfinished uploads and a leftover lock."""
+    for u in listing.unreadable:
+        names = ", ".join(f.name for f in u.files)
+        ctx.echo(f"  unreadable: the state file names {u.name!r}, whose files ({names}) are")
+        ctx.echo(f"    present but could not be read: {u.reason}")
+    if listing.uploads:
+        now = time.time()
+        ctx.echo()
+        ctx.echo(
+            "unfinished multipart uploads (left by a process killed mid-upload; billed, "
+            "invisible to listings; a manager opening this directory, or 'anyckpt prune', "
+            "aborts those named like its checkpoints):"
+        )
+        rows = [
+            [
+                posixpath.basename(u.path),
+                format_bytes(u.size),
+                "?" if u.initiated is None else f"started {_age(now - u.initiated)} ago",
+            ]
+            for u in listing.uploads
+        ]
+        ctx.echo(table(rows, right=(1,), indent="  "))
+    lock = listing.lock
+    if lock is not None:
+        kind = "lease" if lock.lease else "lock"
+        state = ""
+        if lock.running is not None:
+            state = ", process running" if lock.running else ", process no longer running"
+        if lock.expired is not None:
+            state += ", expired" if lock.expired else ", not expired"
+        ctx.echo()
+        ctx.echo(f"{LOCK_FILE}: {kind} held by {lock.holder_text}{state}")
+        ctx.echo(f"  {lock.next_open}")
 
 
 def print_listing(ctx: Context, listing: Listing) -> None:
@@ -109,6 +179,7 @@ def print_listing(ctx: Context, listing: Listing) -> None:
         ctx.echo("named like its checkpoints):")
         rows = [[o.name, format_bytes(o.size), o.reason] for o in listing.orphans]
         ctx.echo(table(rows, right=(1,), indent="  "))
+    _print_extras(ctx, listing)
     if listing.other:
         names = ", ".join(f.name for f in listing.other[:5])
         more = f" and {len(listing.other) - 5} more" if len(listing.other) > 5 else ""
@@ -123,4 +194,6 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         print_json(listing_json(listing), ctx.out)
     else:
         print_listing(ctx, listing)
+    if listing.unreadable:  # present but unreadable: never "fine" (4: no format; 5: failed)
+        return ExitCode(max(u.exit_code for u in listing.unreadable))
     return ExitCode.OK

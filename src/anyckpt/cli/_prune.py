@@ -10,6 +10,7 @@ own :meth:`~anyckpt.CheckpointManager.sweep`, the code path of a save's commit.
 from __future__ import annotations
 
 import argparse
+import posixpath
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -135,6 +136,12 @@ def debris(listing: Listing, checkpoint_name: str) -> list[tuple[str, str]]:
             TEMP_MARKER in orphan.name and (base == STATE_FILE or ours.fullmatch(base))
         ):
             found.append((orphan.name, orphan.reason))
+    any_format = re.compile(re.escape(checkpoint_name) + r"-\d+([.-][\w.-]*)?")
+    for upload in listing.uploads:
+        name = posixpath.basename(upload.path)
+        base = name.split(TEMP_MARKER, 1)[0]
+        if base == STATE_FILE or any_format.fullmatch(base):
+            found.append((name, f"unfinished multipart upload ({format_bytes(upload.size)})"))
     for c in listing.checkpoints:
         if c.status == UNCOMMITTED and c.stem == checkpoint_name:
             found.extend(

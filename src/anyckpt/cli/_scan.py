@@ -24,12 +24,18 @@ import anyio
 import anyio.to_thread
 
 from ..codecs.state_file import CheckpointState, relativize
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ..formats import detect_format
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    UnsupportedFormatError,
+)
+from ..formats import broken_plugins, detect_format, plugin_error
 from ..formats.base import CheckpointFormat
+from ..lease import LOCK_FILE, LockInfo, read_lock
 from ..manager import STATE_FILE, read_state
 from ..retention import RecoveredState, recover
-from ..storage import TEMP_MARKER, Storage
+from ..storage import TEMP_MARKER, Storage, Upload
 
 #: The status of a checkpoint in a directory.
 TRACKED = "tracked"  # in the state file: retention counts it and may delete it
@@ -77,6 +83,16 @@ class Orphan:
 
 
 @dataclass
+class Unreadable:
+    """A checkpoint the state file names whose files are there but could not be read."""
+
+    name: str
+    files: list[FileInfo]
+    reason: str
+    exit_code: int  # 4: no format reads it; 5: reading failed
+
+
+@dataclass
 class Listing:
     """Everything ``anyckpt ls`` knows about a directory."""
 
@@ -93,6 +109,9 @@ class Listing:
     other: list[FileInfo]
     latest: str | None = None
     problems: list[str] = field(default_factory=list)
+    unreadable: list[Unreadable] = field(default_factory=list)
+    uploads: list[Upload] = field(default_factory=list)  # unfinished multipart uploads
+    lock: LockInfo | None = None  # a ``checkpoint.lock`` left in the directory
 
     @property
     def checkpoint_name(self) -> str | None:
@@ -186,13 +205,29 @@ def _safe_name(raw: str, root: str) -> str | None:
         return None
 
 
-async def _detect(storage: Storage, path: str) -> CheckpointFormat | None:
+async def _detect(storage: Storage, path: str) -> CheckpointFormat | Exception | None:
+    """The format of the checkpoint at ``path``; None if no format recognises it; the error
+    if detecting failed (unreadable, a plugin's bug...)."""
     try:
         return await detect_format(storage, path)
-    except CheckpointError:
+    except CheckpointNotFoundError:
         return None
-    except OSError:
-        return None
+    except Exception as exc:
+        return exc
+
+
+def _why_unreadable(error: Exception | None) -> tuple[str, int]:
+    """Why the files of ``name`` could not be read as a checkpoint, and the exit status."""
+    if error is not None:
+        blamed = plugin_error(error)
+        if blamed is not None:
+            return str(blamed), 5
+        code = 4 if isinstance(error, UnsupportedFormatError) else 5
+        return f"{type(error).__name__}: {error}" if code == 5 else str(error), code
+    broken = broken_plugins()
+    if broken:
+        return "no installed format recognises them; " + "; ".join(broken.values()), 4
+    return "no installed format recognises them (is its plugin installed?)", 4
 
 
 async def scan(storage: Storage, root: str, *, now: float | None = None) -> Listing:
@@ -235,7 +270,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
     listed = [*state_names, *([latest] if latest and latest not in state_names else [])]
 
     candidates = _candidates(list(by_name), listed)
-    formats: dict[str, CheckpointFormat | None] = {}
+    formats: dict[str, CheckpointFormat | Exception | None] = {}
     limiter = anyio.CapacityLimiter(16)
 
     async def probe(name: str) -> None:
@@ -250,7 +285,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
     checkpoints: list[CheckpointInfo] = []
     for name in candidates:
         fmt = formats.get(name)
-        if fmt is None or name in claimed:
+        if fmt is None or isinstance(fmt, Exception) or name in claimed:
             continue
         path = posixpath.join(root, name)
         try:
@@ -301,11 +336,37 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
     checkpoints.sort(key=lambda c: (c.step is None, c.step or 0, c.name))
 
     found = {c.name for c in checkpoints}
-    missing = [n for n in listed if n not in found]
+    missing: list[str] = []
+    unreadable: list[Unreadable] = []
+    for name in listed:
+        if name in found:
+            continue
+        # Files of it may be there, in a format no installed plugin reads (or whose plugin
+        # failed to load): present, not missing.
+        stem = re.sub(r"-\?{5}-of-\d{5}$", "", name)
+        present = [
+            f
+            for f in files
+            if f.name not in claimed
+            and TEMP_MARKER not in f.name
+            and f.name != STATE_FILE
+            and (f.name == stem or re.match(re.escape(stem) + r"[.-]", f.name))
+        ]
+        if not present:
+            missing.append(name)
+            continue
+        error = formats.get(name)
+        reason, code = _why_unreadable(error if isinstance(error, Exception) else None)
+        unreadable.append(Unreadable(name, present, reason, code))
+        claimed.update(f.name for f in present)
     orphans: list[Orphan] = []
     other: list[FileInfo] = []
+    lock: LockInfo | None = None
     for info in files:
         if info.name in claimed or info.name == STATE_FILE:
+            continue
+        if info.name == LOCK_FILE:
+            lock = await anyio.to_thread.run_sync(read_lock, storage, root, now)
             continue
         data = _DATA_FILE.fullmatch(info.name)
         if TEMP_MARKER in info.name:
@@ -314,6 +375,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
             orphans.append(Orphan(info.name, info.size, "data file without its index"))
         else:
             other.append(info)
+    uploads = await anyio.to_thread.run_sync(storage.list_uploads, root)
     return Listing(
         storage,
         root,
@@ -327,4 +389,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         orphans,
         other,
         latest,
+        unreadable=unreadable,
+        uploads=uploads,
+        lock=lock,
     )

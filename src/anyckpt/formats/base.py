@@ -10,11 +10,15 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import anyio
 import numpy as np
 
 from ..codecs.dtypes import dtype_name
+
+if TYPE_CHECKING:
+    from typing_extensions import Self
 from ..storage import Storage
 
 Extent = tuple[int, int]  # (start, length); length -1 means the whole dimension
@@ -69,7 +73,10 @@ class TensorSpec:
 
 @runtime_checkable
 class CheckpointReader(Protocol):
-    """An open checkpoint. Close it with ``await reader.aclose()`` (or ``async with``)."""
+    """An open checkpoint. Close it with ``await reader.aclose()`` (or ``async with``).
+
+    A reader supports ``async with`` (``__aenter__`` returns it, ``__aexit__`` closes it):
+    subclass :class:`ReaderBase` to get that, a concurrent ``read_many`` and ``aclose``."""
 
     prefix: str
 
@@ -95,6 +102,47 @@ class CheckpointReader(Protocol):
 
     async def aclose(self) -> None: ...
 
+    async def __aenter__(self) -> Any: ...
+
+    async def __aexit__(self, *exc: object) -> None: ...
+
+
+class ReaderBase:
+    """What a plugin's reader may inherit: ``async with`` (closing the reader on exit), a
+    no-op ``aclose`` and a ``read_many`` that reads the keys concurrently with ``read``.
+    Override ``read_many`` to batch (``FileReader.read_ranges``), ``aclose`` to release."""
+
+    prefix: str
+
+    def keys(self) -> list[str]:
+        raise NotImplementedError
+
+    async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
+        raise NotImplementedError
+
+    async def read_many(
+        self, keys: Sequence[str] | None = None, *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        names = self.keys() if keys is None else list(keys)
+        out: dict[str, np.ndarray] = {}
+
+        async def one(key: str) -> None:
+            out[key] = await self.read(key, verify=verify)
+
+        async with anyio.create_task_group() as tg:
+            for key in names:
+                tg.start_soon(one, key)
+        return {key: out[key] for key in names}
+
+    async def aclose(self) -> None:
+        pass
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
 
 @runtime_checkable
 class CheckpointFormat(Protocol):
@@ -112,7 +160,13 @@ class CheckpointFormat(Protocol):
         options: Mapping[str, Any] | None = None,
     ) -> list[str]:
         """Write ``tensors`` (already normalised, see :func:`anyckpt.tensors.as_tensor`) under
-        ``prefix``; return the paths written. Either every file is written or none remains."""
+        ``prefix``; return the paths written, the commit marker last. Either every file is
+        written or none remains.
+
+        The directory of ``prefix`` exists when ``write`` is called (:func:`anyckpt.save` and
+        the manager create it). The arrays are the caller's and must not be modified; a buffer
+        handed to a ``FileWriter`` must not change until its ``commit`` returns (a remote
+        writer may send it from there)."""
         ...
 
     async def open(self, storage: Storage, prefix: str) -> CheckpointReader: ...
@@ -125,6 +179,9 @@ class CheckpointFormat(Protocol):
         """The exact paths the checkpoint at ``prefix`` consists of (those that exist)."""
         ...
 
-    # Optional: ``checkpoint_path(prefix, written) -> str``, the path the ``checkpoint`` state
-    # file records for a save that wrote the files ``written`` (default: ``prefix``). V1
-    # records sharded saves as TensorFlow's ``PREFIX-?????-of-0000N`` pattern.
+    # Optional members (looked up with getattr; a format without them gets the default):
+    # ``checkpoint_path(prefix, written) -> str`` (plain method), the path the ``checkpoint``
+    # state file records for a save that wrote the files ``written`` (default: ``prefix``);
+    # V1 records sharded saves as TensorFlow's ``PREFIX-?????-of-0000N`` pattern.
+    # ``tf_saver_version: int`` (1 or 2), for formats TensorFlow's Saver reads: the manager
+    # may then write a ``.meta`` graph (default: none).

@@ -69,6 +69,44 @@ def _threads(value: Any) -> int:
     return n
 
 
+#: Frames fetched per batch of reads (compressed bytes held at once).
+_BATCH_BYTES = 64 << 20
+
+
+def _windows(wanted: list[tuple[int, codec.Chunk]]) -> Iterator[list[tuple[int, codec.Chunk]]]:
+    """``wanted`` in runs of at most :data:`_BATCH_BYTES` compressed bytes (at least one)."""
+    run: list[tuple[int, codec.Chunk]] = []
+    size = 0
+    for item in wanted:
+        if run and size + item[1].size > _BATCH_BYTES:
+            yield run
+            run, size = [], 0
+        run.append(item)
+        size += item[1].size
+    if run:
+        yield run
+
+
+class _IO:
+    """One file reader and decompression pool, and frames fetched ahead (by offset)."""
+
+    def __init__(self, reader: FileReader, pool: ThreadPoolExecutor) -> None:
+        self.reader = reader
+        self.pool = pool
+        self.cache: dict[int, memoryview] = {}
+
+    def prefetch(self, chunks: list[codec.Chunk]) -> None:
+        views = self.reader.read_ranges([(c.offset, c.size) for c in chunks])
+        self.cache.update((c.offset, v) for c, v in zip(chunks, views, strict=True))
+
+    def frames(self, window: list[tuple[int, codec.Chunk]]) -> dict[int, memoryview]:
+        missing = [c for _, c in window if c.offset not in self.cache]
+        if not missing:
+            return self.cache
+        views = self.reader.read_ranges([(c.offset, c.size) for c in missing])
+        return {**self.cache, **{c.offset: v for c, v in zip(missing, views, strict=True)}}
+
+
 class _Local(threading.local):
     compressor: zstandard.ZstdCompressor | None = None
     decompressor: zstandard.ZstdDecompressor | None = None
@@ -346,16 +384,16 @@ class ZstdReader:
 
     def _decompress(
         self,
-        reader: FileReader,
+        frame: memoryview,
         chunk: codec.Chunk,
         itemsize: int,
         verify: bool,
         dest: memoryview,
         skip: int,
     ) -> None:
-        """Decompress ``chunk`` and put its raw bytes ``[skip, skip + len(dest))`` into
-        ``dest``: straight into it for a whole chunk, through a scratch chunk otherwise."""
-        frame = reader.read(chunk.offset, chunk.size)
+        """Decompress ``chunk`` (its ``frame``) and put its raw bytes ``[skip, skip +
+        len(dest))`` into ``dest``: straight into it for a whole chunk, through a scratch chunk
+        otherwise."""
         try:
             content = zstandard.frame_content_size(frame)
         except zstandard.ZstdError as exc:
@@ -393,40 +431,51 @@ class ZstdReader:
         if not whole:
             dest[:] = target[skip : skip + len(dest)]
 
-    def _read_bytes(
-        self, info: codec.TensorInfo, start: int, stop: int, verify: bool, out: memoryview | None
-    ) -> memoryview | None:
-        """Bytes [start, stop) of a tensor's raw data (into ``out`` when given)."""
-        dtype = dtype_from_enum(info.dtype)
-        itemsize = dtype.itemsize if info.layout == "shuffle" else 1
-        buffer = out if out is not None else memoryview(bytearray(stop - start))
+    def _chunks(
+        self, info: codec.TensorInfo, start: int, stop: int
+    ) -> list[tuple[int, codec.Chunk]]:
+        """The chunks holding bytes [start, stop) of a tensor's raw data, with their bases."""
         wanted: list[tuple[int, codec.Chunk]] = []
         at = 0
         for chunk in info.chunks:
             if at < stop and at + chunk.raw_size > start:
                 wanted.append((at, chunk))
             at += chunk.raw_size
-        reader = self.storage.open_reader(self.path)
-        try:
-            with ThreadPoolExecutor(self._threads, thread_name_prefix="anyckpt-zstd") as pool:
+        return wanted
 
-                def one(item: tuple[int, codec.Chunk]) -> None:
-                    base, chunk = item
-                    lo, hi = max(start, base), min(stop, base + chunk.raw_size)
-                    dest = buffer[lo - start : hi - start]
-                    self._decompress(reader, chunk, itemsize, verify, dest, lo - base)
+    def _read_bytes(
+        self,
+        io: _IO,
+        info: codec.TensorInfo,
+        start: int,
+        stop: int,
+        verify: bool,
+        out: memoryview | None,
+    ) -> memoryview | None:
+        """Bytes [start, stop) of a tensor's raw data (into ``out`` when given). The frames
+        are fetched in batches (``read_ranges``: concurrent, coalesced requests remotely)
+        unless ``io`` already holds them, and decompressed on the pool straight into place."""
+        dtype = dtype_from_enum(info.dtype)
+        itemsize = dtype.itemsize if info.layout == "shuffle" else 1
+        buffer = out if out is not None else memoryview(bytearray(stop - start))
+        for window in _windows(self._chunks(info, start, stop)):
+            frames = io.frames(window)
 
-                for _ in _ordered_map(pool, one, iter(wanted), 2 * self._threads):
-                    anyio.from_thread.check_cancelled()
-        finally:
-            reader.close()
+            def one(item: tuple[int, codec.Chunk], frames: dict[int, memoryview] = frames) -> None:
+                base, chunk = item
+                lo, hi = max(start, base), min(stop, base + chunk.raw_size)
+                dest = buffer[lo - start : hi - start]
+                self._decompress(frames[chunk.offset], chunk, itemsize, verify, dest, lo - base)
+
+            for _ in _ordered_map(io.pool, one, iter(window), 2 * self._threads):
+                anyio.from_thread.check_cancelled()
         return None if out is not None else buffer
 
-    def _read(self, key: str, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
+    def _read(self, io: _IO, key: str, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
         info = self._info(key)
         dtype = dtype_from_enum(info.dtype)
         if info.dtype == DT_STRING:
-            data = self._read_bytes(info, 0, info.raw_size, verify, None)
+            data = self._read_bytes(io, info, 0, info.raw_size, verify, None)
             assert data is not None
             try:
                 values = codec.decode_strings(data, math.prod(info.shape))
@@ -444,8 +493,39 @@ class ZstdReader:
             shape = (rows[1] - rows[0], *shape[1:])
         array = np.empty(shape, dtype=disk_dtype(dtype))
         if array.nbytes:
-            self._read_bytes(info, start, stop, verify, array.reshape(-1).view(np.uint8).data)
+            self._read_bytes(io, info, start, stop, verify, array.reshape(-1).view(np.uint8).data)
         return array if array.dtype == dtype else array.astype(dtype)
+
+    def _run(self, keys: list[str], rows: tuple[int, int] | None, verify: bool) -> list[np.ndarray]:
+        """Read ``keys`` (``rows`` of each, or all) through one file reader and one pool; the
+        frames of many small tensors are fetched together, a batch at a time."""
+        reader = self.storage.open_reader(self.path)
+        try:
+            with ThreadPoolExecutor(self._threads, thread_name_prefix="anyckpt-zstd") as pool:
+                io = _IO(reader, pool)
+                out: list[np.ndarray] = []
+                batch: list[str] = []
+                pending = 0
+
+                def flush() -> None:
+                    if len(batch) > 1:  # small tensors: all their frames in one batch
+                        infos = [self._info(k) for k in batch]
+                        io.prefetch([c for i in infos for _, c in self._chunks(i, 0, i.raw_size)])
+                    out.extend(self._read(io, k, rows, verify) for k in batch)
+                    io.cache.clear()
+                    batch.clear()
+
+                for key in keys:
+                    size = self._info(key).stored_size
+                    if batch and pending + size > _BATCH_BYTES:
+                        flush()
+                        pending = 0
+                    batch.append(key)
+                    pending += size
+                flush()
+                return out
+        finally:
+            reader.close()
 
     async def read_many(
         self, keys: Sequence[str] | None = None, *, verify: bool = True
@@ -453,16 +533,13 @@ class ZstdReader:
         names = self.keys() if keys is None else list(keys)
         for key in names:
             self._info(key)
-
-        def run() -> dict[str, np.ndarray]:
-            return {key: self._read(key, None, verify) for key in names}
-
-        return await anyio.to_thread.run_sync(run)
+        arrays = await anyio.to_thread.run_sync(self._run, names, None, verify)
+        return dict(zip(names, arrays, strict=True))
 
     async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
         info = self._info(key)
         if index is None:
-            return await anyio.to_thread.run_sync(self._read, key, None, verify)
+            return (await anyio.to_thread.run_sync(self._run, [key], None, verify))[0]
         probe = np.broadcast_to(np.empty((), np.uint8), info.shape)[index]  # validates index
         items = index if isinstance(index, tuple) else (index,)
         first = items[0] if items else slice(None)
@@ -476,6 +553,7 @@ class ZstdReader:
             i = int(first) + (info.shape[0] if first < 0 else 0)
             rows = (i, i + 1)
             rest = (0, *items[1:])
-        out = (await anyio.to_thread.run_sync(self._read, key, rows, verify))[rest]
+        array = (await anyio.to_thread.run_sync(self._run, [key], rows, verify))[0]
+        out = array[rest]
         assert out.shape == probe.shape
         return np.ascontiguousarray(out)
