@@ -16,8 +16,8 @@ import numpy as np
 
 from .codecs import DecodeError
 from .errors import CorruptCheckpointError
-from .formats import detect_format, get_format
-from .formats.base import CheckpointFormat, CheckpointReader
+from .formats import get_format, locate_checkpoint
+from .formats.base import CheckpointFormat, CheckpointReader, check_options
 from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph, encode_meta_graph
 from .storage import Storage
 from .tensors import key_to_bytes, prepare
@@ -45,6 +45,7 @@ async def save(
     """
     storage, path = Storage.from_url(prefix, storage_options)
     fmt = get_format(format)
+    check_options(fmt, options)
     prepared = prepare(tensors)
     if not write_meta_graph:
         return await fmt.write(storage, path, prepared, durable=durable, options=options)
@@ -77,9 +78,12 @@ async def load(
 async def open_reader(
     prefix: PathLike, *, format: str | None = None, storage_options: dict[str, Any] | None = None
 ) -> CheckpointReader:
-    """Open the checkpoint at ``prefix``; close it with ``await reader.aclose()``."""
+    """Open the checkpoint at ``prefix`` (or the one whose file ``prefix`` names, e.g.
+    ``DIR/ckpt-5.index``); close it with ``await reader.aclose()``."""
     storage, path = Storage.from_url(prefix, storage_options)
-    fmt = get_format(format) if format else await detect_format(storage, path)
+    if format:
+        return await get_format(format).open(storage, path)
+    path, fmt = await locate_checkpoint(storage, path)
     return await fmt.open(storage, path)
 
 
@@ -183,7 +187,7 @@ async def export_meta_graph(
     path. The graph restores every tensor, partitioned ones slice by slice; its save graph is
     unsharded whatever the checkpoint's shards (TensorFlow restores either way)."""
     storage, path = Storage.from_url(prefix, storage_options)
-    fmt = await detect_format(storage, path)
+    path, fmt = await locate_checkpoint(storage, path)
     reader = await fmt.open(storage, path)
     try:
         keys = reader.keys()

@@ -29,3 +29,9 @@ class UnsafePathError(CheckpointError):
 
 class ConcurrentWriterError(CheckpointError):
     """Another writer changed the checkpoint directory under this manager."""
+
+
+class InvalidOptionError(ValueError, TypeError):
+    """A format option that the format does not declare, or a value of the wrong type.
+
+    Both a :class:`ValueError` and a :class:`TypeError`; the message names the valid options."""

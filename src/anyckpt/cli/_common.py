@@ -4,18 +4,20 @@ from __future__ import annotations
 
 import json
 import posixpath
-import re
 import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import IO, Any
 
-from ..codecs.state_file import relativize
-from ..errors import CheckpointNotFoundError
-from ..formats import detect_format
+import anyio.to_thread
+
+from ..codecs.state_file import CheckpointState, relativize
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..formats import locate_checkpoint
 from ..formats.base import CheckpointFormat, TensorSpec
-from ..manager import read_state
+from ..formats.resolve import path_kind
+from ..manager import STATE_FILE, read_state
 from ..storage import Storage
 from ._output import Progress, stream_is_terminal
 
@@ -108,46 +110,72 @@ class Checkpoint:
         return self.storage.url(self.path)
 
 
-_FILE_SUFFIX = re.compile(r"\.(index|data-\d{5}-of-\d{5})$")
-
-
 async def find_checkpoint(ctx: Context, target: str) -> Checkpoint:
     """The checkpoint ``target`` names: a prefix (``DIR/ckpt-5``), one of its files
-    (``DIR/ckpt-5.index``), or a directory (its latest checkpoint, from the state file)."""
+    (``DIR/ckpt-5.index``, one V1 shard...; :func:`anyckpt.formats.locate_checkpoint`), or a
+    directory (its latest checkpoint, from the state file)."""
     storage, path = ctx.storage(target)
-    try:
-        return Checkpoint(storage, path, await detect_format(storage, path))
-    except CheckpointNotFoundError:
-        pass
-    stripped = _FILE_SUFFIX.sub("", path)
-    if stripped != path:
-        try:
-            return Checkpoint(storage, stripped, await detect_format(storage, stripped))
-        except CheckpointNotFoundError:
-            pass
-    state = await read_state(storage, path)
+    if await anyio.to_thread.run_sync(path_kind, storage, path) != "dir":
+        prefix, fmt = await locate_checkpoint(storage, path)
+        return Checkpoint(storage, prefix, fmt)
+    state = await read_state_or_explain(storage, path)
     if state is not None and state.model_checkpoint_path:
         name = relativize(state.model_checkpoint_path, path)
         prefix = posixpath.join(path, name)
         try:
-            return Checkpoint(storage, prefix, await detect_format(storage, prefix))
+            prefix, fmt = await locate_checkpoint(storage, prefix)
         except CheckpointNotFoundError:
             raise CheckpointNotFoundError(
                 f"the state file names {name!r} as the latest checkpoint, but it does not exist",
                 path=storage.url(path),
             ) from None
+        return Checkpoint(storage, prefix, fmt)
     raise CheckpointNotFoundError(
-        "no checkpoint here (neither a checkpoint prefix such as DIR/ckpt-5 "
-        "nor a directory with a 'checkpoint' state file)",
+        "a directory without a 'checkpoint' state file naming its latest checkpoint; give a "
+        "checkpoint prefix such as DIR/ckpt-5 ('anyckpt ls DIR' lists them)",
         path=storage.url(path),
     )
 
 
+async def read_state_or_explain(storage: Storage, directory: str) -> CheckpointState | None:
+    """The directory's state file (None if it has none); an unreadable one raises
+    :class:`CorruptCheckpointError` saying so and why."""
+    try:
+        return await read_state(storage, directory)
+    except CorruptCheckpointError as exc:
+        raise CorruptCheckpointError(
+            f"unreadable state file: {state_error_text(exc)}",
+            path=storage.url(posixpath.join(directory, STATE_FILE)),
+        ) from None
+    except OSError as exc:
+        raise CorruptCheckpointError(
+            f"unreadable state file: {exc.strerror or exc}",
+            path=storage.url(posixpath.join(directory, STATE_FILE)),
+        ) from None
+
+
+def state_error_text(exc: CorruptCheckpointError) -> str:
+    """The reason a state file is unreadable, without the path prefix."""
+    text = str(exc)
+    if exc.path and text.startswith(f"{exc.path}: "):
+        text = text[len(exc.path) + 2 :]
+    return text
+
+
 def tensor_nbytes(spec: TensorSpec) -> int:
-    """Bytes a tensor occupies (stored size when the format knows it)."""
-    if spec.nbytes is not None:
-        return spec.nbytes
-    return spec.size * (spec.dtype.itemsize if spec.dtype.kind != "O" else 1)
+    """A tensor's data size: elements x item size (strings: their stored bytes when the format
+    knows them, else one byte each). Compressed formats store less (:func:`stored_nbytes`)."""
+    if spec.dtype.kind != "O":
+        return spec.size * spec.dtype.itemsize
+    raw = spec.extra.get("raw_bytes")
+    if isinstance(raw, int):
+        return raw
+    return spec.nbytes if spec.nbytes is not None else spec.size
+
+
+def stored_nbytes(spec: TensorSpec) -> int | None:
+    """Bytes the format stores for a tensor (None when it does not say)."""
+    return spec.nbytes
 
 
 def shape_text(shape: tuple[int, ...]) -> str:

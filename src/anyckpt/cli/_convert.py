@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import CheckpointNotFoundError
 from ..formats import available_formats, detect_format, get_format
+from ..formats.base import check_options
 from ._common import CliError, Context, ExitCode, find_checkpoint, parse_key_values, tensor_nbytes
 from ._output import format_bytes, format_duration, print_json
 
@@ -53,6 +54,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 async def run(ctx: Context, args: argparse.Namespace) -> int:
     fmt = get_format(args.format)
     options = parse_key_values(args.format_option, "--format-option")
+    check_options(fmt, options)
     src = await find_checkpoint(ctx, args.src)
     dst_storage, dst_path = ctx.storage(args.dst)
     dst_url = dst_storage.url(dst_path)

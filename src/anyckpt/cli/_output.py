@@ -8,31 +8,84 @@ import os
 import shutil
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from typing import IO, Any
 
 __all__ = [
     "Progress",
+    "display_width",
     "format_bytes",
     "format_duration",
+    "format_ratio",
     "format_time",
+    "plural",
+    "print_error_json",
     "print_json",
     "table",
+    "truncate",
 ]
 
 
 def format_bytes(n: float | None) -> str:
-    """``1536`` -> ``1.5 KiB``; ``None`` -> ``?``."""
+    """``1536`` -> ``1.5 KiB``; ``None`` -> ``?``. A value that would round to 1024.0 of a
+    unit is shown in the next (``1048575`` -> ``1.0 MiB``, not ``1024.0 KiB``)."""
     if n is None:
         return "?"
     if n < 1024:
         return f"{int(n)} B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-        if n < 1024 or unit == "TiB":
+        if round(n, 1) < 1024 or unit == "TiB":
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 tensor``, ``2 tensors``, ``0 files``."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
+def format_ratio(data: int, stored: int | None) -> str:
+    """``256.0 KiB (stored 26 B, 0.01%)``-style text: data size, and the stored size with its
+    share of the data when they differ."""
+    if stored is None or stored == data:
+        return format_bytes(data)
+    share = f"{stored / data:.0%}" if data else "-"
+    if data and stored / data < 0.01:
+        share = f"{stored / data:.2%}"
+    return f"{format_bytes(data)} (stored {format_bytes(stored)}, {share})"
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: East Asian wide and fullwidth characters take
+    two, combining marks none."""
+    width = 0
+    for char in text:
+        if unicodedata.combining(char):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
+
+
+def _pad(text: str, width: int, *, right: bool = False) -> str:
+    fill = " " * max(width - display_width(text), 0)
+    return fill + text if right else text + fill
+
+
+def truncate(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` columns, ending in ``…`` when cut."""
+    if display_width(text) <= width:
+        return text
+    out, used = [], 0
+    for char in text:
+        w = display_width(char)
+        if used + w > width - 1:
+            break
+        out.append(char)
+        used += w
+    return "".join(out) + "…"
 
 
 def format_duration(seconds: float) -> str:
@@ -58,26 +111,36 @@ def format_time(timestamp: float | None) -> str:
 
 
 def table(rows: Sequence[Sequence[str]], *, right: Sequence[int] = (), indent: str = "") -> str:
-    """Rows of cells as aligned text; the first row is the header. ``right``: columns
-    aligned right (numbers)."""
+    """Rows of cells as aligned text (by display width: CJK characters take two columns);
+    the first row is the header. ``right``: columns aligned right (numbers)."""
     if not rows:
         return ""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    widths = [max(display_width(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
+        cells = [_pad(cell, widths[i], right=i in right) for i, cell in enumerate(row)]
         lines.append((indent + "  ".join(cells)).rstrip())
     return "\n".join(lines)
 
 
+#: The version of every JSON document's layout (``"schema_version"``, its first key): raised
+#: when a key is renamed or removed; adding keys keeps it.
+JSON_SCHEMA_VERSION = 2
+
+
 def print_json(data: Any, stream: IO[str] | None = None) -> None:
-    """One JSON document (indented, keys in insertion order) on stdout."""
+    """One JSON document (indented, keys in insertion order) on stdout, led by
+    ``"schema_version"``."""
     out = stream or sys.stdout
+    if isinstance(data, dict):
+        data = {"schema_version": JSON_SCHEMA_VERSION, **data}
     json.dump(data, out, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
     out.write("\n")
+
+
+def print_error_json(code: int, message: str, stream: IO[str] | None = None) -> None:
+    """The document ``--json`` prints when a command fails: ``{"ok": false, "error": ...}``."""
+    print_json({"ok": False, "error": {"exit_code": int(code), "message": message}}, stream)
 
 
 def _json_default(value: Any) -> Any:

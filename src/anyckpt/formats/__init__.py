@@ -12,6 +12,7 @@ from importlib.metadata import entry_points
 from ..errors import CheckpointNotFoundError, UnsupportedFormatError
 from ..storage import Storage
 from .base import CheckpointFormat, CheckpointReader, TensorSlice, TensorSpec
+from .resolve import resolve_checkpoint
 from .v1 import V1Format
 from .v2 import V2Format
 
@@ -28,6 +29,7 @@ __all__ = [
     "available_formats",
     "detect_format",
     "get_format",
+    "locate_checkpoint",
     "register_format",
 ]
 
@@ -84,3 +86,14 @@ async def detect_format(storage: Storage, prefix: str) -> CheckpointFormat:
         if await fmt.detect(storage, prefix):
             return fmt
     raise CheckpointNotFoundError("no checkpoint of any known format", path=storage.url(prefix))
+
+
+async def locate_checkpoint(storage: Storage, path: str) -> tuple[str, CheckpointFormat]:
+    """The (prefix, format) of the checkpoint ``path`` names: its prefix or any one of its
+    files (``.index``, ``.data-…``, ``.meta``, one V1 shard, a plugin's file). A file that is
+    no checkpoint's raises an error saying what it is (see :mod:`.resolve`)."""
+    formats = [*_BUILTINS.values(), *_load_plugins().values()]
+    found = await resolve_checkpoint(storage, path, formats)
+    if found is None:
+        raise CheckpointNotFoundError("no checkpoint of any known format", path=storage.url(path))
+    return found

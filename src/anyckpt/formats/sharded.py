@@ -26,10 +26,20 @@ from typing import Any
 
 import numpy as np
 
+from .base import FormatOption
+
 DeviceSpec = Mapping[str, str] | Callable[[str], str | None]
 
 #: The option names the planner understands.
 SHARD_OPTIONS = frozenset({"devices", "max_shard_bytes", "num_shards", "shard_of"})
+
+#: The options of the built-in formats (V1, V2): the planner's, with their types.
+SHARD_FORMAT_OPTIONS: Mapping[str, FormatOption] = {
+    "devices": FormatOption((Mapping, Callable), "tensor name -> device; one shard per device"),
+    "max_shard_bytes": FormatOption((int,), "split so that no shard holds more bytes"),
+    "num_shards": FormatOption((int,), "balance the tensors over this many shards"),
+    "shard_of": FormatOption((Callable,), "tensor name -> shard number"),
+}
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,7 @@ import numpy as np
 
 from anyckpt.codecs.dtypes import disk_dtype, to_little_endian
 from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
-from anyckpt.formats.base import Index, TensorSlice, TensorSpec
+from anyckpt.formats.base import FormatOption, Index, TensorSlice, TensorSpec
 from anyckpt.partitioned import partitions_of
 from anyckpt.storage import FileReader, Storage
 
@@ -44,6 +44,11 @@ class SafetensorsFormat:
     stored in the header's ``__metadata__``."""
 
     name = "safetensors"
+    options: Mapping[str, FormatOption] = {
+        "metadata": FormatOption((Mapping,), "{str: str} stored in the header's __metadata__"),
+    }
+    #: safetensors stores no checksums: ``verify`` checks the structure only.
+    has_checksums = False
 
     async def write(
         self,

@@ -36,7 +36,7 @@ from anyckpt.codecs.dtypes import (
     to_little_endian,
 )
 from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
-from anyckpt.formats.base import Index, TensorSlice, TensorSpec
+from anyckpt.formats.base import FormatOption, Index, TensorSlice, TensorSpec
 from anyckpt.partitioned import partitions_of
 from anyckpt.storage import FileReader, Storage
 
@@ -80,6 +80,14 @@ class ZstdFormat:
     """A zstd-compressed, chunked container (``PREFIX.zckpt``)."""
 
     name = "zstd"
+    options: Mapping[str, FormatOption] = {
+        "level": FormatOption((int,), f"zstd level (default {DEFAULT_LEVEL}; negative: fast)"),
+        "threads": FormatOption((int,), "compression threads (default: CPUs, at most 8)"),
+        "chunk_bytes": FormatOption((int,), "bytes per compressed chunk (default 4 MiB)"),
+        "shuffle": FormatOption((bool,), "byte-transpose numeric chunks (default true)"),
+    }
+    #: Every chunk carries the crc32c of its uncompressed bytes.
+    has_checksums = True
 
     async def write(
         self,
