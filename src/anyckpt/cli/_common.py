@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import fnmatch
 import json
+import os
 import posixpath
+import re
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import IO, Any
@@ -19,7 +23,7 @@ from ..formats.base import CheckpointFormat, TensorSpec
 from ..formats.resolve import path_kind
 from ..manager import STATE_FILE, read_state
 from ..storage import Storage
-from ._output import Progress, stream_is_terminal
+from ._output import Progress, plural, stream_is_terminal
 
 
 class ExitCode(IntEnum):
@@ -176,6 +180,70 @@ def tensor_nbytes(spec: TensorSpec) -> int:
 def stored_nbytes(spec: TensorSpec) -> int | None:
     """Bytes the format stores for a tensor (None when it does not say)."""
     return spec.nbytes
+
+
+def file_sizes(storage: Storage, paths: list[str]) -> list[int | None]:
+    """The size of each file (None when it is missing or cannot be asked), from metadata
+    only: no file is opened, so unreadable files still have a size."""
+    sizes: list[int | None] = []
+    for path in paths:
+        try:
+            if storage.is_local:
+                sizes.append(os.stat(path).st_size)
+            else:
+                sizes.append(int(storage.fs.size(path)))
+        except (OSError, ValueError, TypeError):  # noqa: PERF203 - one call per file
+            sizes.append(None)
+    return sizes
+
+
+def file_entry(storage: Storage, path: str, size: int | None) -> dict[str, Any]:
+    """A file in JSON output, the same in every command: ``name`` (its base name), ``path``
+    (the full path or URL) and ``size`` (bytes; null if unknown)."""
+    return {"name": posixpath.basename(path), "path": storage.url(path), "size": size}
+
+
+_GLOB = re.compile(r"[*?\[]")
+
+
+def select_keys(
+    keys: list[str], include: Sequence[str], exclude: Sequence[str] = (), *, where: str
+) -> list[str]:
+    """The tensor names to work on: ``keys`` matching any ``include`` pattern (all when there
+    is none), minus those matching an ``exclude`` pattern. Patterns are shell globs over the
+    whole name (``encoder/*``, ``*/kernel``; ``*`` also matches ``/``); a name without glob
+    characters must exist, and every include pattern must match something (exit 3)."""
+    if include:
+        chosen: dict[str, None] = {}
+        known = set(keys)
+        for pattern in include:
+            if _GLOB.search(pattern):
+                matched = [k for k in keys if fnmatch.fnmatchcase(k, pattern)]
+            else:
+                matched = [pattern] if pattern in known else []
+            if not matched:
+                what = "no tensor matches" if _GLOB.search(pattern) else "no tensor"
+                raise CliError(
+                    f"{what} {pattern!r} in {where} ({plural(len(keys), 'tensor')}; "
+                    "'anyckpt inspect PREFIX' lists them)",
+                    ExitCode.NOT_FOUND,
+                )
+            chosen.update(dict.fromkeys(matched))
+        selected = list(chosen)
+    else:
+        selected = list(keys)
+    if exclude:
+        selected = [k for k in selected if not any(fnmatch.fnmatchcase(k, p) for p in exclude)]
+    return selected
+
+
+def add_no_verify(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument(
+        "--no-verify",
+        dest="no_verify",
+        action="store_true",
+        help=f"do not check checksums when reading ({what}: salvage a damaged checkpoint)",
+    )
 
 
 def shape_text(shape: tuple[int, ...]) -> str:

@@ -202,32 +202,39 @@ class Progress:
         return format_bytes(n) if self.unit == "bytes" else f"{int(n)}"
 
     def render(self, width: int) -> str:
-        """The bar's text for a terminal ``width`` columns wide."""
+        """The bar's text for a terminal ``width`` columns wide. What does not fit is left
+        out whole, least useful first (the note, the ETA, the rate), never cut mid-word."""
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         rate = self.done / elapsed
         rate_text = (
             f"{format_bytes(rate)}/s" if self.unit == "bytes" else f"{rate:.0f} {self.unit}/s"
         )
-        parts = [self.label]
+        # (text, priority): lower priorities are dropped first when the line is too long.
+        parts: list[tuple[str, int]] = [(self.label, 9)]
         if self.total:
             fraction = min(self.done / self.total, 1.0)
             eta = (self.total - self.done) / rate if rate > 0 and self.done else None
             bar_width = max(10, min(30, width // 4))
             filled = int(fraction * bar_width)
-            parts.append("[" + "#" * filled + "-" * (bar_width - filled) + "]")
-            parts.append(f"{fraction * 100:3.0f}%")
-            parts.append(f"{self._amount(self.done)}/{self._amount(self.total)}")
-            parts.append(rate_text)
+            parts.append(("[" + "#" * filled + "-" * (bar_width - filled) + "]", 4))
+            parts.append((f"{fraction * 100:3.0f}%", 8))
+            parts.append((f"{self._amount(self.done)}/{self._amount(self.total)}", 6))
+            parts.append((rate_text, 3))
             if eta is None:
-                parts.append("ETA -")
+                parts.append(("ETA -", 2))
             else:
-                parts.append("ETA <1 s" if eta < 1 else f"ETA {format_duration(eta)}")
+                parts.append(("ETA <1 s" if eta < 1 else f"ETA {format_duration(eta)}", 2))
         else:
-            parts.append(self._amount(self.done))
-            parts.append(rate_text)
+            parts.append((self._amount(self.done), 7))
+            parts.append((rate_text, 5))
+            parts.append((format_duration(elapsed), 3))
         if self.note:
-            parts.append(self.note)
-        return "  ".join(parts)[: max(width - 1, 10)]
+            parts.append((self.note, 1))
+        limit = max(width - 1, 10)
+        while len(parts) > 1 and display_width("  ".join(t for t, _ in parts)) > limit:
+            lowest = min(range(1, len(parts)), key=lambda i: (parts[i][1], -i))
+            del parts[lowest]
+        return truncate("  ".join(t for t, _ in parts), limit)
 
     def draw(self, *, force: bool = False) -> None:
         if not self.enabled:

@@ -63,6 +63,11 @@ class SafetensorsFormat:
         shapes: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         partitions: dict[str, list[list[list[int]]]] = {}
         for key, array in tensors.items():
+            if array.dtype == object:
+                raise UnsupportedFormatError(
+                    f"tensor {key!r} is a string tensor, and safetensors has no string dtype "
+                    f"(leave it out: anyckpt convert ... --exclude {key!r})"
+                )
             try:
                 key.encode("utf-8")
                 codec.dtype_code(array.dtype)
