@@ -280,12 +280,12 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             for key in keys:
                 ctx.echo()
                 head_text = f"{key} = "
-                shown = shown_values(values[key])
+                display = shown_values(values[key])
                 cut = cut or (
-                    shown is not values[key]
+                    display is not values[key]
                     and any(len(bytes(x)) > MAX_TEXT for x in values[key].reshape(-1))
                 )
-                ctx.echo(head_text + np.array2string(shown, separator=", ", prefix=head_text))
+                ctx.echo(head_text + np.array2string(display, separator=", ", prefix=head_text))
         if cut:
             ctx.echo()
             ctx.echo(f"(strings longer than {MAX_TEXT} bytes are cut; --json prints them whole)")

@@ -140,7 +140,7 @@ class FormatOption:
     """One option a format's ``write`` accepts: the types its value may have, and what it
     does. ``int`` excludes ``bool`` unless ``bool`` is listed; NumPy integers count as ints."""
 
-    types: tuple[type, ...]
+    types: tuple[Any, ...]  # classes (collections.abc ones too)
     help: str = ""
 
     def type_names(self) -> str:
