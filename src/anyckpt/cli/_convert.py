@@ -176,6 +176,8 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             tg.start_soon(_tick, bar, counting.counter, tg.cancel_scope)
             await write()
             tg.cancel_scope.cancel()
+        bar.done = counting.counter[0]
+        bar.draw(force=True)  # the final count, before the bar is erased
     elapsed = time.perf_counter() - started
     sizes = await anyio.to_thread.run_sync(file_sizes, dst_storage, written)
     known = [s for s in sizes if s is not None]

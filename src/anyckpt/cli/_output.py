@@ -29,15 +29,16 @@ __all__ = [
 
 
 def format_bytes(n: float | None) -> str:
-    """``1536`` -> ``1.5 KiB``; ``None`` -> ``?``. A value that would round to 1024.0 of a
-    unit is shown in the next (``1048575`` -> ``1.0 MiB``, not ``1024.0 KiB``)."""
+    """``1536`` -> ``1.5 KiB``; ``None`` -> ``?``. At most three digits before the point: a
+    value that would show as 1000 or more of a unit (after rounding) is shown in the next
+    (``1046835`` -> ``1.0 MiB``, not ``1022.3 KiB``)."""
     if n is None:
         return "?"
-    if n < 1024:
+    if n < 1000:
         return f"{int(n)} B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-        if round(n, 1) < 1024 or unit == "TiB":
+        if round(n, 1) < 1000 or unit == "TiB":
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
 

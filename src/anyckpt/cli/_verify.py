@@ -184,7 +184,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                     f"{format_bytes(report.bytes)}{note})"
                 )
             else:
-                ctx.echo(f"{report.status():<9}{report.prefix}")
+                ctx.echo(f"{report.status():<8} {report.prefix}")
                 for problem in report.problems:
                     ctx.echo(f"  {problem.message}")
                 for name, count in report.denied.items():
