@@ -202,6 +202,8 @@ def test_format_options_are_checked(tmp_path: Path, v2: Path) -> None:
         ("zstd", "levle=9", "level (int)"),
         ("v2", "num_shard=3", "num_shards (int)"),
         ("zstd", "shuffle=3", "must be bool"),
+        ("zstd", "level=99", "out of range"),
+        ("v2", "num_shards=0", "positive integer"),
     ]
     for fmt, option, phrase in cases:
         result = run(

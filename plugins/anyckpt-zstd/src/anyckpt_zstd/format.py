@@ -35,7 +35,7 @@ from anyckpt.codecs.dtypes import (
     enum_from_dtype,
     to_little_endian,
 )
-from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
+from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidOptionError
 from anyckpt.formats.base import FormatOption, Index, TensorSlice, TensorSpec
 from anyckpt.partitioned import partitions_of
 from anyckpt.storage import FileReader, Storage
@@ -54,7 +54,7 @@ def file_path(prefix: str) -> str:
 def _threads(value: Any) -> int:
     n = int(value) if value is not None else min(os.cpu_count() or 1, 8)
     if n < 1:
-        raise ValueError("threads must be at least 1")
+        raise InvalidOptionError("threads must be at least 1")
     return n
 
 
@@ -104,9 +104,11 @@ class ZstdFormat:
         chunk_bytes = int(options.get("chunk_bytes", DEFAULT_CHUNK))
         do_shuffle = bool(options.get("shuffle", True))
         if not 1 <= chunk_bytes <= codec.MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be 1..{codec.MAX_CHUNK_BYTES}")
+            raise InvalidOptionError(f"chunk_bytes must be 1..{codec.MAX_CHUNK_BYTES}")
         if not -(1 << 17) <= level <= zstandard.MAX_COMPRESSION_LEVEL:
-            raise ValueError(f"zstd level {level} is out of range")
+            raise InvalidOptionError(
+                f"zstd level {level} is out of range (-131072..{zstandard.MAX_COMPRESSION_LEVEL})"
+            )
         path = file_path(prefix)
         directory = posixpath.dirname(path)
         local = _Local()
