@@ -27,7 +27,7 @@ from hypothesis import strategies as st
 from test_cli import ANYCKPT, TIMEOUT, run
 
 import anyckpt
-from anyckpt.cli._output import display_width, format_bytes
+from anyckpt.cli._output import Progress, display_width, format_bytes
 
 # -- helpers -----------------------------------------------------------------------------------
 
@@ -546,3 +546,20 @@ def test_no_verify_salvages_a_damaged_checkpoint(tmp_path: Path) -> None:
     assert run("diff", str(prefix), str(tmp_path / "saved")).returncode == 1
     same = run("diff", str(prefix), str(tmp_path / "saved"), "--no-verify")
     assert same.returncode == 0
+
+
+@given(
+    width=st.integers(min_value=12, max_value=240),
+    total=st.one_of(st.none(), st.integers(min_value=1, max_value=1 << 40)),
+    fraction=st.floats(min_value=0, max_value=1),
+)
+def test_the_bar_leaves_out_whole_parts(width: int, total: int | None, fraction: float) -> None:
+    bar = Progress("writing", total, enabled=False)
+    bar.done = int((total or 1 << 30) * fraction)
+    bar.note = "16.0 MiB of data as zstd"
+    line = bar.render(width)
+    assert display_width(line) <= max(width - 1, 10)
+    assert line.startswith("writing")
+    assert (bar.note in line) or ("zstd" not in line and "data" not in line), line
+    if width >= 160:  # room for everything
+        assert bar.note in line
