@@ -18,6 +18,7 @@ from .errors import (
     CheckpointNotFoundError,
     ConcurrentWriterError,
     CorruptCheckpointError,
+    InvalidOptionError,
     UnsafePathError,
     UnsupportedFormatError,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "CheckpointState",
     "ConcurrentWriterError",
     "CorruptCheckpointError",
+    "InvalidOptionError",
     "MetaGraphInfo",
     "MetaVariable",
     "Partitioned",

@@ -16,8 +16,8 @@ import numpy as np
 
 from .codecs import DecodeError
 from .errors import CorruptCheckpointError
-from .formats import detect_format, get_format
-from .formats.base import CheckpointFormat, CheckpointReader
+from .formats import get_format, locate_checkpoint
+from .formats.base import CheckpointFormat, CheckpointReader, check_options
 from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph, encode_meta_graph
 from .object_graph import OBJECT_GRAPH_KEY, ObjectTree, encode_tree
 from .storage import Storage
@@ -56,6 +56,7 @@ async def save(
     with its ``_CHECKPOINTABLE_OBJECT_GRAPH``, for ``tf.train.Checkpoint.restore``.
     """
     fmt = get_format(format)
+    check_options(fmt, options)
     if object_graph:
         tensors = with_object_graph(tensors)
         options = {"data_order": "given", **(options or {})}
@@ -137,9 +138,12 @@ async def load(
 async def open_reader(
     prefix: PathLike, *, format: str | None = None, storage_options: dict[str, Any] | None = None
 ) -> CheckpointReader:
-    """Open the checkpoint at ``prefix``; close it with ``await reader.aclose()``."""
+    """Open the checkpoint at ``prefix`` (or the one whose file ``prefix`` names, e.g.
+    ``DIR/ckpt-5.index``); close it with ``await reader.aclose()``."""
     storage, path = await open_storage(prefix, storage_options)
-    fmt = get_format(format) if format else await detect_format(storage, path)
+    if format:
+        return await get_format(format).open(storage, path)
+    path, fmt = await locate_checkpoint(storage, path)
     return await fmt.open(storage, path)
 
 
@@ -243,7 +247,7 @@ async def export_meta_graph(
     path. The graph restores every tensor, partitioned ones slice by slice; its save graph is
     unsharded whatever the checkpoint's shards (TensorFlow restores either way)."""
     storage, path = await open_storage(prefix, storage_options)
-    fmt = await detect_format(storage, path)
+    path, fmt = await locate_checkpoint(storage, path)
     reader = await fmt.open(storage, path)
     try:
         keys = reader.keys()

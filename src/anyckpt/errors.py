@@ -37,3 +37,9 @@ class PluginError(CheckpointError):
 
 class PluginWarning(UserWarning):
     """A format plugin could not be loaded; the other formats work without it."""
+
+
+class InvalidOptionError(ValueError, TypeError):
+    """A format option that the format does not declare, or a value of the wrong type.
+
+    Both a :class:`ValueError` and a :class:`TypeError`; the message names the valid options."""

@@ -52,7 +52,7 @@ from .errors import (
     CorruptCheckpointError,
 )
 from .formats import detect_format, get_format
-from .formats.base import CheckpointFormat, Index
+from .formats.base import CheckpointFormat, Index, check_options
 from .lease import DirectoryLock
 from .meta import saver_version
 from .retention import (
@@ -205,6 +205,7 @@ class CheckpointManager:
         self.clock = clock
         self.on_event = on_event
         self.format_options = dict(format_options or {})
+        check_options(self.format, self.format_options)
         if write_meta_graph:
             saver_version(self.format)  # only formats TensorFlow's Saver writes get a .meta
         self.write_meta_graph = write_meta_graph

@@ -24,12 +24,14 @@ from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    InvalidOptionError,
     PluginWarning,
     UnsupportedFormatError,
 )
 from ..formats import plugin_error
 from . import _convert, _demo, _diff, _inspect, _ls, _prune, _verify
 from ._common import CliError, Context, ExitCode, parse_key_values
+from ._output import print_error_json
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -45,7 +47,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
         hint = f"see '{self.prog} --help'"
         print(f"{PROG}: error: {message} ({hint})", file=sys.stderr, flush=True)
-        raise SystemExit(ExitCode.USAGE)
+        raise _UsageError(f"{message} ({hint})")
+
+
+class _UsageError(SystemExit):
+    def __init__(self, message: str) -> None:
+        super().__init__(ExitCode.USAGE)
+        self.message = message
 
 
 def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
@@ -114,6 +122,8 @@ def _leaf(exc: BaseException) -> BaseException:
 def _classify(exc: BaseException) -> tuple[ExitCode, str]:
     if isinstance(exc, CliError):
         return exc.code, str(exc)
+    if isinstance(exc, InvalidOptionError):
+        return ExitCode.USAGE, str(exc)
     if isinstance(exc, CheckpointNotFoundError):
         return ExitCode.NOT_FOUND, str(exc)
     if isinstance(exc, CorruptCheckpointError):
@@ -166,6 +176,8 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
+        if isinstance(exc, _UsageError) and "--json" in (sys.argv[1:] if argv is None else argv):
+            print_error_json(ExitCode.USAGE, exc.message)
         return int(exc.code) if isinstance(exc.code, int) else ExitCode.USAGE
     debug = bool(args.debug)
     try:
@@ -189,4 +201,6 @@ def _main(argv: Sequence[str] | None) -> int:
         if debug:
             traceback.print_exception(error)
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
+        if args.json:
+            print_error_json(code, message)
         return code

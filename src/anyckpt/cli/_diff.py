@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from ..object_graph import OBJECT_GRAPH_KEY
-from ._common import Context, ExitCode, find_checkpoint, shape_text, tensor_nbytes
-from ._output import print_json, table
+from ._common import (
+    Context,
+    ExitCode,
+    add_no_verify,
+    find_checkpoint,
+    shape_text,
+    tensor_nbytes,
+)
+from ._output import plural, print_json, table
 from ._tf2 import graph_difference, read_graph
 
 
@@ -27,11 +35,29 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("b", metavar="B", help="checkpoint prefix (or directory: its latest)")
     p.add_argument(
         "--atol",
-        type=float,
+        type=_tolerance,
         default=0.0,
-        help="treat numeric tensors whose largest absolute difference is at most this as equal",
+        help="absolute tolerance: elements with |a-b| <= atol + rtol*|b| are equal (default 0)",
     )
+    p.add_argument(
+        "--rtol",
+        type=_tolerance,
+        default=0.0,
+        help="relative tolerance, as in numpy.isclose (default 0)",
+    )
+    add_no_verify(p, "of A and B")
     p.set_defaults(run=run)
+
+
+def _tolerance(text: str) -> float:
+    """A tolerance: a finite number >= 0 (argparse reports anything else as a usage error)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: a tolerance is a finite number >= 0")
+    return value
 
 
 @dataclass
@@ -43,8 +69,11 @@ class Difference:
     differing: int | None = None
 
 
-def compare(key: str, a: np.ndarray, b: np.ndarray, atol: float) -> Difference | None:
-    """How ``a`` and ``b`` differ, or None if they are equal (bit for bit, or within atol)."""
+def compare(
+    key: str, a: np.ndarray, b: np.ndarray, atol: float, rtol: float = 0.0
+) -> Difference | None:
+    """How ``a`` and ``b`` differ, or None if they are equal (bit for bit, or every element
+    within ``atol + rtol * |b|``, as :func:`numpy.isclose`)."""
     if a.dtype != b.dtype and (a.dtype == object or b.dtype == object):
         return Difference(key, "dtype", f"dtype {a.dtype} vs {b.dtype}")
     if a.shape != b.shape:
@@ -66,13 +95,16 @@ def compare(key: str, a: np.ndarray, b: np.ndarray, atol: float) -> Difference |
     nan_mismatch = bool(np.any(np.isnan(delta)))
     delta = np.where(np.isnan(delta), np.inf, delta)
     max_diff = float(delta.max()) if delta.size else 0.0
-    differing = int(np.count_nonzero(delta > atol))
-    if same_dtype and atol > 0 and differing == 0 and not nan_mismatch:
+    with np.errstate(invalid="ignore", over="ignore"):
+        allowed = atol + rtol * np.abs(y)
+    differing = int(np.count_nonzero(~(delta <= allowed)))
+    tolerant = atol > 0 or rtol > 0
+    if same_dtype and tolerant and differing == 0 and not nan_mismatch:
         return None
     if not same_dtype:
         detail = f"dtype {a.dtype} vs {b.dtype}, max |a-b| {max_diff:.6g}"
         return Difference(key, "dtype", detail, max_diff, differing)
-    if differing == 0 and atol == 0:
+    if differing == 0 and not tolerant:
         detail = "bits differ (-0.0 vs 0.0 or NaN payloads), max |a-b| 0"
         return Difference(key, "values", detail, 0.0, 0)
     detail = f"max |a-b| {max_diff:.6g}, {differing} of {a.size} elements differ"
@@ -108,8 +140,13 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                             )
                         )
                     else:
+                        verify = not args.no_verify
                         found = compare(
-                            key, await reader_a.read(key), await reader_b.read(key), args.atol
+                            key,
+                            await reader_a.read(key, verify=verify),
+                            await reader_b.read(key, verify=verify),
+                            args.atol,
+                            args.rtol,
                         )
                         if found is not None:
                             diffs.append(found)
@@ -133,6 +170,8 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 "b": ckpt_b.url,
                 "equal": not diffs,
                 "compared": len(common),
+                "atol": args.atol,
+                "rtol": args.rtol,
                 "differences": [
                     {
                         "key": d.key,
@@ -155,8 +194,10 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         same = len(common) - sum(
             d.kind in ("values", "dtype", "shape", "object-graph") for d in diffs
         )
+        within = [f"{name} {value:g}" for name, value in (("atol", args.atol), ("rtol", args.rtol))]
+        tolerance = [w for w, v in zip(within, (args.atol, args.rtol), strict=True) if v]
         ctx.echo(
-            f"{len(diffs)} differences; {same} of {len(common)} tensors in both are identical"
-            + (f" (within atol {args.atol:g})" if args.atol else "")
+            f"{plural(len(diffs), 'difference')}; {same} of {plural(len(common), 'tensor')} in "
+            "both are identical" + (f" (within {', '.join(tolerance)})" if tolerance else "")
         )
     return ExitCode.DAMAGE if diffs else ExitCode.OK

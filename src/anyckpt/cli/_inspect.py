@@ -6,6 +6,7 @@ import argparse
 import base64
 import math
 import posixpath
+from collections.abc import Mapping
 from typing import Any
 
 import anyio.to_thread
@@ -18,8 +19,19 @@ from ..formats.base import CheckpointReader, TensorSlice, TensorSpec
 from ..meta import MetaGraphInfo
 from ..object_graph import OBJECT_GRAPH_KEY
 from ..storage import Storage
-from ._common import CliError, Context, ExitCode, find_checkpoint, shape_text, tensor_nbytes
-from ._output import format_bytes, print_json, table
+from ._common import (
+    Context,
+    ExitCode,
+    add_no_verify,
+    file_entry,
+    file_sizes,
+    find_checkpoint,
+    select_keys,
+    shape_text,
+    stored_nbytes,
+    tensor_nbytes,
+)
+from ._output import format_bytes, format_ratio, plural, print_json, table, truncate
 from ._tf2 import graph_json, graph_lines, read_graph
 
 
@@ -40,8 +52,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="K",
-        help="only this tensor (repeatable)",
+        help="only this tensor, or those matching this glob, e.g. 'encoder/*' (repeatable)",
     )
+    add_no_verify(p, "with --values")
     p.set_defaults(run=run)
 
 
@@ -51,19 +64,6 @@ def partition_text(part: TensorSlice, shape: tuple[int, ...]) -> str:
     for (start, stop), (_, length), dim in zip(part.box(shape), part.extents, shape, strict=True):
         cells.append(":" if length == -1 or (start == 0 and stop == dim) else f"{start}:{stop}")
     return "[" + ", ".join(cells) + "]"
-
-
-def file_sizes(storage: Storage, paths: list[str]) -> list[int | None]:
-    sizes: list[int | None] = []
-    for path in paths:
-        try:
-            reader = storage.open_reader(path)
-        except CheckpointNotFoundError:
-            sizes.append(None)
-            continue
-        sizes.append(reader.size)
-        reader.close()
-    return sizes
 
 
 def jsonable(array: np.ndarray) -> Any:
@@ -109,6 +109,7 @@ def tensor_json(key: str, spec: TensorSpec) -> dict[str, Any]:
         "dtype": spec.dtype_name,
         "shape": list(spec.shape),
         "nbytes": tensor_nbytes(spec),
+        "stored_nbytes": stored_nbytes(spec),
         "partitions": [
             {
                 "extents": [list(e) for e in part.extents],
@@ -120,18 +121,33 @@ def tensor_json(key: str, spec: TensorSpec) -> dict[str, Any]:
     }
 
 
-def select_keys(reader: CheckpointReader, wanted: list[str]) -> list[str]:
-    keys = reader.keys()
-    if not wanted:
-        return keys
-    missing = [k for k in wanted if k not in set(keys)]
-    if missing:
-        raise CliError(
-            f"no tensor {missing[0]!r} in {reader.prefix} ({len(keys)} tensors; "
-            "'anyckpt inspect PREFIX' lists them)",
-            ExitCode.NOT_FOUND,
-        )
-    return list(dict.fromkeys(wanted))
+def parameter_count(specs: dict[str, TensorSpec]) -> int:
+    """Elements of the numeric tensors (what TensorFlow's inspect_checkpoint totals)."""
+    return sum(spec.size for spec in specs.values() if spec.dtype.kind != "O")
+
+
+def reader_metadata(reader: CheckpointReader) -> dict[str, str] | None:
+    """A format's free-form metadata (safetensors' ``__metadata__``), when it has any."""
+    metadata = getattr(reader, "metadata", None)
+    if isinstance(metadata, Mapping) and metadata:
+        return {str(k): str(v) for k, v in metadata.items()}
+    return None
+
+
+#: Text values longer than this are cut in text output (``--json`` prints them whole).
+MAX_TEXT = 80
+
+
+def shown_values(array: np.ndarray) -> np.ndarray:
+    """``array`` for printing: strings longer than :data:`MAX_TEXT` bytes cut, with ``...``."""
+    if array.dtype != object:
+        return array
+    out = np.empty(array.shape, dtype=object)
+    flat_in, flat_out = array.reshape(-1), out.reshape(-1)
+    for i, item in enumerate(flat_in):
+        data = bytes(item)
+        flat_out[i] = data if len(data) <= MAX_TEXT else data[: MAX_TEXT - 3] + b"..."
+    return out
 
 
 async def load_meta(storage: Storage, prefix: str) -> MetaGraphInfo | None:
@@ -176,9 +192,11 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     meta = await load_meta(ckpt.storage, ckpt.path)
     reader = await ckpt.format.open(ckpt.storage, ckpt.path)
     try:
-        keys = select_keys(reader, args.key)
+        all_keys = reader.keys()
+        keys = select_keys(all_keys, args.key, where=reader.prefix)
         specs = {k: reader.spec(k) for k in keys}
         paths = reader.files()
+        metadata = reader_metadata(reader)
         sizes = await anyio.to_thread.run_sync(file_sizes, ckpt.storage, paths)
         layout, _, graph_problem = await read_graph(reader)  # TF2: decoded, never raw bytes
         graph_specs = {k: reader.spec(k) for k in layout.checkpoint_keys()} if layout else {}
@@ -187,11 +205,15 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             total = sum(tensor_nbytes(s) for s in specs.values())
             with ctx.progress_bar("reading", total) as bar:
                 for key in keys:
-                    values[key] = await reader.read(key)
+                    values[key] = await reader.read(key, verify=not args.no_verify)
                     bar.advance(tensor_nbytes(specs[key]))
     finally:
         await reader.aclose()
 
+    data_bytes = sum(tensor_nbytes(s) for s in specs.values())
+    stored = [stored_nbytes(s) for s in specs.values()]
+    stored_bytes = None if None in stored else sum(x for x in stored if x is not None)
+    params = parameter_count(specs)
     if ctx.json:
         tensors = []
         for key in keys:
@@ -204,9 +226,12 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 "prefix": ckpt.url,
                 "format": ckpt.format.name,
                 "files": [
-                    {"path": ckpt.storage.url(p), "size": s}
-                    for p, s in zip(paths, sizes, strict=True)
+                    file_entry(ckpt.storage, p, s) for p, s in zip(paths, sizes, strict=True)
                 ],
+                "parameters": params,
+                "nbytes": data_bytes,
+                "stored_nbytes": stored_bytes,
+                "metadata": metadata,
                 "tensors": tensors,
                 "meta_graph": None if meta is None else meta.to_dict(),
                 **({"object_graph": graph_json(layout, graph_specs)} if layout else {}),
@@ -216,16 +241,25 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         )
         return ExitCode.OK
 
-    total_bytes = sum(tensor_nbytes(s) for s in specs.values())
-    shown = "" if not args.key else f" (of {len(reader.keys())})"
+    shown = "" if not args.key else f" (of {len(all_keys)})"
     ctx.echo(
-        f"{ckpt.url}: format {ckpt.format.name}, {len(paths)} files, "
-        f"{len(keys)} tensors{shown}, {format_bytes(total_bytes)}"
+        f"{ckpt.url}: format {ckpt.format.name}, {plural(len(paths), 'file')}, "
+        f"{plural(len(keys), 'tensor')}{shown}, {params:,} parameter{'' if params == 1 else 's'}, "
+        f"{format_ratio(data_bytes, stored_bytes)}"
     )
     rows = [[posixpath.basename(p), format_bytes(s)] for p, s in zip(paths, sizes, strict=True)]
     ctx.echo(table([["FILE", "SIZE"], *rows], right=(1,), indent="  "))
+    if metadata:
+        ctx.echo()
+        ctx.echo("metadata:")
+        rows = [[k, truncate(v, MAX_TEXT)] for k, v in metadata.items()]
+        ctx.echo(table(rows, indent="  "))
     ctx.echo()
-    rows = [["TENSOR", "DTYPE", "SHAPE", "SIZE", "PARTITIONS"]]
+    compressed = any(
+        s is not None and s != tensor_nbytes(specs[k]) for k, s in zip(keys, stored, strict=True)
+    )
+    head = ["TENSOR", "DTYPE", "SHAPE", "SIZE", *(["STORED"] if compressed else []), "PARTITIONS"]
+    rows = [head]
     for key in keys:
         spec = specs[key]
         parts = spec.partitions
@@ -235,12 +269,13 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 spec.dtype_name,
                 shape_text(spec.shape),
                 format_bytes(tensor_nbytes(spec)),
+                *([format_bytes(stored_nbytes(spec))] if compressed else []),
                 f"{len(parts)}: " + " ".join(partition_text(p, spec.shape) for p in parts)
                 if parts
                 else "",
             ]
         )
-    ctx.echo(table(rows, right=(3,), indent="  "))
+    ctx.echo(table(rows, right=(3, 4) if compressed else (3,), indent="  "))
     if meta is not None:
         ctx.echo()
         for line in meta_lines(meta, set(keys) if args.key else None):
@@ -252,11 +287,20 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     if layout is not None:
         values.pop(OBJECT_GRAPH_KEY, None)  # shown decoded above
     if values:
+        cut = False
         with np.printoptions(threshold=200, edgeitems=3, linewidth=100):
             for key in keys:
                 if key not in values:
                     continue
                 ctx.echo()
-                head = f"{key} = "
-                ctx.echo(head + np.array2string(values[key], separator=", ", prefix=head))
+                head_text = f"{key} = "
+                display = shown_values(values[key])
+                cut = cut or (
+                    display is not values[key]
+                    and any(len(bytes(x)) > MAX_TEXT for x in values[key].reshape(-1))
+                )
+                ctx.echo(head_text + np.array2string(display, separator=", ", prefix=head_text))
+        if cut:
+            ctx.echo()
+            ctx.echo(f"(strings longer than {MAX_TEXT} bytes are cut; --json prints them whole)")
     return ExitCode.OK

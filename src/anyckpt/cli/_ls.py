@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import argparse
+import os
 import posixpath
 import time
 from typing import Any
 
+import anyio.to_thread
+
 from ..lease import LOCK_FILE
+from ..storage import Storage
 from ._common import Context, ExitCode
-from ._output import format_bytes, format_time, print_json, table
-from ._scan import PRESERVED, TRACKED, UNCOMMITTED, UNTRACKED, Listing, scan
+from ._output import format_bytes, format_time, plural, print_json, table
+from ._scan import PRESERVED, TRACKED, UNCOMMITTED, UNTRACKED, FileInfo, Listing, scan
 
 LEGEND = {
     TRACKED: "in the state file; retention counts it and may delete it",
@@ -31,7 +35,18 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         "latest, which retention tracks and which it keeps forever, and what an interrupted "
         "save left behind. Reads directories written by TensorFlow too.",
     )
-    p.add_argument("directory", metavar="DIR", help="a local directory or fsspec URL")
+    p.add_argument(
+        "directories",
+        metavar="DIR",
+        nargs="+",
+        help="a local directory or fsspec URL (several may be given)",
+    )
+    p.add_argument(
+        "--recursive",
+        "-r",
+        action="store_true",
+        help="also list every subdirectory that holds checkpoints, with a total size",
+    )
     p.set_defaults(run=run)
 
 
@@ -58,7 +73,7 @@ def listing_json(listing: Listing) -> dict[str, Any]:
                 "time": c.time,
                 "time_source": c.time_source,
                 "size": c.size,
-                "files": [{"name": f.name, "size": f.size} for f in c.files],
+                "files": [_file(listing, f) for f in c.files],
                 "status": c.status,
                 "latest": c.latest,
                 "in_state_file": c.in_state_file,
@@ -67,12 +82,16 @@ def listing_json(listing: Listing) -> dict[str, Any]:
         ],
         "missing": listing.missing,
         "unsafe_paths": listing.unsafe,
-        "orphans": [{"name": o.name, "size": o.size, "reason": o.reason} for o in listing.orphans],
-        "other_files": [{"name": f.name, "size": f.size} for f in listing.other],
+        "orphans": [
+            {**_file(listing, FileInfo(o.name, o.size, None)), "reason": o.reason}
+            for o in listing.orphans
+        ],
+        "other_files": [_file(listing, f) for f in listing.other],
+        "size": listing_size(listing),
         "unreadable": [
             {
                 "name": u.name,
-                "files": [{"name": f.name, "size": f.size} for f in u.files],
+                "files": [_file(listing, f) for f in u.files],
                 "reason": u.reason,
             }
             for u in listing.unreadable
@@ -91,6 +110,17 @@ def listing_json(listing: Listing) -> dict[str, Any]:
             "next_open": listing.lock.next_open,
         },
     }
+
+
+def _file(listing: Listing, info: FileInfo) -> dict[str, Any]:
+    """A file entry as every command's JSON has it (``name``, ``path``, ``size``)."""
+    path = posixpath.join(listing.root, info.name)
+    return {"name": info.name, "path": listing.storage.url(path), "size": info.size}
+
+
+def listing_size(listing: Listing) -> int:
+    """Bytes of the directory's checkpoints."""
+    return sum(c.size for c in listing.checkpoints)
 
 
 def _age(seconds: float) -> str:
@@ -147,6 +177,9 @@ def print_listing(ctx: Context, listing: Listing) -> None:
         head = "no state file"
     else:
         head = "state file: checkpoint"
+    if listing.checkpoints:
+        head += f"; {plural(len(listing.checkpoints), 'checkpoint')}, "
+        head += format_bytes(listing_size(listing))
     ctx.echo(f"{listing.url}  ({head})")
     if listing.checkpoints:
         rows = [["STEP", "CHECKPOINT", "SAVED", "SIZE", "FILES", "FORMAT", "STATUS"]]
@@ -166,7 +199,10 @@ def print_listing(ctx: Context, listing: Listing) -> None:
         ctx.echo()
         for status in (TRACKED, PRESERVED, UNTRACKED, UNCOMMITTED):
             if any(c.status == status for c in listing.checkpoints):
-                ctx.echo(f"  {status}: {LEGEND[status]}")
+                legend = LEGEND[status]
+                if status == UNTRACKED and listing.state_error:
+                    legend = "the state file is unreadable: nothing counts as recorded"
+                ctx.echo(f"  {status}: {legend}")
     else:
         ctx.echo("  no checkpoints")
     for name in listing.missing:
@@ -187,13 +223,59 @@ def print_listing(ctx: Context, listing: Listing) -> None:
         ctx.echo(f"other files: {names}{more}")
 
 
-async def run(ctx: Context, args: argparse.Namespace) -> int:
-    storage, root = ctx.storage(args.directory)
-    listing = await scan(storage, root)
-    if ctx.json:
-        print_json(listing_json(listing), ctx.out)
+def _subdirectories(storage: Storage, root: str) -> list[str]:
+    """Every directory under ``root`` (not ``root`` itself), sorted."""
+    found: list[str] = []
+    if storage.is_local:
+        for here, dirs, _ in os.walk(root):
+            dirs.sort()
+            found += [os.path.join(here, d) for d in dirs]
     else:
+        for here, dirs, _ in storage.fs.walk(root):
+            found += [posixpath.join(here, d) for d in sorted(dirs)]
+    return sorted(found)
+
+
+async def _listings(ctx: Context, target: str, recursive: bool) -> list[Listing]:
+    storage, root = ctx.storage(target)
+    first = await scan(storage, root)
+    if not recursive:
+        return [first]
+    listings = [first]
+    for sub in await anyio.to_thread.run_sync(_subdirectories, storage, root):
+        listing = await scan(storage, sub)
+        if listing.checkpoints or listing.state is not None or listing.state_error:
+            listings.append(listing)
+    return listings
+
+
+async def run(ctx: Context, args: argparse.Namespace) -> int:
+    listings: list[Listing] = []
+    for target in args.directories:
+        listings += await _listings(ctx, target, args.recursive)
+    several = len(args.directories) > 1 or args.recursive
+    total = sum(listing_size(listing) for listing in listings)
+    count = sum(len(listing.checkpoints) for listing in listings)
+    # Present but unreadable checkpoints are never "fine" (4: no format reads them; 5: failed).
+    unreadable = [u for listing in listings for u in listing.unreadable]
+    status = ExitCode(max(u.exit_code for u in unreadable)) if unreadable else ExitCode.OK
+    if ctx.json:
+        if several:
+            document = {
+                "directories": [listing_json(listing) for listing in listings],
+                "checkpoints": count,
+                "size": total,
+            }
+            print_json(document, ctx.out)
+        else:
+            print_json(listing_json(listings[0]), ctx.out)
+        return status
+    for i, listing in enumerate(listings):
+        if i:
+            ctx.echo()
         print_listing(ctx, listing)
-    if listing.unreadable:  # present but unreadable: never "fine" (4: no format; 5: failed)
-        return ExitCode(max(u.exit_code for u in listing.unreadable))
-    return ExitCode.OK
+    if several:
+        ctx.echo()
+        dirs = plural(len(listings), "directory", "directories")
+        ctx.echo(f"total: {plural(count, 'checkpoint')} in {dirs}, {format_bytes(total)}")
+    return status

@@ -8,31 +8,85 @@ import os
 import shutil
 import sys
 import time
+import unicodedata
 from collections.abc import Sequence
 from datetime import datetime
 from typing import IO, Any
 
 __all__ = [
     "Progress",
+    "display_width",
     "format_bytes",
     "format_duration",
+    "format_ratio",
     "format_time",
+    "plural",
+    "print_error_json",
     "print_json",
     "table",
+    "truncate",
 ]
 
 
 def format_bytes(n: float | None) -> str:
-    """``1536`` -> ``1.5 KiB``; ``None`` -> ``?``."""
+    """``1536`` -> ``1.5 KiB``; ``None`` -> ``?``. At most three digits before the point: a
+    value that would show as 1000 or more of a unit (after rounding) is shown in the next
+    (``1046835`` -> ``1.0 MiB``, not ``1022.3 KiB``)."""
     if n is None:
         return "?"
-    if n < 1024:
+    if n < 1000:
         return f"{int(n)} B"
     for unit in ("KiB", "MiB", "GiB", "TiB"):
         n /= 1024
-        if n < 1024 or unit == "TiB":
+        if round(n, 1) < 1000 or unit == "TiB":
             return f"{n:.1f} {unit}"
     raise AssertionError("unreachable")
+
+
+def plural(count: int, noun: str, plural_form: str | None = None) -> str:
+    """``1 tensor``, ``2 tensors``, ``0 files``."""
+    return f"{count} {noun if count == 1 else plural_form or noun + 's'}"
+
+
+def format_ratio(data: int, stored: int | None) -> str:
+    """``256.0 KiB (stored 26 B, 0.01%)``-style text: data size, and the stored size with its
+    share of the data when they differ."""
+    if stored is None or stored == data:
+        return format_bytes(data)
+    share = f"{stored / data:.0%}" if data else "-"
+    if data and stored / data < 0.01:
+        share = f"{stored / data:.2%}"
+    return f"{format_bytes(data)} (stored {format_bytes(stored)}, {share})"
+
+
+def display_width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: East Asian wide and fullwidth characters take
+    two, combining marks none."""
+    width = 0
+    for char in text:
+        if unicodedata.combining(char):
+            continue
+        width += 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+    return width
+
+
+def _pad(text: str, width: int, *, right: bool = False) -> str:
+    fill = " " * max(width - display_width(text), 0)
+    return fill + text if right else text + fill
+
+
+def truncate(text: str, width: int) -> str:
+    """``text`` cut to at most ``width`` columns, ending in ``…`` when cut."""
+    if display_width(text) <= width:
+        return text
+    out, used = [], 0
+    for char in text:
+        w = display_width(char)
+        if used + w > width - 1:
+            break
+        out.append(char)
+        used += w
+    return "".join(out) + "…"
 
 
 def format_duration(seconds: float) -> str:
@@ -58,26 +112,36 @@ def format_time(timestamp: float | None) -> str:
 
 
 def table(rows: Sequence[Sequence[str]], *, right: Sequence[int] = (), indent: str = "") -> str:
-    """Rows of cells as aligned text; the first row is the header. ``right``: columns
-    aligned right (numbers)."""
+    """Rows of cells as aligned text (by display width: CJK characters take two columns);
+    the first row is the header. ``right``: columns aligned right (numbers)."""
     if not rows:
         return ""
-    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    widths = [max(display_width(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
+        cells = [_pad(cell, widths[i], right=i in right) for i, cell in enumerate(row)]
         lines.append((indent + "  ".join(cells)).rstrip())
     return "\n".join(lines)
 
 
+#: The version of every JSON document's layout (``"schema_version"``, its first key): raised
+#: when a key is renamed or removed; adding keys keeps it.
+JSON_SCHEMA_VERSION = 2
+
+
 def print_json(data: Any, stream: IO[str] | None = None) -> None:
-    """One JSON document (indented, keys in insertion order) on stdout."""
+    """One JSON document (indented, keys in insertion order) on stdout, led by
+    ``"schema_version"``."""
     out = stream or sys.stdout
+    if isinstance(data, dict):
+        data = {"schema_version": JSON_SCHEMA_VERSION, **data}
     json.dump(data, out, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
     out.write("\n")
+
+
+def print_error_json(code: int, message: str, stream: IO[str] | None = None) -> None:
+    """The document ``--json`` prints when a command fails: ``{"ok": false, "error": ...}``."""
+    print_json({"ok": False, "error": {"exit_code": int(code), "message": message}}, stream)
 
 
 def _json_default(value: Any) -> Any:
@@ -139,32 +203,39 @@ class Progress:
         return format_bytes(n) if self.unit == "bytes" else f"{int(n)}"
 
     def render(self, width: int) -> str:
-        """The bar's text for a terminal ``width`` columns wide."""
+        """The bar's text for a terminal ``width`` columns wide. What does not fit is left
+        out whole, least useful first (the note, the ETA, the rate), never cut mid-word."""
         elapsed = max(time.perf_counter() - self._started, 1e-9)
         rate = self.done / elapsed
         rate_text = (
             f"{format_bytes(rate)}/s" if self.unit == "bytes" else f"{rate:.0f} {self.unit}/s"
         )
-        parts = [self.label]
+        # (text, priority): lower priorities are dropped first when the line is too long.
+        parts: list[tuple[str, int]] = [(self.label, 9)]
         if self.total:
             fraction = min(self.done / self.total, 1.0)
             eta = (self.total - self.done) / rate if rate > 0 and self.done else None
             bar_width = max(10, min(30, width // 4))
             filled = int(fraction * bar_width)
-            parts.append("[" + "#" * filled + "-" * (bar_width - filled) + "]")
-            parts.append(f"{fraction * 100:3.0f}%")
-            parts.append(f"{self._amount(self.done)}/{self._amount(self.total)}")
-            parts.append(rate_text)
+            parts.append(("[" + "#" * filled + "-" * (bar_width - filled) + "]", 4))
+            parts.append((f"{fraction * 100:3.0f}%", 8))
+            parts.append((f"{self._amount(self.done)}/{self._amount(self.total)}", 6))
+            parts.append((rate_text, 3))
             if eta is None:
-                parts.append("ETA -")
+                parts.append(("ETA -", 2))
             else:
-                parts.append("ETA <1 s" if eta < 1 else f"ETA {format_duration(eta)}")
+                parts.append(("ETA <1 s" if eta < 1 else f"ETA {format_duration(eta)}", 2))
         else:
-            parts.append(self._amount(self.done))
-            parts.append(rate_text)
+            parts.append((self._amount(self.done), 7))
+            parts.append((rate_text, 5))
+            parts.append((format_duration(elapsed), 3))
         if self.note:
-            parts.append(self.note)
-        return "  ".join(parts)[: max(width - 1, 10)]
+            parts.append((self.note, 1))
+        limit = max(width - 1, 10)
+        while len(parts) > 1 and display_width("  ".join(t for t, _ in parts)) > limit:
+            lowest = min(range(1, len(parts)), key=lambda i: (parts[i][1], -i))
+            del parts[lowest]
+        return truncate("  ".join(t for t, _ in parts), limit)
 
     def draw(self, *, force: bool = False) -> None:
         if not self.enabled:

@@ -36,6 +36,7 @@ from ..lease import LOCK_FILE, LockInfo, read_lock
 from ..manager import STATE_FILE, read_state
 from ..retention import RecoveredState, recover
 from ..storage import TEMP_MARKER, Storage, Upload
+from ._common import state_error_text
 
 #: The status of a checkpoint in a directory.
 TRACKED = "tracked"  # in the state file: retention counts it and may delete it
@@ -248,7 +249,9 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
     try:
         state = await read_state(storage, root)
     except CorruptCheckpointError as exc:
-        state_error = str(exc)
+        state_error = state_error_text(exc)
+    except OSError as exc:  # e.g. the state file is a directory, or unreadable
+        state_error = exc.strerror or str(exc)
     state_names: list[str] = []
     unsafe: list[str] = []
     latest: str | None = None

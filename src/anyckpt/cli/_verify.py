@@ -9,11 +9,12 @@ from typing import Any
 import anyio
 
 from ..errors import CheckpointError, CheckpointNotFoundError
-from ..formats import detect_format
-from ..formats.base import CheckpointFormat
+from ..formats.base import CheckpointFormat, has_checksums
+from ..formats.resolve import path_kind
+from ..manager import STATE_FILE
 from ..storage import Storage
 from ._common import Checkpoint, CliError, Context, ExitCode, find_checkpoint, tensor_nbytes
-from ._output import Progress, format_bytes, format_duration, print_json
+from ._output import Progress, format_bytes, format_duration, plural, print_json
 from ._scan import scan
 
 
@@ -30,6 +31,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+NO_CHECKSUMS = "structure checked; this format has no checksums"
+
+
 @dataclass
 class Problem:
     message: str
@@ -44,22 +48,35 @@ class Problem:
 class Report:
     prefix: str
     format: str
+    #: Whether the format has checksums (without, only the structure is checked).
+    checksums: bool = True
     tensors: int = 0
     bytes: int = 0
     problems: list[Problem] = field(default_factory=list)
+    #: Files that could not be read for lack of permission: path -> tensors not checked.
+    denied: dict[str, int] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
-        return not self.problems
+        return not self.problems and not self.denied
+
+    def status(self) -> str:
+        if self.problems:
+            return "DAMAGED"
+        return "UNREADABLE" if self.denied else "ok"
 
 
 async def verify_checkpoint(
     storage: Storage, path: str, fmt: CheckpointFormat, bar: Progress
 ) -> Report:
-    """Read every tensor of one checkpoint with checksums on; collect what fails."""
-    report = Report(storage.url(path), fmt.name)
+    """Read every tensor of one checkpoint with checksums on; collect what fails. A file that
+    cannot be read for lack of permission is one access error, not damage."""
+    report = Report(storage.url(path), fmt.name, has_checksums(fmt))
     try:
         reader = await fmt.open(storage, path)
+    except PermissionError as exc:
+        report.denied[exc.filename or report.prefix] = 0
+        return report
     except CheckpointError as exc:
         report.problems.append(Problem(str(exc), exc.path))
         return report
@@ -82,6 +99,9 @@ async def verify_checkpoint(
                 except CheckpointNotFoundError as exc:
                     name = exc.path or report.prefix
                     missing_files[name] = missing_files.get(name, 0) + 1
+                except PermissionError as exc:
+                    name = storage.url(exc.filename) if exc.filename else report.prefix
+                    report.denied[name] = report.denied.get(name, 0) + 1
                 except CheckpointError as exc:
                     report.problems.append(Problem(str(exc), exc.path, key))
                 except (ValueError, OSError) as exc:
@@ -95,12 +115,17 @@ async def verify_checkpoint(
                 tg.start_soon(check, key)
         for name, count in missing_files.items():
             report.problems.append(
-                Problem(f"{name}: file is missing ({count} tensors unreadable)", name)
+                Problem(f"{name}: file is missing ({plural(count, 'tensor')} unreadable)", name)
             )
         report.problems.sort(key=lambda p: (p.file or "", p.tensor or ""))
     finally:
         await reader.aclose()
     return report
+
+
+def denied_text(name: str, count: int) -> str:
+    what = f" ({plural(count, 'tensor')} not checked)" if count else ""
+    return f"{name}: permission denied{what}"
 
 
 async def _total_bytes(storage: Storage, path: str, fmt: CheckpointFormat) -> int:
@@ -121,28 +146,26 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     targets: list[Checkpoint] = []
     dir_problems: list[Problem] = []
     directory: str | None = None
-    try:
-        targets.append(Checkpoint(storage, path, await detect_format(storage, path)))
-    except CheckpointNotFoundError:
-        if await anyio.to_thread.run_sync(storage.exists, path):
-            listing = await scan(storage, path)
-            directory = listing.url
-            if listing.state_error:
-                dir_problems.append(Problem(listing.state_error, f"{listing.url}/checkpoint"))
-            state_path = f"{listing.url}/checkpoint"
-            dir_problems += [
-                Problem(f"the state file names {name!r}, which does not exist", state_path)
-                for name in listing.missing
-            ]
-            dir_problems += [
-                Problem(f"the state file names {raw!r}, outside the directory", state_path)
-                for raw in listing.unsafe
-            ]
-            targets = [Checkpoint(storage, c.path, c.format) for c in listing.checkpoints]
-            for orphan in listing.orphans:
-                ctx.warn(f"{listing.url}/{orphan.name}: {orphan.reason} (not checked)")
-        else:
-            targets.append(await find_checkpoint(ctx, args.target))
+    if await anyio.to_thread.run_sync(path_kind, storage, path) == "dir":
+        listing = await scan(storage, path)
+        directory = listing.url
+        state_path = f"{listing.url}/{STATE_FILE}"
+        if listing.state_error:
+            reason = f"unreadable state file: {listing.state_error}"
+            dir_problems.append(Problem(reason, state_path))
+        dir_problems += [
+            Problem(f"the state file names {name!r}, which does not exist", state_path)
+            for name in listing.missing
+        ]
+        dir_problems += [
+            Problem(f"the state file names {raw!r}, outside the directory", state_path)
+            for raw in listing.unsafe
+        ]
+        targets = [Checkpoint(storage, c.path, c.format) for c in listing.checkpoints]
+        for orphan in listing.orphans:
+            ctx.warn(f"{listing.url}/{orphan.name}: {orphan.reason} (not checked)")
+    else:
+        targets.append(await find_checkpoint(ctx, args.target))
 
     if directory is not None and not targets and not dir_problems:
         raise CliError(f"{directory}: no checkpoints to verify", ExitCode.NOT_FOUND)
@@ -155,22 +178,26 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             reports.append(report)
             bar.clear()
             if report.ok:
+                note = "" if report.checksums else f"; {NO_CHECKSUMS}"
                 ctx.echo(
-                    f"ok       {report.prefix}  ({report.tensors} tensors, "
-                    f"{format_bytes(report.bytes)})"
+                    f"ok       {report.prefix}  ({plural(report.tensors, 'tensor')}, "
+                    f"{format_bytes(report.bytes)}{note})"
                 )
             else:
-                ctx.echo(f"DAMAGED  {report.prefix}")
+                ctx.echo(f"{report.status():<8} {report.prefix}")
                 for problem in report.problems:
                     ctx.echo(f"  {problem.message}")
+                for name, count in report.denied.items():
+                    ctx.echo(f"  {denied_text(name, count)}")
     elapsed = anyio.current_time() - started
     problems = [*dir_problems, *(p for r in reports for p in r.problems)]
-    damaged = [r for r in reports if not r.ok]
+    denied = [(name, n) for r in reports for name, n in r.denied.items()]
+    good = [r for r in reports if r.ok]
 
     if ctx.json:
         print_json(
             {
-                "ok": not problems,
+                "ok": not problems and not denied,
                 "directory": directory,
                 "problems": [p.as_json() for p in dir_problems],
                 "checkpoints": [
@@ -178,9 +205,13 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                         "prefix": r.prefix,
                         "format": r.format,
                         "ok": r.ok,
+                        "checksums": r.checksums,
                         "tensors": r.tensors,
                         "bytes": r.bytes,
                         "problems": [p.as_json() for p in r.problems],
+                        "permission_denied": [
+                            {"file": name, "tensors": n} for name, n in r.denied.items()
+                        ],
                     }
                     for r in reports
                 ],
@@ -191,13 +222,27 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         for problem in dir_problems:
             ctx.echo(f"DAMAGED  {problem.file or directory}: {problem.message}")
         n_bytes = sum(r.bytes for r in reports)
-        ctx.echo(
-            f"{len(reports) - len(damaged)} of {len(reports)} checkpoints ok, "
-            f"{format_bytes(n_bytes)} read and checked in {format_duration(elapsed)}"
-        )
+        if reports:
+            unchecked = [r for r in reports if r.ok and not r.checksums]
+            note = (
+                f" ({len(unchecked)} of a format without checksums: structure only)"
+                if unchecked
+                else ""
+            )
+            ctx.echo(
+                f"{len(good)} of {plural(len(reports), 'checkpoint')} ok{note}, "
+                f"{format_bytes(n_bytes)} read and checked in {format_duration(elapsed)}"
+            )
+        else:
+            ctx.echo("no checkpoints checked")
     if problems:
         first = problems[0]
         more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
         print(f"anyckpt: error: damaged: {first.message}{more}", file=ctx.err, flush=True)
         return ExitCode.DAMAGE
+    if denied:
+        more = f" (and {len(denied) - 1} more)" if len(denied) > 1 else ""
+        message = f"cannot read {denied_text(*denied[0])}{more}"
+        print(f"anyckpt: error: {message}", file=ctx.err, flush=True)
+        return ExitCode.FAILED
     return ExitCode.OK

@@ -18,6 +18,7 @@ from ..errors import CheckpointNotFoundError, PluginError, PluginWarning, Unsupp
 from ..storage import Storage
 from ._plugins import PluginInfo, blame, info_for, interface_problem
 from .base import CheckpointFormat, CheckpointReader, ReaderBase, TensorSlice, TensorSpec
+from .resolve import resolve_checkpoint
 from .v1 import V1Format
 from .v2 import V2Format
 
@@ -41,6 +42,7 @@ __all__ = [
     "broken_plugins",
     "detect_format",
     "get_format",
+    "locate_checkpoint",
     "plugin_error",
     "register_format",
 ]
@@ -155,3 +157,14 @@ def plugin_error(exc: BaseException) -> PluginError | None:
     )
     error.plugin = info  # type: ignore[attr-defined]
     return error
+
+
+async def locate_checkpoint(storage: Storage, path: str) -> tuple[str, CheckpointFormat]:
+    """The (prefix, format) of the checkpoint ``path`` names: its prefix or any one of its
+    files (``.index``, ``.data-…``, ``.meta``, one V1 shard, a plugin's file). A file that is
+    no checkpoint's raises an error saying what it is (see :mod:`.resolve`)."""
+    formats = [*_BUILTINS.values(), *_load_plugins().values()]
+    found = await resolve_checkpoint(storage, path, formats)
+    if found is None:
+        raise CheckpointNotFoundError("no checkpoint of any known format", path=storage.url(path))
+    return found

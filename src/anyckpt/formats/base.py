@@ -19,6 +19,7 @@ from ..codecs.dtypes import dtype_name
 
 if TYPE_CHECKING:
     from typing_extensions import Self
+from ..errors import InvalidOptionError
 from ..storage import Storage
 
 Extent = tuple[int, int]  # (start, length); length -1 means the whole dimension
@@ -179,9 +180,64 @@ class CheckpointFormat(Protocol):
         """The exact paths the checkpoint at ``prefix`` consists of (those that exist)."""
         ...
 
-    # Optional members (looked up with getattr; a format without them gets the default):
-    # ``checkpoint_path(prefix, written) -> str`` (plain method), the path the ``checkpoint``
-    # state file records for a save that wrote the files ``written`` (default: ``prefix``);
-    # V1 records sharded saves as TensorFlow's ``PREFIX-?????-of-0000N`` pattern.
-    # ``tf_saver_version: int`` (1 or 2), for formats TensorFlow's Saver reads: the manager
-    # may then write a ``.meta`` graph (default: none).
+    # Optional: ``options``, a mapping {option name: FormatOption} of what ``write`` accepts
+    # (absent or None: undeclared, nothing is checked; see :func:`check_options`).
+    # Optional: ``has_checksums: bool`` (default False), whether ``read(verify=True)`` detects
+    # damaged data; ``anyckpt verify`` says so for formats that cannot.
+    # Optional: ``checkpoint_path(prefix, written) -> str``, the path the ``checkpoint`` state
+    # file records for a save that wrote the files ``written`` (default: ``prefix``). V1
+    # records sharded saves as TensorFlow's ``PREFIX-?????-of-0000N`` pattern.
+    # Optional: ``tf_saver_version: int`` (1 or 2), for formats TensorFlow's Saver reads: the
+    # manager may then write a ``.meta`` graph (default: none).
+
+
+@dataclass(frozen=True)
+class FormatOption:
+    """One option a format's ``write`` accepts: the types its value may have, and what it
+    does. ``int`` excludes ``bool`` unless ``bool`` is listed; NumPy integers count as ints."""
+
+    types: tuple[Any, ...]  # classes (collections.abc ones too)
+    help: str = ""
+
+    def type_names(self) -> str:
+        return " or ".join(getattr(t, "__name__", str(t)) for t in self.types)
+
+    def accepts(self, value: Any) -> bool:
+        if value is None:
+            return True
+        if isinstance(value, (bool, np.bool_)):
+            return bool in self.types
+        if isinstance(value, np.integer) and int in self.types:
+            return True
+        return isinstance(value, self.types)
+
+
+def declared_options(fmt: CheckpointFormat) -> Mapping[str, FormatOption] | None:
+    """The options ``fmt`` declares (None: it declares none, so none are checked)."""
+    options = getattr(fmt, "options", None)
+    return options if isinstance(options, Mapping) else None
+
+
+def has_checksums(fmt: CheckpointFormat) -> bool:
+    """Whether ``fmt`` declares that reading with ``verify=True`` checks checksums."""
+    return bool(getattr(fmt, "has_checksums", False))
+
+
+def check_options(fmt: CheckpointFormat, options: Mapping[str, Any] | None) -> None:
+    """Refuse options ``fmt`` does not declare, or of a declared wrong type
+    (:class:`~anyckpt.errors.InvalidOptionError`, naming the valid ones)."""
+    declared = declared_options(fmt)
+    if declared is None or not options:
+        return
+    valid = ", ".join(f"{k} ({v.type_names()})" for k, v in declared.items()) or "none"
+    for key, value in options.items():
+        spec = declared.get(key)
+        if spec is None:
+            raise InvalidOptionError(
+                f"unknown option {key!r} for format {fmt.name!r} (valid options: {valid})"
+            )
+        if not spec.accepts(value):
+            raise InvalidOptionError(
+                f"option {key!r} of format {fmt.name!r} must be {spec.type_names()}, "
+                f"not {type(value).__name__} {value!r} (valid options: {valid})"
+            )

@@ -26,10 +26,21 @@ from typing import Any
 
 import numpy as np
 
+from ..errors import InvalidOptionError
+from .base import FormatOption
+
 DeviceSpec = Mapping[str, str] | Callable[[str], str | None]
 
 #: The option names the planner understands.
 SHARD_OPTIONS = frozenset({"devices", "max_shard_bytes", "num_shards", "shard_of"})
+
+#: The options of the built-in formats (V1, V2): the planner's, with their types.
+SHARD_FORMAT_OPTIONS: Mapping[str, FormatOption] = {
+    "devices": FormatOption((Mapping, Callable), "tensor name -> device; one shard per device"),
+    "max_shard_bytes": FormatOption((int,), "split so that no shard holds more bytes"),
+    "num_shards": FormatOption((int,), "balance the tensors over this many shards"),
+    "shard_of": FormatOption((Callable,), "tensor name -> shard number"),
+}
 
 
 @dataclass(frozen=True)
@@ -61,18 +72,18 @@ class ShardOptions:
         num = options.get("num_shards")
         shard_of = options.get("shard_of")
         if devices is not None and not (isinstance(devices, Mapping) or callable(devices)):
-            raise TypeError("devices must be a mapping {name: device} or a callable")
+            raise InvalidOptionError("devices must be a mapping {name: device} or a callable")
         if shard_of is not None and not callable(shard_of):
-            raise TypeError("shard_of must be a callable name -> shard number")
+            raise InvalidOptionError("shard_of must be a callable name -> shard number")
         for label, value in (("max_shard_bytes", max_bytes), ("num_shards", num)):
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1
             ):
-                raise ValueError(f"{label} must be a positive integer, not {value!r}")
+                raise InvalidOptionError(f"{label} must be a positive integer, not {value!r}")
         if shard_of is not None and (devices, max_bytes, num) != (None, None, None):
-            raise ValueError("shard_of cannot be combined with other sharding options")
+            raise InvalidOptionError("shard_of cannot be combined with other sharding options")
         if num is not None and devices is not None:
-            raise ValueError("num_shards cannot be combined with devices")
+            raise InvalidOptionError("num_shards cannot be combined with devices")
         return cls(
             devices,
             None if max_bytes is None else int(max_bytes),

@@ -41,7 +41,7 @@ from ..partitioned import partitions_of
 from ..storage import FileReader, FileWriter, Storage
 from ..tensors import key_from_bytes, key_to_bytes
 from .base import Extent, Index, TensorSlice, TensorSpec
-from .sharded import ShardOptions, plan_shards, tensor_nbytes
+from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v2_reader import _normalize_index, _squeeze
 
 Extents = tuple[Extent, ...]
@@ -149,6 +149,8 @@ class V1Format:
     """TensorFlow's V1 checkpoint (``TensorSliceWriter`` / ``TensorSliceReader``)."""
 
     name = "v1"
+    options = SHARD_FORMAT_OPTIONS
+    has_checksums = True
 
     async def write(
         self,

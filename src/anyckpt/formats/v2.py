@@ -33,7 +33,7 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..partitioned import partitions_of
 from ..storage import Storage
 from ..tensors import stored_key_order
-from .sharded import ShardOptions, plan_shards, tensor_nbytes
+from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v2_data import DataFileEntries, write_data_file
 from .v2_index import build_index
 from .v2_layout import MAX_INDEX_BYTES, data_path, index_path
@@ -44,6 +44,8 @@ class V2Format:
     """The V2 tensor bundle (TensorFlow's default since 1.x)."""
 
     name = "v2"
+    options = SHARD_FORMAT_OPTIONS
+    has_checksums = True
 
     async def write(
         self,

@@ -22,7 +22,7 @@ import numpy as np
 
 from anyckpt.codecs.dtypes import disk_dtype, to_little_endian
 from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
-from anyckpt.formats.base import Index, TensorSlice, TensorSpec
+from anyckpt.formats.base import FormatOption, Index, TensorSlice, TensorSpec
 from anyckpt.partitioned import partitions_of
 from anyckpt.storage import Storage
 
@@ -47,6 +47,11 @@ class SafetensorsFormat:
     stored in the header's ``__metadata__``."""
 
     name = "safetensors"
+    options: Mapping[str, FormatOption] = {
+        "metadata": FormatOption((Mapping,), "{str: str} stored in the header's __metadata__"),
+    }
+    #: safetensors stores no checksums: ``verify`` checks the structure only.
+    has_checksums = False
 
     async def write(
         self,
@@ -61,6 +66,11 @@ class SafetensorsFormat:
         shapes: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
         partitions: dict[str, list[list[list[int]]]] = {}
         for key, array in tensors.items():
+            if array.dtype == object:
+                raise UnsupportedFormatError(
+                    f"tensor {key!r} is a string tensor, and safetensors has no string dtype "
+                    f"(leave it out: anyckpt convert ... --exclude {key!r})"
+                )
             try:
                 key.encode("utf-8")
                 codec.dtype_code(array.dtype)

@@ -44,8 +44,8 @@ from anyckpt.codecs.dtypes import (
     enum_from_dtype,
     to_little_endian,
 )
-from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError
-from anyckpt.formats.base import Index, TensorSlice, TensorSpec
+from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidOptionError
+from anyckpt.formats.base import FormatOption, Index, TensorSlice, TensorSpec
 from anyckpt.partitioned import partitions_of
 from anyckpt.storage import FileReader, Storage
 
@@ -65,7 +65,7 @@ def file_path(prefix: str) -> str:
 def _threads(value: Any) -> int:
     n = int(value) if value is not None else min(os.cpu_count() or 1, 8)
     if n < 1:
-        raise ValueError("threads must be at least 1")
+        raise InvalidOptionError("threads must be at least 1")
     return n
 
 
@@ -129,6 +129,14 @@ class ZstdFormat:
     """A zstd-compressed, chunked container (``PREFIX.zckpt``)."""
 
     name = "zstd"
+    options: Mapping[str, FormatOption] = {
+        "level": FormatOption((int,), f"zstd level (default {DEFAULT_LEVEL}; negative: fast)"),
+        "threads": FormatOption((int,), "compression threads (default: CPUs, at most 8)"),
+        "chunk_bytes": FormatOption((int,), "bytes per compressed chunk (default 4 MiB)"),
+        "shuffle": FormatOption((bool,), "byte-transpose numeric chunks (default true)"),
+    }
+    #: Every chunk carries the crc32c of its uncompressed bytes.
+    has_checksums = True
 
     def __init__(self, *, max_ratio: int = codec.DEFAULT_MAX_RATIO) -> None:
         self.max_ratio = _ratio(max_ratio)
@@ -149,9 +157,11 @@ class ZstdFormat:
         do_shuffle = bool(options.get("shuffle", True))
         max_ratio = _ratio(options.get("max_ratio", codec.DEFAULT_MAX_RATIO))
         if not 1 <= chunk_bytes <= codec.MAX_CHUNK_BYTES:
-            raise ValueError(f"chunk_bytes must be 1..{codec.MAX_CHUNK_BYTES}")
+            raise InvalidOptionError(f"chunk_bytes must be 1..{codec.MAX_CHUNK_BYTES}")
         if not -(1 << 17) <= level <= zstandard.MAX_COMPRESSION_LEVEL:
-            raise ValueError(f"zstd level {level} is out of range")
+            raise InvalidOptionError(
+                f"zstd level {level} is out of range (-131072..{zstandard.MAX_COMPRESSION_LEVEL})"
+            )
         path = file_path(prefix)
         directory = posixpath.dirname(path)
         local = _Local()

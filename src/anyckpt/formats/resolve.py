@@ -1,0 +1,155 @@
+"""From what a user names to a checkpoint: a prefix, or any one of a checkpoint's files.
+
+``DIR/ckpt-5``, ``DIR/ckpt-5.index``, ``DIR/ckpt-5.data-00000-of-00001``, ``DIR/ckpt-5.meta``,
+one shard ``DIR/model-00001-of-00002`` of a sharded V1 checkpoint and a plugin's own file
+(``x.safetensors``) all resolve to the same checkpoint. A file that is no checkpoint's (a text
+file, the ``checkpoint`` state file, a ``.meta`` or a data file without its checkpoint) raises an
+error saying what the file is and what was expected. :func:`anyckpt.open`, :func:`anyckpt.load`
+and every CLI command resolve through :func:`resolve_checkpoint`.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+
+import anyio.to_thread
+
+from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..storage import Storage
+from .base import CheckpointFormat
+
+__all__ = ["EXPECTED", "path_kind", "resolve_checkpoint"]
+
+#: What a user may name, for error messages.
+EXPECTED = (
+    "expected a checkpoint prefix (DIR/ckpt-5), one of its files (DIR/ckpt-5.index) "
+    "or a checkpoint directory"
+)
+_V2_FILE = re.compile(r"(.+)\.(?:index|data-\d{5}-of-\d{5})")
+_V1_SHARD = re.compile(r"(.+)-\d{5}-of-(\d{5})")
+_STATE_FILE = "checkpoint"
+
+
+def path_kind(storage: Storage, path: str) -> str:
+    """``"file"``, ``"dir"`` or ``"none"``."""
+    if storage.is_local:
+        if os.path.isdir(path):
+            return "dir"
+        return "file" if os.path.exists(path) else "none"
+    try:
+        if storage.fs.isdir(path):
+            return "dir"
+        return "file" if storage.fs.isfile(path) else "none"
+    except (OSError, ValueError):
+        return "none"
+
+
+def _candidates(path: str) -> list[str]:
+    """Prefixes a file named ``path`` may belong to, most specific first."""
+    found: list[str] = []
+    v2 = _V2_FILE.fullmatch(path)
+    if v2:
+        found.append(v2.group(1))
+    shard = _V1_SHARD.fullmatch(path)
+    if shard and not v2:
+        found.append(f"{shard.group(1)}-?????-of-{shard.group(2)}")
+    directory, base = posixpath.split(path)
+    if "." in base.lstrip("."):
+        found.append(posixpath.join(directory, base.rsplit(".", 1)[0]))
+    return list(dict.fromkeys(found))
+
+
+async def _owner(
+    formats: list[CheckpointFormat], storage: Storage, path: str
+) -> tuple[str, CheckpointFormat] | None:
+    """The checkpoint (prefix, format) that lists ``path`` among its files (or whose
+    ``PREFIX.meta`` it is), if any."""
+    for prefix in _candidates(path):
+        meta = path == prefix + ".meta"
+        for fmt in formats:
+            try:
+                if not await fmt.detect(storage, prefix):
+                    continue
+                if meta or path in await fmt.files(storage, prefix):
+                    return prefix, fmt
+            except CheckpointError:
+                continue
+    return None
+
+
+async def _claimed_but_broken(
+    formats: list[CheckpointFormat], storage: Storage, path: str
+) -> tuple[str, CheckpointFormat] | None:
+    """A format that names ``path`` as one of its files, though it detects no checkpoint."""
+    for prefix in _candidates(path):
+        for fmt in formats:
+            try:
+                if path in await fmt.files(storage, prefix):
+                    return prefix, fmt
+            except (CheckpointError, OSError):  # noqa: PERF203 - a few candidates
+                continue
+    return None
+
+
+async def resolve_checkpoint(
+    storage: Storage, path: str, formats: list[CheckpointFormat]
+) -> tuple[str, CheckpointFormat] | None:
+    """The (prefix, format) of the checkpoint ``path`` names, trying ``formats`` in order.
+
+    None when nothing exists at ``path`` as a file or prefix, or ``path`` is a directory
+    (the caller decides what a directory means). A file that belongs to no checkpoint raises
+    :class:`CheckpointNotFoundError` (or :class:`CorruptCheckpointError` when a format claims
+    it by name but cannot read it) saying what the file is."""
+    url = storage.url(path)
+    kind = await anyio.to_thread.run_sync(path_kind, storage, path)
+    if kind == "dir":
+        return None
+    if kind == "file":
+        owner = await _owner(formats, storage, path)
+        if owner is not None:
+            return owner
+    for fmt in formats:
+        if await fmt.detect(storage, path):
+            return path, fmt
+    if kind != "file":
+        return None
+    # An existing file no format reads: say what it is.
+    base = posixpath.basename(path)
+    if base == _STATE_FILE:
+        raise CheckpointNotFoundError(
+            "this is a directory's state file (it names checkpoints), not a checkpoint; "
+            "give its directory to use the latest checkpoint",
+            path=url,
+        )
+    if base.endswith(".meta"):
+        prefix = path[: -len(".meta")]
+        raise CheckpointNotFoundError(
+            f"this is a TensorFlow meta graph (.meta), and its checkpoint "
+            f"{storage.url(prefix)} does not exist; {EXPECTED}",
+            path=url,
+        )
+    claimed = await _claimed_but_broken(formats, storage, path)
+    if claimed is not None:
+        prefix, fmt = claimed
+        try:
+            reader = await fmt.open(storage, prefix)
+        except CheckpointNotFoundError as exc:
+            missing = exc.path or storage.url(prefix)
+            raise CheckpointNotFoundError(
+                f"a file of a {fmt.name} checkpoint, but its checkpoint is incomplete: "
+                f"{missing} is missing",
+                path=url,
+            ) from None
+        except CorruptCheckpointError as exc:
+            raise CorruptCheckpointError(
+                f"named like a {fmt.name} checkpoint file, but it is not one: {exc}"
+            ) from None
+        await reader.aclose()
+        return prefix, fmt
+    raise CheckpointNotFoundError(
+        f"not a checkpoint file: no format ({', '.join(f.name for f in formats)}) "
+        f"recognises it; {EXPECTED}",
+        path=url,
+    )
