@@ -33,6 +33,7 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError
 from ..partitioned import partitions_of
 from ..storage import Storage
 from ..tensors import stored_key_order
+from .base import FormatOption
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v2_data import DataFileEntries, write_data_file
 from .v2_index import build_index
@@ -44,7 +45,12 @@ class V2Format:
     """The V2 tensor bundle (TensorFlow's default since 1.x)."""
 
     name = "v2"
-    options = SHARD_FORMAT_OPTIONS
+    options: Mapping[str, FormatOption] = {
+        **SHARD_FORMAT_OPTIONS,
+        "data_order": FormatOption(
+            (str,), '"given": the data file in the mapping\'s order (TF2\'s layout), unsharded'
+        ),
+    }
     has_checksums = True
 
     async def write(
