@@ -46,26 +46,27 @@ class PackedEntries:
     """A table's entries as columns: entry ``i``'s key is ``keys[key_offsets[i]:
     key_offsets[i + 1]]``, its value likewise in ``values``."""
 
-    keys: bytes
+    keys: bytearray
     key_offsets: np.ndarray
-    values: bytes
+    values: bytearray
     value_offsets: np.ndarray
 
     def __len__(self) -> int:
         return len(self.key_offsets) - 1
 
     def key(self, i: int) -> bytes:
-        return self.keys[int(self.key_offsets[i]) : int(self.key_offsets[i + 1])]
+        return bytes(self.keys[int(self.key_offsets[i]) : int(self.key_offsets[i + 1])])
 
     def value(self, i: int) -> bytes:
-        return self.values[int(self.value_offsets[i]) : int(self.value_offsets[i + 1])]
+        return bytes(self.values[int(self.value_offsets[i]) : int(self.value_offsets[i + 1])])
 
 
-def _offsets(parts: list[np.ndarray]) -> np.ndarray:
-    lengths = np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
-    out = np.zeros(len(lengths) + 1, dtype=np.int64)
-    np.cumsum(lengths, out=out[1:])
-    return out
+def _ends(items: list[bytes], base: int) -> np.ndarray:
+    """Where each item ends in their concatenation placed at ``base``."""
+    ends = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    np.cumsum(ends, out=ends)
+    ends += base
+    return ends
 
 
 class _Block:
@@ -215,10 +216,10 @@ class LazyTable:
     def packed(self) -> PackedEntries:
         """Every entry as :class:`PackedEntries` (not cached), with the checks of
         :meth:`items`: block by block, so no Python object per entry outlives its block."""
-        key_parts: list[bytes] = []
-        value_parts: list[bytes] = []
-        key_lengths: list[np.ndarray] = []
-        value_lengths: list[np.ndarray] = []
+        all_keys = bytearray()
+        all_values = bytearray()
+        key_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        value_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
         left = self._budget
         last: bytes | None = None
         for i, handle in enumerate(self._handles):
@@ -239,12 +240,13 @@ class LazyTable:
             if i and keys[0] <= self._separators[i - 1]:
                 raise DecodeError(f"table key {keys[0]!r} is outside its block's key range")
             last = keys[-1]
-            key_parts.append(b"".join(keys))
-            value_parts.append(b"".join(values))
-            key_lengths.append(np.fromiter(map(len, keys), dtype=np.int64, count=len(keys)))
-            value_lengths.append(np.fromiter(map(len, values), dtype=np.int64, count=len(keys)))
-        keys_blob, values_blob = b"".join(key_parts), b"".join(value_parts)
-        return PackedEntries(keys_blob, _offsets(key_lengths), values_blob, _offsets(value_lengths))
+            key_ends.append(_ends(keys, len(all_keys)))
+            value_ends.append(_ends(values, len(all_values)))
+            all_keys += b"".join(keys)
+            all_values += b"".join(values)
+        return PackedEntries(
+            all_keys, np.concatenate(key_ends), all_values, np.concatenate(value_ends)
+        )
 
     def as_dict(self) -> dict[bytes, bytes]:
         """:meth:`items` as a dict (cached; lookups use it from then on)."""
