@@ -123,17 +123,20 @@ def decode_batch(values: Sequence[bytes]) -> EntryBatch:
     )
 
 
-def decode_columns(data: bytes | bytearray, offsets: np.ndarray) -> EntryColumns:
+def decode_columns(
+    data: bytes | bytearray, offsets: np.ndarray, chunk: int = CHUNK
+) -> EntryColumns:
     """Decode the values ``data[offsets[i]:offsets[i + 1]]`` as :func:`decode_batch` does,
-    into columns; raises what ``decode_entry`` raises for the first value it refuses."""
+    into columns, ``chunk`` entries at a time; raises what ``decode_entry`` raises for the
+    first value it refuses."""
     n = len(offsets) - 1
     head_index: dict[tuple[int, tuple[int, ...]], int] = {}
     parts: list[tuple[np.ndarray, ...]] = []
     alone: dict[int, EntryRecord] = {}
     # Padding: every gather below stays inside the buffer whatever the entries hold.
     pad = bytes(4 + 128 + 2 * _MAX_VARINT + 8)
-    for lo in range(0, n, CHUNK):
-        hi = min(lo + CHUNK, n)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
         base = int(offsets[lo])
         # One chunk's bytes at a time (copied with the padding), not the whole index.
         buf = np.frombuffer(data[base : int(offsets[hi])] + pad, dtype=np.uint8)

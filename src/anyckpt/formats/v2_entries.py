@@ -14,6 +14,7 @@ import numpy as np
 
 from ..codecs.bundle import EntryRecord
 from ..codecs.bundle_batch import EntryColumns
+from ..tensors import key_to_bytes
 
 _CHUNK = 1 << 14
 
@@ -81,6 +82,25 @@ class EntryTable:
         n = len(self)
         i = bisect_left(range(n), raw, key=self.raw)
         return i if i < n and self.raw(i) == raw else None
+
+    def position_of_name(self, key: str) -> int | None:
+        """:meth:`position` of a tensor name (of ASCII keys: compared as str, no bytes made)."""
+        text = self._text
+        if text is None:
+            try:
+                return self.position(key_to_bytes(key))
+            except (AttributeError, UnicodeError):
+                return None
+        if not isinstance(key, str) or not key.isascii():
+            return None  # every key is ASCII
+        offsets = self.key_offsets
+
+        def at(i: int) -> str:
+            return text[int(offsets[i]) : int(offsets[i + 1])]
+
+        n = len(self)
+        i = bisect_left(range(n), key, key=at)
+        return i if i < n and at(i) == key else None
 
     def listed_positions(self) -> np.ndarray:
         """The positions of the tensors' entries, in key order."""

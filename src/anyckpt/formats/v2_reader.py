@@ -281,21 +281,19 @@ class V2Reader:
 
     def _entry(self, key: str) -> EntryRecord:
         entry = self._entries.get(key)
-        if entry is None:
-            columns = self._columns
-            if columns is None:
-                entry = self._find(key)
-            else:  # every entry checked: look it up among them
-                try:
-                    at = columns.position(key_to_bytes(key))
-                except (AttributeError, UnicodeError):
-                    at = None
-                if at is not None and (columns.listed is None or columns.listed[at]):
-                    entry = columns.record(at)
-            if entry is None:
-                raise KeyError(f"{key!r} is not in checkpoint {self.prefix}")
-            self._entries[key] = entry
-        return entry
+        if entry is not None:
+            return entry
+        columns = self._columns
+        if columns is not None:  # every entry checked: made from its columns (not cached)
+            at = columns.position_of_name(key)
+            if at is not None and (columns.listed is None or columns.listed[at]):
+                return columns.record(at)
+        else:
+            entry = self._find(key)
+            if entry is not None:
+                self._entries[key] = entry
+                return entry
+        raise KeyError(f"{key!r} is not in checkpoint {self.prefix}")
 
     def spec(self, key: str) -> TensorSpec:
         entry = self._entry(key)
