@@ -122,7 +122,8 @@ def select_keys(reader: CheckpointReader, wanted: list[str]) -> list[str]:
     keys = reader.keys()
     if not wanted:
         return keys
-    missing = [k for k in wanted if k not in set(keys)]
+    present = set(keys)
+    missing = [k for k in wanted if k not in present]
     if missing:
         raise CliError(
             f"no tensor {missing[0]!r} in {reader.prefix} ({len(keys)} tensors; "
@@ -169,15 +170,82 @@ def meta_lines(info: MetaGraphInfo, keys: set[str] | None = None) -> list[str]:
     return lines
 
 
+def tensor_row(key: str, spec: TensorSpec) -> list[str]:
+    """One tensor's cells in the text listing."""
+    parts = spec.partitions
+    return [
+        key,
+        spec.dtype_name,
+        shape_text(spec.shape),
+        format_bytes(tensor_nbytes(spec)),
+        f"{len(parts)}: " + " ".join(partition_text(p, spec.shape) for p in parts) if parts else "",
+    ]
+
+
+#: Rows of the text listing printed at a time.
+_ROWS_AT_ONCE = 4096
+
+
+def _line(cells: list[str], widths: list[int]) -> str:
+    """A row as :func:`~._output.table` lays it out (the size column aligned right)."""
+    pairs = enumerate(zip(cells, widths, strict=True))
+    laid = [c.rjust(w) if i == 3 else c.ljust(w) for i, (c, w) in pairs]
+    return ("  " + "  ".join(laid)).rstrip()
+
+
+_HEADER = ["TENSOR", "DTYPE", "SHAPE", "SIZE", "PARTITIONS"]
+
+
+def measure_tensor_table(reader: CheckpointReader, keys: list[str]) -> tuple[list[int], int]:
+    """The listing's column widths and the tensors' total bytes, in one pass over the specs
+    (none kept)."""
+    widths = [len(cell) for cell in _HEADER]
+    total = 0
+    for key in keys:
+        spec = reader.spec(key)
+        total += tensor_nbytes(spec)
+        for i, cell in enumerate(tensor_row(key, spec)):
+            widths[i] = max(widths[i], len(cell))
+    return widths, total
+
+
+def echo_tensor_table(
+    ctx: Context, reader: CheckpointReader, keys: list[str], widths: list[int]
+) -> None:
+    """The tensor listing, streamed a few thousand rows at a time (no spec, row or line of a
+    million tensors held at once)."""
+    lines = [_line(_HEADER, widths)]
+    for key in keys:
+        lines.append(_line(tensor_row(key, reader.spec(key)), widths))
+        if len(lines) >= _ROWS_AT_ONCE:
+            ctx.echo("\n".join(lines))
+            lines = []
+    if lines:
+        ctx.echo("\n".join(lines))
+
+
 async def run(ctx: Context, args: argparse.Namespace) -> int:
     ckpt = await find_checkpoint(ctx, args.prefix)
     meta = await load_meta(ckpt.storage, ckpt.path)
     reader = await ckpt.format.open(ckpt.storage, ckpt.path)
     try:
         keys = select_keys(reader, args.key)
-        specs = {k: reader.spec(k) for k in keys}
         paths = reader.files()
         sizes = await anyio.to_thread.run_sync(file_sizes, ckpt.storage, paths)
+        if not ctx.json and not args.values:
+            # The listing alone: streamed from the reader, one spec at a time.
+            widths, total_bytes = measure_tensor_table(reader, keys)
+            shown = "" if not args.key else f" (of {len(reader.keys())})"
+            echo_summary(
+                ctx, ckpt.url, ckpt.format.name, paths, sizes, len(keys), shown, total_bytes
+            )
+            echo_tensor_table(ctx, reader, keys, widths)
+            if meta is not None:
+                ctx.echo()
+                for line in meta_lines(meta, set(keys) if args.key else None):
+                    ctx.echo(line)
+            return ExitCode.OK
+        specs = {k: reader.spec(k) for k in keys}
         values: dict[str, np.ndarray] = {}
         if args.values:
             total = sum(tensor_nbytes(s) for s in specs.values())
@@ -185,6 +253,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 for key in keys:
                     values[key] = await reader.read(key)
                     bar.advance(tensor_nbytes(specs[key]))
+        shown = "" if not args.key else f" (of {len(reader.keys())})"
     finally:
         await reader.aclose()
 
@@ -211,29 +280,8 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         return ExitCode.OK
 
     total_bytes = sum(tensor_nbytes(s) for s in specs.values())
-    shown = "" if not args.key else f" (of {len(reader.keys())})"
-    ctx.echo(
-        f"{ckpt.url}: format {ckpt.format.name}, {len(paths)} files, "
-        f"{len(keys)} tensors{shown}, {format_bytes(total_bytes)}"
-    )
-    rows = [[posixpath.basename(p), format_bytes(s)] for p, s in zip(paths, sizes, strict=True)]
-    ctx.echo(table([["FILE", "SIZE"], *rows], right=(1,), indent="  "))
-    ctx.echo()
-    rows = [["TENSOR", "DTYPE", "SHAPE", "SIZE", "PARTITIONS"]]
-    for key in keys:
-        spec = specs[key]
-        parts = spec.partitions
-        rows.append(
-            [
-                key,
-                spec.dtype_name,
-                shape_text(spec.shape),
-                format_bytes(tensor_nbytes(spec)),
-                f"{len(parts)}: " + " ".join(partition_text(p, spec.shape) for p in parts)
-                if parts
-                else "",
-            ]
-        )
+    echo_summary(ctx, ckpt.url, ckpt.format.name, paths, sizes, len(keys), shown, total_bytes)
+    rows = [_HEADER, *(tensor_row(key, specs[key]) for key in keys)]
     ctx.echo(table(rows, right=(3,), indent="  "))
     if meta is not None:
         ctx.echo()
@@ -246,3 +294,23 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 head = f"{key} = "
                 ctx.echo(head + np.array2string(values[key], separator=", ", prefix=head))
     return ExitCode.OK
+
+
+def echo_summary(
+    ctx: Context,
+    url: str,
+    format_name: str,
+    paths: list[str],
+    sizes: list[int | None],
+    count: int,
+    shown: str,
+    total_bytes: int,
+) -> None:
+    """The first lines: the checkpoint, its format, files and totals, then a blank line."""
+    ctx.echo(
+        f"{url}: format {format_name}, {len(paths)} files, "
+        f"{count} tensors{shown}, {format_bytes(total_bytes)}"
+    )
+    rows = [[posixpath.basename(p), format_bytes(s)] for p, s in zip(paths, sizes, strict=True)]
+    ctx.echo(table([["FILE", "SIZE"], *rows], right=(1,), indent="  "))
+    ctx.echo()
