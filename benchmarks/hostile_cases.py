@@ -94,7 +94,7 @@ def _child(op: str, prefix: str) -> None:
         elif op == "inspect":  # the listing written to /dev/null (as to a pipe)
             with open(os.devnull, "w") as sink, contextlib.redirect_stdout(sink):
                 status = anyckpt.cli.main(["inspect", prefix])
-                n = sink.tell()
+            n = 1
             if status:
                 raise RuntimeError(f"exit status {status}")
         else:

@@ -106,6 +106,7 @@ def test_decode_columns_equals_decode_record_entry_by_entry(
         return
     columns = decode_columns(bytearray(b"".join(values)), _offsets(values), chunk)
     assert columns.records() == expected
+    assert [columns.record(i) for i in range(len(values))] == expected
     picked = np.arange(len(values))[::2]
     assert columns.records(picked) == [expected[i] for i in picked.tolist()]
 

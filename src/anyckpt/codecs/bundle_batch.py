@@ -49,6 +49,21 @@ class EntryColumns:
     def __len__(self) -> int:
         return len(self.head_ids)
 
+    def record(self, i: int) -> EntryRecord:
+        """Entry ``i`` as an :class:`EntryRecord`."""
+        head = int(self.head_ids[i])
+        if head < 0:
+            return self.alone[i]
+        dtype, shape = self.heads[head]
+        return EntryRecord(
+            dtype,
+            shape,
+            int(self.shard_ids[i]),
+            int(self.offsets[i]),
+            int(self.sizes[i]),
+            int(self.crcs[i]),
+        )
+
     def records(self, positions: np.ndarray | None = None) -> list[EntryRecord]:
         """The entries at ``positions`` (default: all) as :class:`EntryRecord` tuples."""
         if positions is None:

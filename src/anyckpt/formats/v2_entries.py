@@ -34,6 +34,7 @@ class EntryTable:
         # Pure ASCII keys (nearly always): kept as one str, sliced at the same offsets.
         self._text = keys.decode("ascii") if keys.isascii() else None
         self._keys = b"" if self._text is not None else bytes(keys)
+        self._last = -1  # the position last found by name
 
     def __len__(self) -> int:
         return len(self.key_offsets) - 1
@@ -75,7 +76,7 @@ class EntryTable:
         return out
 
     def record(self, i: int) -> EntryRecord:
-        return self.entries.records(np.array([i]))[0]
+        return self.entries.record(i)
 
     def position(self, raw: bytes) -> int | None:
         """The position of the entry whose key is ``raw``, or None (a binary search)."""
@@ -99,8 +100,16 @@ class EntryTable:
             return text[int(offsets[i]) : int(offsets[i + 1])]
 
         n = len(self)
+        # Names are mostly asked for in order (a listing): try the one after the last first.
+        nxt = self._last + 1
+        if nxt < n and at(nxt) == key:
+            self._last = nxt
+            return nxt
         i = bisect_left(range(n), key, key=at)
-        return i if i < n and at(i) == key else None
+        if i < n and at(i) == key:
+            self._last = i
+            return i
+        return None
 
     def listed_positions(self) -> np.ndarray:
         """The positions of the tensors' entries, in key order."""
