@@ -8,7 +8,6 @@ from __future__ import annotations
 import gc
 import tracemalloc
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
