@@ -32,6 +32,68 @@ _SHIFTS = (7 * np.arange(_MAX_VARINT, dtype=np.uint64)).astype(np.uint64)
 
 
 @dataclass
+class EntryColumns:
+    """Decoded entries as columns: no Python object per entry. Entry ``i`` decoded with
+    others has ``head_ids[i] >= 0`` (its dtype and shape are ``heads[head_ids[i]]``); one
+    decoded on its own (``head_ids[i] == -1``) is ``alone[i]``."""
+
+    #: The distinct (dtype, shape) heads of the entries decoded together.
+    heads: list[tuple[int, tuple[int, ...]]]
+    head_ids: np.ndarray
+    shard_ids: np.ndarray
+    offsets: np.ndarray
+    sizes: np.ndarray
+    crcs: np.ndarray
+    alone: dict[int, EntryRecord]
+
+    def __len__(self) -> int:
+        return len(self.head_ids)
+
+    def record(self, i: int) -> EntryRecord:
+        """Entry ``i`` as an :class:`EntryRecord`."""
+        head = int(self.head_ids[i])
+        if head < 0:
+            return self.alone[i]
+        dtype, shape = self.heads[head]
+        return EntryRecord(
+            dtype,
+            shape,
+            int(self.shard_ids[i]),
+            int(self.offsets[i]),
+            int(self.sizes[i]),
+            int(self.crcs[i]),
+        )
+
+    def records(self, positions: np.ndarray | None = None) -> list[EntryRecord]:
+        """The entries at ``positions`` (default: all) as :class:`EntryRecord` tuples."""
+        if positions is None:
+            positions = np.arange(len(self.head_ids))
+        ids = self.head_ids[positions].tolist()
+        dtypes = [h[0] for h in self.heads] + [0]  # -1: a placeholder, replaced below
+        shapes = [h[1] for h in self.heads] + [()]
+        out: list[EntryRecord] = list(
+            map(
+                tuple.__new__,
+                repeat(EntryRecord),
+                zip(
+                    map(dtypes.__getitem__, ids),
+                    map(shapes.__getitem__, ids),
+                    self.shard_ids[positions].tolist(),
+                    self.offsets[positions].tolist(),
+                    self.sizes[positions].tolist(),
+                    self.crcs[positions].tolist(),
+                    repeat(()),
+                    strict=False,
+                ),
+            )
+        )
+        if self.alone:
+            for j in np.flatnonzero(self.head_ids[positions] < 0).tolist():
+                out[j] = self.alone[int(positions[j])]
+        return out
+
+
+@dataclass
 class EntryBatch:
     """Decoded entries, in the order given, plus the columns of those decoded together."""
 
@@ -42,6 +104,10 @@ class EntryBatch:
     head_ids: np.ndarray
     shard_ids: np.ndarray
     sizes: np.ndarray
+
+
+#: Entries decoded together at a time: bounds the temporary arrays (~200 bytes per entry, ~3 MiB).
+CHUNK = 1 << 14
 
 
 def _varints(
@@ -63,16 +129,67 @@ def _varints(
 def decode_batch(values: Sequence[bytes]) -> EntryBatch:
     """Decode every value (see the module docstring); raises what ``decode_entry`` raises for
     the first value it refuses."""
-    n = len(values)
-    if not n:
-        empty = np.zeros(0, dtype=np.int64)
-        return EntryBatch([], [], empty, empty, empty)
-    lengths = np.fromiter(map(len, values), dtype=np.int64, count=n)
-    ends = np.cumsum(lengths)
-    starts = ends - lengths
+    lengths = np.fromiter(map(len, values), dtype=np.int64, count=len(values))
+    offsets = np.zeros(len(values) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=offsets[1:])
+    columns = decode_columns(b"".join(values), offsets)
+    return EntryBatch(
+        columns.records(), columns.heads, columns.head_ids, columns.shard_ids, columns.sizes
+    )
+
+
+def decode_columns(
+    data: bytes | bytearray, offsets: np.ndarray, chunk: int = CHUNK
+) -> EntryColumns:
+    """Decode the values ``data[offsets[i]:offsets[i + 1]]`` as :func:`decode_batch` does,
+    into columns, ``chunk`` entries at a time; raises what ``decode_entry`` raises for the
+    first value it refuses."""
+    n = len(offsets) - 1
+    head_index: dict[tuple[int, tuple[int, ...]], int] = {}
+    parts: list[tuple[np.ndarray, ...]] = []
+    alone: dict[int, EntryRecord] = {}
     # Padding: every gather below stays inside the buffer whatever the entries hold.
-    pad = 4 + 128 + 2 * _MAX_VARINT + 8
-    buf = np.frombuffer(b"".join(values) + bytes(pad), dtype=np.uint8)
+    pad = bytes(4 + 128 + 2 * _MAX_VARINT + 8)
+    for lo in range(0, n, chunk):
+        hi = min(lo + chunk, n)
+        base = int(offsets[lo])
+        # One chunk's bytes at a time (copied with the padding), not the whole index.
+        buf = np.frombuffer(data[base : int(offsets[hi])] + pad, dtype=np.uint8)
+        starts = offsets[lo:hi] - base
+        ends = offsets[lo + 1 : hi + 1] - base
+        local, ids, shard_ids, offs, sizes, crcs, ok = _decode_chunk(buf, starts, ends)
+        mapping = np.array(
+            [head_index.setdefault(h, len(head_index)) for h in local] + [-1], dtype=np.int64
+        )
+        ids = mapping[np.where(ok, ids, -1)]
+        parts.append((ids, shard_ids, offs, sizes, crcs))
+        for i in np.flatnonzero(~ok).tolist():
+            start, end = int(starts[i]) + base, int(ends[i]) + base
+            alone[lo + i] = decode_record(bytes(data[start:end]))
+    heads = list(head_index)
+    if parts:
+        columns = [np.concatenate(column) for column in zip(*parts, strict=True)]
+    else:
+        columns = [np.zeros(0, dtype=np.int64)] * 4 + [np.zeros(0, dtype=np.uint32)]
+    head_ids, shard_ids, offs, sizes, crcs = columns
+    return EntryColumns(heads, head_ids, shard_ids, offs, sizes, crcs, alone)
+
+
+def _decode_chunk(
+    buf: np.ndarray, starts: np.ndarray, ends: np.ndarray
+) -> tuple[
+    list[tuple[int, tuple[int, ...]]],
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+    np.ndarray,
+]:
+    """The entries from ``starts`` to ``ends`` in ``buf``: (their distinct heads, each one's
+    head id, shard ids, offsets, sizes, crcs, which were decoded together)."""
+    n = len(starts)
+    lengths = ends - starts
     first = buf[starts[:, None] + np.arange(4)]
     ok = (
         (lengths >= 4)
@@ -127,31 +244,8 @@ def decode_batch(values: Sequence[bytes]) -> EntryBatch:
     ok &= ~has | (pos + 5 <= ends)
     crc_bytes = buf[pos[:, None] + np.arange(1, 5)].astype(np.uint32)
     crc = crc_bytes[:, 0] | crc_bytes[:, 1] << 8 | crc_bytes[:, 2] << 16 | crc_bytes[:, 3] << 24
-    crcs = np.where(has, crc, 0)
+    crcs = np.where(has, crc, 0).astype(np.uint32)
     pos = np.where(has, pos + 5, pos)  # pos + 5 <= ends where ok
     shard_ids, offsets, sizes = columns
     ok &= (pos == ends) & (shard_ids <= _INT32_MAX)
-
-    head_ids[~ok] = -1
-    dtypes = [h[0] for h in heads]
-    shapes = [h[1] for h in heads]
-    ids = head_ids.tolist()
-    records: list[EntryRecord] = list(
-        map(
-            tuple.__new__,
-            repeat(EntryRecord),
-            zip(
-                map(dtypes.__getitem__, ids),
-                map(shapes.__getitem__, ids),
-                shard_ids.tolist(),
-                offsets.tolist(),
-                sizes.tolist(),
-                crcs.tolist(),
-                repeat(()),
-                strict=False,
-            ),
-        )
-    )
-    for i in np.flatnonzero(~ok).tolist():
-        records[i] = decode_record(values[i])
-    return EntryBatch(records, heads, head_ids, shard_ids, sizes)
+    return heads, head_ids, shard_ids, offsets, sizes, crcs, ok

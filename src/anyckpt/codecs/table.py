@@ -38,9 +38,31 @@ BLOCK_SIZE = 256 * 1024
 NO_COMPRESSION = 0
 _MAX_HANDLE_LEN = 20  # two varint64s
 
+#: Expanded key bytes a table may decode: :func:`key_budget` of its size. Prefix compression lets
+#: a key share any prefix of the key before it, so a crafted restart run of 50,000 keys sharing a
+#: 10 KB prefix is 0.8 MB on disk and 500 MB expanded. TensorFlow writes a restart point every 16
+#: entries and a key is at most the bytes of its restart run so far, so the keys of a table it
+#: wrote total at most 16 × its bytes (in practice about its size: a 1,000,000-tensor index of
+#: 24 MB has 8 MB of keys); this budget never refuses one.
+KEY_BUDGET_RATIO = 16
+KEY_BUDGET_FLOOR = 16 << 20
+
 _U32 = struct.Struct("<I")
 #: One-byte varints, precomputed: nearly every length in an index is below 128.
 _SMALL = [bytes([i]) for i in range(128)]
+
+
+def key_budget(table_size: int) -> int:
+    """The expanded key bytes a table of ``table_size`` bytes may hold (16 MiB + 16 × its size)."""
+    return KEY_BUDGET_FLOOR + KEY_BUDGET_RATIO * table_size
+
+
+def key_bomb(limit: int) -> DecodeError:
+    """The error for a table whose keys expand past ``limit`` bytes."""
+    return DecodeError(
+        f"keys expand to more than {limit} bytes (the limit: 16 MiB + 16 x the bytes that "
+        "hold them): a prefix-compression bomb"
+    )
 
 
 @dataclass(frozen=True)
@@ -270,25 +292,39 @@ def decode_block_entry(
 
 
 def block_entries_into(
-    block: memoryview, keys: list[bytes], values: list[bytes], what: str = "data"
-) -> None:
+    block: memoryview,
+    keys: list[bytes],
+    values: list[bytes],
+    what: str = "data",
+    budget: int | None = None,
+) -> int:
     """Append a block's keys and values, in order, to ``keys`` and ``values`` (checking every
-    length against the block; prefix compression undone)."""
+    length against the block; prefix compression undone); return the keys' total length.
+    Raises DecodeError once that total passes ``budget`` (default: :func:`key_budget` of the
+    block's size)."""
     data, _ = split_block(block, what)
+    limit = key_budget(len(block)) if budget is None else budget
     add_key = keys.append
     add_value = values.append
     pos = 0
     key = b""
+    spent = 0
     while pos < len(data):
         key, start, pos = decode_block_entry(data, pos, key, what)
+        spent += len(key)
+        if spent > limit:
+            raise key_bomb(limit)
         add_key(key)
         add_value(data[start:pos])
+    return spent
 
 
-def _block_entries(block: memoryview, what: str) -> Iterator[tuple[bytes, bytes]]:
+def _block_entries(
+    block: memoryview, what: str, budget: int | None = None
+) -> Iterator[tuple[bytes, bytes]]:
     keys: list[bytes] = []
     values: list[bytes] = []
-    block_entries_into(block, keys, values, what)
+    block_entries_into(block, keys, values, what, budget)
     return zip(keys, values, strict=True)
 
 
@@ -311,14 +347,19 @@ def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
     """Parse a whole table; return its (key, value) pairs in file order.
 
     Checks the footer's magic number, that every block handle lies inside the file, every
-    block's checksum, every entry's lengths, and that keys strictly increase.
+    block's checksum, every entry's lengths, that keys strictly increase, and that they
+    expand to at most :func:`key_budget` of the table's size.
     """
     index = read_index_block(data)
     entries: list[tuple[bytes, bytes]] = []
     last: bytes | None = None
-    for _, handle_bytes in _block_entries(index, "index"):
+    left = key_budget(len(data))
+    for _, handle_bytes in _block_entries(index, "index", left):
         handle, _ = BlockHandle.decode(handle_bytes)
-        for key, value in _block_entries(_read_block(data, handle, "data"), "data"):
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        left -= block_entries_into(_read_block(data, handle, "data"), keys, values, "data", left)
+        for key, value in zip(keys, values, strict=True):
             if last is not None and key <= last:
                 raise DecodeError(f"table keys out of order: {key!r} after {last!r}")
             entries.append((key, value))

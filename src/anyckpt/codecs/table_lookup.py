@@ -9,7 +9,11 @@ the run of (at most 16) entries, and a short scan finds the key. :meth:`LazyTabl
 every block once (cached) with all the checks of :func:`~anyckpt.codecs.table.read_table`.
 
 Every bound is checked before it is used: hostile bytes raise :class:`DecodeError`, never an
-IndexError, a hang or a large allocation. Like TensorFlow's, a lookup trusts a block's restart
+IndexError, a hang or a large allocation. Keys expand to at most
+:func:`~anyckpt.codecs.table.key_budget` of the table's size, whether all are decoded or one
+restart run is scanned for a lookup (a prefix-compression bomb is refused, not expanded).
+:meth:`LazyTable.packed` decodes every entry into two byte blobs and their offsets, no Python
+object per entry. Like TensorFlow's, a lookup trusts a block's restart
 points (they are covered by the block's checksum, so only a crafted file can lie there): crafted
 ones may make it miss or misread a key, within the block; :meth:`LazyTable.items` does not use
 them.
@@ -18,7 +22,10 @@ them.
 from __future__ import annotations
 
 from bisect import bisect_left
+from dataclasses import dataclass
 from itertools import pairwise
+
+import numpy as np
 
 from . import DecodeError
 from .table import (
@@ -27,19 +34,51 @@ from .table import (
     _read_block,
     block_entries_into,
     decode_block_entry,
+    key_bomb,
+    key_budget,
     read_index_block,
     split_block,
 )
 
 
+@dataclass(frozen=True)
+class PackedEntries:
+    """A table's entries as columns: entry ``i``'s key is ``keys[key_offsets[i]:
+    key_offsets[i + 1]]``, its value likewise in ``values``."""
+
+    keys: bytearray
+    key_offsets: np.ndarray
+    values: bytearray
+    value_offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.key_offsets) - 1
+
+    def key(self, i: int) -> bytes:
+        return bytes(self.keys[int(self.key_offsets[i]) : int(self.key_offsets[i + 1])])
+
+    def value(self, i: int) -> bytes:
+        return bytes(self.values[int(self.value_offsets[i]) : int(self.value_offsets[i + 1])])
+
+
+def _ends(items: list[bytes], base: int) -> np.ndarray:
+    """Where each item ends in their concatenation placed at ``base``."""
+    ends = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
+    np.cumsum(ends, out=ends)
+    ends += base
+    return ends
+
+
 class _Block:
     """One data block: its entry bytes and restart offsets (checked lazily, at use)."""
 
-    __slots__ = ("_restart_keys", "data", "restarts")
+    __slots__ = ("_restart_keys", "budget", "data", "restarts")
 
-    def __init__(self, contents: memoryview) -> None:
+    def __init__(self, contents: memoryview, budget: int) -> None:
         self.data, self.restarts = split_block(contents)
         self._restart_keys: dict[int, bytes] = {}
+        #: Key bytes one scan may expand (a crafted restart run may hold any number of keys).
+        self.budget = budget
 
     def _entry_at(self, pos: int, prev: bytes) -> tuple[bytes, int, int]:
         """(key, value start, value end) of the entry at ``pos``; ``prev`` is the key
@@ -75,8 +114,12 @@ class _Block:
         pos = restarts[lo]
         stop = restarts[lo + 1] if lo + 1 < len(restarts) else len(self.data)
         prev = b""
+        spent = 0
         while True:  # at most one restart interval; at least one entry (bounds checked)
             found, start, end = self._entry_at(pos, prev)
+            spent += len(found)
+            if spent > self.budget:
+                raise key_bomb(self.budget)
             if found >= key:
                 return self.data[start:end] if found == key else None
             if end >= stop:
@@ -91,9 +134,10 @@ class LazyTable:
     def __init__(self, data: bytes) -> None:
         index = read_index_block(data)
         self._data = data
+        self._budget = key_budget(len(data))
         self._separators: list[bytes] = []
         self._handles: list[BlockHandle] = []
-        for separator, handle_bytes in _block_entries(index, "index"):
+        for separator, handle_bytes in _block_entries(index, "index", self._budget):
             if self._separators and separator <= self._separators[-1]:
                 raise DecodeError(f"index block: separator keys out of order at {separator!r}")
             handle, _ = BlockHandle.decode(handle_bytes)
@@ -110,7 +154,7 @@ class LazyTable:
         if block is None:
             handle = self._handles[i]
             block = self._blocks[i] = _Block(
-                memoryview(self._data)[handle.offset : handle.offset + handle.size]
+                memoryview(self._data)[handle.offset : handle.offset + handle.size], self._budget
             )
         return block
 
@@ -147,10 +191,11 @@ class LazyTable:
             keys: list[bytes] = []
             values: list[bytes] = []
             spans = []
+            left = self._budget
             for handle in self._handles:
                 contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
                 start = len(keys)
-                block_entries_into(contents, keys, values)
+                left -= block_entries_into(contents, keys, values, "data", left)
                 spans.append((start, len(keys)))
             if keys != sorted(keys) or len(set(keys)) != len(keys):
                 for before, key in pairwise(keys):
@@ -167,6 +212,41 @@ class LazyTable:
                     raise DecodeError(f"table key {keys[start]!r} is outside its block's key range")
             self._columns = (keys, values)
         return self._columns
+
+    def packed(self) -> PackedEntries:
+        """Every entry as :class:`PackedEntries` (not cached), with the checks of
+        :meth:`items`: block by block, so no Python object per entry outlives its block."""
+        all_keys = bytearray()
+        all_values = bytearray()
+        key_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        value_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        left = self._budget
+        last: bytes | None = None
+        for i, handle in enumerate(self._handles):
+            contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
+            keys: list[bytes] = []
+            values: list[bytes] = []
+            left -= block_entries_into(contents, keys, values, "data", left)
+            if not keys:
+                continue
+            if not all(map(bytes.__lt__, keys, keys[1:])):
+                for before, key in pairwise(keys):
+                    if key <= before:
+                        raise DecodeError(f"table keys out of order: {key!r} after {before!r}")
+            if last is not None and keys[0] <= last:
+                raise DecodeError(f"table keys out of order: {keys[0]!r} after {last!r}")
+            if keys[-1] > self._separators[i]:
+                raise DecodeError(f"table key {keys[-1]!r} is outside its block's key range")
+            if i and keys[0] <= self._separators[i - 1]:
+                raise DecodeError(f"table key {keys[0]!r} is outside its block's key range")
+            last = keys[-1]
+            key_ends.append(_ends(keys, len(all_keys)))
+            value_ends.append(_ends(values, len(all_values)))
+            all_keys += b"".join(keys)
+            all_values += b"".join(values)
+        return PackedEntries(
+            all_keys, np.concatenate(key_ends), all_values, np.concatenate(value_ends)
+        )
 
     def as_dict(self) -> dict[bytes, bytes]:
         """:meth:`items` as a dict (cached; lookups use it from then on)."""

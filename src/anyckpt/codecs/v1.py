@@ -38,6 +38,8 @@ from .table import (
     MAGIC,
     NO_COMPRESSION,
     BlockHandle,
+    key_bomb,
+    key_budget,
     short_successor,
     shortest_separator,
 )
@@ -650,8 +652,11 @@ def check_block(raw: Buffer, offset: int, *, verify: bool = True) -> memoryview:
 
 
 def block_entries(block: memoryview) -> list[tuple[bytes, memoryview]]:
-    """(key, value) of every entry of a block's contents; values are views, not copies."""
+    """(key, value) of every entry of a block's contents; values are views, not copies. Keys
+    may expand to at most :func:`~.table.key_budget` of the block's size (a crafted restart
+    run of long shared prefixes is refused)."""
     size = len(block)
+    left = limit = key_budget(size)
     if size < 4:
         raise DecodeError("block too short")
     (num_restarts,) = _U32.unpack_from(block, size - 4)
@@ -667,6 +672,9 @@ def block_entries(block: memoryview) -> list[tuple[bytes, memoryview]]:
         value_len, pos = decode_varint(block, pos, restarts_start)
         if shared > len(key) or pos + non_shared + value_len > restarts_start:
             raise DecodeError(f"corrupt block entry at offset {pos}")
+        left -= shared + non_shared
+        if left < 0:
+            raise key_bomb(limit)
         key = key[:shared] + bytes(block[pos : pos + non_shared])
         pos += non_shared
         if out and key <= out[-1][0]:

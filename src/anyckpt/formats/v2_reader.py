@@ -8,7 +8,6 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
-from itertools import repeat
 from typing import Any
 
 import anyio
@@ -27,7 +26,7 @@ from ..codecs.bundle import (
     decode_string_tensor,
     string_array,
 )
-from ..codecs.bundle_batch import EntryBatch, decode_batch
+from ..codecs.bundle_batch import EntryColumns, decode_columns
 from ..codecs.crc import mask_many, masked_crc32c
 from ..codecs.dtypes import (
     _BY_ENUM,
@@ -43,6 +42,7 @@ from ..tensors import key_from_bytes, key_to_bytes
 from ._arrays import _byte_view, _dtypes, _empty_large
 from ._checksummed_io import read_checksummed
 from .base import Index, TensorSlice, TensorSpec
+from .v2_entries import EntryTable
 from .v2_layout import (
     COALESCE_BYTES,
     GATHER_BYTES,
@@ -52,6 +52,9 @@ from .v2_layout import (
 )
 
 _KNOWN_DTYPES = frozenset(_BY_ENUM)
+#: Entries read at a time by a full restore: bounds the names and tuples alive besides the
+#: arrays (a checkpoint of 10,000 tensors is read in one go).
+READ_CHUNK = 1 << 14
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -75,7 +78,8 @@ class V2Reader:
         self._entries: dict[str, EntryRecord] = {}
         #: Checked slice entries of partitioned tensors, by name and extents.
         self._slices: dict[str, dict[tuple[tuple[int, int], ...], EntryRecord]] = {}
-        self._keys: list[str] | None = None
+        #: Every entry, once :meth:`keys` has decoded and checked them all.
+        self._columns: EntryTable | None = None
         self._index_url = storage.url(index_path(prefix))
 
     @classmethod
@@ -95,54 +99,63 @@ class V2Reader:
         return CorruptCheckpointError(message, path=self._index_url)
 
     def _load_all(self) -> None:
-        """Decode and check every entry (for :meth:`keys`): the ordinary entries decoded
-        together are checked column-wise, the rest (and the first failing one, to name what
-        is wrong with it) one by one, as :meth:`_find` checks them."""
+        """Decode and check every entry (for :meth:`keys`), keeping them as columns (no Python
+        object per entry): the ordinary entries decoded together are checked column-wise, the
+        rest (and the first failing one, to name what is wrong with it) one by one, as
+        :meth:`_find` checks them."""
         try:
-            raws, values = self._table.columns()
-            raws, values = raws[1:], values[1:]  # after the header
-            batch = decode_batch(values)
+            packed = self._table.packed()
+            if not len(packed) or packed.key(0) != HEADER_KEY:  # pragma: no cover - at open
+                raise DecodeError("the bundle header (key '') is missing")
+            # The header's key is empty: the other keys start at 0.
+            key_offsets = packed.key_offsets[1:]
+            entries = decode_columns(packed.values, packed.value_offsets[1:])
         except DecodeError as exc:
             raise self._corrupt(str(exc)) from None
-        records = batch.records
-        keys = list(map(bytes.decode, raws, repeat("utf-8"), repeat("surrogateescape")))
-        entries = dict(zip(keys, records, strict=True))
+        columns = EntryTable(packed.keys, key_offsets, entries)
+        del packed, entries  # the values: the columns hold what they say
+        n = len(columns)
+        alone = sorted(columns.entries.alone)
+        partitioned = {columns.raw(i) for i in alone if columns.entries.alone[i].slices}
         slices: dict[str, dict[tuple[tuple[int, int], ...], EntryRecord]] = {}
-        alone = np.flatnonzero(batch.head_ids < 0).tolist()
-        partitioned = {raws[i] for i in alone if records[i].slices}
+        listed = np.ones(n, dtype=bool)
         if partitioned:
-            for raw, key, entry in zip(raws, keys, records, strict=True):
-                if raw[:1] != b"\0":
-                    continue
+            for i in columns.starting_with_nul().tolist():
                 try:
-                    name, extents = decode_tensor_name_slice(raw)
+                    name, extents = decode_tensor_name_slice(columns.raw(i))
                 except DecodeError:
                     continue
                 if name in partitioned:
+                    entry = columns.record(i)
                     slices.setdefault(key_from_bytes(name), {})[extents] = entry
-                    del entries[key]
-        bad = self._first_inconsistent(batch)
+                    listed[i] = False
+        columns.listed = None if listed.all() else listed
+        bad = self._first_inconsistent(columns.entries)
+        full_entries: dict[str, EntryRecord] = {}
         for i in sorted({*alone, *([] if bad is None else [bad])}):
-            key, entry = keys[i], records[i]
-            if entries.get(key) is not entry:
+            if not listed[i]:
                 continue  # a slice: checked below
+            key, entry = columns.name(i), columns.record(i)
             if entry.slices:
                 self._check_partitioned(key, entry, slices.get(key, {}))
+                full_entries[key] = entry
             else:
                 self._check_plain(key, entry)
         for key, by_extent in slices.items():  # slices no full-name entry lists, too
-            full = entries.get(key)
-            if full is None:  # its full-name key is itself the slice key of another tensor
+            at = columns.position(key_to_bytes(key))
+            if at is None or not listed[at]:
+                # its full-name key is absent or itself the slice key of another tensor
                 raise self._corrupt(f"{key!r} is both a partitioned tensor and a slice")
+            full = columns.record(at)
             for extents, entry in by_extent.items():
                 self._check_slice(key, extents, entry, full)
         if bad is not None:  # pragma: no cover - the checks above raise for it
-            raise self._corrupt(f"the entry of {keys[bad]!r} is inconsistent")
-        self._entries = entries
-        self._slices = slices
-        self._keys = list(entries)  # table order: sorted by key_to_bytes
+            raise self._corrupt(f"the entry of {columns.name(bad)!r} is inconsistent")
+        self._entries.update(full_entries)
+        self._slices.update(slices)
+        self._columns = columns
 
-    def _first_inconsistent(self, batch: EntryBatch) -> int | None:
+    def _first_inconsistent(self, batch: EntryColumns) -> int | None:
         """The first entry decoded with others that :meth:`_check_plain` would refuse."""
         count = len(batch.heads)
         need = np.zeros(count, dtype=np.int64)
@@ -256,20 +269,31 @@ class V2Reader:
 
     # -- metadata --------------------------------------------------------------------------
 
-    def keys(self) -> list[str]:
-        if self._keys is None:
+    def _all(self) -> EntryTable:
+        if self._columns is None:
             self._load_all()
-            assert self._keys is not None
-        return list(self._keys)
+            assert self._columns is not None
+        return self._columns
+
+    def keys(self) -> list[str]:
+        columns = self._all()
+        return columns.names(columns.listed_positions())
 
     def _entry(self, key: str) -> EntryRecord:
         entry = self._entries.get(key)
-        if entry is None:
-            entry = self._find(key) if self._keys is None else None
-            if entry is None:
-                raise KeyError(f"{key!r} is not in checkpoint {self.prefix}")
-            self._entries[key] = entry
-        return entry
+        if entry is not None:
+            return entry
+        columns = self._columns
+        if columns is not None:  # every entry checked: made from its columns (not cached)
+            at = columns.position_of_name(key)
+            if at is not None and (columns.listed is None or columns.listed[at]):
+                return columns.record(at)
+        else:
+            entry = self._find(key)
+            if entry is not None:
+                self._entries[key] = entry
+                return entry
+        raise KeyError(f"{key!r} is not in checkpoint {self.prefix}")
 
     def spec(self, key: str) -> TensorSpec:
         entry = self._entry(key)
@@ -495,18 +519,32 @@ class V2Reader:
     async def read_many(
         self, keys: Sequence[str] | None = None, *, verify: bool = True
     ) -> dict[str, np.ndarray]:
-        if keys is None:
-            names = self.keys()
-            pairs = list(self._entries.items())  # every entry, checked, in key order
-        else:
+        if keys is not None:
             names = list(keys)
-            pairs = list(zip(names, map(self._entry, names), strict=True))
+            return await self._read_pairs(
+                list(zip(names, map(self._entry, names), strict=True)), verify
+            )
+        # Every entry, checked, in key order: in chunks, so that the names and tuples of
+        # only one chunk exist besides the arrays read.
+        columns = self._all()
+        positions = columns.listed_positions()
+        out: dict[str, np.ndarray] = {}
+        for lo in range(0, len(positions), READ_CHUNK):
+            chunk = positions[lo : lo + READ_CHUNK]
+            pairs = list(zip(columns.names(chunk), columns.entries.records(chunk), strict=True))
+            out.update(await self._read_pairs(pairs, verify))
+        return out
+
+    async def _read_pairs(
+        self, pairs: list[tuple[str, EntryRecord]], verify: bool
+    ) -> dict[str, np.ndarray]:
+        """Read the given entries; the arrays in the order given."""
         plain = [pair for pair in pairs if not pair[1].slices]
         out = {key: array for key, _, array in await self._read_entries(plain, verify)}
         for key, entry in pairs:
             if entry.slices:
                 out[key] = await self._assemble(key, None, verify)
-        return {key: out[key] for key in names}
+        return {key: out[key] for key, _ in pairs}
 
     async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
         entry = self._entry(key)

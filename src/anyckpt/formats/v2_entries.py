@@ -1,0 +1,118 @@
+"""A V2 index's entries held as columns once all are decoded: the keys as one byte blob and
+their offsets, the entries as NumPy columns (:class:`~anyckpt.codecs.bundle_batch.EntryColumns`).
+
+A million tiny tensors cost about 40 bytes each here (their key, two int64 offsets, the entry's
+columns) instead of the ~450 bytes of a list of keys, a list of decoded tuples and a dict; the
+names (``str``) and tuples are made only for the entries asked for.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+
+import numpy as np
+
+from ..codecs.bundle import EntryRecord
+from ..codecs.bundle_batch import EntryColumns
+from ..tensors import key_to_bytes
+
+_CHUNK = 1 << 14
+
+
+class EntryTable:
+    """Every entry of an index (after its header), in key order."""
+
+    def __init__(
+        self, keys: bytes | bytearray, key_offsets: np.ndarray, entries: EntryColumns
+    ) -> None:
+        #: Entry ``i``'s key is ``keys[key_offsets[i]:key_offsets[i + 1]]``.
+        self.key_offsets = key_offsets
+        self.entries = entries
+        #: Which entries are tensors of their own (False: the slices of a partitioned
+        #: tensor); None if every entry is.
+        self.listed: np.ndarray | None = None
+        # Pure ASCII keys (nearly always): kept as one str, sliced at the same offsets.
+        self._text = keys.decode("ascii") if keys.isascii() else None
+        self._keys = b"" if self._text is not None else bytes(keys)
+        self._last = -1  # the position last found by name
+
+    def __len__(self) -> int:
+        return len(self.key_offsets) - 1
+
+    def raw(self, i: int) -> bytes:
+        start, end = int(self.key_offsets[i]), int(self.key_offsets[i + 1])
+        if self._text is not None:
+            return self._text[start:end].encode("ascii")
+        return self._keys[start:end]
+
+    def name(self, i: int) -> str:
+        return self.names(np.array([i]))[0]
+
+    def names(self, positions: np.ndarray) -> list[str]:
+        """The keys at ``positions``, decoded as :func:`~anyckpt.tensors.key_from_bytes`
+        (a chunk at a time: no list of a million offsets)."""
+        out: list[str] = []
+        text, keys = self._text, self._keys
+        for lo in range(0, len(positions), _CHUNK):
+            chunk = positions[lo : lo + _CHUNK]
+            starts = self.key_offsets[chunk].tolist()
+            ends = self.key_offsets[chunk + 1].tolist()
+            if text is not None:
+                out += [text[a:b] for a, b in zip(starts, ends, strict=True)]
+            else:
+                out += [
+                    keys[a:b].decode("utf-8", "surrogateescape")
+                    for a, b in zip(starts, ends, strict=True)
+                ]
+        return out
+
+    def starting_with_nul(self) -> np.ndarray:
+        """The positions of the keys whose first byte is NUL (slices of partitioned tensors)."""
+        blob = self._keys if self._text is None else self._text.encode("ascii")
+        starts = self.key_offsets[:-1]
+        nonempty = np.flatnonzero(self.key_offsets[1:] > starts)
+        first = np.frombuffer(blob, dtype=np.uint8)[starts[nonempty]]
+        out: np.ndarray = nonempty[first == 0]
+        return out
+
+    def record(self, i: int) -> EntryRecord:
+        return self.entries.record(i)
+
+    def position(self, raw: bytes) -> int | None:
+        """The position of the entry whose key is ``raw``, or None (a binary search)."""
+        n = len(self)
+        i = bisect_left(range(n), raw, key=self.raw)
+        return i if i < n and self.raw(i) == raw else None
+
+    def position_of_name(self, key: str) -> int | None:
+        """:meth:`position` of a tensor name (of ASCII keys: compared as str, no bytes made)."""
+        text = self._text
+        if text is None:
+            try:
+                return self.position(key_to_bytes(key))
+            except (AttributeError, UnicodeError):
+                return None
+        if not isinstance(key, str) or not key.isascii():
+            return None  # every key is ASCII
+        offsets = self.key_offsets
+
+        def at(i: int) -> str:
+            return text[int(offsets[i]) : int(offsets[i + 1])]
+
+        n = len(self)
+        # Names are mostly asked for in order (a listing): try the one after the last first.
+        nxt = self._last + 1
+        if nxt < n and at(nxt) == key:
+            self._last = nxt
+            return nxt
+        i = bisect_left(range(n), key, key=at)
+        if i < n and at(i) == key:
+            self._last = i
+            return i
+        return None
+
+    def listed_positions(self) -> np.ndarray:
+        """The positions of the tensors' entries, in key order."""
+        if self.listed is None:
+            return np.arange(len(self))
+        return np.flatnonzero(self.listed)
