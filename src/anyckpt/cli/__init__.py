@@ -10,6 +10,7 @@ exit status says what kind (:class:`ExitCode`, documented in docs/cli.md).
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 import traceback
@@ -34,6 +35,8 @@ if sys.version_info < (3, 11):
 __all__ = ["ExitCode", "build_parser", "main"]
 
 PROG = "anyckpt"
+#: Loggers of the storage clients, silenced unless ``--debug``: the error line says it all.
+_LIBRARY_LOGGERS = ("gcsfs", "s3fs", "fsspec", "botocore", "aiobotocore", "google", "grpc")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -145,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code) if isinstance(exc.code, int) else ExitCode.USAGE
     debug = bool(args.debug)
+    if not debug:  # the client libraries' own log lines (gcsfs's fallbacks...) are not ours
+        for name in _LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
         ctx = Context(
             json=args.json,

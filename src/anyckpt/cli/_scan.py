@@ -24,12 +24,17 @@ import anyio
 import anyio.to_thread
 
 from ..codecs.state_file import CheckpointState, relativize
-from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import (
+    CheckpointError,
+    CheckpointNotFoundError,
+    CorruptCheckpointError,
+    StorageAccessError,
+)
 from ..formats import detect_format
 from ..formats.base import CheckpointFormat
 from ..manager import STATE_FILE, read_state
 from ..retention import RecoveredState, recover
-from ..storage import TEMP_MARKER, Storage
+from ..storage import TEMP_MARKER, Storage, remote_errors_as_ours
 
 #: The status of a checkpoint in a directory.
 TRACKED = "tracked"  # in the state file: retention counts it and may delete it
@@ -144,7 +149,8 @@ def list_files(storage: Storage, root: str) -> list[FileInfo] | None:
     with contextlib.suppress(Exception):  # best effort: listings may be cached
         fs.invalidate_cache(root)
     try:
-        entries = fs.ls(root, detail=True)
+        with remote_errors_as_ours(f"listing {storage.url(root)}", fs):
+            entries = fs.ls(root, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return None
     found = []
@@ -189,6 +195,8 @@ def _safe_name(raw: str, root: str) -> str | None:
 async def _detect(storage: Storage, path: str) -> CheckpointFormat | None:
     try:
         return await detect_format(storage, path)
+    except StorageAccessError:  # the store, not this checkpoint
+        raise
     except CheckpointError:
         return None
     except OSError:
@@ -255,6 +263,8 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         path = posixpath.join(root, name)
         try:
             paths = await fmt.files(storage, path)
+        except StorageAccessError:
+            raise
         except (CheckpointError, OSError):
             continue
         names = [posixpath.basename(p) for p in paths if posixpath.dirname(p) == root]

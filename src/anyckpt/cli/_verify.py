@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, StorageAccessError
 from ..formats import detect_format
 from ..formats.base import CheckpointFormat
 from ..storage import Storage
@@ -60,6 +60,8 @@ async def verify_checkpoint(
     report = Report(storage.url(path), fmt.name)
     try:
         reader = await fmt.open(storage, path)
+    except StorageAccessError:  # the store cannot be used: not damage
+        raise
     except CheckpointError as exc:
         report.problems.append(Problem(str(exc), exc.path))
         return report
@@ -79,6 +81,8 @@ async def verify_checkpoint(
                 nbytes = tensor_nbytes(specs[key])
                 try:
                     await reader.read(key, verify=True)
+                except StorageAccessError:
+                    raise
                 except CheckpointNotFoundError as exc:
                     name = exc.path or report.prefix
                     missing_files[name] = missing_files.get(name, 0) + 1
