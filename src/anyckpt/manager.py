@@ -21,6 +21,7 @@ second writer gets :class:`~anyckpt.ConcurrentWriterError` instead of deleting c
 
 from __future__ import annotations
 
+import numbers
 import posixpath
 import re
 import time
@@ -84,6 +85,15 @@ class SaveEvent:
     commit_seconds: float
     deleted: tuple[str, ...] = ()
     preserved: tuple[str, ...] = ()
+
+
+def check_step(step: object) -> int:
+    """``step`` as an ``int``: a Python or NumPy integer; ``TypeError`` for anything else
+    (a float such as ``200.9``, a string such as ``"7"``, a bool), which ``int()`` would
+    silently turn into another checkpoint's number."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}")
+    return int(step)
 
 
 class PendingSave:
@@ -437,7 +447,7 @@ class CheckpointManager:
             self._lock.check()  # the directory was taken over: say so now, not after the write
         if step is None:
             step = 1 if self._last_step is None else self._last_step + 1
-        step = int(step)
+        step = check_step(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         if self._last_step is not None and step <= self._last_step:
@@ -686,7 +696,7 @@ class CheckpointManager:
                 )
             name = self._state.latest
         else:
-            name = f"{self.checkpoint_name}-{int(step)}"
+            name = f"{self.checkpoint_name}-{check_step(step)}"
         prefix = self._path(name)
         fmt = await detect_format(self.storage, prefix)
         reader = await fmt.open(self.storage, prefix)

@@ -193,7 +193,7 @@ async def save(
 ) -> PendingSave:
     """``CheckpointManager.save`` with a coordinator. A rank that fails here still takes part
     in the save's collectives (as a failed rank), so its peers fail at once too."""
-    from ..manager import PendingSave
+    from ..manager import PendingSave, check_step
 
     task_group = manager._task_group
     if task_group is None:
@@ -207,7 +207,12 @@ async def save(
     except Exception as exc:
         failure = exc
     last = manager._last_step
-    step = int(1 if last is None else last + 1) if step is None else int(step)
+    following = 1 if last is None else last + 1
+    try:
+        step = following if step is None else check_step(step)
+    except TypeError as exc:  # still takes part in the collectives, as a failed rank
+        step = following
+        failure = failure or exc
     if failure is None and step < 0:
         failure = ValueError(f"step must be >= 0, got {step}")
     if failure is None and last is not None and step <= last:
