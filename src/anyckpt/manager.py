@@ -27,6 +27,7 @@ import re
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ import anyio.abc
 import anyio.to_thread
 import numpy as np
 
+from ._concurrency import run_concurrently
 from .api import meta_path, write_meta_file
 from .codecs import DecodeError
 from .codecs.dtypes import NUMERIC_DTYPES
@@ -708,9 +710,8 @@ class CheckpointManager:
             async def read(key: str, index: Index) -> None:
                 out[key] = await reader.read(key, index, verify=verify)
 
-            async with anyio.create_task_group() as tg:
-                for key, index in keys.items():
-                    tg.start_soon(read, key, index)
+            # The first error as itself (as reader.read raises it), not an exception group.
+            await run_concurrently(partial(read, key, index) for key, index in keys.items())
             return {key: out[key] for key in keys}
         finally:
             await reader.aclose()
@@ -757,10 +758,9 @@ async def capture(tensors: Mapping[str, np.ndarray], *, threads: int = 2) -> dic
     if len(big) == 1:
         copy_lane(big)
     else:
-        async with anyio.create_task_group() as tg:
-            for lane in lanes:
-                if lane:
-                    tg.start_soon(anyio.to_thread.run_sync, copy_lane, lane)
+        await run_concurrently(
+            partial(anyio.to_thread.run_sync, copy_lane, lane) for lane in lanes if lane
+        )
     return {key: out[key] for key in tensors}
 
 

@@ -26,6 +26,7 @@ import posixpath
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -33,6 +34,7 @@ import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 
+from .._concurrency import run_concurrently
 from ..codecs.dtypes import enum_from_dtype
 from ..errors import CheckpointError, ConcurrentWriterError
 from ..formats.sharded import tensor_nbytes
@@ -382,15 +384,8 @@ async def _write_files(
         written.append(path)
         files.append(found)
 
-    try:
-        async with anyio.create_task_group() as tg:
-            for shard, items in plan.files_of(rank):
-                tg.start_soon(one, shard, items)
-    except BaseException as exc:
-        inner = getattr(exc, "exceptions", None)
-        if isinstance(exc, Exception) and inner and isinstance(inner[0], Exception):
-            raise inner[0] from None  # one clear error, not a group
-        raise
+    # One clear error, not a group.
+    await run_concurrently(partial(one, shard, items) for shard, items in plan.files_of(rank))
     return files
 
 
