@@ -42,7 +42,7 @@ from ..formats.v2_data import DataFileEntries, write_data_file
 from ..formats.v2_index import build_index
 from ..formats.v2_layout import data_path, index_path
 from ..partitioned import Partitioned, partitions_of
-from ..tensors import as_tensor, flatten, key_to_bytes
+from ..tensors import as_named_tensor, flatten, key_to_bytes
 from .base import CoordinationError, Coordinator
 from .plan import Extents, Item, Manifest, Plan, PlanError, make_plan, shard_options
 from .sharded import Sharded
@@ -167,7 +167,7 @@ def prepare_state(state: Mapping[Any, Any]) -> tuple[tuple[Item, ...], Arrays]:
             elif value.size:  # an empty piece (nothing of an uneven split) holds nothing
                 hold(raw, value.extents, value.global_shape, value.local)
             continue
-        array = as_tensor(value)
+        array = as_named_tensor(name, value)
         if partitions_of(array):  # a Partitioned (full value): a rank holding every piece
             assert isinstance(array, Partitioned)
             for extents, piece in array.pieces():
