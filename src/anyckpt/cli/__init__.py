@@ -17,8 +17,6 @@ import traceback
 from collections.abc import Sequence
 from typing import Any, NoReturn
 
-import anyio
-
 from .. import __version__
 from ..errors import (
     CheckpointError,
@@ -26,8 +24,7 @@ from ..errors import (
     CorruptCheckpointError,
     UnsupportedFormatError,
 )
-from . import _convert, _demo, _diff, _inspect, _ls, _prune, _verify
-from ._common import CliError, Context, ExitCode, parse_key_values
+from ._exit import CliError, ExitCode
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -85,23 +82,51 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The commands, in the order ``--help`` lists them, and their modules' one-line help (the
+#: modules are imported only to run a command or show its own help: ``anyckpt --help`` and
+#: ``--version`` load neither NumPy nor fsspec). tests/test_cli_startup.py checks that this
+#: is what the modules say.
+COMMANDS = {
+    "demo": "train a small NumPy model with background checkpoints, stop, resume, verify",
+    "ls": "list the checkpoints in a directory",
+    "inspect": "show a checkpoint's format, files and tensors",
+    "verify": "read everything and check every checksum",
+    "convert": "rewrite a checkpoint in another format",
+    "diff": "compare the tensors of two checkpoints",
+    "prune": "apply the retention policy now (what it deletes, and why)",
+}
+
+
+def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser. ``commands=False``: the commands by name and help only
+    (enough for ``--help``, ``--version`` and usage errors), without importing them."""
     parser = _Parser(
         prog=PROG,
         parents=[_common_options(suppress=False)],
         description="Inspect, verify, convert and manage TensorFlow-compatible checkpoints "
         "on local disk or any fsspec filesystem (s3://, gs://, memory://...).",
         epilog="Exit status: 0 ok, 1 damage or differences found, 2 usage error, 3 not found, "
-        "4 unsupported format, 5 other failure, 70 internal error, 130 interrupted. "
-        "Docs: docs/cli.md.",
+        "4 unsupported format, 5 other failure (remote store unreachable or without "
+        "credentials too), 70 internal error, 130 interrupted. Docs: docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    if not commands:
+        for name, text in COMMANDS.items():
+            sub.add_parser(name, help=text, add_help=False)
+        return parser
+    from . import _convert, _demo, _diff, _inspect, _ls, _prune, _verify
+
     common = _common_options(suppress=True)
     for module in (_demo, _ls, _inspect, _verify, _convert, _diff, _prune):
         module.add_parser(sub, common)
     return parser
+
+
+def _names_a_command(argv: Sequence[str]) -> bool:
+    """Whether the command line names a command (else the light parser answers it)."""
+    return any(arg in COMMANDS for arg in argv)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -141,8 +166,16 @@ def _classify(exc: BaseException) -> tuple[ExitCode, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``anyckpt`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
-    status."""
-    parser = build_parser()
+    status. Ctrl-C at any point, loading included, exits 130 with one line."""
+    try:
+        return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
+        return ExitCode.INTERRUPTED
+
+
+def _main(argv: list[str]) -> int:
+    parser = build_parser(commands=_names_a_command(argv))
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
@@ -152,6 +185,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         for name in _LIBRARY_LOGGERS:
             logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
+        import anyio
+
+        from ._common import Context, parse_key_values
+
         ctx = Context(
             json=args.json,
             debug=debug,
