@@ -115,7 +115,7 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback(tmp_path: Path) -> N
     """SIGINT sent while the command is importing NumPy and the rest (seen in /proc: NumPy's
     extension is mapped), a little later each time."""
     interrupted = 0
-    for delay in (0.0, 0.0, 0.01, 0.03, 0.06, 0.1):
+    for delay in (0.0, 0.0, 0.0, 0.002, 0.01, 0.05):
         proc = subprocess.Popen(
             [sys.executable, "-m", "anyckpt", "ls", str(tmp_path)],
             stdout=subprocess.PIPE,
@@ -136,4 +136,4 @@ def test_ctrl_c_while_loading_exits_130_without_a_traceback(tmp_path: Path) -> N
             assert err == "anyckpt: error: interrupted\n", err
         else:  # it had finished already: an ordinary listing of an empty directory
             assert proc.returncode in (0, 3), (proc.returncode, err)
-    assert interrupted >= 3, "the command was rarely still loading: SIGINT came too late"
+    assert interrupted >= 4, "the command was rarely still loading: SIGINT came too late"

@@ -10,11 +10,13 @@ exit status says what kind (:class:`ExitCode`, documented in docs/cli.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
+import signal
 import sys
 import traceback
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 from .. import __version__
@@ -174,8 +176,32 @@ def main(argv: Sequence[str] | None = None) -> int:
         return ExitCode.INTERRUPTED
 
 
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back while the command loads (about a second), then raise it: a
+    KeyboardInterrupt raised inside an extension module's initialisation can come out as
+    some other error (NumPy's: an ImportError with its troubleshooting essay)."""
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
 def _main(argv: list[str]) -> int:
-    parser = build_parser(commands=_names_a_command(argv))
+    with _ctrl_c_deferred():
+        parser = build_parser(commands=_names_a_command(argv))
+        if _names_a_command(argv):
+            import anyio  # loaded here, under the deferral, for the run below
+
+            from . import _common  # noqa: F401
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
