@@ -418,7 +418,8 @@ class CheckpointManager:
 
     @property
     def checkpoints(self) -> list[str]:
-        """Prefixes of the committed checkpoints retention tracks, oldest first."""
+        """Prefixes of the committed checkpoints retention tracks, oldest first. A save still
+        being written is not among them until it commits: ``await wait()`` first to see it."""
         return [self._public(t.path) for t in self._state.tracked]
 
     @property
