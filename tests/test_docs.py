@@ -11,10 +11,19 @@ like a reader following along. A block may be marked on the line before it:
 
 When PyTorch or JAX is not installed, the blocks importing them run against the small NumPy
 stand-ins below, which provide exactly the calls the docs use (the pages say so).
+
+**Printed output is checked.** A ``print(...)`` statement's comment states what it prints: at
+the end of its line (``print(x)  # [0. 1. 2.]``), or on the comment lines right below it (for
+long output). ``...`` in it stands for any text (as doctest's ELLIPSIS), e.g. the reader's
+temporary directory; anything else must be printed exactly (surrounding whitespace aside). A
+remark that is not output goes on a line of its own, above the print.
 """
 
 from __future__ import annotations
 
+import ast
+import builtins
+import io
 import os
 import re
 import subprocess
@@ -212,6 +221,8 @@ def test_page_samples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monkey
     found = list(blocks(page))
     monkeypatch.chdir(tmp_path)
     namespace: dict[str, Any] = {"__name__": "__docs__"}
+    checks = OutputChecks()
+    namespace["print"] = checks.print
     for block in found:
         where = f"{block.page.relative_to(ROOT)}:{block.line}"
         if block.marker == "skip":
@@ -232,10 +243,116 @@ def test_page_samples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monkey
             assert result.returncode == 0, f"{where} failed under TensorFlow:\n{result.stderr}"
             continue
         assert block.marker is None, f"{where}: unknown marker {block.marker!r}"
+        checks.expect(where, block)
         try:
             exec(compile(block.code, where, "exec"), namespace)
         except Exception as exc:
             raise AssertionError(f"the sample at {where} failed: {exc!r}") from exc
+    checks.assert_all_seen()
+
+
+# -- printed output, as the samples' comments state it ---------------------------------------
+
+COMMENT = re.compile(r"^\s*#\s?(?P<text>.*)$")
+
+
+def stated_outputs(code: str) -> dict[int, str]:
+    """{line of a print statement: the output its comment states} (see the module's doc)."""
+    lines = code.splitlines()
+    found: dict[int, str] = {}
+    for node in ast.walk(ast.parse(code)):
+        if not (
+            isinstance(node, ast.Expr)
+            and isinstance(node.value, ast.Call)
+            and isinstance(node.value.func, ast.Name)
+            and node.value.func.id == "print"
+        ):
+            continue
+        last = lines[node.end_lineno - 1]  # type: ignore[operator]
+        tail = last[node.end_col_offset :].strip()
+        if tail.startswith("#"):
+            found[node.lineno] = tail[1:].strip()
+            continue
+        below = []
+        for line in lines[node.end_lineno :]:  # type: ignore[misc]
+            match = COMMENT.match(line)
+            if not match:
+                break
+            below.append(match["text"])
+        if below:
+            found[node.lineno] = "\n".join(below).strip()
+    return found
+
+
+def output_matches(printed: str, stated: str) -> bool:
+    """``stated``, where ``...`` is any text, is all of ``printed`` (ends' whitespace aside)."""
+    pattern = ".*?".join(re.escape(part) for part in stated.strip().split("..."))
+    return re.fullmatch(pattern, printed.strip(), flags=re.DOTALL) is not None
+
+
+class OutputChecks:
+    """A ``print`` for the samples that compares each stated output with what is printed."""
+
+    def __init__(self) -> None:
+        self._stated: dict[tuple[str, int], str] = {}
+        self._seen: set[tuple[str, int]] = set()
+
+    def expect(self, where: str, block: Block) -> None:
+        for line, text in stated_outputs(block.code).items():
+            self._stated[(where, line)] = text
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        buffer = io.StringIO()
+        builtins.print(*args, **{**kwargs, "file": buffer})
+        printed = buffer.getvalue()
+        builtins.print(printed, end="", file=kwargs.get("file"))
+        caller = sys._getframe(1)
+        at = (caller.f_code.co_filename, caller.f_lineno)
+        stated = self._stated.get(at)
+        if stated is None:
+            return
+        self._seen.add(at)
+        page, _, first = at[0].rpartition(":")
+        line = int(first) + at[1]  # the block's code starts on the line after the fence
+        assert output_matches(printed, stated), (
+            f"{page}:{line} prints {printed.strip()!r}, its comment says {stated!r}"
+        )
+
+    def assert_all_seen(self) -> None:
+        missing = sorted(set(self._stated) - self._seen)
+        assert not missing, f"stated outputs never printed (the print did not run): {missing}"
+
+
+@pytest.mark.parametrize(
+    ("printed", "stated", "ok"),
+    [
+        ("[0. 1. 2.]\n", "[0. 1. 2.]", True),
+        ("[0. 1. 2.]\n", "[0. 1. 3.]", False),
+        ("['/tmp/x/ckpt/m.index']\n", "['.../ckpt/m.index']", True),
+        ("['/tmp/x/ckpt/m.index']\n", "['.../ckpt/n.index']", False),
+        ("a\nb\n", "a\nb", True),
+        ("a\nb\n", "a", False),
+        ("the 3 newest", "('a', 'b', 'c')", False),
+    ],
+)
+def test_output_matching(printed: str, stated: str, ok: bool) -> None:
+    assert output_matches(printed, stated) is ok
+
+
+def test_stated_outputs_are_found() -> None:
+    code = (
+        "x = 1\n"
+        "print(x)  # 1\n"
+        "print(\n    x,\n)  # 1\n"
+        "print([x] * 2)\n"
+        "# [1,\n"
+        "#  1]\n"
+        "x = 1\n"
+        "# a remark above a print without an output comment\n"
+        "print(x)\n"
+        "y = 2  # not a print\n"
+    )
+    assert stated_outputs(code) == {2: "1", 3: "1", 6: "[1,\n 1]"}  # not line 11
 
 
 # -- docs/architecture.md: dependencies point one way ----------------------------------------

@@ -112,9 +112,11 @@ async def test_save_load_round_trip(store: Store) -> None:
     files = await anyckpt.save(prefix, tensors, storage_options=store.storage_options)
 
     p = store.path("ckpt", "model-1")
-    assert files == [data_path(p, 0, 1), index_path(p)]
+    # The files as the prefix was given: a URL keeps its scheme (s3://bucket/...).
+    assert files == [data_path(prefix, 0, 1), index_path(prefix)]
+    assert all(f.startswith(store.base) for f in files)
     # Exactly these objects exist: no temporary or partial upload is left over.
-    assert store.objects() == sorted(files)
+    assert store.objects() == sorted([data_path(p, 0, 1), index_path(p)])
     assert store.raw.size(data_path(p, 0, 1)) > np.prod(BIG_SHAPE) * 4
 
     loaded = await anyckpt.load(prefix, storage_options=store.storage_options)
@@ -133,6 +135,7 @@ async def test_s3_big_file_took_a_multipart_upload(
     prefix = f"{s3_bucket.url}/model-1"
     files = await anyckpt.save(prefix, _tensors(), storage_options=s3_bucket.storage_options)
     raw = s3_bucket.filesystem()
+    assert files[0] == f"{prefix}.data-00000-of-00001"
     etag = raw.info(files[0])["ETag"].strip('"')
     # A multipart upload's ETag ends in "-<number of parts>": 6 MiB and more, in 5 MiB parts.
     assert etag.endswith("-2"), f"expected a 2-part upload, the ETag is {etag}"

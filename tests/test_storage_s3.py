@@ -227,6 +227,7 @@ def test_sharded_save_round_trip(s3_bucket: RemoteBucket) -> None:
         prefix, tensors, options={"num_shards": 3}, storage_options=s3_bucket.storage_options
     )
     assert len(files) == 4
+    assert all(f.startswith(f"{prefix}.") for f in files), files  # s3://, as given
     loaded = anyckpt.sync.load(prefix, storage_options=s3_bucket.storage_options)
     for key, value in tensors.items():
         np.testing.assert_array_equal(loaded[key], value)

@@ -25,7 +25,11 @@ def reference_flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict
 
     def visit(prefix: str, node: Mapping[Any, Any]) -> None:
         for raw_key, value in node.items():
-            key = normalize_key(raw_key)
+            try:
+                key = normalize_key(raw_key)
+            except (TypeError, ValueError) as exc:
+                where = f" (in {prefix!r})" if prefix else ""
+                raise type(exc)(f"{exc}{where}") from None
             name = f"{prefix}{separator}{key}" if prefix else key
             if isinstance(value, Mapping):
                 visit(name, value)
@@ -39,7 +43,14 @@ def reference_flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict
 
 
 def reference_prepare(state: Mapping[Any, Any]) -> dict[str, np.ndarray]:
-    return {key: as_tensor(value) for key, value in reference_flatten(state).items()}
+    return {key: _reference_tensor(key, value) for key, value in reference_flatten(state).items()}
+
+
+def _reference_tensor(key: str, value: Any) -> np.ndarray:
+    try:
+        return as_tensor(value)
+    except TypeError as exc:
+        raise TypeError(f"tensor {key!r}: {exc}") from exc
 
 
 def outcome(fn: Any, state: Any) -> tuple[str, Any]:
@@ -69,7 +80,7 @@ def assert_same(got: tuple[str, Any], want: tuple[str, Any], *, identical: bool)
 ARRAY_DTYPES = [np.float32, np.float64, np.int8, np.int64, np.uint16, np.bool_, ml_dtypes.bfloat16]
 KEYS = st.one_of(
     st.sampled_from(["a", "b", "a/b", "b/a", "", "w"]),
-    st.sampled_from([b"a", b"\xff", 3, None]),  # bytes names, and names that are refused
+    st.sampled_from([b"a", b"\xff", 3, None, 2.5]),  # bytes and int names, names refused
     st.text(min_size=0, max_size=3),
 )
 
@@ -160,10 +171,15 @@ def test_plain_state_is_returned_as_a_new_dict_of_the_same_arrays() -> None:
     [
         ({"": np.zeros(1)}, ValueError, "empty tensor name"),
         ({"a": {"": np.zeros(1)}}, ValueError, "empty tensor name"),
-        ({1: np.zeros(1)}, TypeError, "must be str or bytes"),
+        ({1.5: np.zeros(1)}, TypeError, r"must be str, bytes or int, not float"),
+        ({"m": {None: np.zeros(1)}}, TypeError, r"not NoneType \(in 'm'\)"),
         ({"a/b": np.zeros(1), "a": {"b": np.zeros(1)}}, ValueError, "'a/b'"),
         ({"a": {"b": np.zeros(1)}, "a/b": np.zeros(1)}, ValueError, "'a/b'"),
-        ({"a": np.zeros(1, dtype="datetime64[s]")}, TypeError, "no TensorFlow equivalent"),
+        (
+            {"a": {"b": np.zeros(1, dtype="datetime64[s]")}},
+            TypeError,
+            r"^tensor 'a/b': dtype datetime64\[s\] has no TensorFlow equivalent$",
+        ),
         ({"a": np.zeros(1), "b": np.zeros(1, dtype=np.float16).view("V2")}, TypeError, "V2"),
     ],
 )

@@ -66,7 +66,8 @@ async def save(
     if directory:  # formats may rely on it (docs/plugins.md)
         await anyio.to_thread.run_sync(storage.makedirs, directory)
     if not write_meta_graph:
-        return await fmt.write(storage, path, prepared, durable=durable, options=options)
+        files = await fmt.write(storage, path, prepared, durable=durable, options=options)
+        return _as_given(storage, path, prefix, files)
     meta = await write_meta_file(storage, path, fmt, prepared, options, durable=durable)
     try:
         files = await fmt.write(storage, path, prepared, durable=durable, options=options)
@@ -74,7 +75,17 @@ async def save(
         with anyio.CancelScope(shield=True):
             await anyio.to_thread.run_sync(storage.remove, meta)
         raise
-    return [*files, meta]
+    return _as_given(storage, path, prefix, [*files, meta])
+
+
+def _as_given(storage: Storage, path: str, prefix: PathLike, files: list[str]) -> list[str]:
+    """The files' paths as the caller wrote the prefix: a URL keeps its scheme and spelling
+    (``s3://bucket/x/ckpt-1.index``, not ``bucket/x/ckpt-1.index``); local paths are
+    absolute."""
+    if storage.is_local:
+        return files
+    given = os.fspath(prefix).rstrip("/")
+    return [given + f[len(path) :] if f.startswith(path) else storage.url(f) for f in files]
 
 
 def with_object_graph(tree: Mapping[str, Any]) -> dict[str, Any]:
@@ -254,7 +265,7 @@ async def export_meta_graph(
         specs = {key: reader.spec(key) for key in keys}
     finally:
         await reader.aclose()
-    return await write_meta_file(
+    meta = await write_meta_file(
         storage,
         path,
         fmt,
@@ -263,6 +274,7 @@ async def export_meta_graph(
         max_to_keep=max_to_keep,
         keep_checkpoint_every_n_hours=keep_checkpoint_every_n_hours,
     )
+    return _as_given(storage, path, prefix, [meta])[0]
 
 
 async def read_meta_graph(

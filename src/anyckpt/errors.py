@@ -43,3 +43,17 @@ class InvalidOptionError(ValueError, TypeError):
     """A format option that the format does not declare, or a value of the wrong type.
 
     Both a :class:`ValueError` and a :class:`TypeError`; the message names the valid options."""
+
+
+class StorageAccessError(CheckpointError):
+    """A remote store refused access or could not be used: no credentials, or credentials
+    it does not accept. The message says what to check (:attr:`hint`)."""
+
+    def __init__(self, message: str, *, path: str | None = None, hint: str = "") -> None:
+        self.hint = hint
+        super().__init__(f"{message} ({hint})" if hint else message, path=path)
+
+
+class RemoteUnavailableError(StorageAccessError):
+    """A remote store could not be reached at all: connection refused, unknown host, no
+    route. Not retried: trying again does not help until the endpoint or network is fixed."""

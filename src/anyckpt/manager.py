@@ -21,11 +21,13 @@ second writer gets :class:`~anyckpt.ConcurrentWriterError` instead of deleting c
 
 from __future__ import annotations
 
+import numbers
 import posixpath
 import re
 import time
 from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
@@ -35,6 +37,7 @@ import anyio.abc
 import anyio.to_thread
 import numpy as np
 
+from ._concurrency import run_concurrently
 from .api import meta_path, with_object_graph, write_meta_file
 from .codecs import DecodeError
 from .codecs.dtypes import NUMERIC_DTYPES
@@ -84,6 +87,15 @@ class SaveEvent:
     commit_seconds: float
     deleted: tuple[str, ...] = ()
     preserved: tuple[str, ...] = ()
+
+
+def check_step(step: object) -> int:
+    """``step`` as an ``int``: a Python or NumPy integer; ``TypeError`` for anything else
+    (a float such as ``200.9``, a string such as ``"7"``, a bool), which ``int()`` would
+    silently turn into another checkpoint's number."""
+    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
+        raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}")
+    return int(step)
 
 
 class PendingSave:
@@ -451,7 +463,8 @@ class CheckpointManager:
 
     @property
     def checkpoints(self) -> list[str]:
-        """Prefixes of the committed checkpoints retention tracks, oldest first."""
+        """Prefixes of the committed checkpoints retention tracks, oldest first. A save still
+        being written is not among them until it commits: ``await wait()`` first to see it."""
         return [self._public(t.path) for t in self._state.tracked]
 
     @property
@@ -482,7 +495,7 @@ class CheckpointManager:
             self._lock.check()  # the directory was taken over: say so now, not after the write
         if step is None:
             step = 1 if self._last_step is None else self._last_step + 1
-        step = int(step)
+        step = check_step(step)
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         if self._last_step is not None and step <= self._last_step:
@@ -744,7 +757,7 @@ class CheckpointManager:
                 )
             name = self._state.latest
         else:
-            name = f"{self.checkpoint_name}-{int(step)}"
+            name = f"{self.checkpoint_name}-{check_step(step)}"
         prefix = self._path(name)
         fmt = await self._format_of(prefix, missing_ok=False)
         reader = await fmt.open(self.storage, prefix)
@@ -756,9 +769,8 @@ class CheckpointManager:
             async def read(key: str, index: Index) -> None:
                 out[key] = await reader.read(key, index, verify=verify)
 
-            async with anyio.create_task_group() as tg:
-                for key, index in keys.items():
-                    tg.start_soon(read, key, index)
+            # The first error as itself (as reader.read raises it), not an exception group.
+            await run_concurrently(partial(read, key, index) for key, index in keys.items())
             return {key: out[key] for key in keys}
         finally:
             await reader.aclose()
@@ -805,10 +817,9 @@ async def capture(tensors: Mapping[str, np.ndarray], *, threads: int = 2) -> dic
     if len(big) == 1:
         copy_lane(big)
     else:
-        async with anyio.create_task_group() as tg:
-            for lane in lanes:
-                if lane:
-                    tg.start_soon(anyio.to_thread.run_sync, copy_lane, lane)
+        await run_concurrently(
+            partial(anyio.to_thread.run_sync, copy_lane, lane) for lane in lanes if lane
+        )
     return {key: out[key] for key in tensors}
 
 

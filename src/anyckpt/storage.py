@@ -58,6 +58,8 @@ from .errors import (
     CheckpointNotFoundError,
     ConcurrentWriterError,
     CorruptCheckpointError,
+    RemoteUnavailableError,
+    StorageAccessError,
 )
 
 if sys.platform != "win32":
@@ -319,15 +321,19 @@ class _FsspecWriter:
         self._fs = fs
         self._direct = _is_object_store(fs)
         self._target = path if self._direct else f"{path}{TEMP_MARKER}{secrets.token_hex(4)}"
-        self._file = fs.open(self._target, "wb")
+        self._what = f"writing {fs.unstrip_protocol(path)}"
+        with remote_errors_as_ours(self._what, fs):
+            self._file = fs.open(self._target, "wb")
 
     def write(self, data: Buffer) -> None:
-        self._file.write(_bytes_view(data))
+        with remote_errors_as_ours(self._what, self._fs):
+            self._file.write(_bytes_view(data))
 
     def commit(self) -> None:
-        self._file.close()
-        if not self._direct:
-            self._fs.mv(self._target, self.path)
+        with remote_errors_as_ours(self._what, self._fs):
+            self._file.close()
+            if not self._direct:
+                self._fs.mv(self._target, self.path)
 
     def abort(self) -> None:
         file, self._file = self._file, None
@@ -463,7 +469,7 @@ class _S3Writer:
         self._size += view.nbytes
         if self._upload_id is None and self._size > S3_SINGLE_PUT_MAX:
             out = self._retry.run(
-                lambda: self._sync(self._call, "create_multipart_upload"), self._what()
+                lambda: self._sync(self._call, "create_multipart_upload"), self._what(), self._fs
             )
             self._upload_id = str(out["UploadId"])
         if self._upload_id is not None:
@@ -480,11 +486,13 @@ class _S3Writer:
                 self._retry.run(
                     lambda: self._sync(self._call, "put_object", Body=_GatherBody(self._views)),
                     self._what(),
+                    self._fs,
                 )
             else:
-                if self._size:
-                    self._send_part(self._size)
-                parts = [part.result() for part in self._parts]
+                with remote_errors_as_ours(self._what(), self._fs):  # (parts' own errors)
+                    if self._size:
+                        self._send_part(self._size)
+                    parts = [part.result() for part in self._parts]
                 self._retry.run(
                     lambda: self._sync(
                         self._call,
@@ -493,6 +501,7 @@ class _S3Writer:
                         MultipartUpload={"Parts": parts},
                     ),
                     self._what(),
+                    self._fs,
                 )
                 self._upload_id = None
         except BaseException:
@@ -664,7 +673,8 @@ class _FsspecReader:
         self.path = path
         self._fs = fs
         self._retry = retry
-        self.size = int(retry.run(lambda: fs.size(path), f"reading {path}"))
+        self._what = f"reading {fs.unstrip_protocol(path)}"
+        self.size = int(retry.run(lambda: fs.size(path), self._what, fs))
 
     def read(self, offset: int, length: int) -> bytes:
         if offset < 0 or offset + length > self.size:
@@ -679,7 +689,8 @@ class _FsspecReader:
             data = bytes(
                 self._retry.run(
                     lambda: self._fs.cat_file(self.path, start=offset, end=offset + length),
-                    f"reading {self.path}",
+                    self._what,
+                    self._fs,
                 )
             )
         if len(data) != length:
@@ -753,6 +764,10 @@ class Storage:
     def __init__(self, fs: Any) -> None:
         self.fs = fs
         self.is_local = isinstance(fs, LocalFileSystem)
+        if type(fs).__module__.split(".")[0] == "gcsfs":
+            _gcsfs_fails_fast(fs)
+        elif _is_s3fs(fs):
+            _s3fs_fails_fast(fs)
         #: How whole-object operations are retried (remote filesystems only).
         self.retry: RetryPolicy = DEFAULT_RETRY
 
@@ -761,7 +776,8 @@ class Storage:
         cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
     ) -> tuple[Storage, str]:
         """The storage for a local path or fsspec URL, and the path within it."""
-        fs, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
+        with remote_errors_as_ours(f"opening {os.fspath(url)}"):
+            fs, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
         storage = cls(fs)
         if storage.is_local:
             path = os.path.abspath(path)
@@ -1101,7 +1117,7 @@ class Storage:
     def _retrying(self, op: Callable[[], _T], what: str) -> _T:
         if self.is_local:
             return op()
-        return self.retry.run(op, what)
+        return self.retry.run(op, what, self.fs)
 
 
 def _is_s3fs(fs: Any) -> bool:
@@ -1124,7 +1140,8 @@ logger = logging.getLogger("anyckpt.storage")
 
 #: errno values of failures that go away by themselves: throttling and unavailability (s3fs
 #: maps S3's SlowDown, ServiceUnavailable and 409 conflicts to EBUSY, InternalError and 500
-#: to EREMOTEIO), timeouts and dropped connections.
+#: to EREMOTEIO), timeouts and dropped connections. Not a connection that could not be made
+#: at all (refused, no route: :data:`UNREACHABLE_ERRNOS`).
 TRANSIENT_ERRNOS = frozenset(
     getattr(errno, name)
     for name in (
@@ -1133,11 +1150,7 @@ TRANSIENT_ERRNOS = frozenset(
         "ETIMEDOUT",
         "ECONNRESET",
         "ECONNABORTED",
-        "ECONNREFUSED",
         "EPIPE",
-        "ENETDOWN",
-        "ENETUNREACH",
-        "EHOSTUNREACH",
         "EREMOTEIO",
     )
     if hasattr(errno, name)
@@ -1152,17 +1165,211 @@ TRANSIENT_S3_CODES = frozenset(
 #: Network failures of the clients under s3fs and gcsfs (botocore, aiohttp), by class name so
 #: that neither needs importing: timeouts, refused or dropped connections, truncated bodies.
 TRANSIENT_CLASS_NAMES = frozenset(
-    {"HTTPClientError", "ReadTimeoutError", "ConnectTimeoutError", "EndpointConnectionError",
-     "ConnectionClosedError", "ClientConnectionError", "ServerDisconnectedError",
-     "ServerTimeoutError", "ClientPayloadError", "IncompleteRead"}
+    {"HTTPClientError", "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError",
+     "ClientConnectionError", "ServerDisconnectedError", "ServerTimeoutError",
+     "ClientPayloadError", "IncompleteRead"}
 )  # fmt: skip
+#: errno values of a connection that could not be made at all: nothing listens there, or the
+#: network has no route to it. Permanent (see :func:`is_unreachable`).
+UNREACHABLE_ERRNOS = frozenset(
+    getattr(errno, name)
+    for name in ("ECONNREFUSED", "ENETDOWN", "ENETUNREACH", "EHOSTUNREACH", "EHOSTDOWN")
+    if hasattr(errno, name)
+)
+#: The same failures as the clients raise them: botocore (refused, unknown host, no route),
+#: aiohttp (gcsfs: refused, DNS failure, TLS handshake refused).
+UNREACHABLE_CLASS_NAMES = frozenset(
+    {"EndpointConnectionError", "ClientConnectorError", "ProxyConnectionError",
+     "ConnectionRefusedError", "gaierror", "RemoteUnavailableError"}
+)  # fmt: skip
+#: Missing or unusable credentials, as botocore and google-auth raise them.
+NO_CREDENTIALS_CLASS_NAMES = frozenset(
+    {"NoCredentialsError", "PartialCredentialsError", "CredentialRetrievalError",
+     "NoAuthTokenError", "DefaultCredentialsError", "RefreshError", "TransportError"}
+)  # fmt: skip
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it was raised from or during (botocore's or aiohttp's error under the
+    filesystem's), each once."""
+    seen: set[int] = set()
+    todo: list[BaseException] = [exc]
+    while todo:
+        error = todo.pop()
+        if id(error) in seen:
+            continue
+        seen.add(id(error))
+        yield error
+        todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
+
+
+def _named(error: BaseException, names: frozenset[str]) -> bool:
+    return any(k.__name__ in names for k in type(error).__mro__)
+
+
+def is_unreachable(exc: BaseException) -> bool:
+    """Whether ``exc`` (or what it was raised from) is a connection that could not be made at
+    all: refused, an unknown host, no route to it. Trying again does not help, so it is not
+    transient: a store that cannot be reached fails at once (:class:`RemoteUnavailableError`)
+    rather than after minutes of retries."""
+    for error in _chain(exc):
+        if isinstance(error, RemoteUnavailableError) or _named(error, UNREACHABLE_CLASS_NAMES):
+            return True
+        if isinstance(error, OSError) and error.errno in UNREACHABLE_ERRNOS:
+            return True
+    return False
+
+
+def _no_credentials(exc: BaseException) -> BaseException | None:
+    return next((e for e in _chain(exc) if _named(e, NO_CREDENTIALS_CLASS_NAMES)), None)
+
+
+def _endpoint_of(fs: Any) -> str | None:
+    """The endpoint a remote filesystem sends its requests to, when it was given one."""
+    for value in (
+        getattr(fs, "endpoint_url", None),  # s3fs, if given
+        (getattr(fs, "client_kwargs", None) or {}).get("endpoint_url"),
+        getattr(fs, "_endpoint", None),  # gcsfs
+    ):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0] if text else type(error).__name__
+
+
+def remote_error(exc: BaseException, what: str, fs: Any = None) -> CheckpointError | None:
+    """The anyckpt error for a remote store that cannot be used at all, or None for other
+    failures: no credentials (:class:`~anyckpt.errors.StorageAccessError`), a store that cannot
+    be reached (:class:`~anyckpt.errors.RemoteUnavailableError`). ``what`` is the operation
+    ("listing s3://bucket/x"); the message is one line: the operation, the cause and a hint."""
+    google = any(f"{p}://" in what for p in ("gs", "gcs")) or (
+        fs is not None and type(fs).__module__.split(".")[0] == "gcsfs"
+    )
+    missing = _no_credentials(exc)
+    if missing is not None:
+        if google:
+            hint = (
+                "no usable Google credentials: set GOOGLE_APPLICATION_CREDENTIALS or pass "
+                "-o token=PATH; for a public bucket, -o token=anon"
+            )
+        else:
+            hint = (
+                "no credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY or "
+                "AWS_PROFILE, or pass -o key=... -o secret=...; for a public bucket, -o anon=true"
+            )
+        return StorageAccessError(f"{what}: {_first_line(missing)}", hint=hint)
+    if is_unreachable(exc):
+        cause = next((e for e in _chain(exc) if not isinstance(e, RemoteUnavailableError)), exc)
+        endpoint = _endpoint_of(fs) if fs is not None else None
+        where = f"the endpoint {endpoint}" if endpoint else "the store"
+        hint = f"cannot connect to {where}: check the network and -o endpoint_url=..."
+        return RemoteUnavailableError(f"{what}: {_first_line(cause)}", hint=hint)
+    return None
+
+
+class _Unreached(RemoteUnavailableError):
+    """Raised inside a client library (gcsfs) for a connection that could not be made, so that
+    it is not retried there; :func:`remote_errors_as_ours` rephrases it for the operation."""
+
+
+@contextmanager
+def remote_errors_as_ours(what: str, fs: Any = None) -> Iterator[None]:
+    """Raise a remote store's "cannot be used at all" failures as anyckpt's errors
+    (:func:`remote_error`); other failures pass unchanged."""
+    try:
+        yield
+    except CheckpointError as exc:
+        if not isinstance(exc, _Unreached):
+            raise
+        raise remote_error(exc, what, fs) or exc from exc.__cause__
+    except Exception as exc:
+        ours = remote_error(exc, what, fs)
+        if ours is None:
+            raise
+        raise ours from exc
+
+
+def _gcsfs_fails_fast(fs: Any) -> None:
+    """Make a gcsfs filesystem give up at once on a connection that cannot be made.
+
+    gcsfs retries every aiohttp error six times over about 30 s, a refused connection or an
+    unknown host too. This instance's requests go through gcsfs's own retry wrapper as before,
+    but a connection that could not be made comes out of it as :class:`_Unreached`, which
+    gcsfs does not retry (nor log a traceback for); everything else is retried as gcsfs does."""
+    if getattr(fs, "_anyckpt_fails_fast", False):
+        return
+    plain = getattr(type(fs)._request, "__wrapped__", None)
+    try:
+        from aiohttp import ClientConnectorError
+        from gcsfs.retry import retry_request
+    except ImportError:  # pragma: no cover - gcsfs without aiohttp
+        return
+    if plain is None:  # pragma: no cover - a gcsfs without the decorator
+        return
+
+    async def request(self: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await plain(self, *args, **kwargs)
+        except ClientConnectorError as exc:
+            raise _Unreached(_first_line(exc)) from exc
+
+    fs._request = retry_request(retries=fs.retries)(request).__get__(fs)
+    fs._anyckpt_fails_fast = True
+    # gcsfs's default class for gs:// first asks the bucket's layout over gRPC, retrying a
+    # connection that fails for 60 s: not this one.
+    control_retry = getattr(fs, "_get_retry_config", None)
+    if callable(control_retry):
+
+        def retry_config(**kwargs: Any) -> Any:
+            policy = control_retry(**kwargs)
+            transient = policy._predicate
+            return policy.with_predicate(lambda exc: transient(exc) and not _grpc_unreachable(exc))
+
+        fs._get_retry_config = retry_config
+
+
+def _s3fs_fails_fast(fs: Any) -> None:
+    """Make an s3fs filesystem give up at once on a connection that cannot be made.
+
+    botocore retries a refused connection or an unknown host up to five times with growing
+    pauses (15 s at worst). A handler of its ``needs-retry`` event, on this filesystem's
+    session (for clients made later) and client, re-raises such a failure, which ends the
+    request there; every other failure is retried as botocore's configuration says."""
+    if getattr(fs, "_anyckpt_fails_fast", False):
+        return
+    try:
+        fs.connect()  # makes the session and client; sends nothing
+        emitters = [fs.session, fs.s3.meta.events]
+    except Exception:  # an asynchronous or unusual instance: leave it as is
+        return
+    for emitter in emitters:
+        emitter.register("needs-retry.s3", _raise_unreachable, unique_id="anyckpt-unreachable")
+    fs._anyckpt_fails_fast = True
+
+
+def _raise_unreachable(caught_exception: BaseException | None = None, **_: Any) -> None:
+    """botocore ``needs-retry`` handler: no retry for a connection that could not be made."""
+    if caught_exception is not None and is_unreachable(caught_exception):
+        raise caught_exception
+
+
+def _grpc_unreachable(exc: BaseException) -> bool:
+    """A gRPC call that failed because no connection could be made (UNAVAILABLE: "failed to
+    connect to all addresses", "DNS resolution failed")."""
+    text = str(exc).lower()
+    return "failed to connect" in text or "dns resolution failed" in text
 
 
 def is_transient(exc: BaseException) -> bool:
     """Whether ``exc`` is a failure of an object store or network that may succeed if the same
     request is made again: timeouts, dropped connections, throttling (HTTP 429, S3 SlowDown)
     and server errors (HTTP 5xx). Everything else is permanent: missing or existing files,
-    permissions, a full disk, I/O errors, anyckpt's own errors."""
+    permissions, a full disk, I/O errors, anyckpt's own errors, and a connection that could
+    not be made at all (:func:`is_unreachable`)."""
     permanent = (
         CheckpointError,
         FileNotFoundError,
@@ -1171,20 +1378,14 @@ def is_transient(exc: BaseException) -> bool:
         IsADirectoryError,
         NotADirectoryError,
     )
-    if isinstance(exc, permanent):
+    if isinstance(exc, permanent) or is_unreachable(exc):
         return False
     if isinstance(exc, (TimeoutError, asyncio.TimeoutError, ConnectionError)):
         return True
     if isinstance(exc, OSError) and exc.errno in TRANSIENT_ERRNOS:
         return True
-    seen: set[int] = set()
-    todo: list[BaseException] = [exc]
-    while todo:  # the library's error and what it was raised from (botocore, aiohttp)
-        error = todo.pop()
-        if id(error) in seen:
-            continue
-        seen.add(id(error))
-        if any(k.__name__ in TRANSIENT_CLASS_NAMES for k in type(error).__mro__):
+    for error in _chain(exc):  # the library's error and what it was raised from
+        if _named(error, TRANSIENT_CLASS_NAMES):
             return True
         code = getattr(error, "code", None) or getattr(error, "status", None)
         if isinstance(code, int) and code in TRANSIENT_HTTP_STATUSES:
@@ -1196,7 +1397,6 @@ def is_transient(exc: BaseException) -> bool:
                 return True
             if response.get("Error", {}).get("Code") in TRANSIENT_S3_CODES:
                 return True
-        todo.extend(e for e in (error.__cause__, error.__context__) if e is not None)
     return False
 
 
@@ -1214,7 +1414,14 @@ class RetryPolicy:
     def delay(self, attempt: int) -> float:
         return random.uniform(0.0, min(self.max_delay, self.base_delay * 2 ** (attempt - 1)))
 
-    def run(self, op: Callable[[], _T], what: str) -> _T:
+    def run(self, op: Callable[[], _T], what: str, fs: Any = None) -> _T:
+        """``op()``, retried; a store that cannot be used at all (no credentials, cannot be
+        reached) raises :func:`remote_error`'s error at once. ``fs``: the filesystem, to name
+        its endpoint."""
+        with remote_errors_as_ours(what, fs):
+            return self._run(op, what)
+
+    def _run(self, op: Callable[[], _T], what: str) -> _T:
         attempt = 1
         while True:
             try:

@@ -191,6 +191,8 @@ class CheckpointManager:
 
     @property
     def checkpoints(self) -> list[str]:
+        """Prefixes of the committed checkpoints retention tracks, oldest first; a save still
+        being written appears once it commits (call :meth:`wait` first to see it)."""
         return self._manager.checkpoints
 
     @property

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import numbers
+import sys
 from collections.abc import Mapping, Sequence
 from operator import attrgetter
 from typing import Any
 
+import ml_dtypes
 import numpy as np
 
 from ._recent import RecentCache
@@ -45,11 +48,15 @@ def key_from_bytes(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def normalize_key(key: str | bytes) -> str:
+def normalize_key(key: str | bytes | int) -> str:
+    """A name of the state as stored: ``str``, ``bytes``, or an integer written in decimal
+    (PyTorch optimizers key their state by parameter number: ``optimizer/state/0/exp_avg``)."""
     if isinstance(key, bytes):
         key = key_from_bytes(key)
+    elif isinstance(key, numbers.Integral) and not isinstance(key, (bool, np.bool_)):
+        key = str(int(key))
     if not isinstance(key, str):
-        raise TypeError(f"tensor names must be str or bytes, not {type(key).__name__}")
+        raise TypeError(f"tensor names must be str, bytes or int, not {type(key).__name__}")
     if key == "":
         raise ValueError("the empty tensor name is reserved (it holds the bundle header)")
     return key
@@ -76,6 +83,9 @@ def as_tensor(value: Any) -> np.ndarray:
         return value  # the common case, checked first: a plain numeric array
     if isinstance(value, Partitioned) and value.partitions:  # keep how it is split
         return Partitioned.from_full(as_tensor(value.view(np.ndarray)), value.partitions)
+    torch = sys.modules.get("torch")  # (never imported here: a tensor of it was made already)
+    if torch is not None and isinstance(value, torch.Tensor):
+        value = _from_torch(torch, value)
     array = np.asarray(value)
     if array.dtype.kind in "US" and not isinstance(value, np.ndarray):
         # NumPy's fixed-width S/U types drop trailing NULs (b"a\0" -> b"a"): keep the
@@ -97,6 +107,45 @@ def as_tensor(value: Any) -> np.ndarray:
     return array
 
 
+#: PyTorch dtypes NumPy has no type for: the integer type of the same width their bits are
+#: read as, and the ``ml_dtypes`` type they are then viewed as (TensorFlow has each).
+_TORCH_BITS: dict[str, tuple[str, np.dtype]] = {
+    "bfloat16": ("int16", np.dtype(ml_dtypes.bfloat16)),
+    "float8_e4m3fn": ("uint8", np.dtype(ml_dtypes.float8_e4m3fn)),
+    "float8_e5m2": ("uint8", np.dtype(ml_dtypes.float8_e5m2)),
+    "float8_e4m3fnuz": ("uint8", np.dtype(ml_dtypes.float8_e4m3fnuz)),
+    "float8_e5m2fnuz": ("uint8", np.dtype(ml_dtypes.float8_e5m2fnuz)),
+}
+
+
+def _from_torch(torch: Any, tensor: Any) -> np.ndarray:
+    """A PyTorch tensor as a NumPy array, sharing its memory when it is on the CPU: detached
+    from autograd (what is saved is the value), copied to the CPU from another device, and
+    bfloat16 or float8 read through their bits (an integer view of the same width, viewed as
+    ``ml_dtypes``' type: no copy)."""
+    tensor = tensor.detach()
+    if tensor.device.type != "cpu":
+        tensor = tensor.cpu()
+    tensor = tensor.resolve_conj().resolve_neg()  # lazy conjugation/negation, made real
+    bits = _TORCH_BITS.get(str(tensor.dtype).removeprefix("torch."))
+    if bits is not None:
+        return tensor.view(getattr(torch, bits[0])).numpy().view(bits[1])  # type: ignore[no-any-return]
+    try:
+        return tensor.numpy()  # type: ignore[no-any-return]
+    except TypeError:  # complex32, bits types...: "Got unsupported ScalarType ComplexHalf"
+        raise TypeError(f"dtype {tensor.dtype} has no TensorFlow equivalent") from None
+
+
+def as_named_tensor(name: str, value: Any) -> np.ndarray:
+    """:func:`as_tensor`, its errors naming the tensor (``tensor 'optimizer/state/0/exp_avg':
+    dtype datetime64[Y] has no TensorFlow equivalent``)."""
+    try:
+        return as_tensor(value)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        kind = next(k for k in (TypeError, ValueError, RuntimeError) if isinstance(exc, k))
+        raise kind(f"tensor {name!r}: {exc}") from exc
+
+
 def flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict[str, Any]:
     """Flatten nested mappings into ``a/b/c`` names; leaves are left as they are."""
     out: dict[str, Any] = {}
@@ -113,7 +162,14 @@ def flatten(state: Mapping[Any, Any], *, separator: str = "/") -> dict[str, Any]
                 return
             # A name taken already: the loop below raises the usual error for it.
         for raw_key, value in node.items():
-            key = raw_key if type(raw_key) is str and raw_key else normalize_key(raw_key)
+            if type(raw_key) is str and raw_key:
+                key = raw_key
+            else:
+                try:
+                    key = normalize_key(raw_key)
+                except (TypeError, ValueError) as exc:
+                    where = f" (in {prefix!r})" if prefix else ""
+                    raise type(exc)(f"{exc}{where}") from None
             name = f"{prefix}{separator}{key}" if prefix else key
             if type(value) is not np.ndarray and isinstance(value, Mapping):
                 visit(name, value)
@@ -147,4 +203,4 @@ def prepare(tensors: Mapping[Any, Any]) -> dict[str, np.ndarray]:
     values = flat.values()
     if set(map(type, values)) <= _NDARRAY and set(map(_dtype_of, values)) <= NUMERIC_DTYPES:
         return flat  # plain numeric arrays only (checked in bulk): as_tensor keeps them as is
-    return {key: as_tensor(value) for key, value in flat.items()}
+    return {key: as_named_tensor(key, value) for key, value in flat.items()}

@@ -10,14 +10,15 @@ exit status says what kind (:class:`ExitCode`, documented in docs/cli.md).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
-
-import anyio
 
 from .. import __version__
 from ..errors import (
@@ -28,10 +29,7 @@ from ..errors import (
     PluginWarning,
     UnsupportedFormatError,
 )
-from ..formats import plugin_error
-from . import _convert, _demo, _diff, _inspect, _ls, _prune, _verify
-from ._common import CliError, Context, ExitCode, parse_key_values
-from ._output import print_error_json
+from ._exit import CliError, ExitCode
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
@@ -39,6 +37,8 @@ if sys.version_info < (3, 11):
 __all__ = ["ExitCode", "build_parser", "main"]
 
 PROG = "anyckpt"
+#: Loggers of the storage clients, silenced unless ``--debug``: the error line says it all.
+_LIBRARY_LOGGERS = ("gcsfs", "s3fs", "fsspec", "botocore", "aiobotocore", "google", "grpc")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -93,23 +93,51 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
     return p
 
 
-def build_parser() -> argparse.ArgumentParser:
+#: The commands, in the order ``--help`` lists them, and their modules' one-line help (the
+#: modules are imported only to run a command or show its own help: ``anyckpt --help`` and
+#: ``--version`` load neither NumPy nor fsspec). tests/test_cli_startup.py checks that this
+#: is what the modules say.
+COMMANDS = {
+    "demo": "train a small NumPy model with background checkpoints, stop, resume, verify",
+    "ls": "list the checkpoints in a directory",
+    "inspect": "show a checkpoint's format, files and tensors",
+    "verify": "read everything and check every checksum",
+    "convert": "rewrite a checkpoint in another format",
+    "diff": "compare the tensors of two checkpoints",
+    "prune": "apply the retention policy now (what it deletes, and why)",
+}
+
+
+def build_parser(*, commands: bool = True) -> argparse.ArgumentParser:
+    """The command line's parser. ``commands=False``: the commands by name and help only
+    (enough for ``--help``, ``--version`` and usage errors), without importing them."""
     parser = _Parser(
         prog=PROG,
         parents=[_common_options(suppress=False)],
         description="Inspect, verify, convert and manage TensorFlow-compatible checkpoints "
         "on local disk or any fsspec filesystem (s3://, gs://, memory://...).",
         epilog="Exit status: 0 ok, 1 damage or differences found, 2 usage error, 3 not found, "
-        "4 unsupported format, 5 other failure, 70 internal error, 130 interrupted. "
-        "Docs: docs/cli.md.",
+        "4 unsupported format, 5 other failure (remote store unreachable or without "
+        "credentials too), 70 internal error, 130 interrupted. Docs: docs/cli.md.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     sub.required = True
+    if not commands:
+        for name, text in COMMANDS.items():
+            sub.add_parser(name, help=text, add_help=False)
+        return parser
+    from . import _convert, _demo, _diff, _inspect, _ls, _prune, _verify
+
     common = _common_options(suppress=True)
     for module in (_demo, _ls, _inspect, _verify, _convert, _diff, _prune):
         module.add_parser(sub, common)
     return parser
+
+
+def _names_a_command(argv: Sequence[str]) -> bool:
+    """Whether the command line names a command (else the light parser answers it)."""
+    return any(arg in COMMANDS for arg in argv)
 
 
 def _leaf(exc: BaseException) -> BaseException:
@@ -140,6 +168,8 @@ def _classify(exc: BaseException) -> tuple[ExitCode, str]:
         return ExitCode.FAILED, str(exc) or type(exc).__name__
     if isinstance(exc, KeyboardInterrupt):
         return ExitCode.INTERRUPTED, "interrupted"
+    from ..formats import plugin_error
+
     blamed = plugin_error(exc)  # a bug in a format plugin is not ours to report
     if blamed is not None:
         return ExitCode.FAILED, str(blamed)
@@ -165,22 +195,59 @@ _default_show = warnings.showwarning
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``anyckpt`` command with ``argv`` (default ``sys.argv[1:]``); return the exit
-    status."""
-    with warnings.catch_warnings():
-        warnings.showwarning = _show_warning
-        return _main(argv)
+    status. Ctrl-C at any point, loading included, exits 130 with one line."""
+    try:
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            return _main(sys.argv[1:] if argv is None else list(argv))
+    except KeyboardInterrupt:
+        print(f"{PROG}: error: interrupted", file=sys.stderr, flush=True)
+        return ExitCode.INTERRUPTED
 
 
-def _main(argv: Sequence[str] | None) -> int:
-    parser = build_parser()
+@contextlib.contextmanager
+def _ctrl_c_deferred() -> Iterator[None]:
+    """Hold Ctrl-C back while the command loads (about a second), then raise it: a
+    KeyboardInterrupt raised inside an extension module's initialisation can come out as
+    some other error (NumPy's: an ImportError with its troubleshooting essay)."""
+    pressed: list[int] = []
+    try:
+        previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    except ValueError:  # not the main thread: leave Ctrl-C alone
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
+
+
+def _main(argv: list[str]) -> int:
+    with _ctrl_c_deferred():
+        parser = build_parser(commands=_names_a_command(argv))
+        if _names_a_command(argv):
+            import anyio  # loaded here, under the deferral, for the run below
+
+            from . import _common  # noqa: F401
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
-        if isinstance(exc, _UsageError) and "--json" in (sys.argv[1:] if argv is None else argv):
+        if isinstance(exc, _UsageError) and "--json" in argv:
+            from ._output import print_error_json
+
             print_error_json(ExitCode.USAGE, exc.message)
         return int(exc.code) if isinstance(exc.code, int) else ExitCode.USAGE
     debug = bool(args.debug)
+    if not debug:  # the client libraries' own log lines (gcsfs's fallbacks...) are not ours
+        for name in _LIBRARY_LOGGERS:
+            logging.getLogger(name).setLevel(logging.CRITICAL)
     try:
+        import anyio
+
+        from ._common import Context, parse_key_values
+
         ctx = Context(
             json=args.json,
             debug=debug,
@@ -202,5 +269,7 @@ def _main(argv: Sequence[str] | None) -> int:
             traceback.print_exception(error)
         print(f"{PROG}: error: {message}", file=sys.stderr, flush=True)
         if args.json:
+            from ._output import print_error_json
+
             print_error_json(code, message)
         return code

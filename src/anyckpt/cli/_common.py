@@ -1,4 +1,5 @@
-"""What every command shares: exit codes, the run context, option parsing, finding a checkpoint."""
+"""What every command shares: the run context, option parsing, finding a checkpoint (and the
+exit codes, from :mod:`._exit`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import IntEnum
 from typing import IO, Any
 
 import anyio.to_thread
@@ -23,37 +23,9 @@ from ..formats.base import CheckpointFormat, TensorSpec
 from ..formats.resolve import path_kind
 from ..manager import STATE_FILE, read_state
 from ..storage import Storage
+from ._exit import CliError as CliError
+from ._exit import ExitCode as ExitCode
 from ._output import Progress, plural, stream_is_terminal
-
-
-class ExitCode(IntEnum):
-    """The ``anyckpt`` command's exit status (documented in docs/cli.md)."""
-
-    OK = 0
-    #: ``verify`` found damage, ``diff`` found differences, or a file is corrupt.
-    DAMAGE = 1
-    #: Bad command line (unknown option, missing argument, malformed value).
-    USAGE = 2
-    #: A directory, checkpoint, file or tensor does not exist.
-    NOT_FOUND = 3
-    #: A format, dtype or feature anyckpt does not support.
-    UNSUPPORTED = 4
-    #: Refused or failed: the target exists, an unsafe path, another writer, an I/O error.
-    FAILED = 5
-    #: A bug in anyckpt (the message says so; ``--debug`` shows the traceback).
-    INTERNAL = 70
-    #: Interrupted (Ctrl-C).
-    INTERRUPTED = 130
-    #: The output pipe closed early (``anyckpt ls DIR | head``); nothing is printed.
-    BROKEN_PIPE = 141
-
-
-class CliError(Exception):
-    """An error the CLI reports as one line and an exit code."""
-
-    def __init__(self, message: str, code: ExitCode = ExitCode.FAILED) -> None:
-        super().__init__(message)
-        self.code = code
 
 
 @dataclass

@@ -28,6 +28,7 @@ from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
     CorruptCheckpointError,
+    StorageAccessError,
     UnsupportedFormatError,
 )
 from ..formats import broken_plugins, detect_format, plugin_error
@@ -35,7 +36,7 @@ from ..formats.base import CheckpointFormat
 from ..lease import LOCK_FILE, LockInfo, read_lock
 from ..manager import STATE_FILE, read_state
 from ..retention import RecoveredState, recover
-from ..storage import TEMP_MARKER, Storage, Upload
+from ..storage import TEMP_MARKER, Storage, Upload, remote_errors_as_ours
 from ._common import state_error_text
 
 #: The status of a checkpoint in a directory.
@@ -164,7 +165,8 @@ def list_files(storage: Storage, root: str) -> list[FileInfo] | None:
     with contextlib.suppress(Exception):  # best effort: listings may be cached
         fs.invalidate_cache(root)
     try:
-        entries = fs.ls(root, detail=True)
+        with remote_errors_as_ours(f"listing {storage.url(root)}", fs):
+            entries = fs.ls(root, detail=True)
     except (FileNotFoundError, NotADirectoryError):
         return None
     found = []
@@ -211,6 +213,8 @@ async def _detect(storage: Storage, path: str) -> CheckpointFormat | Exception |
     if detecting failed (unreadable, a plugin's bug...)."""
     try:
         return await detect_format(storage, path)
+    except StorageAccessError:  # the store, not this checkpoint
+        raise
     except CheckpointNotFoundError:
         return None
     except Exception as exc:
@@ -293,6 +297,8 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         path = posixpath.join(root, name)
         try:
             paths = await fmt.files(storage, path)
+        except StorageAccessError:
+            raise
         except (CheckpointError, OSError):
             continue
         names = [posixpath.basename(p) for p in paths if posixpath.dirname(p) == root]

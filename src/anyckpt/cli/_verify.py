@@ -8,7 +8,7 @@ from typing import Any
 
 import anyio
 
-from ..errors import CheckpointError, CheckpointNotFoundError
+from ..errors import CheckpointError, CheckpointNotFoundError, StorageAccessError
 from ..formats.base import CheckpointFormat, has_checksums
 from ..formats.resolve import path_kind
 from ..manager import STATE_FILE
@@ -74,6 +74,8 @@ async def verify_checkpoint(
     report = Report(storage.url(path), fmt.name, has_checksums(fmt))
     try:
         reader = await fmt.open(storage, path)
+    except StorageAccessError:  # the store cannot be used: not damage
+        raise
     except PermissionError as exc:
         report.denied[exc.filename or report.prefix] = 0
         return report
@@ -96,6 +98,8 @@ async def verify_checkpoint(
                 nbytes = tensor_nbytes(specs[key])
                 try:
                     await reader.read(key, verify=True)
+                except StorageAccessError:
+                    raise
                 except CheckpointNotFoundError as exc:
                     name = exc.path or report.prefix
                     missing_files[name] = missing_files.get(name, 0) + 1

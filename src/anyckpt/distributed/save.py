@@ -26,6 +26,7 @@ import posixpath
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
@@ -33,6 +34,7 @@ import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 
+from .._concurrency import run_concurrently
 from ..codecs.dtypes import enum_from_dtype
 from ..errors import CheckpointError, ConcurrentWriterError
 from ..formats.sharded import tensor_nbytes
@@ -40,7 +42,7 @@ from ..formats.v2_data import DataFileEntries, write_data_file
 from ..formats.v2_index import build_index
 from ..formats.v2_layout import data_path, index_path
 from ..partitioned import Partitioned, partitions_of
-from ..tensors import as_tensor, flatten, key_to_bytes
+from ..tensors import as_named_tensor, flatten, key_to_bytes
 from .base import CoordinationError, Coordinator
 from .plan import Extents, Item, Manifest, Plan, PlanError, make_plan, shard_options
 from .sharded import Sharded
@@ -165,7 +167,7 @@ def prepare_state(state: Mapping[Any, Any]) -> tuple[tuple[Item, ...], Arrays]:
             elif value.size:  # an empty piece (nothing of an uneven split) holds nothing
                 hold(raw, value.extents, value.global_shape, value.local)
             continue
-        array = as_tensor(value)
+        array = as_named_tensor(name, value)
         if partitions_of(array):  # a Partitioned (full value): a rank holding every piece
             assert isinstance(array, Partitioned)
             for extents, piece in array.pieces():
@@ -193,7 +195,7 @@ async def save(
 ) -> PendingSave:
     """``CheckpointManager.save`` with a coordinator. A rank that fails here still takes part
     in the save's collectives (as a failed rank), so its peers fail at once too."""
-    from ..manager import PendingSave
+    from ..manager import PendingSave, check_step
 
     task_group = manager._task_group
     if task_group is None:
@@ -207,7 +209,12 @@ async def save(
     except Exception as exc:
         failure = exc
     last = manager._last_step
-    step = int(1 if last is None else last + 1) if step is None else int(step)
+    following = 1 if last is None else last + 1
+    try:
+        step = following if step is None else check_step(step)
+    except TypeError as exc:  # still takes part in the collectives, as a failed rank
+        step = following
+        failure = failure or exc
     if failure is None and step < 0:
         failure = ValueError(f"step must be >= 0, got {step}")
     if failure is None and last is not None and step <= last:
@@ -377,15 +384,8 @@ async def _write_files(
         written.append(path)
         files.append(found)
 
-    try:
-        async with anyio.create_task_group() as tg:
-            for shard, items in plan.files_of(rank):
-                tg.start_soon(one, shard, items)
-    except BaseException as exc:
-        inner = getattr(exc, "exceptions", None)
-        if isinstance(exc, Exception) and inner and isinstance(inner[0], Exception):
-            raise inner[0] from None  # one clear error, not a group
-        raise
+    # One clear error, not a group.
+    await run_concurrently(partial(one, shard, items) for shard, items in plan.files_of(rank))
     return files
 
 

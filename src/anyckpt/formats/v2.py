@@ -48,7 +48,7 @@ class V2Format:
     options: Mapping[str, FormatOption] = {
         **SHARD_FORMAT_OPTIONS,
         "data_order": FormatOption(
-            (str,), '"given": the data file in the mapping\'s order (TF2\'s layout), unsharded'
+            (str,), "\"given\": the data file in the mapping's order (TF2's layout), unsharded"
         ),
     }
     has_checksums = True
