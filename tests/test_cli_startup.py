@@ -80,7 +80,7 @@ def test_the_light_help_is_the_full_help() -> None:
 def test_dir_of_the_package_is_its_public_names() -> None:
     dunders = {n for n in dir(anyckpt) if n.startswith("__") and n.endswith("__")}
     assert set(dir(anyckpt)) == set(anyckpt.__all__) | dunders
-    assert set(anyckpt.__all__) == {*anyckpt._ORIGINS, "__version__", "sync"}
+    assert set(anyckpt.__all__) == {*anyckpt._ORIGINS, "__version__", "sync", "tf2"}  # modules
     assert "annotations" not in dir(anyckpt)
     assert not hasattr(anyckpt, "annotations")
     for name in anyckpt.__all__:

@@ -17,7 +17,7 @@ import re
 import anyio.to_thread
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ..storage import Storage
+from ..storage import Storage, remote_errors_as_ours
 from .base import CheckpointFormat
 
 __all__ = ["EXPECTED", "path_kind", "resolve_checkpoint"]
@@ -39,10 +39,11 @@ def path_kind(storage: Storage, path: str) -> str:
             return "dir"
         return "file" if os.path.exists(path) else "none"
     try:
-        if storage.fs.isdir(path):
-            return "dir"
-        return "file" if storage.fs.isfile(path) else "none"
-    except (OSError, ValueError):
+        with remote_errors_as_ours(f"looking for {storage.url(path)}", storage.fs):
+            if storage.fs.isdir(path):
+                return "dir"
+            return "file" if storage.fs.isfile(path) else "none"
+    except (OSError, ValueError):  # (a store that cannot be used at all raised above)
         return "none"
 
 
