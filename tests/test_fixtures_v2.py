@@ -303,3 +303,30 @@ async def test_resave_tf2_object_differs_only_in_payload_order(tmp_path: Path) -
         assert our_data[o.offset : o.offset + o.size] == tf_data[t.offset : t.offset + t.size]
         moved += o.offset != t.offset
     assert moved > 0  # the order really differs, so byte identity is not expected here
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "ckpt",
+    [k for c, k in CHECKPOINTS if c == "tf2_object"],
+    ids=[k["prefix"] for c, k in CHECKPOINTS if c == "tf2_object"],
+)
+async def test_tf2_fixture_reads_as_a_tree(ckpt: dict[str, Any]) -> None:
+    """Every variable TensorFlow saved is found along the object graph, bit-exactly: the key
+    ``a/b/.ATTRIBUTES/VARIABLE_VALUE`` at the object path ``a/b``."""
+    from anyckpt.tf2 import read_tree, tree_get
+
+    tree = await read_tree(FIXTURES / "tf2_object" / ckpt["prefix"])
+    expected = expected_tensors("tf2_object", ckpt)
+    suffix = "/.ATTRIBUTES/VARIABLE_VALUE"
+    variables = {k: v for k, v in expected.items() if k.endswith(suffix)}
+    assert len(variables) == len(expected) - 1  # all but _CHECKPOINTABLE_OBJECT_GRAPH
+    for key, value in variables.items():
+        got = np.asarray(tree_get(tree, key[: -len(suffix)]))
+        assert got.dtype == value.dtype, key
+        if got.dtype == object:  # strings
+            assert got.tolist() == value.tolist(), key
+        else:
+            assert got.tobytes() == value.tobytes(), key
+    assert set(tree) == {"model", "save_counter"}
+    assert set(tree["model"]) >= {"w", "b", "step", "inner", "blocks"}
