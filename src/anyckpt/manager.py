@@ -56,12 +56,16 @@ from .formats.base import CheckpointFormat, Index
 from .lease import DirectoryLock
 from .meta import saver_version
 from .retention import (
+    Candidate,
+    Plan,
+    Policy,
     RetentionPolicy,
     Tracked,
-    apply_retention,
+    decide,
     record_save,
     recover,
     start_fresh,
+    tf_policy,
 )
 from .storage import TEMP_MARKER, Storage
 from .tensors import prepare
@@ -160,6 +164,10 @@ class CheckpointManager:
             taking it over. See docs/reliability.md.
         write_meta_graph: also write TensorFlow's ``PREFIX.meta`` (a MetaGraphDef whose
             SaverDef is this configuration) with every checkpoint; see docs/meta-graph.md.
+        retention: a composable retention policy (:mod:`anyckpt.retention`: ``LatestN``,
+            ``BestN``, ``Any``...) instead of TensorFlow's pair; the latest checkpoint is
+            always kept. Leave ``max_to_keep`` and ``keep_checkpoint_every_n_hours`` at their
+            defaults when passing it.
         coordinator: save from several processes (:mod:`anyckpt.distributed`): every rank
             writes its own shards, rank 0 merges the index, commits and applies retention;
             see docs/distributed.md. Every rank makes the same calls in the same order.
@@ -183,6 +191,7 @@ class CheckpointManager:
         lease_seconds: float = 60.0,
         write_meta_graph: bool = False,
         coordinator: Coordinator | None = None,
+        retention: Policy | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -191,6 +200,19 @@ class CheckpointManager:
         if checkpoint_interval is not None and checkpoint_interval < 1:
             raise ValueError("checkpoint_interval must be a positive number of steps")
         self.policy = RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours)
+        if retention is not None:
+            if max_to_keep != 5 or keep_checkpoint_every_n_hours is not None:
+                raise ValueError(
+                    "pass either retention= or max_to_keep/keep_checkpoint_every_n_hours"
+                )
+            if not isinstance(retention, Policy):
+                raise TypeError(f"retention must be an anyckpt.retention policy: {retention!r}")
+        #: What a sweep keeps (None: everything). TF's pair unless ``retention`` is given.
+        self.retention = (
+            retention
+            if retention is not None
+            else tf_policy(max_to_keep, keep_checkpoint_every_n_hours)
+        )
         self.directory = str(directory).rstrip("/") or "/"
         self.checkpoint_name = checkpoint_name
         self.format: CheckpointFormat = get_format(format)
@@ -547,8 +569,9 @@ class CheckpointManager:
         manager or the next one) deletes them; they never become untracked leftovers, which
         would look like preserved checkpoints and stay forever.
         """
-        tracked = record_save(self._state.tracked, name, self.clock())
-        decision = apply_retention(tracked, self._state.last_preserved, self.policy)
+        now = self.clock()
+        tracked = record_save(self._state.tracked, name, now)
+        decision = self._decide(tracked, self._state.last_preserved, name, now).decision
         await self._write_tracking(_Tracking(tracked, self._state.last_preserved, name))
         if not decision.delete and not decision.preserve:
             return (), ()
@@ -630,6 +653,22 @@ class CheckpointManager:
             await anyio.to_thread.run_sync(self.storage.remove, path)
         await anyio.to_thread.run_sync(self.storage.remove, meta_path(prefix))  # after the data
 
+    def _decide(
+        self,
+        tracked: Sequence[Tracked],
+        last_preserved: float,
+        latest: str | None,
+        now: float | None = None,
+        *,
+        explain: bool = False,
+    ) -> Plan:
+        """What retention does to ``tracked`` (pure: :func:`anyckpt.retention.decide`)."""
+        candidates = [Candidate(t.path, t.timestamp, self._step_of(t.path)) for t in tracked]
+        now = self.clock() if now is None else now
+        return decide(
+            candidates, last_preserved, self.retention, now=now, latest=latest, explain=explain
+        )
+
     async def wait(self) -> None:
         """Wait until every save so far is committed; raise the first unseen error."""
         for pending in list(self._pending):
@@ -648,7 +687,7 @@ class CheckpointManager:
             return await sweep(self, self.coordinator)
         async with self._commit_lock:
             state = self._state
-            decision = apply_retention(state.tracked, state.last_preserved, self.policy)
+            decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
             if not decision.delete and not decision.preserve:
                 return (), ()
             deleted = []
