@@ -38,6 +38,14 @@ import numpy as np
 from .api import meta_path, write_meta_file
 from .codecs import DecodeError
 from .codecs.dtypes import NUMERIC_DTYPES
+from .codecs.metrics import (
+    MAX_METRICS_SIZE,
+    METRICS_SUFFIX,
+    check_metrics,
+    decode_metrics,
+    encode_metrics,
+    metrics_path,
+)
 from .codecs.state_file import (
     MAX_STATE_FILE_SIZE,
     CheckpointState,
@@ -248,6 +256,7 @@ class CheckpointManager:
         self._tail: anyio.Event | None = None  # done-event of the newest save: commits go in order
         self._task_group: anyio.abc.TaskGroup | None = None
         self._entered = False
+        self._metrics: dict[str, dict[str, float]] = {}  # by checkpoint name, as read/written
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -278,6 +287,8 @@ class CheckpointManager:
         self._lock = lock
         await self._load_state()
         await self._clean_debris()
+        if self.retention is not None and self.retention.metric_names:
+            await self._load_metrics([t.path for t in self._state.tracked])
 
     async def _release_lock(self) -> None:
         lock, self._lock = self._lock, None
@@ -382,14 +393,19 @@ class CheckpointManager:
         names = await anyio.to_thread.run_sync(self.storage.listdir, self._root)
         latest_step = self._step_of(self._state.latest) if self._state.latest else None
         ours = re.compile(
-            re.escape(self.checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta)"
+            re.escape(self.checkpoint_name)
+            + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta|"
+            + re.escape(METRICS_SUFFIX)
+            + ")"
         )
         # Temporary files of any format's writer for one of our checkpoints (V1 shards
         # ``ckpt-5-00000-of-00002``, plugin files ``ckpt-5.zst``...).
         any_format = re.compile(re.escape(self.checkpoint_name) + r"-\d+([.-][\w.-]*)?")
         present = set(names)
         shard = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|-\d{5}-of-\d{5})$")
-        stems = {shard.sub("", n) for n in names if not n.endswith(".meta")}  # any format
+        stems = {  # any format
+            shard.sub("", n) for n in names if not n.endswith((".meta", METRICS_SUFFIX))
+        }
         doomed: list[str] = []
         for name in names:
             if TEMP_MARKER in name:
@@ -410,7 +426,7 @@ class CheckpointManager:
             # of an interrupted save, or of a tracked checkpoint whose deletion was
             # interrupted (it stays tracked; the next sweep finishes it).
             newer = latest_step is not None and step > latest_step and not tracked
-            if match.group(2) == ".meta":  # TF's graph stays while its checkpoint has files
+            if match.group(2) in (".meta", METRICS_SUFFIX):  # stay while the checkpoint has files
                 if newer or prefix not in stems:
                     doomed.append(name)
             elif newer or f"{prefix}.index" not in present:
@@ -438,19 +454,29 @@ class CheckpointManager:
     # -- saving ------------------------------------------------------------------------------
 
     async def save(
-        self, state: Mapping[Any, Any], step: int | None = None, *, copy: bool = True
+        self,
+        state: Mapping[Any, Any],
+        step: int | None = None,
+        *,
+        copy: bool = True,
+        metrics: Mapping[str, float] | None = None,
     ) -> PendingSave:
         """Capture ``state`` and write it in the background; return once it is captured.
 
         ``state`` maps names to arrays (nested mappings become ``a/b/c``); anything
         ``numpy.asarray`` accepts is a tensor. The arrays are copied (one memcpy) unless
         ``copy=False``, a promise not to mutate them until the save is committed.
-        ``step=None`` takes the next number after the latest. Raises the error of an earlier
-        background save that nobody has seen yet.
+        ``step=None`` takes the next number after the latest. ``metrics`` (``{"loss": 0.3}``)
+        are recorded with the checkpoint, in its ``PREFIX.metrics.json`` written before the
+        commit, for :class:`~anyckpt.retention.BestN` and :meth:`best_checkpoint`. Raises the
+        error of an earlier background save that nobody has seen yet.
         """
         if self._task_group is None:
             raise RuntimeError("use the manager inside 'async with'")
+        values = None if metrics is None else check_metrics(metrics)
         if self.coordinator is not None:
+            if values is not None:
+                raise ValueError("metrics are not recorded by distributed saves yet")
             from .distributed.save import save
 
             return await save(self, self.coordinator, state, step, copy)
@@ -489,7 +515,7 @@ class CheckpointManager:
         self._pending.append(pending)
         previous, self._tail = self._tail, pending._done
         self._task_group.start_soon(
-            self._write_and_commit, pending, previous, name, tensors, capture_seconds
+            self._write_and_commit, pending, previous, name, tensors, capture_seconds, values
         )
         return pending
 
@@ -500,10 +526,17 @@ class CheckpointManager:
         name: str,
         tensors: dict[str, np.ndarray],
         capture_seconds: float,
+        metrics: dict[str, float] | None = None,
     ) -> None:
         error: BaseException | None = None
         try:
             started = time.perf_counter()
+            if metrics is not None:  # before the commit marker: a committed one has its metrics
+                data = encode_metrics(pending.step, metrics)
+                sidecar = metrics_path(self._path(name))
+                await anyio.to_thread.run_sync(
+                    lambda: self.storage.write_bytes(sidecar, data, durable=self.durable)
+                )
             if self.write_meta_graph:  # before the commit marker, as part of the checkpoint
                 await write_meta_file(
                     self.storage,
@@ -525,6 +558,8 @@ class CheckpointManager:
             recorded = getattr(self.format, "checkpoint_path", None)
             if recorded is not None:
                 name = posixpath.basename(recorded(self._path(name), written))
+            if metrics is not None:
+                self._metrics[name] = metrics
             wrote = time.perf_counter()
             nbytes = sum(a.nbytes for a in tensors.values() if a.dtype != object)
             del tensors
@@ -652,6 +687,8 @@ class CheckpointManager:
                 raise CheckpointError(f"format listed {path} outside the directory")
             await anyio.to_thread.run_sync(self.storage.remove, path)
         await anyio.to_thread.run_sync(self.storage.remove, meta_path(prefix))  # after the data
+        await anyio.to_thread.run_sync(self.storage.remove, metrics_path(prefix))
+        self._metrics.pop(name, None)
 
     def _decide(
         self,
@@ -663,11 +700,62 @@ class CheckpointManager:
         explain: bool = False,
     ) -> Plan:
         """What retention does to ``tracked`` (pure: :func:`anyckpt.retention.decide`)."""
-        candidates = [Candidate(t.path, t.timestamp, self._step_of(t.path)) for t in tracked]
+        candidates = [
+            Candidate(t.path, t.timestamp, self._step_of(t.path), self._metrics.get(t.path, {}))
+            for t in tracked
+        ]
         now = self.clock() if now is None else now
         return decide(
             candidates, last_preserved, self.retention, now=now, latest=latest, explain=explain
         )
+
+    async def _load_metrics(self, names: Sequence[str]) -> None:
+        """Read the metrics sidecars of ``names`` not read yet (a missing one: no metrics)."""
+
+        def read(name: str) -> dict[str, float]:
+            path = metrics_path(self._path(name))
+            try:
+                data = self.storage.read_bytes(path, max_size=MAX_METRICS_SIZE)
+            except CheckpointNotFoundError:
+                return {}
+            try:
+                return decode_metrics(data)
+            except DecodeError as exc:
+                raise CorruptCheckpointError(str(exc), path=self.storage.url(path)) from None
+
+        for name in names:
+            if name not in self._metrics:
+                self._metrics[name] = await anyio.to_thread.run_sync(read, name)
+
+    async def metrics(self, step: int | None = None) -> dict[str, float]:
+        """The metrics recorded with the latest checkpoint (or that of ``step``); empty if
+        none were. Raises CorruptCheckpointError for an unreadable sidecar."""
+        if step is None:
+            if self._state.latest is None:
+                raise CheckpointNotFoundError(
+                    "no checkpoint has been committed", path=self.directory
+                )
+            name = self._state.latest
+        else:
+            name = f"{self.checkpoint_name}-{int(step)}"
+        await self._load_metrics([name])
+        return dict(self._metrics[name])
+
+    async def best_checkpoint(self, metric: str, mode: str = "min") -> str | None:
+        """The prefix of the tracked checkpoint (or the latest) with the best ``metric``
+        (lowest for ``mode="min"``, highest for ``"max"``; ties go to the newer), or None
+        if none recorded it. Saves in flight are waited for first."""
+        from .retention import BestN
+
+        policy = BestN(1, metric, mode)  # type: ignore[arg-type]  # checked by BestN
+        await self.wait()
+        names = [t.path for t in self._state.tracked]
+        if self._state.latest is not None and self._state.latest not in names:
+            names.append(self._state.latest)
+        await self._load_metrics(names)
+        candidates = [Candidate(n, 0.0, self._step_of(n), self._metrics[n]) for n in names]
+        best = policy.ranked(candidates)
+        return self._public(best[0].path) if best else None
 
     async def wait(self) -> None:
         """Wait until every save so far is committed; raise the first unseen error."""
