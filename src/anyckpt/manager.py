@@ -28,7 +28,7 @@ from collections.abc import Callable, Generator, Mapping, Sequence
 from dataclasses import dataclass, field
 from operator import attrgetter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -82,6 +82,7 @@ if TYPE_CHECKING:
     from .distributed import Coordinator
 
 STATE_FILE = "checkpoint"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -788,15 +789,38 @@ class CheckpointManager:
 
     # -- restoring ---------------------------------------------------------------------------
 
+    @overload
     async def restore(
         self,
         step: int | None = None,
         keys: Sequence[str] | Mapping[str, Index] | None = None,
         *,
         verify: bool = True,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, np.ndarray]: ...
+
+    @overload
+    async def restore(
+        self,
+        step: int | None = None,
+        keys: Sequence[str] | Mapping[str, Index] | None = None,
+        *,
+        verify: bool = True,
+        template: _T,
+    ) -> _T: ...
+
+    async def restore(
+        self,
+        step: int | None = None,
+        keys: Sequence[str] | Mapping[str, Index] | None = None,
+        *,
+        verify: bool = True,
+        template: Any = None,
+    ) -> Any:
         """Read the latest checkpoint (or the one of ``step``): a flat mapping of names to
-        arrays (nested state comes back under its flattened ``a/b/c`` names).
+        arrays (nested state comes back under its flattened ``a/b/c`` names). With
+        ``template`` (a fresh model's and optimizer's state, nested dicts, lists, tuples,
+        int keys...), the template's structure filled with the restored values, each leaf's
+        dtype and shape checked (:func:`anyckpt.tree.restore_into`).
 
         ``keys`` names the tensors to read (all when None). A mapping ``{name: index}`` reads
         only part of each (``index`` as for :meth:`CheckpointReader.read`, over the leading
@@ -805,6 +829,11 @@ class CheckpointManager:
 
         Saves still in flight are waited for first (and their errors raised), so a restore
         right after ``save()`` sees that save, as with TensorFlow's synchronous Saver."""
+        if template is not None:
+            from .tree import restore_into
+
+            flat = await self.restore(step, keys, verify=verify)
+            return restore_into(template, flat)
         await self.wait()
         if step is None:
             if self._state.latest is None:

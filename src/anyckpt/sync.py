@@ -215,9 +215,12 @@ class CheckpointManager:
         keys: Sequence[str] | Mapping[str, Index] | None = None,
         *,
         verify: bool = True,
-    ) -> dict[str, np.ndarray]:
+        template: Any = None,
+    ) -> Any:
         """Blocking :meth:`anyckpt.CheckpointManager.restore` (``keys`` may map names to
-        the part of each to read)."""
+        the part of each to read; ``template`` gives the structure to fill)."""
+        if template is not None:
+            return self._call(self._manager.restore, step, keys, verify=verify, template=template)
         return dict(self._call(self._manager.restore, step, keys, verify=verify))
 
 
