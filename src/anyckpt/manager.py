@@ -65,6 +65,7 @@ from .lease import DirectoryLock
 from .meta import saver_version
 from .retention import (
     Candidate,
+    KeepFor,
     Plan,
     Policy,
     RetentionPolicy,
@@ -705,7 +706,11 @@ class CheckpointManager:
             Candidate(t.path, t.timestamp, self._step_of(t.path), self._metrics.get(t.path, {}))
             for t in tracked
         ]
-        now = self.clock() if now is None else now
+        if now is None:  # read the clock only for a policy that needs it (as TF's sweep)
+            needs = self.retention is not None and any(
+                isinstance(p, KeepFor) for p in self.retention.parts()
+            )
+            now = self.clock() if needs else 0.0
         return decide(
             candidates, last_preserved, self.retention, now=now, latest=latest, explain=explain
         )
