@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from functools import partial
 from operator import attrgetter
 from types import TracebackType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -41,6 +41,14 @@ from ._concurrency import run_concurrently
 from .api import meta_path, with_object_graph, write_meta_file
 from .codecs import DecodeError
 from .codecs.dtypes import NUMERIC_DTYPES
+from .codecs.metrics import (
+    MAX_METRICS_SIZE,
+    METRICS_SUFFIX,
+    check_metrics,
+    decode_metrics,
+    encode_metrics,
+    metrics_path,
+)
 from .codecs.state_file import (
     MAX_STATE_FILE_SIZE,
     CheckpointState,
@@ -59,12 +67,17 @@ from .formats.base import CheckpointFormat, Index, check_options
 from .lease import DirectoryLock
 from .meta import saver_version
 from .retention import (
+    Candidate,
+    KeepFor,
+    Plan,
+    Policy,
     RetentionPolicy,
     Tracked,
-    apply_retention,
+    decide,
     record_save,
     recover,
     start_fresh,
+    tf_policy,
 )
 from .storage import TEMP_MARKER, Storage
 from .tensors import prepare
@@ -73,6 +86,7 @@ if TYPE_CHECKING:
     from .distributed import Coordinator
 
 STATE_FILE = "checkpoint"
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -172,6 +186,10 @@ class CheckpointManager:
             taking it over. See docs/reliability.md.
         write_meta_graph: also write TensorFlow's ``PREFIX.meta`` (a MetaGraphDef whose
             SaverDef is this configuration) with every checkpoint; see docs/meta-graph.md.
+        retention: a composable retention policy (:mod:`anyckpt.retention`: ``LatestN``,
+            ``BestN``, ``Any``...) instead of TensorFlow's pair; the latest checkpoint is
+            always kept. Leave ``max_to_keep`` and ``keep_checkpoint_every_n_hours`` at their
+            defaults when passing it.
         coordinator: save from several processes (:mod:`anyckpt.distributed`): every rank
             writes its own shards, rank 0 merges the index, commits and applies retention;
             see docs/distributed.md. Every rank makes the same calls in the same order.
@@ -200,6 +218,7 @@ class CheckpointManager:
         write_meta_graph: bool = False,
         coordinator: Coordinator | None = None,
         object_graph: bool = False,
+        retention: Policy | None = None,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -208,6 +227,19 @@ class CheckpointManager:
         if checkpoint_interval is not None and checkpoint_interval < 1:
             raise ValueError("checkpoint_interval must be a positive number of steps")
         self.policy = RetentionPolicy(max_to_keep, keep_checkpoint_every_n_hours)
+        if retention is not None:
+            if max_to_keep != 5 or keep_checkpoint_every_n_hours is not None:
+                raise ValueError(
+                    "pass either retention= or max_to_keep/keep_checkpoint_every_n_hours"
+                )
+            if not isinstance(retention, Policy):
+                raise TypeError(f"retention must be an anyckpt.retention policy: {retention!r}")
+        #: What a sweep keeps (None: everything). TF's pair unless ``retention`` is given.
+        self.retention = (
+            retention
+            if retention is not None
+            else tf_policy(max_to_keep, keep_checkpoint_every_n_hours)
+        )
         self.directory = str(directory).rstrip("/") or "/"
         self.checkpoint_name = checkpoint_name
         self.format: CheckpointFormat = get_format(format)
@@ -253,6 +285,7 @@ class CheckpointManager:
         self._tail: anyio.Event | None = None  # done-event of the newest save: commits go in order
         self._task_group: anyio.abc.TaskGroup | None = None
         self._entered = False
+        self._metrics: dict[str, dict[str, float]] = {}  # by checkpoint name, as read/written
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -305,6 +338,8 @@ class CheckpointManager:
         self._lock = lock
         await self._load_state()
         await self._clean_debris()
+        if self.retention is not None and self.retention.metric_names:
+            await self._load_metrics([t.path for t in self._state.tracked])
 
     async def _release_lock(self) -> None:
         lock, self._lock = self._lock, None
@@ -409,14 +444,19 @@ class CheckpointManager:
         names = await anyio.to_thread.run_sync(self.storage.listdir, self._root)
         latest_step = self._step_of(self._state.latest) if self._state.latest else None
         ours = re.compile(
-            re.escape(self.checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta)"
+            re.escape(self.checkpoint_name)
+            + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta|"
+            + re.escape(METRICS_SUFFIX)
+            + ")"
         )
         # Temporary files of any format's writer for one of our checkpoints (V1 shards
         # ``ckpt-5-00000-of-00002``, plugin files ``ckpt-5.zst``...).
         any_format = re.compile(re.escape(self.checkpoint_name) + r"-\d+([.-][\w.-]*)?")
         present = set(names)
         shard = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|-\d{5}-of-\d{5})$")
-        stems = {shard.sub("", n) for n in names if not n.endswith(".meta")}  # any format
+        stems = {  # any format
+            shard.sub("", n) for n in names if not n.endswith((".meta", METRICS_SUFFIX))
+        }
         doomed: list[str] = []
         for name in names:
             if TEMP_MARKER in name:
@@ -437,7 +477,7 @@ class CheckpointManager:
             # of an interrupted save, or of a tracked checkpoint whose deletion was
             # interrupted (it stays tracked; the next sweep finishes it).
             newer = latest_step is not None and step > latest_step and not tracked
-            if match.group(2) == ".meta":  # TF's graph stays while its checkpoint has files
+            if match.group(2) in (".meta", METRICS_SUFFIX):  # stay while the checkpoint has files
                 if newer or prefix not in stems:
                     doomed.append(name)
             elif newer or f"{prefix}.index" not in present:
@@ -474,19 +514,29 @@ class CheckpointManager:
     # -- saving ------------------------------------------------------------------------------
 
     async def save(
-        self, state: Mapping[Any, Any], step: int | None = None, *, copy: bool = True
+        self,
+        state: Mapping[Any, Any],
+        step: int | None = None,
+        *,
+        copy: bool = True,
+        metrics: Mapping[str, float] | None = None,
     ) -> PendingSave:
         """Capture ``state`` and write it in the background; return once it is captured.
 
         ``state`` maps names to arrays (nested mappings become ``a/b/c``); anything
         ``numpy.asarray`` accepts is a tensor. The arrays are copied (one memcpy) unless
         ``copy=False``, a promise not to mutate them until the save is committed.
-        ``step=None`` takes the next number after the latest. Raises the error of an earlier
-        background save that nobody has seen yet.
+        ``step=None`` takes the next number after the latest. ``metrics`` (``{"loss": 0.3}``)
+        are recorded with the checkpoint, in its ``PREFIX.metrics.json`` written before the
+        commit, for :class:`~anyckpt.retention.BestN` and :meth:`best_checkpoint`. Raises the
+        error of an earlier background save that nobody has seen yet.
         """
         if self._task_group is None:
             raise RuntimeError("use the manager inside 'async with'")
+        values = None if metrics is None else check_metrics(metrics)
         if self.coordinator is not None:
+            if values is not None:
+                raise ValueError("metrics are not recorded by distributed saves yet")
             from .distributed.save import save
 
             return await save(self, self.coordinator, state, step, copy)
@@ -529,7 +579,7 @@ class CheckpointManager:
         self._pending.append(pending)
         previous, self._tail = self._tail, pending._done
         self._task_group.start_soon(
-            self._write_and_commit, pending, previous, name, tensors, capture_seconds
+            self._write_and_commit, pending, previous, name, tensors, capture_seconds, values
         )
         return pending
 
@@ -540,10 +590,17 @@ class CheckpointManager:
         name: str,
         tensors: dict[str, np.ndarray],
         capture_seconds: float,
+        metrics: dict[str, float] | None = None,
     ) -> None:
         error: BaseException | None = None
         try:
             started = time.perf_counter()
+            if metrics is not None:  # before the commit marker: a committed one has its metrics
+                data = encode_metrics(pending.step, metrics)
+                sidecar = metrics_path(self._path(name))
+                await anyio.to_thread.run_sync(
+                    lambda: self.storage.write_bytes(sidecar, data, durable=self.durable)
+                )
             if self.write_meta_graph:  # before the commit marker, as part of the checkpoint
                 await write_meta_file(
                     self.storage,
@@ -565,6 +622,8 @@ class CheckpointManager:
             recorded = getattr(self.format, "checkpoint_path", None)
             if recorded is not None:
                 name = posixpath.basename(recorded(self._path(name), written))
+            if metrics is not None:
+                self._metrics[name] = metrics
             wrote = time.perf_counter()
             nbytes = sum(a.nbytes for a in tensors.values() if a.dtype != object)
             del tensors
@@ -609,8 +668,9 @@ class CheckpointManager:
         manager or the next one) deletes them; they never become untracked leftovers, which
         would look like preserved checkpoints and stay forever.
         """
-        tracked = record_save(self._state.tracked, name, self.clock())
-        decision = apply_retention(tracked, self._state.last_preserved, self.policy)
+        now = self.clock()
+        tracked = record_save(self._state.tracked, name, now)
+        decision = self._decide(tracked, self._state.last_preserved, name, now).decision
         await self._write_tracking(_Tracking(tracked, self._state.last_preserved, name))
         if not decision.delete and not decision.preserve:
             return (), ()
@@ -688,6 +748,79 @@ class CheckpointManager:
                 raise CheckpointError(f"format listed {path} outside the directory")
             await anyio.to_thread.run_sync(self.storage.remove, path)
         await anyio.to_thread.run_sync(self.storage.remove, meta_path(prefix))  # after the data
+        await anyio.to_thread.run_sync(self.storage.remove, metrics_path(prefix))
+        self._metrics.pop(name, None)
+
+    def _decide(
+        self,
+        tracked: Sequence[Tracked],
+        last_preserved: float,
+        latest: str | None,
+        now: float | None = None,
+        *,
+        explain: bool = False,
+    ) -> Plan:
+        """What retention does to ``tracked`` (pure: :func:`anyckpt.retention.decide`)."""
+        candidates = [
+            Candidate(t.path, t.timestamp, self._step_of(t.path), self._metrics.get(t.path, {}))
+            for t in tracked
+        ]
+        if now is None:  # read the clock only for a policy that needs it (as TF's sweep)
+            needs = self.retention is not None and any(
+                isinstance(p, KeepFor) for p in self.retention.parts()
+            )
+            now = self.clock() if needs else 0.0
+        return decide(
+            candidates, last_preserved, self.retention, now=now, latest=latest, explain=explain
+        )
+
+    async def _load_metrics(self, names: Sequence[str]) -> None:
+        """Read the metrics sidecars of ``names`` not read yet (a missing one: no metrics)."""
+
+        def read(name: str) -> dict[str, float]:
+            path = metrics_path(self._path(name))
+            try:
+                data = self.storage.read_bytes(path, max_size=MAX_METRICS_SIZE)
+            except CheckpointNotFoundError:
+                return {}
+            try:
+                return decode_metrics(data)
+            except DecodeError as exc:
+                raise CorruptCheckpointError(str(exc), path=self.storage.url(path)) from None
+
+        for name in names:
+            if name not in self._metrics:
+                self._metrics[name] = await anyio.to_thread.run_sync(read, name)
+
+    async def metrics(self, step: int | None = None) -> dict[str, float]:
+        """The metrics recorded with the latest checkpoint (or that of ``step``); empty if
+        none were. Raises CorruptCheckpointError for an unreadable sidecar."""
+        if step is None:
+            if self._state.latest is None:
+                raise CheckpointNotFoundError(
+                    "no checkpoint has been committed", path=self.directory
+                )
+            name = self._state.latest
+        else:
+            name = f"{self.checkpoint_name}-{int(step)}"
+        await self._load_metrics([name])
+        return dict(self._metrics[name])
+
+    async def best_checkpoint(self, metric: str, mode: str = "min") -> str | None:
+        """The prefix of the tracked checkpoint (or the latest) with the best ``metric``
+        (lowest for ``mode="min"``, highest for ``"max"``; ties go to the newer), or None
+        if none recorded it. Saves in flight are waited for first."""
+        from .retention import BestN
+
+        policy = BestN(1, metric, mode)  # type: ignore[arg-type]  # checked by BestN
+        await self.wait()
+        names = [t.path for t in self._state.tracked]
+        if self._state.latest is not None and self._state.latest not in names:
+            names.append(self._state.latest)
+        await self._load_metrics(names)
+        candidates = [Candidate(n, 0.0, self._step_of(n), self._metrics[n]) for n in names]
+        best = policy.ranked(candidates)
+        return self._public(best[0].path) if best else None
 
     async def _format_of(self, prefix: str, *, missing_ok: bool = True) -> CheckpointFormat:
         """The format of the checkpoint at ``prefix``: this manager's own format first, so
@@ -719,7 +852,7 @@ class CheckpointManager:
             return await sweep(self, self.coordinator)
         async with self._commit_lock:
             state = self._state
-            decision = apply_retention(state.tracked, state.last_preserved, self.policy)
+            decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
             if not decision.delete and not decision.preserve:
                 return (), ()
             deleted = []
@@ -732,15 +865,38 @@ class CheckpointManager:
 
     # -- restoring ---------------------------------------------------------------------------
 
+    @overload
     async def restore(
         self,
         step: int | None = None,
         keys: Sequence[str] | Mapping[str, Index] | None = None,
         *,
         verify: bool = True,
-    ) -> dict[str, np.ndarray]:
+    ) -> dict[str, np.ndarray]: ...
+
+    @overload
+    async def restore(
+        self,
+        step: int | None = None,
+        keys: Sequence[str] | Mapping[str, Index] | None = None,
+        *,
+        verify: bool = True,
+        template: _T,
+    ) -> _T: ...
+
+    async def restore(
+        self,
+        step: int | None = None,
+        keys: Sequence[str] | Mapping[str, Index] | None = None,
+        *,
+        verify: bool = True,
+        template: Any = None,
+    ) -> Any:
         """Read the latest checkpoint (or the one of ``step``): a flat mapping of names to
-        arrays (nested state comes back under its flattened ``a/b/c`` names).
+        arrays (nested state comes back under its flattened ``a/b/c`` names). With
+        ``template`` (a fresh model's and optimizer's state, nested dicts, lists, tuples,
+        int keys...), the template's structure filled with the restored values, each leaf's
+        dtype and shape checked (:func:`anyckpt.tree.restore_into`).
 
         ``keys`` names the tensors to read (all when None). A mapping ``{name: index}`` reads
         only part of each (``index`` as for :meth:`CheckpointReader.read`, over the leading
@@ -749,6 +905,11 @@ class CheckpointManager:
 
         Saves still in flight are waited for first (and their errors raised), so a restore
         right after ``save()`` sees that save, as with TensorFlow's synchronous Saver."""
+        if template is not None:
+            from .tree import restore_into
+
+            flat = await self.restore(step, keys, verify=verify)
+            return restore_into(template, flat)
         await self.wait()
         if step is None:
             if self._state.latest is None:

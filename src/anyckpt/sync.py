@@ -200,10 +200,15 @@ class CheckpointManager:
         return self._manager.latest_step
 
     def save(
-        self, state: Mapping[Any, Any], step: int | None = None, *, copy: bool = True
+        self,
+        state: Mapping[Any, Any],
+        step: int | None = None,
+        *,
+        copy: bool = True,
+        metrics: Mapping[str, float] | None = None,
     ) -> PendingSave:
         """Capture ``state`` and return; the write goes on in the background."""
-        pending = self._call(self._manager.save, state, step, copy=copy)
+        pending = self._call(self._manager.save, state, step, copy=copy, metrics=metrics)
         assert self._portal is not None
         return PendingSave(pending, self._portal)
 
@@ -211,15 +216,27 @@ class CheckpointManager:
         """Block until every save so far is committed; raise the first unseen error."""
         self._call(self._manager.wait)
 
+    def metrics(self, step: int | None = None) -> dict[str, float]:
+        """Blocking :meth:`anyckpt.CheckpointManager.metrics`."""
+        return dict(self._call(self._manager.metrics, step))
+
+    def best_checkpoint(self, metric: str, mode: str = "min") -> str | None:
+        """Blocking :meth:`anyckpt.CheckpointManager.best_checkpoint`."""
+        best: str | None = self._call(self._manager.best_checkpoint, metric, mode)
+        return best
+
     def restore(
         self,
         step: int | None = None,
         keys: Sequence[str] | Mapping[str, Index] | None = None,
         *,
         verify: bool = True,
-    ) -> dict[str, np.ndarray]:
+        template: Any = None,
+    ) -> Any:
         """Blocking :meth:`anyckpt.CheckpointManager.restore` (``keys`` may map names to
-        the part of each to read)."""
+        the part of each to read; ``template`` gives the structure to fill)."""
+        if template is not None:
+            return self._call(self._manager.restore, step, keys, verify=verify, template=template)
         return dict(self._call(self._manager.restore, step, keys, verify=verify))
 
 

@@ -77,6 +77,7 @@ def listing_json(listing: Listing) -> dict[str, Any]:
                 "status": c.status,
                 "latest": c.latest,
                 "in_state_file": c.in_state_file,
+                "metrics": c.metrics,
             }
             for c in listing.checkpoints
         ],
@@ -195,6 +196,10 @@ def print_listing(ctx: Context, listing: Listing) -> None:
             ]
             for c in listing.checkpoints
         ]
+        if any(c.metrics for c in listing.checkpoints):  # one more column, only if recorded
+            rows[0].append("METRICS")
+            for row, c in zip(rows[1:], listing.checkpoints, strict=True):
+                row.append(format_metrics(c.metrics))
         ctx.echo(table(rows, right=(0, 3, 4), indent="  "))
         ctx.echo()
         for status in (TRACKED, PRESERVED, UNTRACKED, UNCOMMITTED):
@@ -209,6 +214,8 @@ def print_listing(ctx: Context, listing: Listing) -> None:
         ctx.echo(f"  missing: the state file names {name!r}, which is not on disk")
     for raw in listing.unsafe:
         ctx.echo(f"  refused: the state file names {raw!r}, outside this directory")
+    for problem in listing.problems:
+        ctx.echo(f"  unreadable: {problem}")
     if listing.orphans:
         ctx.echo()
         ctx.echo("left by an interrupted save (a manager opening this directory removes those")
@@ -221,6 +228,11 @@ def print_listing(ctx: Context, listing: Listing) -> None:
         more = f" and {len(listing.other) - 5} more" if len(listing.other) > 5 else ""
         ctx.echo()
         ctx.echo(f"other files: {names}{more}")
+
+
+def format_metrics(metrics: dict[str, float] | None) -> str:
+    """``loss=0.3 acc=0.9``, or ``-``."""
+    return " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items())) if metrics else "-"
 
 
 def _subdirectories(storage: Storage, root: str) -> list[str]:

@@ -5,6 +5,11 @@ recovered from the directory's state file (:func:`anyckpt.retention.recover`, as
 starting there would) and explains it. Without ``--dry-run`` a :class:`CheckpointManager`
 opens the directory (removing what interrupted saves left, as it always does) and runs its
 own :meth:`~anyckpt.CheckpointManager.sweep`, the code path of a save's commit.
+
+``--keep-best``, ``--every-n-steps``, ``--keep-for`` and ``--keep-steps`` add composable
+policies (:mod:`anyckpt.retention`) to TF's pair; with them, or with ``--explain``, each
+checkpoint's line says which policy keeps it, or why each one lets it go
+(:func:`anyckpt.retention.decide`).
 """
 
 from __future__ import annotations
@@ -12,11 +17,28 @@ from __future__ import annotations
 import argparse
 import posixpath
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
 
+from ..codecs.metrics import METRICS_SUFFIX
 from ..manager import STATE_FILE, CheckpointManager
-from ..retention import RetentionPolicy, apply_retention
+from ..retention import (
+    Any as AnyOf,
+)
+from ..retention import (
+    BestN,
+    Candidate,
+    EveryNHours,
+    EveryNSteps,
+    KeepFor,
+    LatestN,
+    Policy,
+    RetentionPolicy,
+    Steps,
+    apply_retention,
+    decide,
+)
 from ..storage import TEMP_MARKER
 from ._common import CliError, Context, ExitCode
 from ._output import format_bytes, format_time, print_json, table
@@ -54,6 +76,39 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help="the manager's checkpoint_name (default: taken from the latest checkpoint)",
     )
+    p.add_argument(
+        "--keep-best",
+        type=_best,
+        default=None,
+        metavar="N:METRIC[:max]",
+        help="also keep the N checkpoints with the lowest (or highest) recorded METRIC",
+    )
+    p.add_argument(
+        "--every-n-steps",
+        type=_positive_int,
+        default=None,
+        metavar="K",
+        help="also keep every checkpoint whose step is a multiple of K",
+    )
+    p.add_argument(
+        "--keep-for",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="also keep every checkpoint saved less than SECONDS ago",
+    )
+    p.add_argument(
+        "--keep-steps",
+        type=_steps,
+        default=None,
+        metavar="S,S,...",
+        help="also keep the checkpoints of these steps",
+    )
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="for each checkpoint, say which policy keeps it or why each lets it go",
+    )
     p.add_argument("--dry-run", "-n", action="store_true", help="change nothing; explain")
     p.set_defaults(run=run)
 
@@ -63,6 +118,77 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError("must be a positive integer")
     return value
+
+
+def _best(text: str) -> BestN:
+    parts = text.split(":")
+    if len(parts) not in (2, 3) or not parts[0].isdigit():
+        raise argparse.ArgumentTypeError("expected N:METRIC or N:METRIC:max")
+    try:
+        return BestN(int(parts[0]), parts[1], parts[2] if len(parts) == 3 else "min")  # type: ignore[arg-type]
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _steps(text: str) -> Steps:
+    try:
+        return Steps(int(s) for s in text.split(",") if s.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected steps like 100,200: {exc}") from None
+
+
+def build_policy(args: argparse.Namespace) -> Policy | None:
+    """The composed policy of the options, or None when they are TF's pair alone."""
+    extra: list[Policy] = []
+    if args.keep_best is not None:
+        extra.append(args.keep_best)
+    if args.every_n_steps is not None:
+        extra.append(EveryNSteps(args.every_n_steps))
+    if args.keep_for is not None:
+        extra.append(KeepFor(args.keep_for))
+    if args.keep_steps is not None:
+        extra.append(args.keep_steps)
+    if not extra and not args.explain:
+        return None
+    parts: list[Policy] = [LatestN(args.max_to_keep)]
+    if args.keep_every_n_hours:
+        parts.append(EveryNHours(args.keep_every_n_hours))
+    return AnyOf(*parts, *extra)
+
+
+def explain(listing: Listing, policy: Policy, now: float) -> tuple[list[Action], float | None]:
+    """What a sweep with the composed ``policy`` does to each checkpoint, with the reasons
+    :func:`anyckpt.retention.decide` gives (latest always kept)."""
+    if listing.recovered is None:
+        return plan(listing, RetentionPolicy(None))
+    by_name = {c.name: c for c in listing.checkpoints}
+    recovered = listing.recovered
+    candidates = []
+    for t in recovered.tracked:
+        info = by_name.get(t.path)
+        step = info.step if info is not None else None
+        metrics = (info.metrics or {}) if info is not None else {}
+        candidates.append(Candidate(t.path, t.timestamp, step, metrics))
+    result = decide(
+        candidates,
+        recovered.last_preserved_timestamp,
+        policy,
+        now=now,
+        latest=listing.latest,
+        explain=True,
+    )
+    d = result.decision
+    verbs = {t.path: "preserve" for t in d.preserve}
+    verbs.update({t.path: "delete" for t in d.delete})
+    actions: list[Action] = []
+    for c in candidates:  # oldest first
+        info = by_name.get(c.path)
+        size = info.size if info is not None else 0
+        actions.append(Action(c.path, verbs.get(c.path, "keep"), result.reasons[c.path], size))
+    untracked, _ = plan(listing, RetentionPolicy(None))
+    decided = {a.name for a in actions}
+    actions += [a for a in untracked if a.name not in decided]
+    return actions, d.last_preserved_timestamp
 
 
 @dataclass
@@ -128,7 +254,12 @@ def plan(listing: Listing, policy: RetentionPolicy) -> tuple[list[Action], float
 def debris(listing: Listing, checkpoint_name: str) -> list[tuple[str, str]]:
     """What a manager named ``checkpoint_name`` removes on opening the directory (the rules of
     ``CheckpointManager._clean_debris``), with reasons."""
-    ours = re.compile(re.escape(checkpoint_name) + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5})")
+    ours = re.compile(
+        re.escape(checkpoint_name)
+        + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|"
+        + re.escape(METRICS_SUFFIX)
+        + ")"
+    )
     found: list[tuple[str, str]] = []
     for orphan in listing.orphans:
         base = orphan.name.split(TEMP_MARKER, 1)[0]
@@ -153,6 +284,7 @@ def debris(listing: Listing, checkpoint_name: str) -> list[tuple[str, str]]:
 async def run(ctx: Context, args: argparse.Namespace) -> int:
     try:
         policy = RetentionPolicy(args.max_to_keep, args.keep_every_n_hours)
+        composed = build_policy(args)
     except ValueError as exc:
         raise CliError(str(exc), ExitCode.USAGE) from None
     storage, root = ctx.storage(args.directory)
@@ -164,18 +296,29 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             f"cannot prune: the state file names {listing.unsafe[0]!r}, outside {listing.url}"
         )
     name = args.checkpoint_name or listing.checkpoint_name or "ckpt"
-    actions, _ = plan(listing, policy)
+    if composed is None:
+        actions, _ = plan(listing, policy)
+    else:
+        actions, _ = explain(listing, composed, time.time())
     removed = debris(listing, name)
     deleted: list[str] = []
     preserved: list[str] = []
     if not args.dry_run:
-        manager = CheckpointManager(
-            args.directory,
-            max_to_keep=policy.max_to_keep,
-            keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
-            checkpoint_name=name,
-            storage_options=ctx.storage_options,
-        )
+        if composed is None:
+            manager = CheckpointManager(
+                args.directory,
+                max_to_keep=policy.max_to_keep,
+                keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
+                checkpoint_name=name,
+                storage_options=ctx.storage_options,
+            )
+        else:
+            manager = CheckpointManager(
+                args.directory,
+                checkpoint_name=name,
+                storage_options=ctx.storage_options,
+                retention=composed,
+            )
         async with manager:
             done, kept = await manager.sweep()
         deleted = [p.rsplit("/", 1)[-1] for p in done]
@@ -193,6 +336,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                     "max_to_keep": policy.max_to_keep,
                     "keep_checkpoint_every_n_hours": policy.keep_checkpoint_every_n_hours,
                     "checkpoint_name": name,
+                    "retention": None if composed is None else str(composed),
                 },
                 "actions": [
                     {"name": a.name, "action": a.action, "reason": a.reason, "size": a.size}
@@ -207,10 +351,13 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         return ExitCode.OK
 
     hours = policy.keep_checkpoint_every_n_hours
-    ctx.echo(
-        f"{listing.url}: max_to_keep={policy.max_to_keep}, "
-        f"keep_checkpoint_every_n_hours={'None' if hours is None else f'{hours:g}'}"
-    )
+    if composed is None:
+        ctx.echo(
+            f"{listing.url}: max_to_keep={policy.max_to_keep}, "
+            f"keep_checkpoint_every_n_hours={'None' if hours is None else f'{hours:g}'}"
+        )
+    else:
+        ctx.echo(f"{listing.url}: retention={composed} (the latest checkpoint is always kept)")
     if actions:
         rows = [
             [a.name, a.action.upper() if a.action != "keep" else "keep", a.reason] for a in actions

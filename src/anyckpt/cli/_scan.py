@@ -18,11 +18,14 @@ import re
 import time
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import partial
 from typing import Any
 
 import anyio
 import anyio.to_thread
 
+from ..codecs import DecodeError
+from ..codecs.metrics import MAX_METRICS_SIZE, METRICS_SUFFIX, decode_metrics, metrics_path
 from ..codecs.state_file import CheckpointState, relativize
 from ..errors import (
     CheckpointError,
@@ -71,6 +74,7 @@ class CheckpointInfo:
     status: str = UNTRACKED
     latest: bool = False
     in_state_file: bool = False
+    metrics: dict[str, float] | None = None  # from its sidecar (PREFIX.metrics.json), if any
 
     @property
     def size(self) -> int:
@@ -290,6 +294,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
 
     claimed: set[str] = set()
     checkpoints: list[CheckpointInfo] = []
+    problems: list[str] = []
     for name in candidates:
         fmt = formats.get(name)
         if fmt is None or isinstance(fmt, Exception) or name in claimed:
@@ -320,6 +325,20 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
                 time=max(mtimes) if mtimes else None,
             )
         )
+
+    for ckpt in checkpoints:  # the metrics sidecar is one of its checkpoint's files
+        sidecar = posixpath.basename(metrics_path(ckpt.name))
+        if sidecar in by_name and sidecar not in claimed:
+            claimed.add(sidecar)
+            ckpt.files.append(by_name[sidecar])
+            path = posixpath.join(root, sidecar)
+            try:
+                sidecar_bytes = await anyio.to_thread.run_sync(
+                    partial(storage.read_bytes, path, max_size=MAX_METRICS_SIZE)
+                )
+                ckpt.metrics = decode_metrics(sidecar_bytes)
+            except (DecodeError, CheckpointError) as exc:
+                problems.append(f"{sidecar}: {exc}")
 
     tracked = {t.path: t.timestamp for t in recovered.tracked} if recovered else {}
     in_state = set(listed)
@@ -382,6 +401,10 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
             orphans.append(Orphan(info.name, info.size, "temporary file of an interrupted write"))
         elif data and f"{data.group(1)}.index" not in by_name:
             orphans.append(Orphan(info.name, info.size, "data file without its index"))
+        elif info.name.endswith(METRICS_SUFFIX) and _STEP.fullmatch(
+            info.name[: -len(METRICS_SUFFIX)]
+        ):
+            orphans.append(Orphan(info.name, info.size, "metrics of a checkpoint not on disk"))
         else:
             other.append(info)
     uploads = await anyio.to_thread.run_sync(storage.list_uploads, root)
@@ -398,6 +421,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         orphans,
         other,
         latest,
+        problems,
         unreadable=unreadable,
         uploads=uploads,
         lock=lock,

@@ -542,10 +542,9 @@ async def sweep(
 async def _apply_retention(manager: CheckpointManager) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """What ``CheckpointManager.sweep`` does in one process (the caller holds the lock)."""
     from ..manager import _Tracking
-    from ..retention import apply_retention
 
     state = manager._state
-    decision = apply_retention(state.tracked, state.last_preserved, manager.policy)
+    decision = manager._decide(state.tracked, state.last_preserved, state.latest).decision
     if not decision.delete and not decision.preserve:
         return (), ()
     deleted = []
