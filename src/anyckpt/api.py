@@ -64,21 +64,31 @@ async def load(
     *,
     verify: bool = True,
     storage_options: dict[str, Any] | None = None,
+    allow_symlinks: bool = False,
 ) -> dict[str, np.ndarray]:
     """Read the tensors at ``prefix`` (all, or ``keys``); the format is detected.
 
     Checksums are verified unless ``verify=False``. String tensors come back as object arrays
-    of ``bytes``; bfloat16 as ``ml_dtypes.bfloat16``.
+    of ``bytes``; bfloat16 as ``ml_dtypes.bfloat16``. A file that is a symbolic link leaving
+    the checkpoint's directory raises :class:`~anyckpt.UnsafePathError` unless
+    ``allow_symlinks=True`` (docs/reliability.md).
     """
-    async with open(prefix, storage_options=storage_options) as reader:
+    async with open(
+        prefix, storage_options=storage_options, allow_symlinks=allow_symlinks
+    ) as reader:
         return await reader.read_many(keys, verify=verify)
 
 
 async def open_reader(
-    prefix: PathLike, *, format: str | None = None, storage_options: dict[str, Any] | None = None
+    prefix: PathLike,
+    *,
+    format: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    allow_symlinks: bool = False,
 ) -> CheckpointReader:
-    """Open the checkpoint at ``prefix``; close it with ``await reader.aclose()``."""
-    storage, path = Storage.from_url(prefix, storage_options)
+    """Open the checkpoint at ``prefix``; close it with ``await reader.aclose()``. Symbolic
+    links leaving the checkpoint's directory are refused unless ``allow_symlinks=True``."""
+    storage, path = Storage.from_url(prefix, storage_options, allow_symlinks=allow_symlinks)
     fmt = get_format(format) if format else await detect_format(storage, path)
     return await fmt.open(storage, path)
 
@@ -92,13 +102,14 @@ class open:
         *,
         format: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        allow_symlinks: bool = False,
     ) -> None:
-        self._args = (prefix, format, storage_options)
+        self._args = (prefix, format, storage_options, allow_symlinks)
         self._reader: CheckpointReader | None = None
 
     async def _open(self) -> CheckpointReader:
-        prefix, fmt, options = self._args
-        return await open_reader(prefix, format=fmt, storage_options=options)
+        prefix, fmt, options, links = self._args
+        return await open_reader(prefix, format=fmt, storage_options=options, allow_symlinks=links)
 
     def __await__(self) -> Generator[Any, None, CheckpointReader]:
         return self._open().__await__()

@@ -163,6 +163,8 @@ class CheckpointManager:
         coordinator: save from several processes (:mod:`anyckpt.distributed`): every rank
             writes its own shards, rank 0 merges the index, commits and applies retention;
             see docs/distributed.md. Every rank makes the same calls in the same order.
+        allow_symlinks: read checkpoint files that are symbolic links leaving the directory
+            (``restore``); refused with UnsafePathError by default (docs/reliability.md).
     """
 
     def __init__(
@@ -183,6 +185,7 @@ class CheckpointManager:
         lease_seconds: float = 60.0,
         write_meta_graph: bool = False,
         coordinator: Coordinator | None = None,
+        allow_symlinks: bool = False,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -208,7 +211,9 @@ class CheckpointManager:
             from .distributed.save import check_manager
 
             check_manager(self)
-        self.storage, self._root = Storage.from_url(self.directory, storage_options)
+        self.storage, self._root = Storage.from_url(
+            self.directory, storage_options, allow_symlinks=allow_symlinks
+        )
         if not lease_seconds > 0:
             raise ValueError("lease_seconds must be positive")
         self.lease_seconds = float(lease_seconds)
@@ -255,6 +260,9 @@ class CheckpointManager:
         await anyio.to_thread.run_sync(lock.acquire)
         self._lock = lock
         await self._load_state()
+        # The state file is replaced by a rename: a link or anything else planted at its name
+        # is refused now, before anything is written.
+        await anyio.to_thread.run_sync(self.storage.check_replaceable, self._path(STATE_FILE))
         await self._clean_debris()
 
     async def _release_lock(self) -> None:

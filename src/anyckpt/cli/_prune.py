@@ -168,6 +168,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
             checkpoint_name=name,
             storage_options=ctx.storage_options,
+            allow_symlinks=ctx.allow_symlinks,
         )
         async with manager:
             done, kept = await manager.sweep()
