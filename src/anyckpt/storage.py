@@ -609,7 +609,12 @@ def _open_for_reading(path: str, allow_symlinks: bool) -> int:
                     f"{home} (pass allow_symlinks=True to follow it)",
                     path=path,
                 ) from None
-            fd = os.open(target, os.O_RDONLY | _SAFE_OPEN)
+            try:
+                fd = os.open(target, os.O_RDONLY | _SAFE_OPEN)
+            except OSError as again:
+                if again.errno == errno.ELOOP:
+                    raise UnsafePathError("a loop of symbolic links", path=path) from None
+                raise
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
@@ -719,6 +724,8 @@ def _not_found_as_ours(path: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise CheckpointNotFoundError("no such file", path=path) from None
+    except NotADirectoryError:  # a file where a directory of the path should be
+        raise CheckpointNotFoundError("no such file (a file is in its path)", path=path) from None
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             raise CheckpointNotFoundError("no such file", path=path) from None
@@ -886,7 +893,7 @@ class Storage:
         if self.is_local:
             try:
                 return sorted(os.listdir(path))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return []
         return self._retrying(lambda: self._listdir(path), f"listing {self.url(path)}")
 
