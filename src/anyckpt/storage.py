@@ -741,6 +741,7 @@ class Storage:
         self.is_local = isinstance(fs, LocalFileSystem)
         #: How whole-object operations are retried (remote filesystems only).
         self.retry: RetryPolicy = DEFAULT_RETRY
+        self._snapshots: dict[str, list[str]] = {}  # see listing_snapshot()
         #: Local disk: read files that are symbolic links leaving their directory (refused
         #: with UnsafePathError by default; links inside the directory are always read).
         self.allow_symlinks = allow_symlinks
@@ -887,6 +888,30 @@ class Storage:
         if self.is_local:
             return os.path.exists(path)
         return self._retrying(lambda: bool(self.fs.exists(path)), f"looking for {self.url(path)}")
+
+    @contextmanager
+    def listing_snapshot(self, path: str, names: Sequence[str]) -> Iterator[None]:
+        """While in this block, :meth:`listdir_prefixed` of directory ``path`` answers from
+        ``names`` (a listing the caller just made) instead of listing again. For read-only
+        passes over a whole directory (``anyckpt ls``, ``verify DIR``, ``prune``), where
+        asking about each of n checkpoints would otherwise list the directory n times."""
+        self._snapshots[path] = sorted(names)
+        try:
+            yield
+        finally:
+            self._snapshots.pop(path, None)
+
+    def listdir_prefixed(self, path: str, prefix: str) -> list[str]:
+        """The names in directory ``path`` that start with ``prefix``, sorted (see
+        :meth:`listing_snapshot`)."""
+        names = self._snapshots.get(path)
+        if names is None:
+            return [n for n in self.listdir(path) if n.startswith(prefix)]
+        start = bisect.bisect_left(names, prefix)
+        stop = start
+        while stop < len(names) and names[stop].startswith(prefix):
+            stop += 1
+        return names[start:stop]
 
     def listdir(self, path: str) -> list[str]:
         """Names (not paths) of the files directly in a directory; [] if it does not exist."""

@@ -187,7 +187,7 @@ class V2Format:
         except (CheckpointNotFoundError, CorruptCheckpointError, UnsafePathError):
             directory, base = posixpath.split(prefix)
             pattern = re.compile(re.escape(base) + r"\.data-\d{5}-of-\d{5}")
-            names = await anyio.to_thread.run_sync(storage.listdir, directory)
+            names = await anyio.to_thread.run_sync(storage.listdir_prefixed, directory, f"{base}.")
             found = [posixpath.join(directory, n) for n in names if pattern.fullmatch(n)]
             if f"{base}.index" in names:  # (listed: a dangling link too)
                 found.append(index_path(prefix))
