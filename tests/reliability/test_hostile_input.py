@@ -5,7 +5,9 @@ are damaged at random (bytes flipped, overwritten, inserted, deleted; files trun
 or replaced) and read through the public API (open, keys, specs, read_many, partial reads).
 Every input must give the library's own error (a CheckpointError), quickly, without allocating
 far beyond the size of the files, and without a read outside a file (every ``preadv`` anyckpt
-issues on local disk is checked against the file's size).
+issues on local disk is checked against the file's size); or, if it still reads, exactly the
+values saved (safetensors, which has no checksums, at least the saved names, dtypes and
+shapes).
 
 The parsers underneath are fuzzed directly on arbitrary bytes too (V1 metadata, slices, blocks
 and footers; the bundle header; the plugins' headers and footers): each raises only its own
