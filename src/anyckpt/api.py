@@ -7,6 +7,7 @@ import os
 import posixpath
 import re
 from collections.abc import Generator, Mapping, Sequence
+from functools import partial
 from types import TracebackType
 from typing import Any, Literal, overload
 
@@ -27,11 +28,13 @@ PathLike = str | os.PathLike[str]
 
 
 async def open_storage(
-    url: PathLike, storage_options: dict[str, Any] | None = None
+    url: PathLike, storage_options: dict[str, Any] | None = None, *, allow_symlinks: bool = False
 ) -> tuple[Storage, str]:
     """:meth:`Storage.from_url` in a worker thread: the first use of a protocol imports its
     filesystem (s3fs and aiobotocore: ~0.2 s), which must not stall the event loop."""
-    return await anyio.to_thread.run_sync(Storage.from_url, url, storage_options)
+    return await anyio.to_thread.run_sync(
+        partial(Storage.from_url, url, storage_options, allow_symlinks=allow_symlinks)
+    )
 
 
 async def save(
@@ -106,6 +109,7 @@ async def load(
     verify: bool = True,
     storage_options: dict[str, Any] | None = None,
     layout: Literal["flat"] = "flat",
+    allow_symlinks: bool = False,
 ) -> dict[str, np.ndarray]: ...
 
 
@@ -117,6 +121,7 @@ async def load(
     verify: bool = True,
     storage_options: dict[str, Any] | None = None,
     layout: Literal["tree"],
+    allow_symlinks: bool = False,
 ) -> ObjectTree: ...
 
 
@@ -127,12 +132,15 @@ async def load(
     verify: bool = True,
     storage_options: dict[str, Any] | None = None,
     layout: Literal["flat", "tree"] = "flat",
+    allow_symlinks: bool = False,
 ) -> dict[str, np.ndarray] | ObjectTree:
     """Read the tensors at ``prefix`` (all, or ``keys``); the format is detected.
 
     Checksums are verified unless ``verify=False``. String tensors come back as object arrays
     of ``bytes``; bfloat16 as ``ml_dtypes.bfloat16``. ``layout="tree"`` reads a TF2
-    object-based checkpoint along its object graph (`anyckpt.tf2.read_tree`; no ``keys``).
+    object-based checkpoint along its object graph (`anyckpt.tf2.read_tree`; no ``keys``). A
+    file that is a symbolic link leaving the checkpoint's directory raises
+    :class:`~anyckpt.UnsafePathError` unless ``allow_symlinks=True`` (docs/reliability.md).
     """
     if layout == "tree":
         if keys is not None:
@@ -142,16 +150,23 @@ async def load(
         return await read_tree(prefix, verify=verify, storage_options=storage_options)
     if layout != "flat":
         raise ValueError(f"layout must be 'flat' or 'tree', not {layout!r}")
-    async with open(prefix, storage_options=storage_options) as reader:
+    async with open(
+        prefix, storage_options=storage_options, allow_symlinks=allow_symlinks
+    ) as reader:
         return await reader.read_many(keys, verify=verify)
 
 
 async def open_reader(
-    prefix: PathLike, *, format: str | None = None, storage_options: dict[str, Any] | None = None
+    prefix: PathLike,
+    *,
+    format: str | None = None,
+    storage_options: dict[str, Any] | None = None,
+    allow_symlinks: bool = False,
 ) -> CheckpointReader:
     """Open the checkpoint at ``prefix`` (or the one whose file ``prefix`` names, e.g.
-    ``DIR/ckpt-5.index``); close it with ``await reader.aclose()``."""
-    storage, path = await open_storage(prefix, storage_options)
+    ``DIR/ckpt-5.index``); close it with ``await reader.aclose()``. Symbolic links leaving the
+    checkpoint's directory are refused unless ``allow_symlinks=True``."""
+    storage, path = await open_storage(prefix, storage_options, allow_symlinks=allow_symlinks)
     if format:
         return await get_format(format).open(storage, path)
     path, fmt = await locate_checkpoint(storage, path)
@@ -167,13 +182,14 @@ class open:
         *,
         format: str | None = None,
         storage_options: dict[str, Any] | None = None,
+        allow_symlinks: bool = False,
     ) -> None:
-        self._args = (prefix, format, storage_options)
+        self._args = (prefix, format, storage_options, allow_symlinks)
         self._reader: CheckpointReader | None = None
 
     async def _open(self) -> CheckpointReader:
-        prefix, fmt, options = self._args
-        return await open_reader(prefix, format=fmt, storage_options=options)
+        prefix, fmt, options, links = self._args
+        return await open_reader(prefix, format=fmt, storage_options=options, allow_symlinks=links)
 
     def __await__(self) -> Generator[Any, None, CheckpointReader]:
         return self._open().__await__()

@@ -21,6 +21,7 @@ second writer gets :class:`~anyckpt.ConcurrentWriterError` instead of deleting c
 
 from __future__ import annotations
 
+import bisect
 import numbers
 import posixpath
 import re
@@ -197,6 +198,8 @@ class CheckpointManager:
             ``_CHECKPOINTABLE_OBJECT_GRAPH`` (and a ``save_counter`` of the step unless the
             tree has one), for ``tf.train.Checkpoint`` / ``tf.train.CheckpointManager``;
             see docs/tensorflow.md. Not with a ``coordinator``.
+        allow_symlinks: read checkpoint files that are symbolic links leaving the directory
+            (``restore``); refused with UnsafePathError by default (docs/reliability.md).
     """
 
     def __init__(
@@ -219,6 +222,7 @@ class CheckpointManager:
         coordinator: Coordinator | None = None,
         object_graph: bool = False,
         retention: Policy | None = None,
+        allow_symlinks: bool = False,
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -268,6 +272,7 @@ class CheckpointManager:
         self._storage: Storage | None = None
         self._root_path = ""
         self._storage_options = storage_options
+        self._allow_symlinks = allow_symlinks
         if not lease_seconds > 0:
             raise ValueError("lease_seconds must be positive")
         self.lease_seconds = float(lease_seconds)
@@ -293,7 +298,7 @@ class CheckpointManager:
     def storage(self) -> Storage:
         """The directory's storage (opened on entering the manager, or here on first use)."""
         if self._storage is None:
-            self._set_storage(Storage.from_url(self.directory, self._storage_options))
+            self._set_storage(self._open_storage())
         assert self._storage is not None
         return self._storage
 
@@ -301,6 +306,11 @@ class CheckpointManager:
     def _root(self) -> str:
         self.storage  # noqa: B018 (opens it)
         return self._root_path
+
+    def _open_storage(self) -> tuple[Storage, str]:
+        return Storage.from_url(
+            self.directory, self._storage_options, allow_symlinks=self._allow_symlinks
+        )
 
     def _set_storage(self, opened: tuple[Storage, str]) -> None:
         if self._storage is None:
@@ -312,10 +322,7 @@ class CheckpointManager:
         self._entered = True
         try:
             if self._storage is None:
-                opened = await anyio.to_thread.run_sync(
-                    Storage.from_url, self.directory, self._storage_options
-                )
-                self._set_storage(opened)
+                self._set_storage(await anyio.to_thread.run_sync(self._open_storage))
             if self.coordinator is None:
                 await self._open_directory()
             else:
@@ -337,6 +344,9 @@ class CheckpointManager:
         await anyio.to_thread.run_sync(lock.acquire)
         self._lock = lock
         await self._load_state()
+        # The state file is replaced by a rename: a link or anything else planted at its name
+        # is refused now, before anything is written.
+        await anyio.to_thread.run_sync(self.storage.check_replaceable, self._path(STATE_FILE))
         await self._clean_debris()
         if self.retention is not None and self.retention.metric_names:
             await self._load_metrics([t.path for t in self._state.tracked])
@@ -443,6 +453,7 @@ class CheckpointManager:
         latest committed one (written, but never recorded in the state file)."""
         names = await anyio.to_thread.run_sync(self.storage.listdir, self._root)
         latest_step = self._step_of(self._state.latest) if self._state.latest else None
+        tracked_paths = {t.path for t in self._state.tracked}  # one lookup per file, not a scan
         ours = re.compile(
             re.escape(self.checkpoint_name)
             + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta|"
@@ -471,7 +482,7 @@ class CheckpointManager:
             prefix = f"{self.checkpoint_name}-{step}"
             if self._state.latest == prefix:
                 continue
-            tracked = any(t.path == prefix for t in self._state.tracked)
+            tracked = prefix in tracked_paths
             # Newer than the latest commit: written but never recorded. Without a state file
             # we cannot tell, so only files without their index (never complete) go: those
             # of an interrupted save, or of a tracked checkpoint whose deletion was
@@ -674,10 +685,7 @@ class CheckpointManager:
         await self._write_tracking(_Tracking(tracked, self._state.last_preserved, name))
         if not decision.delete and not decision.preserve:
             return (), ()
-        deleted = []
-        for ckpt in decision.delete:
-            await self._delete_checkpoint(ckpt.path)
-            deleted.append(self._public(ckpt.path))
+        deleted = await self._delete_checkpoints([c.path for c in decision.delete])
         await self._write_tracking(
             _Tracking(list(decision.keep), decision.last_preserved_timestamp, name)
         )
@@ -738,6 +746,21 @@ class CheckpointManager:
                 await self._delete_checkpoint(name)
             except Exception:
                 pass
+
+    async def _delete_checkpoints(self, names: list[str]) -> list[str]:
+        """Delete checkpoints retention dropped, oldest first; return their public prefixes.
+
+        One is deleted as it is found. Several (the first sweep of a long state file, a
+        lower ``max_to_keep``) are checked against one listing of the directory first: one
+        with no file on disk costs a lookup in that listing, not a format detection (which
+        may list the directory again), so the sweep stays linear in the directory's size."""
+        on_disk = None
+        if len(names) > 1:
+            on_disk = NameIndex(await anyio.to_thread.run_sync(self.storage.listdir, self._root))
+        for name in names:
+            if on_disk is None or on_disk.may_hold(name):
+                await self._delete_checkpoint(name)
+        return [self._public(name) for name in names]
 
     async def _delete_checkpoint(self, name: str) -> None:
         prefix = self._path(name)
@@ -855,10 +878,7 @@ class CheckpointManager:
             decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
             if not decision.delete and not decision.preserve:
                 return (), ()
-            deleted = []
-            for ckpt in decision.delete:
-                await self._delete_checkpoint(ckpt.path)
-                deleted.append(self._public(ckpt.path))
+            deleted = await self._delete_checkpoints([c.path for c in decision.delete])
             keep, stamp = list(decision.keep), decision.last_preserved_timestamp
             await self._write_tracking(_Tracking(keep, stamp, state.latest))
             return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
@@ -935,6 +955,25 @@ class CheckpointManager:
             return {key: out[key] for key in keys}
         finally:
             await reader.aclose()
+
+
+class NameIndex:
+    """The names in a directory, sorted, to ask in O(log n) whether a file may belong to a
+    checkpoint: one named as its prefix, or starting with it and a ``.`` or ``-``
+    (``ckpt-5.index``, ``ckpt-5-00000-of-00002``, ``ckpt-5.zst``, ``ckpt-5.meta``...)."""
+
+    def __init__(self, names: Sequence[str]) -> None:
+        self._names = sorted(names)
+
+    def _starts(self, text: str) -> bool:
+        i = bisect.bisect_left(self._names, text)
+        return i < len(self._names) and self._names[i].startswith(text)
+
+    def may_hold(self, prefix: str) -> bool:
+        stem = prefix.split("-?", 1)[0]  # a V1 pattern: ``ckpt-5-?????-of-00002``
+        i = bisect.bisect_left(self._names, stem)
+        exact = i < len(self._names) and self._names[i] == stem
+        return exact or self._starts(stem + ".") or self._starts(stem + "-")
 
 
 #: Arrays smaller than this are copied on the calling thread: for them a copy is mostly

@@ -40,6 +40,7 @@ import os
 import posixpath
 import random
 import secrets
+import stat
 import sys
 import threading
 import time
@@ -60,6 +61,7 @@ from .errors import (
     CorruptCheckpointError,
     RemoteUnavailableError,
     StorageAccessError,
+    UnsafePathError,
 )
 
 if sys.platform != "win32":
@@ -230,14 +232,65 @@ def _views_for(ranges: Sequence[tuple[int, int]]) -> list[memoryview]:
     return views
 
 
+#: Flags of every local open: never follow a symbolic link at the last component, never
+#: block on a FIFO planted under a checkpoint's name, and close on exec.
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+_SAFE_OPEN = _NOFOLLOW | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+
+
+def check_replaceable(path: str) -> None:
+    """Refuse (:class:`~anyckpt.errors.UnsafePathError`) to replace local ``path`` by a
+    rename if something other than a regular file is planted there: a symbolic link
+    (dangling, to a device, anywhere), a directory, a FIFO, a socket or a device. A missing
+    file is fine. (A hard link is fine too: a rename replaces this name only, and the other
+    names keep the old contents.)"""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(
+            f"refusing to write: the name is taken by {_kind(st.st_mode)}, not a regular file",
+            path=path,
+        )
+
+
+def _kind(mode: int) -> str:
+    """What a file of ``mode`` is, in words."""
+    if stat.S_ISLNK(mode):
+        return "a symbolic link"
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISFIFO(mode):
+        return "a FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "a special file"
+
+
+#: Random temporary names a writer tries before giving up (each taken already: planted).
+_TEMP_NAME_TRIES = 8
+
+
 class _LocalWriter:
     def __init__(self, path: str, durable: bool) -> None:
         self.path = path
         self._durable = durable
-        self._tmp = f"{path}{TEMP_MARKER}{secrets.token_hex(4)}"
-        self._fd: int | None = os.open(
-            self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o644
-        )
+        check_replaceable(path)
+        # A random name, created exclusively and never through a link (O_EXCL never follows
+        # one): a link or file planted at a temporary name cannot redirect the write; the
+        # writer takes another name instead.
+        for attempt in range(_TEMP_NAME_TRIES):
+            self._tmp = f"{path}{TEMP_MARKER}{secrets.token_hex(8)}"
+            try:
+                fd = os.open(self._tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _SAFE_OPEN, 0o644)
+                break
+            except FileExistsError:
+                if attempt == _TEMP_NAME_TRIES - 1:
+                    raise
+        self._fd: int | None = fd
         self._end = 0  # bytes written
         self._sent = 0  # bytes whose writeback was started
 
@@ -301,6 +354,7 @@ class _LocalWriter:
                 os.fsync(fd)
         finally:
             os.close(fd)
+        check_replaceable(self.path)  # (planted while we wrote)
         os.replace(self._tmp, self.path)
 
     def abort(self) -> None:
@@ -601,10 +655,46 @@ class _S3Writer:
             raise error from exc
 
 
+def _open_for_reading(path: str, allow_symlinks: bool) -> int:
+    """Open local ``path`` to read it: a regular file, or a symbolic link whose target stays
+    inside the file's directory (any link with ``allow_symlinks``). A link leaving the
+    directory raises UnsafePathError; a directory, FIFO or device CorruptCheckpointError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | _SAFE_OPEN)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP or not _NOFOLLOW:
+            raise
+        if allow_symlinks:
+            fd = os.open(path, os.O_RDONLY | (_SAFE_OPEN & ~_NOFOLLOW))
+        else:
+            target = os.path.realpath(path)
+            home = os.path.realpath(os.path.dirname(path) or ".")
+            if os.path.commonpath([home, target]) != home:
+                raise UnsafePathError(
+                    f"a symbolic link to {target}, outside the checkpoint's directory "
+                    f"{home} (pass allow_symlinks=True to follow it)",
+                    path=path,
+                ) from None
+            try:
+                fd = os.open(target, os.O_RDONLY | _SAFE_OPEN)
+            except OSError as again:
+                if again.errno == errno.ELOOP:
+                    raise UnsafePathError("a loop of symbolic links", path=path) from None
+                raise
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise CorruptCheckpointError(f"{_kind(mode)}, not a regular file", path=path)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 class _LocalReader:
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, allow_symlinks: bool = False) -> None:
         self.path = path
-        self._fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self._fd = _open_for_reading(path, allow_symlinks)
         self.size = os.fstat(self._fd).st_size
 
     def read(self, offset: int, length: int) -> bytes:
@@ -751,6 +841,8 @@ def _not_found_as_ours(path: str) -> Iterator[None]:
         yield
     except FileNotFoundError:
         raise CheckpointNotFoundError("no such file", path=path) from None
+    except NotADirectoryError:  # a file where a directory of the path should be
+        raise CheckpointNotFoundError("no such file (a file is in its path)", path=path) from None
     except OSError as exc:
         if exc.errno == errno.ENOENT:
             raise CheckpointNotFoundError("no such file", path=path) from None
@@ -761,7 +853,7 @@ class Storage:
     """A filesystem and the operations anyckpt needs from it. Paths are the filesystem's own
     (no protocol); :meth:`url` turns one back into a URL for messages."""
 
-    def __init__(self, fs: Any) -> None:
+    def __init__(self, fs: Any, *, allow_symlinks: bool = False) -> None:
         self.fs = fs
         self.is_local = isinstance(fs, LocalFileSystem)
         if type(fs).__module__.split(".")[0] == "gcsfs":
@@ -770,15 +862,23 @@ class Storage:
             _s3fs_fails_fast(fs)
         #: How whole-object operations are retried (remote filesystems only).
         self.retry: RetryPolicy = DEFAULT_RETRY
+        self._snapshots: dict[str, list[str]] = {}  # see listing_snapshot()
+        #: Local disk: read files that are symbolic links leaving their directory (refused
+        #: with UnsafePathError by default; links inside the directory are always read).
+        self.allow_symlinks = allow_symlinks
 
     @classmethod
     def from_url(
-        cls, url: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+        cls,
+        url: str | os.PathLike[str],
+        storage_options: dict[str, Any] | None = None,
+        *,
+        allow_symlinks: bool = False,
     ) -> tuple[Storage, str]:
         """The storage for a local path or fsspec URL, and the path within it."""
         with remote_errors_as_ours(f"opening {os.fspath(url)}"):
             fs, path = fsspec.core.url_to_fs(os.fspath(url), **(storage_options or {}))
-        storage = cls(fs)
+        storage = cls(fs, allow_symlinks=allow_symlinks)
         if storage.is_local:
             path = os.path.abspath(path)
         return storage, path.rstrip("/") or "/"
@@ -833,14 +933,28 @@ class Storage:
         finally:
             os.close(fd)
 
+    def check_replaceable(self, path: str) -> None:
+        """Local disk: refuse (UnsafePathError) a link, directory or other special file planted
+        under a name anyckpt replaces (see :func:`check_replaceable`). Object stores have
+        none of those: nothing to check."""
+        if self.is_local:
+            check_replaceable(path)
+
     def remove(self, path: str) -> bool:
-        """Delete one file; return False if it was already gone."""
+        """Delete one file (a symbolic link itself, never its target); return False if it was
+        already gone."""
         return self._retrying(lambda: self._remove(path), f"removing {self.url(path)}")
 
     def _remove(self, path: str) -> bool:
         try:
             if self.is_local:
-                os.unlink(path)
+                try:
+                    os.unlink(path)  # a link itself, never what it points to
+                except IsADirectoryError:
+                    raise UnsafePathError(
+                        "a directory where a checkpoint file belongs: not removing it",
+                        path=path,
+                    ) from None
             elif _is_object_store(self.fs) and not self.fs.exists(path):
                 return False  # deleting a missing object succeeds on S3: ask first
             else:
@@ -853,7 +967,7 @@ class Storage:
     def open_reader(self, path: str) -> FileReader:
         with _not_found_as_ours(self.url(path)):
             if self.is_local:
-                return _LocalReader(path)
+                return _LocalReader(path, self.allow_symlinks)
             return _FsspecReader(self.fs, path, self.retry)
 
     def read_bytes(self, path: str, *, max_size: int | None = None) -> bytes:
@@ -897,12 +1011,36 @@ class Storage:
             return os.path.exists(path)
         return self._retrying(lambda: bool(self.fs.exists(path)), f"looking for {self.url(path)}")
 
+    @contextmanager
+    def listing_snapshot(self, path: str, names: Sequence[str]) -> Iterator[None]:
+        """While in this block, :meth:`listdir_prefixed` of directory ``path`` answers from
+        ``names`` (a listing the caller just made) instead of listing again. For read-only
+        passes over a whole directory (``anyckpt ls``, ``verify DIR``, ``prune``), where
+        asking about each of n checkpoints would otherwise list the directory n times."""
+        self._snapshots[path] = sorted(names)
+        try:
+            yield
+        finally:
+            self._snapshots.pop(path, None)
+
+    def listdir_prefixed(self, path: str, prefix: str) -> list[str]:
+        """The names in directory ``path`` that start with ``prefix``, sorted (see
+        :meth:`listing_snapshot`)."""
+        names = self._snapshots.get(path)
+        if names is None:
+            return [n for n in self.listdir(path) if n.startswith(prefix)]
+        start = bisect.bisect_left(names, prefix)
+        stop = start
+        while stop < len(names) and names[stop].startswith(prefix):
+            stop += 1
+        return names[start:stop]
+
     def listdir(self, path: str) -> list[str]:
         """Names (not paths) of the files directly in a directory; [] if it does not exist."""
         if self.is_local:
             try:
                 return sorted(os.listdir(path))
-            except FileNotFoundError:
+            except (FileNotFoundError, NotADirectoryError):
                 return []
         return self._retrying(lambda: self._listdir(path), f"listing {self.url(path)}")
 
@@ -1592,7 +1730,7 @@ class LocalLock:
             raise OSError(errno.ENOSYS, "flock is not available on this platform")
         self.path = path
         while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o644)
+            fd = self._open(path)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 current = self._is_current(fd)
@@ -1610,12 +1748,45 @@ class LocalLock:
         self._close = weakref.finalize(self, os.close, fd)
 
     @staticmethod
+    def _open(path: str) -> int:
+        """Open (create) the lock file, written in place: never through a symbolic link
+        (O_NOFOLLOW; dangling ones included), and only a regular file with one link, so that
+        nothing outside the directory is ever truncated or written. Anything else planted
+        there raises UnsafePathError, and nothing is changed."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | _SAFE_OPEN, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                with suppress(OSError):
+                    what = _kind(os.lstat(path).st_mode)
+                    raise UnsafePathError(
+                        f"refusing to use this lock file: it is {what}", path=path
+                    ) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePathError(
+                    f"refusing to use this lock file: it is {_kind(st.st_mode)}", path=path
+                )
+            if st.st_nlink > 1:
+                raise UnsafePathError(
+                    f"refusing to use this lock file: it has {st.st_nlink} hard links (another "
+                    "name, maybe outside the directory, shares its contents)",
+                    path=path,
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
     def available() -> bool:
         return fcntl is not None
 
     def _is_current(self, fd: int) -> bool:
         try:
-            now = os.stat(self.path)
+            now = os.lstat(self.path)
         except FileNotFoundError:
             return False
         mine = os.fstat(fd)

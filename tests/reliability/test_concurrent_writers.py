@@ -248,16 +248,53 @@ async def test_second_process_fails_while_the_first_holds(shared: Place) -> None
         assert_values(await manager.restore(), step)
 
 
-async def test_many_processes_race_exactly_one_wins(tmp_path: Path) -> None:
+def _race(tmp_path: Path, contenders: int, **config: Any) -> list[dict[str, Any]]:
+    """Start ``contenders`` processes that open one directory at the same moment (each waits
+    for a start file); the winner holds it until every other has answered. Their answers, in
+    process order."""
     place = Place("local", str(tmp_path / "ckpt"), None)
-    procs = [_spawn(place, "try") for _ in range(6)]
-    outs = [json.loads(p.communicate(timeout=120)[0].strip().splitlines()[-1]) for p in procs]
-    # A "try" closes at once, so later ones may open after earlier ones closed; but two
-    # holders at a time never: every refusal names a holder, and the openers saved nothing.
-    assert any(o["opened"] for o in outs)
-    for out in outs:
-        if not out["opened"]:
-            assert "is locked by process" in out["message"]
+    go = tmp_path / "go"
+    procs = [_spawn(place, "race", go=str(go), **config) for _ in range(contenders)]
+    try:
+        go.touch()
+        answers: list[dict[str, Any]] = []
+        for proc in procs:
+            assert proc.stdout is not None
+            answers.append(json.loads(proc.stdout.readline()))
+    finally:
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.communicate(timeout=120)  # closes stdin: a holder lets go
+    for proc in procs:
+        assert proc.returncode == 0
+    return answers
+
+
+def _exactly_one_wins(answers: list[dict[str, Any]]) -> None:
+    winners = [a for a in answers if a["opened"]]
+    assert len(winners) == 1, answers
+    winner = winners[0]
+    for answer in answers:
+        if answer is winner:
+            continue
+        assert answer["error"] == "ConcurrentWriterError", answer
+        assert f"is locked by process {winner['pid']} on {winner['host']} " in answer["message"]
+
+
+async def test_many_processes_race_exactly_one_wins(tmp_path: Path) -> None:
+    """Six processes open one directory at once, and the winner holds it until all have
+    answered: exactly one opens, the other five are refused naming it (pid and host)."""
+    answers = await anyio.to_thread.run_sync(lambda: _race(tmp_path, 6))
+    _exactly_one_wins(answers)
+
+
+async def test_the_race_test_fails_without_the_lock(tmp_path: Path) -> None:
+    """The negative control: with the lock skipped in every process (a test-only switch of
+    writer_process.py), more than one opens and the check above fails."""
+    answers = await anyio.to_thread.run_sync(lambda: _race(tmp_path, 6, unlocked=True))
+    assert sum(a["opened"] for a in answers) > 1, answers
+    with pytest.raises(AssertionError):
+        _exactly_one_wins(answers)
 
 
 def test_contender_waits_for_a_new_holder_to_name_itself(tmp_path: Path) -> None:

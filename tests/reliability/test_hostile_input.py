@@ -5,7 +5,9 @@ are damaged at random (bytes flipped, overwritten, inserted, deleted; files trun
 or replaced) and read through the public API (open, keys, specs, read_many, partial reads).
 Every input must give the library's own error (a CheckpointError), quickly, without allocating
 far beyond the size of the files, and without a read outside a file (every ``preadv`` anyckpt
-issues on local disk is checked against the file's size).
+issues on local disk is checked against the file's size); or, if it still reads, exactly the
+values saved (safetensors, which has no checksums, at least the saved names, dtypes and
+shapes).
 
 The parsers underneath are fuzzed directly on arbitrary bytes too (V1 metadata, slices, blocks
 and footers; the bundle header; the plugins' headers and footers): each raises only its own
@@ -81,7 +83,7 @@ def _tensors(strings: bool) -> dict[str, Any]:
     return out
 
 
-_SEEDS: dict[str, tuple[Path, dict[str, bytes]]] = {}
+_SEEDS: dict[str, tuple[Path, dict[str, bytes], dict[str, Any]]] = {}
 _SEED_DIR = Path(tempfile.mkdtemp(prefix="anyckpt-hostile-seeds-"))
 
 
@@ -92,13 +94,37 @@ def _seed(fmt: str) -> tuple[str, dict[str, bytes]]:
         directory.mkdir()
         prefix = directory / "model"
         options = {"num_shards": 2} if fmt == "v2" else None
+        tensors = _tensors(True)
         try:
-            paths = anyckpt.sync.save(str(prefix), _tensors(True), format=fmt, options=options)
+            paths = anyckpt.sync.save(str(prefix), tensors, format=fmt, options=options)
         except CheckpointError:
-            paths = anyckpt.sync.save(str(prefix), _tensors(False), format=fmt)
-        _SEEDS[fmt] = (prefix, {Path(p).name: Path(p).read_bytes() for p in paths})
-    prefix, files = _SEEDS[fmt]
+            tensors = _tensors(False)
+            paths = anyckpt.sync.save(str(prefix), tensors, format=fmt)
+        _SEEDS[fmt] = (prefix, {Path(p).name: Path(p).read_bytes() for p in paths}, tensors)
+    prefix, files, _ = _SEEDS[fmt]
     return prefix.name, files
+
+
+def _saved(fmt: str) -> dict[str, Any]:
+    """The tensors the seed of ``fmt`` holds."""
+    _seed(fmt)
+    return _SEEDS[fmt][2]
+
+
+#: Formats whose files carry checksums of every tensor's bytes (V2: a CRC32C per tensor; V1:
+#: a CRC32C per table block; zstd: per frame). A damaged one that reads must read the exact
+#: saved values. safetensors has no checksum at all (the format's own choice): damaged tensor
+#: bytes read as other values, and only its header (names, dtypes, shapes) is checked.
+UNCHECKSUMMED = {"safetensors"}
+
+
+def _same(got: Any, want: Any) -> bool:
+    got, want = np.asarray(got), np.asarray(want)
+    if got.dtype != want.dtype or got.shape != want.shape:
+        return False
+    if want.dtype == object:
+        return [bytes(v) for v in got.ravel()] == [bytes(v) for v in want.ravel()]
+    return bool(np.array_equal(got, want))
 
 
 FORMATS = anyckpt.available_formats()
@@ -180,22 +206,43 @@ def _guarded() -> Iterator[_BoundsCheckingOs]:
         anyckpt.storage.os = real  # type: ignore[assignment]
 
 
-async def _read_everything(prefix: str) -> None:
+async def _read_everything(prefix: str) -> dict[str, Any]:
+    """Every tensor, whole, and the first three also partly (under ``KEY[1:]``)."""
     async with anyckpt.open(prefix) as reader:
         keys = reader.keys()
         for key in keys:
             spec = reader.spec(key)
             assert spec.size >= 0
-        await reader.read_many()
+        out: dict[str, Any] = dict(await reader.read_many())
         for key in keys[:3]:
             spec = reader.spec(key)
             if len(spec.shape) >= 1 and spec.shape[0] > 1:
-                await reader.read(key, index=(slice(1, spec.shape[0]),))
+                out[f"{key}[1:]"] = await reader.read(key, index=(slice(1, spec.shape[0]),))
+        return out
 
 
-def _read_damaged(directory: Path, base: str, files: dict[str, bytes]) -> str:
+def _check_values(fmt: str, got: dict[str, Any]) -> str:
+    """An undamaged-looking read: "ok" if it gave exactly the saved tensors; "unchecked"
+    (safetensors only) if the names, dtypes and shapes are right but values differ."""
+    saved = _saved(fmt)
+    parts = {f"{k}[1:]": np.asarray(v)[1:] for k, v in saved.items() if np.ndim(v) >= 1}
+    want = {**saved, **parts}
+    want = {k: v for k, v in want.items() if k in saved or k in got}
+    assert set(got) == set(want), (sorted(got), sorted(want))
+    wrong = [k for k in want if not _same(got[k], want[k])]
+    if not wrong:
+        return "ok"
+    assert fmt in UNCHECKSUMMED, f"{fmt}: damaged checkpoint read as other values: {wrong}"
+    for key in wrong:
+        g, w = np.asarray(got[key]), np.asarray(want[key])
+        assert (g.dtype, g.shape) == (w.dtype, w.shape), (key, g.dtype, g.shape, w.dtype, w.shape)
+    return "unchecked"
+
+
+def _read_damaged(fmt: str, directory: Path, base: str, files: dict[str, bytes]) -> str:
     """Write ``files`` into ``directory`` and read the checkpoint back under the guards;
-    return "ok" or the name of the CheckpointError it raised."""
+    return the name of the CheckpointError it raised, or "ok" if it read exactly the saved
+    values ("unchecked": see :func:`_check_values`)."""
     for old in directory.iterdir():
         old.unlink()
     for name, data in files.items():
@@ -204,10 +251,11 @@ def _read_damaged(directory: Path, base: str, files: dict[str, bytes]) -> str:
     tracemalloc.start()
     tracemalloc.reset_peak()
     started = time.perf_counter()
-    outcome = "ok"
+    got: dict[str, Any] | None = None
     try:
         with _guarded():
-            anyio.run(_read_everything, str(directory / base))
+            got = anyio.run(_read_everything, str(directory / base))
+        outcome = "read"
     except CheckpointError as exc:
         outcome = type(exc).__name__
     finally:
@@ -216,14 +264,14 @@ def _read_damaged(directory: Path, base: str, files: dict[str, bytes]) -> str:
         tracemalloc.stop()
     assert elapsed < MAX_SECONDS, elapsed
     assert peak < 4 * size + MAX_EXTRA_BYTES, (peak, size)
-    return outcome
+    return outcome if got is None else _check_values(fmt, got)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_damaged_checkpoints_give_checkpoint_errors(fmt: str, tmp_path_factory: Any) -> None:
     base, files = _seed(fmt)
     directory = tmp_path_factory.mktemp(f"damaged-{fmt}")
-    assert _read_damaged(directory, base, files) == "ok"  # the seed itself reads
+    assert _read_damaged(fmt, directory, base, files) == "ok"  # the seed itself reads
     outcomes: dict[str, int] = {}
 
     @settings(
@@ -233,12 +281,12 @@ def test_damaged_checkpoints_give_checkpoint_errors(fmt: str, tmp_path_factory: 
     )
     @given(_damage(files))
     def run(damaged: dict[str, bytes]) -> None:
-        outcome = _read_damaged(directory, base, damaged)
+        outcome = _read_damaged(fmt, directory, base, damaged)
         outcomes[outcome] = outcomes.get(outcome, 0) + 1
         _count(f"damaged {fmt}")
 
     run()
-    assert sum(v for k, v in outcomes.items() if k != "ok") > 0, outcomes
+    assert sum(v for k, v in outcomes.items() if k not in ("ok", "unchecked")) > 0, outcomes
 
 
 # -- the parsers on arbitrary bytes ---------------------------------------------------------

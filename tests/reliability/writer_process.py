@@ -11,6 +11,10 @@ Modes:
   stdin reaches end-of-file, then close normally.
 * ``try``: try to open a manager; print one JSON line: ``{"opened": true, "latest": N}`` or
   ``{"opened": false, "error": "ConcurrentWriterError", "message": ...}``.
+* ``race``: wait until the file ``go`` names exists, then try to open a manager; print one JSON
+  line: ``{"opened": true, "pid": P, "host": H}`` (then hold the directory until stdin reaches
+  end-of-file) or ``{"opened": false, "error": ..., "message": ...}``. With ``unlocked``
+  (test-only, to prove the race test can fail) the directory lock is skipped in this process.
 * ``train``: the crash harness's training loop. Opens a manager, appends ``ready N`` to the log
   (N: the latest step it found), then saves step after step with two saves in flight, and
   appends ``committed S`` for each save once ``await pending`` has returned. Runs until killed.
@@ -20,6 +24,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections import deque
 from pathlib import Path
@@ -75,6 +80,35 @@ async def attempt(config: dict[str, Any]) -> None:
         )
 
 
+async def race(config: dict[str, Any]) -> None:
+    go = Path(config["go"])
+    while not go.exists():
+        await anyio.sleep(0.005)
+    try:
+        async with _manager(config):
+            mine = {"opened": True, "pid": os.getpid(), "host": socket.gethostname()}
+            print(json.dumps(mine), flush=True)
+            await anyio.to_thread.run_sync(sys.stdin.read)
+    except ConcurrentWriterError as exc:
+        print(
+            json.dumps({"opened": False, "error": type(exc).__name__, "message": str(exc)}),
+            flush=True,
+        )
+
+
+def _skip_the_lock() -> None:
+    """Test-only: this process takes no directory lock (the race test's negative control)."""
+
+    def acquire(self: anyckpt.lease.DirectoryLock) -> None:
+        self._acquired = True
+
+    def confirm(self: anyckpt.lease.DirectoryLock) -> None:
+        pass
+
+    anyckpt.lease.DirectoryLock.acquire = acquire  # type: ignore[method-assign]
+    anyckpt.lease.DirectoryLock.confirm = confirm  # type: ignore[method-assign]
+
+
 async def train(config: dict[str, Any]) -> None:
     log, big = config["log"], int(config.get("big", 0))
     async with _manager(config) as manager:
@@ -93,7 +127,9 @@ def main() -> None:
     config = json.loads(sys.argv[1])
     if config.get("machine"):
         anyckpt.lease.MACHINE = config["machine"]
-    run = {"hold": hold, "try": attempt, "train": train}[config["mode"]]
+    if config.get("unlocked"):
+        _skip_the_lock()
+    run = {"hold": hold, "try": attempt, "race": race, "train": train}[config["mode"]]
     anyio.run(run, config)
 
 

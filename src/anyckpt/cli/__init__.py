@@ -90,6 +90,14 @@ def _common_options(*, suppress: bool) -> argparse.ArgumentParser:
         help="fsspec storage option for remote paths, e.g. anon=true or "
         "endpoint_url=http://127.0.0.1:9000 (repeatable; JSON values are parsed)",
     )
+    g.add_argument(
+        "--allow-symlinks",
+        dest="allow_symlinks",
+        action="store_true",
+        default=default if suppress else False,
+        help="read checkpoint files that are symbolic links leaving their directory "
+        "(refused by default)",
+    )
     return p
 
 
@@ -253,6 +261,7 @@ def _main(argv: list[str]) -> int:
             debug=debug,
             progress=not args.no_progress,
             storage_options=parse_key_values(args.storage_option, "--storage-option"),
+            allow_symlinks=bool(args.allow_symlinks),
         )
         return int(anyio.run(args.run, ctx, args))
     except BaseException as raw:

@@ -36,6 +36,7 @@ class Context:
     debug: bool = False
     progress: bool = True
     storage_options: dict[str, Any] = field(default_factory=dict)
+    allow_symlinks: bool = False
     out: IO[str] = field(default_factory=lambda: sys.stdout)
     err: IO[str] = field(default_factory=lambda: sys.stderr)
 
@@ -53,7 +54,7 @@ class Context:
         return Progress(label, total, enabled=enabled, stream=self.err, unit=unit)
 
     def storage(self, url: str) -> tuple[Storage, str]:
-        return Storage.from_url(url, self.storage_options)
+        return Storage.from_url(url, self.storage_options, allow_symlinks=self.allow_symlinks)
 
 
 def parse_key_values(items: Iterable[str], what: str) -> dict[str, Any]:

@@ -311,12 +311,14 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
                 keep_checkpoint_every_n_hours=policy.keep_checkpoint_every_n_hours,
                 checkpoint_name=name,
                 storage_options=ctx.storage_options,
+                allow_symlinks=ctx.allow_symlinks,
             )
         else:
             manager = CheckpointManager(
                 args.directory,
                 checkpoint_name=name,
                 storage_options=ctx.storage_options,
+                allow_symlinks=ctx.allow_symlinks,
                 retention=composed,
             )
         async with manager:

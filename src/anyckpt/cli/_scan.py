@@ -37,7 +37,7 @@ from ..errors import (
 from ..formats import broken_plugins, detect_format, plugin_error
 from ..formats.base import CheckpointFormat
 from ..lease import LOCK_FILE, LockInfo, read_lock
-from ..manager import STATE_FILE, read_state
+from ..manager import STATE_FILE, NameIndex, read_state
 from ..retention import RecoveredState, recover
 from ..storage import TEMP_MARKER, Storage, Upload, remote_errors_as_ours
 from ._common import state_error_text
@@ -51,6 +51,9 @@ UNCOMMITTED = "uncommitted"  # complete but newer than the latest commit: a mana
 _V1_SHARD = re.compile(r"(.+)-\d{5}-of-(\d{5})")
 _STEP = re.compile(r"(.+)-(\d+)")
 _DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
+#: Names that are a file of a checkpoint (V2's index and data files, TensorFlow's graph),
+#: never a checkpoint prefix themselves: only the prefix they extend is asked about.
+_PART_OF_A_PREFIX = re.compile(r".+\.(index|meta|data-\d{5}-of-\d{5})")
 
 
 @dataclass
@@ -194,7 +197,8 @@ def _candidates(names: list[str], state_names: list[str]) -> list[str]:
     for name in names:
         if TEMP_MARKER in name or name == STATE_FILE:
             continue
-        derived.add(name)
+        if not _PART_OF_A_PREFIX.fullmatch(name):  # (the files of X: X.index, X.data-..., X.meta)
+            derived.add(name)
         if "." in name:
             derived.add(name.rsplit(".", 1)[0])
         match = _V1_SHARD.fullmatch(name)
@@ -280,7 +284,10 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         recovered = recover(state_names, stamps, state.last_preserved_timestamp, now)
     listed = [*state_names, *([latest] if latest and latest not in state_names else [])]
 
-    candidates = _candidates(list(by_name), listed)
+    # Names from the state file are asked about only if a file may belong to them: a state
+    # file listing 100,000 names of long-deleted checkpoints costs lookups, not probes.
+    on_disk = NameIndex(list(by_name))
+    candidates = _candidates(list(by_name), [n for n in listed if on_disk.may_hold(n)])
     formats: dict[str, CheckpointFormat | Exception | None] = {}
     limiter = anyio.CapacityLimiter(16)
 
@@ -288,43 +295,44 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         async with limiter:
             formats[name] = await _detect(storage, posixpath.join(root, name))
 
-    async with anyio.create_task_group() as tg:
-        for name in candidates:
-            tg.start_soon(probe, name)
+    with storage.listing_snapshot(root, list(by_name)):
+        async with anyio.create_task_group() as tg:
+            for name in candidates:
+                tg.start_soon(probe, name)
 
-    claimed: set[str] = set()
-    checkpoints: list[CheckpointInfo] = []
-    problems: list[str] = []
-    for name in candidates:
-        fmt = formats.get(name)
-        if fmt is None or isinstance(fmt, Exception) or name in claimed:
-            continue
-        path = posixpath.join(root, name)
-        try:
-            paths = await fmt.files(storage, path)
-        except StorageAccessError:
-            raise
-        except (CheckpointError, OSError):
-            continue
-        names = [posixpath.basename(p) for p in paths if posixpath.dirname(p) == root]
-        if not names or any(n in claimed for n in names):
-            continue
-        claimed.update(names)
-        stem, step = split_step(name)
-        infos = [by_name.get(n) or FileInfo(n, None, None) for n in names]
-        mtimes = [f.mtime for f in infos if f.mtime is not None]
-        checkpoints.append(
-            CheckpointInfo(
-                name,
-                path,
-                storage.url(path),
-                fmt,
-                infos,
-                step,
-                stem,
-                time=max(mtimes) if mtimes else None,
+        claimed: set[str] = set()
+        checkpoints: list[CheckpointInfo] = []
+        problems: list[str] = []
+        for name in candidates:
+            fmt = formats.get(name)
+            if fmt is None or isinstance(fmt, Exception) or name in claimed:
+                continue
+            path = posixpath.join(root, name)
+            try:
+                paths = await fmt.files(storage, path)
+            except StorageAccessError:
+                raise
+            except (CheckpointError, OSError):
+                continue
+            names = [posixpath.basename(p) for p in paths if posixpath.dirname(p) == root]
+            if not names or any(n in claimed for n in names):
+                continue
+            claimed.update(names)
+            stem, step = split_step(name)
+            infos = [by_name.get(n) or FileInfo(n, None, None) for n in names]
+            mtimes = [f.mtime for f in infos if f.mtime is not None]
+            checkpoints.append(
+                CheckpointInfo(
+                    name,
+                    path,
+                    storage.url(path),
+                    fmt,
+                    infos,
+                    step,
+                    stem,
+                    time=max(mtimes) if mtimes else None,
+                )
             )
-        )
 
     for ckpt in checkpoints:  # the metrics sidecar is one of its checkpoint's files
         sidecar = posixpath.basename(metrics_path(ckpt.name))

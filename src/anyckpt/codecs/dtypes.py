@@ -16,6 +16,24 @@ from ..errors import UnsupportedFormatError
 
 DT_STRING = 7
 
+#: The most bytes a NumPy array may span (``intp``), zero-length dimensions left out.
+_MAX_ARRAY_BYTES = sys.maxsize
+
+
+def numpy_can_shape(shape: tuple[int, ...], itemsize: int = 16) -> bool:
+    """Whether NumPy can make an array of ``shape`` with elements of ``itemsize`` bytes (the
+    largest, complex128, by default). NumPy refuses ("array is too big") a shape whose
+    non-zero dimensions multiply past its maximum even when another dimension is zero and the
+    array empty, as ``[0, 2**62, 2**62]``; TensorFlow's TensorShape accepts that shape."""
+    total = max(itemsize, 1)
+    for dim in shape:
+        if dim:
+            total *= dim
+            if total > _MAX_ARRAY_BYTES:
+                return False
+    return True
+
+
 #: DataType enum value -> NumPy dtype (native byte order). Strings are handled separately.
 _BY_ENUM: dict[int, np.dtype] = {
     1: np.dtype(np.float32),

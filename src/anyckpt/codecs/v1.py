@@ -28,7 +28,14 @@ import numpy as np
 from .._proto import saved_tensor_slice_pb2, tensor_slice_pb2
 from . import DecodeError
 from .crc import crc32c, mask
-from .dtypes import DT_STRING, STRING_DTYPE, disk_dtype, dtype_from_enum, tf_name
+from .dtypes import (
+    DT_STRING,
+    STRING_DTYPE,
+    disk_dtype,
+    dtype_from_enum,
+    numpy_can_shape,
+    tf_name,
+)
 from .ordered_code import Extent, encode_tensor_name_slice
 from .table import (
     BLOCK_RESTART_INTERVAL,
@@ -457,6 +464,8 @@ def decode_meta(data: Buffer) -> list[MetaTensor]:
         shape = tuple(int(d.size) for d in entry.shape.dim)
         if any(d < 0 for d in shape):
             raise DecodeError(f"tensor {entry.name!r}: negative dimension in {shape}")
+        if not numpy_can_shape(shape):
+            raise DecodeError(f"tensor {entry.name!r}: shape {list(shape)} is too big for NumPy")
         slices = tuple(_slice_from_proto(s) for s in entry.slice)
         if not slices:
             raise DecodeError(f"tensor {entry.name!r} lists no slice")

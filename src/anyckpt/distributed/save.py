@@ -547,10 +547,7 @@ async def _apply_retention(manager: CheckpointManager) -> tuple[tuple[str, ...],
     decision = manager._decide(state.tracked, state.last_preserved, state.latest).decision
     if not decision.delete and not decision.preserve:
         return (), ()
-    deleted = []
-    for ckpt in decision.delete:
-        await manager._delete_checkpoint(ckpt.path)
-        deleted.append(manager._public(ckpt.path))
+    deleted = await manager._delete_checkpoints([c.path for c in decision.delete])
     keep, stamp = list(decision.keep), decision.last_preserved_timestamp
     await manager._write_tracking(_Tracking(keep, stamp, state.latest))
     return tuple(deleted), tuple(manager._public(c.path) for c in decision.preserve)

@@ -326,7 +326,7 @@ def _has_table_magic(storage: Storage, path: str) -> bool:
 async def _shards_present(storage: Storage, base: str) -> list[tuple[int, int]]:
     """(shard, count) of every ``base-SSSSS-of-NNNNN`` file that exists."""
     directory, name = posixpath.split(base)
-    names = await anyio.to_thread.run_sync(storage.listdir, directory or ".")
+    names = await anyio.to_thread.run_sync(storage.listdir_prefixed, directory or ".", f"{name}-")
     pattern = _shard_re(name)
     found = []
     for n in names:

@@ -29,7 +29,7 @@ from ..codecs.dtypes import (
     enum_from_dtype,
 )
 from ..codecs.ordered_code import encode_tensor_name_slice
-from ..errors import CheckpointNotFoundError, CorruptCheckpointError
+from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafePathError
 from ..partitioned import partitions_of
 from ..storage import Storage
 from ..tensors import stored_key_order
@@ -196,15 +196,16 @@ class V2Format:
 
     async def files(self, storage: Storage, prefix: str) -> list[str]:
         """The index and data files. Shard count from the header when the index is readable;
-        otherwise the data files found by their exact naming pattern."""
+        otherwise (missing, damaged, a link leaving the directory) the data files found by
+        their exact naming pattern."""
         try:
             reader = await self.open(storage, prefix)
-        except (CheckpointNotFoundError, CorruptCheckpointError):
+        except (CheckpointNotFoundError, CorruptCheckpointError, UnsafePathError):
             directory, base = posixpath.split(prefix)
             pattern = re.compile(re.escape(base) + r"\.data-\d{5}-of-\d{5}")
-            names = await anyio.to_thread.run_sync(storage.listdir, directory)
+            names = await anyio.to_thread.run_sync(storage.listdir_prefixed, directory, f"{base}.")
             found = [posixpath.join(directory, n) for n in names if pattern.fullmatch(n)]
-            if await anyio.to_thread.run_sync(storage.exists, index_path(prefix)):
+            if f"{base}.index" in names:  # (listed: a dangling link too)
                 found.append(index_path(prefix))
             return found
         return reader.files()

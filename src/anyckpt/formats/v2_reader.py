@@ -33,6 +33,7 @@ from ..codecs.dtypes import (
     DT_STRING,
     disk_dtype,
     dtype_from_enum,
+    numpy_can_shape,
 )
 from ..codecs.ordered_code import decode_tensor_name_slice, encode_tensor_name_slice
 from ..codecs.table_lookup import LazyTable
@@ -169,7 +170,7 @@ class V2Reader:
                 n *= dtype_from_enum(dtype).itemsize
             else:
                 valid[h] = False
-            if n > _INT64_MAX:  # sizes are int64: it cannot match
+            if n > _INT64_MAX or not numpy_can_shape(shape):  # sizes are int64: no match
                 valid[h] = False
             else:
                 need[h] = n
@@ -193,6 +194,8 @@ class V2Reader:
         stored: dict[tuple[tuple[int, int], ...], EntryRecord],
     ) -> None:
         dtype_from_enum(entry.dtype, path=self._index_url)
+        if not numpy_can_shape(entry.shape):
+            raise self._corrupt(f"{key!r}: shape {list(entry.shape)} is too big for NumPy")
         for extents in entry.slices:
             if len(extents) != len(entry.shape):
                 raise self._corrupt(f"slice of {key!r} has the wrong rank")
@@ -216,6 +219,8 @@ class V2Reader:
     def _check_location(self, key: str, entry: EntryRecord) -> None:
         if entry.shard_id >= self.num_shards:
             raise self._corrupt(f"{key!r} is in shard {entry.shard_id} of {self.num_shards}")
+        if not numpy_can_shape(entry.shape):
+            raise self._corrupt(f"{key!r}: shape {list(entry.shape)} is too big for NumPy")
         if entry.dtype != DT_STRING:
             expected = math.prod(entry.shape) * dtype_from_enum(entry.dtype).itemsize
             if expected != entry.size:
