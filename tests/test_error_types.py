@@ -160,7 +160,10 @@ def test_a_checkpoint_file_that_is_not_a_file_is_corrupt(
     with pytest.raises(CorruptCheckpointError) as raised:
         anyio.run(restore)
     assert raised.value.path == path
-    for argv in (["inspect", str(directory / "ckpt-2")], ["verify", str(directory)]):
+    commands = [["verify", str(directory)]]
+    if name.endswith(".index"):  # inspect without --values reads no data file (docs/cli.md)
+        commands.append(["inspect", str(directory / "ckpt-2")])
+    for argv in commands:
         code, text = _cli(*argv)
         assert code == 1, text
         assert f"{path}: {what}, not a regular file" in text, text
@@ -183,7 +186,8 @@ def test_a_state_file_that_is_not_a_file_is_corrupt(tmp_path: Path, kind: str) -
     for argv in (["verify", str(directory)], ["prune", "--dry-run", str(directory)]):
         code, text = _cli(*argv)
         assert code == 1, text
-        assert f"{path}: a " in text, text
+        assert path in text, text
+        assert ("a directory" if kind == "directory" else "a FIFO") in text, text
     code, text = _cli("ls", str(directory))
     assert code == 0, text
     assert "unreadable" in text, text

@@ -290,7 +290,11 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     storage, root = ctx.storage(args.directory)
     listing = await scan(storage, root)
     if listing.state_error:
-        raise CliError(f"cannot prune: {listing.state_error}", ExitCode.DAMAGE)
+        state_file = storage.url(posixpath.join(root, STATE_FILE))
+        raise CliError(
+            f"cannot prune: unreadable state file {state_file}: {listing.state_error}",
+            ExitCode.DAMAGE,
+        )
     if listing.unsafe:
         raise CliError(
             f"cannot prune: the state file names {listing.unsafe[0]!r}, outside {listing.url}"

@@ -32,6 +32,7 @@ from ..errors import (
     CheckpointNotFoundError,
     CorruptCheckpointError,
     StorageAccessError,
+    UnsafePathError,
     UnsupportedFormatError,
 )
 from ..formats import broken_plugins, detect_format, plugin_error
@@ -402,7 +403,10 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         if info.name in claimed or info.name == STATE_FILE:
             continue
         if info.name == LOCK_FILE:
-            lock = await anyio.to_thread.run_sync(read_lock, storage, root, now)
+            try:
+                lock = await anyio.to_thread.run_sync(read_lock, storage, root, now)
+            except UnsafePathError as exc:  # planted: a manager refuses it too, and says so
+                problems.append(f"{LOCK_FILE}: {exc}")
             continue
         data = _DATA_FILE.fullmatch(info.name)
         if TEMP_MARKER in info.name:
