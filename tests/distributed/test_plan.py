@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from anyckpt.codecs.dtypes import DT_STRING, enum_from_dtype
 from anyckpt.distributed import PlanError, even_slice
-from anyckpt.distributed.plan import Item, Manifest, make_plan, shard_options
+from anyckpt.distributed.plan import Item, Manifest, assign, make_plan, shard_options
 from anyckpt.formats.sharded import ShardOptions
 
 F32 = enum_from_dtype(np.dtype(np.float32))
@@ -185,3 +185,35 @@ def test_even_slice_splits_exactly(length: int, world: int) -> None:
         slice(int(c[0]), int(c[-1]) + 1) if len(c) else parts[i]
         for i, c in enumerate(np.array_split(np.arange(length), world))
     ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    world=st.integers(1, 6),
+    rows=st.integers(1, 9),
+    replicated=st.integers(0, 3),
+    num_shards=st.sampled_from([None, 1, 2, 3]),
+)
+def test_each_ranks_assignment_is_its_share_of_the_plan(
+    world: int, rows: int, replicated: int, num_shards: int | None
+) -> None:
+    """What the primary sends a rank rebuilds, from the rank's own manifest, exactly the data
+    files the plan gives it, and is no bigger than the rank's share."""
+    per_rank: list[list[Item]] = [[] for _ in range(world)]
+    for t in range(3):
+        shape = (rows * world, 2)
+        for rank in range(world):
+            part = even_slice(shape[0], rank, world)
+            extents = ((part.start, part.stop - part.start), (0, 2))
+            per_rank[rank].append(piece(f"sharded/{t}", shape, extents))
+    for t in range(replicated):
+        for rank in range(world):
+            per_rank[rank].append(whole(f"replica/{t}", (t + 1,)))
+    ms = manifests(*per_rank)
+    plan = make_plan(ms, ShardOptions(num_shards=num_shards))
+    assignments = assign(plan, ms)
+    assert len(assignments) == world
+    for rank, (assignment, manifest) in enumerate(zip(assignments, ms, strict=True)):
+        assert assignment.num_shards == plan.num_shards
+        assert assignment.files_of(manifest.items) == plan.files_of(rank)
+        assert sum(len(f) for f in assignment.files) <= len(manifest.items)

@@ -1,7 +1,9 @@
 """Who writes what in a multi-process save (pure: no I/O, no communication).
 
-Every rank sends every rank its manifest (the names, dtypes, shapes and pieces it holds, never
-the bytes), and every rank computes the same plan from the same manifests:
+Every rank sends the primary (rank 0) its manifest (the names, dtypes, shapes and pieces it
+holds, never the bytes); the primary computes the plan from all of them and sends each rank
+only its own share of it (:class:`Assignment`), so what a save moves between processes grows
+with the world size times the tensors, not with its square:
 
 * a tensor (or piece of a sharded tensor) held by several ranks is a replica and is written
   by one of them: those held by one rank are assigned first, then replicas from the largest
@@ -184,6 +186,36 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
         first_shard.append(total)
         total += len(per_rank)
     return Plan(total, tuple(shards), tuple(first_shard), holders)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the primary sends one rank after planning: the data files the rank writes, each as
+    positions in the rank's own manifest (so its size is that of the rank's share), or the
+    error that stops the save on every rank."""
+
+    num_shards: int = 0
+    first_shard: int = 0
+    files: tuple[tuple[int, ...], ...] = ()
+    error: str | None = None
+    plan_error: bool = False  # the error is a PlanError (the ranks' states do not fit)
+
+    def files_of(self, items: Sequence[Item]) -> list[tuple[int, tuple[Item, ...]]]:
+        """(shard number, items) of the data files this rank writes, from its own items."""
+        return [
+            (self.first_shard + i, tuple(items[position] for position in positions))
+            for i, positions in enumerate(self.files)
+        ]
+
+
+def assign(plan: Plan, manifests: Sequence[Manifest]) -> list[Assignment]:
+    """Each rank's share of ``plan`` (index = rank), in terms of that rank's own manifest."""
+    out: list[Assignment] = []
+    for rank, manifest in enumerate(manifests):
+        position = {item.unit: i for i, item in enumerate(manifest.items)}
+        files = tuple(tuple(position[item.unit] for item in items) for items in plan.shards[rank])
+        out.append(Assignment(plan.num_shards, plan.first_shard[rank], files))
+    return out
 
 
 def _name(item: Item) -> str:
