@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, NoReturn
 
 from ..codecs.bundle import BundleEntry
@@ -116,20 +117,24 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
     world = len(manifests)
     if world < 1:
         raise ValueError("no manifests")
-    holders_of: dict[tuple[bytes, Extents | None], list[int]] = defaultdict(list)
+    holders_of: dict[tuple[bytes, Extents | None], list[int]] = {}
     first_seen: dict[tuple[bytes, Extents | None], Item] = {}
     by_key: dict[bytes, list[Item]] = defaultdict(list)
     for rank, manifest in enumerate(manifests):
         for item in manifest.items:
-            unit = item.unit
-            if rank in holders_of[unit]:
-                raise PlanError(f"rank {rank} holds {_name(item)} twice")
-            holders_of[unit].append(rank)
-            if unit not in first_seen:
+            unit = (item.key, item.extents)
+            ranks = holders_of.get(unit)
+            if ranks is None:
+                holders_of[unit] = [rank]
                 first_seen[unit] = item
                 by_key[item.key].append(item)
-            elif (item.dtype, item.shape) != (first_seen[unit].dtype, first_seen[unit].shape):
-                _mismatch(item, first_seen[unit], rank, holders_of[unit][0])
+                continue
+            if ranks[-1] == rank:  # ranks are visited in order: its own earlier item
+                raise PlanError(f"rank {rank} holds {_name(item)} twice")
+            ranks.append(rank)
+            first = first_seen[unit]
+            if item.dtype != first.dtype or item.shape != first.shape:
+                _mismatch(item, first, rank, ranks[0])
 
     holders: dict[bytes, BundleEntry] = {}
     for key, items in by_key.items():
@@ -155,26 +160,31 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
     # Who writes each unit: forced ones first, then replicas, largest first, least loaded.
     loads = [0] * world
     owned: list[list[Item]] = [[] for _ in range(world)]
-    units = sorted(first_seen, key=lambda u: (-first_seen[u].nbytes, u[0], u[1] or ()))
-    for unit in units:
-        if len(holders_of[unit]) == 1:
-            rank = holders_of[unit][0]
-            owned[rank].append(first_seen[unit])
-            loads[rank] += first_seen[unit].nbytes
-    for unit in units:
-        candidates = holders_of[unit]
-        if len(candidates) > 1:
-            rank = min(candidates, key=lambda r: (loads[r], r))
-            owned[rank].append(first_seen[unit])
-            loads[rank] += first_seen[unit].nbytes
+    replicas: list[tuple[bytes, Extents | None]] = []
+    for unit, ranks in holders_of.items():
+        if len(ranks) == 1:
+            item = first_seen[unit]
+            owned[ranks[0]].append(item)
+            loads[ranks[0]] += item.nbytes
+        else:
+            replicas.append(unit)
+    replicas.sort(key=lambda u: (-first_seen[u].nbytes, u[0], u[1] or ()))
+    for unit in replicas:
+        rank = min(holders_of[unit], key=lambda r: (loads[r], r))
+        owned[rank].append(first_seen[unit])
+        loads[rank] += first_seen[unit].nbytes
 
     shards: list[tuple[tuple[Item, ...], ...]] = []
+    one_file = not options.sharded
     for items in owned:
         if not items:
             shards.append(())
             continue
-        ordered = sorted(items, key=lambda item: item.data_key)
-        labels = {key_from_bytes(item.data_key): item for item in ordered}
+        keyed = sorted(((item.data_key, item) for item in items), key=itemgetter(0))
+        if one_file:  # the default: each rank's share is one data file
+            shards.append((tuple(item for _, item in keyed),))
+            continue
+        labels = {key_from_bytes(key): item for key, item in keyed}
         sizes = [(label, item.nbytes) for label, item in labels.items()]
         planned = plan_shards(sizes, options)
         shards.append(tuple(tuple(labels[label] for label in group) for group in planned if group))
