@@ -163,6 +163,7 @@ class CountingStorage:
             data: bytes = read_bytes(self, path, **kw)
             counter.current.gets += 1
             counter.current.get_bytes += len(data)
+            counter.current.ranges.append((path, 0, len(data)))
             return data
 
         def counted_open_reader(self: Storage, path: str) -> Any:
@@ -257,7 +258,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     rows = max(world, 64) * args.rows_per_rank
     shapes = layer_shapes(args.tensors, rows, args.width)
     counter = CountingStorage()
-    url = f"memory://anyckpt-sim-{world}-{layout}"
+    url = args.dir or f"memory://anyckpt-sim-{world}-{layout}"
     storage, root = Storage.from_url(url)
     name = "ckpt-1"
     prefix = f"{root}/{name}"
@@ -355,7 +356,9 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
     restore = None
     if data:
         progress("restoring at half the world size")
-        restore = await restore_half(prefix, shapes, world // 2 or 1, args.restore_ranks, counter)
+        restore = await restore_half(
+            url, prefix, shapes, world // 2 or 1, args.restore_ranks, counter
+        )
 
     others = save_requests[1:] or save_requests
     save_puts = [r.puts for r in save_requests]
@@ -396,6 +399,7 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
 
 
 async def restore_half(
+    url: str,
     prefix: str,
     shapes: list[tuple[str, tuple[int, ...]]],
     world: int,
@@ -405,7 +409,7 @@ async def restore_half(
     """Each sampled rank of ``world`` reads its rows of every tensor; requests per rank."""
     ranks = sorted({round(i * (world - 1) / max(sample - 1, 1)) for i in range(sample)})
     per_rank: list[Requests] = []
-    storage, _ = Storage.from_url("memory://")
+    storage, _ = Storage.from_url(url)
     fmt = get_format("v2")
     for rank in ranks:
         with counter.counting() as requests:
@@ -458,6 +462,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rows-per-rank", type=int, default=1)
     parser.add_argument("--width", type=int, default=4)
     parser.add_argument("--restore-ranks", type=int, default=3)
+    parser.add_argument("--dir", help="write the checkpoint here instead of to memory://")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", help="also write the JSON result to this file")
     parser.add_argument("--rank0-child", help=argparse.SUPPRESS)
