@@ -4,6 +4,11 @@ object-store requests each rank makes.
 
     .venv/bin/python benchmarks/distributed_scale.py --ranks 1024 --tensors 1000 \\
         [--layout fsdp|tp|replicated] [--no-data] [--restore-ranks 3] [--json] [--out FILE]
+    .venv/bin/python benchmarks/distributed_scale.py --sweep 64,256,1024,4096,8192 \\
+        --sweep-tensors 100,1000 --out benchmarks/results/distributed-scale.json
+
+``--sweep`` runs each (ranks, tensors) pair metadata-only (``--no-data``) in a process of its
+own and writes the list of results; ``benchmarks/plot.py`` draws them.
 
 Every rank's part runs the code a real rank runs (``anyckpt.distributed``): ``prepare_state``
 on the rank's own state, the primary's ``make_plan`` and ``assign`` over every rank's
@@ -453,6 +458,25 @@ def rank0_child(messages: str) -> int:
     return 0
 
 
+def sweep(ranks: list[int], tensors: list[int], layout: str, timeout: float) -> list[Any]:
+    """Each (ranks, tensors) pair, metadata only, in a process of its own."""
+    results: list[Any] = []
+    for t in tensors:
+        for n in ranks:
+            progress(f"sweep: {n} ranks x {t} tensors")
+            cmd = [sys.executable, __file__, "--ranks", str(n), "--tensors", str(t)]
+            cmd += ["--layout", layout, "--no-data", "--json"]
+            try:
+                proc = subprocess.run(
+                    cmd, capture_output=True, text=True, timeout=timeout, check=True
+                )
+            except subprocess.TimeoutExpired:
+                results.append({"ranks": n, "tensors": t, "layout": layout, "timeout_s": timeout})
+                continue
+            results.append(json.loads(proc.stdout))
+    return results
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--ranks", type=int, default=64)
@@ -465,10 +489,28 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dir", help="write the checkpoint here instead of to memory://")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--out", help="also write the JSON result to this file")
+    parser.add_argument("--sweep", help="comma-separated rank counts: run each, metadata only")
+    parser.add_argument("--sweep-tensors", default="100,1000", help="with --sweep")
+    parser.add_argument("--timeout", type=float, default=3600, help="seconds per sweep point")
     parser.add_argument("--rank0-child", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.rank0_child:
         return rank0_child(args.rank0_child)
+    if args.sweep:
+        points = sweep(
+            [int(n) for n in args.sweep.split(",")],
+            [int(t) for t in args.sweep_tensors.split(",")],
+            args.layout,
+            args.timeout,
+        )
+        text = json.dumps(points, indent=2)
+        if args.out:
+            with open(args.out, "w") as out:
+                out.write(text + "\n")
+        print(
+            text if args.json else f"{len(points)} points" + (f": {args.out}" if args.out else "")
+        )
+        return 0
     if args.ranks < 1 or args.tensors < 1:
         parser.error("--ranks and --tensors must be at least 1")
     result = asyncio.run(simulate(args))
