@@ -65,5 +65,7 @@ clean:
 # The benchmark suite (docs/performance.md): anyckpt against dd, tofile/readinto/copy and its
 # peers, each measurement in a fresh process. Creates .venv-bench/ for torch, safetensors and
 # Orbax on first use. BENCH_ARGS="--scale 0.1 --runs 1" for a quick look.
+# BENCH_ARGS="--distributed-scale" adds the many-rank simulation (docs/distributed.md).
 bench: $(VENV)/.installed $(TF_VENV)/.installed
+	$(PY) -m pip install --quiet -e '.[bench]'
 	$(PY) benchmarks/run.py $(BENCH_ARGS)

@@ -689,6 +689,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "(without it, such a partial run leaves S3 out)",
     )
     p.add_argument(
+        "--distributed-scale",
+        action="store_true",
+        help="also simulate a distributed save at 64 to 8,192 ranks (distributed_scale.py "
+        "--sweep, metadata only; docs/distributed.md)",
+    )
+    p.add_argument(
         "--no-drop-caches",
         action="store_true",
         help="never drop the page cache (cold restores are then warm, and say so)",
@@ -714,6 +720,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary["s3"] = run_s3(args)
         summary["targets"] = evaluate_targets(
             summary["results"], summary["workloads"], summary["s3"]
+        )
+    if args.distributed_scale:
+        import distributed_scale
+
+        log("== distributed save, simulated at 64 to 8,192 ranks", args.quiet)
+        summary["distributed_scale"] = distributed_scale.sweep(
+            [64, 256, 1024, 4096, 8192], [100, 1000], "fsdp", args.timeout * 4
         )
     summary["wall_seconds"] = round(time.time() - started, 1)
     summary["machine"]["loadavg_start"] = load_start

@@ -17,6 +17,7 @@ from states import global_state, rank_state
 
 import anyckpt
 from anyckpt.distributed import CoordinationError, Coordinator, JaxCoordinator
+from anyckpt.distributed.base import scatter
 
 
 class FakeService:
@@ -109,6 +110,28 @@ def test_collectives() -> None:
         assert at_two == ([0, 10, 20] if rank == 2 else None)
         assert told == "from 1"
     assert service.store == {}  # every rank deleted its keys once all had read them
+
+
+def test_scatter_gives_each_rank_only_its_own_object() -> None:
+    reads: list[str] = []
+
+    def body(c: JaxCoordinator) -> Any:
+        inner = c._client
+        get = inner.blocking_key_value_get_bytes
+
+        def recording_get(key: str, timeout_in_ms: int) -> bytes:
+            reads.append(key)
+            return get(key, timeout_in_ms)
+
+        inner.blocking_key_value_get_bytes = recording_get  # type: ignore[method-assign]
+        objs = [f"for {r}" for r in range(c.world_size)] if c.rank == 1 else None
+        return scatter(c, objs, src=1)
+
+    results, service = run_ranks(3, body)
+    assert results == ["for 0", "for 1", "for 2"]
+    assert len(reads) == 3
+    assert sorted(key[-1] for key in reads) == ["0", "1", "2"]  # one read each, its own
+    assert service.store == {}
 
 
 def test_a_rank_that_does_not_take_part_times_the_others_out() -> None:

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from anyckpt.codecs.dtypes import DT_STRING, enum_from_dtype
 from anyckpt.distributed import PlanError, even_slice
-from anyckpt.distributed.plan import Item, Manifest, make_plan, shard_options
+from anyckpt.distributed.plan import Item, Manifest, assign, make_plan, shard_options
 from anyckpt.formats.sharded import ShardOptions
 
 F32 = enum_from_dtype(np.dtype(np.float32))
@@ -185,3 +185,87 @@ def test_even_slice_splits_exactly(length: int, world: int) -> None:
         slice(int(c[0]), int(c[-1]) + 1) if len(c) else parts[i]
         for i, c in enumerate(np.array_split(np.arange(length), world))
     ]
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    world=st.integers(1, 6),
+    rows=st.integers(1, 9),
+    replicated=st.integers(0, 3),
+    num_shards=st.sampled_from([None, 1, 2, 3]),
+)
+def test_each_ranks_assignment_is_its_share_of_the_plan(
+    world: int, rows: int, replicated: int, num_shards: int | None
+) -> None:
+    """What the primary sends a rank rebuilds, from the rank's own manifest, exactly the data
+    files the plan gives it, and is no bigger than the rank's share."""
+    per_rank: list[list[Item]] = [[] for _ in range(world)]
+    for t in range(3):
+        shape = (rows * world, 2)
+        for rank in range(world):
+            part = even_slice(shape[0], rank, world)
+            extents = ((part.start, part.stop - part.start), (0, 2))
+            per_rank[rank].append(piece(f"sharded/{t}", shape, extents))
+    for t in range(replicated):
+        for rank in range(world):
+            per_rank[rank].append(whole(f"replica/{t}", (t + 1,)))
+    ms = manifests(*per_rank)
+    plan = make_plan(ms, ShardOptions(num_shards=num_shards))
+    assignments = assign(plan, ms)
+    assert len(assignments) == world
+    for rank, (assignment, manifest) in enumerate(zip(assignments, ms, strict=True)):
+        assert assignment.num_shards == plan.num_shards
+        assert assignment.files_of(manifest.items) == plan.files_of(rank)
+        assert sum(len(f) for f in assignment.files) <= len(manifest.items)
+
+
+def _overlaps(a: tuple[tuple[int, int], ...], b: tuple[tuple[int, int], ...]) -> bool:
+    return all(max(s, t) < min(s + m, t + n) for (s, m), (t, n) in zip(a, b, strict=True))
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    shape=st.lists(st.integers(1, 6), min_size=1, max_size=3).map(tuple),
+    data=st.data(),
+)
+def test_check_tiling_finds_an_overlap_exactly_when_a_pair_overlaps(
+    shape: tuple[int, ...], data: st.DataObject
+) -> None:
+    """The sorted one-axis check and the pairwise fallback agree with comparing every pair."""
+    from anyckpt.partitioned import check_tiling
+
+    axis = data.draw(st.integers(0, len(shape) - 1))
+    one_axis = data.draw(st.booleans())
+
+    def extent(dim: int, varies: bool) -> tuple[int, int]:
+        if not varies:
+            return (0, dim)
+        start = data.draw(st.integers(0, dim - 1))
+        return (start, data.draw(st.integers(1, dim - start)))
+
+    parts = [
+        tuple(extent(dim, not one_axis or i == axis) for i, dim in enumerate(shape))
+        for _ in range(data.draw(st.integers(1, 6)))
+    ]
+    expected = any(_overlaps(a, b) for i, a in enumerate(parts) for b in parts[:i])
+    try:
+        check_tiling(shape, parts)
+        raised = None
+    except ValueError as exc:
+        raised = str(exc)
+    if expected:
+        assert raised is not None
+        assert "overlap" in raised
+    else:
+        assert raised is None or "overlap" not in raised
+
+
+def test_check_tiling_of_8192_row_pieces() -> None:
+    """8,192 row pieces (a tensor over 8,192 ranks) are checked, and one overlap is found."""
+    from anyckpt.partitioned import check_tiling
+
+    rows = [((r, 1), (0, 4)) for r in range(8192)]
+    check_tiling((8192, 4), rows)
+    bad = [*rows[:-1], ((8190, 2), (0, 4))]
+    with pytest.raises(ValueError, match=r"\(\(8190, 2\), \(0, 4\)\)"):
+        check_tiling((8192, 4), bad)

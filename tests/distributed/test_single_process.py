@@ -18,6 +18,7 @@ from anyckpt.distributed import (
     SingleProcessCoordinator,
     even_slice,
 )
+from anyckpt.distributed.base import scatter
 from anyckpt.storage import Storage
 
 
@@ -43,10 +44,27 @@ def test_single_process_coordinator_is_a_coordinator() -> None:
     assert isinstance(coordinator, Coordinator)
     assert (coordinator.rank, coordinator.world_size) == (0, 1)
     assert coordinator.all_gather("x") == ["x"]
+    assert coordinator.scatter(["y"]) == "y"
     assert coordinator.gather("x") == ["x"]
     assert coordinator.broadcast("x") == "x"
     with pytest.raises(ValueError, match="rank 1"):
         coordinator.gather("x", dst=1)
+
+
+def test_scatter_without_the_coordinators_own_falls_back_to_a_broadcast() -> None:
+    class Minimal:  # a third-party coordinator that predates scatter
+        rank, world_size, timeout = 1, 3, 1.0
+
+        def __init__(self) -> None:
+            self.broadcasts: list[object] = []
+
+        def broadcast(self, obj: object, src: int = 0) -> object:
+            self.broadcasts.append(obj)
+            return ["a", "b", "c"]
+
+    minimal = Minimal()
+    assert scatter(minimal, None, 0) == "b"  # type: ignore[arg-type]
+    assert minimal.broadcasts == [None]
 
 
 @pytest.mark.anyio

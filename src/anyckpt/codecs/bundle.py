@@ -13,6 +13,7 @@ the bytes, as ``tensor_bundle.cc`` computes it.
 
 from __future__ import annotations
 
+import functools
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -157,12 +158,13 @@ def encode_entry(entry: BundleEntry) -> bytes:
     An ordinary entry (no slices, every number non-negative) is encoded by hand: this runs
     once per tensor, and building a protobuf message costs several times more. Fields go in
     field-number order, zero (default) scalars are left out, and the shape is always present
-    (``SetInParent``), each dim a submessage whose zero size is left out too. Anything else
-    (partitioned entries, out-of-range numbers) goes through protobuf itself.
+    (``SetInParent``), each dim a submessage whose zero size is left out too; a partitioned
+    entry's slices follow. Anything else (out-of-range numbers) goes through protobuf itself.
     """
     shard_id, offset, size, crc = entry.shard_id, entry.offset, entry.size, entry.crc32c
+    slices = _encode_slices(entry.slices) if entry.slices else b""
     if (
-        entry.slices
+        slices is None
         or not 0 <= shard_id <= _INT32_MAX
         or not 0 <= offset <= _INT64_MAX
         or not 0 <= size <= _INT64_MAX
@@ -187,7 +189,34 @@ def encode_entry(entry: BundleEntry) -> bytes:
         parts.append(b"\x28" + _varint(size))
     if crc:
         parts.append(b"\x35" + _U32.pack(crc))
+    parts.append(slices)
     return b"".join(parts)
+
+
+def _encode_slices(slices: Sequence[Sequence[Extent]]) -> bytes | None:
+    """Field 7 (``repeated TensorSliceProto slices``) by hand, or None where a number is out of
+    the range this encodes (protobuf then does it). A partitioned tensor saved over thousands
+    of ranks has thousands of slices: building them as messages dominated the merged index."""
+    out = []
+    try:
+        for extents in slices:
+            joined = b"".join([_extent_field(start, length) for start, length in extents])
+            out.append(b"\x3a" + _varint(len(joined)) + joined)
+    except ValueError:
+        return None
+    return b"".join(out)
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _extent_field(start: int, length: int) -> bytes:
+    """One ``extent`` of a ``TensorSliceProto`` (field 1), with its tag and length. Cached: the
+    slices of a tensor split over many ranks share most of their extents."""
+    if not 0 <= start <= _INT64_MAX or not -1 <= length <= _INT64_MAX:
+        raise ValueError("out of range")
+    extent = (b"\x08" + _varint(start) if start else b"") + (
+        b"" if length == -1 else b"\x10" + _varint(length)
+    )
+    return b"\x0a" + _varint(len(extent)) + extent
 
 
 def _decode_entry_proto(data: bytes) -> BundleEntry:

@@ -9,6 +9,7 @@ V1 checkpoints key every saved slice this way; V2 bundles key the slices of part
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 from . import DecodeError
@@ -103,11 +104,21 @@ def read_signed_num_increasing(data: bytes, pos: int) -> tuple[int, int]:
 
 def encode_tensor_name_slice(name: bytes, extents: Sequence[Extent]) -> bytes:
     """TensorFlow's ``EncodeTensorNameSlice``: the table key of one slice of a tensor."""
-    parts = [write_num_increasing(0), write_string(name), write_num_increasing(len(extents))]
+    parts = [_slice_key_head(name, len(extents))]
     for start, length in extents:
-        parts.append(write_signed_num_increasing(start))
-        parts.append(write_signed_num_increasing(length))
+        parts.append(_signed(start))
+        parts.append(_signed(length))
     return b"".join(parts)
+
+
+@functools.lru_cache(maxsize=4096)
+def _slice_key_head(name: bytes, rank: int) -> bytes:
+    """The part of a slice key before its extents (a tensor's pieces all share it)."""
+    return write_num_increasing(0) + write_string(name) + write_num_increasing(rank)
+
+
+#: Extents repeat (every piece of a row split has the same column extent): cached encodings.
+_signed = functools.lru_cache(maxsize=1 << 16)(write_signed_num_increasing)
 
 
 def decode_tensor_name_slice(key: bytes) -> tuple[bytes, tuple[Extent, ...]]:

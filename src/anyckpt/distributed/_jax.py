@@ -12,7 +12,7 @@ from __future__ import annotations
 import importlib
 import pickle
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from .base import DEFAULT_TIMEOUT, CoordinationError, _check_rank
@@ -159,6 +159,27 @@ class JaxCoordinator:
             return out
 
         return self._collective("gather", call)
+
+    def scatter(self, objs: Sequence[T] | None, src: int = 0) -> T:
+        """``src`` passes one object per rank; each rank reads only its own key."""
+        _check_rank(src, self._world_size)
+
+        def call(base: str) -> T:
+            mine: list[str] = []
+            if self._rank == src:
+                assert objs is not None
+                assert len(objs) == self._world_size
+                for r, obj in enumerate(objs):
+                    key = f"{base}/to/{r}"
+                    self._client.key_value_set_bytes(key, pickle.dumps(obj))
+                    mine.append(key)
+            result: T = pickle.loads(
+                self._client.blocking_key_value_get_bytes(f"{base}/to/{self._rank}", self._ms())
+            )
+            self._done(base, mine)
+            return result
+
+        return self._collective("scatter", call)
 
     def __repr__(self) -> str:
         return (

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 from .base import DEFAULT_TIMEOUT, CoordinationError, _check_rank
@@ -128,6 +128,20 @@ class TorchCoordinator:
             return out
 
         return self._collective("gather", call)
+
+    def scatter(self, objs: Sequence[T] | None, src: int = 0) -> T:
+        """``src`` passes one object per rank; each rank receives only its own."""
+        _check_rank(src, self._world_size)
+        box: list[Any] = [None]
+        global_src = self._global_ranks[src]
+        inputs = list(objs) if self._rank == src and objs is not None else None
+
+        def call() -> T:
+            self._dist.scatter_object_list(box, inputs, src=global_src, group=self._group)
+            result: T = box[0]
+            return result
+
+        return self._collective("scatter", call)
 
     def __repr__(self) -> str:
         return (

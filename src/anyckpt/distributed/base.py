@@ -3,7 +3,8 @@ single-process default.
 
 Everything a multi-process save exchanges goes through four calls on small, picklable objects
 (tensor names, shapes, index entries, the outcome): ``all_gather``, ``gather``, ``broadcast``
-and ``barrier``. Tensor bytes never do: every process writes its own files to shared storage.
+and ``barrier``, plus ``scatter`` where the engine has one (:func:`scatter`). Tensor bytes
+never do: every process writes its own files to shared storage.
 
 The calls are blocking (the manager runs them in a worker thread) and collective: every rank
 makes the same calls in the same order. Each one gives up after the coordinator's ``timeout``
@@ -14,6 +15,7 @@ failed call the group is out of step, so an implementation refuses every later c
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, Protocol, TypeVar, runtime_checkable
 
 from ..errors import CheckpointError
@@ -89,8 +91,29 @@ class SingleProcessCoordinator:
         _check_rank(dst, 1)
         return [obj]
 
+    def scatter(self, objs: Sequence[T] | None, src: int = 0) -> T:
+        _check_rank(src, 1)
+        assert objs is not None, "the source rank passes one object per rank"
+        assert len(objs) == 1, "the source rank passes one object per rank"
+        return objs[0]
+
     def __repr__(self) -> str:
         return "SingleProcessCoordinator()"
+
+
+def scatter(coordinator: Coordinator, objs: Sequence[T] | None, src: int = 0) -> T:
+    """``src`` passes one object per rank (the others None); each rank returns its own.
+
+    Uses the coordinator's ``scatter(objs, src)`` where it has one (the built-in coordinators
+    do): each rank then receives only its object. A coordinator without one still works: the
+    whole list is broadcast and each rank keeps its own, which moves world-size times more
+    bytes (fine for small groups)."""
+    own = getattr(coordinator, "scatter", None)
+    if own is not None:
+        result: T = own(objs, src)
+        return result
+    everyone: list[T] = coordinator.broadcast(None if objs is None else list(objs), src)
+    return everyone[coordinator.rank]
 
 
 def _check_rank(rank: int, world_size: int) -> None:

@@ -1,7 +1,9 @@
 """Who writes what in a multi-process save (pure: no I/O, no communication).
 
-Every rank sends every rank its manifest (the names, dtypes, shapes and pieces it holds, never
-the bytes), and every rank computes the same plan from the same manifests:
+Every rank sends the primary (rank 0) its manifest (the names, dtypes, shapes and pieces it
+holds, never the bytes); the primary computes the plan from all of them and sends each rank
+only its own share of it (:class:`Assignment`), so what a save moves between processes grows
+with the world size times the tensors, not with its square:
 
 * a tensor (or piece of a sharded tensor) held by several ranks is a replica and is written
   by one of them: those held by one rank are assigned first, then replicas from the largest
@@ -22,6 +24,7 @@ from __future__ import annotations
 from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from operator import itemgetter
 from typing import Any, NoReturn
 
 from ..codecs.bundle import BundleEntry
@@ -114,20 +117,24 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
     world = len(manifests)
     if world < 1:
         raise ValueError("no manifests")
-    holders_of: dict[tuple[bytes, Extents | None], list[int]] = defaultdict(list)
+    holders_of: dict[tuple[bytes, Extents | None], list[int]] = {}
     first_seen: dict[tuple[bytes, Extents | None], Item] = {}
     by_key: dict[bytes, list[Item]] = defaultdict(list)
     for rank, manifest in enumerate(manifests):
         for item in manifest.items:
-            unit = item.unit
-            if rank in holders_of[unit]:
-                raise PlanError(f"rank {rank} holds {_name(item)} twice")
-            holders_of[unit].append(rank)
-            if unit not in first_seen:
+            unit = (item.key, item.extents)
+            ranks = holders_of.get(unit)
+            if ranks is None:
+                holders_of[unit] = [rank]
                 first_seen[unit] = item
                 by_key[item.key].append(item)
-            elif (item.dtype, item.shape) != (first_seen[unit].dtype, first_seen[unit].shape):
-                _mismatch(item, first_seen[unit], rank, holders_of[unit][0])
+                continue
+            if ranks[-1] == rank:  # ranks are visited in order: its own earlier item
+                raise PlanError(f"rank {rank} holds {_name(item)} twice")
+            ranks.append(rank)
+            first = first_seen[unit]
+            if item.dtype != first.dtype or item.shape != first.shape:
+                _mismatch(item, first, rank, ranks[0])
 
     holders: dict[bytes, BundleEntry] = {}
     for key, items in by_key.items():
@@ -153,26 +160,31 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
     # Who writes each unit: forced ones first, then replicas, largest first, least loaded.
     loads = [0] * world
     owned: list[list[Item]] = [[] for _ in range(world)]
-    units = sorted(first_seen, key=lambda u: (-first_seen[u].nbytes, u[0], u[1] or ()))
-    for unit in units:
-        if len(holders_of[unit]) == 1:
-            rank = holders_of[unit][0]
-            owned[rank].append(first_seen[unit])
-            loads[rank] += first_seen[unit].nbytes
-    for unit in units:
-        candidates = holders_of[unit]
-        if len(candidates) > 1:
-            rank = min(candidates, key=lambda r: (loads[r], r))
-            owned[rank].append(first_seen[unit])
-            loads[rank] += first_seen[unit].nbytes
+    replicas: list[tuple[bytes, Extents | None]] = []
+    for unit, ranks in holders_of.items():
+        if len(ranks) == 1:
+            item = first_seen[unit]
+            owned[ranks[0]].append(item)
+            loads[ranks[0]] += item.nbytes
+        else:
+            replicas.append(unit)
+    replicas.sort(key=lambda u: (-first_seen[u].nbytes, u[0], u[1] or ()))
+    for unit in replicas:
+        rank = min(holders_of[unit], key=lambda r: (loads[r], r))
+        owned[rank].append(first_seen[unit])
+        loads[rank] += first_seen[unit].nbytes
 
     shards: list[tuple[tuple[Item, ...], ...]] = []
+    one_file = not options.sharded
     for items in owned:
         if not items:
             shards.append(())
             continue
-        ordered = sorted(items, key=lambda item: item.data_key)
-        labels = {key_from_bytes(item.data_key): item for item in ordered}
+        keyed = sorted(((item.data_key, item) for item in items), key=itemgetter(0))
+        if one_file:  # the default: each rank's share is one data file
+            shards.append((tuple(item for _, item in keyed),))
+            continue
+        labels = {key_from_bytes(key): item for key, item in keyed}
         sizes = [(label, item.nbytes) for label, item in labels.items()]
         planned = plan_shards(sizes, options)
         shards.append(tuple(tuple(labels[label] for label in group) for group in planned if group))
@@ -184,6 +196,36 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
         first_shard.append(total)
         total += len(per_rank)
     return Plan(total, tuple(shards), tuple(first_shard), holders)
+
+
+@dataclass(frozen=True)
+class Assignment:
+    """What the primary sends one rank after planning: the data files the rank writes, each as
+    positions in the rank's own manifest (so its size is that of the rank's share), or the
+    error that stops the save on every rank."""
+
+    num_shards: int = 0
+    first_shard: int = 0
+    files: tuple[tuple[int, ...], ...] = ()
+    error: str | None = None
+    plan_error: bool = False  # the error is a PlanError (the ranks' states do not fit)
+
+    def files_of(self, items: Sequence[Item]) -> list[tuple[int, tuple[Item, ...]]]:
+        """(shard number, items) of the data files this rank writes, from its own items."""
+        return [
+            (self.first_shard + i, tuple(items[position] for position in positions))
+            for i, positions in enumerate(self.files)
+        ]
+
+
+def assign(plan: Plan, manifests: Sequence[Manifest]) -> list[Assignment]:
+    """Each rank's share of ``plan`` (index = rank), in terms of that rank's own manifest."""
+    out: list[Assignment] = []
+    for rank, manifest in enumerate(manifests):
+        position = {item.unit: i for i, item in enumerate(manifest.items)}
+        files = tuple(tuple(position[item.unit] for item in items) for items in plan.shards[rank])
+        out.append(Assignment(plan.num_shards, plan.first_shard[rank], files))
+    return out
 
 
 def _name(item: Item) -> str:

@@ -3,9 +3,11 @@
 A save, on every rank, in save order (all collectives of one save happen after those of the
 save before, so every rank makes the same collectives in the same order):
 
-1. ``all_gather`` the manifests (names, dtypes, shapes, pieces; or the error that kept the
-   rank from preparing its state). Every rank computes the same :func:`~.plan.make_plan`, or
-   the same error, and then stops, having written nothing.
+1. ``gather`` the manifests on the primary (names, dtypes, shapes, pieces; or the error that
+   kept the rank from preparing its state). The primary computes :func:`~.plan.make_plan` and
+   ``scatter``s each rank its own share (:class:`~.plan.Assignment`), or the error that stops
+   the save on every rank, which then stops having written nothing. (Every message grows with
+   one rank's share, so a save moves O(world size × tensors) bytes, not the square.)
 2. Every rank writes its share as its own data files, concurrently, to the shared storage.
 3. ``gather`` on the primary (rank 0): each rank's index entries, or its error.
 4. The primary, if every rank succeeded: writes the merged ``PREFIX.index`` (TensorFlow's
@@ -43,8 +45,18 @@ from ..formats.v2_index import build_index
 from ..formats.v2_layout import data_path, index_path
 from ..partitioned import Partitioned, partitions_of
 from ..tensors import as_named_tensor, flatten, key_to_bytes
-from .base import CoordinationError, Coordinator
-from .plan import Extents, Item, Manifest, Plan, PlanError, make_plan, shard_options
+from .base import CoordinationError, Coordinator, scatter
+from .plan import (
+    Assignment,
+    Extents,
+    Item,
+    Manifest,
+    Plan,
+    PlanError,
+    assign,
+    make_plan,
+    shard_options,
+)
 from .sharded import Sharded
 
 if TYPE_CHECKING:
@@ -68,6 +80,7 @@ class _Start:
     state: _Tracking | None
     last_step: int | None
     error: str | None = None
+    mismatch: str | None = None  # the ranks did not open the same checkpoints
 
 
 @dataclass(frozen=True)
@@ -115,29 +128,39 @@ async def enter(
     """Every rank checks it opens the same directory; the primary opens it (reads the state
     file, removes what interrupted saves left); every rank adopts the primary's view."""
     hello = _Hello(manager.directory, manager.checkpoint_name, manager.format.name)
-    hellos: list[_Hello] = await _call(coordinator.all_gather, hello)
-    for rank, other in enumerate(hellos):
-        if other != hellos[0]:
-            raise ValueError(
+    hellos: list[_Hello] | None = await _call(coordinator.gather, hello, 0)
+    if coordinator.rank == 0:
+        assert hellos is not None
+        mismatch = next(
+            (
                 f"every rank must open the same checkpoints: rank 0 has {hellos[0]}, "
                 f"rank {rank} has {other}"
-            )
-    if coordinator.rank == 0:
+                for rank, other in enumerate(hellos)
+                if other != hellos[0]
+            ),
+            None,
+        )
         failure: Exception | None = None
-        try:
-            await open_directory()
-        except Exception as exc:
-            failure = exc
+        if mismatch is None:
+            try:
+                await open_directory()
+            except Exception as exc:
+                failure = exc
         start = _Start(
-            None if failure else manager._state,
+            None if failure or mismatch else manager._state,
             manager._last_step,
             _describe(failure) if failure else None,
+            mismatch,
         )
         await _call(coordinator.broadcast, start, 0)
+        if mismatch is not None:
+            raise ValueError(mismatch)
         if failure is not None:
             raise failure
         return
     start = await _call(coordinator.broadcast, None, 0)
+    if start.mismatch is not None:
+        raise ValueError(start.mismatch)
     if start.error is not None or start.state is None:
         raise CheckpointError(
             f"rank 0 could not open the checkpoints: {start.error}", path=manager.directory
@@ -286,27 +309,27 @@ async def _write_and_commit(
             await previous.wait()  # collectives in save order on every rank
         started = time.perf_counter()
         async with manager._commit_lock:
-            # 1. The plan.
-            manifests: list[Manifest] = await _call(coordinator.all_gather, manifest)
+            # 1. The plan: made by the primary, each rank told its own share.
+            manifests = await _call(coordinator.gather, manifest, 0)
+            plan: Plan | None = None
+            assignments: list[Assignment] | None = None
+            if manifests is not None:
+                plan, assignments = _plan(
+                    manifests, pending.step, shard_options(manager.format_options)
+                )
+            mine: Assignment = await _call(scatter, coordinator, assignments, 0)
             if manifest.error is not None:
                 raise CheckpointError(f"save of step {pending.step}: {manifest.error}")
-            for other_rank, other in enumerate(manifests):
-                if other.error is not None:
-                    raise CheckpointError(
-                        f"save of step {pending.step} failed on rank {other_rank}: {other.error}"
-                    )
-                if other.name != name:
-                    raise PlanError(
-                        f"ranks save different checkpoints: rank 0 {manifests[0].name!r}, "
-                        f"rank {other_rank} {other.name!r}"
-                    )
-            plan = make_plan(manifests, shard_options(manager.format_options))
+            if mine.error is not None:
+                raise (PlanError if mine.plan_error else CheckpointError)(mine.error)
             # 2. This rank's data files.
             written: list[str] = []
             local_error: Exception | None = None
             files: list[DataFileEntries] = []
             try:
-                files = await _write_files(manager, name, plan, rank, arrays, written)
+                files = await _write_files(
+                    manager, name, mine.num_shards, mine.files_of(manifest.items), arrays, written
+                )
             except Exception as exc:
                 local_error = exc
                 with anyio.CancelScope(shield=True):
@@ -322,6 +345,7 @@ async def _write_and_commit(
             wrote = time.perf_counter()
             # 3.-5. The primary merges and commits; everybody learns the outcome.
             if rank == 0:
+                assert plan is not None
                 outcome = await _primary_commit(
                     manager, coordinator, pending.step, name, plan, report, local_error
                 )
@@ -353,11 +377,38 @@ async def _write_and_commit(
             pending._finish(error)
 
 
+def _plan(
+    manifests: list[Manifest], step: int, options: Any
+) -> tuple[Plan | None, list[Assignment]]:
+    """The primary's planning: the plan and each rank's share, or the error every rank gets."""
+    world = len(manifests)
+
+    def everyone(error: str, plan_error: bool = False) -> tuple[None, list[Assignment]]:
+        return None, [Assignment(error=error, plan_error=plan_error)] * world
+
+    for other_rank, other in enumerate(manifests):
+        if other.error is not None:
+            return everyone(f"save of step {step} failed on rank {other_rank}: {other.error}")
+        if other.name != manifests[0].name:
+            return everyone(
+                f"ranks save different checkpoints: rank 0 {manifests[0].name!r}, "
+                f"rank {other_rank} {other.name!r}",
+                plan_error=True,
+            )
+    try:
+        plan = make_plan(manifests, options)
+    except PlanError as exc:
+        return everyone(str(exc), plan_error=True)
+    except Exception as exc:
+        return everyone(f"save of step {step} could not be planned: {_describe(exc)}")
+    return plan, assign(plan, manifests)
+
+
 async def _write_files(
     manager: CheckpointManager,
     name: str,
-    plan: Plan,
-    rank: int,
+    num_shards: int,
+    shards: list[tuple[int, tuple[Item, ...]]],
     arrays: Arrays,
     written: list[str],
 ) -> list[DataFileEntries]:
@@ -370,7 +421,7 @@ async def _write_files(
     files: list[DataFileEntries] = []
 
     async def one(shard: int, items: tuple[Item, ...]) -> None:
-        path = data_path(prefix, shard, plan.num_shards)
+        path = data_path(prefix, shard, num_shards)
         pairs = [(item.data_key, arrays[item.unit]) for item in items]
         found = await anyio.to_thread.run_sync(
             write_data_file,
@@ -385,7 +436,7 @@ async def _write_files(
         files.append(found)
 
     # One clear error, not a group.
-    await run_concurrently(partial(one, shard, items) for shard, items in plan.files_of(rank))
+    await run_concurrently(partial(one, shard, items) for shard, items in shards)
     return files
 
 

@@ -1,0 +1,84 @@
+"""The many-rank simulator (benchmarks/distributed_scale.py) runs, at a small scale, the
+library's own planning, data-file, merge and commit code: its checkpoint reads back exactly,
+and what its collectives move grows linearly with the ranks (never a timing)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import anyckpt.sync
+
+ROOT = Path(__file__).resolve().parents[2]
+SIMULATOR = ROOT / "benchmarks" / "distributed_scale.py"
+
+
+def simulate(tmp_path: Path, ranks: int, tensors: int, *extra: str) -> dict[str, Any]:
+    out = tmp_path / f"sim-{ranks}.json"
+    cmd = [sys.executable, str(SIMULATOR), "--ranks", str(ranks), "--tensors", str(tensors)]
+    cmd += ["--json", "--out", str(out), *extra]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result: dict[str, Any] = json.loads(out.read_text())
+    return result
+
+
+def expected_fsdp(shape: tuple[int, ...], ranks: int) -> np.ndarray:
+    """Each rank fills its rows with its rank number."""
+    from anyckpt.distributed import even_slice
+
+    full = np.empty(shape, np.float32)
+    for rank in range(ranks):
+        full[even_slice(shape[0], rank, ranks)] = rank
+    return full
+
+
+def test_a_64_rank_save_reads_back_whole_in_one_process(tmp_path: Path) -> None:
+    directory = tmp_path / "run"
+    result = simulate(tmp_path, 64, 20, "--dir", str(directory))
+    assert result["protocol"] == "gather-scatter"
+    assert result["index_entries"] == 64 * 20 + 20  # a slice per rank, a full name per tensor
+    assert set(result["collectives"]) == {
+        "open: gather + broadcast",
+        "manifests: gather to rank 0",
+        "plan: scatter from rank 0",
+        "reports: gather to rank 0",
+        "outcome: broadcast",
+    }
+    save = result["requests_per_rank"]["save"]
+    assert save["other_puts_max"] == 1  # one data file per rank
+    restore = result["requests_per_rank"]["restore_half"]
+    assert restore["world"] == 32
+    assert restore["coalesced_gets_max"] <= restore["gets_max"]
+    tensors = anyckpt.sync.load(directory / "ckpt-1")
+    assert len(tensors) == 20
+    for name, value in tensors.items():
+        np.testing.assert_array_equal(value, expected_fsdp(value.shape, 64), err_msg=name)
+
+
+@pytest.mark.parametrize("layout", ["tp", "replicated"])
+def test_other_layouts_write_each_piece_once(tmp_path: Path, layout: str) -> None:
+    directory = tmp_path / "run"
+    result = simulate(tmp_path, 16, 7, "--layout", layout, "--dir", str(directory))
+    tensors = anyckpt.sync.load(directory / "ckpt-1")
+    assert len(tensors) == 7
+    # Every replica is written once: the data files hold exactly the state's bytes.
+    data = sum(p.stat().st_size for p in directory.iterdir() if ".data-" in p.name)
+    assert data == sum(v.nbytes for v in tensors.values())
+    assert result["layout"] == layout
+
+
+def test_collective_bytes_grow_linearly_with_the_ranks(tmp_path: Path) -> None:
+    """Doubling the ranks (each holding a slice of every tensor) at most doubles what the
+    save's collectives move, plus a little: the manifests are gathered, not all-gathered."""
+    small = simulate(tmp_path, 32, 40, "--no-data")
+    large = simulate(tmp_path, 64, 40, "--no-data")
+    for name, size in small["collectives"].items():
+        assert large["collectives"][name] <= 2.2 * size, name
+    assert large["collective_bytes"] <= 2.2 * small["collective_bytes"]
