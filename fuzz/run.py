@@ -40,6 +40,7 @@ HARNESSES = [
     "fuzz_state_file",
     "fuzz_plugins",
     "fuzz_meta",
+    "fuzz_tf2_object_graph",
 ]
 CORPUS = HERE / "corpus"
 MAX_LEN = 65536
@@ -104,7 +105,29 @@ def seeds(harness: str) -> list[bytes]:
             out += [tag + next(iter(f.values())) for f in _checkpoints(fmt)]
     elif harness == "fuzz_meta":
         out = _meta_graphs()
+    elif harness == "fuzz_tf2_object_graph":
+        out = _object_graphs()
     return [data[:MAX_LEN] for data in out]
+
+
+def _object_graphs() -> list[bytes]:
+    """Object graphs anyckpt writes: nested objects, a shared object, slot variables."""
+    from anyckpt.object_graph import encode_tree
+
+    w = np.zeros((2, 3), np.float32)
+    trees = [
+        {"model": {"w": w, "inner": {"b": w[0]}}, "save_counter": np.int64(1)},
+        {
+            "model": {
+                "kernel": {
+                    ".ATTRIBUTES": {"VARIABLE_VALUE": w},
+                    ".OPTIMIZER_SLOT": {"optimizer": {"m": w, "v": w}},
+                }
+            },
+            "optimizer": {"iter": np.int64(3)},
+        },
+    ]
+    return [encode_tree(tree)[1] for tree in trees]
 
 
 def _meta_graphs() -> list[bytes]:

@@ -138,6 +138,22 @@ def meta(data: bytes) -> int:
     return 0
 
 
+def tf2_object_graph(data: bytes) -> int:
+    """TF2's ``_CHECKPOINTABLE_OBJECT_GRAPH`` (a serialized TrackableObjectGraph): parsed
+    within bounds, validated (ids, names, slots, depth), laid out as a tree, and the tree
+    written back out, which must lay out to the same paths."""
+    from anyckpt.object_graph import build_tree, decode_tree_layout, encode_tree
+
+    layout = decode_tree_layout(data)
+    values = {key: len(key) for key in layout.checkpoint_keys()}  # a stand-in value per key
+    tree = build_tree(layout, values)
+    again, graph = encode_tree(dict(tree), aliases=tree.aliases)
+    relaid = decode_tree_layout(graph, set(again))
+    paths = {n.path for n in layout.nodes.values()}
+    assert {n.path for n in relaid.nodes.values()} <= paths | set(layout.aliases), "paths changed"
+    return len(data)
+
+
 #: Harness name -> its target.
 TARGETS: dict[str, Callable[[bytes], int]] = {
     "fuzz_table": table,
@@ -147,9 +163,12 @@ TARGETS: dict[str, Callable[[bytes], int]] = {
     "fuzz_state_file": state_file,
     "fuzz_plugins": plugins,
     "fuzz_meta": meta,
+    "fuzz_tf2_object_graph": tf2_object_graph,
 }
 #: Harnesses that keep checksum comparisons on (the others bypass them).
-WITH_CHECKSUMS = frozenset({"fuzz_v2_checksums", "fuzz_state_file", "fuzz_meta"})
+WITH_CHECKSUMS = frozenset(
+    {"fuzz_v2_checksums", "fuzz_state_file", "fuzz_meta", "fuzz_tf2_object_graph"}
+)
 
 
 def run_one(target: Callable[[bytes], int], data: bytes) -> int:
