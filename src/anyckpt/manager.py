@@ -815,17 +815,18 @@ class CheckpointManager:
             if name not in self._metrics:
                 self._metrics[name] = await anyio.to_thread.run_sync(read, name)
 
+    def _checkpoint_of(self, step: int | None) -> str:
+        """The name of the checkpoint of ``step`` (the latest committed one when None)."""
+        if step is not None:
+            return f"{self.checkpoint_name}-{check_step(step)}"
+        if self._state.latest is None:
+            raise CheckpointNotFoundError("no checkpoint has been committed", path=self.directory)
+        return self._state.latest
+
     async def metrics(self, step: int | None = None) -> dict[str, float]:
         """The metrics recorded with the latest checkpoint (or that of ``step``); empty if
         none were. Raises CorruptCheckpointError for an unreadable sidecar."""
-        if step is None:
-            if self._state.latest is None:
-                raise CheckpointNotFoundError(
-                    "no checkpoint has been committed", path=self.directory
-                )
-            name = self._state.latest
-        else:
-            name = f"{self.checkpoint_name}-{int(step)}"
+        name = self._checkpoint_of(step)
         await self._load_metrics([name])
         return dict(self._metrics[name])
 
@@ -931,15 +932,7 @@ class CheckpointManager:
             flat = await self.restore(step, keys, verify=verify)
             return restore_into(template, flat)
         await self.wait()
-        if step is None:
-            if self._state.latest is None:
-                raise CheckpointNotFoundError(
-                    "no checkpoint has been committed", path=self.directory
-                )
-            name = self._state.latest
-        else:
-            name = f"{self.checkpoint_name}-{check_step(step)}"
-        prefix = self._path(name)
+        prefix = self._path(self._checkpoint_of(step))
         fmt = await self._format_of(prefix, missing_ok=False)
         reader = await fmt.open(self.storage, prefix)
         try:
