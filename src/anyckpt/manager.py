@@ -968,6 +968,22 @@ class NameIndex:
         exact = i < len(self._names) and self._names[i] == stem
         return exact or self._starts(stem + ".") or self._starts(stem + "-")
 
+    def belonging(self, prefix: str) -> list[str]:
+        """The names that may belong to ``prefix`` (as :meth:`may_hold` asks), in O(log n +
+        the names returned)."""
+        stem = prefix.split("-?", 1)[0]
+        names = self._names
+        out: list[str] = []
+        i = bisect.bisect_left(names, stem)
+        if i < len(names) and names[i] == stem:
+            out.append(stem)
+        for start in (stem + ".", stem + "-"):
+            i = bisect.bisect_left(names, start)
+            while i < len(names) and names[i].startswith(start):
+                out.append(names[i])
+                i += 1
+        return out
+
 
 #: Arrays smaller than this are copied on the calling thread: for them a copy is mostly
 #: Python overhead, which threads (sharing the GIL) would only add to.

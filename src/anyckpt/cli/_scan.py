@@ -16,6 +16,7 @@ import os
 import posixpath
 import re
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -230,6 +231,11 @@ async def _detect(storage: Storage, path: str) -> CheckpointFormat | Exception |
         return exc
 
 
+def _data_without_index(name: str, by_name: Mapping[str, Any]) -> bool:
+    data = _DATA_FILE.fullmatch(name)
+    return data is not None and f"{data.group(1)}.index" not in by_name
+
+
 def _why_unreadable(error: Exception | None) -> tuple[str, int]:
     """Why the files of ``name`` could not be read as a checkpoint, and the exit status."""
     if error is not None:
@@ -380,14 +386,15 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
             continue
         # Files of it may be there, in a format no installed plugin reads (or whose plugin
         # failed to load): present, not missing.
-        stem = re.sub(r"-\?{5}-of-\d{5}$", "", name)
+        # (A V2 data file without its index is what an interrupted delete leaves: debris,
+        # listed below, not an unreadable checkpoint.)
         present = [
-            f
-            for f in files
-            if f.name not in claimed
-            and TEMP_MARKER not in f.name
-            and f.name != STATE_FILE
-            and (f.name == stem or re.match(re.escape(stem) + r"[.-]", f.name))
+            by_name[n]
+            for n in on_disk.belonging(name)
+            if n not in claimed
+            and TEMP_MARKER not in n
+            and n != STATE_FILE
+            and not _data_without_index(n, by_name)
         ]
         if not present:
             missing.append(name)
