@@ -134,6 +134,9 @@ class ZstdFormat:
         "threads": FormatOption((int,), "compression threads (default: CPUs, at most 8)"),
         "chunk_bytes": FormatOption((int,), "bytes per compressed chunk (default 4 MiB)"),
         "shuffle": FormatOption((bool,), "byte-transpose numeric chunks (default true)"),
+        "max_ratio": FormatOption(
+            (int,), "raw bytes per stored byte a chunk may reach (default 1,024; readers opt in)"
+        ),
     }
     #: Every chunk carries the crc32c of its uncompressed bytes.
     has_checksums = True
