@@ -7,13 +7,16 @@ that damage one work on a copy.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
 import select
 import shutil
+import struct
 import subprocess
 import sys
+import termios
 import time
 from pathlib import Path
 from typing import Any
@@ -48,10 +51,17 @@ def run(
     )
 
 
-def run_pty(*args: str, cwd: Path | None = None) -> tuple[int, str]:
-    """Run the console script on a pseudo-terminal (stdout and stderr both a tty)."""
+def run_pty(*args: str, cwd: Path | None = None, columns: int | None = None) -> tuple[int, str]:
+    """Run the console script on a pseudo-terminal (stdout and stderr both a tty), 120 columns
+    by ``COLUMNS``, or ``columns`` wide by the terminal's own size (TIOCSWINSZ, no COLUMNS);
+    return its status and everything it wrote."""
     master, slave = os.openpty()
-    env = {**os.environ, "TERM": "xterm", "COLUMNS": "120"}
+    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
+    env["TERM"] = "xterm"
+    if columns is None:
+        env["COLUMNS"] = "120"
+    else:
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
     proc = subprocess.Popen(
         [ANYCKPT, *args], stdin=slave, stdout=slave, stderr=slave, cwd=cwd, env=env
     )

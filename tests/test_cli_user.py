@@ -6,16 +6,11 @@ Every checkpoint here is written by anyckpt itself in a temporary directory (no 
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
-import select
 import shutil
-import struct
 import subprocess
-import termios
-import time
 import unicodedata
 from pathlib import Path
 from typing import Any
@@ -24,7 +19,7 @@ import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from test_cli import ANYCKPT, TIMEOUT, run
+from test_cli import ANYCKPT, TIMEOUT, run, run_pty
 
 import anyckpt
 from anyckpt.cli._output import Progress, display_width, format_bytes
@@ -51,33 +46,7 @@ def run_json(*args: str) -> tuple[int, dict[str, Any]]:
 def run_on_terminal(*args: str, columns: int) -> tuple[int, str]:
     """Run the console script on a pseudo-terminal ``columns`` wide (set with TIOCSWINSZ,
     no COLUMNS variable), returning its status and everything it wrote."""
-    master, slave = os.openpty()
-    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, columns, 0, 0))
-    env = {k: v for k, v in os.environ.items() if k not in ("COLUMNS", "LINES")}
-    env["TERM"] = "xterm"
-    proc = subprocess.Popen([ANYCKPT, *args], stdin=slave, stdout=slave, stderr=slave, env=env)
-    os.close(slave)
-    chunks: list[bytes] = []
-    deadline = time.monotonic() + TIMEOUT
-    try:
-        while time.monotonic() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.1)
-            if ready:
-                try:
-                    data = os.read(master, 65536)
-                except OSError:  # EIO: the child closed the terminal
-                    break
-                if not data:
-                    break
-                chunks.append(data)
-            elif proc.poll() is not None:
-                break
-        proc.wait(timeout=10)
-    finally:
-        os.close(master)
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, b"".join(chunks).decode("utf-8", "replace")
+    return run_pty(*args, columns=columns)
 
 
 def flip_byte(path: Path, needle: bytes) -> None:
