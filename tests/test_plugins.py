@@ -178,20 +178,8 @@ def test_register_format_checks_the_interface(fresh_registry: None) -> None:
     with pytest.raises(TypeError, match="does not implement"):
         anyckpt.register_format(object())  # type: ignore[arg-type]
 
-    class Named:
+    class Named(_Fmt):
         name = "named"
-
-        async def write(self, *args: Any, **kwargs: Any) -> list[str]:
-            return []
-
-        async def open(self, *args: Any) -> Any:
-            raise NotImplementedError
-
-        async def detect(self, *args: Any) -> bool:
-            return False
-
-        async def files(self, *args: Any) -> list[str]:
-            return []
 
     anyckpt.register_format(Named())
     assert "named" in anyckpt.available_formats()
