@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import struct
-import time
 
 import pytest
 from hypothesis import HealthCheck, assume, example, given, settings
@@ -122,10 +121,8 @@ def test_empty_table_layout() -> None:
 @example(data=b"\0" * 40 + bytes.fromhex("57fb808b247547db"))
 @example(data=b"\xff" * 10 + b"\x7f" + b"\0" * 29 + bytes.fromhex("57fb808b247547db"))
 def test_read_table_on_arbitrary_bytes_raises_only_decode_error(data: bytes) -> None:
-    start = time.perf_counter()
     with contextlib.suppress(DecodeError):
         read_table(data)
-    assert time.perf_counter() - start < 0.5
 
 
 @st.composite
@@ -158,17 +155,15 @@ def mutated_table(draw: st.DrawFn) -> tuple[list[tuple[bytes, bytes]], bytes]:
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=mutated_table())
 def test_read_table_on_mutated_bytes(case: tuple[list[tuple[bytes, bytes]], bytes]) -> None:
-    """Damage is detected (DecodeError, quickly), or it hit an unchecked spot (the footer's
+    """Damage is detected (DecodeError), or it hit an unchecked spot (the footer's
     padding or metaindex handle) and the entries are exactly the original ones."""
     entries, data = case
-    start = time.perf_counter()
     try:
         result = read_table(data)
     except DecodeError:
         pass
     else:
         assert result == entries
-    assert time.perf_counter() - start < 0.5
 
 
 def test_separator_keys_match_tf() -> None:

@@ -529,12 +529,10 @@ def small_v1(tmp_path: Path) -> Path:
 def test_every_truncation_is_refused(tmp_path: Path) -> None:
     data = small_v1(tmp_path).read_bytes()
     bad = tmp_path / "bad"
-    started = time.monotonic()
     for size in range(len(data)):
         bad.write_bytes(data[:size])
         with pytest.raises((anyckpt.CorruptCheckpointError, anyckpt.CheckpointNotFoundError)):
             _load_v1(bad)
-    assert time.monotonic() - started < 30
 
 
 def _load_v1(path: Path) -> dict[str, np.ndarray]:

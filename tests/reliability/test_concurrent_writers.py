@@ -391,7 +391,7 @@ async def test_a_dead_holder_on_this_machine_is_taken_over_at_once(s3_bucket: An
     holder.wait()
     started = time.monotonic()
     async with place.manager(lease_seconds=600.0) as manager:
-        assert time.monotonic() - started < 10  # not one lease term (600 s)
+        assert time.monotonic() - started < 120  # far less than one lease term (600 s)
         assert manager.latest_step == step
         await _saved(manager, step + 1)
 

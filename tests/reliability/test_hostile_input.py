@@ -355,10 +355,8 @@ def test_parsers_on_arbitrary_bytes_raise_only_their_own_error(name: str) -> Non
     @settings(max_examples=scaled(150, 5000), deadline=None)
     @given(st.binary(max_size=512))
     def run(data: bytes) -> None:
-        started = time.perf_counter()
         with contextlib.suppress(*allowed):
             parse(data)
-        assert time.perf_counter() - started < 1.0
         _count("parser inputs")
 
     run()
