@@ -85,7 +85,7 @@ def _as_given(storage: Storage, path: str, prefix: PathLike, files: list[str]) -
     """The files' paths as the caller wrote the prefix: a URL keeps its scheme and spelling
     (``s3://bucket/x/ckpt-1.index``, not ``bucket/x/ckpt-1.index``); local paths are
     absolute."""
-    if storage.is_local:
+    if storage.plain_paths:
         return files
     given = os.fspath(prefix).rstrip("/")
     return [given + f[len(path) :] if f.startswith(path) else storage.url(f) for f in files]
