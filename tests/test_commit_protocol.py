@@ -26,9 +26,9 @@ from typing import Any, ClassVar
 import fsspec
 import numpy as np
 import pytest
-from os_seam import patch_os
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from fsspec.utils import stringify_path
+from os_seam import patch_os
 
 import anyckpt
 import anyckpt.storage
@@ -139,7 +139,8 @@ fsspec.register_implementation("faultmem", FaultMemoryFS, clobber=True)
 
 
 class _FaultyOs:
-    """The ``os`` module as anyckpt's local file I/O sees it (tests/os_seam.py), with faults in replace/rename/unlink."""
+    """The ``os`` module as anyckpt's local file I/O sees it (tests/os_seam.py), with faults
+    in replace/rename/unlink."""
 
     def __init__(self, real: Any) -> None:
         self._real = real

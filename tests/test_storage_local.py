@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anyckpt.storage import local as storage_module
 from anyckpt.storage import Storage, start_writeback
+from anyckpt.storage import local as storage_module
 
 
 @pytest.mark.parametrize("durable", [True, False])

@@ -307,12 +307,13 @@ def drop_tree(root: str) -> None:
     ]
 
 
-# -- local disk: the os module of anyckpt.storage.local and anyckpt.lease ------------------------------------------
+# -- local disk: the os of anyckpt.storage.local and anyckpt.lease ---------------------------
 
 
 class FaultyOs:
-    """``os`` as anyckpt's local I/O sees it (``os_seam.patch_os``): the calls that touch files under ``root`` are
-    operations of ``plan`` (file descriptors are traced back to the path they opened)."""
+    """``os`` as anyckpt's local I/O sees it (``os_seam.patch_os``): the calls that touch
+    files under ``root`` are operations of ``plan`` (file descriptors are traced back to the
+    path they opened)."""
 
     def __init__(self, real: Any, plan: FaultPlan, root: str) -> None:
         self._real = real

@@ -392,7 +392,8 @@ HOSTILE_PATHS = st.one_of(
 
 
 class _Recorder:
-    """``os`` for anyckpt's local I/O (tests/os_seam.py), recording every path it is asked to touch."""
+    """``os`` for anyckpt's local I/O (tests/os_seam.py), recording every path it is asked
+    to touch."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
