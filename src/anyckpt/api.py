@@ -3,10 +3,12 @@ read and write TensorFlow's ``PREFIX.meta`` graph (`anyckpt.read_meta_graph`).""
 
 from __future__ import annotations
 
+import importlib
 import os
 import posixpath
 import re
 from collections.abc import Generator, Mapping, Sequence
+from contextlib import suppress
 from functools import partial
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -23,6 +25,17 @@ from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph,
 from .object_graph import OBJECT_GRAPH_KEY, ObjectTree, encode_tree
 from .storage import Storage
 from .tensors import key_to_bytes, prepare
+
+
+def _import_asyncio_backend() -> None:
+    """Import anyio's asyncio backend now, with anyckpt's modules (which a trainer imports
+    before its loop runs), not on its first use, which is on the event loop (~20 ms of the
+    loop's first manager). Trio's backend is imported on its first use, as before."""
+    with suppress(ImportError):
+        importlib.import_module("anyio._backends._asyncio")
+
+
+_import_asyncio_backend()
 
 PathLike = str | os.PathLike[str]
 
