@@ -30,7 +30,7 @@ samples, last, phase, loop_thread = [], [time.perf_counter()], ["idle"], threadi
 why = sys.argv[3] == "1"
 
 def watchdog():
-    seen = None
+    seen, me = None, threading.get_ident()
     while True:
         time.sleep(0.002)
         late = time.perf_counter() - last[0]
@@ -39,9 +39,15 @@ def watchdog():
             stack = traceback.extract_stack(frame) if frame is not None else []
             where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
                      for f in stack][-14:]
+            others = [
+                f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
+                for t, top in sys._current_frames().items() if t not in (loop_thread, me)
+                for f in traceback.extract_stack(top)[-1:]
+            ]
             key = (last[0], where[-1] if where else "")
             if key != seen:
-                samples.append({"phase": phase[0], "late_ms": round(late * 1000, 1), "at": where})
+                samples.append({"phase": phase[0], "late_ms": round(late * 1000, 1),
+                                "at": where, "others": others})
                 seen = key
 
 async def main(url, options):
@@ -108,6 +114,8 @@ def main() -> None:
                     print(f"  {sample['phase']} {sample['late_ms']} ms late at:")
                     for line in sample["at"]:
                         print(f"      {line}")
+                    for line in sample["others"]:
+                        print(f"    other thread at {line}")
             for phase in runs[0]:
                 values = [r.get(phase, 0.0) for r in runs]
                 print(f"{phase}: median {statistics.median(values)} ms, max {max(values)} ms")
