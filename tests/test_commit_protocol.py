@@ -28,6 +28,7 @@ import numpy as np
 import pytest
 from fsspec.implementations.memory import MemoryFile, MemoryFileSystem
 from fsspec.utils import stringify_path
+from os_seam import patch_os
 
 import anyckpt
 import anyckpt.storage
@@ -138,7 +139,8 @@ fsspec.register_implementation("faultmem", FaultMemoryFS, clobber=True)
 
 
 class _FaultyOs:
-    """The ``os`` module as anyckpt.storage sees it, with faults in replace/rename/unlink."""
+    """The ``os`` module as anyckpt's local file I/O sees it (tests/os_seam.py), with faults
+    in replace/rename/unlink."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -206,7 +208,7 @@ def faulty(
         directory = tmp_path / "ckpts"
         PLAN.root = str(directory)
         PLAN.disarm()
-        monkeypatch.setattr(anyckpt.storage, "os", _FaultyOs(os))
+        patch_os(monkeypatch, _FaultyOs(os))
         yield Dir(str(directory), None, fsspec.filesystem("file"), str(directory))
     PLAN.disarm()
     PLAN.root = "/nowhere"

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import anyckpt
 import anyckpt.cli
-import anyckpt.storage
+import anyckpt.storage.local
 from anyckpt import CheckpointManager, CorruptCheckpointError
 from anyckpt.codecs.bundle import BundleEntry, encode_entry, encode_header
 from anyckpt.codecs.crc import masked_crc32c
@@ -225,7 +225,7 @@ def test_a_users_own_oserror_stays_an_oserror(
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, flags, *args, **kwargs)
 
-    monkeypatch.setattr(anyckpt.storage.os, "open", deny)
+    monkeypatch.setattr(anyckpt.storage.local.os, "open", deny)
     with pytest.raises(PermissionError) as raised:
         anyckpt.sync.load(str(prefix))
     assert not isinstance(raised.value, anyckpt.CheckpointError)

@@ -57,8 +57,9 @@ def uploads(fs: Any, bucket: str) -> list[str]:
 KILLED_WRITER = """
 import sys
 import anyckpt.storage as s
-s.S3_SINGLE_PUT_MAX = 1 << 20
-s.S3_PART_SIZE = 5 << 20
+import anyckpt.storage.s3
+s.s3.S3_SINGLE_PUT_MAX = 1 << 20
+s.s3.S3_PART_SIZE = 5 << 20
 storage, path = s.Storage.from_url(sys.argv[1], {options})
 writer = storage.open_writer(path)
 writer.write(bytes(12 << 20))   # two 5 MiB parts sent, 2 MiB held

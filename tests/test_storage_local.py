@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from anyckpt import storage as storage_module
 from anyckpt.storage import Storage, start_writeback
+from anyckpt.storage import local as storage_module
 
 
 @pytest.mark.parametrize("durable", [True, False])
@@ -25,9 +25,9 @@ def test_durable_writes_start_writeback_in_consecutive_stretches(
     arrays = [np.arange(n, dtype=np.float64) for n in (10, 200, 0, 300, 7)]
     storage, path = Storage.from_url(str(tmp_path / "f"))
     writer = storage.open_writer(path, durable=durable)
-    writer.write_many(arrays[:3])  # type: ignore[attr-defined]
+    writer.write_many(arrays[:3])
     writer.write(arrays[3])
-    writer.write_many(arrays[4:])  # type: ignore[attr-defined]
+    writer.write_many(arrays[4:])
     writer.commit()
     assert (tmp_path / "f").read_bytes() == b"".join(a.tobytes() for a in arrays)
     if not durable:

@@ -130,8 +130,8 @@ async def test_s3_big_file_took_a_multipart_upload(
     s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Files above S3_SINGLE_PUT_MAX go in parts of S3_PART_SIZE (S3's smallest: 5 MiB).
-    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 5 << 20)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_SINGLE_PUT_MAX", 5 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_SIZE", 5 << 20)
     prefix = f"{s3_bucket.url}/model-1"
     files = await anyckpt.save(prefix, _tensors(), storage_options=s3_bucket.storage_options)
     raw = s3_bucket.filesystem()

@@ -16,7 +16,9 @@ from servers import RemoteBucket
 
 import anyckpt
 import anyckpt.storage
-from anyckpt.storage import RetryPolicy, Storage, _GatherBody, _S3Writer, _slice_views
+import anyckpt.storage.s3
+from anyckpt.storage import RetryPolicy, Storage
+from anyckpt.storage.s3 import GatherBody, S3Writer, slice_views
 
 # -- the request body ----------------------------------------------------------------------
 
@@ -34,7 +36,7 @@ _ops = st.lists(
 @settings(max_examples=300, deadline=None)
 @given(chunks=_chunks, ops=_ops)
 def test_gather_body_reads_like_one_bytes_file(chunks: list[bytes], ops: list[Any]) -> None:
-    body = _GatherBody([memoryview(c) for c in chunks])
+    body = GatherBody([memoryview(c) for c in chunks])
     expected = io.BytesIO(b"".join(chunks))
     assert body.readable()
     assert body.seekable()
@@ -60,21 +62,21 @@ def test_gather_body_reads_like_one_bytes_file(chunks: list[bytes], ops: list[An
 
 @settings(max_examples=300, deadline=None)
 @given(chunks=_chunks, data=st.data())
-def test_slice_views_is_a_slice_of_the_concatenation(chunks: list[bytes], data: Any) -> None:
+def testslice_views_is_a_slice_of_the_concatenation(chunks: list[bytes], data: Any) -> None:
     whole = b"".join(chunks)
     start = data.draw(st.integers(0, len(whole)))
     stop = data.draw(st.integers(start, len(whole)))
     starts = [0]
     for c in chunks:
         starts.append(starts[-1] + len(c))
-    views = _slice_views([memoryview(c) for c in chunks], starts, start, stop)
+    views = slice_views([memoryview(c) for c in chunks], starts, start, stop)
     assert b"".join(views) == whole[start:stop]
     assert all(v.nbytes for v in views)
 
 
 def test_gather_body_copies_nothing_before_it_is_read() -> None:
     buffer = bytearray(b"abcdef")
-    body = _GatherBody([memoryview(buffer)])
+    body = GatherBody([memoryview(buffer)])
     buffer[0:1] = b"X"  # the body reads the buffer itself, when asked
     assert body.read() == b"Xbcdef"
 
@@ -107,7 +109,7 @@ def _expected(pieces: list[Any]) -> bytes:
 def test_small_file_is_one_put(s3_bucket: RemoteBucket) -> None:
     storage, path = _storage(s3_bucket, "one")
     writer = storage.open_writer(path)
-    assert isinstance(writer, _S3Writer)
+    assert isinstance(writer, S3Writer)
     pieces = _pieces()
     for piece in pieces:
         writer.write(piece)
@@ -122,9 +124,9 @@ def test_small_file_is_one_put(s3_bucket: RemoteBucket) -> None:
 def test_big_file_goes_in_concurrent_parts(
     s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch, part_mib: int
 ) -> None:
-    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 1 << 20)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", part_mib << 20)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_CONCURRENCY", 2)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_SINGLE_PUT_MAX", 1 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_SIZE", part_mib << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_CONCURRENCY", 2)
     storage, path = _storage(s3_bucket, "parts")
     pieces = _pieces() * 2  # 11.4 MiB: parts end inside tensors
     writer = storage.open_writer(path)
@@ -141,11 +143,11 @@ def test_big_file_goes_in_concurrent_parts(
 def test_parts_are_sent_while_writing(
     s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 1 << 20)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_SINGLE_PUT_MAX", 1 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_SIZE", 5 << 20)
     storage, path = _storage(s3_bucket, "streamed")
     writer = storage.open_writer(path)
-    assert isinstance(writer, _S3Writer)
+    assert isinstance(writer, S3Writer)
     pieces = [np.full(3 << 20, i, dtype=np.uint8) for i in range(5)]
     for piece in pieces:
         writer.write(piece)
@@ -163,18 +165,18 @@ def test_parts_are_sent_while_writing(
 def test_failed_part_aborts_the_upload(
     s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 1 << 20)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
-    original = _S3Writer._call
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_SINGLE_PUT_MAX", 1 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_SIZE", 5 << 20)
+    original = S3Writer._call
     calls: list[str] = []
 
-    async def failing(self: _S3Writer, method: str, **kwargs: Any) -> Any:
+    async def failing(self: S3Writer, method: str, **kwargs: Any) -> Any:
         calls.append(method)
         if method == "upload_part" and kwargs["PartNumber"] == 2:
             raise PermissionError(errno.EACCES, "denied")  # permanent: not retried
         return await original(self, method, **kwargs)
 
-    monkeypatch.setattr(_S3Writer, "_call", failing)
+    monkeypatch.setattr(S3Writer, "_call", failing)
     storage, path = _storage(s3_bucket, "failed")
     storage.write_bytes(path, b"the previous version")
     writer = storage.open_writer(path)
@@ -193,12 +195,12 @@ def test_failed_part_aborts_the_upload(
 def test_transient_failure_sends_every_byte_again(
     s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch, single_put_max: int
 ) -> None:
-    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", single_put_max)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
-    original = _S3Writer._call
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_SINGLE_PUT_MAX", single_put_max)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_SIZE", 5 << 20)
+    original = S3Writer._call
     failures: list[str] = []
 
-    async def flaky(self: _S3Writer, method: str, **kwargs: Any) -> Any:
+    async def flaky(self: S3Writer, method: str, **kwargs: Any) -> Any:
         if method in {"put_object", "upload_part"} and not failures:
             body = kwargs["Body"]
             body.read(1000)  # a body half sent, then the connection dropped
@@ -206,7 +208,7 @@ def test_transient_failure_sends_every_byte_again(
             raise OSError(errno.ECONNRESET, "connection reset")
         return await original(self, method, **kwargs)
 
-    monkeypatch.setattr(_S3Writer, "_call", flaky)
+    monkeypatch.setattr(S3Writer, "_call", flaky)
     storage, path = _storage(s3_bucket, "retried")
     pieces = _pieces() * 2
     writer = storage.open_writer(path)
@@ -236,17 +238,17 @@ def test_sharded_save_round_trip(s3_bucket: RemoteBucket) -> None:
 def test_failed_part_is_raised_by_a_later_write(
     s3_bucket: RemoteBucket, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(anyckpt.storage, "S3_SINGLE_PUT_MAX", 1 << 20)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_SIZE", 5 << 20)
-    monkeypatch.setattr(anyckpt.storage, "S3_PART_CONCURRENCY", 1)
-    original = _S3Writer._call
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_SINGLE_PUT_MAX", 1 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_SIZE", 5 << 20)
+    monkeypatch.setattr(anyckpt.storage.s3, "S3_PART_CONCURRENCY", 1)
+    original = S3Writer._call
 
-    async def failing(self: _S3Writer, method: str, **kwargs: Any) -> Any:
+    async def failing(self: S3Writer, method: str, **kwargs: Any) -> Any:
         if method == "upload_part":
             raise PermissionError(errno.EACCES, "denied")
         return await original(self, method, **kwargs)
 
-    monkeypatch.setattr(_S3Writer, "_call", failing)
+    monkeypatch.setattr(S3Writer, "_call", failing)
     storage, path = _storage(s3_bucket, "failed-early")
     writer = storage.open_writer(path)
     writer.write(bytes(5 << 20))  # part 1 goes out, and fails

@@ -3,10 +3,12 @@ read and write TensorFlow's ``PREFIX.meta`` graph (`anyckpt.read_meta_graph`).""
 
 from __future__ import annotations
 
+import importlib
 import os
 import posixpath
 import re
 from collections.abc import Generator, Mapping, Sequence
+from contextlib import suppress
 from functools import partial
 from types import TracebackType
 from typing import Any, Literal, overload
@@ -23,6 +25,17 @@ from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph,
 from .object_graph import OBJECT_GRAPH_KEY, ObjectTree, encode_tree
 from .storage import Storage
 from .tensors import key_to_bytes, prepare
+
+
+def _import_asyncio_backend() -> None:
+    """Import anyio's asyncio backend now, with anyckpt's modules (which a trainer imports
+    before its loop runs), not on its first use, which is on the event loop (~20 ms of the
+    loop's first manager). Trio's backend is imported on its first use, as before."""
+    with suppress(ImportError):
+        importlib.import_module("anyio._backends._asyncio")
+
+
+_import_asyncio_backend()
 
 PathLike = str | os.PathLike[str]
 
@@ -85,7 +98,7 @@ def _as_given(storage: Storage, path: str, prefix: PathLike, files: list[str]) -
     """The files' paths as the caller wrote the prefix: a URL keeps its scheme and spelling
     (``s3://bucket/x/ckpt-1.index``, not ``bucket/x/ckpt-1.index``); local paths are
     absolute."""
-    if storage.is_local:
+    if storage.plain_paths:
         return files
     given = os.fspath(prefix).rstrip("/")
     return [given + f[len(path) :] if f.startswith(path) else storage.url(f) for f in files]

@@ -6,7 +6,7 @@ flight as debris. So a manager takes the directory's lock (the file ``checkpoint
 it reads or changes anything there, and a second one fails with
 :class:`~anyckpt.ConcurrentWriterError`, naming the holder.
 
-* Local disk: an exclusive ``flock`` on the file (:class:`~anyckpt.storage.LocalLock`). The
+* Local disk: an exclusive ``flock`` on the file (:class:`LocalLock`). The
   kernel drops it when the holder's process ends, however it ends, so a crashed writer never
   blocks its successor.
 * Object stores and other filesystems: a *lease*, an object naming its holder, created only if
@@ -27,15 +27,19 @@ object stores); losing it fails the save with ConcurrentWriterError instead of c
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import posixpath
 import secrets
 import socket
+import stat
+import sys
 import threading
 import time
 import weakref
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,10 +48,17 @@ from .errors import (
     CheckpointNotFoundError,
     ConcurrentWriterError,
     CorruptCheckpointError,
+    UnsafePathError,
 )
-from .storage import LocalLock, Storage
+from .storage import Storage
+from .storage.local import SAFE_OPEN, file_kind
 
-__all__ = ["LOCK_FILE", "DirectoryLock", "LockInfo", "read_lock"]
+if sys.platform != "win32":
+    import fcntl
+else:  # pragma: no cover
+    fcntl = None
+
+__all__ = ["LOCK_FILE", "DirectoryLock", "LocalLock", "LockInfo", "read_lock"]
 
 #: Name of the lock file in a checkpoint directory.
 LOCK_FILE = "checkpoint.lock"
@@ -57,6 +68,102 @@ _MAX_LOCK_BYTES = 64 << 10
 _NAMING_GRACE_SECONDS = 1.0
 
 logger = logging.getLogger("anyckpt.lease")
+
+
+class LocalLock:
+    """An exclusive ``flock`` on a file, held until :meth:`release` or until the process ends
+    (the kernel drops it when a process dies, even by SIGKILL). The holder writes who it is into
+    the file, for the error message of the next contender. The file is removed on release while
+    the lock is still held; a contender that locked a file removed meanwhile tries again."""
+
+    def __init__(self, path: str) -> None:
+        if fcntl is None:  # pragma: no cover - Windows
+            raise OSError(errno.ENOSYS, "flock is not available on this platform")
+        self.path = path
+        while True:
+            fd = self._open(path)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                current = self._is_current(fd)
+            except BlockingIOError:
+                os.close(fd)
+                raise FileExistsError(errno.EEXIST, "locked by another writer", path) from None
+            except BaseException:
+                os.close(fd)  # (drops the lock, if it was taken)
+                raise
+            if current:
+                break
+            os.close(fd)  # the holder removed it between our open and our lock
+        self._fd: int | None = fd
+        # A lock dropped without release() (its manager abandoned) is freed with it.
+        self._close = weakref.finalize(self, os.close, fd)
+
+    @staticmethod
+    def _open(path: str) -> int:
+        """Open (create) the lock file, written in place: never through a symbolic link
+        (O_NOFOLLOW; dangling ones included), and only a regular file with one link, so that
+        nothing outside the directory is ever truncated or written. Anything else planted
+        there raises UnsafePathError, and nothing is changed."""
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | SAFE_OPEN, 0o644)
+        except OSError as exc:
+            if exc.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
+                with suppress(OSError):
+                    what = file_kind(os.lstat(path).st_mode)
+                    raise UnsafePathError(
+                        f"refusing to use this lock file: it is {what}", path=path
+                    ) from None
+            raise
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise UnsafePathError(
+                    f"refusing to use this lock file: it is {file_kind(st.st_mode)}", path=path
+                )
+            if st.st_nlink > 1:
+                raise UnsafePathError(
+                    f"refusing to use this lock file: it has {st.st_nlink} hard links (another "
+                    "name, maybe outside the directory, shares its contents)",
+                    path=path,
+                )
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
+    @staticmethod
+    def available() -> bool:
+        """Whether this platform has ``flock``."""
+        return fcntl is not None
+
+    def _is_current(self, fd: int) -> bool:
+        try:
+            now = os.lstat(self.path)
+        except FileNotFoundError:
+            return False
+        mine = os.fstat(fd)
+        return (now.st_dev, now.st_ino) == (mine.st_dev, mine.st_ino)
+
+    def write(self, data: bytes) -> None:
+        assert self._fd is not None
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, data, 0)
+
+    def held(self) -> bool:
+        """Whether the lock is still ours: not released, and its file not removed or replaced
+        by someone else."""
+        return self._fd is not None and self._is_current(self._fd)
+
+    def release(self) -> None:
+        fd, self._fd = self._fd, None
+        if fd is None:
+            return
+        try:
+            if self._is_current(fd):
+                with suppress(FileNotFoundError):
+                    os.unlink(self.path)
+        finally:
+            self._close()  # closing drops the flock
 
 
 def _machine_id() -> str:
@@ -148,7 +255,7 @@ class DirectoryLock:
             _HELD[self.url] = weakref.ref(self)
         try:
             self.storage.makedirs(posixpath.dirname(self.path))
-            if self.storage.is_local and LocalLock.available():
+            if self.storage.supports_flock:
                 self._acquire_local()
             else:
                 self._acquire_lease()
@@ -165,7 +272,7 @@ class DirectoryLock:
         deadline = time.monotonic() + _NAMING_GRACE_SECONDS
         while True:
             try:
-                self._local = self.storage.lock_local(self.path)
+                self._local = LocalLock(self.path)
                 break
             except FileExistsError:
                 holder = None
@@ -415,7 +522,7 @@ def read_lock(storage: Storage, root: str, now: float | None = None) -> LockInfo
         if holder is not None and holder.get("machine") == MACHINE and isinstance(pid, int)
         else None
     )
-    lease = not (storage.is_local and LocalLock.available())
+    lease = not storage.supports_flock
     expires = holder.get("expires") if holder else None
     expired = (expires < now) if lease and isinstance(expires, (int, float)) else None
     if not lease:

@@ -3,7 +3,8 @@
 * :class:`FaultFileSystem` (``faultfs://``): an fsspec filesystem wrapping memory://, counting
   every operation anyckpt makes (open, write, close/flush, rename, delete, list, read, stat,
   mkdir) and failing the k-th one;
-* :class:`FaultyOs`: the ``os`` module as :mod:`anyckpt.storage` sees it on local disk (open,
+* :class:`FaultyOs`: the ``os`` module as anyckpt's local backend and lock see it (installed
+  in every module of the seam by ``os_seam.patch_os``; open,
   write/writev, fsync, rename/replace, link, unlink, listdir, preadv, ...);
 * :class:`S3Faults`: a botocore ``before-send`` hook on the s3fs client, answering the k-th HTTP
   request to the S3 test server with a real S3 error response (503 SlowDown, 500, 403) or a
@@ -306,12 +307,13 @@ def drop_tree(root: str) -> None:
     ]
 
 
-# -- local disk: the os module of anyckpt.storage ---------------------------------------------
+# -- local disk: the os of anyckpt.storage.local and anyckpt.lease ---------------------------
 
 
 class FaultyOs:
-    """``os`` as anyckpt.storage sees it: the calls that touch files under ``root`` are
-    operations of ``plan`` (file descriptors are traced back to the path they opened)."""
+    """``os`` as anyckpt's local I/O sees it (``os_seam.patch_os``): the calls that touch
+    files under ``root`` are operations of ``plan`` (file descriptors are traced back to the
+    path they opened)."""
 
     def __init__(self, real: Any, plan: FaultPlan, root: str) -> None:
         self._real = real

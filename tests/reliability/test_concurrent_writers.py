@@ -37,7 +37,7 @@ import anyckpt.cli
 import anyckpt.lease
 from anyckpt import CheckpointManager, CheckpointNotFoundError, ConcurrentWriterError
 from anyckpt.codecs.state_file import CheckpointState, encode_state
-from anyckpt.lease import LOCK_FILE
+from anyckpt.lease import LOCK_FILE, LocalLock
 from anyckpt.storage import Storage
 
 pytestmark = pytest.mark.anyio
@@ -302,7 +302,7 @@ def test_contender_waits_for_a_new_holder_to_name_itself(tmp_path: Path) -> None
     then reports the holder by name, not as an unreadable lock (CI once saw this race)."""
     storage, root = Storage.from_url(str(tmp_path))
     path = str(tmp_path / LOCK_FILE)
-    unnamed = storage.lock_local(path)  # locked, the file still empty
+    unnamed = LocalLock(path)  # locked, the file still empty
     namer = threading.Timer(0.2, unnamed.write, args=(json.dumps({"pid": 4242}).encode(),))
     namer.start()
     try:
@@ -322,7 +322,7 @@ def test_holder_that_never_names_itself_is_reported_unnamed(
 ) -> None:
     monkeypatch.setattr(anyckpt.lease, "_NAMING_GRACE_SECONDS", 0.1)
     storage, root = Storage.from_url(str(tmp_path))
-    unnamed = storage.lock_local(str(tmp_path / LOCK_FILE))
+    unnamed = LocalLock(str(tmp_path / LOCK_FILE))
     try:
         with pytest.raises(ConcurrentWriterError, match="empty or unreadable"):
             anyckpt.lease.DirectoryLock(storage, root).acquire()

@@ -27,6 +27,7 @@ from typing import Any
 
 import fsspec
 import pytest
+from os_seam import patch_os
 from reliability_common import (
     LONG,
     assert_clean,
@@ -124,7 +125,7 @@ def rig(
         del PLANS[name]
     elif kind == "local":
         directory = tmp_path / "ckpt"
-        monkeypatch.setattr(anyckpt.storage, "os", FaultyOs(os, plan, str(directory)))
+        patch_os(monkeypatch, FaultyOs(os, plan, str(directory)))
         storage, root = Storage.from_url(str(directory))
         yield Rig(kind, str(directory), None, plan, storage, root, retries=False)
         plan.disarm()
@@ -152,7 +153,7 @@ ABSORBED = {"HeadBucket"}
 def _streamed(target: tuple[str, str] | None) -> bool:
     """Operations anyckpt does not retry: the streamed writes of data files (the client
     library retries their requests itself). On S3 a data file is one upload from the
-    caller's buffers, retried as a whole like every other request (storage._S3Writer)."""
+    caller's buffers, retried as a whole like every other request (anyckpt.storage.s3.S3Writer)."""
     whole = {"delete", "stat", "list", "read", "DeleteObject", "HeadObject", "GetObject"}
     whole |= {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"}
     return target is not None and ".data-" in target[1] and target[0] not in whole

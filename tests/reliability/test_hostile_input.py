@@ -39,6 +39,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from os_seam import os_replaced
 from reliability_common import record_figures, scaled
 
 import anyckpt
@@ -166,7 +167,7 @@ def _damage(draw: st.DrawFn, files: dict[str, bytes]) -> dict[str, bytes]:
 
 
 class _BoundsCheckingOs:
-    """``os`` for anyckpt.storage: every preadv must lie inside its file."""
+    """``os`` for anyckpt's local I/O (tests/os_seam.py): every preadv must lie inside its file."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -197,13 +198,8 @@ class _BoundsCheckingOs:
 
 @contextlib.contextmanager
 def _guarded() -> Iterator[_BoundsCheckingOs]:
-    checker = _BoundsCheckingOs(os)
-    real = anyckpt.storage.os
-    anyckpt.storage.os = checker  # type: ignore[assignment]
-    try:
+    with os_replaced(_BoundsCheckingOs(os)) as checker:
         yield checker
-    finally:
-        anyckpt.storage.os = real  # type: ignore[assignment]
 
 
 async def _read_everything(prefix: str) -> dict[str, Any]:
@@ -394,7 +390,8 @@ HOSTILE_PATHS = st.one_of(
 
 
 class _Recorder:
-    """``os`` for anyckpt.storage, recording every path it is asked to touch."""
+    """``os`` for anyckpt's local I/O (tests/os_seam.py), recording every path it is asked
+    to touch."""
 
     def __init__(self, real: Any) -> None:
         self._real = real
@@ -451,9 +448,7 @@ def test_state_files_naming_outside_paths_are_refused_by_manager_and_cli() -> No
             (directory / "checkpoint").write_bytes(data)
             before = _snapshot(root)
             recorder = _Recorder(os)
-            real = anyckpt.storage.os
-            anyckpt.storage.os = recorder  # type: ignore[assignment]
-            try:
+            with os_replaced(recorder):
                 with pytest.raises(UnsafePathError):
                     anyio.run(_open_and_save, str(directory))
                 for argv in _CLI:
@@ -468,8 +463,6 @@ def test_state_files_naming_outside_paths_are_refused_by_manager_and_cli() -> No
                         assert code != 0, text  # refused
                     assert "internal error" not in text, text
                     seen[argv[0]] = seen.get(argv[0], 0) + 1
-            finally:
-                anyckpt.storage.os = real  # type: ignore[assignment]
             assert _snapshot(root) == before  # nothing deleted or changed anywhere
             for touched in recorder.paths:
                 resolved = os.path.realpath(touched)

@@ -28,7 +28,7 @@ import pytest
 
 import anyckpt
 import anyckpt.cli
-import anyckpt.storage
+import anyckpt.storage.local
 from anyckpt import (
     CheckpointError,
     CheckpointManager,
@@ -243,7 +243,7 @@ def test_links_planted_at_predictable_temporary_names_are_skipped(
         drawn.append("0" * 16 if len(drawn) % 2 == 0 else f"{len(drawn):016x}")
         return drawn[-1]
 
-    monkeypatch.setattr(anyckpt.storage.secrets, "token_hex", token_hex)
+    monkeypatch.setattr(anyckpt.storage.local.secrets, "token_hex", token_hex)
     checks = [
         _plant(kind, directory / f"ckpt-10.data-00000-of-00001{TEMP_MARKER}{'0' * 16}", outside),
         _plant(kind, directory / f"ckpt-10.index{TEMP_MARKER}{'0' * 16}", outside),

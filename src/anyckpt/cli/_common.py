@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import os
 import posixpath
 import re
 import sys
@@ -161,10 +160,7 @@ def file_sizes(storage: Storage, paths: list[str]) -> list[int | None]:
     sizes: list[int | None] = []
     for path in paths:
         try:
-            if storage.is_local:
-                sizes.append(os.stat(path).st_size)
-            else:
-                sizes.append(int(storage.fs.size(path)))
+            sizes.append(storage.size(path))
         except (OSError, ValueError, TypeError):  # noqa: PERF203 - one call per file
             sizes.append(None)
     return sizes

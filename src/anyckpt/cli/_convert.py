@@ -125,6 +125,10 @@ class CountingStorage(Storage):
             FileWriter, _CountingWriter(super().open_writer(path, durable=durable), self.counter)
         )
 
+    def write_bytes(self, path: str, data: Any, *, durable: bool = True) -> None:
+        super().write_bytes(path, data, durable=durable)
+        self.counter[0] += memoryview(data).nbytes
+
 
 async def run(ctx: Context, args: argparse.Namespace) -> int:
     fmt = get_format(args.format)

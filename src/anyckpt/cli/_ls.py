@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import os
 import posixpath
 import time
 from typing import Any
@@ -237,15 +236,7 @@ def format_metrics(metrics: dict[str, float] | None) -> str:
 
 def _subdirectories(storage: Storage, root: str) -> list[str]:
     """Every directory under ``root`` (not ``root`` itself), sorted."""
-    found: list[str] = []
-    if storage.is_local:
-        for here, dirs, _ in os.walk(root):
-            dirs.sort()
-            found += [os.path.join(here, d) for d in dirs]
-    else:
-        for here, dirs, _ in storage.fs.walk(root):
-            found += [posixpath.join(here, d) for d in sorted(dirs)]
-    return sorted(found)
+    return storage.subdirectories(root)
 
 
 async def _listings(ctx: Context, target: str, recursive: bool) -> list[Listing]:

@@ -11,14 +11,11 @@ or simply another file (``.meta`` graphs and the like).
 
 from __future__ import annotations
 
-import contextlib
-import os
 import posixpath
 import re
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime
 from functools import partial
 from typing import Any
 
@@ -41,7 +38,7 @@ from ..formats.base import CheckpointFormat
 from ..lease import LOCK_FILE, LockInfo, read_lock
 from ..manager import STATE_FILE, NameIndex, read_state
 from ..retention import RecoveredState, recover
-from ..storage import TEMP_MARKER, Storage, Upload, remote_errors_as_ours
+from ..storage import TEMP_MARKER, Storage, Upload
 from ._common import state_error_text
 
 #: The status of a checkpoint in a directory.
@@ -141,53 +138,12 @@ def split_step(name: str) -> tuple[str | None, int | None]:
     return match.group(1), int(match.group(2))
 
 
-def _mtime(entry: dict[str, Any]) -> float | None:
-    for key in ("mtime", "LastModified", "updated", "last_modified", "created"):
-        value = entry.get(key)
-        if value is None:
-            continue
-        if isinstance(value, (int, float)):
-            return float(value)
-        if isinstance(value, datetime):
-            return value.timestamp()
-        if isinstance(value, str):
-            try:
-                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
-            except ValueError:
-                continue
-    return None
-
-
 def list_files(storage: Storage, root: str) -> list[FileInfo] | None:
     """The files directly in ``root`` with sizes and times; None if it is not a directory."""
-    if storage.is_local:
-        if not os.path.isdir(root):
-            return None
-        found = []
-        with os.scandir(root) as it:
-            for entry in it:
-                if entry.is_file():
-                    st = entry.stat()
-                    found.append(FileInfo(entry.name, st.st_size, st.st_mtime))
-        return sorted(found, key=lambda f: f.name)
-    fs = storage.fs
-    with contextlib.suppress(Exception):  # best effort: listings may be cached
-        fs.invalidate_cache(root)
-    try:
-        with remote_errors_as_ours(f"listing {storage.url(root)}", fs):
-            entries = fs.ls(root, detail=True)
-    except (FileNotFoundError, NotADirectoryError):
+    stats = storage.list_files(root)
+    if stats is None:
         return None
-    found = []
-    for entry in entries:
-        name = posixpath.basename(str(entry.get("name", "")).rstrip("/"))
-        if entry.get("type") == "directory" or not name:
-            continue
-        if name == posixpath.basename(root) and len(entries) == 1 and fs.isfile(root):
-            return None  # ``root`` is a file
-        size = entry.get("size")
-        found.append(FileInfo(name, int(size) if size is not None else None, _mtime(entry)))
-    return sorted(found, key=lambda f: f.name)
+    return [FileInfo(f.name, f.size, f.mtime) for f in stats]
 
 
 def _candidates(names: list[str], state_names: list[str]) -> list[str]:

@@ -10,14 +10,13 @@ and every CLI command resolve through :func:`resolve_checkpoint`.
 
 from __future__ import annotations
 
-import os
 import posixpath
 import re
 
 import anyio.to_thread
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
-from ..storage import Storage, remote_errors_as_ours
+from ..storage import Storage
 from .base import CheckpointFormat
 
 __all__ = ["EXPECTED", "path_kind", "resolve_checkpoint"]
@@ -34,17 +33,7 @@ _STATE_FILE = "checkpoint"
 
 def path_kind(storage: Storage, path: str) -> str:
     """``"file"``, ``"dir"`` or ``"none"``."""
-    if storage.is_local:
-        if os.path.isdir(path):
-            return "dir"
-        return "file" if os.path.exists(path) else "none"
-    try:
-        with remote_errors_as_ours(f"looking for {storage.url(path)}", storage.fs):
-            if storage.fs.isdir(path):
-                return "dir"
-            return "file" if storage.fs.isfile(path) else "none"
-    except (OSError, ValueError):  # (a store that cannot be used at all raised above)
-        return "none"
+    return storage.path_kind(path)
 
 
 def _candidates(path: str) -> list[str]:

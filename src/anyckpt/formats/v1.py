@@ -15,7 +15,6 @@ shard. V1 cannot hold bfloat16, uint32, uint64 or the float8/int4 types.
 from __future__ import annotations
 
 import math
-import os
 import posixpath
 import re
 from collections import defaultdict
@@ -298,12 +297,7 @@ class V1Format:
 
 
 def _is_file(storage: Storage, path: str) -> bool:
-    if storage.is_local:
-        return os.path.isfile(path)
-    try:
-        return bool(storage.fs.isfile(path))
-    except (OSError, ValueError):
-        return False
+    return storage.isfile(path)
 
 
 def _has_table_magic(storage: Storage, path: str) -> bool:

@@ -375,9 +375,9 @@ class V2Reader:
                         path=url,
                     )
             read_into_many = getattr(reader, "read_into_many", None)
-            if self.storage.is_local and read_into_many is not None:
+            if self.storage.cheap_small_reads and read_into_many is not None:
                 return self._read_local(reader, read_into_many, wanted, verify, url)
-            for chunk in _coalesce(wanted, 1 if self.storage.is_local else COALESCE_BYTES):
+            for chunk in _coalesce(wanted, 1 if self.storage.cheap_small_reads else COALESCE_BYTES):
                 anyio.from_thread.check_cancelled()
                 base = chunk[0][1].offset
                 blob = None
