@@ -3,7 +3,7 @@ and a full ``load`` allocate a bounded number of bytes per tensor beyond what th
 (tracemalloc peak minus what the result holds), and an open reader holds a bounded number of
 bytes per tensor (columns, not an object per entry). Before the index was kept as columns V2
 took ~430 and ~810 bytes per tensor beyond the result (issue 18 wants under 150); V1, whose
-meta was one protobuf message and a dict of objects, ~560 and ~830."""
+meta was one protobuf message and a dict of objects, 527 and 868."""
 
 from __future__ import annotations
 
