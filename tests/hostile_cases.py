@@ -41,6 +41,11 @@ import anyckpt.cli
 from anyckpt.codecs import DecodeError
 from anyckpt.errors import CheckpointError
 
+FUZZ_DIR = Path(__file__).resolve().parent.parent / "fuzz"
+if str(FUZZ_DIR) not in sys.path:
+    sys.path.insert(0, str(FUZZ_DIR))
+from targets import read_everything  # noqa: E402  (one copy, in fuzz/targets.py)
+
 
 @dataclass(frozen=True)
 class Case:
@@ -213,34 +218,11 @@ def zstd_ratio_bomb_one_chunk(directory: Path) -> Path:
 # -- running an action -----------------------------------------------------------------------
 
 
-def nbytes(array: np.ndarray) -> int:
-    """Memory an array returned to the caller holds (object arrays: their bytes objects too)."""
-    if array.dtype == object:
-        return int(array.nbytes) + sum(sys.getsizeof(v) for v in array.reshape(-1))
-    return int(array.nbytes)
-
-
-async def read_everything(path: str, fmt: str | None = None) -> int:
-    """Open, spec every key, read every tensor, then rows 1: of each; return the bytes of the
-    arrays returned."""
-    asked = 0
-    async with anyckpt.open(path, format=fmt) as reader:
-        keys = reader.keys()
-        for key in keys:
-            reader.spec(key)
-        asked += sum(nbytes(a) for a in (await reader.read_many()).values())
-        for key in keys:
-            shape = reader.spec(key).shape
-            if shape and shape[0] > 1:
-                asked += nbytes(await reader.read(key, index=(slice(1, shape[0]),)))
-    return asked
-
-
 def run_action(action: str, path: str) -> int:
     """Run ``action`` on ``path``; return the bytes of tensors it returned. Raises what the
     action raises (a CheckpointError for a refused file)."""
     if action == "read":
-        return anyio.run(read_everything, path)
+        return anyio.run(read_everything, path, None, None)
     if action == "meta":
         anyckpt.sync.read_meta_graph(path)
         return 0
@@ -348,7 +330,6 @@ def measure_corpus(harness: str, paths: list[str]) -> list[dict[str, Any]]:
     """:func:`measure` for inputs of a fuzz harness's corpus, through its target in
     ``fuzz/targets.py`` (with the harness's checksum setting); each input runs once unmeasured
     first, so that lazy imports and caches are not counted."""
-    sys.path.insert(0, str(FUZZ_DIR))
     import targets
 
     if harness not in targets.WITH_CHECKSUMS:
@@ -362,9 +343,6 @@ def measure_corpus(harness: str, paths: list[str]) -> list[dict[str, Any]]:
         result = _measured(lambda data=data: target(data), targets.EXPECTED)
         out.append({"path": path, "size": len(data), **result})
     return out
-
-
-FUZZ_DIR = Path(__file__).resolve().parent.parent / "fuzz"
 
 
 def main(argv: list[str]) -> int:

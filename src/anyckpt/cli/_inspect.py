@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import base64
+import itertools
 import math
 import posixpath
-from collections.abc import Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import anyio.to_thread
@@ -31,7 +32,16 @@ from ._common import (
     stored_nbytes,
     tensor_nbytes,
 )
-from ._output import format_bytes, format_ratio, plural, print_json, table, truncate
+from ._output import _pad as pad
+from ._output import (
+    display_width,
+    format_bytes,
+    format_ratio,
+    plural,
+    print_json,
+    table,
+    truncate,
+)
 from ._tf2 import graph_json, graph_lines, read_graph
 
 
@@ -194,12 +204,18 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     try:
         all_keys = reader.keys()
         keys = select_keys(all_keys, args.key, where=reader.prefix)
-        specs = {k: reader.spec(k) for k in keys}
         paths = reader.files()
         metadata = reader_metadata(reader)
         sizes = await anyio.to_thread.run_sync(file_sizes, ckpt.storage, paths)
         layout, _, graph_problem = await read_graph(reader)  # TF2: decoded, never raw bytes
         graph_specs = {k: reader.spec(k) for k in layout.checkpoint_keys()} if layout else {}
+        if not ctx.json and not args.values:
+            # The listing streamed: specs made per row, twice, never all at once.
+            listing = _Listing(reader.spec, keys)
+            _print_text(ctx, args, ckpt, all_keys, keys, paths, sizes, metadata, listing)
+            _print_graphs(ctx, args, meta, keys, layout, graph_specs, graph_problem)
+            return ExitCode.OK
+        specs = {k: reader.spec(k) for k in keys}
         values: dict[str, np.ndarray] = {}
         if args.values:
             total = sum(tensor_nbytes(s) for s in specs.values())
@@ -210,11 +226,11 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     finally:
         await reader.aclose()
 
-    data_bytes = sum(tensor_nbytes(s) for s in specs.values())
-    stored = [stored_nbytes(s) for s in specs.values()]
-    stored_bytes = None if None in stored else sum(x for x in stored if x is not None)
-    params = parameter_count(specs)
     if ctx.json:
+        data_bytes = sum(tensor_nbytes(s) for s in specs.values())
+        stored = [stored_nbytes(s) for s in specs.values()]
+        stored_bytes = None if None in stored else sum(x for x in stored if x is not None)
+        params = parameter_count(specs)
         tensors = []
         for key in keys:
             entry = tensor_json(key, specs[key])
@@ -241,49 +257,10 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         )
         return ExitCode.OK
 
-    shown = "" if not args.key else f" (of {len(all_keys)})"
-    ctx.echo(
-        f"{ckpt.url}: format {ckpt.format.name}, {plural(len(paths), 'file')}, "
-        f"{plural(len(keys), 'tensor')}{shown}, {params:,} parameter{'' if params == 1 else 's'}, "
-        f"{format_ratio(data_bytes, stored_bytes)}"
+    _print_text(
+        ctx, args, ckpt, all_keys, keys, paths, sizes, metadata, _Listing(specs.__getitem__, keys)
     )
-    rows = [[posixpath.basename(p), format_bytes(s)] for p, s in zip(paths, sizes, strict=True)]
-    ctx.echo(table([["FILE", "SIZE"], *rows], right=(1,), indent="  "))
-    if metadata:
-        ctx.echo()
-        ctx.echo("metadata:")
-        rows = [[k, truncate(v, MAX_TEXT)] for k, v in metadata.items()]
-        ctx.echo(table(rows, indent="  "))
-    ctx.echo()
-    compressed = any(
-        s is not None and s != tensor_nbytes(specs[k]) for k, s in zip(keys, stored, strict=True)
-    )
-    head = ["TENSOR", "DTYPE", "SHAPE", "SIZE", *(["STORED"] if compressed else []), "PARTITIONS"]
-    rows = [head]
-    for key in keys:
-        spec = specs[key]
-        parts = spec.partitions
-        rows.append(
-            [
-                key,
-                spec.dtype_name,
-                shape_text(spec.shape),
-                format_bytes(tensor_nbytes(spec)),
-                *([format_bytes(stored_nbytes(spec))] if compressed else []),
-                f"{len(parts)}: " + " ".join(partition_text(p, spec.shape) for p in parts)
-                if parts
-                else "",
-            ]
-        )
-    ctx.echo(table(rows, right=(3, 4) if compressed else (3,), indent="  "))
-    if meta is not None:
-        ctx.echo()
-        for line in meta_lines(meta, set(keys) if args.key else None):
-            ctx.echo(line)
-    if layout is not None or graph_problem:
-        ctx.echo()
-        for line in graph_lines(layout, graph_specs) if layout else [graph_problem or ""]:
-            ctx.echo(line)
+    _print_graphs(ctx, args, meta, keys, layout, graph_specs, graph_problem)
     if layout is not None:
         values.pop(OBJECT_GRAPH_KEY, None)  # shown decoded above
     if values:
@@ -304,3 +281,107 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             ctx.echo()
             ctx.echo(f"(strings longer than {MAX_TEXT} bytes are cut; --json prints them whole)")
     return ExitCode.OK
+
+
+def _print_text(
+    ctx: Context,
+    args: argparse.Namespace,
+    ckpt: Any,
+    all_keys: list[str],
+    keys: list[str],
+    paths: list[str],
+    sizes: list[int | None],
+    metadata: dict[str, str] | None,
+    listing: _Listing,
+) -> None:
+    """The header line, files, metadata and the tensor listing (streamed, line by line)."""
+    params = listing.params
+    shown = "" if not args.key else f" (of {len(all_keys)})"
+    ctx.echo(
+        f"{ckpt.url}: format {ckpt.format.name}, {plural(len(paths), 'file')}, "
+        f"{plural(len(keys), 'tensor')}{shown}, {params:,} parameter{'' if params == 1 else 's'}, "
+        f"{format_ratio(listing.data_bytes, listing.stored_bytes)}"
+    )
+    rows = [[posixpath.basename(p), format_bytes(s)] for p, s in zip(paths, sizes, strict=True)]
+    ctx.echo(table([["FILE", "SIZE"], *rows], right=(1,), indent="  "))
+    if metadata:
+        ctx.echo()
+        ctx.echo("metadata:")
+        rows = [[k, truncate(v, MAX_TEXT)] for k, v in metadata.items()]
+        ctx.echo(table(rows, indent="  "))
+    ctx.echo()
+    for line in listing.lines("  "):
+        ctx.echo(line)
+
+
+def _print_graphs(
+    ctx: Context,
+    args: argparse.Namespace,
+    meta: MetaGraphInfo | None,
+    keys: list[str],
+    layout: Any,
+    graph_specs: dict[str, TensorSpec],
+    graph_problem: str | None,
+) -> None:
+    if meta is not None:
+        ctx.echo()
+        for line in meta_lines(meta, set(keys) if args.key else None):
+            ctx.echo(line)
+    if layout is not None or graph_problem:
+        ctx.echo()
+        for line in graph_lines(layout, graph_specs) if layout else [graph_problem or ""]:
+            ctx.echo(line)
+
+
+class _Listing:
+    """The rows of the tensor listing, made one spec at a time: a first pass sums what the
+    header line says and measures the columns, a second makes each row again as it is
+    printed (``specs``: already made, for ``--values``)."""
+
+    def __init__(self, spec_of: Callable[[str], TensorSpec], keys: list[str]) -> None:
+        self.keys = keys
+        self._spec = spec_of
+        self.params = self.data_bytes = 0
+        stored_total: int | None = 0
+        self.compressed = False
+        for key in keys:
+            spec = self._spec(key)
+            size = tensor_nbytes(spec)
+            self.data_bytes += size
+            if spec.dtype.kind != "O":
+                self.params += spec.size
+            stored = stored_nbytes(spec)
+            if stored is None:
+                stored_total = None
+            else:
+                self.compressed = self.compressed or stored != size
+                if stored_total is not None:
+                    stored_total += stored
+        self.stored_bytes = stored_total
+        self.head = ["TENSOR", "DTYPE", "SHAPE", "SIZE"]
+        self.head += [*(["STORED"] if self.compressed else []), "PARTITIONS"]
+        self.widths = [display_width(cell) for cell in self.head]
+        for row in self.rows():
+            self.widths = [max(w, display_width(c)) for w, c in zip(self.widths, row, strict=True)]
+
+    def rows(self) -> Iterator[list[str]]:
+        for key in self.keys:
+            spec = self._spec(key)
+            parts = spec.partitions
+            yield [
+                key,
+                spec.dtype_name,
+                shape_text(spec.shape),
+                format_bytes(tensor_nbytes(spec)),
+                *([format_bytes(stored_nbytes(spec))] if self.compressed else []),
+                f"{len(parts)}: " + " ".join(partition_text(p, spec.shape) for p in parts)
+                if parts
+                else "",
+            ]
+
+    def lines(self, indent: str) -> Iterator[str]:
+        """The listing as :func:`~._output.table` would align it, one line at a time."""
+        right = (3, 4) if self.compressed else (3,)
+        for row in itertools.chain([self.head], self.rows()):
+            cells = [pad(c, self.widths[i], right=i in right) for i, c in enumerate(row)]
+            yield (indent + "  ".join(cells)).rstrip()

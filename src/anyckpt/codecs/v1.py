@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import bisect
 import struct
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .._proto import saved_tensor_slice_pb2, tensor_slice_pb2
+from .._proto import saved_tensor_slice_pb2, tensor_slice_pb2, versions_pb2
 from . import DecodeError
 from .crc import crc32c, mask
 from .dtypes import (
@@ -245,6 +245,31 @@ def _walk(data: memoryview) -> list[tuple[int, int, int, int]]:
     return fields
 
 
+def iter_fields(data: memoryview) -> Iterator[tuple[int, int, int, int]]:
+    """:func:`_walk`, one field at a time (a message of a million fields makes no list:
+    the meta; :func:`_walk`, for the small messages of an entry, is the faster list)."""
+    pos, end = 0, len(data)
+    while pos < end:
+        key, pos = decode_varint(data, pos, end)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise DecodeError("field number 0")
+        if wire == _VARINT:
+            start = pos
+            _, pos = decode_varint(data, pos, end)
+        elif wire in (_I64, _I32):
+            start = pos
+            pos += 8 if wire == _I64 else 4
+        elif wire == _LEN:
+            length, start = decode_varint(data, pos, end)
+            pos = start + length
+        else:
+            raise DecodeError(f"unsupported protobuf wire type {wire}")
+        if pos > end:
+            raise DecodeError("protobuf field runs past the end of its message")
+        yield number, wire, start, pos
+
+
 def decode_tensor_proto(data: memoryview, enum: int, count: int) -> np.ndarray:
     """The ``count`` elements (flat) of a TensorProto of dtype ``enum`` (a V1 dtype).
 
@@ -447,32 +472,67 @@ def encode_meta(tensors: Sequence[MetaTensor]) -> bytes:
 
 def decode_meta(data: Buffer) -> list[MetaTensor]:
     """Parse and check the value of key ``""``."""
-    sts = saved_tensor_slice_pb2.SavedTensorSlices()
+    return list(iter_meta(data))
+
+
+def iter_meta(data: Buffer) -> Iterator[MetaTensor]:
+    """:func:`decode_meta` one tensor at a time: the ``SavedTensorSlices`` wire format is
+    walked by hand and each ``SavedSliceMeta`` parsed on its own, so a meta of a million
+    tensors never becomes a million protobuf messages at once. The version check runs once
+    every tensor was yielded (a consumer must exhaust the iterator before trusting them)."""
+    versions = bytearray()
+    has_meta = False
+    for inner, payload in _meta_fields(memoryview(data).cast("B")):
+        has_meta = True
+        if inner == 1:
+            yield _meta_tensor(payload)
+        elif inner == 2:  # VersionDef; repeated occurrences merge, as protobuf's do
+            versions += payload
+    if not has_meta:
+        raise DecodeError("the table's first entry holds no meta")
+    version = versions_pb2.VersionDef()
     try:
-        sts.ParseFromString(bytes(data))
+        version.ParseFromString(bytes(versions))
     except Exception as exc:
         raise DecodeError(f"bad SavedTensorSlices meta: {exc}") from None
-    if not sts.HasField("meta"):
-        raise DecodeError("the table's first entry holds no meta")
-    versions = sts.meta.versions
-    if versions.min_consumer > CHECKPOINT_VERSION or CHECKPOINT_VERSION in versions.bad_consumers:
-        raise DecodeError(f"checkpoint needs a newer reader (min_consumer {versions.min_consumer})")
-    out: list[MetaTensor] = []
-    for entry in sts.meta.tensor:
-        if entry.shape.unknown_rank or len(entry.shape.dim) > MAX_RANK:
-            raise DecodeError(f"tensor {entry.name!r}: bad shape")
-        shape = tuple(int(d.size) for d in entry.shape.dim)
-        if any(d < 0 for d in shape):
-            raise DecodeError(f"tensor {entry.name!r}: negative dimension in {shape}")
-        if not numpy_can_shape(shape):
-            raise DecodeError(f"tensor {entry.name!r}: shape {list(shape)} is too big for NumPy")
-        slices = tuple(_slice_from_proto(s) for s in entry.slice)
-        if not slices:
-            raise DecodeError(f"tensor {entry.name!r} lists no slice")
-        for extents in slices:
-            check_extents(extents, shape)
-        out.append(MetaTensor(entry.name.encode("utf-8"), int(entry.type), shape, slices))
-    return out
+    if version.min_consumer > CHECKPOINT_VERSION or CHECKPOINT_VERSION in version.bad_consumers:
+        raise DecodeError(f"checkpoint needs a newer reader (min_consumer {version.min_consumer})")
+
+
+def _meta_fields(view: memoryview) -> Iterator[tuple[int, memoryview]]:
+    """(0, empty) for each ``meta`` of a ``SavedTensorSlices``, then (field, payload) of each
+    length-delimited field of it."""
+    try:
+        for number, wire, start, end in iter_fields(view):
+            if number != 1 or wire != _LEN:
+                continue  # SavedTensorSlices.data, or an unknown field
+            yield 0, view[:0]
+            for inner, inner_wire, a, b in iter_fields(view[start:end]):
+                if inner_wire == _LEN:
+                    yield inner, view[start + a : start + b]
+    except DecodeError as exc:
+        raise DecodeError(f"bad SavedTensorSlices meta: {exc}") from None
+
+
+def _meta_tensor(data: memoryview) -> MetaTensor:
+    entry = saved_tensor_slice_pb2.SavedSliceMeta()
+    try:
+        entry.ParseFromString(bytes(data))
+    except Exception as exc:
+        raise DecodeError(f"bad SavedTensorSlices meta: {exc}") from None
+    if entry.shape.unknown_rank or len(entry.shape.dim) > MAX_RANK:
+        raise DecodeError(f"tensor {entry.name!r}: bad shape")
+    shape = tuple(int(d.size) for d in entry.shape.dim)
+    if any(d < 0 for d in shape):
+        raise DecodeError(f"tensor {entry.name!r}: negative dimension in {shape}")
+    if not numpy_can_shape(shape):
+        raise DecodeError(f"tensor {entry.name!r}: shape {list(shape)} is too big for NumPy")
+    slices = tuple(_slice_from_proto(s) for s in entry.slice)
+    if not slices:
+        raise DecodeError(f"tensor {entry.name!r} lists no slice")
+    for extents in slices:
+        check_extents(extents, shape)
+    return MetaTensor(entry.name.encode("utf-8"), int(entry.type), shape, slices)
 
 
 # -- streaming table writer ---------------------------------------------------------------

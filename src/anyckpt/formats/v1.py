@@ -14,13 +14,14 @@ shard. V1 cannot hold bfloat16, uint32, uint64 or the float8/int4 types.
 
 from __future__ import annotations
 
+import heapq
 import math
 import posixpath
 import re
 from collections import defaultdict
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -41,9 +42,12 @@ from ..storage import FileReader, FileWriter, Storage
 from ..tensors import key_from_bytes, key_to_bytes
 from .base import Extent, Index, TensorSlice, TensorSpec
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
+from .v1_tensors import TensorColumnsBuilder, V1Tensor
 from .v2_reader import _normalize_index, _squeeze
 
 Extents = tuple[Extent, ...]
+#: Tensors read per step of a full read (what is made per tensor lives for one step).
+_READ_CHUNK = 1 << 14
 _PATTERN = re.compile(r"(.*)-\?\?\?\?\?-of-(\d{5})")
 #: Largest index block, and largest meta entry, we agree to load.
 MAX_INDEX_BYTES = 1 << 30
@@ -293,7 +297,7 @@ class V1Format:
 
         await run_concurrently(partial(load, i, path) for i, path in enumerate(paths))
         files = [results[i] for i in range(len(paths))]
-        return V1Reader(storage, prefix, files)
+        return await anyio.to_thread.run_sync(V1Reader, storage, prefix, files)
 
 
 def _is_file(storage: Storage, path: str) -> bool:
@@ -344,7 +348,7 @@ class _File:
     size: int
     separators: list[bytes]
     handles: list[BlockHandle]
-    meta: list[codec.MetaTensor]
+    meta: bytes | memoryview | None  # the meta's bytes, until the reader has taken it in
 
 
 def _load_file(storage: Storage, path: str) -> _File:
@@ -377,7 +381,7 @@ def _load_file(storage: Storage, path: str) -> _File:
                 handles.append(handle)
             if not handles:
                 raise DecodeError("table has no data block (V1 files always hold a meta)")
-            meta = codec.decode_meta(_read_meta(reader, handles[0]))
+            meta = _read_meta(reader, handles[0])
         except DecodeError as exc:
             raise CorruptCheckpointError(str(exc), path=url) from None
     finally:
@@ -403,17 +407,11 @@ def _read_meta(reader: FileReader, first: BlockHandle) -> bytes | memoryview:
     return reader.read(first.offset + value_at, value_len)
 
 
-@dataclass
-class _Tensor:
-    """A tensor across the files of a checkpoint: every stored slice and where it is."""
-
-    enum: int
-    shape: tuple[int, ...]
-    slices: list[tuple[Extents, int]] = field(default_factory=list)  # (extents, file index)
-
-    @property
-    def whole(self) -> bool:
-        return len(self.slices) == 1 and all(n == -1 for _, n in self.slices[0][0])
+def _check_dtype(key: str, enum: int, prefix: str) -> None:
+    try:
+        codec.check_v1_dtype(enum)
+    except ValueError as exc:
+        raise UnsupportedFormatError(f"tensor {key!r}: {exc}", path=prefix) from None
 
 
 def _box(extents: Extents, shape: tuple[int, ...]) -> list[tuple[int, int]]:
@@ -421,40 +419,59 @@ def _box(extents: Extents, shape: tuple[int, ...]) -> list[tuple[int, int]]:
 
 
 class V1Reader:
-    """An open V1 checkpoint: the merged meta of its files; slices read block by block."""
+    """An open V1 checkpoint: the merged meta of its files (as columns, see
+    :mod:`.v1_tensors`); slices read block by block."""
 
     def __init__(self, storage: Storage, prefix: str, files: list[_File]) -> None:
         self.storage = storage
         self.prefix = prefix
         self._files = files
-        self._tensors: dict[str, _Tensor] = {}
+        builder = TensorColumnsBuilder(self._merge)
         for index, f in enumerate(files):
-            for meta in f.meta:
-                self._add(index, meta)
+            try:
+                builder.add_file(index, self._checked(index, codec.iter_meta(f.meta or b"")))
+            except DecodeError as exc:
+                raise CorruptCheckpointError(str(exc), path=f.url) from None
+            f.meta = None
+        self._columns = builder.build()
+        self._others = builder.others
         self._validate()
 
     def _corrupt(self, message: str, file: int | None = None) -> CorruptCheckpointError:
         where = self._files[file].url if file is not None else self.storage.url(self.prefix)
         return CorruptCheckpointError(message, path=where)
 
-    def _add(self, index: int, meta: codec.MetaTensor) -> None:
-        key = key_from_bytes(meta.name)
-        dtype_from_enum(meta.dtype, path=self._files[index].url)
-        tensor = self._tensors.setdefault(key, _Tensor(meta.dtype, meta.shape))
+    def _checked(self, index: int, metas: Iterator[codec.MetaTensor]) -> Iterator[codec.MetaTensor]:
+        """Each tensor of a file's meta, its dtype and slices checked against the file."""
+        f = self._files[index]
+        for meta in metas:
+            dtype_from_enum(meta.dtype, path=f.url)
+            for extents in meta.slices:
+                volume = math.prod(codec.slice_shape(extents, meta.shape))
+                if volume > f.size:  # every element takes at least a byte
+                    raise self._corrupt(
+                        f"slice {extents} of {key_from_bytes(meta.name)!r} cannot fit the file",
+                        index,
+                    )
+            yield meta
+
+    def _merge(
+        self, key: str, tensor: V1Tensor | None, meta: codec.MetaTensor, index: int
+    ) -> V1Tensor:
+        if tensor is None:
+            tensor = V1Tensor(meta.dtype, meta.shape)
         if (tensor.enum, tensor.shape) != (meta.dtype, meta.shape):
             raise self._corrupt(
                 f"{key!r} is {tf_name(meta.dtype)}{list(meta.shape)} here but "
                 f"{tf_name(tensor.enum)}{list(tensor.shape)} in another file",
                 index,
             )
-        for extents in meta.slices:
-            volume = math.prod(codec.slice_shape(extents, meta.shape))
-            if volume > self._files[index].size:  # every element takes at least a byte
-                raise self._corrupt(f"slice {extents} of {key!r} cannot fit the file", index)
-            tensor.slices.append((extents, index))
+        tensor.slices.extend((extents, index) for extents in meta.slices)
+        return tensor
 
     def _validate(self) -> None:
-        for key, tensor in self._tensors.items():
+        """Stored slices must not overlap (only tensors stored in several slices can)."""
+        for key, tensor in self._others.items():
             boxes = [_box(e, tensor.shape) for e, _ in tensor.slices]
             for i, a in enumerate(boxes):
                 for b in boxes[:i]:
@@ -465,13 +482,19 @@ class V1Reader:
     # -- metadata --------------------------------------------------------------------------
 
     def keys(self) -> list[str]:
-        return sorted(self._tensors, key=key_to_bytes)
+        names = self._columns.names()
+        if not self._others:
+            return list(names)
+        return list(heapq.merge(names, sorted(self._others, key=key_to_bytes), key=key_to_bytes))
 
-    def _tensor(self, key: str) -> _Tensor:
-        try:
-            return self._tensors[key]
-        except KeyError:
-            raise KeyError(f"{key!r} is not in checkpoint {self.prefix}") from None
+    def _tensor(self, key: str) -> V1Tensor:
+        tensor = self._others.get(key) if self._others else None
+        if tensor is not None:
+            return tensor
+        row = self._columns.row(key)
+        if row is None:
+            raise KeyError(f"{key!r} is not in checkpoint {self.prefix}")
+        return self._columns.tensor(row)
 
     def spec(self, key: str) -> TensorSpec:
         tensor = self._tensor(key)
@@ -493,17 +516,17 @@ class V1Reader:
     # -- data ------------------------------------------------------------------------------
 
     def _read_file_slices(
-        self, index: int, wanted: list[tuple[str, Extents]], verify: bool
+        self, index: int, wanted: list[tuple[str, V1Tensor, Extents]], verify: bool
     ) -> dict[tuple[str, Extents], np.ndarray]:
         """Decode the given slices of one file, each block read once (worker thread)."""
         f = self._files[index]
-        by_block: dict[int, list[tuple[str, Extents, bytes]]] = defaultdict(list)
-        for key, extents in wanted:
+        by_block: dict[int, list[tuple[str, V1Tensor, Extents, bytes]]] = defaultdict(list)
+        for key, tensor, extents in wanted:
             raw_key = encode_tensor_name_slice(key_to_bytes(key), extents)
             block = codec.find_block(f.separators, raw_key)
             if block is None:
                 raise self._corrupt(f"slice {extents} of {key!r} has no entry", index)
-            by_block[block].append((key, extents, raw_key))
+            by_block[block].append((key, tensor, extents, raw_key))
         out: dict[tuple[str, Extents], np.ndarray] = {}
         reader = self.storage.open_reader(f.path)
         try:
@@ -516,19 +539,19 @@ class V1Reader:
                     entries = dict(
                         codec.block_entries(codec.check_block(raw, handle.offset, verify=verify))
                     )
-                    for key, extents, raw_key in by_block[block]:
+                    for key, tensor, extents, raw_key in by_block[block]:
                         value = entries.get(raw_key)
                         if value is None:
                             raise DecodeError(f"slice {extents} of {key!r} has no entry")
-                        out[(key, extents)] = self._decode(key, extents, value)
+                        out[(key, extents)] = self._decode(key, tensor, extents, value)
                 except DecodeError as exc:
                     raise self._corrupt(str(exc), index) from None
         finally:
             reader.close()
         return out
 
-    def _decode(self, key: str, extents: Extents, value: memoryview) -> np.ndarray:
-        tensor = self._tensors[key]
+    @staticmethod
+    def _decode(key: str, tensor: V1Tensor, extents: Extents, value: memoryview) -> np.ndarray:
         data = codec.decode_slice_entry(value)
         if data.name != key_to_bytes(key) or data.extents != extents:
             raise DecodeError(
@@ -545,20 +568,19 @@ class V1Reader:
         return flat.reshape(shape)
 
     async def _read_slices(
-        self, wanted: list[tuple[str, Extents, int]], verify: bool
+        self, wanted: list[tuple[str, V1Tensor, Extents, int]], verify: bool
     ) -> dict[tuple[str, Extents], np.ndarray]:
-        for key, _, _ in wanted:
-            enum = self._tensors[key].enum
-            try:
-                codec.check_v1_dtype(enum)
-            except ValueError as exc:
-                raise UnsupportedFormatError(f"tensor {key!r}: {exc}", path=self.prefix) from None
-        by_file: dict[int, list[tuple[str, Extents]]] = defaultdict(list)
-        for key, extents, index in wanted:
-            by_file[index].append((key, extents))
+        checked: set[int] = set()
+        for key, tensor, _, _ in wanted:
+            if tensor.enum not in checked:
+                _check_dtype(key, tensor.enum, self.prefix)
+                checked.add(tensor.enum)
+        by_file: dict[int, list[tuple[str, V1Tensor, Extents]]] = defaultdict(list)
+        for key, tensor, extents, index in wanted:
+            by_file[index].append((key, tensor, extents))
         results: dict[tuple[str, Extents], np.ndarray] = {}
 
-        async def run(index: int, items: list[tuple[str, Extents]]) -> None:
+        async def run(index: int, items: list[tuple[str, V1Tensor, Extents]]) -> None:
             results.update(
                 await anyio.to_thread.run_sync(self._read_file_slices, index, items, verify)
             )
@@ -569,18 +591,25 @@ class V1Reader:
     async def read_many(
         self, keys: Sequence[str] | None = None, *, verify: bool = True
     ) -> dict[str, np.ndarray]:
+        """The tensors ``keys`` (all by default), read :data:`_READ_CHUNK` tensors at a time
+        (what is made per tensor besides its array lives for one chunk)."""
         names = self.keys() if keys is None else list(keys)
-        tensors = {key: self._tensor(key) for key in names}
-        wanted = [(k, e, i) for k, t in tensors.items() for e, i in t.slices]
-        slices = await self._read_slices(wanted, verify)
-        return {key: self._assemble(key, None, slices) for key in names}
+        out: dict[str, np.ndarray] = {}
+        for lo in range(0, len(names), _READ_CHUNK):
+            tensors = {key: self._tensor(key) for key in names[lo : lo + _READ_CHUNK]}
+            wanted = [(k, t, e, i) for k, t in tensors.items() for e, i in t.slices]
+            slices = await self._read_slices(wanted, verify)
+            del wanted
+            for key, tensor in tensors.items():
+                out[key] = self._assemble(key, tensor, None, slices)
+        return {key: out[key] for key in names} if len(out) != len(names) else out
 
     async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
         tensor = self._tensor(key)
         box, squeeze = _normalize_index(index, tensor.shape)
         want = (box or []) + [(0, d) for d in tensor.shape[len(box or []) :]]
         needed = [
-            (key, e, i)
+            (key, tensor, e, i)
             for e, i in tensor.slices
             if all(
                 max(a, c) < min(b, d)
@@ -589,16 +618,16 @@ class V1Reader:
             or math.prod(tensor.shape) == 0
         ]
         slices = await self._read_slices(needed, verify)
-        return _squeeze(self._assemble(key, box, slices), squeeze)
+        return _squeeze(self._assemble(key, tensor, box, slices), squeeze)
 
     def _assemble(
         self,
         key: str,
+        tensor: V1Tensor,
         box: list[tuple[int, int]] | None,
         slices: Mapping[tuple[str, Extents], np.ndarray],
     ) -> np.ndarray:
         """The tensor (or the box of it asked for) from its decoded slices."""
-        tensor = self._tensors[key]
         if box is None and tensor.whole:
             return slices[(key, tensor.slices[0][0])]
         full = tensor.shape
