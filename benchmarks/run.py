@@ -695,6 +695,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--sweep, metadata only; docs/distributed.md)",
     )
     p.add_argument(
+        "--scaling",
+        action="store_true",
+        help="also run the long scaling runs (scaling.py: 1e3 to 1e6 tensors, 64 MiB to "
+        "2 GiB; docs/performance.md)",
+    )
+    p.add_argument(
         "--no-drop-caches",
         action="store_true",
         help="never drop the page cache (cold restores are then warm, and say so)",
@@ -709,6 +715,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         keep = {t.name for t in TOOLS if t.in_process} | {DD}
         args.tools = [t for t in args.tools if t in keep]
     return args
+
+
+def run_scaling(args: argparse.Namespace) -> dict[str, str]:
+    """``scaling.py``'s long runs (issue 18), each writing its own JSON beside this run's:
+    10^3 ... 10^6 tensors of 1 KiB and of 16 bytes, then 64 MiB ... 2 GiB saved and restored."""
+    import scaling
+
+    stem = os.path.splitext(args.out)[0] if args.out else os.path.join(HERE, "results", "bench")
+    outs = {"tensors": stem + "-scaling.json", "bytes": stem + "-bytes.json"}
+    log("== tensor-count scaling: 1e3 ... 1e6 tensors (scaling.py)", args.quiet)
+    counts = ["1000", "10000", "100000", "1000000"]
+    scaling.main(["--counts", *counts, "--out", outs["tensors"], *(["--quiet"] * args.quiet)])
+    log("== bytes scaling: 64 MiB ... 2 GiB (scaling.py --bytes)", args.quiet)
+    scaling.main(["--bytes", "--out", outs["bytes"], *(["--quiet"] * args.quiet)])
+    return outs
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
@@ -728,6 +749,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         summary["distributed_scale"] = distributed_scale.sweep(
             [64, 256, 1024, 4096, 8192], [100, 1000], "fsdp", args.timeout * 4
         )
+    if args.scaling:
+        summary["scaling"] = run_scaling(args)
     summary["wall_seconds"] = round(time.time() - started, 1)
     summary["machine"]["loadavg_start"] = load_start
     summary["machine"]["loadavg_end"] = os.getloadavg()

@@ -8,6 +8,7 @@ from collections import defaultdict
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
+from itertools import pairwise
 from typing import Any
 
 import anyio
@@ -529,16 +530,117 @@ class V2Reader:
             return await self._read_pairs(
                 list(zip(names, map(self._entry, names), strict=True)), verify
             )
-        # Every entry, checked, in key order: in chunks, so that the names and tuples of
-        # only one chunk exist besides the arrays read.
+        # Every entry, checked, in key order: in chunks, so that the names of only one chunk
+        # exist besides the arrays read.
         columns = self._all()
         positions = columns.listed_positions()
         out: dict[str, np.ndarray] = {}
         for lo in range(0, len(positions), READ_CHUNK):
-            chunk = positions[lo : lo + READ_CHUNK]
-            pairs = list(zip(columns.names(chunk), columns.entries.records(chunk), strict=True))
-            out.update(await self._read_pairs(pairs, verify))
+            out.update(await self._read_chunk(columns, positions[lo : lo + READ_CHUNK], verify))
         return out
+
+    async def _read_chunk(
+        self, columns: EntryTable, chunk: np.ndarray, verify: bool
+    ) -> dict[str, np.ndarray]:
+        """The tensors at ``chunk`` (positions in key order), by name in that order. Small
+        numeric tensors decoded with others are read from the columns (:meth:`_read_columns`:
+        no tuple, record or memoryview object per tensor, so a full restore leaves the cyclic
+        garbage collector next to nothing to track); the rest as :meth:`_read_pairs` reads
+        them."""
+        entries = columns.entries
+        names = columns.names(chunk)
+        arrays: list[np.ndarray | None] = [None] * len(chunk)
+        fast = self._column_readable(entries, chunk)
+        shard_ids = entries.shard_ids[chunk]
+
+        async def run(shard: int) -> None:
+            picked = np.flatnonzero(fast & (shard_ids == shard))
+            got = await anyio.to_thread.run_sync(
+                self._read_columns, columns, shard, chunk[picked], verify
+            )
+            if got is None:  # this storage's reader has no scatter reads: one by one
+                fast[picked] = False
+                return
+            for i, array in zip(picked.tolist(), got, strict=True):
+                arrays[i] = array
+
+        if fast.any():
+            shards = np.unique(shard_ids[fast]).tolist()
+            await run_concurrently(partial(run, shard) for shard in shards)
+        rest = np.flatnonzero(~fast)
+        if rest.size:
+            pairs = list(
+                zip(
+                    [names[i] for i in rest.tolist()],
+                    entries.records(chunk[rest]),
+                    strict=True,
+                )
+            )
+            read = await self._read_pairs(pairs, verify)
+            for i, (key, _) in zip(rest.tolist(), pairs, strict=True):
+                arrays[i] = read[key]
+        return dict(zip(names, arrays, strict=True))  # type: ignore[arg-type]
+
+    def _column_readable(self, entries: EntryColumns, chunk: np.ndarray) -> np.ndarray:
+        """Which entries at ``chunk`` :meth:`_read_columns` reads: small numeric tensors
+        decoded with others, on a little-endian machine (no byte swap), from local files."""
+        if not (_LITTLE_ENDIAN and self.storage.is_local and entries.heads):
+            return np.zeros(len(chunk), dtype=bool)
+        numeric = np.array([dtype != DT_STRING for dtype, _ in entries.heads] + [False])
+        ids = entries.head_ids[chunk]  # -1 (decoded alone) picks the last: False
+        ok: np.ndarray = numeric[ids] & (entries.sizes[chunk] < PARALLEL_BYTES)
+        return ok
+
+    def _read_columns(
+        self, columns: EntryTable, shard: int, positions: np.ndarray, verify: bool
+    ) -> list[np.ndarray] | None:
+        """Read the entries at ``positions`` of one data file (worker thread), each into a
+        fresh array, in runs of back-to-back tensors with one scatter read each; their
+        checksums in one pass, compared column-wise. The arrays in the order of
+        ``positions``; None if the file's reader has no scatter reads."""
+        entries = columns.entries
+        order = np.argsort(entries.offsets[positions], kind="stable")
+        positions = positions[order]
+        offsets = entries.offsets[positions]
+        ends = offsets + entries.sizes[positions]
+        path = data_path(self.prefix, shard, self.num_shards)
+        url = self.storage.url(path)
+        reader = self.storage.open_reader(path)
+        try:
+            read_into_many = getattr(reader, "read_into_many", None)
+            if read_into_many is None:
+                return None
+            past = np.flatnonzero(ends > reader.size)
+            if past.size:
+                at = int(positions[past[0]])
+                entry = entries.record(at)
+                raise CorruptCheckpointError(
+                    f"tensor {columns.name(at)!r} (offset {entry.offset}, size {entry.size}) "
+                    f"lies past the end of the file ({reader.size} bytes)",
+                    path=url,
+                )
+            kinds = [(shape, _dtypes(dtype)[0]) for dtype, shape in entries.heads]
+            empty = np.empty
+            arrays = [empty(*kinds[h]) for h in entries.head_ids[positions].tolist()]
+            # Byte views as NumPy arrays, which the garbage collector does not track (a
+            # memoryview and its managed buffer are two tracked objects per tensor).
+            u8 = np.uint8
+            views: list[Any] = [np.frombuffer(a, u8) for a in arrays]
+            starts = offsets.tolist()
+            for lo, hi in _runs(offsets, ends):
+                anyio.from_thread.check_cancelled()
+                read_into_many(starts[lo], views[lo:hi])
+            if verify:
+                count = len(views)
+                actual = mask_many(np.fromiter(map(_crc32c, views), dtype=np.uint32, count=count))
+                for i in np.flatnonzero(actual != entries.crcs[positions])[:1].tolist():
+                    at = int(positions[i])
+                    self._decode(columns.name(at), entries.record(at), None, arrays[i], True, url)
+        finally:
+            reader.close()
+        back = np.empty_like(order)
+        back[order] = np.arange(len(order))
+        return [arrays[i] for i in back.tolist()]
 
     async def _read_pairs(
         self, pairs: list[tuple[str, EntryRecord]], verify: bool
@@ -690,6 +792,25 @@ def _tiles(shape: tuple[int, ...], boxes: list[tuple[tuple[int, int], ...]]) -> 
             if all(max(a, c) < min(b, d) for (a, b), (c, d) in zip(first, second, strict=True)):
                 return False
     return True
+
+
+def _runs(offsets: np.ndarray, ends: np.ndarray) -> list[tuple[int, int]]:
+    """(start, stop) index ranges of offset-sorted entries (each smaller than
+    PARALLEL_BYTES) that lie back to back and span at most GATHER_BYTES, to be read with one
+    scatter read each: a new run starts at a gap and whenever the offset enters the next
+    half of GATHER_BYTES counted from the start of its stretch of back-to-back entries."""
+    n = len(offsets)
+    if not n:
+        return []
+    gap = np.ones(n, dtype=bool)
+    gap[1:] = offsets[1:] != ends[:-1]
+    stretch = np.cumsum(gap) - 1
+    stretch_start = offsets[np.flatnonzero(gap)][stretch]
+    half = (offsets - stretch_start) // (GATHER_BYTES // 2)
+    new = gap.copy()
+    new[1:] |= half[1:] != half[:-1]
+    bounds = [*np.flatnonzero(new).tolist(), n]
+    return list(pairwise(bounds))
 
 
 def _coalesce_small(items: list[tuple[str, EntryRecord]]) -> list[list[tuple[str, EntryRecord]]]:
