@@ -47,6 +47,8 @@ def check_tiling(shape: tuple[int, ...], partitions: Sequence[Extents]) -> None:
         raise ValueError("a scalar cannot be partitioned")
     if not partitions:
         raise ValueError("a partitioned tensor needs at least one partition")
+    if _tiles_fast(shape, partitions):
+        return
     volume = 0
     for part in partitions:
         if len(part) != len(shape):
@@ -62,8 +64,34 @@ def check_tiling(shape: tuple[int, ...], partitions: Sequence[Extents]) -> None:
         raise ValueError(f"the partitions do not cover the shape {shape}")
 
 
+def _tiles_fast(shape: tuple[int, ...], partitions: Sequence[Extents]) -> bool:
+    """True if ``partitions`` are many pieces of ``shape``'s rank that lie inside it, split
+    along at most one axis without overlap, and cover it: the common case (thousands of row
+    pieces from a save over as many ranks), checked with NumPy in one pass. False means "not
+    shown here": the exact checks then run (and name the offending piece)."""
+    if len(partitions) < 64 or any(len(part) != len(shape) for part in partitions):
+        return False
+    try:
+        extents = np.asarray(partitions, dtype=np.int64)  # (P, rank, 2): start, length
+    except (OverflowError, TypeError, ValueError):
+        return False
+    if extents.shape != (len(partitions), len(shape), 2):
+        return False
+    starts, lengths = extents[:, :, 0], extents[:, :, 1]
+    try:
+        dims = np.asarray(shape, dtype=np.int64)
+    except OverflowError:
+        return False
+    if (starts < 0).any() or (lengths < 1).any() or (starts > dims - lengths).any():
+        return False
+    volume = int(np.prod(lengths.astype(object), axis=1).sum())  # exact, no overflow
+    if volume != math.prod(shape):
+        return False
+    return _first_overlap(shape, partitions, extents) is None
+
+
 def _first_overlap(
-    shape: tuple[int, ...], partitions: Sequence[Extents]
+    shape: tuple[int, ...], partitions: Sequence[Extents], extents: np.ndarray | None = None
 ) -> tuple[Extents, Extents] | None:
     """Two partitions (in the given order) that share an element, or None.
 
@@ -72,7 +100,8 @@ def _first_overlap(
     ranks needs. Others fall back to comparing each pair."""
     if len(partitions) < 2:
         return None
-    extents = np.asarray(partitions, dtype=np.int64)  # (P, rank, 2): start, length
+    if extents is None:
+        extents = np.asarray(partitions, dtype=np.int64)  # (P, rank, 2): start, length
     starts, lengths = extents[:, :, 0], extents[:, :, 1]
     same = (extents == extents[0]).all(axis=(0, 2))  # per axis: every piece alike
     varying = [axis for axis in range(len(shape)) if not same[axis]]

@@ -10,9 +10,17 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from anyckpt._concurrency import cyclic_gc_paused
 from anyckpt.codecs.dtypes import DT_STRING, enum_from_dtype
 from anyckpt.distributed import PlanError, even_slice
-from anyckpt.distributed.plan import Item, Manifest, assign, make_plan, shard_options
+from anyckpt.distributed.plan import (
+    Item,
+    Manifest,
+    assign,
+    make_plan,
+    one_file_in_key_order,
+    shard_options,
+)
 from anyckpt.formats.sharded import ShardOptions
 
 F32 = enum_from_dtype(np.dtype(np.float32))
@@ -269,3 +277,77 @@ def test_check_tiling_of_8192_row_pieces() -> None:
     bad = [*rows[:-1], ((8190, 2), (0, 4))]
     with pytest.raises(ValueError, match=r"\(\(8190, 2\), \(0, 4\)\)"):
         check_tiling((8192, 4), bad)
+
+
+_names = st.binary(min_size=1, max_size=6)
+_extents = st.lists(
+    st.tuples(st.integers(0, 300), st.integers(1, 300)), min_size=1, max_size=3
+).map(tuple)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.tuples(_names, st.none() | _extents),
+        min_size=1,
+        max_size=30,
+        unique_by=lambda unit: (unit[0], unit[1] is None),
+    )
+)
+def test_a_files_items_sort_as_their_data_keys(units: list[tuple[bytes, object]]) -> None:
+    """The plan orders a data file without encoding its keys: the same order as the keys,
+    whole names starting with a zero byte included."""
+    items = [
+        Item(name, extents, F32, (1,) * (len(extents) if extents else 1), 4)  # type: ignore[arg-type]
+        for name, extents in units
+    ]
+    (ordered,) = one_file_in_key_order(items)
+    keys = [item.data_key for item in ordered]
+    assert keys == sorted(keys)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (None, None),
+        ((40, (39, 2)), "overlap"),  # piece 40 reaches into piece 41
+        ((40, (41, 1)), "do not cover"),  # a replica of piece 41: row 40 is left uncovered
+        ((99, (99, 2)), "outside"),
+        ((0, (0, 2)), "overlap"),
+    ],
+)
+def test_many_pieces_are_checked_exactly(
+    change: tuple[int, tuple[int, int]] | None, message: str | None
+) -> None:
+    """Past 64 pieces the tiling is checked with NumPy; it refuses what the exact check does."""
+    pieces = [((row, 1), (0, 3)) for row in range(100)]
+    if change is not None:
+        at, rows = change
+        pieces[at] = (rows, (0, 3))
+    per_rank = [[piece("w", (100, 3), extents)] for extents in pieces]
+    if message is None:
+        plan = make_plan(manifests(*per_rank))
+        assert plan.holders[b"w"].slices == tuple(sorted(pieces))
+    else:
+        with pytest.raises(PlanError, match=message):
+            make_plan(manifests(*per_rank))
+
+
+def test_planning_pauses_the_cyclic_collector_and_restores_it() -> None:
+    import gc
+
+    seen: list[bool] = []
+    with cyclic_gc_paused():
+        seen.append(gc.isenabled())
+        with cyclic_gc_paused():
+            seen.append(gc.isenabled())
+        seen.append(gc.isenabled())
+    assert seen == [False, False, False]
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        with cyclic_gc_paused():
+            pass
+        assert not gc.isenabled()  # it was off before: it stays off
+    finally:
+        gc.enable()

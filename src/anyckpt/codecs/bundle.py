@@ -17,6 +17,7 @@ import functools
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from itertools import starmap
 from typing import NamedTuple
 
 import numpy as np
@@ -197,14 +198,11 @@ def _encode_slices(slices: Sequence[Sequence[Extent]]) -> bytes | None:
     """Field 7 (``repeated TensorSliceProto slices``) by hand, or None where a number is out of
     the range this encodes (protobuf then does it). A partitioned tensor saved over thousands
     of ranks has thousands of slices: building them as messages dominated the merged index."""
-    out = []
     try:
-        for extents in slices:
-            joined = b"".join([_extent_field(start, length) for start, length in extents])
-            out.append(b"\x3a" + _varint(len(joined)) + joined)
+        joined = [b"".join(starmap(_extent_field, extents)) for extents in slices]
     except ValueError:
         return None
-    return b"".join(out)
+    return b"".join([b"\x3a" + _varint(len(one)) + one for one in joined])
 
 
 @functools.lru_cache(maxsize=1 << 16)

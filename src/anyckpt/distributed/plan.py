@@ -21,12 +21,13 @@ raise :class:`PlanError`, on every rank alike.
 
 from __future__ import annotations
 
-from collections import defaultdict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from itertools import pairwise
 from operator import itemgetter
 from typing import Any, NoReturn
 
+from .._concurrency import cyclic_gc_paused
 from ..codecs.bundle import BundleEntry
 from ..codecs.ordered_code import encode_tensor_name_slice
 from ..errors import CheckpointError
@@ -113,66 +114,81 @@ def shard_options(options: Mapping[str, Any] | None) -> ShardOptions:
 
 def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None) -> Plan:
     """The plan every rank computes from every rank's manifest (index = rank)."""
+    with cyclic_gc_paused():  # millions of tuples, no cycles
+        return _make_plan(manifests, options)
+
+
+def _make_plan(manifests: Sequence[Manifest], options: ShardOptions | None) -> Plan:
     options = options or ShardOptions()
     world = len(manifests)
     if world < 1:
         raise ValueError("no manifests")
-    holders_of: dict[tuple[bytes, Extents | None], list[int]] = {}
-    first_seen: dict[tuple[bytes, Extents | None], Item] = {}
-    by_key: dict[bytes, list[Item]] = defaultdict(list)
+    # Every item by tensor name (a bytes key hashes once), then each tensor's units (pieces),
+    # each with the ranks that hold it: a tuple of extents would be hashed at every lookup.
+    by_key: dict[bytes, list[tuple[int, Item]]] = {}
     for rank, manifest in enumerate(manifests):
         for item in manifest.items:
-            unit = (item.key, item.extents)
-            ranks = holders_of.get(unit)
-            if ranks is None:
-                holders_of[unit] = [rank]
-                first_seen[unit] = item
-                by_key[item.key].append(item)
-                continue
-            if ranks[-1] == rank:  # ranks are visited in order: its own earlier item
-                raise PlanError(f"rank {rank} holds {_name(item)} twice")
-            ranks.append(rank)
-            first = first_seen[unit]
-            if item.dtype != first.dtype or item.shape != first.shape:
-                _mismatch(item, first, rank, ranks[0])
-
+            held = by_key.get(item.key)
+            if held is None:
+                by_key[item.key] = [(rank, item)]
+            else:
+                held.append((rank, item))
+    # (the first holder's item, the holding ranks in order), per unit
+    units: list[tuple[Item, list[int]]] = []
     holders: dict[bytes, BundleEntry] = {}
-    for key, items in by_key.items():
-        first = items[0]
-        for item in items[1:]:
-            if (item.dtype, item.shape) != (first.dtype, first.shape):
-                _mismatch(item, first, _rank_of(holders_of, item), _rank_of(holders_of, first))
+    for key, held in by_key.items():
+        first_rank, first = held[0]
+        for rank, item in held:
+            if item.dtype != first.dtype or item.shape != first.shape:
+                _mismatch(item, first, rank, first_rank)
             if (item.extents is None) != (first.extents is None):
                 raise PlanError(
                     f"tensor {key_from_bytes(key)!r} is whole on some ranks and sharded on others"
                 )
-        if first.extents is not None:
-            extents = sorted(item.extents for item in items if item.extents is not None)
-            try:
-                check_tiling(first.shape, extents)
-            except ValueError as exc:
-                raise PlanError(
-                    f"the pieces of {key_from_bytes(key)!r} do not tile its shape "
-                    f"{first.shape}: {exc}"
-                ) from None
-            holders[key] = BundleEntry(first.dtype, first.shape, slices=tuple(extents))
+        if first.extents is None:
+            held_by = [rank for rank, _ in held]
+            _check_once(held_by, first)
+            units.append((first, held_by))
+            continue
+        # a stable sort: the holders of each piece stay in rank order
+        held.sort(key=_extents_of)
+        extents: list[Extents] = []
+        previous: Extents | None = None
+        for rank, item in held:
+            assert item.extents is not None
+            if item.extents == previous:
+                held_by.append(rank)
+                continue
+            previous = item.extents
+            extents.append(previous)
+            held_by = [rank]
+            units.append((item, held_by))
+        for _, held_by in units[len(units) - len(extents) :]:
+            if len(held_by) > 1:
+                _check_once(held_by, first)
+        try:
+            check_tiling(first.shape, extents)
+        except ValueError as exc:
+            raise PlanError(
+                f"the pieces of {key_from_bytes(key)!r} do not tile its shape {first.shape}: {exc}"
+            ) from None
+        holders[key] = BundleEntry(first.dtype, first.shape, slices=tuple(extents))
 
     # Who writes each unit: forced ones first, then replicas, largest first, least loaded.
     loads = [0] * world
     owned: list[list[Item]] = [[] for _ in range(world)]
-    replicas: list[tuple[bytes, Extents | None]] = []
-    for unit, ranks in holders_of.items():
+    replicas: list[tuple[Item, list[int]]] = []
+    for item, ranks in units:
         if len(ranks) == 1:
-            item = first_seen[unit]
             owned[ranks[0]].append(item)
             loads[ranks[0]] += item.nbytes
         else:
-            replicas.append(unit)
-    replicas.sort(key=lambda u: (-first_seen[u].nbytes, u[0], u[1] or ()))
-    for unit in replicas:
-        rank = min(holders_of[unit], key=lambda r: (loads[r], r))
-        owned[rank].append(first_seen[unit])
-        loads[rank] += first_seen[unit].nbytes
+            replicas.append((item, ranks))
+    replicas.sort(key=lambda u: (-u[0].nbytes, u[0].key, u[0].extents or ()))
+    for item, ranks in replicas:
+        rank = min(ranks, key=lambda r: (loads[r], r))
+        owned[rank].append(item)
+        loads[rank] += item.nbytes
 
     shards: list[tuple[tuple[Item, ...], ...]] = []
     one_file = not options.sharded
@@ -180,10 +196,10 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
         if not items:
             shards.append(())
             continue
-        keyed = sorted(((item.data_key, item) for item in items), key=itemgetter(0))
         if one_file:  # the default: each rank's share is one data file
-            shards.append((tuple(item for _, item in keyed),))
+            shards.append(one_file_in_key_order(items))
             continue
+        keyed = sorted(((item.data_key, item) for item in items), key=itemgetter(0))
         labels = {key_from_bytes(key): item for key, item in keyed}
         sizes = [(label, item.nbytes) for label, item in labels.items()]
         planned = plan_shards(sizes, options)
@@ -196,6 +212,23 @@ def make_plan(manifests: Sequence[Manifest], options: ShardOptions | None = None
         first_shard.append(total)
         total += len(per_rank)
     return Plan(total, tuple(shards), tuple(first_shard), holders)
+
+
+def _key_order(item: Item) -> tuple[bool, bytes, int, Extents]:
+    """Sorts as ``item.data_key`` does, without encoding it: a slice key is the ordered code
+    of (0, name, rank, start, length, ...), which keeps the order of those numbers and names,
+    and sorts before every whole name that does not start with a zero byte."""
+    extents = item.extents
+    if extents is None:
+        return (True, item.key, 0, ())
+    return (False, item.key, len(extents), extents)
+
+
+def one_file_in_key_order(items: Sequence[Item]) -> tuple[tuple[Item, ...]]:
+    """One data file of ``items``, in data-key order (the order of its index entries)."""
+    if any(item.extents is None and item.key[:1] == b"\0" for item in items):
+        return (tuple(sorted(items, key=lambda item: item.data_key)),)
+    return (tuple(sorted(items, key=_key_order)),)
 
 
 @dataclass(frozen=True)
@@ -220,6 +253,11 @@ class Assignment:
 
 def assign(plan: Plan, manifests: Sequence[Manifest]) -> list[Assignment]:
     """Each rank's share of ``plan`` (index = rank), in terms of that rank's own manifest."""
+    with cyclic_gc_paused():
+        return _assign(plan, manifests)
+
+
+def _assign(plan: Plan, manifests: Sequence[Manifest]) -> list[Assignment]:
     out: list[Assignment] = []
     for rank, manifest in enumerate(manifests):
         position = {item.unit: i for i, item in enumerate(manifest.items)}
@@ -233,8 +271,17 @@ def _name(item: Item) -> str:
     return name if item.extents is None else f"the piece {item.extents} of {name}"
 
 
-def _rank_of(holders_of: Mapping[tuple[bytes, Extents | None], list[int]], item: Item) -> int:
-    return holders_of[item.unit][0]
+def _extents_of(held: tuple[int, Item]) -> Extents:
+    extents = held[1].extents
+    assert extents is not None
+    return extents
+
+
+def _check_once(ranks: list[int], item: Item) -> None:
+    """Ranks come in order: a rank listed twice holds ``item`` twice."""
+    for a, b in pairwise(ranks):
+        if a == b:
+            raise PlanError(f"rank {a} holds {_name(item)} twice")
 
 
 def _mismatch(item: Item, other: Item, rank: int, other_rank: int) -> NoReturn:

@@ -8,6 +8,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .._concurrency import cyclic_gc_paused
 from .._recent import RecentCache
 from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
@@ -67,6 +68,15 @@ def build_index(
 ) -> bytes:
     """The ``.index`` table for the entries of every data file plus ``holders`` (the full-name
     entries of partitioned tensors, which point at their slices' entries)."""
+    with cyclic_gc_paused():  # a merge over many ranks: millions of keys, no cycles
+        return _build_index(num_shards, files, holders)
+
+
+def _build_index(
+    num_shards: int,
+    files: Sequence[DataFileEntries],
+    holders: Mapping[bytes, BundleEntry] | None,
+) -> bytes:
     holders = holders or {}
     # One data file of ordinary entries, every CRC present (a zero one is left out of its
     # entry, which changes the layout): the structure's template, if it was saved before.
