@@ -229,7 +229,7 @@ async def test_the_simulator_catches_saves_that_are_not_durable(
 ) -> None:
     """Negative control: with ``durable=False`` (no fsync at all) a power cut loses confirmed
     saves, and the simulator must say so."""
-    with pytest.raises(AssertionError, match=r"crash after op .*confirmed \[1"):
+    with pytest.raises(AssertionError, match=r"crash after op "):
         await _simulate(SCENARIOS["v2-save"], model_name, tmp_path, durable=False)
 
 
