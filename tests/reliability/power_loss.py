@@ -47,7 +47,9 @@ import stat
 import sys
 import threading
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -162,7 +164,9 @@ class RecordingOs:
                 return int(self._real.write(fd, data))
             offset = self._real.lseek(fd, 0, os.SEEK_CUR)
             n = int(self._real.write(fd, data))
-            self._add(Op("write", known[0], known[1], offset, bytes(memoryview(data).cast("B")[:n])))
+            self._add(
+                Op("write", known[0], known[1], offset, bytes(memoryview(data).cast("B")[:n]))
+            )
             return n
 
     def writev(self, fd: int, buffers: Any) -> int:
@@ -263,11 +267,8 @@ class RecordingOs:
         if not missing and not exist_ok:
             raise FileExistsError(errno.EEXIST, "File exists", os.fspath(name))
         for path in reversed(missing):
-            try:
+            with suppress(FileExistsError):  # made meanwhile
                 self.mkdir(path, mode)
-            except FileExistsError:
-                if not exist_ok:
-                    raise
 
     def rmdir(self, path: Any, **kwargs: Any) -> None:
         rel = self._rel(path)
@@ -285,7 +286,11 @@ def modules_doing_file_io() -> list[Any]:
     for name, module in list(sys.modules.items()):
         if module is None or getattr(module, "os", None) is not os:
             continue
-        if name == "anyckpt" or name.startswith("anyckpt.") or name == "fsspec.implementations.local":
+        if (
+            name == "anyckpt"
+            or name.startswith("anyckpt.")
+            or name == "fsspec.implementations.local"
+        ):
             found.append(module)
     return found
 
@@ -341,6 +346,10 @@ def _apply_write(data: bytearray, op: Op) -> bytearray:
         data.extend(b"\0" * (end - len(data)))
     data[op.offset : end] = op.data
     return data
+
+
+def _chosen(choice: dict[int, bytes], ino: int, f: _File) -> bytes:
+    return choice.get(ino, f.volatile)
 
 
 def _torn(data: bytes, op: Op, rng: random.Random) -> bytes:
@@ -503,10 +512,8 @@ class Model:
                     by_ino.setdefault(target, []).append(path)
 
         walk("")
-        data = {p: d for p, d in files}
-        for group in by_ino.values():
-            for path in group[1:]:
-                files.append((path, data[group[0]]))
+        data = dict(files)
+        files.extend((path, data[g[0]]) for g in by_ino.values() for path in g[1:])
         files.sort()
         links = tuple(tuple(g) for g in by_ino.values() if len(g) > 1)
         return CrashState(tuple(files), links, how)
@@ -569,7 +576,7 @@ class Model:
                     else:
                         choice[ino] = base
             how = f"random: {len(entries)} of {len(seqs)} entry ops, {len(dirty)} files mixed"
-            state = self.state(entries, lambda ino, f: choice.get(ino, f.volatile), how)
+            state = self.state(entries, partial(_chosen, choice), how)
             if state.key() not in seen:
                 seen.add(state.key())
                 count += 1

@@ -120,16 +120,21 @@ async def _check_state(
         latest = manager.latest_step
         context = (how, floor, latest, sorted(p.name for p in directory.rglob("*")))
         if floor:
-            assert latest is not None and latest >= floor, context
+            assert latest is not None, context
+            assert latest >= floor, context
         if latest is not None:
             assert_values(await manager.restore(), latest)
-            window = confirmed if scenario.keep is None else [
-                s for s in confirmed if s > latest - scenario.keep
-            ]
+            window = (
+                confirmed
+                if scenario.keep is None
+                else [s for s in confirmed if s > latest - scenario.keep]
+            )
             for step in window:
                 assert_values(await manager.restore(step), step)
-        outcome = "empty" if latest is None else (
-            "latest newer than confirmed" if latest > floor else "latest = confirmed"
+        outcome = (
+            "empty"
+            if latest is None
+            else ("latest newer than confirmed" if latest > floor else "latest = confirmed")
         )
         await (await manager.save(values(AGAIN), step=AGAIN))
         assert manager.latest_step == AGAIN
@@ -269,8 +274,10 @@ async def test_fsync_order_follows_the_commit_protocol(scenario_name: str, tmp_p
         elif op.kind == "mark":
             saves.append([])
     assert len(saves) == scenario.steps + 1
-    marker = (lambda step: f"ckpt-{step}-00001-of-00002") if scenario_name == "v1-sharded" else (
-        lambda step: f"ckpt-{step}.index"
+    marker = (
+        (lambda step: f"ckpt-{step}-00001-of-00002")
+        if scenario_name == "v1-sharded"
+        else (lambda step: f"ckpt-{step}.index")
     )
     for step, events in enumerate(saves[:-1], start=1):
         renames = [name for kind, name in events if kind == "rename"]
@@ -283,7 +290,8 @@ async def test_fsync_order_follows_the_commit_protocol(scenario_name: str, tmp_p
         assert ("dirsync", "") in events[at:state], (step, events)  # index durable first
         assert ("dirsync", "") in events[state:], (step, events)  # then the commit
         last_state = max(i for i, e in enumerate(events) if e == ("rename", "checkpoint"))
-        assert events[-1] == ("dirsync", "") and last_state < len(events) - 1, events
+        assert events[-1] == ("dirsync", ""), events  # the save's last act
+        assert last_state < len(events) - 1, events
         dropped = [n for kind, n in events if kind == "unlink"]
         if dropped:
             old = dropped[0].split(".")[0].split("-0")[0]
