@@ -15,8 +15,8 @@ retention's deletes. Then a new manager on the directory must:
 * save again.
 
 The directory carries over from trial to trial, so later trials start from a history of
-crashes. CI mode: 30 trials on local disk and 8 on the S3 test server; ``ANYCKPT_RELIABILITY=long``
-runs 300 and 100.
+crashes. CI mode: 30 trials on local disk, 8 on the S3 test server and 6 on the GCS emulator;
+``ANYCKPT_RELIABILITY=long`` runs 300, 100 and 100.
 """
 
 from __future__ import annotations
@@ -181,3 +181,17 @@ async def test_sigkill_at_random_moments_s3(tmp_path: Path, s3_bucket: Any) -> N
         window=0.8,
     )
     await _run_trials(setup, tmp_path, seed=11)
+
+
+async def test_sigkill_at_random_moments_gcs(tmp_path: Path, gcs_bucket: Any) -> None:
+    """The same on the GCS emulator (the lock a lease by ``ifGenerationMatch``, which
+    tests/servers.py teaches the emulator)."""
+    setup = Setup(
+        "gcs",
+        f"{gcs_bucket.url}/ckpt",
+        gcs_bucket.storage_options,
+        scaled(6, 100),
+        big=16 << 10,
+        window=0.8,
+    )
+    await _run_trials(setup, tmp_path, seed=13)

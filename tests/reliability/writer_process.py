@@ -123,8 +123,20 @@ async def train(config: dict[str, Any]) -> None:
                 _log(log, f"committed {pending.step}")
 
 
+def _plain_gcsfs() -> None:
+    """gs:// through gcsfs's plain GCSFileSystem, as the test session does (tests/servers.py):
+    the default one probes the bucket over gRPC, which the emulator does not speak."""
+    import fsspec
+    import gcsfs.core
+
+    for protocol in ("gs", "gcs"):
+        fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+
+
 def main() -> None:
     config = json.loads(sys.argv[1])
+    if str(config.get("url", "")).startswith(("gs://", "gcs://")):
+        _plain_gcsfs()
     if config.get("machine"):
         anyckpt.lease.MACHINE = config["machine"]
     if config.get("unlocked"):

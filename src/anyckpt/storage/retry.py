@@ -46,11 +46,12 @@ TRANSIENT_S3_CODES = frozenset(
      "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "OperationAborted"}
 )  # fmt: skip
 #: Network failures of the clients under s3fs and gcsfs (botocore, aiohttp), by class name so
-#: that neither needs importing: timeouts, refused or dropped connections, truncated bodies.
+#: that neither needs importing: timeouts, refused or dropped connections, truncated bodies;
+#: and requests' ProxyError, which is how gcsfs reports an HTTP 502 answer.
 TRANSIENT_CLASS_NAMES = frozenset(
     {"HTTPClientError", "ReadTimeoutError", "ConnectTimeoutError", "ConnectionClosedError",
      "ClientConnectionError", "ServerDisconnectedError", "ServerTimeoutError",
-     "ClientPayloadError", "IncompleteRead"}
+     "ClientPayloadError", "IncompleteRead", "ProxyError"}
 )  # fmt: skip
 
 
