@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Mapping
 from functools import partial
 from operator import attrgetter
-from typing import TYPE_CHECKING
 
 import anyio
 import anyio.abc
@@ -14,10 +13,6 @@ import numpy as np
 
 from .._concurrency import run_concurrently
 from ..codecs.dtypes import NUMERIC_DTYPES
-
-if TYPE_CHECKING:
-    pass
-
 
 #: Arrays smaller than this are copied on the calling thread: for them a copy is mostly
 #: Python overhead, which threads (sharing the GIL) would only add to.

@@ -2,18 +2,13 @@
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Generator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.abc
 import anyio.to_thread
-import numpy as np
-
-if TYPE_CHECKING:
-    pass
 
 
 @dataclass(frozen=True)
@@ -28,15 +23,6 @@ class SaveEvent:
     commit_seconds: float
     deleted: tuple[str, ...] = ()
     preserved: tuple[str, ...] = ()
-
-
-def check_step(step: object) -> int:
-    """``step`` as an ``int``: a Python or NumPy integer; ``TypeError`` for anything else
-    (a float such as ``200.9``, a string such as ``"7"``, a bool), which ``int()`` would
-    silently turn into another checkpoint's number."""
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}")
-    return int(step)
 
 
 class PendingSave:

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import posixpath
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.abc
@@ -23,8 +23,6 @@ from ..errors import (
 )
 from ..storage import Storage
 
-if TYPE_CHECKING:
-    pass
 STATE_FILE = "checkpoint"
 
 
