@@ -67,6 +67,7 @@ from ..retention import (
     KeepFor,
     Plan,
     Policy,
+    RetentionDecision,
     RetentionPolicy,
     Tracked,
     decide,
@@ -617,10 +618,16 @@ class CheckpointManager:
         await self._write_tracking(_Tracking(tracked, self._state.last_preserved, name))
         if not decision.delete and not decision.preserve:
             return (), ()
+        return await self._drop(decision, name)
+
+    async def _drop(
+        self, decision: RetentionDecision, latest: str | None
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The second half of the commit sequence, shared by a save's commit and a sweep:
+        delete what retention dropped, then record what it kept in the state file."""
         deleted = await self._delete_checkpoints([c.path for c in decision.delete])
-        await self._write_tracking(
-            _Tracking(list(decision.keep), decision.last_preserved_timestamp, name)
-        )
+        keep, stamp = list(decision.keep), decision.last_preserved_timestamp
+        await self._write_tracking(_Tracking(keep, stamp, latest))
         return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
 
     async def _write_tracking(self, new_state: _Tracking) -> None:
@@ -805,14 +812,16 @@ class CheckpointManager:
         if self.coordinator is not None:
             return await multiprocess.sweep(self, self.coordinator)
         async with self._commit_lock:
-            state = self._state
-            decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
-            if not decision.delete and not decision.preserve:
-                return (), ()
-            deleted = await self._delete_checkpoints([c.path for c in decision.delete])
-            keep, stamp = list(decision.keep), decision.last_preserved_timestamp
-            await self._write_tracking(_Tracking(keep, stamp, state.latest))
-            return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
+            return await self.sweep_locked()
+
+    async def sweep_locked(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """:meth:`sweep`'s work, for a caller already holding the commit lock (the primary
+        rank of a distributed sweep): the one place a sweep's sequence is written."""
+        state = self._state
+        decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
+        if not decision.delete and not decision.preserve:
+            return (), ()
+        return await self._drop(decision, state.latest)
 
     # -- restoring ---------------------------------------------------------------------------
 

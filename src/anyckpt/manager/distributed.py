@@ -571,7 +571,7 @@ async def sweep(
             deleted: tuple[str, ...] = ()
             preserved: tuple[str, ...] = ()
             try:
-                deleted, preserved = await _apply_retention(manager)
+                deleted, preserved = await manager.sweep_locked()
             except Exception as exc:
                 failure = exc
             outcome = _Outcome(
@@ -589,17 +589,3 @@ async def sweep(
             raise CheckpointError(f"rank 0 could not apply retention: {outcome.error}")
         manager._state = outcome.state
         return outcome.deleted, outcome.preserved
-
-
-async def _apply_retention(manager: CheckpointManager) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What ``CheckpointManager.sweep`` does in one process (the caller holds the lock)."""
-    from .core import _Tracking
-
-    state = manager._state
-    decision = manager._decide(state.tracked, state.last_preserved, state.latest).decision
-    if not decision.delete and not decision.preserve:
-        return (), ()
-    deleted = await manager._delete_checkpoints([c.path for c in decision.delete])
-    keep, stamp = list(decision.keep), decision.last_preserved_timestamp
-    await manager._write_tracking(_Tracking(keep, stamp, state.latest))
-    return tuple(deleted), tuple(manager._public(c.path) for c in decision.preserve)
