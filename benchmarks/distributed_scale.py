@@ -56,12 +56,12 @@ import numpy as np
 import anyckpt
 from anyckpt.distributed import Sharded, even_slice
 from anyckpt.distributed import plan as plan_module
-from anyckpt.distributed.save import prepare_state
 from anyckpt.formats import get_format
 from anyckpt.formats.sharded import ShardOptions
 from anyckpt.formats.v2_data import DataFileEntries, write_data_file
 from anyckpt.formats.v2_index import build_index
 from anyckpt.formats.v2_layout import data_path, index_path
+from anyckpt.manager.distributed import prepare_state
 from anyckpt.storage import Storage
 
 TP_DEGREE = 8

@@ -85,7 +85,7 @@ def test_dir_of_the_package_is_its_public_names() -> None:
     assert not hasattr(anyckpt, "annotations")
     for name in anyckpt.__all__:
         assert getattr(anyckpt, name) is not None, name
-    assert anyckpt.CheckpointManager.__module__ == "anyckpt.manager"
+    assert anyckpt.CheckpointManager.__module__ == "anyckpt.manager.core"
 
 
 def test_import_anyckpt_is_light() -> None:

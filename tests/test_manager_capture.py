@@ -15,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import anyckpt
-from anyckpt.manager import _THREADED_COPY_BYTES, capture
+from anyckpt.manager.capture import THREADED_COPY_BYTES, capture
 
 DTYPES = [np.float32, np.float64, np.int8, np.int64, np.uint16, np.bool_, np.complex64]
 DTYPES.append(ml_dtypes.bfloat16)
@@ -102,7 +102,7 @@ def test_many_small_arrays_of_one_shape_are_one_block() -> None:
 
 
 def test_large_arrays_are_copied_on_threads_with_small_ones_in_order() -> None:
-    n = _THREADED_COPY_BYTES // 4
+    n = THREADED_COPY_BYTES // 4
     state = {
         "small/a": np.arange(10, dtype=np.float32),
         "big/a": np.arange(n, dtype=np.float32),

@@ -14,7 +14,7 @@ command's ``--version`` and ``--help`` do not load NumPy, fsspec and the formats
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+from ._version import __version__
 
 #: Each public name and the module it comes from.
 _ORIGINS = {

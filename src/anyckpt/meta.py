@@ -652,7 +652,7 @@ def build_meta_graph(
 
     meta = MetaGraphDef()
     if meta_graph_version is None:
-        from . import __version__
+        from ._version import __version__
 
         meta_graph_version = f"anyckpt {__version__}"
     meta.meta_info_def.meta_graph_version = meta_graph_version

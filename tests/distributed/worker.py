@@ -23,7 +23,7 @@ import torch.distributed as dist
 from states import rank_state
 
 import anyckpt
-import anyckpt.distributed.save as dsave
+import anyckpt.manager.distributed as dsave
 from anyckpt.distributed import TorchCoordinator, even_slice
 from anyckpt.storage import Storage
 

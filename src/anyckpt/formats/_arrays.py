@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import sys
 
 import numpy as np
 
@@ -53,11 +52,3 @@ def _empty_large(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     raw = np.empty(nbytes + _HUGE_PAGE, dtype=np.uint8)
     start = -raw.ctypes.data % _HUGE_PAGE
     return raw[start : start + nbytes].view(dtype).reshape(shape)
-
-
-def _is_le_contiguous(array: np.ndarray) -> bool:
-    """Whether :func:`to_little_endian` returns ``array`` itself (no copy)."""
-    order = array.dtype.byteorder
-    return bool(array.flags.c_contiguous) and (
-        order == "|" or order == "<" or (order == "=" and sys.byteorder == "little")
-    )

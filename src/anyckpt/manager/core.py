@@ -21,15 +21,12 @@ second writer gets :class:`~anyckpt.ConcurrentWriterError` instead of deleting c
 
 from __future__ import annotations
 
-import bisect
-import numbers
 import posixpath
 import re
 import time
-from collections.abc import Callable, Generator, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
-from operator import attrgetter
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, TypeVar, overload
 
@@ -38,11 +35,10 @@ import anyio.abc
 import anyio.to_thread
 import numpy as np
 
-from ._concurrency import run_concurrently
-from .api import meta_path, with_object_graph, write_meta_file
-from .codecs import DecodeError
-from .codecs.dtypes import NUMERIC_DTYPES
-from .codecs.metrics import (
+from .._concurrency import run_concurrently
+from ..api import meta_path, with_object_graph, write_meta_file
+from ..codecs import DecodeError
+from ..codecs.metrics import (
     MAX_METRICS_SIZE,
     METRICS_SUFFIX,
     check_metrics,
@@ -50,28 +46,28 @@ from .codecs.metrics import (
     encode_metrics,
     metrics_path,
 )
-from .codecs.state_file import (
-    MAX_STATE_FILE_SIZE,
+from ..codecs.state_file import (
     CheckpointState,
-    decode_state,
     encode_state,
     relativize,
 )
-from .errors import (
+from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConcurrentWriterError,
     CorruptCheckpointError,
 )
-from .formats import detect_format, get_format
-from .formats.base import CheckpointFormat, Index, check_options
-from .lease import DirectoryLock
-from .meta import saver_version
-from .retention import (
+from ..formats import detect_format, get_format
+from ..formats.base import CheckpointFormat, Index, check_options
+from ..formats.layout import NameIndex
+from ..lease import DirectoryLock
+from ..meta import saver_version
+from ..retention import (
     Candidate,
     KeepFor,
     Plan,
     Policy,
+    RetentionDecision,
     RetentionPolicy,
     Tracked,
     decide,
@@ -80,75 +76,18 @@ from .retention import (
     start_fresh,
     tf_policy,
 )
-from .storage import TEMP_MARKER, Storage
-from .tensors import prepare
+from ..storage import TEMP_MARKER, Storage
+from ..tensors import prepare
+from . import distributed as multiprocess
+from .capture import capture
+from .pending import PendingSave, SaveEvent
+from .state import STATE_FILE, read_state, read_state_versioned
+from .steps import check_step
 
 if TYPE_CHECKING:
-    from .distributed import Coordinator
+    from ..distributed import Coordinator
 
-STATE_FILE = "checkpoint"
 _T = TypeVar("_T")
-
-
-@dataclass(frozen=True)
-class SaveEvent:
-    """What one save did, for progress reporting and metrics (``on_event``)."""
-
-    step: int
-    prefix: str
-    bytes: int
-    capture_seconds: float
-    write_seconds: float
-    commit_seconds: float
-    deleted: tuple[str, ...] = ()
-    preserved: tuple[str, ...] = ()
-
-
-def check_step(step: object) -> int:
-    """``step`` as an ``int``: a Python or NumPy integer; ``TypeError`` for anything else
-    (a float such as ``200.9``, a string such as ``"7"``, a bool), which ``int()`` would
-    silently turn into another checkpoint's number."""
-    if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
-        raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}")
-    return int(step)
-
-
-class PendingSave:
-    """A save in flight. ``await pending`` (or :meth:`wait`) returns once it is durably
-    committed and raises its error if it failed. ``skipped`` is True when
-    ``checkpoint_interval`` made the manager skip it (then there is nothing to wait for)."""
-
-    def __init__(self, step: int, prefix: str | None, *, skipped: bool = False) -> None:
-        self.step = step
-        self.prefix = prefix
-        self.skipped = skipped
-        self.event: SaveEvent | None = None
-        self._done = anyio.Event()
-        self._error: BaseException | None = None
-        self._observed = False
-        if skipped:
-            self._done.set()
-
-    def done(self) -> bool:
-        return self._done.is_set()
-
-    def _finish(self, error: BaseException | None) -> None:
-        self._error = error
-        self._done.set()
-
-    async def wait(self) -> PendingSave:
-        await self._done.wait()
-        if self._error is not None:
-            self._observed = True
-            raise self._error
-        return self
-
-    def __await__(self) -> Generator[Any, None, PendingSave]:
-        return self.wait().__await__()
-
-    def __repr__(self) -> str:
-        state = "skipped" if self.skipped else "done" if self.done() else "pending"
-        return f"<PendingSave step={self.step} {state}>"
 
 
 @dataclass
@@ -264,9 +203,7 @@ class CheckpointManager:
                 raise ValueError("object_graph=True is not supported with a coordinator")
             self.format_options.setdefault("data_order", "given")
         if coordinator is not None:
-            from .distributed.save import check_manager
-
-            check_manager(self)
+            multiprocess.check_manager(self)
         # Opened on entering (in a worker thread: the first s3:// imports s3fs and aiobotocore,
         # ~0.2 s that must not stall the event loop), or on first use of ``storage``.
         self._storage: Storage | None = None
@@ -326,9 +263,7 @@ class CheckpointManager:
             if self.coordinator is None:
                 await self._open_directory()
             else:
-                from .distributed.save import enter
-
-                await enter(self, self.coordinator, self._open_directory)
+                await multiprocess.enter(self, self.coordinator, self._open_directory)
             self._task_group = anyio.create_task_group()
             await self._task_group.__aenter__()
         except BaseException:
@@ -411,7 +346,7 @@ class CheckpointManager:
         return int(match.group(1)) if match else None
 
     async def _load_state(self) -> None:
-        state, self._state_version = await _read_state_versioned(self.storage, self._root)
+        state, self._state_version = await read_state_versioned(self.storage, self._root)
         now = self.clock()
         if state is None:
             recovered = start_fresh(now)
@@ -548,9 +483,7 @@ class CheckpointManager:
         if self.coordinator is not None:
             if values is not None:
                 raise ValueError("metrics are not recorded by distributed saves yet")
-            from .distributed.save import save
-
-            return await save(self, self.coordinator, state, step, copy)
+            return await multiprocess.save(self, self.coordinator, state, step, copy)
         self._raise_unobserved()
         if self._lock is not None:
             self._lock.check()  # the directory was taken over: say so now, not after the write
@@ -685,10 +618,16 @@ class CheckpointManager:
         await self._write_tracking(_Tracking(tracked, self._state.last_preserved, name))
         if not decision.delete and not decision.preserve:
             return (), ()
+        return await self._drop(decision, name)
+
+    async def _drop(
+        self, decision: RetentionDecision, latest: str | None
+    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The second half of the commit sequence, shared by a save's commit and a sweep:
+        delete what retention dropped, then record what it kept in the state file."""
         deleted = await self._delete_checkpoints([c.path for c in decision.delete])
-        await self._write_tracking(
-            _Tracking(list(decision.keep), decision.last_preserved_timestamp, name)
-        )
+        keep, stamp = list(decision.keep), decision.last_preserved_timestamp
+        await self._write_tracking(_Tracking(keep, stamp, latest))
         return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
 
     async def _write_tracking(self, new_state: _Tracking) -> None:
@@ -834,7 +773,7 @@ class CheckpointManager:
         """The prefix of the tracked checkpoint (or the latest) with the best ``metric``
         (lowest for ``mode="min"``, highest for ``"max"``; ties go to the newer), or None
         if none recorded it. Saves in flight are waited for first."""
-        from .retention import BestN
+        from ..retention import BestN
 
         policy = BestN(1, metric, mode)  # type: ignore[arg-type]  # checked by BestN
         await self.wait()
@@ -871,18 +810,18 @@ class CheckpointManager:
         if self._task_group is None:
             raise RuntimeError("use the manager inside 'async with'")
         if self.coordinator is not None:
-            from .distributed.save import sweep
-
-            return await sweep(self, self.coordinator)
+            return await multiprocess.sweep(self, self.coordinator)
         async with self._commit_lock:
-            state = self._state
-            decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
-            if not decision.delete and not decision.preserve:
-                return (), ()
-            deleted = await self._delete_checkpoints([c.path for c in decision.delete])
-            keep, stamp = list(decision.keep), decision.last_preserved_timestamp
-            await self._write_tracking(_Tracking(keep, stamp, state.latest))
-            return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
+            return await self.sweep_locked()
+
+    async def sweep_locked(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """:meth:`sweep`'s work, for a caller already holding the commit lock (the primary
+        rank of a distributed sweep): the one place a sweep's sequence is written."""
+        state = self._state
+        decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
+        if not decision.delete and not decision.preserve:
+            return (), ()
+        return await self._drop(decision, state.latest)
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -927,7 +866,7 @@ class CheckpointManager:
         Saves still in flight are waited for first (and their errors raised), so a restore
         right after ``save()`` sees that save, as with TensorFlow's synchronous Saver."""
         if template is not None:
-            from .tree import restore_into
+            from ..tree import restore_into
 
             flat = await self.restore(step, keys, verify=verify)
             return restore_into(template, flat)
@@ -948,202 +887,3 @@ class CheckpointManager:
             return {key: out[key] for key in keys}
         finally:
             await reader.aclose()
-
-
-class NameIndex:
-    """The names in a directory, sorted, to ask in O(log n) whether a file may belong to a
-    checkpoint: one named as its prefix, or starting with it and a ``.`` or ``-``
-    (``ckpt-5.index``, ``ckpt-5-00000-of-00002``, ``ckpt-5.zst``, ``ckpt-5.meta``...)."""
-
-    def __init__(self, names: Sequence[str]) -> None:
-        self._names = sorted(names)
-
-    def _starts(self, text: str) -> bool:
-        i = bisect.bisect_left(self._names, text)
-        return i < len(self._names) and self._names[i].startswith(text)
-
-    def may_hold(self, prefix: str) -> bool:
-        stem = prefix.split("-?", 1)[0]  # a V1 pattern: ``ckpt-5-?????-of-00002``
-        i = bisect.bisect_left(self._names, stem)
-        exact = i < len(self._names) and self._names[i] == stem
-        return exact or self._starts(stem + ".") or self._starts(stem + "-")
-
-    def belonging(self, prefix: str) -> list[str]:
-        """The names that may belong to ``prefix`` (as :meth:`may_hold` asks), in O(log n +
-        the names returned)."""
-        stem = prefix.split("-?", 1)[0]
-        names = self._names
-        out: list[str] = []
-        i = bisect.bisect_left(names, stem)
-        if i < len(names) and names[i] == stem:
-            out.append(stem)
-        for start in (stem + ".", stem + "-"):
-            i = bisect.bisect_left(names, start)
-            while i < len(names) and names[i].startswith(start):
-                out.append(names[i])
-                i += 1
-        return out
-
-
-#: Arrays smaller than this are copied on the calling thread: for them a copy is mostly
-#: Python overhead, which threads (sharing the GIL) would only add to.
-_THREADED_COPY_BYTES = 1 << 20
-
-_NDARRAY = frozenset({np.ndarray})
-_dtype_of = attrgetter("dtype")
-_shape_of = attrgetter("shape")
-
-
-async def capture(tensors: Mapping[str, np.ndarray], *, threads: int = 2) -> dict[str, np.ndarray]:
-    """Copy every array once (C order), so the caller may mutate its arrays as soon as this
-    returns. Large arrays are spread over worker threads (NumPy copies release the GIL); small
-    ones, and object arrays (bytes are immutable: a shallow copy is a full capture), are
-    copied here in one loop, or all at once if they share a dtype and shape."""
-    block = _capture_block(tensors)
-    if block is not None:
-        return block
-    out: dict[str, np.ndarray] = {}
-    big: list[tuple[str, np.ndarray]] = []
-    for key, value in tensors.items():
-        if value.nbytes >= _THREADED_COPY_BYTES and value.dtype != object:
-            big.append((key, value))
-        else:
-            out[key] = value.copy()  # C order; keeps subclasses (anyckpt.Partitioned)
-    if not big:
-        return out  # in the caller's order already
-    big.sort(key=lambda kv: -kv[1].nbytes)
-    lanes: list[list[tuple[str, np.ndarray]]] = [[] for _ in range(max(1, threads))]
-    loads = [0] * len(lanes)
-    for kv in big:  # greedy balance by bytes
-        i = loads.index(min(loads))
-        lanes[i].append(kv)
-        loads[i] += kv[1].nbytes
-
-    def copy_lane(lane: list[tuple[str, np.ndarray]]) -> None:
-        for key, value in lane:
-            out[key] = value.copy()
-
-    if len(big) == 1:
-        copy_lane(big)
-    else:
-        await run_concurrently(
-            partial(anyio.to_thread.run_sync, copy_lane, lane) for lane in lanes if lane
-        )
-    return {key: out[key] for key in tensors}
-
-
-def _capture_block(tensors: Mapping[str, np.ndarray]) -> dict[str, np.ndarray] | None:
-    """Many small arrays of one numeric dtype and one shape (the layers of a deep model),
-    copied all at once: their bytes joined into one fresh buffer, whose rows are handed out as
-    the copies. C-level passes instead of a Python call per array. None if ``tensors`` is not
-    such a state (checked in bulk)."""
-    values = list(tensors.values())
-    if len(values) < 2:
-        return None
-    first = values[0]
-    dtype, shape = first.dtype, first.shape
-    if (
-        type(first) is not np.ndarray
-        or not shape
-        or first.nbytes >= _THREADED_COPY_BYTES
-        or dtype not in NUMERIC_DTYPES  # never object arrays: join would take their pointers
-        or any(v.shape != shape or v.dtype != dtype for v in values[1:8])  # fails fast
-        or set(map(type, values)) != _NDARRAY
-        or set(map(_dtype_of, values)) != {dtype}
-        or set(map(_shape_of, values)) != {shape}
-    ):
-        return None
-    try:
-        # The copy: one malloc'd buffer (not np.empty, whose huge pages can stall the caller
-        # in the kernel's compaction). Refuses arrays that are not C-contiguous.
-        data = bytearray().join(values)  # type: ignore[arg-type]
-    except TypeError:
-        return None
-    rows = np.frombuffer(data, dtype=dtype).reshape(len(values), *shape)
-    return dict(zip(tensors, rows, strict=True))
-
-
-async def read_state(storage: Storage, root: str) -> CheckpointState | None:
-    """The parsed state file of a directory, or None if it has none."""
-    path = posixpath.join(root, STATE_FILE)
-    try:
-        data = await anyio.to_thread.run_sync(storage.read_bytes, path)
-    except CheckpointNotFoundError:
-        return None
-    try:
-        return decode_state(data)
-    except DecodeError as exc:
-        raise CorruptCheckpointError(str(exc), path=storage.url(path)) from None
-
-
-async def _read_state_versioned(
-    storage: Storage, root: str
-) -> tuple[CheckpointState | None, str | None]:
-    """The parsed state file and its version token; (None, None) if there is none."""
-    path = posixpath.join(root, STATE_FILE)
-    try:
-        data, version = await anyio.to_thread.run_sync(
-            lambda: storage.read_versioned(path, max_size=MAX_STATE_FILE_SIZE)
-        )
-    except CheckpointNotFoundError:
-        return None, None
-    try:
-        return decode_state(data), version
-    except DecodeError as exc:
-        raise CorruptCheckpointError(str(exc), path=storage.url(path)) from None
-
-
-async def write_state(
-    storage: Storage, root: str, state: CheckpointState, *, durable: bool = True
-) -> None:
-    """Atomically replace the state file of a directory."""
-    await anyio.to_thread.run_sync(storage.makedirs, root)
-    data = encode_state(state)
-    path = posixpath.join(root, STATE_FILE)
-    await anyio.to_thread.run_sync(lambda: storage.write_bytes(path, data, durable=durable))
-    if durable:
-        await anyio.to_thread.run_sync(storage.sync_directory, root)
-
-
-async def get_checkpoint_state(
-    directory: str, *, storage_options: dict[str, Any] | None = None
-) -> CheckpointState | None:
-    """TensorFlow's ``tf.train.get_checkpoint_state``: the directory's state, with paths
-    joined onto ``directory``; None if it has no state file."""
-    storage, root = await anyio.to_thread.run_sync(Storage.from_url, directory, storage_options)
-    state = await read_state(storage, root)
-    if state is None:
-        return None
-    base = str(directory).rstrip("/")
-
-    def full(p: str) -> str:
-        return f"{base}/{relativize(p, root)}"
-
-    return CheckpointState(
-        model_checkpoint_path=full(state.model_checkpoint_path)
-        if state.model_checkpoint_path
-        else "",
-        all_model_checkpoint_paths=tuple(full(p) for p in state.all_model_checkpoint_paths),
-        all_model_checkpoint_timestamps=state.all_model_checkpoint_timestamps,
-        last_preserved_timestamp=state.last_preserved_timestamp,
-    )
-
-
-async def latest_checkpoint(
-    directory: str, *, storage_options: dict[str, Any] | None = None
-) -> str | None:
-    """TensorFlow's ``tf.train.latest_checkpoint``: the newest checkpoint's prefix or None."""
-    state = await get_checkpoint_state(directory, storage_options=storage_options)
-    if state is None or not state.model_checkpoint_path:
-        return None
-    return state.model_checkpoint_path
-
-
-__all__ = [
-    "CheckpointManager",
-    "PendingSave",
-    "SaveEvent",
-    "capture",
-    "get_checkpoint_state",
-    "latest_checkpoint",
-]

@@ -38,15 +38,8 @@ import numpy as np
 
 from .._concurrency import run_concurrently
 from ..codecs.dtypes import enum_from_dtype
-from ..errors import CheckpointError, ConcurrentWriterError
-from ..formats.sharded import tensor_nbytes
-from ..formats.v2_data import DataFileEntries, write_data_file
-from ..formats.v2_index import build_index
-from ..formats.v2_layout import data_path, index_path
-from ..partitioned import Partitioned, partitions_of
-from ..tensors import as_named_tensor, flatten, key_to_bytes
-from .base import CoordinationError, Coordinator, scatter
-from .plan import (
+from ..distributed.base import CoordinationError, Coordinator, scatter
+from ..distributed.plan import (
     Assignment,
     Extents,
     Item,
@@ -57,10 +50,22 @@ from .plan import (
     make_plan,
     shard_options,
 )
-from .sharded import Sharded
+from ..distributed.sharded import Sharded
+from ..errors import CheckpointError, ConcurrentWriterError
+from ..formats.sharded import tensor_nbytes
+from ..formats.v2_data import DataFileEntries, write_data_file
+from ..formats.v2_index import build_index
+from ..formats.v2_layout import data_path, index_path
+from ..partitioned import Partitioned, partitions_of
+from ..tensors import as_named_tensor, flatten, key_to_bytes
 
 if TYPE_CHECKING:
-    from ..manager import CheckpointManager, PendingSave, _Tracking
+    from .core import CheckpointManager, _Tracking
+
+from .capture import capture
+from .pending import PendingSave, SaveEvent
+from .state import read_state
+from .steps import check_step
 
 T = TypeVar("T")
 
@@ -202,7 +207,6 @@ def prepare_state(state: Mapping[Any, Any]) -> tuple[tuple[Item, ...], Arrays]:
 
 async def _capture(arrays: Arrays) -> Arrays:
     """Copy every array once (the manager's capture: C order, over worker threads)."""
-    from ..manager import capture
 
     labels = {f"{i}": unit for i, unit in enumerate(arrays)}
     copied = await capture({label: arrays[unit] for label, unit in labels.items()})
@@ -218,7 +222,6 @@ async def save(
 ) -> PendingSave:
     """``CheckpointManager.save`` with a coordinator. A rank that fails here still takes part
     in the save's collectives (as a failed rank), so its peers fail at once too."""
-    from ..manager import PendingSave, check_step
 
     task_group = manager._task_group
     if task_group is None:
@@ -299,7 +302,6 @@ async def _write_and_commit(
     arrays: Arrays,
     capture_seconds: float,
 ) -> None:
-    from ..manager import SaveEvent
 
     error: BaseException | None = None
     name = manifest.name
@@ -519,7 +521,6 @@ async def _follow(
 
 
 async def _committed(manager: CheckpointManager, name: str) -> bool:
-    from ..manager import read_state
 
     try:
         state = await read_state(manager.storage, manager._root)
@@ -570,7 +571,7 @@ async def sweep(
             deleted: tuple[str, ...] = ()
             preserved: tuple[str, ...] = ()
             try:
-                deleted, preserved = await _apply_retention(manager)
+                deleted, preserved = await manager.sweep_locked()
             except Exception as exc:
                 failure = exc
             outcome = _Outcome(
@@ -588,17 +589,3 @@ async def sweep(
             raise CheckpointError(f"rank 0 could not apply retention: {outcome.error}")
         manager._state = outcome.state
         return outcome.deleted, outcome.preserved
-
-
-async def _apply_retention(manager: CheckpointManager) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    """What ``CheckpointManager.sweep`` does in one process (the caller holds the lock)."""
-    from ..manager import _Tracking
-
-    state = manager._state
-    decision = manager._decide(state.tracked, state.last_preserved, state.latest).decision
-    if not decision.delete and not decision.preserve:
-        return (), ()
-    deleted = await manager._delete_checkpoints([c.path for c in decision.delete])
-    keep, stamp = list(decision.keep), decision.last_preserved_timestamp
-    await manager._write_tracking(_Tracking(keep, stamp, state.latest))
-    return tuple(deleted), tuple(manager._public(c.path) for c in decision.preserve)
