@@ -583,8 +583,9 @@ class V2Reader:
 
     def _column_readable(self, entries: EntryColumns, chunk: np.ndarray) -> np.ndarray:
         """Which entries at ``chunk`` :meth:`_read_columns` reads: small numeric tensors
-        decoded with others, on a little-endian machine (no byte swap), from local files."""
-        if not (_LITTLE_ENDIAN and self.storage.is_local and entries.heads):
+        decoded with others, on a little-endian machine (no byte swap), where small reads are
+        cheap (local files)."""
+        if not (_LITTLE_ENDIAN and self.storage.cheap_small_reads and entries.heads):
             return np.zeros(len(chunk), dtype=bool)
         numeric = np.array([dtype != DT_STRING for dtype, _ in entries.heads] + [False])
         ids = entries.head_ids[chunk]  # -1 (decoded alone) picks the last: False
