@@ -3,11 +3,11 @@
 :class:`PreemptionWatch` installs a handler for the given signals that only records the
 signal. The manager (``CheckpointManager(..., save_on_signal=(signal.SIGTERM,))``) then writes
 the next ``save()`` whatever its save policy says, and the training loop, seeing
-``manager.preemption.requested``, leaves its ``async with``/``with`` block, which waits until
-that save is committed. The handler raises nothing into the training step, so no state is
-left half-updated; the process exits when the loop does, inside the grace period if a save
-fits in it. A second signal of the same kind during the save is recorded too (it does not
-kill the process: SIGKILL at the end of the grace period does).
+``manager.preemption.should_stop`` after a save, leaves its ``async with``/``with`` block,
+which waits until that save is committed. The handler raises nothing into the training
+step, so no state is left half-updated; the process exits when the loop does, inside the
+grace period if a save fits in it. A second signal during the save is recorded too (it does
+not kill the process: SIGKILL at the end of the grace period does).
 
 Signal handlers can only be set on the main thread (Python's rule): :meth:`install` raises
 ``ValueError`` elsewhere, and :meth:`restore` puts the previous handlers back. The handlers
@@ -37,8 +37,8 @@ class PreemptionWatch:
     """Records the arrival of ``signals`` (numbers or ``signal.Signals``) while installed.
 
     ``requested`` is true from the first signal until :meth:`consume` (the manager consumes
-    it when the forced save is taken); ``received`` keeps the last signal number for the
-    training loop to test (``while not watch.received: train()``).
+    it when the forced save is taken); ``received`` keeps the last signal number;
+    ``should_stop`` tells the training loop to leave after its save.
     """
 
     def __init__(self, signals: Iterable[int]) -> None:
@@ -57,6 +57,13 @@ class PreemptionWatch:
     def requested(self) -> bool:
         """A signal came and its forced save was not taken yet."""
         return self._event.is_set()
+
+    @property
+    def should_stop(self) -> bool:
+        """A signal came and the save it forced has been taken: leave the training loop (the
+        manager's exit waits for that save to commit). Tested right after ``save()``, it
+        never misses a signal that came during the save: that one forces the next save."""
+        return self.received is not None and not self._event.is_set()
 
     @property
     def signal_name(self) -> str | None:
