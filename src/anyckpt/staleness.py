@@ -26,12 +26,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Literal
 
+import crc32c as _crc32c_module
 import numpy as np
 
 from .codecs.crc import crc32c
 from .errors import CheckpointError
 
 __all__ = ["StaleCheck", "StaleSnapshotError", "changed_tensor", "digest"]
+
+#: The C function itself (no wrapper per call: the digest of 10,000 small tensors).
+_crc32c = _crc32c_module.crc32c
 
 StaleCheck = Literal["sample", "full"]
 
@@ -78,15 +82,28 @@ def digest(tensors: Mapping[str, np.ndarray], mode: StaleCheck) -> dict[str, int
     """The digest of each array (``mode`` as in the module's doc)."""
     if mode not in ("sample", "full"):
         raise ValueError(f"stale_check must be 'sample', 'full' or None, got {mode!r}")
-    return {key: _array_digest(value, mode) for key, value in tensors.items()}
+    whole = SAMPLES * RUN if mode == "sample" else None
+    out: dict[str, int] = {}
+    for key, value in tensors.items():
+        # The common case first, with the least Python: a C-contiguous numeric array digested
+        # whole (a model of 10,000 small tensors: ~0.3 µs each).
+        if (whole is None or value.nbytes <= whole) and not value.dtype.hasobject:
+            try:
+                out[key] = _crc32c(value)  # type: ignore[arg-type]  # ndarray: a buffer
+                continue
+            except (ValueError, BufferError, TypeError):
+                pass  # not C-contiguous
+        out[key] = _array_digest(value, mode)
+    return out
 
 
 def changed_tensor(
     tensors: Mapping[str, np.ndarray], recorded: Mapping[str, int], mode: StaleCheck
 ) -> str | None:
     """The first tensor whose digest differs from ``recorded`` (None if none does)."""
-    for key, value in tensors.items():
-        if _array_digest(value, mode) != recorded.get(key):
+    now = digest(tensors, mode)
+    for key in tensors:
+        if now[key] != recorded.get(key):
             return key
     return None
 
