@@ -278,11 +278,13 @@ def _numpy_to_torch(array: np.ndarray) -> Any:
     return torch.from_numpy(array.copy())
 
 
-def needs_tree(state: Mapping[Any, Any]) -> bool:
+def needs_tree(state: Any) -> bool:
     """Whether flat ``a/b/c`` names cannot give ``state`` back: it holds a list or tuple (other
     than of numbers of one type, a tensor as ever), ``None``, a key that is not a string, a
     dataclass or a PyTorch tensor. Nested mappings of string keys to arrays and numbers (the
     common case) answer False, checked per level in bulk."""
+    if not isinstance(state, Mapping):
+        return True  # a dataclass, a NamedTuple, a list...
     pending: list[Mapping[Any, Any]] = [state]
     while pending:
         node = pending.pop()
