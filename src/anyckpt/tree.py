@@ -8,8 +8,8 @@ JSON-able description of the structure; :func:`unflatten_tree` rebuilds it from 
 :func:`restore_into` fills a *template* (a fresh model's and optimizer's state) with restored
 arrays, checking each leaf's dtype and shape and naming the first mismatch.
 
-Leaves: NumPy arrays and scalars, PyTorch tensors (detached, CPU only: call ``.cpu()`` on CUDA
-tensors first; bfloat16 through its bits), Python ``int``/``float``/``bool``/``str``/``bytes``
+Leaves: NumPy arrays and scalars, PyTorch tensors (detached; a CUDA tensor is copied to the
+host first; bfloat16 through its bits), Python ``int``/``float``/``bool``/``str``/``bytes``
 (restored as the same Python type). ``None`` stores nothing and is restored as ``None``. A list
 or tuple of Python numbers of one type (``"params": [0, 1, 2]``, ``"betas": (0.9, 0.999)``) is
 one tensor, restored as a list or tuple of that type. Dataclass instances are saved field by
@@ -56,7 +56,7 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
 
     t = tensor.detach()
     if t.device.type != "cpu":
-        raise TypeError(f"a {t.device.type} tensor: copy it to the host first (.cpu())")
+        t = t.cpu()  # a GPU tensor: copied to the host (as anyckpt.tensors does)
     if t.dtype == torch.bfloat16:
         import ml_dtypes
 
@@ -112,7 +112,7 @@ def flatten_tree(state: Any) -> tuple[dict[str, Any], Any]:
     indexed from 0.
 
     Raises:
-        TypeError: for keys that are neither str nor int, or a tensor not on the CPU.
+        TypeError: for keys that are neither str nor int.
         ValueError: for an empty key, a key holding ``/``, or two entries of one name.
     """
     flat: dict[str, Any] = {}
