@@ -24,7 +24,14 @@ import numpy as np
 
 from .errors import CheckpointError
 from .preemption import PreemptionWatch
-from .save_policy import IntervalSteps, LastSave, SaveDecision, SavePolicy, decide_save
+from .save_policy import (
+    IntervalSeconds,
+    IntervalSteps,
+    LastSave,
+    SaveDecision,
+    SavePolicy,
+    decide_save,
+)
 from .staleness import StaleCheck, changed_tensor, digest, stale_error
 
 __all__ = ["ByteBudget", "SaveControl", "SaveTicket", "SaveWouldBlockError"]
@@ -98,6 +105,11 @@ class SaveControl:
         if checkpoint_interval is not None:
             save_policy = IntervalSteps(checkpoint_interval)
         self.policy = save_policy
+        # The clock is read only for a policy that needs it (an injected test clock sees the
+        # same calls as without a save policy).
+        self._timed = save_policy is not None and any(
+            isinstance(p, IntervalSeconds) for p in save_policy.parts()
+        )
         self.preemption = PreemptionWatch(save_on_signal) if save_on_signal else None
         self.budget = ByteBudget(max_pending_bytes) if max_pending_bytes is not None else None
         if stale_check not in ("sample", "full", None):
@@ -147,7 +159,8 @@ class SaveControl:
             last = None if last_saved_step is None else LastSave(last_saved_step, None)
         watch = self.preemption
         forced = watch.signal_name if watch is not None and watch.requested else None
-        return decide_save(self.policy, step, self.clock(), last, forced_by=forced)
+        now = self.clock() if self._timed else 0.0
+        return decide_save(self.policy, step, now, last, forced_by=forced)
 
     async def admit(
         self, slots: anyio.Semaphore, tensors: Mapping[str, np.ndarray], *, copy: bool, block: bool
@@ -182,7 +195,7 @@ class SaveControl:
     ) -> None:
         """The save was taken: remember it (and consume a preemption request); digest the
         caller's arrays when they were not copied."""
-        self.last = LastSave(step, self.clock())
+        self.last = LastSave(step, self.clock() if self._timed else None)
         if self.preemption is not None:
             self.preemption.consume()
         if not copy and self.stale_check is not None:
