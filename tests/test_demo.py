@@ -58,19 +58,39 @@ def test_stop_resume_and_bit_identical_restore() -> None:
 
 def test_a_second_run_continues_from_the_latest_checkpoint() -> None:
     directory = f"memory://demo-{uuid.uuid4().hex}"
-    anyio.run(run_demo, small(directory), Recorder())
-    again = anyio.run(run_demo, small(directory, max_to_keep=2), Recorder())
+    first = anyio.run(run_demo, small(directory, keep_best=0), Recorder())
+    again = anyio.run(run_demo, small(directory, max_to_keep=2, keep_best=0), Recorder())
     assert (again.start_step, again.final_step) == (30, 60)
     assert again.restored_identical
     assert [Path(p).name for p in again.kept] == ["ckpt-50", "ckpt-60"]
     assert [Path(p).name for p in again.deleted] == ["ckpt-10", "ckpt-20", "ckpt-30", "ckpt-40"]
+    assert first.best is again.best is None
+
+
+def test_best_n_keeps_the_best_loss_beside_the_newest() -> None:
+    """Each save records its step's loss; BestN(1, "loss") keeps the lowest beside the newest
+    max_to_keep (the losses are the model's: the best may be the newest or an older one)."""
+    directory = f"memory://demo-{uuid.uuid4().hex}"
+    config = small(directory, steps=120, every=10, max_to_keep=2)
+    result = anyio.run(run_demo, config, Recorder())
+    losses = {s.event.prefix: s.loss for s in result.saves}
+    assert len(losses) == 12
+    assert all(np.isfinite(list(losses.values())))
+    # The best of all saves (ties: the newer) was never dropped: BestN kept it at every sweep.
+    best = min(losses, key=lambda p: (losses[p], -int(p.rsplit("-", 1)[1])))
+    assert result.best == best
+    newest = sorted(losses, key=lambda p: int(p.rsplit("-", 1)[1]))[-2:]
+    assert sorted(result.kept) == sorted({*newest, best})
+    assert sorted(result.deleted) == sorted(set(losses) - {*newest, best})
+    summary = result.summary()
+    assert f"(best loss: {Path(best).name}, {losses[best]:.3f})" in summary
 
 
 def test_retention_preserves_on_the_scaled_clock() -> None:
     directory = f"memory://demo-{uuid.uuid4().hex}"
     # Preserve one every 0 s (any positive interval that has passed): every checkpoint leaving
     # the window of 1 is preserved, none deleted.
-    config = small(directory, steps=40, max_to_keep=1, preserve_every=1e-6)
+    config = small(directory, steps=40, max_to_keep=1, preserve_every=1e-6, keep_best=0)
     result = anyio.run(run_demo, config, Recorder())
     assert result.deleted == []
     assert [Path(p).name for p in result.preserved] == ["ckpt-10", "ckpt-20", "ckpt-30"]
@@ -84,7 +104,9 @@ def test_another_model_size_in_the_directory_is_refused() -> None:
 
 
 def test_bad_options_are_refused() -> None:
-    for kwargs in ({"steps": 1}, {"every": 0}, {"max_to_keep": 0}, {"size_mib": 0}):
+    for kwargs in (
+        {"steps": 1}, {"every": 0}, {"max_to_keep": 0}, {"size_mib": 0}, {"keep_best": -1}
+    ):  # fmt: skip
         with pytest.raises(DemoError):
             small("memory://x", **kwargs)
 
@@ -100,7 +122,7 @@ def test_fresh_removes_only_the_demos_files(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("mine")
     (tmp_path / "other-1.index").write_text("not the demo's")
     removed = remove_demo_files(str(tmp_path))
-    assert removed == 7  # 3 checkpoints of 2 files each, and the state file
+    assert removed == 10  # 3 checkpoints of 3 files each (data, index, metrics), the state file
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "other-1.index"]
 
 
@@ -129,6 +151,8 @@ def test_demo_command_piped(tmp_path: Path) -> None:
     assert (doc["start_step"], doc["final_step"]) == (40, 80)
     assert doc["restored_identical"] is True
     assert len(doc["saves"]) == 4
+    assert doc["best"] in doc["kept"]
+    assert all(isinstance(s["loss"], float) for s in doc["saves"])
 
     fresh = run(*args, "--fresh", cwd=tmp_path)
     assert "--fresh: removed" in fresh.stdout
@@ -162,7 +186,16 @@ def test_the_readme_command_runs(tmp_path: Path) -> None:
     assert (tmp_path / "anyckpt-demo" / "checkpoint").is_file()
     state = anyckpt.sync.get_checkpoint_state(str(tmp_path / "anyckpt-demo"))
     assert state is not None
-    assert len(state.all_model_checkpoint_paths) == 3
+    tracked = [Path(p).name for p in state.all_model_checkpoint_paths]
+    # The newest three (max_to_keep), and the best loss of the tracked ones if it is older.
+    assert tracked[-3:] == ["ckpt-160", "ckpt-180", "ckpt-200"]
+    losses = {
+        name: json.loads((tmp_path / "anyckpt-demo" / f"{name}.metrics.json").read_text())
+        for name in tracked
+    }
+    best = min(tracked, key=lambda n: (losses[n]["metrics"]["loss"], -int(n.split("-")[1])))
+    assert len(tracked) == (3 if best in tracked[-3:] else 4)
+    assert f"(best loss: {best}," in result.stdout
     restored = anyckpt.sync.load(state.model_checkpoint_path)
     assert int(restored["step"]) == 200
     assert restored["params/w1"].dtype == np.float32

@@ -8,6 +8,8 @@ like a reader following along. A block may be marked on the line before it:
 * ``<!-- docs-test: tensorflow -->``: run by the Python of the TensorFlow environment
   (``$ANYCKPT_TF_PYTHON``, set by ``make test``) in a subprocess, in the same directory;
   skipped, with that reason, when there is none.
+* ``<!-- docs-test: torch -->``: needs real PyTorch (the ``dist`` extra, which ``make test``
+  installs); skipped, with that reason, without it.
 
 When PyTorch or JAX is not installed, the blocks importing them run against the small NumPy
 stand-ins below, which provide exactly the calls the docs use (the pages say so).
@@ -166,6 +168,10 @@ def _missing(name: str) -> bool:
     return False
 
 
+#: Whether real PyTorch is installed (before any stand-in takes its place).
+HAVE_TORCH = not _missing("torch")
+
+
 @pytest.fixture
 def standins(monkeypatch: pytest.MonkeyPatch) -> None:
     if _missing("torch"):
@@ -203,6 +209,8 @@ def _not_run() -> list[tuple[str, str]]:
                 found.append((where, block.reason))
             elif block.marker == "tensorflow" and _tf_python() is None:
                 found.append((where, "needs TensorFlow ($ANYCKPT_TF_PYTHON is not set)"))
+            elif block.marker == "torch" and not HAVE_TORCH:
+                found.append((where, "needs PyTorch (the dist extra)"))
     return found
 
 
@@ -242,7 +250,9 @@ def test_page_samples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monkey
             )
             assert result.returncode == 0, f"{where} failed under TensorFlow:\n{result.stderr}"
             continue
-        assert block.marker is None, f"{where}: unknown marker {block.marker!r}"
+        if block.marker == "torch" and not HAVE_TORCH:
+            continue  # reported by test_samples_not_run
+        assert block.marker in (None, "torch"), f"{where}: unknown marker {block.marker!r}"
         checks.expect(where, block)
         try:
             exec(compile(block.code, where, "exec"), namespace)

@@ -534,11 +534,12 @@ async def test_save_captures_many_tensors(hooked: str, make: Callable[[], dict[s
 
 @pytest.mark.anyio
 async def test_copy_false_writes_the_callers_buffer(hooked: str) -> None:
-    """copy=False takes the caller's promise: no copy is made (the write sees the buffer)."""
+    """copy=False takes the caller's promise: no copy is made (the write sees the buffer).
+    (With the stale-snapshot guard off: on, it fails this save; see test_stale_snapshot.)"""
     gate = Gate()
     HOOK.fn = gate
     w = np.arange(8, dtype=np.int32)
-    async with CheckpointManager(hooked) as manager:
+    async with CheckpointManager(hooked, stale_check=None) as manager:
         pending = await manager.save({"w": w}, step=1, copy=False)
         w[:] = 42
         gate.open()

@@ -3,6 +3,7 @@ into a template with checks, and a real PyTorch model + AdamW resumed bit-identi
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import OrderedDict
 from pathlib import Path
@@ -110,7 +111,11 @@ def test_restore_into_checks_and_names_the_first_mismatch() -> None:
     assert issubclass(StructureMismatchError, anyckpt.CheckpointError)
 
 
-torch = pytest.importorskip("torch")
+try:
+    import torch
+except ImportError:  # the dist extra
+    torch = None
+needs_torch = pytest.mark.skipif(torch is None, reason="needs PyTorch (the dist extra)")
 
 
 def train(model: Any, opt: Any, steps: int, seed: int) -> None:
@@ -128,6 +133,7 @@ def make() -> tuple[Any, Any]:
     return model, torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.8, 0.95))
 
 
+@needs_torch
 def test_pytorch_model_and_adamw_resume_bit_identically(tmp_path: Path) -> None:
     torch.manual_seed(0)
     model, opt = make()
@@ -159,6 +165,7 @@ def test_pytorch_model_and_adamw_resume_bit_identically(tmp_path: Path) -> None:
     assert opt.state_dict()["state"][0]["step"] == fresh_opt.state_dict()["state"][0]["step"]
 
 
+@needs_torch
 def test_bfloat16_and_requires_grad_tensors() -> None:
     w = torch.randn(3, 2, requires_grad=True)
     b16 = torch.randn(5).to(torch.bfloat16)
@@ -170,3 +177,160 @@ def test_bfloat16_and_requires_grad_tensors() -> None:
     assert torch.equal(out["w"], w.detach())
     into = restore_into({"w": torch.zeros(3, 2), "b": torch.zeros(5, dtype=torch.bfloat16)}, flat)
     assert torch.equal(into["b"], b16)
+
+
+# -- through the manager: save() records the structure, restore(structure=True) rebuilds ----
+
+
+def test_manager_saves_nested_structures_under_tf_readable_names(tmp_path: Path) -> None:
+    state = {
+        "optimizer": {
+            "state": {0: {"exp_avg": np.ones(3, np.float32), "step": 7}},
+            "param_groups": [{"lr": 0.1, "betas": (0.9, 0.999), "params": [0, 1], "wd": None}],
+        },
+        "history": (np.zeros(2), "warmup"),
+    }
+    with anyckpt.sync.CheckpointManager(tmp_path) as manager:
+        manager.save(state, step=1).wait()
+        rebuilt = manager.restore(structure=True)
+        flat = manager.restore()
+    assert same(rebuilt, {**state, "history": (np.zeros(2), "warmup")})
+    assert rebuilt["optimizer"]["param_groups"][0]["params"] == [0, 1]  # a list of ints again
+    assert sorted(flat) == [
+        "history/0",
+        "history/1",
+        "optimizer/param_groups/0/betas",
+        "optimizer/param_groups/0/lr",
+        "optimizer/param_groups/0/params",
+        "optimizer/state/0/exp_avg",
+        "optimizer/state/0/step",
+    ]
+    # The description rides in the checkpoint's sidecar, beside TensorFlow's files.
+    assert sorted(p.name for p in tmp_path.iterdir() if "ckpt-1" in p.name) == [
+        "ckpt-1.data-00000-of-00001",
+        "ckpt-1.index",
+        "ckpt-1.metrics.json",
+    ]
+
+
+def test_plain_states_stay_flat_and_record_nothing(tmp_path: Path) -> None:
+    state = {"model": {"w": np.ones(2)}, "step": 3, "lr": [0.5, 0.25]}
+    with anyckpt.sync.CheckpointManager(tmp_path) as manager:
+        manager.save(state, step=1).wait()
+        assert sorted(manager.restore()) == ["lr", "model/w", "step"]
+        nested = manager.restore(structure=True)  # no description: the names, nested
+    assert sorted(nested) == ["lr", "model", "step"]
+    assert np.array_equal(nested["model"]["w"], np.ones(2))
+    assert not list(tmp_path.glob("*.metrics.json"))
+
+
+def test_nesting_names_that_collide_is_refused() -> None:
+    from anyckpt.tree import nest_names
+
+    assert nest_names({"a/b": 1, "c": 2}) == {"a": {"b": 1}, "c": 2}
+    with pytest.raises(StructureMismatchError, match="restore it flat"):
+        nest_names({"dense/kernel": 1, "dense/kernel/Adam": 2})
+
+
+def test_a_damaged_description_is_a_checkpoint_error_naming_the_file(tmp_path: Path) -> None:
+    with anyckpt.sync.CheckpointManager(tmp_path) as manager:
+        manager.save({"a": [np.zeros(1), None]}, step=1).wait()
+    sidecar = tmp_path / "ckpt-1.metrics.json"
+    for bad in ({"dict": 5}, {"list": [{"leaf": "nonsense"}]}, {"list": [{"leaf": "tensor"}]}):
+        sidecar.write_text(json.dumps({"step": 1, "metrics": {}, "tree": bad}))
+        with anyckpt.sync.CheckpointManager(tmp_path) as manager:
+            with pytest.raises(StructureMismatchError, match=r"ckpt-1\.metrics\.json"):
+                manager.restore(structure=True)
+            assert sorted(manager.restore()) == ["a/0"]  # flat, it still restores
+
+
+class Params(NamedTuple):
+    w: np.ndarray
+    b: np.ndarray
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainState:
+    params: Params
+    opt: dict[str, Any]
+    step: int
+
+
+def test_jax_style_pytrees_restore_into_a_template(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    state = TrainState(
+        Params(rng.standard_normal((3, 2)).astype(np.float32), np.zeros(2, np.float32)),
+        {"mu": [np.ones(2), np.full(3, 2.0)], "count": np.int32(5)},
+        step=11,
+    )
+    with anyckpt.sync.CheckpointManager(tmp_path) as manager:
+        manager.save(state, step=11).wait()
+        template = TrainState(
+            Params(np.zeros((3, 2), np.float32), np.ones(2, np.float32)),
+            {"mu": [np.zeros(2), np.zeros(3)], "count": np.int32(0)},
+            step=0,
+        )
+        out = manager.restore(template=template)
+        rebuilt = manager.restore(structure=True)  # without a template: dicts and tuples
+        assert sorted(manager.restore()) == [
+            "opt/count", "opt/mu/0", "opt/mu/1", "params/0", "params/1", "step",
+        ]  # fmt: skip
+    assert isinstance(out, TrainState)
+    assert isinstance(out.params, Params)
+    assert out.step == 11
+    assert np.array_equal(out.params.w, state.params.w)
+    assert np.array_equal(out.opt["mu"][1], np.full(3, 2.0))
+    assert isinstance(rebuilt, dict)
+    assert np.array_equal(rebuilt["params"][0], state.params.w)
+    bad = TrainState(Params(np.zeros((2, 3), np.float32), np.ones(2, np.float32)), {}, 0)
+    mismatch = r"'params/0': the checkpoint holds shape"
+    with (
+        anyckpt.sync.CheckpointManager(tmp_path) as manager,
+        pytest.raises(StructureMismatchError, match=mismatch),
+    ):
+        manager.restore(template=bad)
+
+
+@needs_torch
+def test_pytorch_run_resumes_from_manager_save_and_restore_structure(tmp_path: Path) -> None:
+    """The state dicts go to save() as they are; restore(structure=True) gives them back as
+    load_state_dict takes them (int keys, lists, tuples, tensors), and training continues
+    bit-identically."""
+    torch.manual_seed(0)
+    model, opt = make()
+    train(model, opt, 3, seed=1)
+    with anyckpt.sync.CheckpointManager(tmp_path / "run") as manager:
+        manager.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, step=3)
+
+    fresh_model, fresh_opt = make()
+    with anyckpt.sync.CheckpointManager(tmp_path / "run") as manager:
+        restored = manager.restore(structure=True)
+        keys = anyckpt.sync.load(manager.latest_checkpoint)
+    assert "optimizer/state/0/exp_avg" in keys  # TF-readable names
+    assert isinstance(restored["model"]["0.weight"], torch.Tensor)
+    assert restored["optimizer"]["param_groups"][0]["betas"] == (0.8, 0.95)
+    fresh_model.load_state_dict(restored["model"])
+    fresh_opt.load_state_dict(restored["optimizer"])
+    train(model, opt, 3, seed=2)
+    train(fresh_model, fresh_opt, 3, seed=2)
+    for a, b in zip(model.parameters(), fresh_model.parameters(), strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(
+        opt.state_dict()["state"].values(), fresh_opt.state_dict()["state"].values(), strict=True
+    ):
+        assert torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
+
+
+@needs_torch
+def test_bfloat16_model_and_grad_tensors_through_the_manager(tmp_path: Path) -> None:
+    model = torch.nn.Linear(4, 3).to(torch.bfloat16)
+    grad_param = torch.randn(3, requires_grad=True)
+    with anyckpt.sync.CheckpointManager(tmp_path) as manager:
+        manager.save({"model": model.state_dict(), "p": grad_param}, step=1).wait()
+        out = manager.restore(structure=True)
+        stored = manager.restore()
+    assert stored["model/weight"].dtype.name == "bfloat16"  # TF's bfloat16, through the bits
+    assert out["model"]["weight"].dtype == torch.bfloat16
+    assert torch.equal(out["model"]["weight"], model.weight.detach())
+    assert torch.equal(out["p"], grad_param.detach())
+    assert not out["p"].requires_grad

@@ -6,7 +6,9 @@ training while the checkpoint is written. At ``stop_at`` the run stops, as if th
 preempted; a fresh manager then restores the latest checkpoint, checks it is bit-identical to
 the state that was saved, and training resumes to the end. The result says how long the
 training loop was blocked by each save, how fast the background writes went, and which
-checkpoints retention kept, preserved and deleted::
+checkpoints retention kept, preserved and deleted. Each save records the step's loss
+(``metrics={"loss": ...}``), and retention (``Any(LatestN, BestN, EveryNHours)``) keeps the
+best-loss checkpoint beside the newest ones::
 
     import anyio
     from anyckpt.demo import DemoConfig, run_demo
@@ -32,6 +34,8 @@ import anyio.to_thread
 import numpy as np
 
 from .manager import STATE_FILE, CheckpointManager, SaveEvent
+from .retention import Any as AnyOf
+from .retention import BestN, EveryNHours, LatestN, Policy
 from .storage import TEMP_MARKER, Storage
 from .tensors import flatten
 
@@ -73,6 +77,9 @@ class DemoConfig:
     stop_at: int | None = None
     #: Saves in flight before ``save()`` waits (``CheckpointManager(max_pending=...)``).
     max_pending: int = 2
+    #: Also keep the checkpoints of the best this many losses (``BestN``); 0: TensorFlow's
+    #: ``max_to_keep`` and ``keep_checkpoint_every_n_hours`` alone.
+    keep_best: int = 1
     seed: int = 0
     storage_options: dict[str, Any] | None = None
     durable: bool = True
@@ -88,6 +95,8 @@ class DemoConfig:
             raise DemoError("--size-mib must be in (0, 4096]")
         if self.preserve_every < 0:
             raise DemoError("the preservation interval must be >= 0")
+        if self.keep_best < 0:
+            raise DemoError("--keep-best must be >= 0")
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,7 @@ class SaveRecord:
     step: int
     blocked_seconds: float
     event: SaveEvent
+    loss: float = math.nan
 
 
 @dataclass
@@ -114,6 +124,8 @@ class DemoResult:
     preserved: list[str] = field(default_factory=list)
     deleted: list[str] = field(default_factory=list)
     restored_identical: bool = False
+    #: The tracked checkpoint with the lowest recorded loss at the end (``best_checkpoint``).
+    best: str | None = None
     restore_seconds: float = 0.0
     restore_bytes: int = 0
     first_loss: float = math.nan
@@ -143,9 +155,14 @@ class DemoResult:
         writes = [s.event.write_seconds + s.event.commit_seconds for s in self.saves] or [0.0]
         steps = self.final_step - self.start_step
         identical = "bit-identical" if self.restored_identical else "NOT identical"
+        best = ""
+        if self.best is not None:
+            losses = {s.event.prefix: s.loss for s in self.saves}
+            loss = losses.get(self.best, math.nan)
+            best = f" (best loss: {posixpath.basename(self.best)}, {loss:.3f})"
         lines = [
             "summary",
-            f"  checkpoints   kept {len(self.kept)}: {names(self.kept)}",
+            f"  checkpoints   kept {len(self.kept)}: {names(self.kept)}{best}",
             f"                preserved {len(self.preserved)}: {names(self.preserved)}; "
             f"deleted by retention {len(self.deleted)}",
             f"  saved         {len(self.saves)} checkpoints, {format_bytes(self.bytes_saved)} "
@@ -284,12 +301,13 @@ class MLP:
         return loss
 
 
-_DEMO_FILE = re.compile(r"ckpt-\d+(\.index|\.data-\d{5}-of-\d{5})")
+_DEMO_FILE = re.compile(r"ckpt-\d+(\.index|\.data-\d{5}-of-\d{5}|\.metrics\.json)")
 
 
 def remove_demo_files(directory: str, storage_options: dict[str, Any] | None = None) -> int:
-    """Delete the demo's own checkpoints in ``directory`` (``ckpt-N`` files, the state file
-    and their temporary files); leave everything else. Returns the number of files removed."""
+    """Delete the demo's own checkpoints in ``directory`` (``ckpt-N`` files with their metrics
+    sidecars, the state file and their temporary files); leave everything else. Returns the
+    number of files removed."""
     storage, root = Storage.from_url(directory, storage_options)
     removed = 0
     names = storage.listdir(root)
@@ -324,11 +342,13 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
     size = sum(a.nbytes for a in flatten(model.state()).values() if isinstance(a, np.ndarray))
     hours = config.preserve_every / 3600 if config.preserve_every else None
     blocked_at: dict[int, float] = {}
+    losses_at: dict[int, float] = {}
     result = DemoResult(config.directory, 0, 0, 0, 0)
 
     def on_event(event: SaveEvent) -> None:
         blocked = blocked_at.pop(event.step, 0.0)
-        result.saves.append(SaveRecord(event.step, blocked, event))
+        loss = losses_at.pop(event.step, math.nan)
+        result.saves.append(SaveRecord(event.step, blocked, event, loss))
         result.deleted.extend(event.deleted)
         result.preserved.extend(event.preserved)
         extra = ""
@@ -338,16 +358,23 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
             extra += f", deleted {' '.join(posixpath.basename(p) for p in event.deleted)}"
         out.message(
             f"  step {event.step:>5}  saved {posixpath.basename(event.prefix)} "
-            f"({format_bytes(event.bytes)}): loop blocked {format_duration(blocked)}, "
+            f"({format_bytes(event.bytes)}, loss {loss:.3f}): loop blocked "
+            f"{format_duration(blocked)}, "
             f"written in {format_duration(event.write_seconds + event.commit_seconds)}"
             f"{extra}"
         )
 
     def manager() -> CheckpointManager:
+        if config.keep_best:  # TF's pair, and the best losses beside them
+            parts: list[Policy] = [LatestN(config.max_to_keep), BestN(config.keep_best, "loss")]
+            if hours:
+                parts.append(EveryNHours(hours))
+            rules: dict[str, Any] = {"retention": AnyOf(*parts)}
+        else:
+            rules = {"max_to_keep": config.max_to_keep, "keep_checkpoint_every_n_hours": hours}
         return CheckpointManager(
             config.directory,
-            max_to_keep=config.max_to_keep,
-            keep_checkpoint_every_n_hours=hours,
+            **rules,
             storage_options=config.storage_options,
             max_pending=config.max_pending,
             durable=config.durable,
@@ -364,7 +391,8 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
             out.progress(step - result.start_step, config.steps, step, loss)
             if step % config.every == 0:
                 t0 = time.perf_counter()
-                await mgr.save(model.state(), step=step)
+                losses_at[step] = loss
+                await mgr.save(model.state(), step=step, metrics={"loss": loss})
                 blocked_at[step] = time.perf_counter() - t0
                 snapshots[step] = _snapshot(model.state())
                 for old in [s for s in snapshots if s < step]:
@@ -394,6 +422,7 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
         out.message(
             f"  checkpoints every {config.every} steps to {config.directory} "
             f"(max_to_keep={config.max_to_keep}, max_pending={config.max_pending}"
+            + (f", keeping the best {config.keep_best} by loss" if config.keep_best else "")
             + (f", preserving one every {config.preserve_every:g} s" if hours else "")
             + ")"
         )
@@ -442,6 +471,7 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
         await train(mgr, resumed + 1, end)
         await mgr.wait()
         result.kept = mgr.checkpoints
+        result.best = await mgr.best_checkpoint("loss") if config.keep_best else None
     result.saves.sort(key=lambda s: s.step)
     return result
 

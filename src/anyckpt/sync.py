@@ -124,6 +124,7 @@ class PendingSave:
         self.step = pending.step
         self.prefix = pending.prefix
         self.skipped = pending.skipped
+        self.reason = pending.reason
 
     @property
     def event(self) -> _manager.SaveEvent | None:
@@ -159,6 +160,11 @@ class CheckpointManager:
         self._portal: BlockingPortal | None = None
 
     def __enter__(self) -> CheckpointManager:
+        # save_on_signal: the handlers are set here, on the caller's (main) thread, and
+        # restored last on leaving; the event loop's thread cannot set them.
+        control = self._manager._control
+        control.enter()
+        self._stack.callback(control.exit)
         portal = self._stack.enter_context(start_blocking_portal())
         try:
             self._stack.enter_context(portal.wrap_async_context_manager(self._manager))
@@ -199,6 +205,11 @@ class CheckpointManager:
     def latest_step(self) -> int | None:
         return self._manager.latest_step
 
+    @property
+    def preemption(self) -> Any:
+        """The :class:`anyckpt.preemption.PreemptionWatch` of ``save_on_signal`` (or None)."""
+        return self._manager.preemption
+
     def save(
         self,
         state: Mapping[Any, Any],
@@ -206,9 +217,12 @@ class CheckpointManager:
         *,
         copy: bool = True,
         metrics: Mapping[str, float] | None = None,
+        block: bool = True,
     ) -> PendingSave:
         """Capture ``state`` and return; the write goes on in the background."""
-        pending = self._call(self._manager.save, state, step, copy=copy, metrics=metrics)
+        pending = self._call(
+            self._manager.save, state, step, copy=copy, metrics=metrics, block=block
+        )
         assert self._portal is not None
         return PendingSave(pending, self._portal)
 
@@ -232,9 +246,15 @@ class CheckpointManager:
         *,
         verify: bool = True,
         template: Any = None,
+        structure: bool = False,
     ) -> Any:
         """Blocking :meth:`anyckpt.CheckpointManager.restore` (``keys`` may map names to
-        the part of each to read; ``template`` gives the structure to fill)."""
+        the part of each to read; ``template`` gives the structure to fill; ``structure``
+        rebuilds the saved one)."""
+        if structure:
+            return self._call(
+                self._manager.restore, step, keys, verify=verify, template=template, structure=True
+            )
         if template is not None:
             return self._call(self._manager.restore, step, keys, verify=verify, template=template)
         return dict(self._call(self._manager.restore, step, keys, verify=verify))

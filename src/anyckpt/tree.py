@@ -8,13 +8,21 @@ JSON-able description of the structure; :func:`unflatten_tree` rebuilds it from 
 :func:`restore_into` fills a *template* (a fresh model's and optimizer's state) with restored
 arrays, checking each leaf's dtype and shape and naming the first mismatch.
 
-Leaves: NumPy arrays and scalars, PyTorch tensors (detached, CPU only: call ``.cpu()`` on CUDA
-tensors first; bfloat16 through its bits), Python ``int``/``float``/``bool``/``str``/``bytes``
-(restored as the same Python type). ``None`` stores nothing and is restored as ``None``.
+Leaves: NumPy arrays and scalars, PyTorch tensors (detached; a CUDA tensor is copied to the
+host first; bfloat16 through its bits), Python ``int``/``float``/``bool``/``str``/``bytes``
+(restored as the same Python type). ``None`` stores nothing and is restored as ``None``. A list
+or tuple of Python numbers of one type (``"params": [0, 1, 2]``, ``"betas": (0.9, 0.999)``) is
+one tensor, restored as a list or tuple of that type. Dataclass instances are saved field by
+field (restored as dicts without a template, as the class with one).
+
+:meth:`anyckpt.CheckpointManager.save` records the description when the state needs it (it
+holds a list, tuple, ``None``, a non-string key, a dataclass or a PyTorch tensor), and
+``restore(structure=True)`` rebuilds it (:func:`rebuild`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from typing import Any
 
@@ -22,7 +30,15 @@ import numpy as np
 
 from .errors import CheckpointError
 
-__all__ = ["StructureMismatchError", "flatten_tree", "restore_into", "unflatten_tree"]
+__all__ = [
+    "StructureMismatchError",
+    "flatten_tree",
+    "needs_tree",
+    "nest_names",
+    "rebuild",
+    "restore_into",
+    "unflatten_tree",
+]
 
 _SCALARS: dict[type, str] = {bool: "bool", int: "int", float: "float", str: "str", bytes: "bytes"}
 
@@ -40,7 +56,7 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
 
     t = tensor.detach()
     if t.device.type != "cpu":
-        raise TypeError(f"a {t.device.type} tensor: copy it to the host first (.cpu())")
+        t = t.cpu()  # a GPU tensor: copied to the host (as anyckpt.tensors does)
     if t.dtype == torch.bfloat16:
         import ml_dtypes
 
@@ -54,6 +70,31 @@ def _leaf_array(value: Any) -> np.ndarray:
     if _is_torch(value):
         return _torch_to_numpy(value)
     return np.asarray(value)
+
+
+def _is_dataclass(value: Any) -> bool:
+    return dataclasses.is_dataclass(value) and not isinstance(value, type)
+
+
+def _fields(value: Any) -> dict[str, Any]:
+    return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
+
+
+#: A list or tuple of Python numbers of one of these types is stored as one tensor.
+_NUMBER_LISTS = ({int}, {float}, {bool})
+
+
+def _number_list(node: Any) -> str | None:
+    """``"list"``/``"tuple"`` if ``node`` is a non-empty list or tuple of Python numbers of one
+    type (ints within int64), stored as one tensor; else None."""
+    if type(node) not in (list, tuple) or not node:
+        return None
+    kinds = set(map(type, node))
+    if kinds not in _NUMBER_LISTS:
+        return None
+    if kinds == {int} and not all(-(2**63) <= v < 2**63 for v in node):
+        return None
+    return "list" if type(node) is list else "tuple"
 
 
 def _key_name(key: Any, where: str) -> tuple[str, Any]:
@@ -71,7 +112,7 @@ def flatten_tree(state: Any) -> tuple[dict[str, Any], Any]:
     indexed from 0.
 
     Raises:
-        TypeError: for keys that are neither str nor int, or a tensor not on the CPU.
+        TypeError: for keys that are neither str nor int.
         ValueError: for an empty key, a key holding ``/``, or two entries of one name.
     """
     flat: dict[str, Any] = {}
@@ -79,6 +120,14 @@ def flatten_tree(state: Any) -> tuple[dict[str, Any], Any]:
     def visit(node: Any, name: str) -> Any:
         if node is None:
             return {"none": True}
+        if _is_dataclass(node):
+            node = _fields(node)
+        numbers = _number_list(node)
+        if numbers is not None and name:
+            if name in flat:
+                raise ValueError(f"two entries flatten to the same name {name!r}")
+            flat[name] = np.asarray(node)
+            return {"leaf": numbers}
         if isinstance(node, Mapping):
             items = []
             for key, value in node.items():
@@ -112,6 +161,16 @@ def _python(value: Any, kind: str, name: str) -> Any:
     return {"bool": bool, "int": int, "float": float}[kind](item)
 
 
+def _number_sequence(value: Any, kind: str, name: str) -> Any:
+    array = np.asarray(value)
+    if array.ndim != 1 or array.dtype.kind not in "biuf":
+        raise StructureMismatchError(
+            f"{name!r}: a {kind} of numbers was saved, found {array.dtype} of shape {array.shape}"
+        )
+    items = array.tolist()
+    return items if kind == "list" else tuple(items)
+
+
 def unflatten_tree(tree: Any, flat: Mapping[str, Any]) -> Any:
     """Rebuild the structure :func:`flatten_tree` described from restored ``flat`` arrays
     (PyTorch tensors come back as CPU tensors, other arrays as NumPy arrays, Python scalars
@@ -140,6 +199,10 @@ def unflatten_tree(tree: Any, flat: Mapping[str, Any]) -> Any:
             raise StructureMismatchError(f"{name!r} is not in the checkpoint")
         if body == "torch":
             return _numpy_to_torch(np.asarray(flat[name]))
+        if body in ("list", "tuple"):
+            return _number_sequence(flat[name], body, name)
+        if body not in ("tensor", *_SCALARS.values()):
+            raise StructureMismatchError(f"{name!r}: unknown leaf kind {body!r}")
         return flat[name] if body == "tensor" else _python(flat[name], body, name)
 
     return build(tree, "")
@@ -158,6 +221,19 @@ def restore_into(template: Any, flat: Mapping[str, Any]) -> Any:
     def fill(node: Any, name: str) -> Any:
         if node is None:
             return None
+        if _is_dataclass(node):
+            filled = {k: fill(v, f"{name}/{k}" if name else k) for k, v in _fields(node).items()}
+            return dataclasses.replace(node, **filled)
+        numbers = _number_list(node)
+        if numbers is not None and name:
+            if name not in flat:
+                raise StructureMismatchError(f"{name!r} is not in the checkpoint")
+            items = _number_sequence(flat[name], numbers, name)
+            if len(items) != len(node):
+                raise StructureMismatchError(
+                    f"{name!r}: the checkpoint holds {len(items)} numbers, the template {len(node)}"
+                )
+            return items if isinstance(node, list) else type(node)(items)
         if isinstance(node, Mapping):
             out = {}
             for key, value in node.items():
@@ -200,3 +276,79 @@ def _numpy_to_torch(array: np.ndarray) -> Any:
     if array.dtype.name == "bfloat16":
         return torch.from_numpy(array.view(np.int16).copy()).view(torch.bfloat16)
     return torch.from_numpy(array.copy())
+
+
+def needs_tree(state: Any) -> bool:
+    """Whether flat ``a/b/c`` names cannot give ``state`` back: it holds a list or tuple (other
+    than of numbers of one type, a tensor as ever), ``None``, a key that is not a string, a
+    dataclass or a PyTorch tensor. Nested mappings of string keys to arrays and numbers (the
+    common case) answer False, checked per level in bulk."""
+    if not isinstance(state, Mapping):
+        return True  # a dataclass, a NamedTuple, a list...
+    pending: list[Mapping[Any, Any]] = [state]
+    while pending:
+        node = pending.pop()
+        kinds = set(map(type, node.values()))
+        if kinds <= _PLAIN_LEAVES and set(map(type, node)) <= _STR:
+            continue  # arrays and numbers under str names (no Python per entry)
+        if not set(map(type, node)) <= _STR_OR_BYTES:
+            return True
+        for value in node.values():
+            if type(value) in _PLAIN_LEAVES:
+                continue
+            if isinstance(value, Mapping):
+                pending.append(value)
+            elif (
+                value is None
+                or (isinstance(value, (list, tuple)) and _number_list(value) is None)
+                or _is_dataclass(value)
+                or _is_torch(value)
+            ):
+                return True
+    return False
+
+
+_PLAIN_LEAVES = frozenset({np.ndarray, int, float, bool, str, bytes})
+_STR = frozenset({str})
+_STR_OR_BYTES = frozenset({str, bytes})
+
+
+def nest_names(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Flat ``a/b/c`` names as nested dicts (a checkpoint saved without a description: one
+    TensorFlow wrote, or a plain state).
+
+    Raises:
+        StructureMismatchError: if a name is both a tensor and the start of another
+            (``dense/kernel`` and ``dense/kernel/Adam``): restore it flat instead.
+    """
+    out: dict[str, Any] = {}
+    for name in sorted(flat):
+        node = out
+        parts = name.split("/")
+        for i, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                where = "/".join(parts[: i + 1])
+                raise StructureMismatchError(
+                    f"{where!r} is a tensor and also the start of {name!r}: restore it flat"
+                )
+            node = child
+        if parts[-1] in node:
+            raise StructureMismatchError(
+                f"{name!r} is a tensor and also the start of other names: restore it flat"
+            )
+        node[parts[-1]] = flat[name]
+    return {name: out[name] for name in out}
+
+
+def rebuild(tree: Any, flat: Mapping[str, Any], source: str) -> Any:
+    """:func:`unflatten_tree` of a description read from a file (untrusted): anything wrong
+    with it is a :class:`StructureMismatchError` naming ``source``."""
+    try:
+        return unflatten_tree(tree, flat)
+    except StructureMismatchError as exc:
+        raise StructureMismatchError(f"{source}: {exc}") from None
+    except (TypeError, ValueError, KeyError, AttributeError, RecursionError) as exc:
+        raise StructureMismatchError(
+            f"{source}: not a structure description ({type(exc).__name__}: {exc})"
+        ) from None

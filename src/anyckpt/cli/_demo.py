@@ -18,7 +18,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         description="Train a small NumPy model (no ML framework) in an async loop that "
         "checkpoints every N steps with anyckpt.CheckpointManager; stop part-way as if "
         "preempted; resume from the latest checkpoint in a fresh manager; check the restored "
-        "state is bit-identical; and summarise what was kept, preserved and how long the "
+        "state is bit-identical; and summarise what was kept (the newest and the best loss), "
+        "preserved and how long the "
         "training loop was blocked per save. Running it again continues from the latest "
         "checkpoint in DIR.",
     )
@@ -48,6 +49,14 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="preserve a checkpoint every SECONDS (keep_checkpoint_every_n_hours, scaled "
         "down for the demo; 0 turns it off; default 1)",
+    )
+    p.add_argument(
+        "--keep-best",
+        type=int,
+        default=1,
+        metavar="N",
+        help="also keep the N checkpoints with the lowest loss (retention's BestN, beside "
+        "the newest --max-to-keep); 0 keeps TensorFlow's rules alone (default 1)",
     )
     p.add_argument(
         "--fresh",
@@ -93,6 +102,7 @@ def result_json(result: DemoResult) -> dict[str, Any]:
         "restored_identical": result.restored_identical,
         "restore_seconds": result.restore_seconds,
         "kept": result.kept,
+        "best": result.best,
         "preserved": result.preserved,
         "deleted": result.deleted,
         "bytes_saved": result.bytes_saved,
@@ -104,6 +114,7 @@ def result_json(result: DemoResult) -> dict[str, Any]:
             {
                 "step": s.step,
                 "prefix": s.event.prefix,
+                "loss": s.loss,
                 "bytes": s.event.bytes,
                 "blocked_seconds": s.blocked_seconds,
                 "capture_seconds": s.event.capture_seconds,
@@ -124,6 +135,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             max_to_keep=args.max_to_keep,
             size_mib=args.size_mib,
             preserve_every=args.preserve_every,
+            keep_best=args.keep_best,
             storage_options=ctx.storage_options or None,
         )
     except DemoError as exc:

@@ -2,7 +2,9 @@
 
 A small JSON object ``{"step": 5, "metrics": {"loss": 0.3}}``. Values are numbers; a
 non-finite value (a diverged loss) is stored as ``null`` (strict JSON) and reads back as NaN,
-which retention never counts among the best.
+which retention never counts among the best. When the saved state was a structure flat names
+cannot give back (lists, tuples, ``None``, integer keys: :func:`anyckpt.tree.needs_tree`), the
+sidecar also holds its description under ``"tree"`` (:func:`anyckpt.tree.flatten_tree`).
 """
 
 from __future__ import annotations
@@ -14,11 +16,19 @@ from collections.abc import Mapping
 
 from . import DecodeError
 
-__all__ = ["MAX_METRICS_SIZE", "METRICS_SUFFIX", "decode_metrics", "encode_metrics", "metrics_path"]
+__all__ = [
+    "MAX_METRICS_SIZE",
+    "METRICS_SUFFIX",
+    "decode_metrics",
+    "decode_tree",
+    "encode_metrics",
+    "metrics_path",
+]
 
 METRICS_SUFFIX = ".metrics.json"
-#: A sidecar larger than this is refused (it holds a few numbers).
-MAX_METRICS_SIZE = 1 << 20
+#: A sidecar larger than this is refused (a few numbers, and the description of a structure:
+#: ~100 bytes per tensor).
+MAX_METRICS_SIZE = 16 << 20
 
 
 def metrics_path(prefix: str) -> str:
@@ -50,11 +60,35 @@ def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:
     return out
 
 
-def encode_metrics(step: int, metrics: Mapping[str, float]) -> bytes:
-    """The sidecar's bytes for ``metrics`` (checked as :func:`check_metrics` does)."""
+def encode_metrics(step: int, metrics: Mapping[str, float], tree: object = None) -> bytes:
+    """The sidecar's bytes for ``metrics`` (checked as :func:`check_metrics` does) and, if
+    given, the JSON-able description of the saved structure."""
     values = {k: (v if math.isfinite(v) else None) for k, v in check_metrics(metrics).items()}
-    doc = {"step": int(step), "metrics": values}
+    doc: dict[str, object] = {"step": int(step), "metrics": values}
+    if tree is not None:
+        doc["tree"] = tree
     return (json.dumps(doc, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _decode(data: bytes) -> object:
+    if len(data) > MAX_METRICS_SIZE:
+        raise DecodeError(f"metrics file of {len(data)} bytes is too large")
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_refuse)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
+        raise DecodeError(f"metrics file is not JSON: {exc}") from None
+
+
+def decode_tree(data: bytes) -> object:
+    """The structure description of a sidecar (None if it records none; checked when used).
+
+    Raises:
+        DecodeError: if it is not a JSON object.
+    """
+    doc = _decode(data)
+    if not isinstance(doc, dict):
+        raise DecodeError("metrics file is not a JSON object")
+    return doc.get("tree")
 
 
 def decode_metrics(data: bytes) -> dict[str, float]:
@@ -63,12 +97,7 @@ def decode_metrics(data: bytes) -> dict[str, float]:
     Raises:
         DecodeError: if it is not such a JSON object.
     """
-    if len(data) > MAX_METRICS_SIZE:
-        raise DecodeError(f"metrics file of {len(data)} bytes is too large")
-    try:
-        doc = json.loads(data.decode("utf-8"), parse_constant=_refuse)
-    except (UnicodeDecodeError, ValueError, RecursionError) as exc:
-        raise DecodeError(f"metrics file is not JSON: {exc}") from None
+    doc = _decode(data)
     values = doc.get("metrics") if isinstance(doc, dict) else None
     if not isinstance(values, dict):
         raise DecodeError("metrics file has no 'metrics' object")

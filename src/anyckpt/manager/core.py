@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, TypeVar, overload
+from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
 import anyio.abc
@@ -76,6 +76,7 @@ from ..retention import (
     start_fresh,
     tf_policy,
 )
+from ..save_control import SaveControl  # hook: save policies (issue 16)
 from ..storage import TEMP_MARKER, Storage
 from ..tensors import prepare
 from . import distributed as multiprocess
@@ -139,6 +140,18 @@ class CheckpointManager:
             see docs/tensorflow.md. Not with a ``coordinator``.
         allow_symlinks: read checkpoint files that are symbolic links leaving the directory
             (``restore``); refused with UnsafePathError by default (docs/reliability.md).
+        save_policy: which saves write (:mod:`anyckpt.save_policy`: ``IntervalSteps``,
+            ``IntervalSeconds``, ``AtSteps``, ``AnyOf``); the others return a skipped
+            ``PendingSave``. ``checkpoint_interval=n`` is ``IntervalSteps(n)``.
+        save_on_signal: signals (``(signal.SIGTERM,)``) after which the next ``save()`` writes
+            whatever the save policy says (:mod:`anyckpt.preemption`); the handlers are set
+            on entering (main thread) and restored on leaving. ``manager.preemption.received``
+            tells the loop to stop.
+        max_pending_bytes: bytes of captured copies not yet written before ``save()`` waits
+            (or, with ``block=False``, raises ``SaveWouldBlockError``).
+        stale_check: with ``save(copy=False)``, digest the arrays when saved and fail the
+            save (:class:`~anyckpt.staleness.StaleSnapshotError`) if they changed before its
+            commit: ``"sample"`` (default), ``"full"`` or None (off).
     """
 
     def __init__(
@@ -162,6 +175,10 @@ class CheckpointManager:
         object_graph: bool = False,
         retention: Policy | None = None,
         allow_symlinks: bool = False,
+        save_policy: Any = None,
+        save_on_signal: Sequence[int] | None = None,
+        max_pending_bytes: int | None = None,
+        stale_check: Any = "sample",
     ) -> None:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
@@ -202,6 +219,21 @@ class CheckpointManager:
             if coordinator is not None:
                 raise ValueError("object_graph=True is not supported with a coordinator")
             self.format_options.setdefault("data_order", "given")
+        # hook: save policies, preemption, max_pending_bytes, stale check (anyckpt.save_control)
+        self._control = SaveControl(
+            save_policy=save_policy,
+            checkpoint_interval=checkpoint_interval,
+            save_on_signal=save_on_signal,
+            max_pending_bytes=max_pending_bytes,
+            stale_check=stale_check,
+            clock=clock,
+        )
+        self.preemption = self._control.preemption
+        if coordinator is not None and self._control.configured:
+            raise ValueError(
+                "save_policy, save_on_signal and max_pending_bytes are not "
+                "supported with a coordinator yet"
+            )
         if coordinator is not None:
             multiprocess.check_manager(self)
         # Opened on entering (in a worker thread: the first s3:// imports s3fs and aiobotocore,
@@ -257,6 +289,7 @@ class CheckpointManager:
         if self._entered:
             raise RuntimeError("a CheckpointManager can be entered once")
         self._entered = True
+        self._control.enter()  # hook: preemption — signal handlers (main thread)
         try:
             if self._storage is None:
                 self._set_storage(await anyio.to_thread.run_sync(self._open_storage))
@@ -268,6 +301,7 @@ class CheckpointManager:
             await self._task_group.__aenter__()
         except BaseException:
             await self._release_lock()
+            self._control.exit()  # hook: preemption — previous handlers back
             raise
         return self
 
@@ -311,6 +345,7 @@ class CheckpointManager:
         finally:
             self._task_group = None
             await self._release_lock()
+            self._control.exit()  # hook: preemption — previous handlers back
         if exc is None:
             self._raise_unobserved()
         elif isinstance(exc, Exception):
@@ -466,6 +501,7 @@ class CheckpointManager:
         *,
         copy: bool = True,
         metrics: Mapping[str, float] | None = None,
+        block: bool = True,
     ) -> PendingSave:
         """Capture ``state`` and write it in the background; return once it is captured.
 
@@ -476,6 +512,13 @@ class CheckpointManager:
         are recorded with the checkpoint, in its ``PREFIX.metrics.json`` written before the
         commit, for :class:`~anyckpt.retention.BestN` and :meth:`best_checkpoint`. Raises the
         error of an earlier background save that nobody has seen yet.
+
+        Nested lists, tuples, ``None`` and integer keys are saved under TF-readable names
+        (``optimizer/state/0/exp_avg``) with a description of the structure, which
+        ``restore(structure=True)`` rebuilds (:mod:`anyckpt.tree`). The save policy may skip
+        the save (``pending.skipped``, ``pending.reason``). ``block=False`` raises
+        :class:`~anyckpt.save_control.SaveWouldBlockError` instead of waiting for room
+        (``max_pending``, ``max_pending_bytes``).
         """
         if self._task_group is None:
             raise RuntimeError("use the manager inside 'async with'")
@@ -494,19 +537,22 @@ class CheckpointManager:
             raise ValueError(f"step must be >= 0, got {step}")
         if self._last_step is not None and step <= self._last_step:
             raise ValueError(f"step {step} is not after the last step {self._last_step}")
-        if (
-            self.checkpoint_interval is not None
-            and self._last_saved_step is not None
-            and step < self._last_saved_step + self.checkpoint_interval
-        ):
+        decision = self._control.decide(step, self._last_saved_step)  # hook: save policies
+        if not decision.save:
             self._last_step = step
-            return PendingSave(step, None, skipped=True)
+            return PendingSave(step, None, skipped=True, reason=decision.reason)
+        from ..tree import flatten_tree, needs_tree  # hook: structures
+
+        tree = None
+        if not self.object_graph and needs_tree(state):
+            state, tree = flatten_tree(state)
         if self.object_graph:
             if "save_counter" not in state:  # what TF's manager numbers its checkpoints by
                 state = {**state, "save_counter": np.int64(step)}
             state = with_object_graph(state)
         tensors = prepare(state)
-        await self._slots.acquire()
+        # hook: max_pending_bytes — a slot and the bytes the copy will hold (or block=False)
+        ticket = await self._control.admit(self._slots, tensors, copy=copy, block=block)
         try:
             # A save that failed while this one waited for its slot is reported now.
             self._raise_unobserved()
@@ -514,11 +560,15 @@ class CheckpointManager:
             if copy:
                 tensors = await capture(tensors)
             capture_seconds = time.perf_counter() - started
+            # hook: save policies / stale check — record the save, digest uncopied arrays
+            await self._control.captured(ticket, step, tensors, copy=copy)
         except BaseException:
             self._slots.release()
+            self._control.release(ticket)  # hook: max_pending_bytes
             raise
         name = f"{self.checkpoint_name}-{step}"
-        pending = PendingSave(step, self._public(name))
+        pending = PendingSave(step, self._public(name), reason=decision.reason)
+        pending._ticket, pending._tree = ticket, tree  # hook: save policies / structures
         self._last_step = self._last_saved_step = step
         self._pending.append(pending)
         previous, self._tail = self._tail, pending._done
@@ -539,8 +589,10 @@ class CheckpointManager:
         error: BaseException | None = None
         try:
             started = time.perf_counter()
-            if metrics is not None:  # before the commit marker: a committed one has its metrics
-                data = encode_metrics(pending.step, metrics)
+            # hook: structures — the sidecar also holds the structure's description
+            if metrics is not None or pending._tree is not None:
+                # before the commit marker: a committed one has its metrics
+                data = encode_metrics(pending.step, metrics or {}, pending._tree)
                 sidecar = metrics_path(self._path(name))
                 await anyio.to_thread.run_sync(
                     lambda: self.storage.write_bytes(sidecar, data, durable=self.durable)
@@ -563,6 +615,8 @@ class CheckpointManager:
                 durable=self.durable,
                 options=self.format_options,
             )
+            # hook: stale check — fail before the commit if uncopied arrays changed
+            await self._control.written(pending._ticket, pending.step, self._public(name), tensors)
             recorded = getattr(self.format, "checkpoint_path", None)
             if recorded is not None:
                 name = posixpath.basename(recorded(self._path(name), written))
@@ -600,6 +654,7 @@ class CheckpointManager:
                 raise
         finally:
             self._slots.release()
+            self._control.release(pending._ticket)  # hook: max_pending_bytes
             if not pending.done():
                 pending._finish(error)
 
@@ -785,6 +840,25 @@ class CheckpointManager:
         best = policy.ranked(candidates)
         return self._public(best[0].path) if best else None
 
+    async def _rebuild(self, name: str, flat: dict[str, np.ndarray]) -> Any:
+        """hook: structures — ``flat`` in the structure the sidecar of ``name`` describes."""
+        from ..codecs.metrics import decode_tree
+        from ..tree import nest_names, rebuild
+
+        path = metrics_path(self._path(name))
+        try:
+            data = await anyio.to_thread.run_sync(
+                lambda: self.storage.read_bytes(path, max_size=MAX_METRICS_SIZE)
+            )
+            tree = decode_tree(data)
+        except CheckpointNotFoundError:
+            tree = None
+        except DecodeError as exc:
+            raise CorruptCheckpointError(str(exc), path=self.storage.url(path)) from None
+        if tree is None:
+            return nest_names(flat)
+        return rebuild(tree, flat, self.storage.url(path))
+
     async def _format_of(self, prefix: str, *, missing_ok: bool = True) -> CheckpointFormat:
         """The format of the checkpoint at ``prefix``: this manager's own format first, so
         its retention and restores never depend on other formats (plugins) loading."""
@@ -832,7 +906,18 @@ class CheckpointManager:
         keys: Sequence[str] | Mapping[str, Index] | None = None,
         *,
         verify: bool = True,
+        structure: Literal[False] = False,
     ) -> dict[str, np.ndarray]: ...
+
+    @overload
+    async def restore(
+        self,
+        step: int | None = None,
+        keys: Sequence[str] | Mapping[str, Index] | None = None,
+        *,
+        verify: bool = True,
+        structure: Literal[True],
+    ) -> Any: ...
 
     @overload
     async def restore(
@@ -851,6 +936,7 @@ class CheckpointManager:
         *,
         verify: bool = True,
         template: Any = None,
+        structure: bool = False,
     ) -> Any:
         """Read the latest checkpoint (or the one of ``step``): a flat mapping of names to
         arrays (nested state comes back under its flattened ``a/b/c`` names). With
@@ -864,7 +950,16 @@ class CheckpointManager:
         job restores its own share (docs/distributed.md).
 
         Saves still in flight are waited for first (and their errors raised), so a restore
-        right after ``save()`` sees that save, as with TensorFlow's synchronous Saver."""
+        right after ``save()`` sees that save, as with TensorFlow's synchronous Saver.
+
+        ``structure=True`` returns the structure ``save()`` was given (lists, tuples, ``None``,
+        integer keys, PyTorch tensors as CPU tensors), from the description it recorded;
+        for a checkpoint without one, the ``a/b/c`` names as nested dicts."""
+        if structure:  # hook: structures
+            if template is not None or keys is not None:
+                raise ValueError("restore(structure=True) takes neither template nor keys")
+            flat = await self.restore(step, verify=verify)
+            return await self._rebuild(self._checkpoint_of(step), flat)
         if template is not None:
             from ..tree import restore_into
 

@@ -10,6 +10,8 @@ import anyio
 import anyio.abc
 import anyio.to_thread
 
+from ..save_control import SaveTicket
+
 
 @dataclass(frozen=True)
 class SaveEvent:
@@ -28,12 +30,18 @@ class SaveEvent:
 class PendingSave:
     """A save in flight. ``await pending`` (or :meth:`wait`) returns once it is durably
     committed and raises its error if it failed. ``skipped`` is True when
-    ``checkpoint_interval`` made the manager skip it (then there is nothing to wait for)."""
+    the save policy made the manager skip it (then there is nothing to wait for); ``reason``
+    says why it was written or skipped."""
 
-    def __init__(self, step: int, prefix: str | None, *, skipped: bool = False) -> None:
+    def __init__(
+        self, step: int, prefix: str | None, *, skipped: bool = False, reason: str = ""
+    ) -> None:
         self.step = step
         self.prefix = prefix
         self.skipped = skipped
+        self.reason = reason  # why it was written or skipped (the save policy's word)
+        self._ticket = SaveTicket()  # budget bytes and the stale-snapshot digest
+        self._tree: Any = None  # the structure's description, for the sidecar
         self.event: SaveEvent | None = None
         self._done = anyio.Event()
         self._error: BaseException | None = None
