@@ -364,6 +364,27 @@ class LocalBackend(Backend):
     def open_writer(self, path: str, durable: bool) -> FileWriter:
         return LocalWriter(path, durable)
 
+    def makedirs(self, path: str) -> None:
+        """Create ``path`` and its missing parents, each made durable in its parent (an
+        ``fsync`` of the parent after the ``mkdir``): without it a power cut after the first
+        committed save into a new directory could lose the whole directory."""
+        missing = []
+        current = os.path.abspath(path)
+        while not os.path.isdir(current):
+            missing.append(current)
+            parent = os.path.dirname(current)
+            if parent == current:
+                break
+            current = parent
+        for directory in reversed(missing):
+            try:
+                os.mkdir(directory)
+            except FileExistsError:
+                if not os.path.isdir(directory):
+                    raise
+                continue  # another process made it (and made it durable)
+            self.sync_directory(os.path.dirname(directory))
+
     def sync_directory(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
         try:
