@@ -7,7 +7,8 @@ like a reader following along. A block may be marked on the line before it:
   said in the page's text too);
 * ``<!-- docs-test: tensorflow -->``: run by the Python of the TensorFlow environment
   (``$ANYCKPT_TF_PYTHON``, set by ``make test``) in a subprocess, in the same directory;
-  skipped, with that reason, when there is none.
+  skipped, with that reason, when there is none, and so is the rest of its page (which may
+  read what it wrote).
 * ``<!-- docs-test: torch -->``: needs real PyTorch (the ``dist`` extra, which ``make test``
   installs); skipped, with that reason, without it.
 
@@ -203,12 +204,16 @@ def _not_run() -> list[tuple[str, str]]:
     """(where, why) of every sample that does not run here."""
     found = []
     for page in PAGES:
+        after_tf = False
         for block in blocks(page):
             where = f"{page.relative_to(ROOT)}:{block.line}"
             if block.marker == "skip":
                 found.append((where, block.reason))
+            elif after_tf:
+                found.append((where, "follows a TensorFlow sample ($ANYCKPT_TF_PYTHON is not set)"))
             elif block.marker == "tensorflow" and _tf_python() is None:
                 found.append((where, "needs TensorFlow ($ANYCKPT_TF_PYTHON is not set)"))
+                after_tf = True
             elif block.marker == "torch" and not HAVE_TORCH:
                 found.append((where, "needs PyTorch (the dist extra)"))
     return found
@@ -238,7 +243,7 @@ def test_page_samples_run(page: Path, tmp_path: Path, monkeypatch: pytest.Monkey
         if block.marker == "tensorflow":
             tf_python = _tf_python()
             if tf_python is None:
-                continue  # reported by test_samples_not_run
+                break  # the rest may read its files; all reported by test_samples_not_run
             result = subprocess.run(
                 [tf_python, "-c", block.code],
                 cwd=tmp_path,
