@@ -27,6 +27,9 @@ _ORIGINS = {
     "StorageAccessError": "errors",
     "UnsafePathError": "errors",
     "UnsupportedFormatError": "errors",
+    "SaveWouldBlockError": "save_control",
+    "StaleSnapshotError": "staleness",
+    "StructureMismatchError": "tree",
     "CheckpointFormat": "formats.base",
     "CheckpointReader": "formats.base",
     "TensorSlice": "formats.base",
@@ -68,8 +71,11 @@ __all__ = [
     "PendingSave",
     "RemoteUnavailableError",
     "SaveEvent",
+    "SaveWouldBlockError",
     "SaverConfig",
+    "StaleSnapshotError",
     "StorageAccessError",
+    "StructureMismatchError",
     "TensorSlice",
     "TensorSpec",
     "UnsafePathError",
@@ -116,6 +122,9 @@ if TYPE_CHECKING:
     )
     from .meta import MetaGraphInfo, MetaVariable, SaverConfig
     from .partitioned import Partitioned
+    from .save_control import SaveWouldBlockError
+    from .staleness import StaleSnapshotError
+    from .tree import StructureMismatchError
 
 
 def __getattr__(name: str) -> Any:
