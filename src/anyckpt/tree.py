@@ -9,11 +9,13 @@ JSON-able description of the structure; :func:`unflatten_tree` rebuilds it from 
 arrays, checking each leaf's dtype and shape and naming the first mismatch.
 
 Leaves: NumPy arrays and scalars, PyTorch tensors (detached; a CUDA tensor is copied to the
-host first; bfloat16 through its bits), Python ``int``/``float``/``bool``/``str``/``bytes``
+host first; bfloat16 through its bits), JAX arrays (restored into a template's JAX array with
+its sharding, ``jax.device_put``), Python ``int``/``float``/``bool``/``str``/``bytes``
 (restored as the same Python type). ``None`` stores nothing and is restored as ``None``. A list
 or tuple of Python numbers of one type (``"params": [0, 1, 2]``, ``"betas": (0.9, 0.999)``) is
-one tensor, restored as a list or tuple of that type. Dataclass instances are saved field by
-field (restored as dicts without a template, as the class with one).
+one tensor, restored as a list or tuple of that type. Dataclass and NamedTuple instances (a
+flax ``struct.dataclass``, an optax state) are saved field by field, named by field
+(``opt/mu``, not ``opt/1``), and restored as dicts without a template, as the class with one.
 
 :meth:`anyckpt.CheckpointManager.save` records the description when the state needs it (it
 holds a list, tuple, ``None``, a non-string key, a dataclass or a PyTorch tensor), and
@@ -23,6 +25,7 @@ holds a list, tuple, ``None``, a non-string key, a dataclass or a PyTorch tensor
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,6 +69,11 @@ def _torch_to_numpy(tensor: Any) -> np.ndarray:
     return array
 
 
+def _is_jax(value: Any) -> bool:
+    jax = sys.modules.get("jax")  # never imported here: a JAX array was made already
+    return jax is not None and isinstance(value, jax.Array)
+
+
 def _leaf_array(value: Any) -> np.ndarray:
     if _is_torch(value):
         return _torch_to_numpy(value)
@@ -76,7 +84,14 @@ def _is_dataclass(value: Any) -> bool:
     return dataclasses.is_dataclass(value) and not isinstance(value, type)
 
 
+def _is_namedtuple(value: Any) -> bool:
+    return isinstance(value, tuple) and hasattr(type(value), "_fields")
+
+
 def _fields(value: Any) -> dict[str, Any]:
+    """A dataclass's or NamedTuple's fields by name (stored as ``name/field``)."""
+    if _is_namedtuple(value):
+        return dict(zip(value._fields, value, strict=True))
     return {f.name: getattr(value, f.name) for f in dataclasses.fields(value)}
 
 
@@ -120,7 +135,7 @@ def flatten_tree(state: Any) -> tuple[dict[str, Any], Any]:
     def visit(node: Any, name: str) -> Any:
         if node is None:
             return {"none": True}
-        if _is_dataclass(node):
+        if _is_dataclass(node) or _is_namedtuple(node):
             node = _fields(node)
         numbers = _number_list(node)
         if numbers is not None and name:
@@ -224,6 +239,9 @@ def restore_into(template: Any, flat: Mapping[str, Any]) -> Any:
         if _is_dataclass(node):
             filled = {k: fill(v, f"{name}/{k}" if name else k) for k, v in _fields(node).items()}
             return dataclasses.replace(node, **filled)
+        if _is_namedtuple(node):
+            filled = {k: fill(v, f"{name}/{k}" if name else k) for k, v in _fields(node).items()}
+            return type(node)(**filled)
         numbers = _number_list(node)
         if numbers is not None and name:
             if name not in flat:
@@ -246,7 +264,7 @@ def restore_into(template: Any, flat: Mapping[str, Any]) -> Any:
             seq: Any = type(node)
             if isinstance(node, list):
                 return items
-            return seq(*items) if hasattr(node, "_fields") else seq(items)  # a NamedTuple
+            return seq(items)
         if name not in flat:
             raise StructureMismatchError(f"{name!r} is not in the checkpoint")
         kind = _SCALARS.get(type(node))
@@ -264,6 +282,8 @@ def restore_into(template: Any, flat: Mapping[str, Any]) -> Any:
             )
         if _is_torch(node):
             return _numpy_to_torch(got)
+        if _is_jax(node):  # back on the template's devices, with its sharding
+            return sys.modules["jax"].device_put(got, node.sharding)
         return got
 
     return fill(template, "")
