@@ -45,7 +45,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from anyckpt.codecs.crc import masked_crc32c
-from anyckpt.formats._arrays import _byte_view, _empty_large
+from anyckpt.formats._arrays import byte_view, empty_large
 from anyckpt.formats._checksummed_io import (
     LAG_CHUNKS,
     read_checksummed,
@@ -101,7 +101,7 @@ def create(path: str, arrays: list[np.ndarray], reserve: bool) -> int:
 
 def save_whole(reserve: bool) -> Save:
     def save(path: str, arrays: list[np.ndarray], pool: ThreadPoolExecutor) -> list[int]:
-        views = [_byte_view(a) for a in arrays]
+        views = [byte_view(a) for a in arrays]
         crcs = pool.submit(lambda: [masked_crc32c(v) for v in views])
         fd = create(path, arrays, reserve)
         try:
@@ -121,7 +121,7 @@ def save_lockstep(chunk: int, reserve: bool, lag: int = LAG_CHUNKS) -> Save:
         fd = create(path, arrays, reserve)
         try:
             futures = [
-                write_checksummed(lambda v: write_all(fd, v), _byte_view(a), pool, chunk, lag)
+                write_checksummed(lambda v: write_all(fd, v), byte_view(a), pool, chunk, lag)
                 for a in arrays
             ]
             crcs = [f.result() for f in futures]
@@ -160,8 +160,8 @@ def restore_whole(
     arrays, futures = [], []
     try:
         for i in range(count):
-            array = _empty_large((size // 4,), np.dtype("<f4"))
-            view = _byte_view(array)
+            array = empty_large((size // 4,), np.dtype("<f4"))
+            view = byte_view(array)
             read_all(fd, i * size, view)
             futures.append(pool.submit(masked_crc32c, view))
             arrays.append(array)
@@ -178,12 +178,12 @@ def restore_lockstep(chunk: int, lag: int = LAG_CHUNKS) -> Restore:
         arrays, futures = [], []
         try:
             for i in range(count):
-                array = _empty_large((size // 4,), np.dtype("<f4"))
+                array = empty_large((size // 4,), np.dtype("<f4"))
                 futures.append(
                     read_checksummed(
                         lambda o, v: read_all(fd, o, v),
                         i * size,
-                        _byte_view(array),
+                        byte_view(array),
                         pool,
                         chunk,
                         lag,
@@ -261,7 +261,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     base = rng.standard_normal(size // 4, dtype=np.float32)
     arrays = [base + np.float32(i) for i in range(args.tensors)]  # distinct, no zero pages
-    expected = [masked_crc32c(_byte_view(a)) for a in arrays]
+    expected = [masked_crc32c(byte_view(a)) for a in arrays]
     pool = ThreadPoolExecutor(1, thread_name_prefix="crc")
     loads: list[float] = []
     print(

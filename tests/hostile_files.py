@@ -15,8 +15,8 @@ from anyckpt.codecs import v1 as v1_codec
 from anyckpt.codecs.bundle import BundleEntry, encode_entry, encode_header
 from anyckpt.codecs.crc import masked_crc32c
 from anyckpt.codecs.table import (
+    BlockBuilder,
     BlockHandle,
-    _BlockBuilder,
     block_trailer,
     footer,
     short_successor,
@@ -35,7 +35,7 @@ def _table(blocks: list[Iterable[tuple[bytes, bytes]]], index_interval: int = 1)
     out = bytearray()
     handles: list[tuple[bytes, BlockHandle]] = []
     for entries in blocks:
-        builder = _BlockBuilder(restart_interval=ONE_RUN)
+        builder = BlockBuilder(restart_interval=ONE_RUN)
         key = b""
         for key, value in entries:
             builder.add(key, value)
@@ -48,10 +48,10 @@ def _table(blocks: list[Iterable[tuple[bytes, bytes]]], index_interval: int = 1)
 def _finish(
     out: bytearray, handles: Iterable[tuple[bytes, BlockHandle]], index_interval: int
 ) -> bytes:
-    meta = _BlockBuilder().finish()
+    meta = BlockBuilder().finish()
     metaindex = BlockHandle(len(out), len(meta))
     out += meta + block_trailer(meta)
-    index_block = _BlockBuilder(restart_interval=index_interval)
+    index_block = BlockBuilder(restart_interval=index_interval)
     for separator, handle in handles:
         index_block.add(separator, handle.encode())
     contents = index_block.finish()
@@ -81,11 +81,11 @@ def v1_separator_bomb(directory: Path, count: int = 20_000, separator_len: int =
     block holds a valid, empty meta."""
     path = directory / "bomb.ckpt"
     out = bytearray()
-    first = _BlockBuilder()
+    first = BlockBuilder()
     first.add(v1_codec.META_KEY, v1_codec.encode_meta([]))
     contents = first.finish()
     out += contents + block_trailer(contents)
-    filler = _BlockBuilder().finish()  # an empty block: 8 bytes (+ 5 of trailer)
+    filler = BlockBuilder().finish()  # an empty block: 8 bytes (+ 5 of trailer)
     start, step = len(out), len(filler) + len(block_trailer(filler))
     out += (filler + block_trailer(filler)) * count
     stem = b"s" * separator_len

@@ -77,12 +77,12 @@ def test_table_round_trip(entries: list[tuple[bytes, bytes]], block_size: int) -
 
 def _count_data_blocks(data: bytes) -> int:
     """The number of entries in the index block (one per data block)."""
-    from anyckpt.codecs.table import BlockHandle, _block_entries, _read_block
+    from anyckpt.codecs.table import BlockHandle, block_entries, read_block
 
     footer = len(data) - FOOTER_SIZE
     _, pos = BlockHandle.decode(data, footer)
     index_handle, _ = BlockHandle.decode(data, pos)
-    return sum(1 for _ in _block_entries(_read_block(data, index_handle, "index"), "index"))
+    return sum(1 for _ in block_entries(read_block(data, index_handle, "index"), "index"))
 
 
 def test_table_small_blocks_form_several_data_blocks() -> None:

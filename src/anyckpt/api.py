@@ -22,7 +22,15 @@ from .errors import CorruptCheckpointError
 from .formats import get_format, locate_checkpoint
 from .formats.base import CheckpointFormat, CheckpointReader, check_options
 from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph, encode_meta_graph
-from .object_graph import OBJECT_GRAPH_KEY, ObjectTree, encode_tree
+from .object_graph import (
+    OBJECT_GRAPH_KEY,
+    Layout,
+    ObjectTree,
+    build_tree,
+    decode_tree_layout,
+    encode_tree,
+    graph_value,
+)
 from .storage import Storage
 from .tensors import key_to_bytes, prepare
 
@@ -151,15 +159,13 @@ async def load(
 
     Checksums are verified unless ``verify=False``. String tensors come back as object arrays
     of ``bytes``; bfloat16 as ``ml_dtypes.bfloat16``. ``layout="tree"`` reads a TF2
-    object-based checkpoint along its object graph (`anyckpt.tf2.read_tree`; no ``keys``). A
+    object-based checkpoint along its object graph (:func:`read_tree`; no ``keys``). A
     file that is a symbolic link leaving the checkpoint's directory raises
     :class:`~anyckpt.UnsafePathError` unless ``allow_symlinks=True`` (docs/reliability.md).
     """
     if layout == "tree":
         if keys is not None:
             raise ValueError("layout='tree' reads the whole object graph: pass no keys")
-        from .tf2 import read_tree
-
         return await read_tree(prefix, verify=verify, storage_options=storage_options)
     if layout != "flat":
         raise ValueError(f"layout must be 'flat' or 'tree', not {layout!r}")
@@ -167,6 +173,42 @@ async def load(
         prefix, storage_options=storage_options, allow_symlinks=allow_symlinks
     ) as reader:
         return await reader.read_many(keys, verify=verify)
+
+
+async def read_layout(
+    prefix: PathLike, *, storage_options: dict[str, Any] | None = None
+) -> tuple[Layout, bytes, list[str]]:
+    """The validated object graph of a TF2 checkpoint: (layout, graph bytes, all keys)."""
+    async with open(prefix, storage_options=storage_options) as reader:
+        keys = reader.keys()
+        if OBJECT_GRAPH_KEY not in keys:
+            raise CorruptCheckpointError(
+                f"no {OBJECT_GRAPH_KEY}: not a TF2 object-based checkpoint", path=str(prefix)
+            )
+        data = graph_value(await reader.read(OBJECT_GRAPH_KEY))
+    try:
+        layout = decode_tree_layout(data, set(keys))
+    except CorruptCheckpointError as e:
+        raise CorruptCheckpointError(str(e), path=str(prefix)) from None
+    return layout, data, keys
+
+
+async def read_tree(
+    prefix: PathLike, *, verify: bool = True, storage_options: dict[str, Any] | None = None
+) -> ObjectTree:
+    """Read a TF2 checkpoint as an :class:`~anyckpt.object_graph.ObjectTree`.
+
+    Raises :class:`~anyckpt.errors.CorruptCheckpointError` if it has no object graph or the
+    graph is malformed (ids out of range, attributes naming absent keys, slots that are not
+    variables, too many nodes...).
+    """
+    layout, data, keys = await read_layout(prefix, storage_options=storage_options)
+    wanted = layout.checkpoint_keys()
+    async with open(prefix, storage_options=storage_options) as reader:
+        values = await reader.read_many(wanted, verify=verify)
+    named = set(wanted) | {OBJECT_GRAPH_KEY}
+    unattached = [k for k in keys if k not in named]
+    return build_tree(layout, values, unattached=unattached, graph=data)
 
 
 async def open_reader(

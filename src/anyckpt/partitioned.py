@@ -17,6 +17,8 @@ from typing import Any
 
 import numpy as np
 
+from .to_numpy import to_numpy
+
 Extent = tuple[int, int]  # (start, length), both explicit
 Extents = tuple[Extent, ...]
 ExtentLike = tuple[int, int] | slice
@@ -138,10 +140,8 @@ class Partitioned(np.ndarray[Any, np.dtype[Any]]):
         shape: Sequence[int],
         parts: Iterable[tuple[Sequence[ExtentLike], Any]],
     ) -> Partitioned:
-        from .tensors import as_tensor
-
         full_shape = tuple(int(d) for d in shape)
-        pieces = [(_extents(spec, full_shape), as_tensor(array)) for spec, array in parts]
+        pieces = [(_extents(spec, full_shape), to_numpy(array)) for spec, array in parts]
         if not pieces:
             raise ValueError("a partitioned tensor needs at least one partition")
         dtypes = {array.dtype for _, array in pieces}

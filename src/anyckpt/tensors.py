@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import numbers
-import sys
 from collections.abc import Mapping, Sequence
 from operator import attrgetter
 from typing import Any
 
-import ml_dtypes
 import numpy as np
 
 from ._recent import RecentCache
-from .codecs.dtypes import NUMERIC_DTYPES, STRING_DTYPE, enum_from_dtype
+from .codecs.dtypes import NUMERIC_DTYPES
 from .partitioned import Partitioned
+from .to_numpy import to_numpy
 
 
 def key_to_bytes(key: str) -> bytes:
@@ -62,16 +61,6 @@ def normalize_key(key: str | bytes | int) -> str:
     return key
 
 
-def _as_bytes(value: Any) -> bytes:
-    if isinstance(value, bytes):
-        return value
-    if isinstance(value, (bytearray, memoryview, np.bytes_)):
-        return bytes(value)
-    if isinstance(value, str):
-        return value.encode("utf-8")
-    raise TypeError(f"string tensors hold bytes or str, not {type(value).__name__}")
-
-
 def as_tensor(value: Any) -> np.ndarray:
     """``value`` as a NumPy array anyckpt can store, without copying numeric data.
 
@@ -83,57 +72,7 @@ def as_tensor(value: Any) -> np.ndarray:
         return value  # the common case, checked first: a plain numeric array
     if isinstance(value, Partitioned) and value.partitions:  # keep how it is split
         return Partitioned.from_full(as_tensor(value.view(np.ndarray)), value.partitions)
-    torch = sys.modules.get("torch")  # (never imported here: a tensor of it was made already)
-    if torch is not None and isinstance(value, torch.Tensor):
-        value = _from_torch(torch, value)
-    array = np.asarray(value)
-    if array.dtype.kind in "US" and not isinstance(value, np.ndarray):
-        # NumPy's fixed-width S/U types drop trailing NULs (b"a\0" -> b"a"): keep the
-        # caller's own str/bytes objects instead.
-        array = np.asarray(value, dtype=object)
-    if array.dtype.kind in "OUS":
-        items = array.reshape(-1).tolist()
-        kinds = set(map(type, items))
-        if kinds <= {bytes}:
-            values = items
-        elif kinds <= {str}:
-            values = [item.encode("utf-8") for item in items]
-        else:
-            values = list(map(_as_bytes, items))
-        out = np.empty(len(values), dtype=STRING_DTYPE)
-        out[:] = values  # bytes are not sequences to NumPy: one object per element
-        return out.reshape(array.shape)
-    enum_from_dtype(array.dtype)  # raises TypeError if unsupported
-    return array
-
-
-#: PyTorch dtypes NumPy has no type for: the integer type of the same width their bits are
-#: read as, and the ``ml_dtypes`` type they are then viewed as (TensorFlow has each).
-_TORCH_BITS: dict[str, tuple[str, np.dtype]] = {
-    "bfloat16": ("int16", np.dtype(ml_dtypes.bfloat16)),
-    "float8_e4m3fn": ("uint8", np.dtype(ml_dtypes.float8_e4m3fn)),
-    "float8_e5m2": ("uint8", np.dtype(ml_dtypes.float8_e5m2)),
-    "float8_e4m3fnuz": ("uint8", np.dtype(ml_dtypes.float8_e4m3fnuz)),
-    "float8_e5m2fnuz": ("uint8", np.dtype(ml_dtypes.float8_e5m2fnuz)),
-}
-
-
-def _from_torch(torch: Any, tensor: Any) -> np.ndarray:
-    """A PyTorch tensor as a NumPy array, sharing its memory when it is on the CPU: detached
-    from autograd (what is saved is the value), copied to the CPU from another device, and
-    bfloat16 or float8 read through their bits (an integer view of the same width, viewed as
-    ``ml_dtypes``' type: no copy)."""
-    tensor = tensor.detach()
-    if tensor.device.type != "cpu":
-        tensor = tensor.cpu()
-    tensor = tensor.resolve_conj().resolve_neg()  # lazy conjugation/negation, made real
-    bits = _TORCH_BITS.get(str(tensor.dtype).removeprefix("torch."))
-    if bits is not None:
-        return tensor.view(getattr(torch, bits[0])).numpy().view(bits[1])  # type: ignore[no-any-return]
-    try:
-        return tensor.numpy()  # type: ignore[no-any-return]
-    except TypeError:  # complex32, bits types...: "Got unsupported ScalarType ComplexHalf"
-        raise TypeError(f"dtype {tensor.dtype} has no TensorFlow equivalent") from None
+    return to_numpy(value)
 
 
 def as_named_tensor(name: str, value: Any) -> np.ndarray:

@@ -15,18 +15,12 @@ from typing import Any
 
 import numpy as np
 
-from .api import PathLike, open, save
-from .errors import CorruptCheckpointError
+from .api import PathLike, read_layout, read_tree, save
 from .object_graph import (
     ATTRIBUTES,
-    OBJECT_GRAPH_KEY,
     OPTIMIZER_SLOT,
     VARIABLE_VALUE,
-    Layout,
     ObjectTree,
-    build_tree,
-    decode_tree_layout,
-    graph_value,
     unescape_local_name,
 )
 
@@ -39,42 +33,6 @@ __all__ = [
     "tree_get",
     "tree_set",
 ]
-
-
-async def read_layout(
-    prefix: PathLike, *, storage_options: dict[str, Any] | None = None
-) -> tuple[Layout, bytes, list[str]]:
-    """The validated object graph of a TF2 checkpoint: (layout, graph bytes, all keys)."""
-    async with open(prefix, storage_options=storage_options) as reader:
-        keys = reader.keys()
-        if OBJECT_GRAPH_KEY not in keys:
-            raise CorruptCheckpointError(
-                f"no {OBJECT_GRAPH_KEY}: not a TF2 object-based checkpoint", path=str(prefix)
-            )
-        data = graph_value(await reader.read(OBJECT_GRAPH_KEY))
-    try:
-        layout = decode_tree_layout(data, set(keys))
-    except CorruptCheckpointError as e:
-        raise CorruptCheckpointError(str(e), path=str(prefix)) from None
-    return layout, data, keys
-
-
-async def read_tree(
-    prefix: PathLike, *, verify: bool = True, storage_options: dict[str, Any] | None = None
-) -> ObjectTree:
-    """Read a TF2 checkpoint as an :class:`~anyckpt.object_graph.ObjectTree`.
-
-    Raises :class:`~anyckpt.errors.CorruptCheckpointError` if it has no object graph or the
-    graph is malformed (ids out of range, attributes naming absent keys, slots that are not
-    variables, too many nodes...).
-    """
-    layout, data, keys = await read_layout(prefix, storage_options=storage_options)
-    wanted = layout.checkpoint_keys()
-    async with open(prefix, storage_options=storage_options) as reader:
-        values = await reader.read_many(wanted, verify=verify)
-    named = set(wanted) | {OBJECT_GRAPH_KEY}
-    unattached = [k for k in keys if k not in named]
-    return build_tree(layout, values, unattached=unattached, graph=data)
 
 
 def _walk(tree: Mapping[str, Any], path: str) -> tuple[Mapping[str, Any], str]:

@@ -32,11 +32,11 @@ from ._common import (
     stored_nbytes,
     tensor_nbytes,
 )
-from ._output import _pad as pad
 from ._output import (
     display_width,
     format_bytes,
     format_ratio,
+    pad,
     plural,
     print_json,
     table,

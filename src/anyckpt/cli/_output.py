@@ -70,7 +70,7 @@ def display_width(text: str) -> int:
     return width
 
 
-def _pad(text: str, width: int, *, right: bool = False) -> str:
+def pad(text: str, width: int, *, right: bool = False) -> str:
     fill = " " * max(width - display_width(text), 0)
     return fill + text if right else text + fill
 
@@ -119,7 +119,7 @@ def table(rows: Sequence[Sequence[str]], *, right: Sequence[int] = (), indent: s
     widths = [max(display_width(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = []
     for row in rows:
-        cells = [_pad(cell, widths[i], right=i in right) for i, cell in enumerate(row)]
+        cells = [pad(cell, widths[i], right=i in right) for i, cell in enumerate(row)]
         lines.append((indent + "  ".join(cells)).rstrip())
     return "\n".join(lines)
 

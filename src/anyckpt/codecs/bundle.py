@@ -106,7 +106,7 @@ def _encode_entry_proto(entry: BundleEntry) -> bytes:
 
 #: One-byte varints, precomputed (most lengths, dtypes and small dims).
 _SMALL = [bytes([i]) for i in range(128)]
-_INT32_MAX = (1 << 31) - 1
+INT32_MAX = (1 << 31) - 1
 _INT64_MAX = (1 << 63) - 1
 
 
@@ -135,9 +135,9 @@ _HEADS: dict[tuple[int, tuple[int, ...]], bytes | None] = {}
 _HEADS_MAX = 4096
 
 
-def _encode_head(dtype: int, shape: tuple[int, ...]) -> bytes | None:
+def encode_head(dtype: int, shape: tuple[int, ...]) -> bytes | None:
     """The dtype and shape fields, or None if a number is out of the hand-encoded range."""
-    if not 0 <= dtype <= _INT32_MAX:
+    if not 0 <= dtype <= INT32_MAX:
         return None
     dims = []
     for dim in shape:
@@ -166,7 +166,7 @@ def encode_entry(entry: BundleEntry) -> bytes:
     slices = _encode_slices(entry.slices) if entry.slices else b""
     if (
         slices is None
-        or not 0 <= shard_id <= _INT32_MAX
+        or not 0 <= shard_id <= INT32_MAX
         or not 0 <= offset <= _INT64_MAX
         or not 0 <= size <= _INT64_MAX
         or not 0 <= crc <= 0xFFFFFFFF
@@ -178,7 +178,7 @@ def encode_entry(entry: BundleEntry) -> bytes:
     except KeyError:
         if len(_HEADS) >= _HEADS_MAX:
             _HEADS.clear()
-        head = _HEADS[key] = _encode_head(*key)
+        head = _HEADS[key] = encode_head(*key)
     if head is None:
         return _encode_entry_proto(entry)
     parts = [head]
@@ -245,7 +245,7 @@ def _decode_entry_proto(data: bytes) -> BundleEntry:
     )
 
 
-class _NotCanonical(Exception):
+class NotCanonical(Exception):
     """The fast decoder met something it leaves to protobuf."""
 
 
@@ -259,12 +259,12 @@ def _read_varint(data: bytes, pos: int, end: int) -> tuple[int, int]:
         if byte < 0x80:
             return result, pos
         shift += 7
-    raise _NotCanonical
+    raise NotCanonical
 
 
-def _decode_entry_fast(data: bytes) -> BundleEntry:
+def decode_entry_fast(data: bytes) -> BundleEntry:
     """Decode an entry written in canonical form (each field once, in field order, no
-    slices, no unknown fields, every number in range); raise _NotCanonical for anything
+    slices, no unknown fields, every number in range); raise NotCanonical for anything
     else, which protobuf then decodes (or rejects) exactly as before."""
     end = len(data)
     pos = 0
@@ -276,8 +276,8 @@ def _decode_entry_fast(data: bytes) -> BundleEntry:
             dtype, pos = byte, 2
         else:
             dtype, pos = _read_varint(data, 1, end)
-            if dtype > _INT32_MAX:
-                raise _NotCanonical
+            if dtype > INT32_MAX:
+                raise NotCanonical
         tag = data[pos] if pos < end else -1
     shape: tuple[int, ...] = ()
     if tag == 0x12:
@@ -288,26 +288,26 @@ def _decode_entry_fast(data: bytes) -> BundleEntry:
             length, pos = _read_varint(data, pos + 1, end)
         stop = pos + length
         if stop > end:
-            raise _NotCanonical
+            raise NotCanonical
         dims = []
         while pos < stop:
             # A dim: 0x12 LEN [0x08 varint(size)]; anything else goes to protobuf.
             if data[pos] != 0x12 or pos + 1 >= stop:
-                raise _NotCanonical
+                raise NotCanonical
             dim_len = data[pos + 1]
             if dim_len == 0:
                 dims.append(0)
                 pos += 2
                 continue
             if dim_len >= 0x80 or pos + 2 >= stop or data[pos + 2] != 0x08:
-                raise _NotCanonical
+                raise NotCanonical
             value, after = _read_varint(data, pos + 3, stop)
             if after != pos + 2 + dim_len or value > _INT64_MAX:
-                raise _NotCanonical
+                raise NotCanonical
             dims.append(value)
             pos = after
         if pos != stop or len(dims) > MAX_RANK:
-            raise _NotCanonical
+            raise NotCanonical
         shape = tuple(dims)
         tag = data[pos] if pos < end else -1
     return BundleEntry(dtype, shape, *_decode_tail(data, pos, end))
@@ -315,7 +315,7 @@ def _decode_entry_fast(data: bytes) -> BundleEntry:
 
 #: (dtype, shape) by the bytes of the dtype and shape fields, for entries whose dtype and
 #: shape-length fit in one byte each: an index repeats a few of them many times.
-_DECODED_HEADS: dict[bytes, tuple[int, tuple[int, ...]]] = {}
+DECODED_HEADS: dict[bytes, tuple[int, tuple[int, ...]]] = {}
 
 
 def _decode_tail(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
@@ -324,8 +324,8 @@ def _decode_tail(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
     tag = data[pos] if pos < end else -1
     if tag == 0x18:
         shard_id, pos = _read_varint(data, pos + 1, end)
-        if shard_id > _INT32_MAX:
-            raise _NotCanonical
+        if shard_id > INT32_MAX:
+            raise NotCanonical
         tag = data[pos] if pos < end else -1
     if tag == 0x20:
         offset, pos = _read_varint(data, pos + 1, end)
@@ -335,11 +335,11 @@ def _decode_tail(data: bytes, pos: int, end: int) -> tuple[int, int, int, int]:
         tag = data[pos] if pos < end else -1
     if tag == 0x35:
         if pos + 5 > end:
-            raise _NotCanonical
+            raise NotCanonical
         (crc,) = _U32.unpack_from(data, pos + 1)
         pos += 5
     if pos != end or offset > _INT64_MAX or size > _INT64_MAX:
-        raise _NotCanonical
+        raise NotCanonical
     return shard_id, offset, size, crc
 
 
@@ -351,23 +351,23 @@ def decode_entry(data: bytes) -> BundleEntry:
     end = len(data)
     if end >= 4 and data[0] == 0x08 and data[1] < 0x80 and data[2] == 0x12 and data[3] < 0x80:
         split = 4 + data[3]
-        known = _DECODED_HEADS.get(data[:split])
+        known = DECODED_HEADS.get(data[:split])
         if known is not None:
             try:
                 return BundleEntry(known[0], known[1], *_decode_tail(data, split, end))
-            except _NotCanonical:
+            except NotCanonical:
                 return _decode_entry_proto(data)
         try:
-            entry = _decode_entry_fast(data)
-        except _NotCanonical:
+            entry = decode_entry_fast(data)
+        except NotCanonical:
             return _decode_entry_proto(data)
-        if len(_DECODED_HEADS) >= 4096:
-            _DECODED_HEADS.clear()
-        _DECODED_HEADS[data[:split]] = (entry.dtype, entry.shape)
+        if len(DECODED_HEADS) >= 4096:
+            DECODED_HEADS.clear()
+        DECODED_HEADS[data[:split]] = (entry.dtype, entry.shape)
         return entry
     try:
-        return _decode_entry_fast(data)
-    except _NotCanonical:
+        return decode_entry_fast(data)
+    except NotCanonical:
         return _decode_entry_proto(data)
 
 
@@ -398,7 +398,7 @@ def decode_records(values: Iterable[bytes]) -> list[EntryRecord]:
     entry parsed in one pass."""
     out: list[EntryRecord] = []
     append = out.append
-    heads = _DECODED_HEADS
+    heads = DECODED_HEADS
     for data in values:
         end = len(data)
         if end >= 4 and data[0] == 0x08 and data[2] == 0x12 and data[1] < 0x80 and data[3] < 0x80:
@@ -407,7 +407,7 @@ def decode_records(values: Iterable[bytes]) -> list[EntryRecord]:
             if known is not None:
                 try:
                     tail = _decode_tail(data, split, end)
-                except _NotCanonical:
+                except NotCanonical:
                     pass
                 else:
                     append(_new_tuple(EntryRecord, (*known, *tail, ())))

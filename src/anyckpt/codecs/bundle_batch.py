@@ -18,11 +18,11 @@ from itertools import repeat
 import numpy as np
 
 from .bundle import (
-    _DECODED_HEADS,
-    _INT32_MAX,
+    DECODED_HEADS,
+    INT32_MAX,
     EntryRecord,
-    _decode_entry_fast,
-    _NotCanonical,
+    NotCanonical,
+    decode_entry_fast,
     decode_record,
 )
 
@@ -215,11 +215,11 @@ def _decode_chunk(
     for i, key in enumerate(unique.tolist()):
         raw = bytes(key)
         head = raw[1 : 1 + raw[0]]
-        known = _DECODED_HEADS.get(head)
+        known = DECODED_HEADS.get(head)
         if known is None:
             try:
-                entry = _decode_entry_fast(head)
-            except (_NotCanonical, IndexError):
+                entry = decode_entry_fast(head)
+            except (NotCanonical, IndexError):
                 bad_heads.append(i)
                 known = (0, ())
             else:
@@ -247,5 +247,5 @@ def _decode_chunk(
     crcs = np.where(has, crc, 0).astype(np.uint32)
     pos = np.where(has, pos + 5, pos)  # pos + 5 <= ends where ok
     shard_ids, offsets, sizes = columns
-    ok &= (pos == ends) & (shard_ids <= _INT32_MAX)
+    ok &= (pos == ends) & (shard_ids <= INT32_MAX)
     return heads, head_ids, shard_ids, offsets, sizes, crcs, ok

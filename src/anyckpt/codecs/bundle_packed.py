@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .bundle import _INT32_MAX, _encode_head
+from .bundle import INT32_MAX, encode_head
 from .packed import Column, bytes_column, fixed32_column, interleave, varint_column
 
 _HEADS: dict[tuple[int, tuple[int, ...]], bytes | None] = {}
@@ -29,7 +29,7 @@ def entry_head(dtype: int, shape: tuple[int, ...]) -> bytes | None:
     except KeyError:
         if len(_HEADS) >= _HEADS_MAX:
             _HEADS.clear()
-        head = _HEADS[key] = _encode_head(dtype, shape)
+        head = _HEADS[key] = encode_head(dtype, shape)
         return head
 
 
@@ -43,7 +43,7 @@ def encode_entries(
     """Entry ``i`` is ``heads[i]`` followed by its non-zero ``shard_ids``, ``offsets``,
     ``sizes`` (varints) and masked ``crcs`` (fixed32). A pre-encoded entry is passed as its
     whole encoding in ``heads`` with zeros in the other columns."""
-    if len(shard_ids) and (shard_ids.min() < 0 or shard_ids.max() > _INT32_MAX):
+    if len(shard_ids) and (shard_ids.min() < 0 or shard_ids.max() > INT32_MAX):
         raise ValueError("shard ids must fit in an int32")
     if len(offsets) and (offsets.min() < 0 or sizes.min() < 0):
         raise ValueError("offsets and sizes must be non-negative")

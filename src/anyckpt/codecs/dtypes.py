@@ -35,7 +35,7 @@ def numpy_can_shape(shape: tuple[int, ...], itemsize: int = 16) -> bool:
 
 
 #: DataType enum value -> NumPy dtype (native byte order). Strings are handled separately.
-_BY_ENUM: dict[int, np.dtype] = {
+BY_ENUM: dict[int, np.dtype] = {
     1: np.dtype(np.float32),
     2: np.dtype(np.float64),
     3: np.dtype(np.int32),
@@ -59,7 +59,7 @@ _BY_ENUM: dict[int, np.dtype] = {
     29: np.dtype(ml_dtypes.int4),
     30: np.dtype(ml_dtypes.uint4),
 }
-_BY_DTYPE: dict[np.dtype, int] = {dt: enum for enum, dt in _BY_ENUM.items()}
+_BY_DTYPE: dict[np.dtype, int] = {dt: enum for enum, dt in BY_ENUM.items()}
 #: The numeric dtypes TensorFlow can store, in native byte order (a fast membership test).
 NUMERIC_DTYPES: frozenset[np.dtype] = frozenset(_BY_DTYPE)
 
@@ -99,7 +99,7 @@ def dtype_from_enum(enum: int, *, path: str | None = None) -> np.dtype:
     if enum == DT_STRING:
         return STRING_DTYPE
     try:
-        return _BY_ENUM[enum]
+        return BY_ENUM[enum]
     except KeyError:
         raise UnsupportedFormatError(
             f"unsupported TensorFlow dtype number {enum}", path=path

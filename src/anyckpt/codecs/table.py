@@ -82,7 +82,7 @@ class BlockHandle:
         return cls(offset, size), pos
 
 
-class _BlockBuilder:
+class BlockBuilder:
     def __init__(self, restart_interval: int = BLOCK_RESTART_INTERVAL) -> None:
         self._interval = restart_interval
         self._buf = bytearray()
@@ -175,9 +175,9 @@ class TableBuilder:
     def __init__(self, block_size: int = BLOCK_SIZE) -> None:
         self._block_size = block_size
         self._out = bytearray()
-        self._data = _BlockBuilder()
+        self._data = BlockBuilder()
         # As LevelDB: every index entry is a restart point (block_restart_interval = 1).
-        self._index = _BlockBuilder(restart_interval=1)
+        self._index = BlockBuilder(restart_interval=1)
         self._last_key: bytes | None = None
         self._pending_handle: BlockHandle | None = None
 
@@ -208,7 +208,7 @@ class TableBuilder:
     def finish(self) -> bytes:
         """Write the remaining blocks and the footer; return the whole table."""
         self._flush()
-        metaindex = self._write_block(_BlockBuilder().finish())
+        metaindex = self._write_block(BlockBuilder().finish())
         if self._pending_handle is not None:
             assert self._last_key is not None
             self._index.add(short_successor(self._last_key), self._pending_handle.encode())
@@ -226,7 +226,7 @@ def build_table(entries: list[tuple[bytes, bytes]]) -> bytes:
     return builder.finish()
 
 
-def _read_block(data: bytes, handle: BlockHandle, what: str) -> memoryview:
+def read_block(data: bytes, handle: BlockHandle, what: str) -> memoryview:
     end = handle.offset + handle.size + BLOCK_TRAILER_SIZE
     if handle.size < 4 or end > len(data) - FOOTER_SIZE:
         raise DecodeError(
@@ -319,7 +319,7 @@ def block_entries_into(
     return spent
 
 
-def _block_entries(
+def block_entries(
     block: memoryview, what: str, budget: int | None = None
 ) -> Iterator[tuple[bytes, bytes]]:
     keys: list[bytes] = []
@@ -340,7 +340,7 @@ def read_index_block(data: bytes) -> memoryview:
     limit = len(data) - 8
     _, pos = BlockHandle.decode(data, footer_start, limit)  # metaindex: TF writes it empty
     index_handle, _ = BlockHandle.decode(data, pos, limit)
-    return _read_block(data, index_handle, "index")
+    return read_block(data, index_handle, "index")
 
 
 def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
@@ -354,11 +354,11 @@ def read_table(data: bytes) -> list[tuple[bytes, bytes]]:
     entries: list[tuple[bytes, bytes]] = []
     last: bytes | None = None
     left = key_budget(len(data))
-    for _, handle_bytes in _block_entries(index, "index", left):
+    for _, handle_bytes in block_entries(index, "index", left):
         handle, _ = BlockHandle.decode(handle_bytes)
         keys: list[bytes] = []
         values: list[bytes] = []
-        left -= block_entries_into(_read_block(data, handle, "data"), keys, values, "data", left)
+        left -= block_entries_into(read_block(data, handle, "data"), keys, values, "data", left)
         for key, value in zip(keys, values, strict=True):
             if last is not None and key <= last:
                 raise DecodeError(f"table keys out of order: {key!r} after {last!r}")

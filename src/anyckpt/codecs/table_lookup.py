@@ -30,12 +30,12 @@ import numpy as np
 from . import DecodeError
 from .table import (
     BlockHandle,
-    _block_entries,
-    _read_block,
+    block_entries,
     block_entries_into,
     decode_block_entry,
     key_bomb,
     key_budget,
+    read_block,
     read_index_block,
     split_block,
 )
@@ -137,11 +137,11 @@ class LazyTable:
         self._budget = key_budget(len(data))
         self._separators: list[bytes] = []
         self._handles: list[BlockHandle] = []
-        for separator, handle_bytes in _block_entries(index, "index", self._budget):
+        for separator, handle_bytes in block_entries(index, "index", self._budget):
             if self._separators and separator <= self._separators[-1]:
                 raise DecodeError(f"index block: separator keys out of order at {separator!r}")
             handle, _ = BlockHandle.decode(handle_bytes)
-            _read_block(data, handle, "data")  # in the file, checksum, uncompressed
+            read_block(data, handle, "data")  # in the file, checksum, uncompressed
             self._separators.append(separator)
             self._handles.append(handle)
         self._blocks: list[_Block | None] = [None] * len(self._handles)

@@ -20,8 +20,8 @@ from .packed import Column, bytes_column, interleave, varint_column, varint_leng
 from .table import (
     BLOCK_RESTART_INTERVAL,
     BLOCK_SIZE,
+    BlockBuilder,
     BlockHandle,
-    _BlockBuilder,
     block_trailer,
     footer,
     short_successor,
@@ -168,7 +168,7 @@ def build_table_with_layout(
 
     out: list[bytes] = []
     offset = 0
-    index = _BlockBuilder(restart_interval=1)
+    index = BlockBuilder(restart_interval=1)
     first = 0
     r = 0
     entry_ends = entries.starts + entries.lengths  # in `encoded`; moved to the table below
@@ -193,7 +193,7 @@ def build_table_with_layout(
         )
         index.add(separator, handle.encode())
         first = end
-    metaindex = _with_trailer(out, offset, _BlockBuilder().finish())
+    metaindex = _with_trailer(out, offset, BlockBuilder().finish())
     offset += metaindex.size + 5
     index_handle = _with_trailer(out, offset, index.finish())
     out.append(footer(metaindex, index_handle))

@@ -15,7 +15,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from .base import DEFAULT_TIMEOUT, CoordinationError, _check_rank
+from .base import DEFAULT_TIMEOUT, CoordinationError, check_rank
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -61,7 +61,7 @@ class JaxCoordinator:
             rank, world_size = jax.process_index(), jax.process_count()
         if rank is None or world_size is None:
             raise ValueError("rank and world_size go with client")
-        _check_rank(rank, world_size)
+        check_rank(rank, world_size)
         self._client = client
         self._rank = int(rank)
         self._world_size = int(world_size)
@@ -126,7 +126,7 @@ class JaxCoordinator:
         self._collective("barrier", lambda base: self._client.wait_at_barrier(base, self._ms()))
 
     def broadcast(self, obj: T | None, src: int = 0) -> T:
-        _check_rank(src, self._world_size)
+        check_rank(src, self._world_size)
 
         def call(base: str) -> T:
             mine = [self._put(base, obj)] if self._rank == src else []
@@ -146,7 +146,7 @@ class JaxCoordinator:
         return self._collective("all_gather", call)
 
     def gather(self, obj: Any, dst: int = 0) -> list[Any] | None:
-        _check_rank(dst, self._world_size)
+        check_rank(dst, self._world_size)
 
         def call(base: str) -> list[Any] | None:
             mine = [self._put(base, obj)] if self._rank != dst else []
@@ -162,7 +162,7 @@ class JaxCoordinator:
 
     def scatter(self, objs: Sequence[T] | None, src: int = 0) -> T:
         """``src`` passes one object per rank; each rank reads only its own key."""
-        _check_rank(src, self._world_size)
+        check_rank(src, self._world_size)
 
         def call(base: str) -> T:
             mine: list[str] = []

@@ -8,7 +8,7 @@ import threading
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
-from .base import DEFAULT_TIMEOUT, CoordinationError, _check_rank
+from .base import DEFAULT_TIMEOUT, CoordinationError, check_rank
 
 T = TypeVar("T")
 R = TypeVar("R")
@@ -98,7 +98,7 @@ class TorchCoordinator:
         self._collective("barrier", lambda: self._dist.barrier(group=self._group))
 
     def broadcast(self, obj: T | None, src: int = 0) -> T:
-        _check_rank(src, self._world_size)
+        check_rank(src, self._world_size)
         box: list[Any] = [obj if self._rank == src else None]
         global_src = self._global_ranks[src]
 
@@ -119,7 +119,7 @@ class TorchCoordinator:
         return self._collective("all_gather", call)
 
     def gather(self, obj: Any, dst: int = 0) -> list[Any] | None:
-        _check_rank(dst, self._world_size)
+        check_rank(dst, self._world_size)
         out: list[Any] | None = [None] * self._world_size if self._rank == dst else None
         global_dst = self._global_ranks[dst]
 
@@ -131,7 +131,7 @@ class TorchCoordinator:
 
     def scatter(self, objs: Sequence[T] | None, src: int = 0) -> T:
         """``src`` passes one object per rank; each rank receives only its own."""
-        _check_rank(src, self._world_size)
+        check_rank(src, self._world_size)
         box: list[Any] = [None]
         global_src = self._global_ranks[src]
         inputs = list(objs) if self._rank == src and objs is not None else None

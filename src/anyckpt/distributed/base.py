@@ -80,7 +80,7 @@ class SingleProcessCoordinator:
         pass
 
     def broadcast(self, obj: T | None, src: int = 0) -> T:
-        _check_rank(src, 1)
+        check_rank(src, 1)
         assert obj is not None, "the source rank passes an object"
         return obj
 
@@ -88,11 +88,11 @@ class SingleProcessCoordinator:
         return [obj]
 
     def gather(self, obj: Any, dst: int = 0) -> list[Any] | None:
-        _check_rank(dst, 1)
+        check_rank(dst, 1)
         return [obj]
 
     def scatter(self, objs: Sequence[T] | None, src: int = 0) -> T:
-        _check_rank(src, 1)
+        check_rank(src, 1)
         assert objs is not None, "the source rank passes one object per rank"
         assert len(objs) == 1, "the source rank passes one object per rank"
         return objs[0]
@@ -116,6 +116,6 @@ def scatter(coordinator: Coordinator, objs: Sequence[T] | None, src: int = 0) ->
     return everyone[coordinator.rank]
 
 
-def _check_rank(rank: int, world_size: int) -> None:
+def check_rank(rank: int, world_size: int) -> None:
     if not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} is not in a world of {world_size}")

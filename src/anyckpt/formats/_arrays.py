@@ -12,7 +12,7 @@ from ..codecs.dtypes import (
 )
 
 
-def _byte_view(array: np.ndarray) -> memoryview:
+def byte_view(array: np.ndarray) -> memoryview:
     """A C-contiguous array's bytes as a flat, writable-if-the-array-is memoryview."""
     if array.dtype.kind in "biufc":  # NumPy's own dtypes export a buffer; a cast is cheapest
         try:
@@ -25,7 +25,7 @@ def _byte_view(array: np.ndarray) -> memoryview:
 _DTYPES: dict[int, tuple[np.dtype, np.dtype]] = {}
 
 
-def _dtypes(enum: int) -> tuple[np.dtype, np.dtype]:
+def dtype_pair(enum: int) -> tuple[np.dtype, np.dtype]:
     """(on-disk dtype, NumPy dtype) of a numeric DataType number, cached."""
     try:
         return _DTYPES[enum]
@@ -39,7 +39,7 @@ def _dtypes(enum: int) -> tuple[np.dtype, np.dtype]:
 _HUGE_PAGE = 2 << 20
 
 
-def _empty_large(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+def empty_large(shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     """``np.empty(shape, dtype)`` for a large tensor about to be read, placed on a 2 MiB
     boundary inside its buffer when that wastes (almost) nothing: NumPy asks the kernel for
     transparent huge pages on large allocations, and only whole aligned 2 MiB ranges get

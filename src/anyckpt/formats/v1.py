@@ -43,7 +43,7 @@ from ..tensors import key_from_bytes, key_to_bytes
 from .base import Extent, Index, TensorSlice, TensorSpec
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v1_tensors import TensorColumnsBuilder, V1Tensor
-from .v2_reader import _normalize_index, _squeeze
+from .v2_reader import normalize_index, squeeze_axes
 
 Extents = tuple[Extent, ...]
 #: Tensors read per step of a full read (what is made per tensor lives for one step).
@@ -606,7 +606,7 @@ class V1Reader:
 
     async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
         tensor = self._tensor(key)
-        box, squeeze = _normalize_index(index, tensor.shape)
+        box, squeeze = normalize_index(index, tensor.shape)
         want = (box or []) + [(0, d) for d in tensor.shape[len(box or []) :]]
         needed = [
             (key, tensor, e, i)
@@ -618,7 +618,7 @@ class V1Reader:
             or math.prod(tensor.shape) == 0
         ]
         slices = await self._read_slices(needed, verify)
-        return _squeeze(self._assemble(key, tensor, box, slices), squeeze)
+        return squeeze_axes(self._assemble(key, tensor, box, slices), squeeze)
 
     def _assemble(
         self,

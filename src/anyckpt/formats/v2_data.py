@@ -23,7 +23,7 @@ from ..codecs.bundle import BundleEntry, encode_string_tensor
 from ..codecs.crc import crc32c, mask_many
 from ..codecs.dtypes import DT_STRING, enum_from_dtype, to_little_endian
 from ..storage import Storage
-from ._arrays import _byte_view
+from ._arrays import byte_view
 from ._checksummed_io import write_checksummed
 from .v2_layout import GATHER_BELOW, GATHER_BYTES, PARALLEL_BYTES
 
@@ -234,7 +234,7 @@ def _write_in_order(
             for i in range(start, stop):
                 view = encoded.get(i)
                 if view is None:  # one copy at a time, if the layout or byte order needs it
-                    view = _byte_view(to_little_endian(arrays[i]))
+                    view = byte_view(to_little_endian(arrays[i]))
                     if view.nbytes >= PARALLEL_BYTES:
                         flush()
                         check_cancelled()

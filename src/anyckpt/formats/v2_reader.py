@@ -30,7 +30,7 @@ from ..codecs.bundle import (
 from ..codecs.bundle_batch import EntryColumns, decode_columns
 from ..codecs.crc import mask_many, masked_crc32c
 from ..codecs.dtypes import (
-    _BY_ENUM,
+    BY_ENUM,
     DT_STRING,
     disk_dtype,
     dtype_from_enum,
@@ -41,7 +41,7 @@ from ..codecs.table_lookup import LazyTable
 from ..errors import CorruptCheckpointError
 from ..storage import FileReader, Storage
 from ..tensors import key_from_bytes, key_to_bytes
-from ._arrays import _byte_view, _dtypes, _empty_large
+from ._arrays import byte_view, dtype_pair, empty_large
 from ._checksummed_io import read_checksummed
 from .base import Index, TensorSlice, TensorSpec
 from .v2_entries import EntryTable
@@ -53,7 +53,7 @@ from .v2_layout import (
     index_path,
 )
 
-_KNOWN_DTYPES = frozenset(_BY_ENUM)
+_KNOWN_DTYPES = frozenset(BY_ENUM)
 #: Entries read at a time by a full restore: bounds the names and tuples alive besides the
 #: arrays (a checkpoint of 10,000 tensors is read in one go).
 READ_CHUNK = 1 << 14
@@ -349,7 +349,7 @@ class V2Reader:
             return string_array(values, entry.shape)
         assert out is not None
         if verify:
-            actual = masked_crc32c(_byte_view(out))
+            actual = masked_crc32c(byte_view(out))
             if actual != entry.crc32c:
                 raise CorruptCheckpointError(
                     f"tensor {key!r}: checksum mismatch (stored {entry.crc32c:#010x}, "
@@ -421,8 +421,8 @@ class V2Reader:
                 helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
                 for key, entry in big:
                     anyio.from_thread.check_cancelled()
-                    array = _empty_large(entry.shape, _dtypes(entry.dtype)[0])
-                    view = _byte_view(array)
+                    array = empty_large(entry.shape, dtype_pair(entry.dtype)[0])
+                    view = byte_view(array)
                     crc = None
                     if verify:  # chunk by chunk, each checksummed while still in the cache
                         crc = read_checksummed(reader.read_into, entry.offset, view, helper)
@@ -441,7 +441,7 @@ class V2Reader:
             for key, entry, array, crc in checks:
                 if crc is not None and crc.result() != entry.crc32c:
                     self._decode(key, entry, None, array, verify, url)  # raises
-                native = _dtypes(entry.dtype)[1]
+                native = dtype_pair(entry.dtype)[1]
                 out.append((key, entry, array if array.dtype == native else array.astype(native)))
         finally:
             if helper is not None:
@@ -458,7 +458,7 @@ class V2Reader:
         """Back-to-back numeric tensors: each into its own fresh array, with one scatter
         read; their checksums computed in one pass and compared column-wise."""
         empty = np.empty
-        disk = {dtype: _dtypes(dtype)[0] for dtype in {entry.dtype for _, entry in run}}
+        disk = {dtype: dtype_pair(dtype)[0] for dtype in {entry.dtype for _, entry in run}}
         arrays = [empty(entry.shape, disk[entry.dtype]) for _, entry in run]
         try:
             views = [memoryview(a).cast("B") for a in arrays]  # type: ignore[arg-type]
@@ -474,7 +474,8 @@ class V2Reader:
                 self._decode(key, entry, None, arrays[i], verify, url)  # raises
         if not _LITTLE_ENDIAN:
             arrays = [
-                a.astype(_dtypes(entry.dtype)[1]) for a, (_, entry) in zip(arrays, run, strict=True)
+                a.astype(dtype_pair(entry.dtype)[1])
+                for a, (_, entry) in zip(arrays, run, strict=True)
             ]
         return [(key, entry, a) for (key, entry), a in zip(run, arrays, strict=True)]
 
@@ -499,9 +500,9 @@ class V2Reader:
         dtype = disk_dtype(dtype_from_enum(entry.dtype))
         array = np.empty(entry.shape, dtype=dtype)
         if blob is not None:
-            _byte_view(array)[:] = blob[start : start + entry.size]
+            byte_view(array)[:] = blob[start : start + entry.size]
         elif entry.size:
-            reader.read_into(entry.offset, _byte_view(array))
+            reader.read_into(entry.offset, byte_view(array))
         return self._decode(key, entry, None, array, verify, url)
 
     async def _read_entries(
@@ -620,7 +621,7 @@ class V2Reader:
                     f"lies past the end of the file ({reader.size} bytes)",
                     path=url,
                 )
-            kinds = [(shape, _dtypes(dtype)[0]) for dtype, shape in entries.heads]
+            kinds = [(shape, dtype_pair(dtype)[0]) for dtype, shape in entries.heads]
             empty = np.empty
             arrays = [empty(*kinds[h]) for h in entries.head_ids[positions].tolist()]
             # Byte views as NumPy arrays, which the garbage collector does not track (a
@@ -656,16 +657,16 @@ class V2Reader:
 
     async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
         entry = self._entry(key)
-        box, squeeze = _normalize_index(index, entry.shape)
+        box, squeeze = normalize_index(index, entry.shape)
         if entry.slices:
-            return _squeeze(await self._assemble(key, box, verify), squeeze)
+            return squeeze_axes(await self._assemble(key, box, verify), squeeze)
         if box is None or entry.dtype == DT_STRING:
             [(_, _, array)] = await self._read_entries([(key, entry)], verify)
             if box is not None:
                 array = array[tuple(slice(a, b) for a, b in box)]
-            return _squeeze(array, squeeze)
+            return squeeze_axes(array, squeeze)
         array = await anyio.to_thread.run_sync(self._read_box, key, entry, box)
-        return _squeeze(array, squeeze)
+        return squeeze_axes(array, squeeze)
 
     def _read_box(self, key: str, entry: EntryRecord, box: list[tuple[int, int]]) -> np.ndarray:
         """Read only the bytes of a box over the leading axes (no checksum: it covers the whole)."""
@@ -705,7 +706,7 @@ class V2Reader:
             (full_box[split][1] - full_box[split][0]) * strides[split] if shape else dtype.itemsize
         )
         outer = [range(a, b) for a, b in full_box[:split]]
-        dest = _byte_view(out)
+        dest = byte_view(out)
         at = 0
         for idx in np.ndindex(*(len(r) for r in outer)) if outer else [()]:
             start = entry.offset + sum((outer[i][j]) * strides[i] for i, j in enumerate(idx))
@@ -776,12 +777,12 @@ _LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:
-    """A fresh C-contiguous array's bytes (:func:`_byte_view`, cheaper for NumPy's dtypes)."""
+    """A fresh C-contiguous array's bytes (:func:`byte_view`, cheaper for NumPy's dtypes)."""
     buffer: Any = array  # NumPy's stubs do not declare the buffer protocol
     try:
         return memoryview(buffer).cast("B")
     except (TypeError, ValueError):  # zero-size arrays; dtypes NumPy cannot export (bfloat16)
-        return _byte_view(array)
+        return byte_view(array)
 
 
 def _tiles(shape: tuple[int, ...], boxes: list[tuple[tuple[int, int], ...]]) -> bool:
@@ -861,7 +862,7 @@ def _coalesce(
     return chunks
 
 
-def _normalize_index(
+def normalize_index(
     index: Index, shape: tuple[int, ...]
 ) -> tuple[list[tuple[int, int]] | None, list[int]]:
     """(start, stop) per leading axis, and which of those axes an int index drops."""
@@ -889,5 +890,5 @@ def _normalize_index(
     return box, squeeze
 
 
-def _squeeze(array: np.ndarray, axes: list[int]) -> np.ndarray:
+def squeeze_axes(array: np.ndarray, axes: list[int]) -> np.ndarray:
     return array.reshape([d for i, d in enumerate(array.shape) if i not in axes]) if axes else array

@@ -92,7 +92,7 @@ _T = TypeVar("_T")
 
 
 @dataclass
-class _Tracking:
+class Tracking:
     tracked: list[Tracked] = field(default_factory=list)
     last_preserved: float = 0.0
     latest: str | None = None  # relative name of the latest committed checkpoint
@@ -250,7 +250,7 @@ class CheckpointManager:
         # A recorded name is ``{checkpoint_name}-{step}``, or a format's pattern of it (V1
         # sharded: ``ckpt-5-?????-of-00002``).
         self._step_re = re.compile(re.escape(checkpoint_name) + r"-(\d+)(-\?{5}-of-\d{5})?")
-        self._state = _Tracking()
+        self._state = Tracking()
         self._slots = anyio.Semaphore(max_pending)
         self._commit_lock = anyio.Lock()
         self._pending: list[PendingSave] = []
@@ -396,7 +396,7 @@ class CheckpointManager:
                 if state.model_checkpoint_path
                 else None
             )
-        self._state = _Tracking(list(recovered.tracked), recovered.last_preserved_timestamp, latest)
+        self._state = Tracking(list(recovered.tracked), recovered.last_preserved_timestamp, latest)
         steps = [
             s
             for s in (
@@ -670,7 +670,7 @@ class CheckpointManager:
         now = self.clock()
         tracked = record_save(self._state.tracked, name, now)
         decision = self._decide(tracked, self._state.last_preserved, name, now).decision
-        await self._write_tracking(_Tracking(tracked, self._state.last_preserved, name))
+        await self._write_tracking(Tracking(tracked, self._state.last_preserved, name))
         if not decision.delete and not decision.preserve:
             return (), ()
         return await self._drop(decision, name)
@@ -682,10 +682,10 @@ class CheckpointManager:
         delete what retention dropped, then record what it kept in the state file."""
         deleted = await self._delete_checkpoints([c.path for c in decision.delete])
         keep, stamp = list(decision.keep), decision.last_preserved_timestamp
-        await self._write_tracking(_Tracking(keep, stamp, latest))
+        await self._write_tracking(Tracking(keep, stamp, latest))
         return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
 
-    async def _write_tracking(self, new_state: _Tracking) -> None:
+    async def _write_tracking(self, new_state: Tracking) -> None:
         """Make ``new_state`` the manager's state, on disk first."""
         old_state, self._state = self._state, new_state
         version = self._state_version

@@ -60,7 +60,7 @@ from ..partitioned import Partitioned, partitions_of
 from ..tensors import as_named_tensor, flatten, key_to_bytes
 
 if TYPE_CHECKING:
-    from .core import CheckpointManager, _Tracking
+    from .core import CheckpointManager, Tracking
 
 from .capture import capture
 from .pending import PendingSave, SaveEvent
@@ -82,7 +82,7 @@ class _Hello:
 
 @dataclass(frozen=True)
 class _Start:
-    state: _Tracking | None
+    state: Tracking | None
     last_step: int | None
     error: str | None = None
     mismatch: str | None = None  # the ranks did not open the same checkpoints
@@ -97,7 +97,7 @@ class _Report:
 
 @dataclass(frozen=True)
 class _Outcome:
-    state: _Tracking | None
+    state: Tracking | None
     deleted: tuple[str, ...] = ()
     preserved: tuple[str, ...] = ()
     error: str | None = None

@@ -38,7 +38,7 @@ def file_path(prefix: str) -> str:
     return prefix if prefix.endswith(SUFFIX) else prefix + SUFFIX
 
 
-def _byte_view(array: np.ndarray) -> memoryview:
+def byte_view(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
@@ -101,7 +101,7 @@ class SafetensorsFormat:
                 writer.write(head)
                 for key in order:
                     anyio.from_thread.check_cancelled()
-                    writer.write(_byte_view(to_little_endian(np.asarray(tensors[key]))))
+                    writer.write(byte_view(to_little_endian(np.asarray(tensors[key]))))
                 writer.commit()
             except BaseException:
                 writer.abort()
@@ -241,7 +241,7 @@ class SafetensorsReader:
                     anyio.from_thread.check_cancelled()
                     reader.read_ranges_into(batch)
                     batch, pending = [], 0
-                batch.append((begin, _byte_view(array)))
+                batch.append((begin, byte_view(array)))
                 pending += array.nbytes
             if batch:
                 anyio.from_thread.check_cancelled()
