@@ -777,8 +777,12 @@ class V2Reader:
                         requests += _box_requests(entry, box, array)
                 arrays.append(array)
             anyio.from_thread.check_cancelled()
-            if requests:
-                reader.read_ranges_into(requests)
+            read_ranges_into = getattr(reader, "read_ranges_into", None)
+            if read_ranges_into is not None:  # every FileReader; not every wrapper of one
+                read_ranges_into(requests)
+            else:
+                for offset, view in requests:
+                    reader.read_into(offset, view)
         finally:
             reader.close()
         out: list[np.ndarray] = []
