@@ -778,7 +778,9 @@ class V2Reader:
                 arrays.append(array)
             anyio.from_thread.check_cancelled()
             read_ranges_into = getattr(reader, "read_ranges_into", None)
-            if read_ranges_into is not None:  # every FileReader; not every wrapper of one
+            if not requests:
+                pass
+            elif read_ranges_into is not None:  # every FileReader; not every wrapper of one
                 read_ranges_into(requests)
             else:
                 for offset, view in requests:
