@@ -62,7 +62,7 @@ from anyckpt.formats.v2_data import DataFileEntries, write_data_file
 from anyckpt.formats.v2_index import build_index
 from anyckpt.formats.v2_layout import data_path, index_path
 from anyckpt.manager.distributed import prepare_state
-from anyckpt.storage import Storage
+from anyckpt.storage import Storage, coalesce
 
 TP_DEGREE = 8
 MIB = 1 << 20
@@ -212,6 +212,15 @@ class _CountingReader:
         for offset, buffer in requests:
             self._count(offset, memoryview(buffer).nbytes)
         self._inner.read_into_many(requests)
+
+    def read_ranges_into(self, requests: Any) -> None:
+        """One GET per request that a remote store's reader makes of these ranges: neighbours
+        merged as :func:`anyckpt.storage.coalesce` merges them."""
+        ranges = [(offset, memoryview(buffer).nbytes) for offset, buffer in requests]
+        for start, end, _ in coalesce(ranges):
+            if end > start:
+                self._count(start, end - start)
+        self._inner.read_ranges_into(requests)
 
 
 def coalesced(ranges: list[tuple[str, int, int]], gap: int = 1 << 20) -> int:
@@ -417,26 +426,43 @@ async def restore_half(
     sample: int,
     counter: CountingStorage,
 ) -> dict[str, Any]:
-    """Each sampled rank of ``world`` reads its rows of every tensor; requests per rank."""
+    """Each sampled rank of ``world`` reads its rows of every tensor, as the library's
+    restore does (``V2Reader.read_slices``: each data file's ranges in one coalesced read),
+    and, for comparison, one tensor at a time (``read`` per tensor); requests per rank."""
     ranks = sorted({round(i * (world - 1) / max(sample - 1, 1)) for i in range(sample)})
     per_rank: list[Requests] = []
+    per_tensor: list[Requests] = []
     storage, _ = Storage.from_url(url)
     fmt = get_format("v2")
     for rank in ranks:
+        wanted = {name: even_slice(shape[0], rank, world) for name, shape in shapes}
         with counter.counting() as requests:
             reader = await fmt.open(storage, prefix)
             try:
-                for name, shape in shapes:
-                    await reader.read(name, even_slice(shape[0], rank, world), verify=False)
+                read_slices = getattr(reader, "read_slices", None)
+                if read_slices is not None:
+                    await read_slices(wanted, verify=False)
+                else:  # a checkout before read_slices
+                    for name, rows in wanted.items():
+                        await reader.read(name, rows, verify=False)
             finally:
                 await reader.aclose()
         per_rank.append(requests)
+        with counter.counting() as requests:
+            reader = await fmt.open(storage, prefix)
+            try:
+                for name, rows in wanted.items():
+                    await reader.read(name, rows, verify=False)
+            finally:
+                await reader.aclose()
+        per_tensor.append(requests)
     return {
         "world": world,
         "sampled_ranks": ranks,
         "gets_max": max(r.gets for r in per_rank),
         "bytes_max": max(r.get_bytes for r in per_rank),
         "coalesced_gets_max": max(coalesced(r.ranges) for r in per_rank),
+        "per_tensor_gets_max": max(r.gets for r in per_tensor),
     }
 
 

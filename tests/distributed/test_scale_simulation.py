@@ -56,6 +56,9 @@ def test_a_64_rank_save_reads_back_whole_in_one_process(tmp_path: Path) -> None:
     restore = result["requests_per_rank"]["restore_half"]
     assert restore["world"] == 32
     assert restore["coalesced_gets_max"] <= restore["gets_max"]
+    # On local disk read_slices reads piece by piece as read() does (the coalesced GETs on an
+    # object store are held by test_restore_requests.py); one read per saved piece either way.
+    assert restore["gets_max"] <= restore["per_tensor_gets_max"] == 2 * 20 + 1
     tensors = anyckpt.sync.load(directory / "ckpt-1")
     assert len(tensors) == 20
     for name, value in tensors.items():

@@ -104,6 +104,10 @@ class CountingReader:
         self._counts["bytes"] += memoryview(buffer).nbytes
         self._inner.read_into(offset, buffer)
 
+    def read_ranges_into(self, requests: Any) -> None:
+        self._counts["bytes"] += sum(memoryview(buffer).nbytes for _, buffer in requests)
+        self._inner.read_ranges_into(requests)
+
     def close(self) -> None:
         self._inner.close()
 

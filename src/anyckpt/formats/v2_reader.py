@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import sys
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from itertools import pairwise
@@ -668,6 +668,135 @@ class V2Reader:
         array = await anyio.to_thread.run_sync(self._read_box, key, entry, box)
         return squeeze_axes(array, squeeze)
 
+    async def read_slices(
+        self, pieces: Mapping[str, Index], *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Part of each of several tensors (``{name: index}``, ``index`` as for :meth:`read`;
+        None for the whole tensor), as a rank restores its share after a change of world
+        size. On a remote store the byte ranges of all of them are read together, one
+        :meth:`FileReader.read_ranges_into` per data file, so neighbouring ranges share a
+        request (:func:`anyckpt.storage.coalesce`) instead of one request per piece. Whole
+        tensors and whole saved slices are checksummed when ``verify``; a part of a tensor or
+        slice cannot be (its checksum covers the whole), as with :meth:`read`. Locally each
+        piece is read as :meth:`read` reads it."""
+        if self.storage.cheap_small_reads:
+            out: dict[str, np.ndarray] = {}
+
+            async def one(key: str, index: Index) -> None:
+                out[key] = await self.read(key, index, verify=verify)
+
+            await run_concurrently(partial(one, key, index) for key, index in pieces.items())
+            return {key: out[key] for key in pieces}
+        jobs: dict[int, list[_Job]] = defaultdict(list)
+
+        def job(key: str, entry: EntryRecord, box: list[tuple[int, int]] | None) -> tuple[int, int]:
+            items = jobs[entry.shard_id]
+            items.append((key, entry, box))
+            return entry.shard_id, len(items) - 1
+
+        plans: list[tuple[str, list[int], Any]] = []
+        for key, index in pieces.items():
+            entry = self._entry(key)
+            box, squeeze = normalize_index(index, entry.shape)
+            if entry.dtype == DT_STRING:
+                plans.append((key, squeeze, None))
+            elif not entry.slices:
+                full_box = None if box is None else box + [(0, d) for d in entry.shape[len(box) :]]
+                plans.append((key, squeeze, job(key, entry, full_box)))
+            else:
+                want, needed, partial_ = self._plan_assemble(key, box)
+                plans.append(
+                    (
+                        key,
+                        squeeze,
+                        (
+                            want,
+                            [(part, job(key, e, None)) for _, e, part in needed],
+                            [(dst, job(key, e, rel)) for e, rel, dst in partial_],
+                        ),
+                    )
+                )
+        read: dict[int, list[np.ndarray]] = {}
+
+        async def run(shard: int, items: list[_Job]) -> None:
+            read[shard] = await anyio.to_thread.run_sync(self._read_pieces, shard, items, verify)
+
+        await run_concurrently(partial(run, shard, items) for shard, items in jobs.items())
+        result: dict[str, np.ndarray] = {}
+        for key, squeeze, plan in plans:
+            if plan is None:  # strings: read whole, as read() does
+                result[key] = await self.read(key, pieces[key], verify=verify)
+                continue
+            if isinstance(plan[0], int):
+                shard, i = plan
+                result[key] = squeeze_axes(read[shard][i], squeeze)
+                continue
+            want, needed, partial_ = plan
+            entry = self._entry(key)
+            full = entry.shape
+            out_array = np.empty(tuple(b - a for a, b in want), dtype=dtype_from_enum(entry.dtype))
+            for dst, (shard, i) in partial_:
+                out_array[dst] = read[shard][i]
+            for part, (shard, i) in needed:
+                array = read[shard][i]
+                pbox = part.box(full)
+                if array.shape != tuple(b - a for a, b in pbox):
+                    raise self._corrupt(f"slice {part.extents} of {key!r} has shape {array.shape}")
+                inter = [(max(a, c), min(b, d)) for (a, b), (c, d) in zip(pbox, want, strict=True)]
+                src = tuple(slice(a - p, b - p) for (a, b), (p, _) in zip(inter, pbox, strict=True))
+                dst = tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want, strict=True))
+                out_array[dst] = array[src]
+            result[key] = squeeze_axes(out_array, squeeze)
+        return result
+
+    def _read_pieces(self, shard: int, jobs: list[_Job], verify: bool) -> list[np.ndarray]:
+        """Read numeric entries of one data file (worker thread), each whole (box None,
+        checksummed if ``verify``) or the box of it (all axes; unverified), with one
+        :meth:`FileReader.read_ranges_into`."""
+        path = data_path(self.prefix, shard, self.num_shards)
+        url = self.storage.url(path)
+        reader = self.storage.open_reader(path)
+        try:
+            for key, entry, _ in jobs:
+                if entry.offset + entry.size > reader.size:  # before allocating
+                    raise CorruptCheckpointError(
+                        f"tensor {key!r} (offset {entry.offset}, size {entry.size}) lies past "
+                        f"the end of the file ({reader.size} bytes)",
+                        path=url,
+                    )
+            arrays: list[np.ndarray] = []
+            requests: list[tuple[int, memoryview]] = []
+            for _, entry, box in jobs:
+                disk = disk_dtype(dtype_from_enum(entry.dtype))
+                if box is None:
+                    array = np.empty(entry.shape, dtype=disk)
+                    if array.size:
+                        requests.append((entry.offset, byte_view(array)))
+                else:
+                    array = np.empty(tuple(b - a for a, b in box), dtype=disk)
+                    if array.size:
+                        requests += _box_requests(entry, box, array)
+                arrays.append(array)
+            anyio.from_thread.check_cancelled()
+            read_ranges_into = getattr(reader, "read_ranges_into", None)
+            if not requests:
+                pass
+            elif read_ranges_into is not None:  # every FileReader; not every wrapper of one
+                read_ranges_into(requests)
+            else:
+                for offset, view in requests:
+                    reader.read_into(offset, view)
+        finally:
+            reader.close()
+        out: list[np.ndarray] = []
+        for (key, entry, box), array in zip(jobs, arrays, strict=True):
+            if box is None:
+                out.append(self._decode(key, entry, None, array, verify, url))
+            else:
+                dtype = dtype_from_enum(entry.dtype)
+                out.append(array if array.dtype == dtype else array.astype(dtype))
+        return out
+
     def _read_box(self, key: str, entry: EntryRecord, box: list[tuple[int, int]]) -> np.ndarray:
         """Read only the bytes of a box over the leading axes (no checksum: it covers the whole)."""
         dtype = dtype_from_enum(entry.dtype)
@@ -694,35 +823,22 @@ class V2Reader:
     def _read_box_into(
         reader: FileReader, entry: EntryRecord, full_box: list[tuple[int, int]], out: np.ndarray
     ) -> None:
-        dtype = out.dtype
-        shape = entry.shape
-        # Axes from `split` on are read as one contiguous run per index of the axes before it.
-        split = len(shape)
-        while split > 0 and full_box[split - 1] == (0, shape[split - 1]):
-            split -= 1
-        split = max(split - 1, 0)
-        strides = [math.prod(shape[i + 1 :]) * dtype.itemsize for i in range(len(shape))]
-        run = (
-            (full_box[split][1] - full_box[split][0]) * strides[split] if shape else dtype.itemsize
-        )
-        outer = [range(a, b) for a, b in full_box[:split]]
-        dest = byte_view(out)
-        at = 0
-        for idx in np.ndindex(*(len(r) for r in outer)) if outer else [()]:
-            start = entry.offset + sum((outer[i][j]) * strides[i] for i, j in enumerate(idx))
-            if shape:
-                start += full_box[split][0] * strides[split]
-            reader.read_into(start, dest[at : at + run])
-            at += run
+        for start, view in _box_requests(entry, full_box, out):
+            reader.read_into(start, view)
 
-    async def _assemble(
-        self, key: str, box: list[tuple[int, int]] | None, verify: bool
-    ) -> np.ndarray:
-        """Put a partitioned tensor (or the box of it asked for) together from its slices."""
+    def _plan_assemble(
+        self, key: str, box: list[tuple[int, int]] | None
+    ) -> tuple[
+        list[tuple[int, int]],
+        list[tuple[str, EntryRecord, TensorSlice]],
+        list[tuple[EntryRecord, list[tuple[int, int]], tuple[slice, ...]]],
+    ]:
+        """The box wanted of a partitioned tensor (all axes), the slices to read whole
+        (checksummed) and those only part of which is wanted: (entry, box within the slice,
+        where it goes in the output)."""
         entry = self._entry(key)
         full = entry.shape
         want = (box or []) + [(0, d) for d in full[len(box or []) :]]
-        dtype = dtype_from_enum(entry.dtype)
         out_shape = tuple(b - a for a, b in want)
         needed: list[tuple[str, EntryRecord, TensorSlice]] = []
         covered = 0
@@ -751,6 +867,17 @@ class V2Reader:
                 dst = tuple(slice(a - w, b - w) for (a, b), (w, _) in zip(inter, want, strict=True))
                 partial.append((slice_entry, rel, dst))
                 needed.remove(item)
+        return want, needed, partial
+
+    async def _assemble(
+        self, key: str, box: list[tuple[int, int]] | None, verify: bool
+    ) -> np.ndarray:
+        """Put a partitioned tensor (or the box of it asked for) together from its slices."""
+        entry = self._entry(key)
+        full = entry.shape
+        want, needed, partial = self._plan_assemble(key, box)
+        dtype = dtype_from_enum(entry.dtype)
+        out_shape = tuple(b - a for a, b in want)
         parts = await self._read_entries([(k, e) for k, e, _ in needed], verify)
         pieces: list[tuple[tuple[slice, ...], np.ndarray]] = []
         for slice_entry, rel, dst in partial:
@@ -774,6 +901,36 @@ class V2Reader:
 
 
 _LITTLE_ENDIAN = sys.byteorder == "little"
+#: One read of :meth:`V2Reader._read_pieces`: a tensor's name, its entry, and the box of it
+#: over all axes (None: the whole entry).
+_Job = tuple[str, EntryRecord, list[tuple[int, int]] | None]
+
+
+def _box_requests(
+    entry: EntryRecord, full_box: list[tuple[int, int]], out: np.ndarray
+) -> list[tuple[int, memoryview]]:
+    """The (file offset, part of ``out``'s bytes) reads that fill ``out`` with the box
+    ``full_box`` (all axes) of ``entry``'s row-major bytes: axes from the last that is not
+    whole on are read as one contiguous run per index of the axes before it."""
+    dtype = out.dtype
+    shape = entry.shape
+    split = len(shape)
+    while split > 0 and full_box[split - 1] == (0, shape[split - 1]):
+        split -= 1
+    split = max(split - 1, 0)
+    strides = [math.prod(shape[i + 1 :]) * dtype.itemsize for i in range(len(shape))]
+    run = (full_box[split][1] - full_box[split][0]) * strides[split] if shape else dtype.itemsize
+    outer = [range(a, b) for a, b in full_box[:split]]
+    dest = byte_view(out)
+    requests: list[tuple[int, memoryview]] = []
+    at = 0
+    for idx in np.ndindex(*(len(r) for r in outer)) if outer else [()]:
+        start = entry.offset + sum((outer[i][j]) * strides[i] for i, j in enumerate(idx))
+        if shape:
+            start += full_box[split][0] * strides[split]
+        requests.append((start, dest[at : at + run]))
+        at += run
+    return requests
 
 
 def _bytes_of(array: np.ndarray) -> memoryview:

@@ -972,6 +972,10 @@ class CheckpointManager:
         try:
             if not isinstance(keys, Mapping):
                 return await reader.read_many(keys, verify=verify)
+            read_slices = getattr(reader, "read_slices", None)
+            if read_slices is not None:  # the pieces' ranges batched (V2Reader.read_slices)
+                pieces: dict[str, np.ndarray] = await read_slices(keys, verify=verify)
+                return pieces
             out: dict[str, np.ndarray] = {}
 
             async def read(key: str, index: Index) -> None:
