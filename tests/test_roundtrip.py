@@ -19,9 +19,10 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import array_shapes
 
 import anyckpt
-from anyckpt import storage as storage_mod
 from anyckpt.codecs.bundle import decode_entry
 from anyckpt.codecs.table import read_table
+from anyckpt.storage.fsspec_backend import FsspecReader
+from anyckpt.storage.local import LocalReader
 from anyckpt.tensors import key_from_bytes
 
 NUMERIC = {
@@ -410,7 +411,7 @@ class ReadLog:
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.reads: list[tuple[str, int, int]] = []
-        for cls in (storage_mod._LocalReader, storage_mod._FsspecReader):
+        for cls in (LocalReader, FsspecReader):
             self._wrap(monkeypatch, cls)
 
     def _wrap(self, monkeypatch: pytest.MonkeyPatch, cls: type) -> None:
@@ -427,7 +428,7 @@ class ReadLog:
 
         # Each reader funnels through one of the two: local read() calls read_into(), and
         # fsspec read_into() calls read(); wrap that one only, so nothing is counted twice.
-        if cls is storage_mod._LocalReader:
+        if cls is LocalReader:
             monkeypatch.setattr(cls, "read_into", read_into)
         else:
             monkeypatch.setattr(cls, "read", read)
