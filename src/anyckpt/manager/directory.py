@@ -21,7 +21,12 @@ import anyio.to_thread
 from ..api import meta_path
 from ..codecs import DecodeError
 from ..codecs.metrics import MAX_METRICS_SIZE, METRICS_SUFFIX, decode_metrics, metrics_path
-from ..codecs.state_file import CheckpointState, encode_state, relativize
+from ..codecs.state_file import (
+    MAX_STATE_FILE_SIZE,
+    CheckpointState,
+    encode_state,
+    relativize,
+)
 from ..errors import (
     CheckpointError,
     CheckpointNotFoundError,
@@ -330,6 +335,17 @@ class CheckpointDirectory:
                     "wrote it; not overwriting it",
                     path=storage.url(path),
                 ) from None
+            except Exception:
+                # Failed, but perhaps after taking effect (an NFS rename whose reply was
+                # lost): if the file holds exactly our bytes, it is our write; adopt its
+                # version, or every later write would look like another writer's.
+                try:
+                    found, version = storage.read_versioned(path, max_size=MAX_STATE_FILE_SIZE)
+                except Exception:
+                    found, version = None, None
+                if found == data and version is not None:
+                    self._version = version
+                raise
 
         await anyio.to_thread.run_sync(storage.makedirs, self.root)
         self._version = await anyio.to_thread.run_sync(write)
