@@ -332,9 +332,9 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
         started = time.process_time()
         with counter.counting() as commit_requests:
             storage.write_bytes(index_path(prefix), table, durable=False)
-            await manager._commit(name)  # the primary's commit, as distributed/save.py calls it
+            await manager.checkpoint_dir.commit(name)  # as manager/distributed.py does
         commit_s = time.process_time() - started
-        outcome_bytes = len(pickle.dumps(manager._state))
+        outcome_bytes = len(pickle.dumps(manager.checkpoint_dir.state))
 
     # What the collectives moved: every byte each rank receives, summed over the ranks.
     hello = len(pickle.dumps((url, "ckpt", "v2")))

@@ -22,10 +22,8 @@ second writer gets :class:`~anyckpt.ConcurrentWriterError` instead of deleting c
 from __future__ import annotations
 
 import posixpath
-import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
@@ -36,20 +34,13 @@ import anyio.to_thread
 import numpy as np
 
 from .._concurrency import run_concurrently
-from ..api import meta_path, with_object_graph, write_meta_file
+from ..api import with_object_graph, write_meta_file
 from ..codecs import DecodeError
 from ..codecs.metrics import (
     MAX_METRICS_SIZE,
-    METRICS_SUFFIX,
     check_metrics,
-    decode_metrics,
     encode_metrics,
     metrics_path,
-)
-from ..codecs.state_file import (
-    CheckpointState,
-    encode_state,
-    relativize,
 )
 from ..errors import (
     CheckpointError,
@@ -57,45 +48,28 @@ from ..errors import (
     ConcurrentWriterError,
     CorruptCheckpointError,
 )
-from ..formats import detect_format, get_format
+from ..formats import get_format
 from ..formats.base import CheckpointFormat, Index, check_options
-from ..formats.layout import NameIndex
-from ..lease import DirectoryLock
 from ..meta import saver_version
 from ..retention import (
     Candidate,
-    KeepFor,
-    Plan,
     Policy,
-    RetentionDecision,
     RetentionPolicy,
-    Tracked,
-    decide,
-    record_save,
-    recover,
-    start_fresh,
     tf_policy,
 )
 from ..save_control import SaveControl  # hook: save policies (issue 16)
-from ..storage import TEMP_MARKER, Storage
+from ..storage import Storage
 from ..tensors import prepare
 from . import distributed as multiprocess
 from .capture import capture
+from .directory import CheckpointDirectory
 from .pending import PendingSave, SaveEvent
-from .state import STATE_FILE, read_state, read_state_versioned
 from .steps import check_step
 
 if TYPE_CHECKING:
     from ..distributed import Coordinator
 
 _T = TypeVar("_T")
-
-
-@dataclass
-class Tracking:
-    tracked: list[Tracked] = field(default_factory=list)
-    last_preserved: float = 0.0
-    latest: str | None = None  # relative name of the latest committed checkpoint
 
 
 class CheckpointManager:
@@ -238,19 +212,13 @@ class CheckpointManager:
             multiprocess.check_manager(self)
         # Opened on entering (in a worker thread: the first s3:// imports s3fs and aiobotocore,
         # ~0.2 s that must not stall the event loop), or on first use of ``storage``.
-        self._storage: Storage | None = None
-        self._root_path = ""
-        self._storage_options = storage_options
-        self._allow_symlinks = allow_symlinks
         if not lease_seconds > 0:
             raise ValueError("lease_seconds must be positive")
         self.lease_seconds = float(lease_seconds)
-        self._lock: DirectoryLock | None = None
-        self._state_version: str | None = None  # of the state file, as last read or written
-        # A recorded name is ``{checkpoint_name}-{step}``, or a format's pattern of it (V1
-        # sharded: ``ckpt-5-?????-of-00002``).
-        self._step_re = re.compile(re.escape(checkpoint_name) + r"-(\d+)(-\?{5}-of-\d{5})?")
-        self._state = Tracking()
+        #: The directory's lock, tracking, state file and commit sequence.
+        self.checkpoint_dir = CheckpointDirectory(
+            self, storage_options, allow_symlinks=allow_symlinks
+        )
         self._slots = anyio.Semaphore(max_pending)
         self._commit_lock = anyio.Lock()
         self._pending: list[PendingSave] = []
@@ -259,31 +227,13 @@ class CheckpointManager:
         self._tail: anyio.Event | None = None  # done-event of the newest save: commits go in order
         self._task_group: anyio.abc.TaskGroup | None = None
         self._entered = False
-        self._metrics: dict[str, dict[str, float]] = {}  # by checkpoint name, as read/written
 
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
     def storage(self) -> Storage:
         """The directory's storage (opened on entering the manager, or here on first use)."""
-        if self._storage is None:
-            self._set_storage(self._open_storage())
-        assert self._storage is not None
-        return self._storage
-
-    @property
-    def _root(self) -> str:
-        self.storage  # noqa: B018 (opens it)
-        return self._root_path
-
-    def _open_storage(self) -> tuple[Storage, str]:
-        return Storage.from_url(
-            self.directory, self._storage_options, allow_symlinks=self._allow_symlinks
-        )
-
-    def _set_storage(self, opened: tuple[Storage, str]) -> None:
-        if self._storage is None:
-            self._storage, self._root_path = opened
+        return self.checkpoint_dir.storage
 
     async def __aenter__(self) -> CheckpointManager:
         if self._entered:
@@ -291,8 +241,7 @@ class CheckpointManager:
         self._entered = True
         self._control.enter()  # hook: preemption — signal handlers (main thread)
         try:
-            if self._storage is None:
-                self._set_storage(await anyio.to_thread.run_sync(self._open_storage))
+            await self.checkpoint_dir.open_storage()
             if self.coordinator is None:
                 await self._open_directory()
             else:
@@ -306,25 +255,13 @@ class CheckpointManager:
         return self
 
     async def _open_directory(self) -> None:
-        """Read the state file and remove what interrupted saves left (with a coordinator:
-        on rank 0, the others adopt its view)."""
-        # The lock first: reading the state and cleaning debris must not race another writer.
-        lock = DirectoryLock(self.storage, self._root, lease_seconds=self.lease_seconds)
-        await anyio.to_thread.run_sync(lock.acquire)
-        self._lock = lock
-        await self._load_state()
-        # The state file is replaced by a rename: a link or anything else planted at its name
-        # is refused now, before anything is written.
-        await anyio.to_thread.run_sync(self.storage.check_replaceable, self._path(STATE_FILE))
-        await self._clean_debris()
-        if self.retention is not None and self.retention.metric_names:
-            await self._load_metrics([t.path for t in self._state.tracked])
+        """Take the lock, read the state file and remove what interrupted saves left (with a
+        coordinator: on rank 0, the others adopt its view)."""
+        await self.checkpoint_dir.open()
+        self._last_step = self._last_saved_step = self.checkpoint_dir.last_step
 
     async def _release_lock(self) -> None:
-        lock, self._lock = self._lock, None
-        if lock is not None:
-            with anyio.CancelScope(shield=True):
-                await anyio.to_thread.run_sync(lock.release)
+        await self.checkpoint_dir.close()
 
     async def __aexit__(
         self,
@@ -371,126 +308,38 @@ class CheckpointManager:
     # -- state -------------------------------------------------------------------------------
 
     def _path(self, name: str) -> str:
-        return posixpath.join(self._root, name)
+        return self.checkpoint_dir.path(name)
 
     def _public(self, name: str) -> str:
-        return f"{self.directory}/{name}"
+        return self.checkpoint_dir.public(name)
 
     def _step_of(self, name: str) -> int | None:
-        match = self._step_re.fullmatch(name)
-        return int(match.group(1)) if match else None
-
-    async def _load_state(self) -> None:
-        state, self._state_version = await read_state_versioned(self.storage, self._root)
-        now = self.clock()
-        if state is None:
-            recovered = start_fresh(now)
-            latest = None
-        else:
-            paths = [relativize(p, self._root) for p in state.all_model_checkpoint_paths]
-            recovered = recover(
-                paths, state.all_model_checkpoint_timestamps, state.last_preserved_timestamp, now
-            )
-            latest = (
-                relativize(state.model_checkpoint_path, self._root)
-                if state.model_checkpoint_path
-                else None
-            )
-        self._state = Tracking(list(recovered.tracked), recovered.last_preserved_timestamp, latest)
-        steps = [
-            s
-            for s in (
-                self._step_of(n)
-                for n in [*(t.path for t in recovered.tracked), *([latest] if latest else [])]
-            )
-            if s is not None
-        ]
-        self._last_step = max(steps, default=None)
-        self._last_saved_step = self._last_step
-
-    def _state_file(self) -> CheckpointState:
-        tracked = self._state.tracked
-        return CheckpointState(
-            model_checkpoint_path=self._state.latest or "",
-            all_model_checkpoint_paths=tuple(t.path for t in tracked),
-            all_model_checkpoint_timestamps=tuple(t.timestamp for t in tracked),
-            last_preserved_timestamp=self._state.last_preserved,
-        )
-
-    async def _clean_debris(self) -> None:
-        """Remove what interrupted saves of this manager's naming left behind: temporary
-        files, data files without their index, and complete checkpoints newer than the
-        latest committed one (written, but never recorded in the state file)."""
-        names = await anyio.to_thread.run_sync(self.storage.listdir, self._root)
-        latest_step = self._step_of(self._state.latest) if self._state.latest else None
-        tracked_paths = {t.path for t in self._state.tracked}  # one lookup per file, not a scan
-        ours = re.compile(
-            re.escape(self.checkpoint_name)
-            + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta|"
-            + re.escape(METRICS_SUFFIX)
-            + ")"
-        )
-        # Temporary files of any format's writer for one of our checkpoints (V1 shards
-        # ``ckpt-5-00000-of-00002``, plugin files ``ckpt-5.zst``...).
-        any_format = re.compile(re.escape(self.checkpoint_name) + r"-\d+([.-][\w.-]*)?")
-        present = set(names)
-        shard = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|-\d{5}-of-\d{5})$")
-        stems = {  # any format
-            shard.sub("", n) for n in names if not n.endswith((".meta", METRICS_SUFFIX))
-        }
-        doomed: list[str] = []
-        for name in names:
-            if TEMP_MARKER in name:
-                base = name.split(TEMP_MARKER, 1)[0]
-                if base == STATE_FILE or ours.fullmatch(base) or any_format.fullmatch(base):
-                    doomed.append(name)
-                continue
-            match = ours.fullmatch(name)
-            if not match:
-                continue
-            step = int(match.group(1))
-            prefix = f"{self.checkpoint_name}-{step}"
-            if self._state.latest == prefix:
-                continue
-            tracked = prefix in tracked_paths
-            # Newer than the latest commit: written but never recorded. Without a state file
-            # we cannot tell, so only files without their index (never complete) go: those
-            # of an interrupted save, or of a tracked checkpoint whose deletion was
-            # interrupted (it stays tracked; the next sweep finishes it).
-            newer = latest_step is not None and step > latest_step and not tracked
-            if match.group(2) in (".meta", METRICS_SUFFIX):  # stay while the checkpoint has files
-                if newer or prefix not in stems:
-                    doomed.append(name)
-            elif newer or f"{prefix}.index" not in present:
-                doomed.append(name)
-        doomed.sort(key=lambda n: not n.endswith(".index"))  # commit markers first
-        for name in doomed:
-            await anyio.to_thread.run_sync(self.storage.remove, self._path(name))
-        # On S3, a save killed mid-upload leaves an unfinished multipart upload (its parts
-        # billed, invisible to listings). Under the lock no save of ours is in flight, so
-        # every upload of one of our names (the state file, any format's checkpoint files,
-        # their temporary names) belongs to an interrupted save: abort it.
-        for upload in await anyio.to_thread.run_sync(self.storage.list_uploads, self._root):
-            base = posixpath.basename(upload.path).split(TEMP_MARKER, 1)[0]
-            if base == STATE_FILE or ours.fullmatch(base) or any_format.fullmatch(base):
-                await anyio.to_thread.run_sync(self.storage.abort_upload, upload)
+        return self.checkpoint_dir.step_of(name)
 
     # -- public view -------------------------------------------------------------------------
 
     @property
     def latest_checkpoint(self) -> str | None:
         """The newest committed checkpoint's prefix (``DIR/ckpt-STEP``), or None."""
-        return self._public(self._state.latest) if self._state.latest else None
+        return (
+            self._public(self.checkpoint_dir.state.latest)
+            if self.checkpoint_dir.state.latest
+            else None
+        )
 
     @property
     def checkpoints(self) -> list[str]:
         """Prefixes of the committed checkpoints retention tracks, oldest first. A save still
         being written is not among them until it commits: ``await wait()`` first to see it."""
-        return [self._public(t.path) for t in self._state.tracked]
+        return [self._public(t.path) for t in self.checkpoint_dir.state.tracked]
 
     @property
     def latest_step(self) -> int | None:
-        return self._step_of(self._state.latest) if self._state.latest else None
+        return (
+            self._step_of(self.checkpoint_dir.state.latest)
+            if self.checkpoint_dir.state.latest
+            else None
+        )
 
     # -- saving ------------------------------------------------------------------------------
 
@@ -528,8 +377,7 @@ class CheckpointManager:
                 raise ValueError("metrics are not recorded by distributed saves yet")
             return await multiprocess.save(self, self.coordinator, state, step, copy)
         self._raise_unobserved()
-        if self._lock is not None:
-            self._lock.check()  # the directory was taken over: say so now, not after the write
+        self.checkpoint_dir.check_lock()  # taken over: say so now, not after the write
         if step is None:
             step = 1 if self._last_step is None else self._last_step + 1
         step = check_step(step)
@@ -621,14 +469,14 @@ class CheckpointManager:
             if recorded is not None:
                 name = posixpath.basename(recorded(self._path(name), written))
             if metrics is not None:
-                self._metrics[name] = metrics
+                self.checkpoint_dir.metrics[name] = metrics
             wrote = time.perf_counter()
             nbytes = sum(a.nbytes for a in tensors.values() if a.dtype != object)
             del tensors
             if previous is not None:
                 await previous.wait()
             async with self._commit_lock:
-                deleted, preserved = await self._commit(name)
+                deleted, preserved = await self.checkpoint_dir.commit(name)
             pending.event = SaveEvent(
                 pending.step,
                 self._public(name),
@@ -643,11 +491,13 @@ class CheckpointManager:
                 self.on_event(pending.event)
         except BaseException as exc:
             error = exc
-            if self._state.latest != name and not isinstance(exc, ConcurrentWriterError):
+            if self.checkpoint_dir.state.latest != name and not isinstance(
+                exc, ConcurrentWriterError
+            ):
                 # (After a ConcurrentWriterError the directory is someone else's: touch nothing.)
                 # Never recorded in the state file: remove what was written (cancelled, or
                 # failed after the index was written), so no stray files stay behind.
-                await self._discard_uncommitted(name)
+                await self.checkpoint_dir.discard(name)
             if not isinstance(exc, Exception):
                 pending._finish(CheckpointError(f"save of step {pending.step} was cancelled"))
                 pending._observed = True
@@ -658,171 +508,20 @@ class CheckpointManager:
             if not pending.done():
                 pending._finish(error)
 
-    async def _commit(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """Record ``name`` in the state file, then delete what retention dropped.
-
-        As TensorFlow does, the state file is written first with the new checkpoint added and
-        nothing removed (the commit), and once more after the deletions. So a crash or a failed
-        delete in between leaves the dropped checkpoints tracked, and the next sweep (of this
-        manager or the next one) deletes them; they never become untracked leftovers, which
-        would look like preserved checkpoints and stay forever.
-        """
-        now = self.clock()
-        tracked = record_save(self._state.tracked, name, now)
-        decision = self._decide(tracked, self._state.last_preserved, name, now).decision
-        await self._write_tracking(Tracking(tracked, self._state.last_preserved, name))
-        if not decision.delete and not decision.preserve:
-            return (), ()
-        return await self._drop(decision, name)
-
-    async def _drop(
-        self, decision: RetentionDecision, latest: str | None
-    ) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """The second half of the commit sequence, shared by a save's commit and a sweep:
-        delete what retention dropped, then record what it kept in the state file."""
-        deleted = await self._delete_checkpoints([c.path for c in decision.delete])
-        keep, stamp = list(decision.keep), decision.last_preserved_timestamp
-        await self._write_tracking(Tracking(keep, stamp, latest))
-        return tuple(deleted), tuple(self._public(c.path) for c in decision.preserve)
-
-    async def _write_tracking(self, new_state: Tracking) -> None:
-        """Make ``new_state`` the manager's state, on disk first."""
-        old_state, self._state = self._state, new_state
-        version = self._state_version
-        try:
-            await self._store_state()
-        except BaseException:
-            # Failed before the state file was replaced: the old state stands. Failed after
-            # (syncing the directory): readers already see the new one, and so does the manager.
-            if self._state_version == version:
-                self._state = old_state
-            raise
-
-    async def _store_state(self) -> None:
-        """Write the state file from ``self._state``: only while the lock is ours, and only
-        over the version this manager last read or wrote (compare-and-swap)."""
-        data = encode_state(self._state_file())
-        path = self._path(STATE_FILE)
-        lock = self._lock
-        if lock is None:
-            raise RuntimeError("use the manager inside 'async with'")
-
-        def write() -> str:
-            lock.confirm()
-            try:
-                return self.storage.replace_if(
-                    path, data, self._state_version, durable=self.durable
-                )
-            except ConcurrentWriterError:
-                raise ConcurrentWriterError(
-                    "the state file was changed by another writer since this manager read or "
-                    "wrote it; not overwriting it",
-                    path=self.storage.url(path),
-                ) from None
-
-        await anyio.to_thread.run_sync(self.storage.makedirs, self._root)
-        self._state_version = await anyio.to_thread.run_sync(write)
-        if self.durable:
-            await anyio.to_thread.run_sync(self.storage.sync_directory, self._root)
-
-    async def _discard_uncommitted(self, name: str) -> None:
-        """Best effort: delete the files of a save that never committed. Skipped if the state
-        file names it after all (a state write that failed after replacing the file); what
-        is left here, the next manager's start-up cleanup removes."""
-        with anyio.CancelScope(shield=True):
-            try:
-                state = await read_state(self.storage, self._root)
-                if state is not None and any(
-                    posixpath.basename(p) == name
-                    for p in (state.model_checkpoint_path, *state.all_model_checkpoint_paths)
-                ):
-                    return
-                await self._delete_checkpoint(name)
-            except Exception:
-                pass
-
-    async def _delete_checkpoints(self, names: list[str]) -> list[str]:
-        """Delete checkpoints retention dropped, oldest first; return their public prefixes.
-
-        One is deleted as it is found. Several (the first sweep of a long state file, a
-        lower ``max_to_keep``) are checked against one listing of the directory first: one
-        with no file on disk costs a lookup in that listing, not a format detection (which
-        may list the directory again), so the sweep stays linear in the directory's size."""
-        on_disk = None
-        if len(names) > 1:
-            on_disk = NameIndex(await anyio.to_thread.run_sync(self.storage.listdir, self._root))
-        for name in names:
-            if on_disk is None or on_disk.may_hold(name):
-                await self._delete_checkpoint(name)
-        return [self._public(name) for name in names]
-
-    async def _delete_checkpoint(self, name: str) -> None:
-        prefix = self._path(name)
-        fmt = await self._format_of(prefix)
-        files = await fmt.files(self.storage, prefix)
-        for path in reversed(files):  # the commit marker (last written) goes first
-            if posixpath.dirname(path) != self._root:
-                raise CheckpointError(f"format listed {path} outside the directory")
-            await anyio.to_thread.run_sync(self.storage.remove, path)
-        await anyio.to_thread.run_sync(self.storage.remove, meta_path(prefix))  # after the data
-        await anyio.to_thread.run_sync(self.storage.remove, metrics_path(prefix))
-        self._metrics.pop(name, None)
-
-    def _decide(
-        self,
-        tracked: Sequence[Tracked],
-        last_preserved: float,
-        latest: str | None,
-        now: float | None = None,
-        *,
-        explain: bool = False,
-    ) -> Plan:
-        """What retention does to ``tracked`` (pure: :func:`anyckpt.retention.decide`)."""
-        candidates = [
-            Candidate(t.path, t.timestamp, self._step_of(t.path), self._metrics.get(t.path, {}))
-            for t in tracked
-        ]
-        if now is None:  # read the clock only for a policy that needs it (as TF's sweep)
-            needs = self.retention is not None and any(
-                isinstance(p, KeepFor) for p in self.retention.parts()
-            )
-            now = self.clock() if needs else 0.0
-        return decide(
-            candidates, last_preserved, self.retention, now=now, latest=latest, explain=explain
-        )
-
-    async def _load_metrics(self, names: Sequence[str]) -> None:
-        """Read the metrics sidecars of ``names`` not read yet (a missing one: no metrics)."""
-
-        def read(name: str) -> dict[str, float]:
-            path = metrics_path(self._path(name))
-            try:
-                data = self.storage.read_bytes(path, max_size=MAX_METRICS_SIZE)
-            except CheckpointNotFoundError:
-                return {}
-            try:
-                return decode_metrics(data)
-            except DecodeError as exc:
-                raise CorruptCheckpointError(str(exc), path=self.storage.url(path)) from None
-
-        for name in names:
-            if name not in self._metrics:
-                self._metrics[name] = await anyio.to_thread.run_sync(read, name)
-
     def _checkpoint_of(self, step: int | None) -> str:
         """The name of the checkpoint of ``step`` (the latest committed one when None)."""
         if step is not None:
             return f"{self.checkpoint_name}-{check_step(step)}"
-        if self._state.latest is None:
+        if self.checkpoint_dir.state.latest is None:
             raise CheckpointNotFoundError("no checkpoint has been committed", path=self.directory)
-        return self._state.latest
+        return self.checkpoint_dir.state.latest
 
     async def metrics(self, step: int | None = None) -> dict[str, float]:
         """The metrics recorded with the latest checkpoint (or that of ``step``); empty if
         none were. Raises CorruptCheckpointError for an unreadable sidecar."""
         name = self._checkpoint_of(step)
-        await self._load_metrics([name])
-        return dict(self._metrics[name])
+        await self.checkpoint_dir.load_metrics([name])
+        return dict(self.checkpoint_dir.metrics[name])
 
     async def best_checkpoint(self, metric: str, mode: str = "min") -> str | None:
         """The prefix of the tracked checkpoint (or the latest) with the best ``metric``
@@ -832,11 +531,16 @@ class CheckpointManager:
 
         policy = BestN(1, metric, mode)  # type: ignore[arg-type]  # checked by BestN
         await self.wait()
-        names = [t.path for t in self._state.tracked]
-        if self._state.latest is not None and self._state.latest not in names:
-            names.append(self._state.latest)
-        await self._load_metrics(names)
-        candidates = [Candidate(n, 0.0, self._step_of(n), self._metrics[n]) for n in names]
+        names = [t.path for t in self.checkpoint_dir.state.tracked]
+        if (
+            self.checkpoint_dir.state.latest is not None
+            and self.checkpoint_dir.state.latest not in names
+        ):
+            names.append(self.checkpoint_dir.state.latest)
+        await self.checkpoint_dir.load_metrics(names)
+        candidates = [
+            Candidate(n, 0.0, self._step_of(n), self.checkpoint_dir.metrics[n]) for n in names
+        ]
         best = policy.ranked(candidates)
         return self._public(best[0].path) if best else None
 
@@ -859,18 +563,6 @@ class CheckpointManager:
             return nest_names(flat)
         return rebuild(tree, flat, self.storage.url(path))
 
-    async def _format_of(self, prefix: str, *, missing_ok: bool = True) -> CheckpointFormat:
-        """The format of the checkpoint at ``prefix``: this manager's own format first, so
-        its retention and restores never depend on other formats (plugins) loading."""
-        if await self.format.detect(self.storage, prefix):
-            return self.format
-        try:
-            return await detect_format(self.storage, prefix)
-        except CheckpointNotFoundError:
-            if not missing_ok:
-                raise
-            return self.format
-
     async def wait(self) -> None:
         """Wait until every save so far is committed; raise the first unseen error."""
         for pending in list(self._pending):
@@ -886,16 +578,7 @@ class CheckpointManager:
         if self.coordinator is not None:
             return await multiprocess.sweep(self, self.coordinator)
         async with self._commit_lock:
-            return await self.sweep_locked()
-
-    async def sweep_locked(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """:meth:`sweep`'s work, for a caller already holding the commit lock (the primary
-        rank of a distributed sweep): the one place a sweep's sequence is written."""
-        state = self._state
-        decision = self._decide(state.tracked, state.last_preserved, state.latest).decision
-        if not decision.delete and not decision.preserve:
-            return (), ()
-        return await self._drop(decision, state.latest)
+            return await self.checkpoint_dir.sweep()
 
     # -- restoring ---------------------------------------------------------------------------
 
@@ -967,7 +650,7 @@ class CheckpointManager:
             return restore_into(template, flat)
         await self.wait()
         prefix = self._path(self._checkpoint_of(step))
-        fmt = await self._format_of(prefix, missing_ok=False)
+        fmt = await self.checkpoint_dir.format_of(prefix, missing_ok=False)
         reader = await fmt.open(self.storage, prefix)
         try:
             if not isinstance(keys, Mapping):

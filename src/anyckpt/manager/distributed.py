@@ -60,11 +60,11 @@ from ..partitioned import Partitioned, partitions_of
 from ..tensors import as_named_tensor, flatten, key_to_bytes
 
 if TYPE_CHECKING:
-    from .core import CheckpointManager, Tracking
+    from .core import CheckpointManager
 
 from .capture import capture
+from .directory import Tracking
 from .pending import PendingSave, SaveEvent
-from .state import read_state
 from .steps import check_step
 
 T = TypeVar("T")
@@ -152,7 +152,7 @@ async def enter(
             except Exception as exc:
                 failure = exc
         start = _Start(
-            None if failure or mismatch else manager._state,
+            None if failure or mismatch else manager.checkpoint_dir.state,
             manager._last_step,
             _describe(failure) if failure else None,
             mismatch,
@@ -170,7 +170,7 @@ async def enter(
         raise CheckpointError(
             f"rank 0 could not open the checkpoints: {start.error}", path=manager.directory
         )
-    manager._state = start.state
+    manager.checkpoint_dir.adopt(start.state)
     manager._last_step = manager._last_saved_step = start.last_step
 
 
@@ -229,9 +229,7 @@ async def save(
     failure: Exception | None = None
     try:
         manager._raise_unobserved()
-        lock = getattr(manager, "_lock", None)  # the directory's lock, on the primary
-        if lock is not None:
-            lock.check()  # taken over: say so now, not after the write
+        manager.checkpoint_dir.check_lock()  # taken over (primary): say so now, not later
     except Exception as exc:
         failure = exc
     last = manager._last_step
@@ -271,7 +269,7 @@ async def save(
         manager._slots.release()
         raise
     name = f"{manager.checkpoint_name}-{step}"
-    pending = PendingSave(step, manager._public(name))
+    pending = PendingSave(step, manager.checkpoint_dir.public(name))
     if last is None or step > last:
         manager._last_step = manager._last_saved_step = step
     manager._pending.append(pending)
@@ -357,7 +355,7 @@ async def _write_and_commit(
                 )
         pending.event = SaveEvent(
             pending.step,
-            manager._public(name),
+            manager.checkpoint_dir.public(name),
             nbytes,
             capture_seconds,
             wrote - started,
@@ -415,7 +413,7 @@ async def _write_files(
     written: list[str],
 ) -> list[DataFileEntries]:
     """Write this rank's data files concurrently; return their index entries."""
-    prefix = manager._path(name)
+    prefix = manager.checkpoint_dir.path(name)
     storage = manager.storage
     directory = posixpath.dirname(prefix)
     if directory:
@@ -471,15 +469,17 @@ async def _primary_commit(
         else:
             try:
                 await _write_index(manager, name, plan, reports)
-                deleted, preserved = await manager._commit(name)
+                deleted, preserved = await manager.checkpoint_dir.commit(name)
             except Exception as exc:
                 failure = exc
             else:
-                outcome = _Outcome(manager._state, deleted, preserved)
+                outcome = _Outcome(manager.checkpoint_dir.state, deleted, preserved)
     if failure is not None:
-        if manager._state.latest != name and not isinstance(failure, ConcurrentWriterError):
+        if manager.checkpoint_dir.state.latest != name and not isinstance(
+            failure, ConcurrentWriterError
+        ):
             # (After a ConcurrentWriterError the directory is someone else's: touch nothing.)
-            await manager._discard_uncommitted(name)
+            await manager.checkpoint_dir.discard(name)
         outcome = _Outcome(None, error=f"rank 0: {_describe(failure)}")
     try:
         await _call(coordinator.broadcast, outcome, 0)
@@ -509,27 +509,22 @@ async def _follow(
             raise local_error from exc
         # The outcome is unknown: the state file tells whether the primary committed.
         if await _committed(manager, name):
-            await manager._load_state()
-            return _Outcome(manager._state)
+            await manager.checkpoint_dir.load()
+            return _Outcome(manager.checkpoint_dir.state)
         raise
     if outcome.error is not None or outcome.state is None:
         if local_error is not None:
             raise local_error
         raise CheckpointError(f"save of step {step} was not committed: {outcome.error}")
-    manager._state = outcome.state
+    manager.checkpoint_dir.adopt(outcome.state)
     return outcome
 
 
 async def _committed(manager: CheckpointManager, name: str) -> bool:
-
     try:
-        state = await read_state(manager.storage, manager._root)
+        return await manager.checkpoint_dir.committed(name)
     except Exception:
         return False
-    return state is not None and any(
-        posixpath.basename(path) == name
-        for path in (state.model_checkpoint_path, *state.all_model_checkpoint_paths)
-    )
 
 
 async def _write_index(
@@ -547,7 +542,7 @@ async def _write_index(
     if len(set(written)) != len(written) or set(written) & set(plan.holders):
         raise CheckpointError("a tensor was written twice: the ranks' plans differ")
     table = await anyio.to_thread.run_sync(build_index, plan.num_shards, files, plan.holders)
-    prefix = manager._path(name)
+    prefix = manager.checkpoint_dir.path(name)
     storage = manager.storage
     await anyio.to_thread.run_sync(
         lambda: storage.write_bytes(index_path(prefix), table, durable=manager.durable)
@@ -571,11 +566,11 @@ async def sweep(
             deleted: tuple[str, ...] = ()
             preserved: tuple[str, ...] = ()
             try:
-                deleted, preserved = await manager.sweep_locked()
+                deleted, preserved = await manager.checkpoint_dir.sweep()
             except Exception as exc:
                 failure = exc
             outcome = _Outcome(
-                manager._state if failure is None else None,
+                manager.checkpoint_dir.state if failure is None else None,
                 deleted,
                 preserved,
                 None if failure is None else _describe(failure),
@@ -587,5 +582,5 @@ async def sweep(
         outcome = await _call(coordinator.broadcast, None, 0)
         if outcome.error is not None or outcome.state is None:
             raise CheckpointError(f"rank 0 could not apply retention: {outcome.error}")
-        manager._state = outcome.state
+        manager.checkpoint_dir.adopt(outcome.state)
         return outcome.deleted, outcome.preserved
