@@ -32,6 +32,8 @@ from typing import Any
 import numpy as np
 
 from .errors import CheckpointError
+from .tensors import as_named_tensor
+from .to_numpy import to_numpy
 
 __all__ = [
     "StructureMismatchError",
@@ -54,21 +56,6 @@ def _is_torch(value: Any) -> bool:
     return type(value).__module__.startswith("torch") and hasattr(value, "detach")
 
 
-def _torch_to_numpy(tensor: Any) -> np.ndarray:
-    import torch  # only reached with a torch tensor in hand
-
-    t = tensor.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()  # a GPU tensor: copied to the host (as anyckpt.tensors does)
-    if t.dtype == torch.bfloat16:
-        import ml_dtypes
-
-        bits: np.ndarray = t.contiguous().view(torch.int16).numpy()
-        return bits.view(ml_dtypes.bfloat16)
-    array: np.ndarray = t.numpy()
-    return array
-
-
 def _is_jax(value: Any) -> bool:
     jax = sys.modules.get("jax")  # never imported here: a JAX array was made already
     return jax is not None and isinstance(value, jax.Array)
@@ -76,7 +63,7 @@ def _is_jax(value: Any) -> bool:
 
 def _leaf_array(value: Any) -> np.ndarray:
     if _is_torch(value):
-        return _torch_to_numpy(value)
+        return to_numpy(value)  # detached, on the host, narrow floats through their bits
     return np.asarray(value)
 
 
@@ -157,7 +144,10 @@ def flatten_tree(state: Any) -> tuple[dict[str, Any], Any]:
         if name in flat:
             raise ValueError(f"two entries flatten to the same name {name!r}")
         kind = _SCALARS.get(type(node), "torch" if _is_torch(node) else "tensor")
-        flat[name] = node if kind in _SCALARS.values() else _leaf_array(node)
+        if kind in _SCALARS.values():
+            flat[name] = node
+        else:  # a dtype nothing can store is named as the flat path names it
+            flat[name] = as_named_tensor(name, node) if kind == "torch" else _leaf_array(node)
         return {"leaf": kind}
 
     tree = visit(state, "")
