@@ -21,9 +21,11 @@ def write(path: Path, header: bytes, data: bytes = b"", declared: int | None = N
 
 
 def refused(path: Path, match: str) -> str:
-    with pytest.raises(anyckpt.CorruptCheckpointError, match=match) as info:
-        with anyckpt.sync.open(path, format="safetensors") as reader:
-            reader.read_many()
+    with (
+        pytest.raises(anyckpt.CorruptCheckpointError, match=match) as info,
+        anyckpt.sync.open(path, format="safetensors") as reader,
+    ):
+        reader.read_many()
     message = str(info.value)
     assert str(path) in message
     assert "\n" not in message

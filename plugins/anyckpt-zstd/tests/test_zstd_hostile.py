@@ -24,9 +24,11 @@ def body(tensors: dict[str, Any]) -> bytes:
 
 
 def refused(path: Path, match: str) -> str:
-    with pytest.raises(anyckpt.CorruptCheckpointError, match=match) as info:
-        with anyckpt.sync.open(path, format="zstd") as reader:
-            reader.read_many()
+    with (
+        pytest.raises(anyckpt.CorruptCheckpointError, match=match) as info,
+        anyckpt.sync.open(path, format="zstd") as reader,
+    ):
+        reader.read_many()
     message = str(info.value)
     assert str(path) in message
     assert "\n" not in message
