@@ -70,3 +70,25 @@ def test_an_entry_count_bomb_is_bounded_by_the_bytes_the_file_holds(tmp_path: Pa
     header's own bytes)."""
     header = json.dumps({f"t{i}": entry("F32", [1], 4 * i, 4 * i + 4) for i in range(50_000)})
     refused(write(tmp_path / "bomb.safetensors", header.encode(), b"\0" * 4), "cover")
+
+
+def test_parsing_a_large_header_allocates_a_bounded_multiple_of_its_bytes() -> None:
+    """20,000 entries: the parse peaks under 10x the header's bytes (a dict per entry, as
+    ``json.loads`` builds by default, took ~13x)."""
+    import tracemalloc
+
+    import numpy as np
+    from anyckpt_safetensors import codec
+
+    shapes = {f"t{i:07d}": (np.dtype(np.float32), (1,)) for i in range(20_000)}
+    head, _ = codec.encode_header(shapes)
+    text = head[8:]
+    tracemalloc.start()
+    try:
+        header = codec.decode_header(text, len(head) + 4 * len(shapes))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert len(header.entries) == len(shapes)
+    assert header.entries["t0000007"] == codec.Entry("F32", (1,), 28, 32)
+    assert peak < 10 * len(text)

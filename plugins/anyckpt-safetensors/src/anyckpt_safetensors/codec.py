@@ -144,8 +144,11 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
-def _compact(pairs: list[tuple[str, Any]]) -> Entry | None:
-    """A well-formed tensor entry as an :class:`Entry`, else None (checked again, by name)."""
+def _compact(
+    pairs: list[tuple[str, Any]], shapes: dict[tuple[int, ...], tuple[int, ...]]
+) -> Entry | None:
+    """A well-formed tensor entry as an :class:`Entry` (equal shapes shared through
+    ``shapes``), else None (checked again, by name)."""
     info = dict(pairs)
     if len(info) != 3 or info.keys() != {"dtype", "shape", "data_offsets"}:
         return None
@@ -156,18 +159,19 @@ def _compact(pairs: list[tuple[str, Any]]) -> Entry | None:
         return None
     if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_natural, offsets)):
         return None
-    return Entry(dtype, tuple(shape), offsets[0], offsets[1])
+    dims = tuple(shape)
+    return Entry(dtype, shapes.setdefault(dims, dims), offsets[0], offsets[1])
 
 
 def _natural(value: Any) -> bool:
     return type(value) is int and value >= 0
 
 
-def _object(pairs: list[tuple[str, Any]]) -> Any:
+def _object(pairs: list[tuple[str, Any]], shapes: dict[tuple[int, ...], tuple[int, ...]]) -> Any:
     """Each JSON object as it is parsed: a tensor entry becomes a compact :class:`Entry` at once
     (no dict per entry held), anything else a dict with its duplicate keys refused."""
     if len(pairs) == 3:
-        entry = _compact(pairs)
+        entry = _compact(pairs, shapes)
         if entry is not None:
             return entry
     return _no_duplicates(pairs)
@@ -179,8 +183,11 @@ def decode_header(text: bytes, file_size: int) -> Header:
     and by the buffer, which they must tile exactly."""
     if not text.startswith(b"{"):
         raise HeaderError("the header does not start with '{'")
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
     try:
-        raw = json.loads(text.decode("utf-8"), object_pairs_hook=_object)
+        raw = json.loads(
+            text.decode("utf-8"), object_pairs_hook=lambda pairs: _object(pairs, shapes)
+        )
     except HeaderError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
