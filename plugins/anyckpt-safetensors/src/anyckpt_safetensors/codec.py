@@ -54,7 +54,7 @@ class HeaderError(ValueError):
     """A header that breaks the format's rules (the caller adds the file name)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Entry:
     dtype: str
     shape: tuple[int, ...]
@@ -68,7 +68,8 @@ class Entry:
 
 @dataclass(frozen=True)
 class Header:
-    """A parsed header: entries in buffer order, the metadata, and where the buffer starts."""
+    """A parsed header: entries in the header's order, the metadata, and where the buffer
+    starts."""
 
     entries: dict[str, Entry]
     metadata: dict[str, str] | None
@@ -143,12 +144,50 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+def _compact(
+    pairs: list[tuple[str, Any]], shapes: dict[tuple[int, ...], tuple[int, ...]]
+) -> Entry | None:
+    """A well-formed tensor entry as an :class:`Entry` (equal shapes shared through
+    ``shapes``), else None (checked again, by name)."""
+    info = dict(pairs)
+    if len(info) != 3 or info.keys() != {"dtype", "shape", "data_offsets"}:
+        return None
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        return None
+    if not isinstance(shape, list) or len(shape) > 1024 or not all(map(_natural, shape)):
+        return None
+    if not isinstance(offsets, list) or len(offsets) != 2 or not all(map(_natural, offsets)):
+        return None
+    dims = tuple(shape)
+    return Entry(dtype, shapes.setdefault(dims, dims), offsets[0], offsets[1])
+
+
+def _natural(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+def _object(pairs: list[tuple[str, Any]], shapes: dict[tuple[int, ...], tuple[int, ...]]) -> Any:
+    """Each JSON object as it is parsed: a tensor entry becomes a compact :class:`Entry` at once
+    (no dict per entry held), anything else a dict with its duplicate keys refused."""
+    if len(pairs) == 3:
+        entry = _compact(pairs, shapes)
+        if entry is not None:
+            return entry
+    return _no_duplicates(pairs)
+
+
 def decode_header(text: bytes, file_size: int) -> Header:
-    """Parse and validate the JSON header (``text`` without its 8-byte length)."""
+    """Parse and validate the JSON header (``text`` without its 8-byte length). Entries are
+    made compact while parsing; their number is bounded by the header's bytes (zero-size ones)
+    and by the buffer, which they must tile exactly."""
     if not text.startswith(b"{"):
         raise HeaderError("the header does not start with '{'")
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
     try:
-        raw = json.loads(text.decode("utf-8"), object_pairs_hook=_no_duplicates)
+        raw = json.loads(
+            text.decode("utf-8"), object_pairs_hook=lambda pairs: _object(pairs, shapes)
+        )
     except HeaderError:
         raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
@@ -160,30 +199,22 @@ def decode_header(text: bytes, file_size: int) -> Header:
         not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
     ):
         raise HeaderError("__metadata__ must map strings to strings")
-    entries: dict[str, Entry] = {}
+    entries: dict[str, Entry] = raw
     for name, info in raw.items():
-        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
-            raise HeaderError(f"entry {name!r} must have exactly dtype, shape and data_offsets")
-        dtype = info["dtype"]
-        if dtype not in DTYPES:
-            raise HeaderError(f"entry {name!r}: unknown dtype {dtype!r}")
-        shape, offsets = info["shape"], info["data_offsets"]
-        if not isinstance(shape, list) or len(shape) > 1024:
-            raise HeaderError(f"entry {name!r}: shape must be a list of integers")
-        dims = tuple(_int(d, f"a dimension of {name!r}") for d in shape)
-        if not isinstance(offsets, list) or len(offsets) != 2:
-            raise HeaderError(f"entry {name!r}: data_offsets must be [begin, end]")
-        begin, end = (_int(o, f"an offset of {name!r}") for o in offsets)
-        if end < begin or end - begin != math.prod(dims) * DTYPES[dtype].itemsize:
+        if not isinstance(info, Entry):
+            _refuse(name, info)
+        if info.end < info.begin or info.end - info.begin != (
+            math.prod(info.shape) * DTYPES[info.dtype].itemsize
+        ):
             raise HeaderError(
-                f"entry {name!r}: offsets [{begin}, {end}] do not hold {dtype}{list(dims)}"
+                f"entry {name!r}: offsets [{info.begin}, {info.end}] do not hold "
+                f"{info.dtype}{list(info.shape)}"
             )
-        entries[name] = Entry(dtype, dims, begin, end)
     data_start = len(text) + 8
     buffer = file_size - data_start
-    ordered = sorted(entries.items(), key=lambda kv: (kv[1].begin, kv[1].end))
     at = 0
-    for name, entry in ordered:
+    for name in sorted(entries, key=lambda n: (entries[n].begin, entries[n].end)):
+        entry = entries[name]
         if entry.begin != at:
             raise HeaderError(
                 f"entry {name!r} starts at {entry.begin}, the previous one ends at {at}"
@@ -191,4 +222,23 @@ def decode_header(text: bytes, file_size: int) -> Header:
         at = entry.end
     if at != buffer:
         raise HeaderError(f"the entries cover {at} bytes, the buffer has {buffer}")
-    return Header(dict(ordered), metadata, data_start)
+    return Header(entries, metadata, data_start)
+
+
+def _refuse(name: str, info: Any) -> None:
+    """Raise the HeaderError that says why ``info`` is not a well-formed entry."""
+    if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+        raise HeaderError(f"entry {name!r} must have exactly dtype, shape and data_offsets")
+    dtype = info["dtype"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise HeaderError(f"entry {name!r}: unknown dtype {dtype!r}")
+    shape, offsets = info["shape"], info["data_offsets"]
+    if not isinstance(shape, list) or len(shape) > 1024:
+        raise HeaderError(f"entry {name!r}: shape must be a list of integers")
+    for d in shape:
+        _int(d, f"a dimension of {name!r}")
+    if not isinstance(offsets, list) or len(offsets) != 2:
+        raise HeaderError(f"entry {name!r}: data_offsets must be [begin, end]")
+    for o in offsets:
+        _int(o, f"an offset of {name!r}")
+    raise HeaderError(f"entry {name!r} is malformed")

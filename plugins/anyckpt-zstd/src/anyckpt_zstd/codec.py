@@ -29,7 +29,7 @@ import json
 import math
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -64,7 +64,7 @@ class ContainerError(ValueError):
     """Bytes that are not a valid container (the caller adds the file name)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Chunk:
     offset: int
     size: int  # compressed
@@ -72,7 +72,7 @@ class Chunk:
     crc: int
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class TensorInfo:
     dtype: int
     shape: tuple[int, ...]
@@ -195,7 +195,7 @@ def decode_header(
     if crc32c(data) != crc:
         raise ContainerError("header checksum mismatch")
     try:
-        body = json.loads(data.decode("utf-8"))
+        body = json.loads(data.decode("utf-8"), object_pairs_hook=_object)
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ContainerError(f"header is not valid JSON: {exc}") from None
     if not isinstance(body, dict) or body.get("format") != "anyckpt-zstd":
@@ -205,9 +205,14 @@ def decode_header(
         raise ContainerError("header has no tensors")
     tensors: dict[str, TensorInfo] = {}
     spans: list[tuple[int, int]] = []
-    for name, info in raw_tensors.items():
-        tensors[name] = _tensor(name, info, data_end, max_ratio)
-        spans += [(c.offset, c.offset + c.size) for c in tensors[name].chunks]
+    shapes: dict[tuple[int, ...], tuple[int, ...]] = {}
+    for name in list(raw_tensors):  # each raw entry freed as soon as it is parsed
+        info = raw_tensors.pop(name)
+        if isinstance(info, _RawEntry):
+            info = info.as_dict()
+        tensor = _tensor(name, info, data_end, max_ratio)
+        tensors[name] = replace(tensor, shape=shapes.setdefault(tensor.shape, tensor.shape))
+        spans += [(c.offset, c.offset + c.size) for c in tensor.chunks]
     spans.sort()
     for (_, end), (start, _) in itertools.pairwise(spans):
         if start < end:
@@ -216,6 +221,26 @@ def decode_header(
     if isinstance(level, bool) or not isinstance(level, int):
         raise ContainerError(f"level must be an integer, not {level!r}")
     return level, tensors
+
+
+_ENTRY_KEYS = ("dtype", "shape", "layout", "chunks")
+
+
+class _RawEntry(tuple):  # type: ignore[type-arg]
+    """A tensor entry as parsed, held as its values (no dict per entry until it is checked)."""
+
+    __slots__ = ()
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(zip(_ENTRY_KEYS, self, strict=True))
+
+
+def _object(pairs: list[tuple[str, Any]]) -> Any:
+    """Each JSON object as parsed: an entry with exactly the four usual keys becomes a
+    :class:`_RawEntry`, any other object a dict (its last value winning, as ``json.loads``)."""
+    if len(pairs) == 4 and tuple(k for k, _ in pairs) == _ENTRY_KEYS:
+        return _RawEntry(v for _, v in pairs)
+    return dict(pairs)
 
 
 def _tensor(name: str, info: Any, data_end: int, max_ratio: int) -> TensorInfo:
