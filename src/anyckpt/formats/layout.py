@@ -78,6 +78,16 @@ def file_name(stem: str, role: str, shard: int = 0, num_shards: int = 1) -> str:
     return stem + {r: s for s, r in _SUFFIXES}[role]
 
 
+def shard_of(name: str) -> tuple[int, int] | None:
+    """``(shard, num_shards)`` of a V2 data file or a V1 shard (``num_shards`` alone, as
+    ``(-1, n)``, for a V1 pattern ``PREFIX-?????-of-N``), else None."""
+    parsed = parse_file_name(name)
+    if parsed is None or parsed.role not in (DATA, V1_SHARD, V1_PATTERN):
+        return None
+    shard, num_shards = name[-15:-10], name[-5:]
+    return (-1 if shard == "?????" else int(shard)), int(num_shards)
+
+
 def checkpoint_of(name: str) -> str | None:
     """The checkpoint prefix a (non-temporary) file belongs to: ``ckpt-5`` for
     ``ckpt-5.index``, ``ckpt-5.data-…``, ``ckpt-5-00000-of-00002``, ``ckpt-5.meta``..."""
