@@ -11,13 +11,14 @@ and every CLI command resolve through :func:`resolve_checkpoint`.
 from __future__ import annotations
 
 import posixpath
-import re
 
 import anyio.to_thread
 
 from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpointError
 from ..storage import Storage
+from . import layout
 from .base import CheckpointFormat
+from .layout import STATE_FILE, file_name, parse_file_name, shard_of
 
 __all__ = ["EXPECTED", "path_kind", "resolve_checkpoint"]
 
@@ -26,9 +27,6 @@ EXPECTED = (
     "expected a checkpoint prefix (DIR/ckpt-5), one of its files (DIR/ckpt-5.index) "
     "or a checkpoint directory"
 )
-_V2_FILE = re.compile(r"(.+)\.(?:index|data-\d{5}-of-\d{5})")
-_V1_SHARD = re.compile(r"(.+)-\d{5}-of-(\d{5})")
-_STATE_FILE = "checkpoint"
 
 
 def path_kind(storage: Storage, path: str) -> str:
@@ -39,13 +37,14 @@ def path_kind(storage: Storage, path: str) -> str:
 def _candidates(path: str) -> list[str]:
     """Prefixes a file named ``path`` may belong to, most specific first."""
     found: list[str] = []
-    v2 = _V2_FILE.fullmatch(path)
-    if v2:
-        found.append(v2.group(1))
-    shard = _V1_SHARD.fullmatch(path)
-    if shard and not v2:
-        found.append(f"{shard.group(1)}-?????-of-{shard.group(2)}")
     directory, base = posixpath.split(path)
+    parsed = parse_file_name(base)
+    if parsed is not None and parsed.role in (layout.INDEX, layout.DATA):
+        found.append(posixpath.join(directory, parsed.stem))
+    shard = shard_of(base) if parsed is not None and parsed.role == layout.V1_SHARD else None
+    if parsed is not None and shard is not None:
+        pattern = file_name(parsed.stem, layout.V1_PATTERN, num_shards=shard[1])
+        found.append(posixpath.join(directory, pattern))
     if "." in base.lstrip("."):
         found.append(posixpath.join(directory, base.rsplit(".", 1)[0]))
     return list(dict.fromkeys(found))
@@ -107,7 +106,7 @@ async def resolve_checkpoint(
         return None
     # An existing file no format reads: say what it is.
     base = posixpath.basename(path)
-    if base == _STATE_FILE:
+    if base == STATE_FILE:
         raise CheckpointNotFoundError(
             "this is a directory's state file (it names checkpoints), not a checkpoint; "
             "give its directory to use the latest checkpoint",

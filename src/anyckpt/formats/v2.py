@@ -9,7 +9,6 @@ into their destination arrays; checksums run in C without the GIL, one worker th
 from __future__ import annotations
 
 import posixpath
-import re
 from collections.abc import Callable, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
@@ -33,7 +32,9 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafePath
 from ..partitioned import partitions_of
 from ..storage import Storage
 from ..tensors import stored_key_order
+from . import layout
 from .base import FormatOption
+from .layout import parse_file_name
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v2_data import DataFileEntries, write_data_file
 from .v2_index import build_index
@@ -202,9 +203,12 @@ class V2Format:
             reader = await self.open(storage, prefix)
         except (CheckpointNotFoundError, CorruptCheckpointError, UnsafePathError):
             directory, base = posixpath.split(prefix)
-            pattern = re.compile(re.escape(base) + r"\.data-\d{5}-of-\d{5}")
             names = await anyio.to_thread.run_sync(storage.listdir_prefixed, directory, f"{base}.")
-            found = [posixpath.join(directory, n) for n in names if pattern.fullmatch(n)]
+            found = [
+                posixpath.join(directory, n)
+                for n in names
+                if parse_file_name(n) == (base, layout.DATA)
+            ]
             if f"{base}.index" in names:  # (listed: a dangling link too)
                 found.append(index_path(prefix))
             return found
