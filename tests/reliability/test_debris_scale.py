@@ -46,7 +46,13 @@ LINES_PER_ITEM = 80
 _SRC = str(Path(anyckpt.__file__).parent)
 _TRACED = tuple(
     os.path.join(_SRC, *part)
-    for part in (("manager.py",), ("cli", "_scan.py"), ("cli", "_prune.py"), ("cli", "_ls.py"))
+    for part in (
+        ("manager", ""),  # the package: core, directory, ... (a prefix)
+        ("formats", "layout.py"),
+        ("cli", "_scan.py"),
+        ("cli", "_prune.py"),
+        ("cli", "_ls.py"),
+    )
 )
 _COUNTED = (
     "listdir",
@@ -160,6 +166,7 @@ def test_cli_on_a_crowded_directory_is_linear(
         assert f"would delete {TRACKED - 5} checkpoints" in text
         assert f"and {DEBRIS} leftover files" in text
     assert budget.used["calls"] > 0  # the counters saw the work
+    assert budget.lines[0] > 0  # and the trace saw the directory code (the paths are right)
 
 
 def test_open_and_first_save_on_a_crowded_directory_are_linear(
@@ -181,6 +188,7 @@ def test_open_and_first_save_on_a_crowded_directory_are_linear(
     with _counted(monkeypatch, budget):
         deleted = anyio.run(open_and_save)
     assert len(deleted) == TRACKED - 1  # all but the newest tracked and the new one
+    assert budget.lines[0] > 0  # the trace saw the manager's directory code
     assert sorted(os.listdir(directory)) == sorted(
         [
             "checkpoint",
