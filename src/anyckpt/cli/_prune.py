@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import argparse
 import posixpath
-import re
 import time
 from dataclasses import dataclass
 from typing import Any
 
-from ..codecs.metrics import METRICS_SUFFIX
+from ..formats import layout
 from ..manager import STATE_FILE, CheckpointManager
 from ..retention import (
     Any as AnyOf,
@@ -252,32 +251,33 @@ def plan(listing: Listing, policy: RetentionPolicy) -> tuple[list[Action], float
 
 
 def debris(listing: Listing, checkpoint_name: str) -> list[tuple[str, str]]:
-    """What a manager named ``checkpoint_name`` removes on opening the directory (the rules of
-    ``CheckpointManager._clean_debris``), with reasons."""
-    ours = re.compile(
-        re.escape(checkpoint_name)
-        + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|"
-        + re.escape(METRICS_SUFFIX)
-        + ")"
-    )
+    """What a manager named ``checkpoint_name`` removes on opening the directory (the one
+    rule, :func:`anyckpt.formats.layout.debris`), with reasons."""
+    reasons = {o.name: o.reason for o in listing.orphans}
+    names = [
+        *(f.name for c in listing.checkpoints for f in c.files),
+        *(f.name for u in listing.unreadable for f in u.files),
+        *reasons,
+        *(f.name for f in listing.other),
+    ]
+    tracked = {t.path for t in listing.recovered.tracked} if listing.recovered else set()
+    latest = listing.latest if listing.state is not None else None
+    latest_step = layout.split_step(latest, checkpoint_name) if latest else None
     found: list[tuple[str, str]] = []
-    for orphan in listing.orphans:
-        base = orphan.name.split(TEMP_MARKER, 1)[0]
-        if ours.fullmatch(orphan.name) or (
-            TEMP_MARKER in orphan.name and (base == STATE_FILE or ours.fullmatch(base))
-        ):
-            found.append((orphan.name, orphan.reason))
-    any_format = re.compile(re.escape(checkpoint_name) + r"-\d+([.-][\w.-]*)?")
+    for name in layout.debris(names, tracked, checkpoint_name=checkpoint_name, latest=latest):
+        parsed = layout.parse_file_name(name)
+        step = layout.split_step(parsed.stem, checkpoint_name) if parsed else None
+        if name in reasons:
+            reason = reasons[name]
+        elif latest_step is not None and step is not None and step > latest_step:
+            reason = "complete, but never recorded in the state file"
+        else:
+            reason = "sidecar of a checkpoint not on disk"
+        found.append((name, reason))
     for upload in listing.uploads:
         name = posixpath.basename(upload.path)
-        base = name.split(TEMP_MARKER, 1)[0]
-        if base == STATE_FILE or any_format.fullmatch(base):
+        if layout.is_managed(name.split(TEMP_MARKER, 1)[0], checkpoint_name):
             found.append((name, f"unfinished multipart upload ({format_bytes(upload.size)})"))
-    for c in listing.checkpoints:
-        if c.status == UNCOMMITTED and c.stem == checkpoint_name:
-            found.extend(
-                (f.name, "complete, but never recorded in the state file") for f in c.files
-            )
     return found
 
 

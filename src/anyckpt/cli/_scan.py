@@ -33,8 +33,9 @@ from ..errors import (
     UnsafePathError,
     UnsupportedFormatError,
 )
-from ..formats import broken_plugins, detect_format, plugin_error
+from ..formats import broken_plugins, detect_format, layout, plugin_error
 from ..formats.base import CheckpointFormat
+from ..formats.layout import file_name, parse_file_name, shard_of
 from ..lease import LOCK_FILE, LockInfo, read_lock
 from ..manager import STATE_FILE, NameIndex, read_state
 from ..retention import RecoveredState, recover
@@ -47,12 +48,16 @@ PRESERVED = "preserved"  # not tracked: retention never deletes it
 UNTRACKED = "untracked"  # no state file at all
 UNCOMMITTED = "uncommitted"  # complete but newer than the latest commit: a manager removes it
 
-_V1_SHARD = re.compile(r"(.+)-\d{5}-of-(\d{5})")
 _STEP = re.compile(r"(.+)-(\d+)")
-_DATA_FILE = re.compile(r"(.+)\.data-\d{5}-of-\d{5}")
-#: Names that are a file of a checkpoint (V2's index and data files, TensorFlow's graph),
-#: never a checkpoint prefix themselves: only the prefix they extend is asked about.
-_PART_OF_A_PREFIX = re.compile(r".+\.(index|meta|data-\d{5}-of-\d{5})")
+#: Roles of files of a checkpoint (V2's index and data files, TensorFlow's graph), never a
+#: checkpoint prefix themselves: only the prefix they extend is asked about.
+_PART_OF_A_PREFIX = (layout.INDEX, layout.META, layout.DATA)
+
+
+def _data_stem(name: str) -> str | None:
+    """The prefix of a V2 data file ``PREFIX.data-SSSSS-of-NNNNN``, else None."""
+    parsed = parse_file_name(name)
+    return parsed.stem if parsed is not None and parsed.role == layout.DATA else None
 
 
 @dataclass
@@ -131,7 +136,8 @@ class Listing:
 
 def split_step(name: str) -> tuple[str | None, int | None]:
     """``ckpt-12`` -> ``("ckpt", 12)``; V1 shard patterns (``m-5-?????-of-00002``) too."""
-    base = re.sub(r"-\?{5}-of-\d{5}$", "", name)
+    parsed = parse_file_name(name)
+    base = parsed.stem if parsed is not None and parsed.role == layout.V1_PATTERN else name
     match = _STEP.fullmatch(base)
     if not match:
         return None, None
@@ -155,13 +161,15 @@ def _candidates(names: list[str], state_names: list[str]) -> list[str]:
     for name in names:
         if TEMP_MARKER in name or name == STATE_FILE:
             continue
-        if not _PART_OF_A_PREFIX.fullmatch(name):  # (the files of X: X.index, X.data-..., X.meta)
+        parsed = parse_file_name(name)
+        role = parsed.role if parsed is not None else None
+        if role not in _PART_OF_A_PREFIX:  # (the files of X: X.index, X.data-..., X.meta)
             derived.add(name)
         if "." in name:
             derived.add(name.rsplit(".", 1)[0])
-        match = _V1_SHARD.fullmatch(name)
-        if match and not _DATA_FILE.fullmatch(name):  # a V2 data file is not a V1 shard
-            derived.add(f"{match.group(1)}-?????-of-{match.group(2)}")
+        shard = shard_of(name) if role == layout.V1_SHARD else None
+        if parsed is not None and shard is not None:
+            derived.add(file_name(parsed.stem, layout.V1_PATTERN, num_shards=shard[1]))
     for name in sorted(derived, key=lambda n: (len(n), n)):
         ordered.setdefault(name, 1)
     return list(ordered)
@@ -188,8 +196,8 @@ async def _detect(storage: Storage, path: str) -> CheckpointFormat | Exception |
 
 
 def _data_without_index(name: str, by_name: Mapping[str, Any]) -> bool:
-    data = _DATA_FILE.fullmatch(name)
-    return data is not None and f"{data.group(1)}.index" not in by_name
+    stem = _data_stem(name)
+    return stem is not None and f"{stem}.index" not in by_name
 
 
 def _why_unreadable(error: Exception | None) -> tuple[str, int]:
@@ -371,10 +379,9 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
             except UnsafePathError as exc:  # planted: a manager refuses it too, and says so
                 problems.append(f"{LOCK_FILE}: {exc}")
             continue
-        data = _DATA_FILE.fullmatch(info.name)
         if TEMP_MARKER in info.name:
             orphans.append(Orphan(info.name, info.size, "temporary file of an interrupted write"))
-        elif data and f"{data.group(1)}.index" not in by_name:
+        elif _data_without_index(info.name, by_name):
             orphans.append(Orphan(info.name, info.size, "data file without its index"))
         elif info.name.endswith(METRICS_SUFFIX) and _STEP.fullmatch(
             info.name[: -len(METRICS_SUFFIX)]
