@@ -10,7 +10,6 @@ decision stays in :mod:`anyckpt.retention`.
 from __future__ import annotations
 
 import posixpath
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -20,7 +19,7 @@ import anyio.to_thread
 
 from ..api import meta_path
 from ..codecs import DecodeError
-from ..codecs.metrics import MAX_METRICS_SIZE, METRICS_SUFFIX, decode_metrics, metrics_path
+from ..codecs.metrics import MAX_METRICS_SIZE, decode_metrics, metrics_path
 from ..codecs.state_file import (
     MAX_STATE_FILE_SIZE,
     CheckpointState,
@@ -35,7 +34,7 @@ from ..errors import (
 )
 from ..formats import detect_format
 from ..formats.base import CheckpointFormat
-from ..formats.layout import NameIndex
+from ..formats.layout import NameIndex, debris, is_managed, split_step
 from ..lease import DirectoryLock
 from ..retention import (
     Candidate,
@@ -93,10 +92,6 @@ class CheckpointDirectory:
         self._allow_symlinks = allow_symlinks
         self._lock: DirectoryLock | None = None
         self._version: str | None = None  # of the state file, as last read or written
-        # A recorded name is ``{checkpoint_name}-{step}``, or a format's pattern of it (V1
-        # sharded: ``ckpt-5-?????-of-00002``).
-        name = settings.checkpoint_name
-        self._step_re = re.compile(re.escape(name) + r"-(\d+)(-\?{5}-of-\d{5})?")
         self.state = Tracking()
         self.metrics: dict[str, dict[str, float]] = {}  # by checkpoint name, as read/written
 
@@ -137,8 +132,8 @@ class CheckpointDirectory:
         return f"{self.settings.directory}/{name}"
 
     def step_of(self, name: str) -> int | None:
-        match = self._step_re.fullmatch(name)
-        return int(match.group(1)) if match else None
+        """The step of a recorded name (``ckpt-5``, V1 sharded ``ckpt-5-?????-of-00002``)."""
+        return split_step(name, self.settings.checkpoint_name)
 
     @property
     def last_step(self) -> int | None:
@@ -206,48 +201,10 @@ class CheckpointDirectory:
         latest committed one (written, but never recorded in the state file)."""
         checkpoint_name = self.settings.checkpoint_name
         names = await anyio.to_thread.run_sync(self.storage.listdir, self.root)
-        latest_step = self.step_of(self.state.latest) if self.state.latest else None
         tracked_paths = {t.path for t in self.state.tracked}  # one lookup per file, not a scan
-        ours = re.compile(
-            re.escape(checkpoint_name)
-            + r"-(\d+)(\.index|\.data-\d{5}-of-\d{5}|\.meta|"
-            + re.escape(METRICS_SUFFIX)
-            + ")"
+        doomed = debris(  # the rule anyckpt prune shows, in one place (formats.layout)
+            names, tracked_paths, checkpoint_name=checkpoint_name, latest=self.state.latest
         )
-        # Temporary files of any format's writer for one of our checkpoints (V1 shards
-        # ``ckpt-5-00000-of-00002``, plugin files ``ckpt-5.zst``...).
-        any_format = re.compile(re.escape(checkpoint_name) + r"-\d+([.-][\w.-]*)?")
-        present = set(names)
-        shard = re.compile(r"(\.index|\.data-\d{5}-of-\d{5}|-\d{5}-of-\d{5})$")
-        stems = {  # any format
-            shard.sub("", n) for n in names if not n.endswith((".meta", METRICS_SUFFIX))
-        }
-        doomed: list[str] = []
-        for name in names:
-            if TEMP_MARKER in name:
-                base = name.split(TEMP_MARKER, 1)[0]
-                if base == STATE_FILE or ours.fullmatch(base) or any_format.fullmatch(base):
-                    doomed.append(name)
-                continue
-            match = ours.fullmatch(name)
-            if not match:
-                continue
-            step = int(match.group(1))
-            prefix = f"{checkpoint_name}-{step}"
-            if self.state.latest == prefix:
-                continue
-            tracked = prefix in tracked_paths
-            # Newer than the latest commit: written but never recorded. Without a state file
-            # we cannot tell, so only files without their index (never complete) go: those
-            # of an interrupted save, or of a tracked checkpoint whose deletion was
-            # interrupted (it stays tracked; the next sweep finishes it).
-            newer = latest_step is not None and step > latest_step and not tracked
-            if match.group(2) in (".meta", METRICS_SUFFIX):  # stay while the checkpoint has files
-                if newer or prefix not in stems:
-                    doomed.append(name)
-            elif newer or f"{prefix}.index" not in present:
-                doomed.append(name)
-        doomed.sort(key=lambda n: not n.endswith(".index"))  # commit markers first
         for name in doomed:
             await anyio.to_thread.run_sync(self.storage.remove, self.path(name))
         # On S3, a save killed mid-upload leaves an unfinished multipart upload (its parts
@@ -256,7 +213,7 @@ class CheckpointDirectory:
         # their temporary names) belongs to an interrupted save: abort it.
         for upload in await anyio.to_thread.run_sync(self.storage.list_uploads, self.root):
             base = posixpath.basename(upload.path).split(TEMP_MARKER, 1)[0]
-            if base == STATE_FILE or ours.fullmatch(base) or any_format.fullmatch(base):
+            if is_managed(base, checkpoint_name):
                 await anyio.to_thread.run_sync(self.storage.abort_upload, upload)
 
     # -- the commit sequence -----------------------------------------------------------------
