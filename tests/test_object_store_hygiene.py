@@ -385,7 +385,7 @@ def test_a_preloaded_s3_manager_never_stalls_the_event_loop(s3_bucket: RemoteBuc
     one C call holding the GIL, 15-150 ms: the stall preloading removes). The timing bound is
     generous on purpose (see its comment; this is not a benchmark): what is left after
     preloading is ordinary Python work in other threads, which hands the GIL back every
-    5 ms. On this shared machine a ticker alone in a process already sees 10-45 ms gaps at
+    5 ms. On this shared machine a ticker alone in a process already sees 9-47 ms gaps at
     times (the OS not scheduling it), so a fresh process is tried up to three times and one
     attempt under the bound passes; a stall that preloading failed to remove is in every
     attempt."""
