@@ -341,12 +341,11 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
     model = MLP(hidden, config.seed)
     size = sum(a.nbytes for a in flatten(model.state()).values() if isinstance(a, np.ndarray))
     hours = config.preserve_every / 3600 if config.preserve_every else None
-    blocked_at: dict[int, float] = {}
     losses_at: dict[int, float] = {}
     result = DemoResult(config.directory, 0, 0, 0, 0)
 
     def on_event(event: SaveEvent) -> None:
-        blocked = blocked_at.pop(event.step, 0.0)
+        blocked = event.blocked_seconds
         loss = losses_at.pop(event.step, math.nan)
         result.saves.append(SaveRecord(event.step, blocked, event, loss))
         result.deleted.extend(event.deleted)
@@ -360,8 +359,8 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
             f"  step {event.step:>5}  saved {posixpath.basename(event.prefix)} "
             f"({format_bytes(event.bytes)}, loss {loss:.3f}): loop blocked "
             f"{format_duration(blocked)}, "
-            f"written in {format_duration(event.write_seconds + event.commit_seconds)}"
-            f"{extra}"
+            f"written in {format_duration(event.write_seconds + event.commit_seconds)} "
+            f"({format_bytes(event.throughput)}/s){extra}"
         )
 
     def manager() -> CheckpointManager:
@@ -390,10 +389,8 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
             result.final_loss = loss
             out.progress(step - result.start_step, config.steps, step, loss)
             if step % config.every == 0:
-                t0 = time.perf_counter()
                 losses_at[step] = loss
                 await mgr.save(model.state(), step=step, metrics={"loss": loss})
-                blocked_at[step] = time.perf_counter() - t0
                 snapshots[step] = _snapshot(model.state())
                 for old in [s for s in snapshots if s < step]:
                     del snapshots[old]

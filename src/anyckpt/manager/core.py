@@ -340,6 +340,7 @@ class CheckpointManager:
         :class:`~anyckpt.save_control.SaveWouldBlockError` instead of waiting for room
         (``max_pending``, ``max_pending_bytes``).
         """
+        entered = time.perf_counter()
         self._saves.check_running()
         values = None if metrics is None else check_metrics(metrics)
         if self.coordinator is not None:
@@ -393,6 +394,7 @@ class CheckpointManager:
                 values,
                 ticket,  # hook: max_pending_bytes / stale check
                 tree,  # hook: structures
+                time.perf_counter() - entered,
             ),
         )
         return pending
@@ -406,6 +408,7 @@ class CheckpointManager:
         metrics: dict[str, float] | None,
         ticket: SaveTicket,
         tree: Any,
+        blocked_seconds: float,
         previous: anyio.Event | None,
     ) -> None:
         error: BaseException | None = None
@@ -460,6 +463,7 @@ class CheckpointManager:
                 time.perf_counter() - wrote,
                 deleted,
                 preserved,
+                blocked_seconds,
             )
             if self.on_event is not None:
                 self.on_event(pending.event)

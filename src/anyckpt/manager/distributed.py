@@ -228,6 +228,7 @@ async def save(
     in the save's collectives (as a failed rank), so its peers fail at once too. ``decide``
     is the manager's save policy (``checkpoint_interval``): every rank decides alike."""
 
+    entered = time.perf_counter()
     saves.check_running()
     failure: Exception | None = None
     try:
@@ -281,6 +282,7 @@ async def save(
             manifest,
             arrays,
             capture_seconds,
+            time.perf_counter() - entered,
         ),
     )
     if failure is not None:
@@ -297,6 +299,7 @@ async def _write_and_commit(
     manifest: Manifest,
     arrays: Arrays,
     capture_seconds: float,
+    blocked_seconds: float,
     previous: anyio.Event | None,
 ) -> None:
 
@@ -361,6 +364,7 @@ async def _write_and_commit(
             time.perf_counter() - wrote,
             outcome.deleted,
             outcome.preserved,
+            blocked_seconds,
         )
         if manager.on_event is not None:
             manager.on_event(pending.event)

@@ -18,7 +18,13 @@ from . import steps
 
 @dataclass(frozen=True)
 class SaveEvent:
-    """What one save did, for progress reporting and metrics (``on_event``)."""
+    """What one save did, for progress reporting and metrics (``on_event``).
+
+    ``blocked_seconds``: how long ``save()`` held the caller (waiting for room under
+    ``max_pending``/``max_pending_bytes``, then the capture copy, ``capture_seconds``);
+    ``write_seconds``: writing the files in the background; ``commit_seconds``: from written
+    to committed (waiting for earlier saves, the state file, retention); ``throughput``:
+    bytes per second of the background write."""
 
     step: int
     prefix: str
@@ -28,6 +34,12 @@ class SaveEvent:
     commit_seconds: float
     deleted: tuple[str, ...] = ()
     preserved: tuple[str, ...] = ()
+    blocked_seconds: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        """Bytes per second of the background write (0.0 if it took no measurable time)."""
+        return self.bytes / self.write_seconds if self.write_seconds > 0 else 0.0
 
 
 class PendingSave:
