@@ -366,6 +366,9 @@ class CheckpointManager:
                 state = {**state, "save_counter": np.int64(step)}
             state = with_object_graph(state)
         tensors = prepare(state)
+        # hook: max_pending_bytes — too big to copy: written while the caller waits, uncopied
+        staged = self._control.staged(tensors, copy=copy)
+        copy = copy and not staged
         # hook: max_pending_bytes — a slot and the bytes the copy will hold (or block=False)
         ticket = await self._control.admit(self._saves.slots, tensors, copy=copy, block=block)
         try:
@@ -375,14 +378,16 @@ class CheckpointManager:
             if copy:
                 tensors = await capture(tensors)
             capture_seconds = time.perf_counter() - started
-            # hook: save policies / stale check — record the save, digest uncopied arrays
-            await self._control.captured(ticket, step, tensors, copy=copy)
+            # hook: save policies / stale check — record the save, digest uncopied arrays (a
+            # staged save's need none: the caller waits until they are written)
+            await self._control.captured(ticket, step, tensors, copy=copy or staged)
         except BaseException:
             self._saves.slots.release()
             self._control.release(ticket)  # hook: max_pending_bytes
             raise
         name = f"{self.checkpoint_name}-{step}"
         pending = PendingSave(step, self._public(name), reason=decision.reason)
+        released = anyio.Event() if staged else None
         self._saves.start(
             pending,
             partial(
@@ -394,9 +399,12 @@ class CheckpointManager:
                 values,
                 ticket,  # hook: max_pending_bytes / stale check
                 tree,  # hook: structures
-                time.perf_counter() - entered,
+                entered,
+                released,
             ),
         )
+        if released is not None:  # staged: the caller's arrays are in use until written
+            await released.wait()
         return pending
 
     async def _write_and_commit(
@@ -408,12 +416,17 @@ class CheckpointManager:
         metrics: dict[str, float] | None,
         ticket: SaveTicket,
         tree: Any,
-        blocked_seconds: float,
+        entered: float,
+        released: anyio.Event | None,
         previous: anyio.Event | None,
     ) -> None:
+        """The background part of a save: sidecars, the files, then (in save order) the
+        commit. ``released`` (a staged save, not copied) is set once the caller's arrays are
+        no longer needed: ``save()`` waits for it."""
         error: BaseException | None = None
+        started = time.perf_counter()
+        blocked_seconds = started - entered
         try:
-            started = time.perf_counter()
             # hook: structures — the sidecar also holds the structure's description
             if metrics is not None or tree is not None:
                 # before the commit marker: a committed one has its metrics
@@ -450,6 +463,9 @@ class CheckpointManager:
             wrote = time.perf_counter()
             nbytes = sum(a.nbytes for a in tensors.values() if a.dtype != object)
             del tensors
+            if released is not None:
+                blocked_seconds = wrote - entered
+                released.set()
             if previous is not None:
                 await previous.wait()
             async with self._saves.commit_lock:
@@ -464,6 +480,7 @@ class CheckpointManager:
                 deleted,
                 preserved,
                 blocked_seconds,
+                staged=released is not None,
             )
             if self.on_event is not None:
                 self.on_event(pending.event)
@@ -479,6 +496,8 @@ class CheckpointManager:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            if released is not None:
+                released.set()  # (failed before written: save() returns, the error follows)
             self._saves.slots.release()
             self._control.release(ticket)  # hook: max_pending_bytes
             SaveQueue.finish(pending, error)

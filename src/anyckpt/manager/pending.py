@@ -35,6 +35,10 @@ class SaveEvent:
     deleted: tuple[str, ...] = ()
     preserved: tuple[str, ...] = ()
     blocked_seconds: float = 0.0
+    #: Too big to copy (over ``max_pending_bytes`` or most of the available memory): written
+    #: from the caller's arrays while ``save()`` waited, so ``blocked_seconds`` includes the
+    #: write; committed in the background.
+    staged: bool = False
 
     @property
     def throughput(self) -> float:
