@@ -292,7 +292,7 @@ class NameIndex:
         return i < len(self._names) and self._names[i].startswith(text)
 
     def may_hold(self, prefix: str) -> bool:
-        stem = _stem_of(prefix)
+        stem = _stem_of(prefix) if "?" in prefix else prefix  # (hot: no call for most names)
         i = bisect.bisect_left(self._names, stem)
         exact = i < len(self._names) and self._names[i] == stem
         return exact or self._starts(stem + ".") or self._starts(stem + "-")
@@ -300,7 +300,7 @@ class NameIndex:
     def belonging(self, prefix: str) -> list[str]:
         """The names that may belong to ``prefix`` (as :meth:`may_hold` asks), in O(log n +
         the names returned)."""
-        stem = _stem_of(prefix)
+        stem = _stem_of(prefix) if "?" in prefix else prefix
         names = self._names
         out: list[str] = []
         i = bisect.bisect_left(names, stem)
