@@ -38,6 +38,7 @@ from .codecs import DecodeError
 from .codecs.dtypes import DT_STRING, dtype_from_enum, enum_from_dtype, tf_name
 from .codecs.protowire import LENGTH_DELIMITED, fields, last_string
 from .errors import UnsupportedFormatError
+from .formats.base import tf_saver_version
 
 #: SaverDef.CheckpointFormatVersion values (``SaverDef.V1``, ``SaverDef.V2``).
 V1: int = 1
@@ -183,7 +184,7 @@ class SaverConfig:
 def saver_version(format: str | Any) -> int:
     """SaverDef version (``V1``/``V2``) of a format: its ``tf_saver_version`` attribute, else
     by name (``v1``, ``v2``, ``sharded``). Other formats TensorFlow cannot restore."""
-    version = getattr(format, "tf_saver_version", None)
+    version = None if isinstance(format, str) else tf_saver_version(format)
     name = format if isinstance(format, str) else getattr(format, "name", repr(format))
     if version is None:
         version = _FORMAT_VERSIONS.get(name)

@@ -13,10 +13,11 @@ from typing import Any
 import anyio.to_thread
 import numpy as np
 
-from ..api import meta_path, read_meta_file
+from ..api import read_meta_file
 from ..codecs.dtypes import tf_name
 from ..errors import CheckpointNotFoundError
 from ..formats.base import CheckpointReader, TensorSlice, TensorSpec
+from ..formats.layout import meta_path
 from ..meta import MetaGraphInfo
 from ..object_graph import OBJECT_GRAPH_KEY
 from ..storage import Storage

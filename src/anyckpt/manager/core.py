@@ -33,14 +33,12 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
-from .._concurrency import run_concurrently
 from ..api import with_object_graph, write_meta_file
 from ..codecs import DecodeError
 from ..codecs.metrics import (
     MAX_METRICS_SIZE,
     check_metrics,
     encode_metrics,
-    metrics_path,
 )
 from ..errors import (
     CheckpointNotFoundError,
@@ -48,7 +46,8 @@ from ..errors import (
     CorruptCheckpointError,
 )
 from ..formats import get_format
-from ..formats.base import CheckpointFormat, Index, check_options
+from ..formats.base import CheckpointFormat, Index, check_options, checkpoint_path, read_slices
+from ..formats.layout import metrics_path
 from ..meta import saver_version
 from ..retention import (
     Candidate,
@@ -455,9 +454,7 @@ class CheckpointManager:
             )
             # hook: stale check — fail before the commit if uncopied arrays changed
             await self._control.written(ticket, pending.step, self._public(name), tensors)
-            recorded = getattr(self.format, "checkpoint_path", None)
-            if recorded is not None:
-                name = posixpath.basename(recorded(self._path(name), written))
+            name = posixpath.basename(checkpoint_path(self.format, self._path(name), written))
             if metrics is not None:
                 self.checkpoint_dir.metrics[name] = metrics
             wrote = time.perf_counter()
@@ -646,17 +643,7 @@ class CheckpointManager:
         try:
             if not isinstance(keys, Mapping):
                 return await reader.read_many(keys, verify=verify)
-            read_slices = getattr(reader, "read_slices", None)
-            if read_slices is not None:  # the pieces' ranges batched (V2Reader.read_slices)
-                pieces: dict[str, np.ndarray] = await read_slices(keys, verify=verify)
-                return pieces
-            out: dict[str, np.ndarray] = {}
-
-            async def read(key: str, index: Index) -> None:
-                out[key] = await reader.read(key, index, verify=verify)
-
-            # The first error as itself (as reader.read raises it), not an exception group.
-            await run_concurrently(partial(read, key, index) for key, index in keys.items())
-            return {key: out[key] for key in keys}
+            # V2 batches the pieces' ranges; by default one read per piece, concurrently.
+            return await read_slices(reader, keys, verify=verify)
         finally:
             await reader.aclose()
