@@ -205,9 +205,13 @@ async def test_api_s3_save_to_unreachable_endpoint(
     options = _s3_options(f"http://127.0.0.1:{closed_port}", key="k", secret="s")
     storage, _ = Storage.from_url("s3://bucket/x", options)
     attempts = _count_s3_attempts(storage)
-    with pytest.raises(RemoteUnavailableError):
+    with pytest.raises(RemoteUnavailableError) as info:
         await anyckpt.save("s3://bucket/x/ckpt-1", {"w": np.ones(3)}, storage_options=options)
     assert 1 <= attempts.count <= 4, attempts.count  # the files go concurrently
+    # The client's error stays its cause, through the concurrent writes of the files (they
+    # re-raise the first error as itself: it once lost its cause there).
+    assert info.value.__cause__ is not None
+    assert type(info.value.__cause__).__name__ == "EndpointConnectionError", info.value.__cause__
 
 
 @pytest.mark.anyio
