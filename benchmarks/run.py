@@ -637,6 +637,14 @@ def render(summary: dict[str, Any]) -> str:
         else:
             lines.append(f"Not measured: {s3.get('problem')}")
         lines.append("")
+    scale = summary.get("distributed_scale")
+    if scale is not None:
+        import plot
+
+        lines.append("### Distributed save, simulated (rank 0's CPU seconds; metadata only)")
+        lines.append("")
+        lines.append(plot.table(scale["points"]))
+        lines.append("")
     lines.append("### Targets")
     lines.append("")
     for t in summary["targets"]:
@@ -732,6 +740,34 @@ def run_scaling(args: argparse.Namespace) -> dict[str, str]:
     return outs
 
 
+def run_distributed_scale(args: argparse.Namespace) -> dict[str, Any]:
+    """``distributed_scale.py --sweep`` (issue 20), metadata only: 64 to 8,192 ranks at 100
+    tensors, and 64 to 1,024 ranks at 1,000 (at 4,096 and 8,192 ranks x 1,000 tensors, rank 0
+    alone needs about 7 and 14 GiB: docs/distributed.md). Writes the points beside this run's
+    JSON and, with matplotlib (the ``bench`` extra), draws docs/distributed.md's figures there."""
+    import distributed_scale
+
+    stem = os.path.splitext(args.out)[0] if args.out else os.path.join(HERE, "results", "bench")
+    out = stem + "-distributed-scale.json"
+    log("== distributed save, simulated at 64 to 8,192 ranks (distributed_scale.py)", args.quiet)
+    timeout = args.timeout * 4
+    points = distributed_scale.sweep([64, 256, 1024, 4096, 8192], [100], "fsdp", timeout)
+    points += distributed_scale.sweep([64, 256, 1024], [1000], "fsdp", timeout)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(points, f, indent=2)
+    figures = stem + "-distributed-scale-img"
+    plot = [sys.executable, os.path.join(HERE, "plot.py"), "distributed-scale", out]
+    drawn = subprocess.run(
+        [*plot, "--out-dir", figures], capture_output=True, text=True, check=False
+    )
+    if drawn.returncode != 0:
+        log(f"   figures not drawn: {drawn.stderr.strip().splitlines()[-1:]}", args.quiet)
+    elif not args.quiet:
+        print(drawn.stdout)
+    return {"points": points, "json": out, "figures": figures if drawn.returncode == 0 else None}
+
+
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     started = time.time()
@@ -743,12 +779,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             summary["results"], summary["workloads"], summary["s3"]
         )
     if args.distributed_scale:
-        import distributed_scale
-
-        log("== distributed save, simulated at 64 to 8,192 ranks", args.quiet)
-        summary["distributed_scale"] = distributed_scale.sweep(
-            [64, 256, 1024, 4096, 8192], [100, 1000], "fsdp", args.timeout * 4
-        )
+        summary["distributed_scale"] = run_distributed_scale(args)
     if args.scaling:
         summary["scaling"] = run_scaling(args)
     summary["wall_seconds"] = round(time.time() - started, 1)

@@ -566,3 +566,30 @@ def test_s3_with_storage_options(s3_bucket: Any) -> None:
     verified = run("verify", url, *options)
     assert verified.returncode == 0, verified.stdout + verified.stderr
     assert "2 of 2 checkpoints ok" in verified.stdout
+
+
+def test_inspect_json_streamed_text_is_what_json_dump_writes(tmp_path: Path) -> None:
+    """The tensors of ``inspect --json`` are written one entry at a time; the text is exactly
+    the indented document ``json.dump`` writes (so nothing downstream sees a difference),
+    including names that need escaping and an empty listing."""
+    import io
+
+    from anyckpt.cli._output import print_json
+
+    prefix = tmp_path / "c"
+    tensors = {'a"b\\nc': np.arange(3, dtype=np.int32), "é/x": np.zeros((2, 2), np.float16)}
+    anyckpt.sync.save(str(prefix), tensors, durable=False)
+    result = subprocess.run(
+        [sys.executable, "-m", "anyckpt", "inspect", "--json", str(prefix)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    document = json.loads(result.stdout)
+    assert [t["key"] for t in document["tensors"]] == sorted(tensors)
+    assert result.stdout == json.dumps(document, indent=2, ensure_ascii=False) + "\n"
+    for items in ([], [{"k": 1}], [{"k": [1, {"n": "x\ny"}]}, 2, "s"]):
+        streamed, whole = io.StringIO(), io.StringIO()
+        print_json({"a": 1, "tensors": None, "z": [3]}, streamed, streamed=("tensors", iter(items)))
+        print_json({"a": 1, "tensors": items, "z": [3]}, whole)
+        assert streamed.getvalue() == whole.getvalue()

@@ -199,3 +199,44 @@ def test_no_import_cycle() -> None:
     graph = {module: scan(module).edges - {module} for module in MODULES}
     cycles = find_cycles(graph)
     assert not cycles, "import cycles:\n" + "\n".join(" -> ".join(c) for c in cycles)
+
+
+def foreign_private_accesses(source: str) -> list[str]:
+    """`x._name` where `x` is not `self`/`cls` and no class or function of this source
+    defines `_name`: an underscored attribute of another module's object."""
+    tree = ast.parse(source)
+    own: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            own.add(node.name)
+        elif (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.ctx, ast.Store)
+            and isinstance(node.value, ast.Name)
+            and node.value.id == "self"
+        ):
+            own.add(node.attr)
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            own.add(node.target.id)
+    return [
+        f"line {node.lineno}: .{node.attr}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Attribute)
+        and _is_private(node.attr)
+        and node.attr not in own
+        and not (isinstance(node.value, ast.Name) and node.value.id in ("self", "cls"))
+    ]
+
+
+def test_the_private_access_scan_finds_reaching_in() -> None:
+    assert foreign_private_accesses("def f(m):\n    return m._last_step\n") == [
+        "line 2: ._last_step"
+    ]
+    assert foreign_private_accesses("class A:\n    def _x(self):\n        return B()._x\n") == []
+
+
+def test_the_distributed_saver_reaches_no_private_name_of_the_manager() -> None:
+    """issue 14: manager.distributed is built on the public methods of CheckpointDirectory and
+    SaveQueue; manager.core reaches into neither (nor into PendingSave)."""
+    for module in ("anyckpt.manager.distributed", "anyckpt.manager.core"):
+        assert foreign_private_accesses(MODULES[module].read_text()) == [], module

@@ -3,6 +3,7 @@ built-in format's names, and the pure ``debris`` rule the manager and the CLI sh
 
 from __future__ import annotations
 
+import ast
 from pathlib import Path
 
 import anyio
@@ -131,3 +132,127 @@ def test_debris_removes_what_the_manager_removes(
     anyio.run(open_manager)
     removed = names - {p.name for p in directory.iterdir()}
     assert removed == set(expected)
+
+
+# -- the names' helpers: one home, inverse of each other -----------------------------------
+
+_DIRS = st.sampled_from(["", "d/", "gs://b/x/"])
+
+
+@given(_DIRS, stems, st.integers(0, 99_999), st.integers(1, 99_999))
+def test_v1_names_round_trip(directory: str, stem: str, shard: int, num_shards: int) -> None:
+    prefix = directory + stem
+    pattern = layout.v1_pattern_path(prefix, num_shards)
+    assert layout.split_v1_pattern(pattern) == (prefix, num_shards)
+    assert layout.split_v1_pattern(prefix) is None
+    shard_name = file_name(stem, layout.V1_SHARD, shard, num_shards)
+    assert layout.v1_shard_path(prefix, shard, num_shards) == directory + shard_name
+    assert layout.v1_shard_number(shard_name, stem) == (shard, num_shards)
+    assert layout.v1_shard_number(shard_name, stem + "x") is None
+
+
+@given(_DIRS, stems, st.integers(1, 99_999))
+def test_sidecars_of_a_prefix_and_of_its_v1_pattern_are_the_same(
+    directory: str, stem: str, num_shards: int
+) -> None:
+    prefix = directory + stem
+    pattern = layout.v1_pattern_path(prefix, num_shards)
+    assert layout.meta_path(prefix) == layout.meta_path(pattern) == prefix + ".meta"
+    assert layout.metrics_path(prefix) == layout.metrics_path(pattern)
+    assert parse_file_name(layout.metrics_path(stem)) == (stem, layout.METRICS)
+    assert parse_file_name(layout.meta_path(stem)) == (stem, layout.META)
+
+
+@given(stems, st.integers(0, 10**9), st.sampled_from(["ckpt", "model.ckpt", "a-1"]))
+def test_steps(stem: str, step: int, name: str) -> None:
+    prefix = f"{name}-{step}"
+    assert layout.step_of(prefix, name) == step
+    assert layout.step_of(prefix) == step
+    assert layout.split_step(prefix, name) == step
+    assert layout.split_step(layout.v1_pattern_path(prefix, 2), name) == step
+    assert layout.split_name_step(layout.v1_pattern_path(prefix, 2)) == (name, step)
+    assert layout.step_of(prefix, name + "x") is None
+    assert layout.final_name(file_name(prefix, layout.TEMP)) == prefix
+    assert layout.final_name(stem) == stem
+
+
+def test_a_plugin_checkpoint_keeps_its_sidecars() -> None:
+    # ckpt-4.zst is ckpt-4's file: its metrics and graph are not debris (they were: only V2
+    # and V1 files counted as a checkpoint's, so a manager of a plugin format dropped the
+    # metrics BestN retention reads from every checkpoint but the latest on each open).
+    names = ["checkpoint", "ckpt-4.zst", "ckpt-4.metrics.json", "ckpt-4.meta"]
+    names += ["ckpt-5.safetensors", "ckpt-5.metrics.json", "ckpt-3.metrics.json"]
+    found = layout.debris_reasons(
+        names, ["ckpt-4", "ckpt-5"], checkpoint_name="ckpt", latest="ckpt-5"
+    )
+    assert found == {"ckpt-3.metrics.json": layout.NO_CHECKPOINT[layout.METRICS]}
+
+
+def test_debris_reasons() -> None:
+    names = [
+        "ckpt-5.index",
+        "ckpt-5.data-00000-of-00001",
+        "ckpt-6.data-00000-of-00001",  # no index
+        "ckpt-7.index",  # complete, never recorded
+        "ckpt-7.data-00000-of-00001",
+        "ckpt-7.meta",
+        "ckpt-2.meta",  # its checkpoint is gone
+        f"ckpt-5.index{TEMP_MARKER}ab",
+    ]
+    found = layout.debris_reasons(names, ["ckpt-5"], checkpoint_name="ckpt", latest="ckpt-5")
+    assert found == {
+        "ckpt-7.index": layout.UNRECORDED,  # commit markers first
+        "ckpt-6.data-00000-of-00001": layout.NO_INDEX,
+        "ckpt-7.data-00000-of-00001": layout.UNRECORDED,
+        "ckpt-7.meta": layout.UNRECORDED,
+        "ckpt-2.meta": layout.NO_CHECKPOINT[layout.META],
+        f"ckpt-5.index{TEMP_MARKER}ab": layout.TEMP_FILE,
+    }
+    assert debris(names, ["ckpt-5"], checkpoint_name="ckpt", latest="ckpt-5") == list(found)
+
+
+# -- no other module restates a name rule ---------------------------------------------------
+
+_SRC = Path(__file__).resolve().parents[1] / "src" / "anyckpt"
+#: Pieces of checkpoint file names and patterns: spelled in formats/layout.py only.
+_NAME_PIECES = (".index", ".data-", "-of-", ".meta", ".metrics.json", "?????", "-(\\d")
+
+
+def _code_strings(path: Path) -> list[tuple[int, str]]:
+    """The string constants of ``path`` (f-string parts included) that are not docstrings
+    and hold no space (prose, such as an error message, may name a file)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    docstrings = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+            first = node.body[0] if node.body else None
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                docstrings.add(id(first.value))
+    return [
+        (node.lineno, node.value)
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Constant)
+        and isinstance(node.value, str)
+        and id(node) not in docstrings
+        and " " not in node.value
+    ]
+
+
+def test_no_module_but_layout_spells_a_file_name_rule() -> None:
+    found = []
+    for path in sorted(_SRC.rglob("*.py")):
+        relative = path.relative_to(_SRC).as_posix()
+        if relative == "formats/layout.py" or relative.startswith("_proto/"):
+            continue
+        found += [
+            f"{relative}:{line}: {text!r}"
+            for line, text in _code_strings(path)
+            if any(piece in text for piece in _NAME_PIECES)
+        ]
+    assert found == []
+
+
+def test_the_source_check_sees_a_restated_rule(tmp_path: Path) -> None:
+    planted = tmp_path / "m.py"
+    planted.write_text('"""Doc: PREFIX.index."""\nX = f"{p}.index"\nY = "an .index file"\n')
+    assert [text for _, text in _code_strings(planted)] == [".index"]

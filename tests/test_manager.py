@@ -754,9 +754,17 @@ async def test_on_event_reports_bytes_and_timings(mem: Where) -> None:
     assert one.bytes == 10 * 10 * 8 + 4
     assert two.bytes == 5 * 4
     for event in events:
-        for seconds in (event.capture_seconds, event.write_seconds, event.commit_seconds):
+        for seconds in (
+            event.capture_seconds,
+            event.write_seconds,
+            event.commit_seconds,
+            event.blocked_seconds,
+        ):
             assert isinstance(seconds, float)
             assert 0 <= seconds < 60
+        # save() held the caller for the capture and more (checks, waiting for a slot)
+        assert event.blocked_seconds >= event.capture_seconds
+        assert event.throughput == pytest.approx(event.bytes / event.write_seconds)
     assert one.deleted == ()
     assert two.deleted == (f"{mem.url}/ckpt-1",)
     assert two.preserved == ()

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 import anyckpt
 from anyckpt.codecs import DecodeError
-from anyckpt.codecs.metrics import check_metrics, decode_metrics, encode_metrics, metrics_path
+from anyckpt.codecs.metrics import check_metrics, decode_metrics, encode_metrics
+from anyckpt.formats.layout import metrics_path
 from anyckpt.retention import Any as AnyOf
 from anyckpt.retention import BestN, LatestN
 from anyckpt.storage import Storage

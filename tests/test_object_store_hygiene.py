@@ -427,3 +427,51 @@ def test_preload_makes_the_client_the_manager_then_uses(s3_bucket: RemoteBucket)
     assert fs.s3 is client
     with pytest.raises(ValueError, match="nosuchprotocol"):
         preload("nosuchprotocol://x")
+
+
+class _Served(_Requests):
+    """Requests, the S3 operations, and the body bytes of each answer (its Content-Length):
+    what the server sent."""
+
+    def __init__(self, fs: Any) -> None:
+        super().__init__(fs)
+        self.body_bytes = 0
+        self.operations: list[str] = []
+        fs.s3.meta.events.register("after-call.s3", self._answered)
+
+    def _answered(self, http_response: Any, model: Any, **kwargs: Any) -> None:
+        self.operations.append(model.name)
+        if model.name != "HeadObject":  # (a HEAD's Content-Length is the object's, no body)
+            self.body_bytes += int(http_response.headers.get("content-length", 0))
+
+
+def test_restoring_one_percent_from_s3_fetches_about_one_percent(s3_bucket: RemoteBucket) -> None:
+    """issue 18: a restore of 1% of the keys of a V2 checkpoint on S3 fetches the index and
+    little more than those tensors' bytes, in a bounded number of requests (ranged GETs),
+    not the data file."""
+    rng = np.random.default_rng(3)
+    count, elements = 400, 4096  # 400 tensors of 16 KiB: a 6.4 MiB data file
+    tensors = {
+        f"layer{i:03d}/w": rng.standard_normal(elements).astype(np.float32) for i in range(count)
+    }
+    prefix = f"{s3_bucket.url}/m/ckpt-1"
+    opts = s3_bucket.storage_options
+    anyckpt.sync.save(prefix, tensors, storage_options=opts)
+    wanted = [f"layer{i:03d}/w" for i in range(0, count, 100)]  # 1%, spread over the file
+    storage, root = Storage.from_url(prefix, opts)
+    index_bytes = storage.size(f"{root}.index")
+    data_bytes = sum(a.nbytes for a in tensors.values())
+    served = _Served(storage.fs)
+    loaded = anyckpt.sync.load(prefix, wanted, storage_options=opts)
+    assert sorted(loaded) == sorted(wanted)
+    assert all(loaded[k].tobytes() == tensors[k].tobytes() for k in wanted)
+    asked = sum(tensors[k].nbytes for k in wanted)
+    print(
+        f"1% restore from S3: {len(served.operations)} requests {served.operations},"
+        f" {served.body_bytes} bytes served: index {index_bytes} + tensors {asked}"
+        f" of a {data_bytes}-byte data file"
+    )
+    assert served.body_bytes <= index_bytes + asked + 4096  # (listings' answers aside)
+    gets = served.operations.count("GetObject")
+    assert gets <= 1 + len(wanted)  # the index, then at most one ranged GET per tensor
+    assert len(served.operations) <= gets + 8  # what finding the format and sizes costs

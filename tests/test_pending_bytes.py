@@ -167,3 +167,108 @@ def test_peak_rss_stays_within_max_pending_bytes() -> None:
     # The same run without the budget holds more: the bound above is the budget's doing.
     unbounded = peak_over_baseline(None)
     assert unbounded > 2 * 64 * MiB + margin, f"{unbounded / MiB:.0f} MiB over the baseline"
+
+
+# -- a state too big to copy (issue 18: no OOM) --------------------------------------------
+
+
+def test_a_state_over_the_budget_is_written_while_the_caller_waits() -> None:
+    """A copy over max_pending_bytes is not made: the save writes the caller's own arrays
+    before save() returns (so the caller may change them at once) and commits in the
+    background; ``blocked_seconds`` includes that write."""
+    rng = np.random.default_rng(5)
+    big = {"w": rng.standard_normal(1 << 20).astype(np.float32)}  # 4 MiB
+    saved = big["w"].copy()
+    small = {"w": np.ones(16, np.float32)}
+    where = f"memory://staged-{uuid.uuid4().hex}"  # (sinkmem:// keeps no data to restore)
+    with anyckpt.sync.CheckpointManager(where, max_pending_bytes=MiB) as manager:
+        staged = manager.save(big, step=1)
+        big["w"][:] = -1.0  # at once: the checkpoint has what save() was given
+        staged.wait()
+        copied = manager.save(small, step=2).wait()
+        restored = manager.restore(step=1)
+    assert np.array_equal(restored["w"], saved)
+    assert staged.event is not None
+    assert copied.event is not None
+    assert staged.event.staged
+    assert not copied.event.staged
+    assert staged.event.blocked_seconds >= staged.event.write_seconds > 0
+
+
+def test_a_state_over_most_of_the_available_memory_is_staged_too(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Without max_pending_bytes, a state whose copy would take most of the memory the system
+    has available is staged as well (here the system is made to report 1 MiB available)."""
+    import anyckpt.save_control
+
+    assert (anyckpt.save_control.available_memory() or 1) > 0  # the real probe answers
+    monkeypatch.setattr(anyckpt.save_control, "available_memory", lambda: MiB)
+    with anyckpt.sync.CheckpointManager(directory()) as manager:
+        big = manager.save({"w": np.zeros(1 << 20, np.float32)}, step=1).wait()
+        small = manager.save({"w": np.zeros(16, np.float32)}, step=2).wait()
+    assert big.event is not None
+    assert small.event is not None
+    assert big.event.staged
+    assert not small.event.staged
+
+
+STAGED_CHILD = textwrap.dedent(
+    """
+    import json, sys, uuid
+    import numpy as np
+    import anyckpt
+    import sink_fs  # registers sinkmem:// (writes that keep no data)
+
+    def rss(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1]) * 1024
+        raise AssertionError(field)
+
+    budget = None if sys.argv[1] == "none" else int(sys.argv[1])
+    state = {f"w{i}": np.ones(32 * 2**20 // 4, np.float32) for i in range(6)}  # 192 MiB
+    with anyckpt.sync.CheckpointManager(
+        f"sinkmem://staged-{uuid.uuid4().hex}", max_to_keep=1, max_pending_bytes=budget
+    ) as manager:
+        manager.save({"w": np.ones(4, np.float32)}, step=1).wait()  # warm up the code paths
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        baseline = rss("VmRSS")
+        events = [manager.save(state, step=step).wait().event for step in (2, 3)]
+        peak = rss("VmHWM")
+    print(json.dumps({"baseline": baseline, "peak": peak, "staged": [e.staged for e in events]}))
+    """
+)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc")
+def test_a_staged_save_holds_no_copy() -> None:
+    """192 MiB saves with a 32 MiB budget: no copy is held (peak RSS over the baseline well
+    under one state), where copying would hold the whole state."""
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), *sys.path]),
+    }
+
+    def run(budget: int | None) -> dict[str, object]:
+        result = subprocess.run(
+            [sys.executable, "-c", STAGED_CHILD, "none" if budget is None else str(budget)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+            check=False,
+        )
+        assert result.returncode == 0, result.stderr
+        doc: dict[str, object] = json.loads(result.stdout.strip().splitlines()[-1])
+        return doc
+
+    staged = run(32 * MiB)
+    assert staged["staged"] == [True, True]
+    over = int(staged["peak"]) - int(staged["baseline"])  # type: ignore[call-overload]
+    assert over < 64 * MiB, f"{over / MiB:.0f} MiB over the baseline"
+    copied = run(None)  # the same saves, copied: the state's size is held
+    assert copied["staged"] == [False, False]
+    held = int(copied["peak"]) - int(copied["baseline"])  # type: ignore[call-overload]
+    assert held > 160 * MiB, f"{held / MiB:.0f} MiB over the baseline"  # ~192: one copy

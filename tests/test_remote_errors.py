@@ -9,12 +9,15 @@ client has no AWS credentials, no AWS config files and no instance-metadata look
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
 import socket
+import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,7 +28,7 @@ from servers import S3_REGION, clear_fs_caches
 
 import anyckpt
 from anyckpt.errors import CheckpointError, RemoteUnavailableError, StorageAccessError
-from anyckpt.storage import Storage, is_transient, is_unreachable, remote_error
+from anyckpt.storage import RetryPolicy, Storage, is_transient, is_unreachable, remote_error
 
 ANYCKPT = str(Path(sys.executable).parent / "anyckpt")
 TIMEOUT = 120
@@ -202,9 +205,13 @@ async def test_api_s3_save_to_unreachable_endpoint(
     options = _s3_options(f"http://127.0.0.1:{closed_port}", key="k", secret="s")
     storage, _ = Storage.from_url("s3://bucket/x", options)
     attempts = _count_s3_attempts(storage)
-    with pytest.raises(RemoteUnavailableError):
+    with pytest.raises(RemoteUnavailableError) as info:
         await anyckpt.save("s3://bucket/x/ckpt-1", {"w": np.ones(3)}, storage_options=options)
     assert 1 <= attempts.count <= 4, attempts.count  # the files go concurrently
+    # The client's error stays its cause, through the concurrent writes of the files (they
+    # re-raise the first error as itself: it once lost its cause there).
+    assert info.value.__cause__ is not None
+    assert type(info.value.__cause__).__name__ == "EndpointConnectionError", info.value.__cause__
 
 
 @pytest.mark.anyio
@@ -323,3 +330,103 @@ def test_dns_failure_is_unreachable() -> None:
     exc = socket.gaierror(socket.EAI_NONAME, "Name or service not known")
     assert is_unreachable(exc)
     assert not is_transient(exc)
+
+
+class _ResettingServer:
+    """A listener on 127.0.0.1 that accepts each connection, reads the request and resets the
+    connection (SO_LINGER 0: an RST, not a FIN): a connection made, then dropped."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.port = int(self.sock.getsockname()[1])
+        self.sock.settimeout(0.05)  # to notice close()
+        self.accepted = 0
+        self._closed = False
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            self.accepted += 1
+            with conn:
+                conn.settimeout(5.0)
+                with contextlib.suppress(OSError):
+                    conn.recv(65536)
+                conn.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+
+    def close(self) -> None:
+        self._closed = True
+        self._thread.join(5.0)
+        self.sock.close()
+
+
+@pytest.fixture
+def resetting_server() -> Iterator[_ResettingServer]:
+    server = _ResettingServer()
+    yield server
+    server.close()
+
+
+def test_a_reset_connection_under_aiohttp_is_transient_not_unreachable(
+    resetting_server: _ResettingServer,
+) -> None:
+    """What aiohttp (under gcsfs) raises for a connection the server resets: transient, not a
+    store that cannot be reached (that is a refused connection), and no anyckpt error."""
+    import asyncio
+
+    import aiohttp
+
+    async def get() -> None:
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{resetting_server.port}/x") as response,
+        ):
+            await response.read()
+
+    with pytest.raises(aiohttp.ClientError) as info:
+        asyncio.run(get())
+    exc = info.value
+    assert isinstance(exc, (aiohttp.ClientOSError, aiohttp.ServerDisconnectedError)), repr(exc)
+    assert is_transient(exc), repr(exc)
+    assert not is_unreachable(exc), repr(exc)
+    assert remote_error(exc, "reading gs://b/x") is None
+
+
+def test_gcs_reads_over_reset_connections_are_retried_then_fail_as_themselves(
+    resetting_server: _ResettingServer, no_credentials: dict[str, str]
+) -> None:
+    """gcsfs (one try per request) against an endpoint that resets every connection: anyckpt
+    tries the read as many times as its policy says (each a new connection), then raises the
+    client's error, not RemoteUnavailableError (the store was reached)."""
+    import fsspec
+    import gcsfs.core
+
+    previous = {p: fsspec.get_filesystem_class(p) for p in ("gs", "gcs")}
+    for protocol in previous:  # plain gcsfs: no gRPC layout probe, only HTTP
+        fsspec.register_implementation(protocol, gcsfs.core.GCSFileSystem, clobber=True)
+    original_retries = gcsfs.core.GCSFileSystem.retries
+    gcsfs.core.GCSFileSystem.retries = 1
+    try:
+        options = {"token": "anon", "endpoint_url": f"http://127.0.0.1:{resetting_server.port}"}
+        storage, root = Storage.from_url("gs://bucket/x", options)
+        storage.retry = RetryPolicy(attempts=3, base_delay=0.001, max_delay=0.004)
+        with pytest.raises(OSError, match="reset") as info:
+            storage.read_bytes(f"{root}/checkpoint")
+        assert not isinstance(info.value, CheckpointError), repr(info.value)
+        assert is_transient(info.value), repr(info.value)
+        # At least one connection per try (gcsfs may open a second for the same request).
+        assert resetting_server.accepted >= 3, resetting_server.accepted
+        print(f"reset connections: {resetting_server.accepted}, raised {info.value!r}")
+    finally:
+        gcsfs.core.GCSFileSystem.retries = original_retries
+        clear_fs_caches()
+        for protocol, cls in previous.items():
+            fsspec.register_implementation(protocol, cls, clobber=True)

@@ -355,3 +355,23 @@ def test_missing_file_is_not_found(store: Store) -> None:
         storage.read_bytes(f"{directory}/missing")
     assert storage.remove(f"{directory}/missing") is False
     assert storage.listdir(f"{directory}/missing-dir") == []
+
+
+@pytest.mark.parametrize("size", [0, 1, 99, 100, 101, 5000])
+def test_read_bytes_with_a_limit(store: Store, size: int) -> None:
+    """``read_bytes(max_size=...)`` returns a file up to the limit whole, and refuses one over
+    it as corrupt, on every store: on object stores one ranged GET of one byte more than the
+    limit (an empty object, on which S3 refuses any range, included)."""
+    storage, directory = store.storage("limit")
+    storage.makedirs(directory)
+    data = bytes(range(256)) * 20
+    path = f"{directory}/f"
+    storage.write_bytes(path, data[:size])
+    if size <= 100:
+        assert storage.read_bytes(path, max_size=100) == data[:size]
+    else:
+        with pytest.raises(anyckpt.CorruptCheckpointError, match="more than the 100 allowed"):
+            storage.read_bytes(path, max_size=100)
+    assert storage.read_bytes(path) == data[:size]
+    with pytest.raises(FileNotFoundError):
+        storage.read_bytes(f"{directory}/missing", max_size=100)

@@ -46,13 +46,20 @@ async def run_concurrently(calls: Iterable[Callable[[], Coroutine[Any, Any, obje
     """Run the calls as tasks of one task group and wait for all of them.
 
     If any fails, the others are cancelled and the first error is raised as itself, not
-    wrapped in an exception group, so callers can ``except OSError`` as usual."""
+    wrapped in an exception group, so callers can ``except OSError`` as usual. It keeps its
+    own cause and context (what a client library raised it from: fsspec's ``FSTimeoutError``
+    from aiohttp's timeout); the group is not chained to it."""
+    error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:
             for call in calls:
                 tg.start_soon(call)
     except BaseExceptionGroup as group:
-        raise first_error(group) from None
+        error = first_error(group)
+    if error is not None:
+        # Raised outside the handler: ``raise error from None`` would set the error's own
+        # ``__cause__`` to None, and raising it inside would replace its ``__context__``.
+        raise error
 
 
 _gc_guard = threading.Lock()

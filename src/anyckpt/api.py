@@ -6,7 +6,6 @@ from __future__ import annotations
 import importlib
 import os
 import posixpath
-import re
 from collections.abc import Generator, Mapping, Sequence
 from contextlib import suppress
 from functools import partial
@@ -21,6 +20,7 @@ from .codecs import DecodeError
 from .errors import CorruptCheckpointError
 from .formats import get_format, locate_checkpoint
 from .formats.base import CheckpointFormat, CheckpointReader, check_options
+from .formats.layout import META, meta_path, parse_file_name
 from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph, encode_meta_graph
 from .object_graph import (
     OBJECT_GRAPH_KEY,
@@ -266,14 +266,6 @@ class open:
 # -- PREFIX.meta: TensorFlow's MetaGraphDef --------------------------------------------------
 
 
-def meta_path(prefix: str) -> str:
-    """The ``.meta`` file of a checkpoint prefix (of a V1 sharded pattern
-    ``PREFIX-?????-of-N`` too: ``PREFIX.meta``, as TensorFlow names it)."""
-    if re.fullmatch(r".*-\?{5}-of-\d{5}", prefix):
-        prefix = prefix.rsplit("-", 3)[0]
-    return prefix + ".meta"
-
-
 def _shard_groups(
     tensors: Mapping[str, np.ndarray], options: Mapping[str, Any] | None
 ) -> list[list[str]] | None:
@@ -355,7 +347,9 @@ async def read_meta_graph(
     variables (name, dtype, shape, and the checkpoint key each is restored from), saver_def
     and collections. Damaged or foreign bytes raise :class:`~anyckpt.CorruptCheckpointError`."""
     storage, where = await open_storage(path, storage_options)
-    return await read_meta_file(storage, where if where.endswith(".meta") else meta_path(where))
+    parsed = parse_file_name(posixpath.basename(where))
+    is_meta = parsed is not None and parsed.role == META
+    return await read_meta_file(storage, where if is_meta else meta_path(where))
 
 
 async def read_meta_file(storage: Storage, path: str) -> MetaGraphInfo:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import posixpath
-import re
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -33,10 +32,11 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
+from .formats import layout
 from .manager import STATE_FILE, CheckpointManager, SaveEvent
 from .retention import Any as AnyOf
 from .retention import BestN, EveryNHours, LatestN, Policy
-from .storage import TEMP_MARKER, Storage
+from .storage import Storage
 from .tensors import flatten
 
 __all__ = [
@@ -301,7 +301,21 @@ class MLP:
         return loss
 
 
-_DEMO_FILE = re.compile(r"ckpt-\d+(\.index|\.data-\d{5}-of-\d{5}|\.metrics\.json)")
+#: The roles (:mod:`anyckpt.formats.layout`) of the demo's files: it saves V2 with metrics.
+_DEMO_ROLES = (layout.INDEX, layout.DATA, layout.METRICS)
+
+
+def _is_demo_file(name: str) -> bool:
+    """Whether ``name`` is a file of the demo's checkpoints (``ckpt-N``), its state file, or
+    the temporary name of one."""
+    parsed = layout.parse_file_name(name)
+    if parsed is not None and parsed.role == layout.TEMP:
+        parsed = layout.parse_file_name(parsed.stem)
+    if parsed is None:
+        return False
+    if parsed.role == layout.STATE:
+        return True
+    return parsed.role in _DEMO_ROLES and layout.step_of(parsed.stem, "ckpt") is not None
 
 
 def remove_demo_files(directory: str, storage_options: dict[str, Any] | None = None) -> int:
@@ -312,10 +326,9 @@ def remove_demo_files(directory: str, storage_options: dict[str, Any] | None = N
     removed = 0
     names = storage.listdir(root)
     # Commit markers first: the state file, then indexes, then data.
-    names.sort(key=lambda n: (n != STATE_FILE, not n.endswith(".index")))
+    names.sort(key=lambda n: (n != STATE_FILE, layout.role_of(n) != layout.INDEX))
     for name in names:
-        base = name.split(TEMP_MARKER, 1)[0]
-        if base == STATE_FILE or _DEMO_FILE.fullmatch(base):
+        if _is_demo_file(name):
             removed += storage.remove(posixpath.join(root, name))
     return removed
 
@@ -341,12 +354,11 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
     model = MLP(hidden, config.seed)
     size = sum(a.nbytes for a in flatten(model.state()).values() if isinstance(a, np.ndarray))
     hours = config.preserve_every / 3600 if config.preserve_every else None
-    blocked_at: dict[int, float] = {}
     losses_at: dict[int, float] = {}
     result = DemoResult(config.directory, 0, 0, 0, 0)
 
     def on_event(event: SaveEvent) -> None:
-        blocked = blocked_at.pop(event.step, 0.0)
+        blocked = event.blocked_seconds
         loss = losses_at.pop(event.step, math.nan)
         result.saves.append(SaveRecord(event.step, blocked, event, loss))
         result.deleted.extend(event.deleted)
@@ -360,8 +372,8 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
             f"  step {event.step:>5}  saved {posixpath.basename(event.prefix)} "
             f"({format_bytes(event.bytes)}, loss {loss:.3f}): loop blocked "
             f"{format_duration(blocked)}, "
-            f"written in {format_duration(event.write_seconds + event.commit_seconds)}"
-            f"{extra}"
+            f"written in {format_duration(event.write_seconds + event.commit_seconds)} "
+            f"({format_bytes(event.throughput)}/s){extra}"
         )
 
     def manager() -> CheckpointManager:
@@ -390,10 +402,8 @@ async def run_demo(config: DemoConfig, reporter: Reporter | None = None) -> Demo
             result.final_loss = loss
             out.progress(step - result.start_step, config.steps, step, loss)
             if step % config.every == 0:
-                t0 = time.perf_counter()
                 losses_at[step] = loss
                 await mgr.save(model.state(), step=step, metrics={"loss": loss})
-                blocked_at[step] = time.perf_counter() - t0
                 snapshots[step] = _snapshot(model.state())
                 for old in [s for s in snapshots if s < step]:
                     del snapshots[old]

@@ -18,7 +18,7 @@ V1) and ``save/control_dependency``, or the sharded form (``ShardedFilename`` pe
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -36,7 +36,9 @@ from ._proto.tensor_shape_pb2 import TensorShapeProto
 from ._proto.variable_pb2 import VariableDef
 from .codecs import DecodeError
 from .codecs.dtypes import DT_STRING, dtype_from_enum, enum_from_dtype, tf_name
+from .codecs.protowire import LENGTH_DELIMITED, fields, last_string
 from .errors import UnsupportedFormatError
+from .formats.base import tf_saver_version
 
 #: SaverDef.CheckpointFormatVersion values (``SaverDef.V1``, ``SaverDef.V2``).
 V1: int = 1
@@ -182,7 +184,7 @@ class SaverConfig:
 def saver_version(format: str | Any) -> int:
     """SaverDef version (``V1``/``V2``) of a format: its ``tf_saver_version`` attribute, else
     by name (``v1``, ``v2``, ``sharded``). Other formats TensorFlow cannot restore."""
-    version = getattr(format, "tf_saver_version", None)
+    version = None if isinstance(format, str) else tf_saver_version(format)
     name = format if isinstance(format, str) else getattr(format, "name", repr(format))
     if version is None:
         version = _FORMAT_VERSIONS.get(name)
@@ -767,21 +769,24 @@ class MetaGraphInfo:
         }
 
 
-def _parse(data: bytes) -> MetaGraphDef:
-    if len(data) > MAX_META_BYTES:
-        raise DecodeError(f"meta graph is {len(data)} bytes, over protobuf's 2 GiB limit")
+def _lines(text: str) -> Iterator[str]:
+    start = 0
+    while start < len(text):
+        end = text.find("\n", start)
+        end = len(text) if end < 0 else end + 1
+        yield text[start:end]
+        start = end
+
+
+def _parse_text(data: bytes, problem: str) -> MetaGraphDef:
+    """TensorFlow's read_meta_graph_file falls back to the text format (``export(as_text=
+    True)``) for bytes that are not a binary MetaGraphDef (``problem`` says why not)."""
     meta = MetaGraphDef()
     try:
-        meta.ParseFromString(bytes(data))
-        if meta.ListFields():
-            return meta
-        problem = "no MetaGraphDef field is set"
-    except (_message.DecodeError, RecursionError, ValueError) as exc:
-        problem = f"not a binary MetaGraphDef ({exc})"
-    # TensorFlow's read_meta_graph_file falls back to the text format (export as_text=True).
-    meta = MetaGraphDef()
-    try:
-        text_format.Parse(bytes(data).decode("utf-8"), meta)
+        text = bytes(data).decode("utf-8")
+        # Lines handed over one at a time: the parser's tokenizer does not split the whole
+        # text into a list of lines first (~60 bytes of Python per line).
+        text_format.ParseLines(_lines(text), meta)  # type: ignore[attr-defined]  # (not in stubs)
     except (UnicodeDecodeError, text_format.ParseError, RecursionError, ValueError):
         raise DecodeError(problem) from None
     if not meta.ListFields():
@@ -832,15 +837,19 @@ def _split_input(name: str) -> tuple[str, int]:
     return name, 0
 
 
-def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[str, tuple[str, str]]:
-    """Variable op name -> (checkpoint key, slice spec), from the Saver's restore subgraph."""
+def _restore_sources(
+    node_named: Callable[[str], NodeDef | None], assigns: Iterable[NodeDef], scope: str | None
+) -> dict[str, tuple[str, str]]:
+    """Variable op name -> (checkpoint key, slice spec), from the Saver's restore subgraph:
+    each of ``assigns`` (the graph's Assign nodes) followed through Identity nodes to a
+    restore op, whose names and slices Consts give the key. ``node_named`` looks a node up."""
     out: dict[str, tuple[str, str]] = {}
     cache: dict[str, _ConstStrings | None] = {}
 
     def consts(name: str) -> _ConstStrings | None:
         op = _split_input(name)[0]
         if op not in cache:
-            cache[op] = _const_strings(nodes.get(op))
+            cache[op] = _const_strings(node_named(op))
         return cache[op]
 
     # What each Identity node forwards, once per node whatever the number of Assigns that
@@ -852,12 +861,12 @@ def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[st
         on_path: set[str] = set()
         found: tuple[str, int] | None
         while True:
-            node = nodes.get(source)
-            if node is None or node.op != "Identity" or not node.input:
-                found = (source, index)
-                break
             if source in forwards:
                 found = forwards[source]
+                break
+            node = node_named(source)
+            if node is None or node.op != "Identity" or not node.input:
+                found = (source, index)
                 break
             if source in on_path:
                 found = None
@@ -869,7 +878,7 @@ def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[st
             forwards[name] = found
         return found
 
-    for node in nodes.values():
+    for node in assigns:
         if node.op not in _ASSIGN_OPS or len(node.input) < 2:
             continue
         if scope is not None and not node.name.startswith(f"{scope}/"):
@@ -878,7 +887,7 @@ def _restore_sources(nodes: Mapping[str, NodeDef], scope: str | None) -> dict[st
         if found is None:
             continue
         source, index = found
-        restore = nodes.get(source)
+        restore = node_named(source)
         if restore is None or restore.op not in _RESTORE_OPS:
             continue
         names_at, slices_at = _RESTORE_OPS[restore.op]
@@ -915,7 +924,7 @@ def _collection_items(name: str, col: CollectionDef) -> tuple[CollectionItem, ..
                 try:
                     var.ParseFromString(raw)
                 except (_message.DecodeError, RecursionError, ValueError):
-                    raise DecodeError(f"collection {name!r} holds a bad VariableDef") from None
+                    raise _BadContent(f"collection {name!r} holds a bad VariableDef") from None
                 items.append(var.variable_name)
             else:
                 items.append(f"<{len(raw)} bytes>")
@@ -930,34 +939,163 @@ def decode_meta_graph(data: bytes) -> MetaGraphInfo:
     dtype, shape, and the checkpoint key and slice the saver restores each from), the
     ``saver_def``, the collections and ``meta_info_def``. Raises DecodeError for bytes that are
     not a MetaGraphDef.
+
+    A binary graph is read one node at a time (:class:`_BinaryGraph`), never built whole:
+    protobuf's in-memory messages take ~56 times their wire size, so a small crafted graph
+    would otherwise cost far more memory than its bytes. Only the nodes the answer needs are
+    parsed and kept (variables; where the restore path leads, as offsets into ``data``).
     """
-    meta = _parse(data)
+    if len(data) > MAX_META_BYTES:
+        raise DecodeError(f"meta graph is {len(data)} bytes, over protobuf's 2 GiB limit")
+    try:
+        return _BinaryGraph(data).info()
+    except _BadContent:
+        raise  # a MetaGraphDef, with bad content: not a reason to try the text format
+    except (DecodeError, _message.DecodeError, RecursionError, ValueError) as exc:
+        problem = (
+            str(exc) if isinstance(exc, _NotAMetaGraph) else f"not a binary MetaGraphDef ({exc})"
+        )
+    return _info_of_message(_parse_text(data, problem))
+
+
+class _NotAMetaGraph(DecodeError):
+    """Well-formed protobuf, but no field of a MetaGraphDef."""
+
+
+class _BadContent(DecodeError):
+    """A MetaGraphDef whose content is wrong (a collection's VariableDef)."""
+
+
+#: The ops the restore path goes through, looked up by name (the others are never needed).
+_LOOKED_UP_OPS = frozenset({"Identity", "Const", *_RESTORE_OPS})
+#: MetaGraphDef's fields (all messages, or map entries of messages).
+_META_INFO, _GRAPH, _SAVER, _COLLECTION = 1, 2, 3, 4
+_KNOWN_META_FIELDS = range(1, 8)
+
+
+class _BinaryGraph:
+    """A binary MetaGraphDef read field by field (:mod:`anyckpt.codecs.protowire`). It holds
+    ``data`` and, per node the restore path may look up, one int (its offsets); each node is
+    parsed when needed. Graphs with duplicate node names (TensorFlow refuses them) resolve a
+    name to its first node of an op the restore path follows."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = bytes(data)  # (a slice per node parsed: a copy of that node only)
+        self.graphs: list[tuple[int, int]] = []
+        self.info_def = MetaGraphDef.MetaInfoDef()
+        self.saver: SaverDef | None = None
+        self.collections: dict[bytes, tuple[int, int] | None] = {}
+        known = False
+        for number, wire, a, b in fields(self.data):
+            if wire != LENGTH_DELIMITED or number not in _KNOWN_META_FIELDS:
+                continue  # an unknown field (or a known one with another wire type: unknown)
+            known = True
+            if number == _META_INFO:
+                self.info_def.MergeFromString(self.data[a:b])
+            elif number == _GRAPH:
+                self.graphs.append((a, b))
+            elif number == _SAVER:
+                if self.saver is None:
+                    self.saver = SaverDef()
+                self.saver.MergeFromString(self.data[a:b])
+            elif number == _COLLECTION:  # a map entry: key 1, value 2; the last entry wins
+                key = last_string(self.data, a, b, 1) or b""
+                value: tuple[int, int] | None = None
+                for field_number, field_wire, va, vb in fields(self.data, a, b):
+                    if field_number == 2 and field_wire == LENGTH_DELIMITED:
+                        value = (va, vb)  # (merging repeated values: not for a map entry)
+                self.collections[key] = value
+        if not known:
+            raise _NotAMetaGraph("no MetaGraphDef field is set")
+        self.by_name: dict[str, int] = {}  # name -> start << 32 | end, for _LOOKED_UP_OPS
+
+    def nodes(self) -> Iterator[tuple[int, int]]:
+        """Each NodeDef's offsets, in graph order."""
+        for a, b in self.graphs:
+            for number, wire, na, nb in fields(self.data, a, b):
+                if number == 1 and wire == LENGTH_DELIMITED:
+                    yield na, nb
+
+    def node(self, a: int, b: int) -> NodeDef:
+        return NodeDef.FromString(self.data[a:b])
+
+    def node_named(self, name: str) -> NodeDef | None:
+        where = self.by_name.get(name)
+        return None if where is None else self.node(where >> 32, where & 0xFFFFFFFF)
+
+    def _op(self, a: int, b: int) -> str:
+        op = last_string(self.data, a, b, 2)
+        return "" if op is None else op.decode("utf-8", "surrogateescape")
+
+    def info(self) -> MetaGraphInfo:
+        saver = None if self.saver is None else SaverConfig.from_proto(self.saver)
+        found: list[NodeDef] = []  # the variable nodes
+        count = 0
+        for a, b in self.nodes():
+            count += 1
+            op = self._op(a, b)
+            if op in _VARIABLE_OPS:
+                found.append(self.node(a, b))
+            elif op in _LOOKED_UP_OPS:
+                name = self.node(a, b).name
+                self.by_name.setdefault(name, a << 32 | b)
+        assigns = (self.node(a, b) for a, b in self.nodes() if self._op(a, b) in _ASSIGN_OPS)
+        collections: dict[str, CollectionDef] = {}
+        for raw_name, where in self.collections.items():
+            name = raw_name.decode("utf-8")  # proto3 strings are UTF-8 (as protobuf checks)
+            collections[name] = (
+                CollectionDef()
+                if where is None
+                else CollectionDef.FromString(self.data[slice(*where)])
+            )
+        return _info(saver, found, assigns, collections, self.info_def, count, self.node_named)
+
+
+def _info_of_message(meta: MetaGraphDef) -> MetaGraphInfo:
+    """:class:`MetaGraphInfo` of a whole parsed MetaGraphDef (the text format)."""
     nodes: dict[str, NodeDef] = {}
     for node in meta.graph_def.node:
         nodes.setdefault(node.name, node)
     saver = SaverConfig.from_proto(meta.saver_def) if meta.HasField("saver_def") else None
+    variables = [node for node in meta.graph_def.node if node.op in _VARIABLE_OPS]
+    return _info(
+        saver,
+        variables,
+        (n for n in nodes.values() if n.op in _ASSIGN_OPS),
+        dict(meta.collection_def),
+        meta.meta_info_def,
+        len(meta.graph_def.node),
+        nodes.get,
+    )
+
+
+def _info(
+    saver: SaverConfig | None,
+    variable_nodes: Sequence[NodeDef],
+    assigns: Iterable[NodeDef],
+    collection_defs: Mapping[str, CollectionDef],
+    info: MetaGraphDef.MetaInfoDef,
+    num_nodes: int,
+    node_named: Callable[[str], NodeDef | None],
+) -> MetaGraphInfo:
     scope = None
     if saver is not None and "/" in saver.restore_op_name:
         scope = saver.restore_op_name.rsplit("/", 1)[0]
-    sources = _restore_sources(nodes, scope)
-
+    sources = _restore_sources(node_named, assigns, scope)
     collections = {
-        name: _collection_items(name, meta.collection_def[name])
-        for name in sorted(meta.collection_def)
+        name: _collection_items(name, collection_defs[name]) for name in sorted(collection_defs)
     }
     trainable: set[str] = set()
     for name in ("variables", "trainable_variables"):
-        if name not in meta.collection_def:
+        if name not in collection_defs:
             continue
-        for raw in meta.collection_def[name].bytes_list.value:
+        for raw in collection_defs[name].bytes_list.value:
             var = VariableDef.FromString(raw)  # checked above
             if name == "trainable_variables" or var.trainable:
                 trainable.add(_split_input(var.variable_name)[0])
 
     variables = []
-    for node in meta.graph_def.node:
-        if node.op not in _VARIABLE_OPS:
-            continue
+    for node in variable_nodes:
         key, spec = sources.get(node.name, (None, ""))
         variables.append(
             MetaVariable(
@@ -971,7 +1109,6 @@ def decode_meta_graph(data: bytes) -> MetaGraphInfo:
                 slice_spec=spec,
             )
         )
-    info = meta.meta_info_def
     return MetaGraphInfo(
         variables=tuple(variables),
         saver=saver,
@@ -980,7 +1117,7 @@ def decode_meta_graph(data: bytes) -> MetaGraphInfo:
         tensorflow_version=info.tensorflow_version,
         tensorflow_git_version=info.tensorflow_git_version,
         meta_graph_version=info.meta_graph_version,
-        num_nodes=len(meta.graph_def.node),
+        num_nodes=num_nodes,
     )
 
 

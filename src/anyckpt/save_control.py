@@ -4,6 +4,9 @@ it at four points (marked ``# hook:`` there) and owns none of these rules.
 
 - :meth:`SaveControl.decide` (start of ``save()``): write this step or skip it
   (:mod:`anyckpt.save_policy`; a preemption signal forces a write).
+- :meth:`SaveControl.staged` (before the capture): a state whose copy would not fit — over
+  ``max_pending_bytes``, or most of the memory the system has available — is not copied but
+  written while the caller waits (then committed in the background).
 - :meth:`SaveControl.admit` (before the capture): wait for — or with ``block=False`` refuse —
   room in ``max_pending`` and ``max_pending_bytes``.
 - :meth:`SaveControl.captured` (after the capture): record the last save; digest arrays saved
@@ -34,7 +37,30 @@ from .save_policy import (
 )
 from .staleness import StaleCheck, changed_tensor, digest, stale_error
 
-__all__ = ["ByteBudget", "SaveControl", "SaveTicket", "SaveWouldBlockError"]
+__all__ = [
+    "ByteBudget",
+    "SaveControl",
+    "SaveTicket",
+    "SaveWouldBlockError",
+    "available_memory",
+]
+
+#: A copy may take at most this share of the memory the system has available; a larger state
+#: is written from the caller's arrays while the caller waits (no copy, so no OOM).
+AVAILABLE_SHARE = 0.8
+
+
+def available_memory() -> int | None:
+    """Bytes of memory the system can give without swapping (Linux's ``MemAvailable``), or
+    None where it is not known."""
+    try:
+        with open("/proc/meminfo", "rb") as meminfo:
+            for line in meminfo:
+                if line.startswith(b"MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
 
 
 class SaveWouldBlockError(CheckpointError):
@@ -161,6 +187,19 @@ class SaveControl:
         forced = watch.signal_name if watch is not None and watch.requested else None
         now = self.clock() if self._timed else 0.0
         return decide_save(self.policy, step, now, last, forced_by=forced)
+
+    def staged(self, tensors: Mapping[str, np.ndarray], *, copy: bool) -> bool:
+        """Whether a save asked to copy ``tensors`` is instead written from them while the
+        caller waits: their copy would exceed ``max_pending_bytes`` (which would otherwise
+        let it go alone, over the budget) or :data:`AVAILABLE_SHARE` of the system's
+        available memory."""
+        if not copy:
+            return False
+        nbytes = sum(int(a.nbytes) for a in tensors.values())
+        if self.budget is not None and nbytes > self.budget.limit:
+            return True
+        available = available_memory()
+        return available is not None and nbytes > AVAILABLE_SHARE * available
 
     async def admit(
         self, slots: anyio.Semaphore, tensors: Mapping[str, np.ndarray], *, copy: bool, block: bool

@@ -85,3 +85,52 @@ def test_collective_bytes_grow_linearly_with_the_ranks(tmp_path: Path) -> None:
     for name, size in small["collectives"].items():
         assert large["collectives"][name] <= 2.2 * size, name
     assert large["collective_bytes"] <= 2.2 * small["collective_bytes"]
+
+
+def _plot_module() -> Any:
+    """benchmarks/plot.py (its table and slope fits need NumPy only, not matplotlib)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_plot", ROOT / "benchmarks" / "plot.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _point(ranks: int, tensors: int, per_piece: float, power: float) -> dict[str, Any]:
+    pieces = (ranks**power) * tensors
+    return {
+        "ranks": ranks,
+        "tensors": tensors,
+        "index_entries": ranks * tensors + tensors,
+        "plan_s": per_piece * pieces,
+        "merge_s": per_piece * pieces / 2,
+        "commit_s": 0.001 * pieces,
+        "rank0_peak_mib": 0.002 * pieces,
+        "collective_bytes": 150 * pieces,
+        "index_bytes": 45 * pieces,
+    }
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_the_plot_script_fits_the_log_log_slope(power: float) -> None:
+    """docs/distributed.md's slopes: a quantity proportional to ranks^p x tensors has slope p
+    against the ranks and 1 against the tensors; a point that timed out is left out."""
+    plot = _plot_module()
+    points = [_point(n, 100, 1e-6, power) for n in (64, 256, 1024, 4096)]
+    points += [_point(1024, t, 1e-6, power) for t in (250, 500, 1000)]
+    points.append({"ranks": 8192, "tensors": 100, "layout": "fsdp", "timeout_s": 60})
+    fits = {(f["against"], f.get("tensors", f.get("ranks"))): f for f in plot.slopes(points)}
+    assert set(fits) == {("ranks", 100), ("tensors", 1024)}
+    by_ranks, by_tensors = fits["ranks", 100], fits["tensors", 1024]
+    assert by_ranks["range"] == (64, 4096)
+    assert by_tensors["range"] == (100, 1000)
+    for field in ("plan_s", "merge_s", "commit_s", "rank0_peak_mib", "collective_bytes"):
+        assert by_ranks[field] == pytest.approx(power, abs=0.01), field
+        assert by_tensors[field] == pytest.approx(1.0, abs=0.01), field
+    table = plot.table(points)
+    assert "| 1,024 × 1,000 | 1,025,000 |" in table
+    assert "| 8,192 × 100 | not finished in 60 s |" in table
+    assert len(table.splitlines()) == 2 + len(points)

@@ -8,7 +8,10 @@
   write/writev, fsync, rename/replace, link, unlink, listdir, preadv, ...);
 * :class:`S3Faults`: a botocore ``before-send`` hook on the s3fs client, answering the k-th HTTP
   request to the S3 test server with a real S3 error response (503 SlowDown, 500, 403) or a
-  timeout, so s3fs and botocore parse and translate it as they would from AWS.
+  timeout, so s3fs and botocore parse and translate it as they would from AWS;
+* :class:`GCSFaults`: the aiohttp session of a gcsfs filesystem, answering the k-th HTTP
+  request to the GCS emulator, unsent, with a GCS JSON API error response (429, 500, 502, 503,
+  403) or a read timeout or connection reset, so gcsfs translates it as it would from GCS.
 
 A :class:`FaultPlan` counts operations while armed and fails the k-th with an error from
 :data:`ERRORS`; the same operation (same op, same file) keeps failing for ``times`` attempts.
@@ -18,8 +21,10 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import threading
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -57,14 +62,51 @@ def _s3_error(code: str, status: int, message: str) -> OSError:
     return translated
 
 
+def _gcs_error(status: int, reason: str, message: str) -> BaseException:
+    """What gcsfs raises for a GCS JSON API error response (its own translation)."""
+    from gcsfs.retry import validate_response
+
+    try:
+        validate_response(status, _gcs_error_body(status, reason, message), "b/{}/o", ["x"])
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"gcsfs accepted status {status}")
+
+
+def _gcs_error_body(status: int, reason: str, message: str) -> bytes:
+    error = {"code": status, "message": message, "errors": [{"reason": reason, "message": message}]}
+    return json.dumps({"error": error}).encode()
+
+
 def _mark(exc: BaseException) -> BaseException:
     """Tag an error as injected (a subclass of its own type with InjectedError mixed in)."""
     cls = type(exc)
     marked = type(f"Injected{cls.__name__}", (cls, InjectedError), {})
-    new = marked(*exc.args)
+    try:
+        new = marked(*exc.args)
+    except Exception:  # a constructor that does not take its args back (gcsfs's HttpError)
+        new = marked.__new__(marked)
+        new.__dict__.update(exc.__dict__)
+        new.args = exc.args
     new.__cause__ = exc.__cause__
     return new
 
+
+#: Errors as the GCS JSON API sends them: (status, reason, message); None for no answer (a read
+#: timeout, a reset connection: the entries of the same name in ERRORS).
+GCS_HTTP_ERRORS: dict[str, tuple[int, str, str] | None] = {
+    "GCS-503-backendError": (503, "backendError", "Backend Error"),
+    "GCS-429-rateLimitExceeded": (
+        429,
+        "rateLimitExceeded",
+        "The rate of requests exceeds the limit.",
+    ),
+    "GCS-500-internalError": (500, "internalError", "Internal Error"),
+    "GCS-502-badGateway": (502, "badGateway", "Bad Gateway"),
+    "GCS-403-forbidden": (403, "forbidden", "The caller does not have storage.objects access."),
+    "timeout": None,
+    "ECONNRESET": None,
+}
 
 #: Realistic errors by name, and whether anyckpt should retry them (object stores only).
 ERRORS: dict[str, tuple[Callable[[], BaseException], bool]] = {
@@ -86,11 +128,21 @@ ERRORS: dict[str, tuple[Callable[[], BaseException], bool]] = {
         True,
     ),
     "S3-403-AccessDenied": (lambda: _s3_error("AccessDenied", 403, "Access Denied"), False),
+    **{
+        name: ((lambda spec=spec: _gcs_error(*spec)), spec[0] != 403)
+        for name, spec in GCS_HTTP_ERRORS.items()
+        if spec is not None
+    },
 }
 
 
 def make_error(name: str) -> BaseException:
     return _mark(ERRORS[name][0]())
+
+
+#: Set on an error a client library raised while reading an injected answer, when nothing in
+#: the error itself tells (gcsfs raises a bare ``requests.exceptions.ProxyError()`` for 502).
+_INJECTED_ATTR = "anyckpt_injected"
 
 
 def is_injected(exc: BaseException) -> bool:
@@ -101,7 +153,11 @@ def is_injected(exc: BaseException) -> bool:
         if id(e) in seen:
             continue
         seen.add(id(e))
-        if isinstance(e, InjectedError) or INJECTED_MARK in str(e):
+        if (
+            isinstance(e, InjectedError)
+            or INJECTED_MARK in str(e)
+            or getattr(e, _INJECTED_ATTR, False)
+        ):
             return True
         todo.extend(getattr(e, "exceptions", ()))
         todo.extend(x for x in (e.__cause__, e.__context__) if x is not None)
@@ -463,4 +519,171 @@ class S3Faults:
     def detach(self) -> None:
         for _, client in self._attached:
             client.meta.events.unregister("before-send.s3", unique_id="anyckpt-faults")
+        self._attached.clear()
+
+
+# -- GCS: HTTP requests of gcsfs answered by errors instead of the emulator ------------------
+
+
+class _ErrorResponse:
+    """An answer GCS could have sent, as gcsfs reads it (status, headers, body)."""
+
+    def __init__(self, url: str, status: int, body: bytes) -> None:
+        self.status = status
+        self.headers = {"Content-Type": "application/json; charset=UTF-8"}
+        self.request_info = url
+        self._body = body
+
+    async def read(self) -> bytes:
+        return self._body
+
+    async def __aenter__(self) -> _ErrorResponse:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        return None
+
+
+class _FaultyRequest:
+    """``session.request(...)`` as gcsfs uses it (``async with``): counted by the plan first;
+    the injected fault is answered here, before anything is sent."""
+
+    def __init__(
+        self, session: Any, faults: GCSFaults, method: str, url: str, kwargs: dict[str, Any]
+    ) -> None:
+        self._session, self._faults = session, faults
+        self._method, self._url, self._kwargs = method, url, kwargs
+        self._real: Any = None
+        self._injected = False
+
+    async def __aenter__(self) -> Any:
+        import aiohttp
+
+        faults = self._faults
+        op, name = faults.describe(self._method, self._url, self._kwargs)
+        try:
+            faults.plan.hit(op, name)
+        except InjectedError:
+            error = faults.plan.error
+            spec = GCS_HTTP_ERRORS[error]
+            what = f"{self._method} {name} {INJECTED_MARK}"
+            if error == "timeout":  # aiohttp's read timeout (a TimeoutError and a ClientError)
+                cls: type = type(
+                    "InjectedServerTimeout", (aiohttp.ServerTimeoutError, InjectedError), {}
+                )
+                raise cls(f"timeout reading the answer to {what}") from None
+            if error == "ECONNRESET":
+                cls = type("InjectedClientOSError", (aiohttp.ClientOSError, InjectedError), {})
+                raise cls(errno.ECONNRESET, f"{os.strerror(errno.ECONNRESET)}: {what}") from None
+            assert spec is not None, error
+            status, reason, message = spec
+            body = _gcs_error_body(status, reason, f"{message} {INJECTED_MARK}")
+            self._injected = True
+            return _ErrorResponse(self._url, status, body)
+        self._real = self._session.request(self._method, self._url, **self._kwargs)
+        response = await self._real.__aenter__()
+        if op == "initiate-upload":  # the session URI names the upload from now on
+            upload = _query(response.headers.get("Location", "")).get("upload_id")
+            if upload:
+                faults.uploads[upload] = name
+        return response
+
+    async def __aexit__(self, *exc: Any) -> Any:
+        if self._injected and isinstance(exc[1], BaseException):
+            # What gcsfs raised reading the injected answer (inside this ``async with``).
+            setattr(exc[1], _INJECTED_ATTR, True)
+        if self._real is not None:
+            return await self._real.__aexit__(*exc)
+        return None
+
+
+def _multipart_name(data: Any) -> str:
+    """The object named by the metadata part of a multipart upload's body (gcsfs's
+    ``simple_upload``: the JSON metadata, then the bytes)."""
+    raw = bytes(data) if isinstance(data, (bytes, bytearray, memoryview)) else b""
+    try:
+        return str(json.loads(raw.split(b"\n\n", 1)[1].split(b"\n", 1)[0])["name"])
+    except (IndexError, ValueError, KeyError):
+        return ""
+
+
+def _query(url: str) -> dict[str, str]:
+    return {k: v[0] for k, v in urllib.parse.parse_qs(urllib.parse.urlsplit(url).query).items()}
+
+
+class _FaultySession:
+    """A gcsfs filesystem's aiohttp session, with its requests going through a plan."""
+
+    def __init__(self, real: Any, faults: GCSFaults) -> None:
+        self._real = real
+        self._faults = faults
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+    def request(self, method: str, url: Any, **kwargs: Any) -> _FaultyRequest:
+        return _FaultyRequest(self._real, self._faults, method, str(url), kwargs)
+
+
+class GCSFaults:
+    """Counts the HTTP requests a gcsfs filesystem sends and answers the k-th, unsent, with a
+    GCS error response (GCS_HTTP_ERRORS: gcsfs's ``validate_response`` translates it as it
+    would GCS's), a read timeout or a reset connection. ``op`` names the JSON API call
+    (list, stat, read, delete, put: a media upload, upload: a multipart upload,
+    initiate-upload and upload-chunk: a resumable one, probe: the one-item listing of
+    ``info()``, ...) and the path is the object's."""
+
+    def __init__(self, plan: FaultPlan) -> None:
+        self.plan = plan
+        self.uploads: dict[str, str] = {}  # resumable upload id -> object
+        self._attached: list[tuple[Any, Any]] = []
+
+    def describe(self, method: str, url: str, kwargs: dict[str, Any]) -> tuple[str, str]:
+        """(operation, object) of a request of the JSON API."""
+        parts = urllib.parse.urlsplit(url)
+        params = {str(k): str(v) for k, v in (kwargs.get("params") or {}).items()}
+        params.update(_query(url))
+        path = urllib.parse.unquote(parts.path)
+        upload = params.get("upload_id")
+        if upload is not None:
+            return ("cancel-upload" if method == "DELETE" else "upload-chunk"), self.uploads.get(
+                upload, upload
+            )
+        head, _, rest = path.partition("/b/")
+        bucket, _, obj = rest.partition("/o")
+        obj = obj.removeprefix("/")
+        if head.endswith("/upload/storage/v1"):
+            kind = params.get("uploadType", "")
+            if kind == "media":
+                return "put", f"{bucket}/{params.get('name', '')}"
+            if kind == "resumable":
+                return "initiate-upload", f"{bucket}/{(kwargs.get('json') or {}).get('name', '')}"
+            return "upload", f"{bucket}/{_multipart_name(kwargs.get('data'))}"
+        if not rest:
+            return f"{method} buckets", ""
+        if "/o" not in rest:
+            return f"{method} bucket", bucket
+        if not obj:
+            # gcsfs's info() sends a one-item listing beside the object's GET (its answer is
+            # used only if the object is not there, or its GET was refused): a probe.
+            op = "probe" if params.get("maxResults") == "1" else "list"
+            return op, f"{bucket}/{params.get('prefix', '')}"
+        if method == "GET":
+            return ("read" if params.get("alt") == "media" else "stat"), f"{bucket}/{obj}"
+        if method == "DELETE":
+            return "delete", f"{bucket}/{obj}"
+        return f"{method} object", f"{bucket}/{obj}"
+
+    def attach(self, fs: Any, bucket: str) -> None:
+        """Send the requests of gcsfs filesystem ``fs`` through the plan (attach to the
+        instance anyckpt uses, ``manager.storage.fs``)."""
+        if any(f is fs for f, _ in self._attached):
+            return
+        fs.ls(bucket, refresh=True)  # the session, which gcsfs keeps
+        self._attached.append((fs, fs._session))
+        fs._session = _FaultySession(fs._session, self)
+
+    def detach(self) -> None:
+        for fs, session in self._attached:
+            fs._session = session
         self._attached.clear()

@@ -10,14 +10,21 @@ directory clean.
 Backends: ``faultfs://`` (an fsspec wrapper over memory://, as a plain filesystem: temporary
 file + rename; and as an object store: files visible on close), local disk (faults in the
 ``os`` calls of anyckpt.storage: open, write, fsync, rename, link, unlink, listdir, pread),
-and the S3 test server (the k-th HTTP request answered with a real S3 error response or a
-timeout, translated by botocore and s3fs as they translate AWS's).
+the S3 test server (the k-th HTTP request answered with a real S3 error response or a
+timeout, translated by botocore and s3fs as they translate AWS's), and the GCS emulator (the
+k-th HTTP request of gcsfs answered, unsent, with a GCS JSON API error response, a read
+timeout or a reset connection, translated by gcsfs as it translates GCS's).
+
+Each backend's count of trials and faults is printed and recorded (``record_figures``); a
+backend whose loop checked no fault point fails.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
+import traceback
 import uuid
 from collections import Counter
 from collections.abc import Iterator
@@ -41,6 +48,8 @@ from reliability_faults import (
     PLANS,
     FaultPlan,
     FaultyOs,
+    GCSFaults,
+    InjectedError,
     S3Faults,
     drop_tree,
     is_injected,
@@ -50,7 +59,7 @@ import anyckpt
 import anyckpt.storage
 from anyckpt import CheckpointManager, ConcurrentWriterError
 from anyckpt.lease import LOCK_FILE
-from anyckpt.storage import RetryPolicy, Storage
+from anyckpt.storage import RetryPolicy, Storage, is_transient
 
 pytestmark = pytest.mark.anyio
 
@@ -72,6 +81,12 @@ BACKEND_ERRORS = {
     # Each trial costs HTTP round trips: two errors in CI, all four in the long mode.
     "s3": ["S3-503-SlowDown", "S3-403-AccessDenied"]
     + (["S3-500-InternalError", "timeout"] if LONG else []),
+    # The same on the GCS emulator; the long mode adds throttling, the 502 gcsfs turns into
+    # requests' ProxyError, a read timeout and a reset connection.
+    "gcs": ["GCS-503-backendError", "GCS-403-forbidden"]
+    + (
+        ["GCS-429-rateLimitExceeded", "GCS-502-badGateway", "timeout", "ECONNRESET"] if LONG else []
+    ),
 }
 
 _FIGURES: Counter[str] = Counter()
@@ -91,14 +106,14 @@ class Rig:
     storage: Storage
     root: str
     retries: bool  # whether anyckpt retries transient errors here (remote filesystems)
-    s3: tuple[S3Faults, str] | None = None
+    remote: tuple[S3Faults | GCSFaults, str] | None = None  # the HTTP faults, the bucket
     fired: Counter[str] = field(default_factory=Counter)
 
     def manager(self, **kwargs: Any) -> CheckpointManager:
         manager = CheckpointManager(self.url, storage_options=self.options, **{**OPTIONS, **kwargs})
         manager.storage.retry = FAST_RETRY
-        if self.s3 is not None:
-            self.s3[0].attach(manager.storage.fs, self.s3[1])
+        if self.remote is not None:
+            self.remote[0].attach(manager.storage.fs, self.remote[1])
         return manager
 
     def names(self) -> set[str]:
@@ -129,6 +144,19 @@ def rig(
         storage, root = Storage.from_url(str(directory))
         yield Rig(kind, str(directory), None, plan, storage, root, retries=False)
         plan.disarm()
+    elif kind == "gcs":
+        bucket = request.getfixturevalue("gcs_bucket")
+        # One try per request inside gcsfs, as inside s3fs and botocore above: what is retried
+        # is anyckpt's doing (anyckpt's GCS backend wraps gcsfs's request in gcsfs's retry
+        # loop again, with the filesystem's ``retries``).
+        monkeypatch.setattr(fsspec.get_filesystem_class("gs"), "retries", 1)
+        options = dict(bucket.storage_options)
+        url = f"{bucket.url}/ckpt"
+        storage, root = Storage.from_url(url, options)
+        gcs = GCSFaults(plan)
+        yield Rig(kind, url, options, plan, storage, root, retries=True, remote=(gcs, bucket.name))
+        plan.disarm()
+        gcs.detach()
     else:
         bucket = request.getfixturevalue("s3_bucket")
         # One try per request inside botocore and s3fs: what is retried is anyckpt's doing.
@@ -140,14 +168,26 @@ def rig(
         storage, root = Storage.from_url(f"{bucket.url}/ckpt", options)
         faults = S3Faults(plan)
         url = f"{bucket.url}/ckpt"
-        yield Rig(kind, url, options, plan, storage, root, retries=True, s3=(faults, bucket.name))
+        yield Rig(
+            kind, url, options, plan, storage, root, retries=True, remote=(faults, bucket.name)
+        )
         plan.disarm()
         faults.detach()
 
 
-#: Requests s3fs makes on its own account and recovers from (makedirs asks whether the bucket
-#: exists, then tries to create it and accepts "already yours").
-ABSORBED = {"HeadBucket"}
+#: Requests a client library makes on its own account and recovers from: s3fs's makedirs asks
+#: whether the bucket exists, then tries to create it and accepts "already yours"; gcsfs's
+#: info() sends a one-item listing (a probe) beside the object's GET, and uses its answer only
+#: when the object is not there or its GET was refused.
+ABSORBED = {"HeadBucket", "probe"}
+
+
+def _absorbed(target: tuple[str, str] | None, error: str) -> bool:
+    """Whether a fault at ``target`` may leave no trace: the client library recovered."""
+    if target is None:
+        return False
+    # gcsfs answers an object's info() from a listing when the GET is refused (403).
+    return target[0] in ABSORBED or (target[0] == "stat" and error == "GCS-403-forbidden")
 
 
 def _streamed(target: tuple[str, str] | None) -> bool:
@@ -157,6 +197,10 @@ def _streamed(target: tuple[str, str] | None) -> bool:
     whole = {"delete", "stat", "list", "read", "DeleteObject", "HeadObject", "GetObject"}
     whole |= {"PutObject", "CreateMultipartUpload", "UploadPart", "CompleteMultipartUpload"}
     return target is not None and ".data-" in target[1] and target[0] not in whole
+
+
+def _traceback(exc: BaseException) -> str:
+    return "".join(traceback.format_exception(exc))
 
 
 async def _check_directory(rig: Rig, manager: CheckpointManager, floor: int) -> int:
@@ -215,15 +259,15 @@ async def test_every_operation_of_a_save_fails_in_turn(rig: Rig) -> None:
                 trials += 1
                 if not fired:
                     assert outcome is None, outcome
-                elif outcome is None and target is not None and target[0] in ABSORBED:
-                    absorbed += 1  # s3fs's own probe, whose failure s3fs handles itself
+                elif outcome is None and _absorbed(target, error):
+                    absorbed += 1  # the client library's own request, which it recovered from
                 elif transient and outcome is None:
                     retried += 1  # a whole-object operation, retried
                     assert not _streamed(target), target
                 else:
                     # The error reaches the caller; transient errors only from streamed writes.
                     assert outcome is not None, (k, target)
-                    assert is_injected(outcome), (k, target, outcome)
+                    assert is_injected(outcome), (k, target, _traceback(outcome))
                     assert not transient or _streamed(target), (k, target, outcome)
                     failed += 1
                 rig.fired[error] += bool(fired)
@@ -254,15 +298,23 @@ async def test_every_operation_of_a_save_fails_in_turn(rig: Rig) -> None:
         assert_clean(
             rig.names(), [f"ckpt-{step - 1}", f"ckpt-{step}"], num_shards=SHARDS, lock=False
         )
+    faults = sum(rig.fired.values())
+    print(
+        f"faults in saves, {rig.kind}: {trials} trials, {faults} faults, {failed} failed saves, "
+        f"{retried} retried to success, {absorbed} absorbed ({BACKEND_ERRORS[rig.kind]})"
+    )
+    # An honest loop: it checked fault points, and faults fired at them.
+    assert trials > 0, rig.kind
+    assert faults > 0, (trials, dict(rig.fired))
     assert failed > 0
     if rig.retries:
         assert retried > 0
     _FIGURES[f"{rig.kind}:trials"] += trials
-    _FIGURES[f"{rig.kind}:faults"] += sum(rig.fired.values())
+    _FIGURES[f"{rig.kind}:faults"] += faults
     record_figures(
         "faults-save",
         {"backend": rig.kind, "trials": trials, "faults": sum(rig.fired.values()),
-         "failed_saves": failed, "retried_ok": retried, "absorbed_by_s3fs": absorbed,
+         "failed_saves": failed, "retried_ok": retried, "absorbed_by_client": absorbed,
          "errors": BACKEND_ERRORS[rig.kind]},
     )  # fmt: skip
 
@@ -304,7 +356,7 @@ async def test_every_operation_of_opening_fails_in_turn(rig: Rig) -> None:
             elif fired:  # retried, or the release of the lock at exit (best effort)
                 released = fired_at > opened
                 assert target is not None
-                absorbed = target[0] in ABSORBED
+                absorbed = _absorbed(target, error)
                 assert (ERRORS[error][1] and rig.retries) or released or absorbed, target
                 assert not released or target[1].endswith(LOCK_FILE), target
             # Nothing committed was touched, and the lock was given back.
@@ -318,6 +370,44 @@ async def test_every_operation_of_opening_fails_in_turn(rig: Rig) -> None:
     record_figures(
         "faults-open", {"backend": rig.kind, "trials": trials, "faults": sum(rig.fired.values())}
     )
+
+
+async def test_a_gcs_data_upload_timeout_reaches_the_caller_with_its_cause(
+    gcs_bucket: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A data file's upload to GCS times out (gcsfs's to retry, one try here): the save fails
+    with fsspec's ``FSTimeoutError``, raised from aiohttp's timeout, and the caller gets that
+    chain whole (the concurrent writes of the shards once dropped the cause, so nothing in
+    the error said what had timed out). The previous checkpoint stays; the next save works."""
+    monkeypatch.setattr(anyckpt.storage, "DEFAULT_RETRY", FAST_RETRY)
+    monkeypatch.setattr(fsspec.get_filesystem_class("gs"), "retries", 1)
+    plan = FaultPlan()
+    faults = GCSFaults(plan)
+    manager = CheckpointManager(
+        f"{gcs_bucket.url}/ckpt", storage_options=gcs_bucket.storage_options, **OPTIONS
+    )
+    faults.attach(manager.storage.fs, gcs_bucket.name)
+    try:
+        async with manager:
+            await (await manager.save(values(1), step=1))
+            plan.only = lambda path: ".data-" in path
+            plan.arm(1, "timeout")
+            with pytest.raises(asyncio.TimeoutError) as info:
+                await (await manager.save(values(2), step=2))
+            target = plan.target
+            plan.disarm()
+            assert plan.fired == 1, plan.log
+            assert target is not None
+            assert ".data-" in target[1], target
+            cause = info.value.__cause__
+            assert isinstance(cause, InjectedError), _traceback(info.value)
+            assert is_transient(cause)
+            assert manager.latest_step == 1
+            assert_values(await manager.restore(), 1)
+            await (await manager.save(values(3), step=3))
+            assert_values(await manager.restore(), 3)
+    finally:
+        faults.detach()
 
 
 # -- retries ---------------------------------------------------------------------------------

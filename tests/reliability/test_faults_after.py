@@ -87,6 +87,26 @@ def _gcs(status: int) -> BaseException:
     raise AssertionError(f"gcsfs accepted status {status}")
 
 
+def _gcs_text(status: int) -> BaseException:
+    """What gcsfs raises for an answer of ``status`` whose body is not GCS's JSON (a proxy's or
+    load balancer's page): its ``HttpError`` with the status as code (502: ``ProxyError``)."""
+    from gcsfs.retry import validate_response
+
+    try:
+        validate_response(status, b"<html>Service Unavailable</html>", "b/bucket/o/key")
+    except Exception as exc:
+        return exc
+    raise AssertionError(f"gcsfs accepted status {status}")
+
+
+def _gcs_http_error(code: int | str) -> BaseException:
+    """gcsfs's ``HttpError`` as its retry logic knows it: the code an int or, as gcsfs also
+    retries (``gcsfs.retry.errs``), its decimal string."""
+    from gcsfs.retry import HttpError
+
+    return HttpError({"code": code, "message": "injected"})
+
+
 def _aiohttp(name: str) -> BaseException:
     import aiohttp
 
@@ -98,6 +118,17 @@ TRANSIENT: dict[str, Callable[[], BaseException]] = {
         (429, "TooManyRequests"), (500, "InternalError"), (502, "BadGateway"),
         (503, "SlowDown"), (504, "GatewayTimeout"), (503, "ServiceUnavailable")]},
     **{f"gcs-{s}": (lambda s=s: _gcs(s)) for s in (408, 429, 500, 502, 503, 504)},
+    **{f"gcs-text-{s}": (lambda s=s: _gcs_text(s)) for s in (429, 500, 502, 503, 504)},
+    **{f"gcs-HttpError-{c!r}": (lambda c=c: _gcs_http_error(c)) for c in (
+        429, 500, 502, 503, 504, "429", "500", "502", "503", "504")},
+    # A reset connection as aiohttp (under gcsfs) raises it: an OSError with ECONNRESET, or
+    # (aiohttp 3.10 and later) its own ConnectionResetError while writing the request.
+    "aiohttp-ClientOSError-ECONNRESET": lambda: __import__("aiohttp").ClientOSError(
+        errno.ECONNRESET, "Connection reset by peer"
+    ),
+    "aiohttp-ClientConnectionResetError": lambda: __import__(
+        "aiohttp"
+    ).ClientConnectionResetError("Cannot write to closing transport"),
     "aiohttp-ServerDisconnectedError": lambda: _aiohttp("ServerDisconnectedError"),
     "aiohttp-ClientPayloadError": lambda: _aiohttp("ClientPayloadError"),
     "aiohttp-ServerTimeoutError": lambda: _aiohttp("ServerTimeoutError"),
@@ -112,6 +143,10 @@ PERMANENT: dict[str, Callable[[], BaseException]] = {
     "s3-404-NoSuchKey": lambda: _s3(404, "NoSuchKey"),
     "s3-400-InvalidRequest": lambda: _s3(400, "InvalidRequest"),
     **{f"gcs-{s}": (lambda s=s: _gcs(s)) for s in (400, 401, 403, 404, 412)},
+    **{
+        f"gcs-HttpError-{c!r}": (lambda c=c: _gcs_http_error(c))
+        for c in (400, 401, 403, 409, 412, "403", "412", None)
+    },
     "EIO": lambda: OSError(errno.EIO, "I/O error"),
 }
 

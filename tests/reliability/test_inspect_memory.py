@@ -57,3 +57,41 @@ def test_inspect_of_many_tensors_streams_in_bounded_memory(tmp_path: Path, fmt: 
     per_tensor = (peak - base) / COUNT
     print(f"{fmt}: inspect peak RSS {peak / 2**20:.0f} MiB, {per_tensor:.0f} B/tensor beyond")
     assert per_tensor < BOUND, f"{per_tensor:.0f} bytes per tensor"
+
+
+def _peak_rss_of_inspect_json(prefix: Path) -> tuple[int, str]:
+    code = (
+        "import sys, anyckpt.cli\n"
+        "code = anyckpt.cli.main(['inspect', '--json', sys.argv[1]])\n"
+        "sys.stdout.flush()\n"
+        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
+        "print(hwm[0].split()[1], file=sys.stderr)\n"
+        "sys.exit(code)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(prefix)], capture_output=True, text=True, env=env
+    )
+    assert done.returncode == 0, done.stderr
+    return int(done.stderr.split()[-1]) * 1024, done.stdout
+
+
+def test_inspect_json_of_many_tensors_streams_in_bounded_memory(tmp_path: Path) -> None:
+    """``inspect --json`` writes its tensors one entry at a time (issue 13: with every entry
+    held as a dict, and the whole document as one string, it cost ~1.3 KB per tensor)."""
+    import json
+
+    one = np.zeros((2,), dtype=np.float32)
+    small, large = tmp_path / "small" / "c", tmp_path / "large" / "c"
+    anyckpt.sync.save(str(small), {f"t{i:07d}": one for i in range(10)}, durable=False)
+    anyckpt.sync.save(str(large), {f"t{i:07d}": one for i in range(COUNT)}, durable=False)
+    base, _ = _peak_rss_of_inspect_json(small)
+    peak, out = _peak_rss_of_inspect_json(large)
+    document = json.loads(out)
+    assert len(document["tensors"]) == COUNT
+    first = document["tensors"][0]
+    assert (first["key"], first["dtype"], first["shape"]) == ("t0000000", "float32", [2])
+    assert document["parameters"] == 2 * COUNT
+    per_tensor = (peak - base) / COUNT
+    print(f"inspect --json peak RSS {peak / 2**20:.0f} MiB, {per_tensor:.0f} B/tensor beyond")
+    assert per_tensor < BOUND, f"{per_tensor:.0f} bytes per tensor"

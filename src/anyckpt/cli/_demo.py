@@ -120,6 +120,7 @@ def result_json(result: DemoResult) -> dict[str, Any]:
                 "capture_seconds": s.event.capture_seconds,
                 "write_seconds": s.event.write_seconds,
                 "commit_seconds": s.event.commit_seconds,
+                "throughput": s.event.throughput,
             }
             for s in result.saves
         ],

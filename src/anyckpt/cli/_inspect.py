@@ -7,16 +7,17 @@ import base64
 import itertools
 import math
 import posixpath
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import anyio.to_thread
 import numpy as np
 
-from ..api import meta_path, read_meta_file
+from ..api import read_meta_file
 from ..codecs.dtypes import tf_name
 from ..errors import CheckpointNotFoundError
 from ..formats.base import CheckpointReader, TensorSlice, TensorSpec
+from ..formats.layout import meta_path
 from ..meta import MetaGraphInfo
 from ..object_graph import OBJECT_GRAPH_KEY
 from ..storage import Storage
@@ -209,9 +210,14 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         sizes = await anyio.to_thread.run_sync(file_sizes, ckpt.storage, paths)
         layout, _, graph_problem = await read_graph(reader)  # TF2: decoded, never raw bytes
         graph_specs = {k: reader.spec(k) for k in layout.checkpoint_keys()} if layout else {}
-        if not ctx.json and not args.values:
+        if not args.values:
             # The listing streamed: specs made per row, twice, never all at once.
             listing = _Listing(reader.spec, keys)
+            if ctx.json:
+                document = _document(ckpt, paths, sizes, metadata, listing, meta)
+                entries = (tensor_json(key, reader.spec(key)) for key in keys)
+                _print_document(ctx, document, entries, layout, graph_specs, graph_problem)
+                return ExitCode.OK
             _print_text(ctx, args, ckpt, all_keys, keys, paths, sizes, metadata, listing)
             _print_graphs(ctx, args, meta, keys, layout, graph_specs, graph_problem)
             return ExitCode.OK
@@ -227,34 +233,16 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         await reader.aclose()
 
     if ctx.json:
-        data_bytes = sum(tensor_nbytes(s) for s in specs.values())
-        stored = [stored_nbytes(s) for s in specs.values()]
-        stored_bytes = None if None in stored else sum(x for x in stored if x is not None)
-        params = parameter_count(specs)
-        tensors = []
-        for key in keys:
+
+        def with_values(key: str) -> dict[str, Any]:
             entry = tensor_json(key, specs[key])
             if key in values and not (key == OBJECT_GRAPH_KEY and layout):
                 entry["values"] = jsonable(values[key])
-            tensors.append(entry)
-        print_json(
-            {
-                "prefix": ckpt.url,
-                "format": ckpt.format.name,
-                "files": [
-                    file_entry(ckpt.storage, p, s) for p, s in zip(paths, sizes, strict=True)
-                ],
-                "parameters": params,
-                "nbytes": data_bytes,
-                "stored_nbytes": stored_bytes,
-                "metadata": metadata,
-                "tensors": tensors,
-                "meta_graph": None if meta is None else meta.to_dict(),
-                **({"object_graph": graph_json(layout, graph_specs)} if layout else {}),
-                **({"object_graph_error": graph_problem} if graph_problem else {}),
-            },
-            ctx.out,
-        )
+            return entry
+
+        document = _document(ckpt, paths, sizes, metadata, _Listing(specs.__getitem__, keys), meta)
+        entries = (with_values(key) for key in keys)
+        _print_document(ctx, document, entries, layout, graph_specs, graph_problem)
         return ExitCode.OK
 
     _print_text(
@@ -281,6 +269,44 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
             ctx.echo()
             ctx.echo(f"(strings longer than {MAX_TEXT} bytes are cut; --json prints them whole)")
     return ExitCode.OK
+
+
+def _document(
+    ckpt: Any,
+    paths: list[str],
+    sizes: list[int | None],
+    metadata: dict[str, str] | None,
+    listing: _Listing,
+    meta: MetaGraphInfo | None,
+) -> dict[str, Any]:
+    """The ``--json`` document but its tensors (streamed after it, in the key ``"tensors"``)."""
+    return {
+        "prefix": ckpt.url,
+        "format": ckpt.format.name,
+        "files": [file_entry(ckpt.storage, p, s) for p, s in zip(paths, sizes, strict=True)],
+        "parameters": listing.params,
+        "nbytes": listing.data_bytes,
+        "stored_nbytes": listing.stored_bytes,
+        "metadata": metadata,
+        "tensors": [],
+        "meta_graph": None if meta is None else meta.to_dict(),
+    }
+
+
+def _print_document(
+    ctx: Context,
+    document: dict[str, Any],
+    entries: Iterable[dict[str, Any]],
+    layout: Any,
+    graph_specs: dict[str, TensorSpec],
+    graph_problem: str | None,
+) -> None:
+    """``inspect --json``: the tensors written one entry at a time, as they are made."""
+    if layout:
+        document["object_graph"] = graph_json(layout, graph_specs)
+    if graph_problem:
+        document["object_graph_error"] = graph_problem
+    print_json(document, ctx.out, streamed=("tensors", entries))
 
 
 def _print_text(

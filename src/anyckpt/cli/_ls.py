@@ -217,8 +217,10 @@ def print_listing(ctx: Context, listing: Listing) -> None:
         ctx.echo(f"  unreadable: {problem}")
     if listing.orphans:
         ctx.echo()
-        ctx.echo("left by an interrupted save (a manager opening this directory removes those")
-        ctx.echo("named like its checkpoints):")
+        ctx.echo(
+            f"left by interrupted saves (removed by a manager named {listing.debris_name!r} "
+            "opening this directory, and by 'anyckpt prune'):"
+        )
         rows = [[o.name, format_bytes(o.size), o.reason] for o in listing.orphans]
         ctx.echo(table(rows, right=(1,), indent="  "))
     _print_extras(ctx, listing)

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
 import shutil
 import sys
 import time
 import unicodedata
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import IO, Any
 
@@ -129,13 +130,41 @@ def table(rows: Sequence[Sequence[str]], *, right: Sequence[int] = (), indent: s
 JSON_SCHEMA_VERSION = 2
 
 
-def print_json(data: Any, stream: IO[str] | None = None) -> None:
+def print_json(
+    data: Any,
+    stream: IO[str] | None = None,
+    *,
+    streamed: tuple[str, Iterable[Any]] | None = None,
+) -> None:
     """One JSON document (indented, keys in insertion order) on stdout, led by
-    ``"schema_version"``."""
+    ``"schema_version"``. ``streamed=(key, items)``: the top-level list under ``key`` (a key
+    of ``data``, any value) is written item by item as ``items`` yields them, never held
+    whole; the text is the same as for the list itself."""
     out = stream or sys.stdout
     if isinstance(data, dict):
         data = {"schema_version": JSON_SCHEMA_VERSION, **data}
-    json.dump(data, out, indent=2, ensure_ascii=False, allow_nan=False, default=_json_default)
+    options: dict[str, Any] = {
+        "ensure_ascii": False,
+        "allow_nan": False,
+        "default": _json_default,
+    }
+    if streamed is None:
+        json.dump(data, out, indent=2, **options)
+        out.write("\n")
+        return
+    key, items = streamed
+    placeholder = f"\x00{secrets.token_hex(16)}\x00"  # no value of data can hold it
+    data[key] = placeholder
+    head, tail = json.dumps(data, indent=2, **options).split(json.dumps(placeholder))
+    out.write(head)
+    empty = True
+    for item in items:
+        out.write("[\n" if empty else ",\n")
+        empty = False
+        text = json.dumps(item, indent=2, **options)
+        out.write("    " + text.replace("\n", "\n    "))  # json.dumps escapes newlines in strings
+    out.write("[]" if empty else "\n  ]")
+    out.write(tail)
     out.write("\n")
 
 

@@ -38,7 +38,6 @@ from ..retention import (
     apply_retention,
     decide,
 )
-from ..storage import TEMP_MARKER
 from ._common import CliError, Context, ExitCode
 from ._output import format_bytes, format_time, print_json, table
 from ._scan import TRACKED, UNCOMMITTED, Listing, scan
@@ -250,33 +249,14 @@ def plan(listing: Listing, policy: RetentionPolicy) -> tuple[list[Action], float
     return actions, decision.last_preserved_timestamp
 
 
-def debris(listing: Listing, checkpoint_name: str) -> list[tuple[str, str]]:
-    """What a manager named ``checkpoint_name`` removes on opening the directory (the one
-    rule, :func:`anyckpt.formats.layout.debris`), with reasons."""
-    reasons = {o.name: o.reason for o in listing.orphans}
-    names = [
-        *(f.name for c in listing.checkpoints for f in c.files),
-        *(f.name for u in listing.unreadable for f in u.files),
-        *reasons,
-        *(f.name for f in listing.other),
-    ]
-    tracked = {t.path for t in listing.recovered.tracked} if listing.recovered else set()
-    latest = listing.latest if listing.state is not None else None
-    latest_step = layout.split_step(latest, checkpoint_name) if latest else None
-    found: list[tuple[str, str]] = []
-    for name in layout.debris(names, tracked, checkpoint_name=checkpoint_name, latest=latest):
-        parsed = layout.parse_file_name(name)
-        step = layout.split_step(parsed.stem, checkpoint_name) if parsed else None
-        if name in reasons:
-            reason = reasons[name]
-        elif latest_step is not None and step is not None and step > latest_step:
-            reason = "complete, but never recorded in the state file"
-        else:
-            reason = "sidecar of a checkpoint not on disk"
-        found.append((name, reason))
+def debris(listing: Listing) -> list[tuple[str, str]]:
+    """What a manager named ``listing.debris_name`` removes on opening the directory, with
+    reasons: the listing's debris (the one rule, :func:`anyckpt.formats.layout.debris_reasons`,
+    which ``ls`` shows too) and the unfinished uploads of its names."""
+    found = list(listing.debris.items())
     for upload in listing.uploads:
         name = posixpath.basename(upload.path)
-        if layout.is_managed(name.split(TEMP_MARKER, 1)[0], checkpoint_name):
+        if layout.is_managed(layout.final_name(name), listing.debris_name):
             found.append((name, f"unfinished multipart upload ({format_bytes(upload.size)})"))
     return found
 
@@ -288,7 +268,7 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(str(exc), ExitCode.USAGE) from None
     storage, root = ctx.storage(args.directory)
-    listing = await scan(storage, root)
+    listing = await scan(storage, root, checkpoint_name=args.checkpoint_name)
     if listing.state_error:
         state_file = storage.url(posixpath.join(root, STATE_FILE))
         raise CliError(
@@ -299,12 +279,12 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
         raise CliError(
             f"cannot prune: the state file names {listing.unsafe[0]!r}, outside {listing.url}"
         )
-    name = args.checkpoint_name or listing.checkpoint_name or "ckpt"
+    name = listing.debris_name
     if composed is None:
         actions, _ = plan(listing, policy)
     else:
         actions, _ = explain(listing, composed, time.time())
-    removed = debris(listing, name)
+    removed = debris(listing)
     deleted: list[str] = []
     preserved: list[str] = []
     if not args.dry_run:

@@ -5,25 +5,24 @@ build on this.
 A checkpoint is found by asking the registered formats (``detect``) about names derived from
 the directory listing and the state file, so plugin formats and TensorFlow-written directories
 are listed like anyckpt's own. Files are claimed by the first checkpoint whose ``files()``
-names them; what nobody claims is an orphan (temporary files, data files without their index)
-or simply another file (``.meta`` graphs and the like).
+names them; what nobody claims is an orphan or simply another file (``.meta`` graphs and the
+like). What is an orphan, and which checkpoints are uncommitted, is the manager's rule
+(:func:`anyckpt.formats.layout.debris_reasons`, for the directory's ``checkpoint_name``): ``ls``
+shows what a manager opening the directory removes, and ``prune`` removes the same.
 """
 
 from __future__ import annotations
 
 import posixpath
-import re
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any
 
 import anyio
 import anyio.to_thread
 
 from ..codecs import DecodeError
-from ..codecs.metrics import MAX_METRICS_SIZE, METRICS_SUFFIX, decode_metrics, metrics_path
+from ..codecs.metrics import MAX_METRICS_SIZE, decode_metrics
 from ..codecs.state_file import CheckpointState, relativize
 from ..errors import (
     CheckpointError,
@@ -35,11 +34,11 @@ from ..errors import (
 )
 from ..formats import broken_plugins, detect_format, layout, plugin_error
 from ..formats.base import CheckpointFormat
-from ..formats.layout import file_name, parse_file_name, shard_of
+from ..formats.layout import file_name, metrics_path, parse_file_name, shard_of
 from ..lease import LOCK_FILE, LockInfo, read_lock
 from ..manager import STATE_FILE, NameIndex, read_state
 from ..retention import RecoveredState, recover
-from ..storage import TEMP_MARKER, Storage, Upload
+from ..storage import Storage, Upload
 from ._common import state_error_text
 
 #: The status of a checkpoint in a directory.
@@ -47,17 +46,13 @@ TRACKED = "tracked"  # in the state file: retention counts it and may delete it
 PRESERVED = "preserved"  # not tracked: retention never deletes it
 UNTRACKED = "untracked"  # no state file at all
 UNCOMMITTED = "uncommitted"  # complete but newer than the latest commit: a manager removes it
-
-_STEP = re.compile(r"(.+)-(\d+)")
+#: A manager's ``checkpoint_name`` when none is given (and the directory's latest names none).
+DEFAULT_CHECKPOINT_NAME = "ckpt"
 #: Roles of files of a checkpoint (V2's index and data files, TensorFlow's graph), never a
 #: checkpoint prefix themselves: only the prefix they extend is asked about.
 _PART_OF_A_PREFIX = (layout.INDEX, layout.META, layout.DATA)
-
-
-def _data_stem(name: str) -> str | None:
-    """The prefix of a V2 data file ``PREFIX.data-SSSSS-of-NNNNN``, else None."""
-    parsed = parse_file_name(name)
-    return parsed.stem if parsed is not None and parsed.role == layout.DATA else None
+#: Roles of files no checkpoint consists of (their checkpoint's files are the final names).
+_NOT_OF_A_PREFIX = (layout.TEMP, layout.STATE)
 
 
 @dataclass
@@ -125,23 +120,17 @@ class Listing:
     unreadable: list[Unreadable] = field(default_factory=list)
     uploads: list[Upload] = field(default_factory=list)  # unfinished multipart uploads
     lock: LockInfo | None = None  # a ``checkpoint.lock`` left in the directory
-
-    @property
-    def checkpoint_name(self) -> str | None:
-        """The manager's ``checkpoint_name`` for this directory (from the latest checkpoint)."""
-        if self.latest is None:
-            return None
-        return split_step(self.latest)[0]
+    #: The ``checkpoint_name`` the debris was computed for, and the debris: every file a
+    #: manager of that name opening the directory removes, with why
+    #: (:func:`anyckpt.formats.layout.debris_reasons`): the orphans, and the files of
+    #: uncommitted checkpoints.
+    debris_name: str = DEFAULT_CHECKPOINT_NAME
+    debris: dict[str, str] = field(default_factory=dict)
 
 
 def split_step(name: str) -> tuple[str | None, int | None]:
     """``ckpt-12`` -> ``("ckpt", 12)``; V1 shard patterns (``m-5-?????-of-00002``) too."""
-    parsed = parse_file_name(name)
-    base = parsed.stem if parsed is not None and parsed.role == layout.V1_PATTERN else name
-    match = _STEP.fullmatch(base)
-    if not match:
-        return None, None
-    return match.group(1), int(match.group(2))
+    return layout.split_name_step(name)
 
 
 def list_files(storage: Storage, root: str) -> list[FileInfo] | None:
@@ -159,10 +148,10 @@ def _candidates(names: list[str], state_names: list[str]) -> list[str]:
         ordered.setdefault(name, 0)
     derived: set[str] = set()
     for name in names:
-        if TEMP_MARKER in name or name == STATE_FILE:
-            continue
         parsed = parse_file_name(name)
         role = parsed.role if parsed is not None else None
+        if role is None or role in _NOT_OF_A_PREFIX:
+            continue
         if role not in _PART_OF_A_PREFIX:  # (the files of X: X.index, X.data-..., X.meta)
             derived.add(name)
         if "." in name:
@@ -195,11 +184,6 @@ async def _detect(storage: Storage, path: str) -> CheckpointFormat | Exception |
         return exc
 
 
-def _data_without_index(name: str, by_name: Mapping[str, Any]) -> bool:
-    stem = _data_stem(name)
-    return stem is not None and f"{stem}.index" not in by_name
-
-
 def _why_unreadable(error: Exception | None) -> tuple[str, int]:
     """Why the files of ``name`` could not be read as a checkpoint, and the exit status."""
     if error is not None:
@@ -214,8 +198,12 @@ def _why_unreadable(error: Exception | None) -> tuple[str, int]:
     return "no installed format recognises them (is its plugin installed?)", 4
 
 
-async def scan(storage: Storage, root: str, *, now: float | None = None) -> Listing:
-    """Read the directory ``root``: raises CheckpointNotFoundError if it does not exist."""
+async def scan(
+    storage: Storage, root: str, *, now: float | None = None, checkpoint_name: str | None = None
+) -> Listing:
+    """Read the directory ``root``: raises CheckpointNotFoundError if it does not exist.
+    Debris is what a manager named ``checkpoint_name`` (default: the latest checkpoint's
+    name, else ``ckpt``) removes on opening it."""
     url = storage.url(root)
     files = await anyio.to_thread.run_sync(list_files, storage, root)
     if files is None:
@@ -254,6 +242,11 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         stamps = state.all_model_checkpoint_timestamps if not unsafe else ()
         recovered = recover(state_names, stamps, state.last_preserved_timestamp, now)
     listed = [*state_names, *([latest] if latest and latest not in state_names else [])]
+    debris_name = checkpoint_name or split_step(latest or "")[0] or DEFAULT_CHECKPOINT_NAME
+    tracked_names = {t.path for t in recovered.tracked} if recovered else set()
+    doomed = layout.debris_reasons(
+        by_name, tracked_names, checkpoint_name=debris_name, latest=latest
+    )
 
     # Names from the state file are asked about only if a file may belong to them: a state
     # file listing 100,000 names of long-deleted checkpoints costs lookups, not probes.
@@ -321,7 +314,6 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
 
     tracked = {t.path: t.timestamp for t in recovered.tracked} if recovered else {}
     in_state = set(listed)
-    latest_stem, latest_step = split_step(latest) if latest else (None, None)
     for ckpt in checkpoints:
         ckpt.in_state_file = ckpt.name in in_state
         ckpt.latest = ckpt.name == latest
@@ -330,16 +322,18 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
             ckpt.time, ckpt.time_source = tracked[ckpt.name], "state file"
         elif state is None:
             ckpt.status = UNTRACKED
-        elif (
-            not ckpt.in_state_file
-            and latest_step is not None
-            and ckpt.stem == latest_stem
-            and ckpt.step is not None
-            and ckpt.step > latest_step
-        ):
+        elif all(f.name in doomed for f in ckpt.files):  # the manager's rule: it removes them
             ckpt.status = UNCOMMITTED
         else:
             ckpt.status = PRESERVED
+        if ckpt.status != UNCOMMITTED and any(f.name in doomed for f in ckpt.files):
+            # A manager removes these and leaves the checkpoint (the sidecar of a plugin's
+            # newer checkpoint): listed with the debris, not as its files.
+            gone = {f.name for f in ckpt.files if f.name in doomed}
+            ckpt.files = [f for f in ckpt.files if f.name not in gone]
+            claimed -= gone
+            if posixpath.basename(metrics_path(ckpt.name)) in gone:
+                ckpt.metrics = None
     checkpoints.sort(key=lambda c: (c.step is None, c.step or 0, c.name))
 
     found = {c.name for c in checkpoints}
@@ -355,10 +349,7 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         present = [
             by_name[n]
             for n in on_disk.belonging(name)
-            if n not in claimed
-            and TEMP_MARKER not in n
-            and n != STATE_FILE
-            and not _data_without_index(n, by_name)
+            if n not in claimed and n not in doomed and layout.role_of(n) not in _NOT_OF_A_PREFIX
         ]
         if not present:
             missing.append(name)
@@ -379,14 +370,8 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
             except UnsafePathError as exc:  # planted: a manager refuses it too, and says so
                 problems.append(f"{LOCK_FILE}: {exc}")
             continue
-        if TEMP_MARKER in info.name:
-            orphans.append(Orphan(info.name, info.size, "temporary file of an interrupted write"))
-        elif _data_without_index(info.name, by_name):
-            orphans.append(Orphan(info.name, info.size, "data file without its index"))
-        elif info.name.endswith(METRICS_SUFFIX) and _STEP.fullmatch(
-            info.name[: -len(METRICS_SUFFIX)]
-        ):
-            orphans.append(Orphan(info.name, info.size, "metrics of a checkpoint not on disk"))
+        if info.name in doomed:
+            orphans.append(Orphan(info.name, info.size, doomed[info.name]))
         else:
             other.append(info)
     uploads = await anyio.to_thread.run_sync(storage.list_uploads, root)
@@ -407,4 +392,6 @@ async def scan(storage: Storage, root: str, *, now: float | None = None) -> List
         unreadable=unreadable,
         uploads=uploads,
         lock=lock,
+        debris_name=debris_name,
+        debris=doomed,
     )

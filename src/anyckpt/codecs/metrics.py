@@ -1,4 +1,5 @@
-"""The metrics sidecar of a checkpoint (``PREFIX.metrics.json``), sans I/O.
+"""The metrics sidecar of a checkpoint (``PREFIX.metrics.json``: its name is
+:func:`anyckpt.formats.layout.metrics_path`'s), sans I/O.
 
 A small JSON object ``{"step": 5, "metrics": {"loss": 0.3}}``. Values are numbers; a
 non-finite value (a diverged loss) is stored as ``null`` (strict JSON) and reads back as NaN,
@@ -11,32 +12,20 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from collections.abc import Mapping
 
 from . import DecodeError
 
 __all__ = [
     "MAX_METRICS_SIZE",
-    "METRICS_SUFFIX",
     "decode_metrics",
     "decode_tree",
     "encode_metrics",
-    "metrics_path",
 ]
 
-METRICS_SUFFIX = ".metrics.json"
 #: A sidecar larger than this is refused (a few numbers, and the description of a structure:
 #: ~100 bytes per tensor).
 MAX_METRICS_SIZE = 16 << 20
-
-
-def metrics_path(prefix: str) -> str:
-    """The sidecar of a checkpoint prefix (of a V1 sharded pattern ``PREFIX-?????-of-N``
-    too: ``PREFIX.metrics.json``)."""
-    if re.fullmatch(r".*-\?{5}-of-\d{5}", prefix):
-        prefix = prefix.rsplit("-", 3)[0]
-    return prefix + METRICS_SUFFIX
 
 
 def check_metrics(metrics: Mapping[str, float]) -> dict[str, float]:

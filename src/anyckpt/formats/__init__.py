@@ -17,7 +17,14 @@ import anyio.to_thread
 from ..errors import CheckpointNotFoundError, PluginError, PluginWarning, UnsupportedFormatError
 from ..storage import Storage
 from ._plugins import PluginInfo, blame, info_for, interface_problem
-from .base import CheckpointFormat, CheckpointReader, ReaderBase, TensorSlice, TensorSpec
+from .base import (
+    CheckpointFormat,
+    CheckpointReader,
+    FormatBase,
+    ReaderBase,
+    TensorSlice,
+    TensorSpec,
+)
 from .resolve import resolve_checkpoint
 from .v1 import V1Format
 from .v2 import V2Format
@@ -34,6 +41,7 @@ _origins: dict[str, PluginInfo] = {}
 __all__ = [
     "CheckpointFormat",
     "CheckpointReader",
+    "FormatBase",
     "PluginInfo",
     "ReaderBase",
     "TensorSlice",

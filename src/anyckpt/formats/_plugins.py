@@ -10,10 +10,10 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+from .base import hook_problem
+
 #: The coroutine methods every format has (``async def``).
 ASYNC_MEMBERS = ("write", "open", "detect", "files")
-#: Optional plain (not async) methods a format may have.
-OPTIONAL_MEMBERS = ("checkpoint_path",)
 
 
 @dataclass(frozen=True)
@@ -41,11 +41,7 @@ def interface_problem(fmt: Any) -> str | None:
             return f"it has no '{member}' member"
         if not inspect.iscoroutinefunction(method):
             return f"'{member}' is not a coroutine function (it must be 'async def {member}')"
-    for member in OPTIONAL_MEMBERS:
-        method = getattr(fmt, member, None)
-        if method is not None and (not callable(method) or inspect.iscoroutinefunction(method)):
-            return f"'{member}' must be a plain (not async) method"
-    return None
+    return hook_problem(fmt)  # the optional members, declared on formats.base.FormatBase
 
 
 def info_for(

@@ -3,18 +3,30 @@
 A format ("builder") writes a set of named tensors under a prefix and reads them back. The
 manager, :mod:`anyckpt.api`, the CLI and retention use only this interface, so a plugin format
 is a peer of the built-ins. Formats do their file I/O through :class:`anyckpt.storage.Storage`.
+
+The protocols hold the members every format and reader has. The optional ones (a format's
+``options``, ``has_checksums``, ``tf_saver_version`` and ``checkpoint_path``; a reader's
+``read_slices``) are declared, with their defaults, on :class:`FormatBase` and
+:class:`ReaderBase`, which the built-ins and the bundled plugins inherit. A plugin need not
+inherit them: the rest of anyckpt asks for an optional member only through this module's
+functions (:func:`declared_options`, :func:`has_checksums`, :func:`tf_saver_version`,
+:func:`checkpoint_path`, :func:`read_slices`), which give the base class's default when the
+object lacks the member. This module is the only place that looks a hook up by name.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import anyio
 import numpy as np
 
+from .._concurrency import run_concurrently
 from ..codecs.dtypes import dtype_name
 
 if TYPE_CHECKING:
@@ -108,10 +120,30 @@ class CheckpointReader(Protocol):
     async def __aexit__(self, *exc: object) -> None: ...
 
 
+class _Reads(Protocol):
+    async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray: ...
+
+
+async def _read_each(
+    reader: _Reads, pieces: Mapping[str, Index], verify: bool
+) -> dict[str, np.ndarray]:
+    """``read_slices``' default: one ``read`` per piece, concurrently; the first error is
+    raised as itself (as ``read`` raises it), not as an exception group."""
+    out: dict[str, np.ndarray] = {}
+
+    async def one(key: str, index: Index) -> None:
+        out[key] = await reader.read(key, index, verify=verify)
+
+    await run_concurrently(partial(one, key, index) for key, index in pieces.items())
+    return {key: out[key] for key in pieces}
+
+
 class ReaderBase:
     """What a plugin's reader may inherit: ``async with`` (closing the reader on exit), a
-    no-op ``aclose`` and a ``read_many`` that reads the keys concurrently with ``read``.
-    Override ``read_many`` to batch (``FileReader.read_ranges``), ``aclose`` to release."""
+    no-op ``aclose``, a ``read_many`` that reads the keys concurrently with ``read``, and the
+    optional ``read_slices`` (part of each of several tensors) as one ``read`` per piece.
+    Override ``read_many`` or ``read_slices`` to batch (``FileReader.read_ranges``),
+    ``aclose`` to release."""
 
     prefix: str
 
@@ -134,6 +166,15 @@ class ReaderBase:
             for key in names:
                 tg.start_soon(one, key)
         return {key: out[key] for key in names}
+
+    async def read_slices(
+        self, pieces: Mapping[str, Index], *, verify: bool = True
+    ) -> dict[str, np.ndarray]:
+        """Part of each of several tensors (``{name: index}``, ``index`` as for ``read``; None
+        for the whole tensor), as a rank restores its share after a change of world size.
+        Optional (see :func:`read_slices`); this default reads each piece with ``read``,
+        concurrently."""
+        return await _read_each(self, pieces, verify)
 
     async def aclose(self) -> None:
         pass
@@ -180,15 +221,38 @@ class CheckpointFormat(Protocol):
         """The exact paths the checkpoint at ``prefix`` consists of (those that exist)."""
         ...
 
-    # Optional: ``options``, a mapping {option name: FormatOption} of what ``write`` accepts
-    # (absent or None: undeclared, nothing is checked; see :func:`check_options`).
-    # Optional: ``has_checksums: bool`` (default False), whether ``read(verify=True)`` detects
-    # damaged data; ``anyckpt verify`` says so for formats that cannot.
-    # Optional: ``checkpoint_path(prefix, written) -> str``, the path the ``checkpoint`` state
-    # file records for a save that wrote the files ``written`` (default: ``prefix``). V1
-    # records sharded saves as TensorFlow's ``PREFIX-?????-of-0000N`` pattern.
-    # Optional: ``tf_saver_version: int`` (1 or 2), for formats TensorFlow's Saver reads: the
-    # manager may then write a ``.meta`` graph (default: none).
+    # Optional members (``options``, ``has_checksums``, ``tf_saver_version``,
+    # ``checkpoint_path``): declared with their defaults on :class:`FormatBase`.
+
+
+class FormatBase:
+    """What a format may inherit: the optional members of :class:`CheckpointFormat`, with
+    their defaults. A format that does not inherit it gets the same defaults (anyckpt asks
+    through :func:`declared_options`, :func:`has_checksums`, :func:`tf_saver_version` and
+    :func:`checkpoint_path`); :func:`hook_problem` checks, at registration, that the members
+    a format does declare have the right kind."""
+
+    name: str
+
+    #: What ``write`` accepts: {option name: :class:`FormatOption`}. None: undeclared, so
+    #: nothing is checked (an empty mapping declares that ``write`` takes no option).
+    options: Mapping[str, FormatOption] | None = None
+    #: Whether ``read(verify=True)`` detects damaged data; ``anyckpt verify`` says so for
+    #: formats that cannot.
+    has_checksums: bool = False
+    #: 1 or 2 for a format TensorFlow's Saver reads (V1 or V2): the manager and
+    #: :func:`anyckpt.save` may then write a ``.meta`` graph. None: none.
+    tf_saver_version: int | None = None
+
+    def checkpoint_path(self, prefix: str, written: Sequence[str]) -> str:
+        """The path the ``checkpoint`` state file records for a save that wrote the files
+        ``written`` (a plain method, not async). V1 records a sharded save as TensorFlow's
+        ``PREFIX-?????-of-0000N`` pattern; the default is ``prefix``."""
+        return prefix
+
+
+#: The defaults, for formats and readers that do not inherit the base classes.
+_FORMAT_DEFAULTS = FormatBase()
 
 
 @dataclass(frozen=True)
@@ -212,15 +276,70 @@ class FormatOption:
         return isinstance(value, self.types)
 
 
+# -- the optional members, for any format or reader ---------------------------------------
+# (The only lookups of a hook by name: a format need not inherit FormatBase.)
+
+
 def declared_options(fmt: CheckpointFormat) -> Mapping[str, FormatOption] | None:
     """The options ``fmt`` declares (None: it declares none, so none are checked)."""
-    options = getattr(fmt, "options", None)
+    options = getattr(fmt, "options", _FORMAT_DEFAULTS.options)
     return options if isinstance(options, Mapping) else None
 
 
 def has_checksums(fmt: CheckpointFormat) -> bool:
     """Whether ``fmt`` declares that reading with ``verify=True`` checks checksums."""
-    return bool(getattr(fmt, "has_checksums", False))
+    return bool(getattr(fmt, "has_checksums", _FORMAT_DEFAULTS.has_checksums))
+
+
+def tf_saver_version(fmt: CheckpointFormat) -> int | None:
+    """The TensorFlow Saver version ``fmt`` declares (1 or 2; any other value is no Saver
+    equivalent), else None."""
+    version: int | None = getattr(fmt, "tf_saver_version", _FORMAT_DEFAULTS.tf_saver_version)
+    return version
+
+
+def checkpoint_path(fmt: CheckpointFormat, prefix: str, written: Sequence[str]) -> str:
+    """The path the state file records for a save of ``fmt`` at ``prefix`` that wrote
+    ``written`` (:meth:`FormatBase.checkpoint_path`; ``prefix`` by default)."""
+    hook = getattr(fmt, "checkpoint_path", None)
+    if hook is None:
+        return _FORMAT_DEFAULTS.checkpoint_path(prefix, written)
+    return str(hook(prefix, written))
+
+
+async def read_slices(
+    reader: CheckpointReader, pieces: Mapping[str, Index], *, verify: bool = True
+) -> dict[str, np.ndarray]:
+    """Part of each of several tensors of ``reader`` (``{name: index}``): its
+    ``read_slices`` (:meth:`ReaderBase.read_slices`; the V2 reader batches the byte ranges),
+    else one ``read`` per piece, concurrently."""
+    hook = getattr(reader, "read_slices", None)
+    if hook is None:
+        return await _read_each(reader, pieces, verify)
+    result: dict[str, np.ndarray] = await hook(pieces, verify=verify)
+    return result
+
+
+def hook_problem(fmt: Any) -> str | None:
+    """Why the optional members ``fmt`` declares do not fit (None when they do, or when it
+    declares none): ``checkpoint_path`` a plain method, ``has_checksums`` a bool,
+    ``tf_saver_version`` None, 1 or 2, ``options`` None or a mapping of
+    :class:`FormatOption`."""
+    method = getattr(fmt, "checkpoint_path", None)
+    if method is not None and (not callable(method) or inspect.iscoroutinefunction(method)):
+        return "'checkpoint_path' must be a plain (not async) method"
+    if not isinstance(getattr(fmt, "has_checksums", False), (bool, np.bool_)):
+        return "'has_checksums' must be a bool"
+    version = getattr(fmt, "tf_saver_version", None)
+    if version is not None and (isinstance(version, bool) or version not in (1, 2)):
+        return f"'tf_saver_version' must be None, 1 or 2, not {version!r}"
+    options = getattr(fmt, "options", None)
+    if options is not None and (
+        not isinstance(options, Mapping)
+        or not all(isinstance(v, FormatOption) for v in options.values())
+    ):
+        return "'options' must be None or a mapping of option names to FormatOption"
+    return None
 
 
 def check_options(fmt: CheckpointFormat, options: Mapping[str, Any] | None) -> None:

@@ -18,7 +18,7 @@ from ..errors import CheckpointError, CheckpointNotFoundError, CorruptCheckpoint
 from ..storage import Storage
 from . import layout
 from .base import CheckpointFormat
-from .layout import STATE_FILE, file_name, parse_file_name, shard_of
+from .layout import STATE_FILE, file_name, meta_path, parse_file_name, shard_of
 
 __all__ = ["EXPECTED", "path_kind", "resolve_checkpoint"]
 
@@ -56,7 +56,7 @@ async def _owner(
     """The checkpoint (prefix, format) that lists ``path`` among its files (or whose
     ``PREFIX.meta`` it is), if any."""
     for prefix in _candidates(path):
-        meta = path == prefix + ".meta"
+        meta = path == meta_path(prefix)
         for fmt in formats:
             try:
                 if not await fmt.detect(storage, prefix):
@@ -112,8 +112,9 @@ async def resolve_checkpoint(
             "give its directory to use the latest checkpoint",
             path=url,
         )
-    if base.endswith(".meta"):
-        prefix = path[: -len(".meta")]
+    parsed = parse_file_name(base)
+    if parsed is not None and parsed.role == layout.META:
+        prefix = posixpath.join(posixpath.dirname(path), parsed.stem)
         raise CheckpointNotFoundError(
             f"this is a TensorFlow meta graph (.meta), and its checkpoint "
             f"{storage.url(prefix)} does not exist; {EXPECTED}",

@@ -17,7 +17,6 @@ from __future__ import annotations
 import heapq
 import math
 import posixpath
-import re
 from collections import defaultdict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import suppress
@@ -40,7 +39,8 @@ from ..errors import CheckpointNotFoundError, CorruptCheckpointError, Unsupporte
 from ..partitioned import partitions_of
 from ..storage import FileReader, FileWriter, Storage
 from ..tensors import key_from_bytes, key_to_bytes
-from .base import Extent, Index, TensorSlice, TensorSpec
+from .base import Extent, FormatBase, Index, ReaderBase, TensorSlice, TensorSpec
+from .layout import split_v1_pattern, v1_pattern_path, v1_shard_number, v1_shard_path
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v1_tensors import TensorColumnsBuilder, V1Tensor
 from .v2_reader import normalize_index, squeeze_axes
@@ -48,24 +48,16 @@ from .v2_reader import normalize_index, squeeze_axes
 Extents = tuple[Extent, ...]
 #: Tensors read per step of a full read (what is made per tensor lives for one step).
 _READ_CHUNK = 1 << 14
-_PATTERN = re.compile(r"(.*)-\?\?\?\?\?-of-(\d{5})")
 #: Largest index block, and largest meta entry, we agree to load.
 MAX_INDEX_BYTES = 1 << 30
 #: The meta is read with a block of at most this size; a larger first block is read partly.
 _META_BLOCK_READ = 8 << 20
 
 
-def shard_path(prefix: str, shard: int, num_shards: int) -> str:
-    return f"{prefix}-{shard:05d}-of-{num_shards:05d}"
-
-
-def pattern_path(prefix: str, num_shards: int) -> str:
-    """The name TensorFlow records for a sharded V1 checkpoint (``PREFIX-?????-of-0000N``)."""
-    return f"{prefix}-?????-of-{num_shards:05d}"
-
-
-def _shard_re(base: str) -> re.Pattern[str]:
-    return re.compile(re.escape(base) + r"-(\d{5})-of-(\d{5})")
+#: The V1 file names (:mod:`.layout`, their one home): ``PREFIX-SSSSS-of-NNNNN`` and the
+#: pattern TensorFlow records for a sharded save, ``PREFIX-?????-of-NNNNN``.
+shard_path = v1_shard_path
+pattern_path = v1_pattern_path
 
 
 # -- writing -------------------------------------------------------------------------------
@@ -148,12 +140,13 @@ def _write_file(
         raise
 
 
-class V1Format:
+class V1Format(FormatBase):
     """TensorFlow's V1 checkpoint (``TensorSliceWriter`` / ``TensorSliceReader``)."""
 
     name = "v1"
     options = SHARD_FORMAT_OPTIONS
     has_checksums = True
+    tf_saver_version = 1
 
     async def write(
         self,
@@ -233,9 +226,9 @@ class V1Format:
 
     async def _candidates(self, storage: Storage, prefix: str) -> list[str]:
         """The files a checkpoint at ``prefix`` consists of (whether they exist or not)."""
-        match = _PATTERN.fullmatch(prefix)
-        if match:
-            base, count = match.group(1), int(match.group(2))
+        pattern = split_v1_pattern(prefix)
+        if pattern:
+            base, count = pattern
             return [shard_path(base, i, count) for i in range(count)]
         if await anyio.to_thread.run_sync(_is_file, storage, prefix):
             return [prefix]
@@ -263,11 +256,10 @@ class V1Format:
 
     async def files(self, storage: Storage, prefix: str) -> list[str]:
         """The existing files of the checkpoint, commit marker last."""
-        match = _PATTERN.fullmatch(prefix)
-        if not match and await anyio.to_thread.run_sync(_is_file, storage, prefix):
+        pattern = split_v1_pattern(prefix)
+        if not pattern and await anyio.to_thread.run_sync(_is_file, storage, prefix):
             return [prefix]
-        base = match.group(1) if match else prefix
-        only = int(match.group(2)) if match else None
+        base, only = pattern if pattern else (prefix, None)
         present = await _shards_present(storage, base)
         return [
             shard_path(base, i, n)
@@ -325,14 +317,11 @@ async def _shards_present(storage: Storage, base: str) -> list[tuple[int, int]]:
     """(shard, count) of every ``base-SSSSS-of-NNNNN`` file that exists."""
     directory, name = posixpath.split(base)
     names = await anyio.to_thread.run_sync(storage.listdir_prefixed, directory or ".", f"{name}-")
-    pattern = _shard_re(name)
     found = []
     for n in names:
-        match = pattern.fullmatch(n)
-        if match:
-            shard, count = int(match.group(1)), int(match.group(2))
-            if shard < count:
-                found.append((shard, count))
+        number = v1_shard_number(n, name)
+        if number is not None and number[0] < number[1]:
+            found.append(number)
     return found
 
 
@@ -418,7 +407,7 @@ def _box(extents: Extents, shape: tuple[int, ...]) -> list[tuple[int, int]]:
     return [(0, d) if n == -1 else (s, s + n) for (s, n), d in zip(extents, shape, strict=True)]
 
 
-class V1Reader:
+class V1Reader(ReaderBase):
     """An open V1 checkpoint: the merged meta of its files (as columns, see
     :mod:`.v1_tensors`); slices read block by block."""
 

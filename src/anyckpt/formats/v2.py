@@ -33,7 +33,7 @@ from ..partitioned import partitions_of
 from ..storage import Storage
 from ..tensors import stored_key_order
 from . import layout
-from .base import FormatOption
+from .base import FormatBase, FormatOption
 from .layout import parse_file_name
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v2_data import DataFileEntries, write_data_file
@@ -42,7 +42,7 @@ from .v2_layout import MAX_INDEX_BYTES, data_path, index_path
 from .v2_reader import V2Reader
 
 
-class V2Format:
+class V2Format(FormatBase):
     """The V2 tensor bundle (TensorFlow's default since 1.x)."""
 
     name = "v2"
@@ -53,6 +53,7 @@ class V2Format:
         ),
     }
     has_checksums = True
+    tf_saver_version = 2
 
     async def write(
         self,
@@ -209,7 +210,7 @@ class V2Format:
                 for n in names
                 if parse_file_name(n) == (base, layout.DATA)
             ]
-            if f"{base}.index" in names:  # (listed: a dangling link too)
+            if index_path(base) in names:  # (listed: a dangling link too)
                 found.append(index_path(prefix))
             return found
         return reader.files()

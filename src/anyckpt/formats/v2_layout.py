@@ -3,6 +3,8 @@ written and read (gathered small ones, checksummed-alongside large ones)."""
 
 from __future__ import annotations
 
+from .layout import DATA, INDEX, file_name
+
 #: Largest `.index` file we agree to load into memory.
 MAX_INDEX_BYTES = 1 << 31
 #: Remote reads of neighbouring tensors are merged into requests of up to this size.
@@ -10,11 +12,13 @@ COALESCE_BYTES = 64 << 20
 
 
 def index_path(prefix: str) -> str:
-    return prefix + ".index"
+    """``PREFIX.index`` (the name is :mod:`.layout`'s)."""
+    return file_name(prefix, INDEX)
 
 
 def data_path(prefix: str, shard: int, num_shards: int) -> str:
-    return f"{prefix}.data-{shard:05d}-of-{num_shards:05d}"
+    """``PREFIX.data-SSSSS-of-NNNNN`` (the name is :mod:`.layout`'s)."""
+    return file_name(prefix, DATA, shard, num_shards)
 
 
 #: Numeric tensors below this size are gathered and written (or read) together, up to

@@ -43,7 +43,7 @@ from ..storage import FileReader, Storage
 from ..tensors import key_from_bytes, key_to_bytes
 from ._arrays import byte_view, dtype_pair, empty_large
 from ._checksummed_io import read_checksummed
-from .base import Index, TensorSlice, TensorSpec
+from .base import Index, ReaderBase, TensorSlice, TensorSpec
 from .v2_entries import EntryTable
 from .v2_layout import (
     COALESCE_BYTES,
@@ -60,7 +60,7 @@ READ_CHUNK = 1 << 14
 _INT64_MAX = (1 << 63) - 1
 
 
-class V2Reader:
+class V2Reader(ReaderBase):
     """An open V2 bundle: the index, looked up lazily, and reads of the data files on demand.
 
     Opening checks the index as a table (footer, every block's bounds and checksum) and its

@@ -23,33 +23,32 @@ from __future__ import annotations
 
 import posixpath
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from functools import partial
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, Literal, TypeVar, overload
 
 import anyio
-import anyio.abc
 import anyio.to_thread
 import numpy as np
 
-from .._concurrency import on_event_loop, run_concurrently
+from .._concurrency import on_event_loop
 from ..api import with_object_graph, write_meta_file
 from ..codecs import DecodeError
 from ..codecs.metrics import (
     MAX_METRICS_SIZE,
     check_metrics,
     encode_metrics,
-    metrics_path,
 )
 from ..errors import (
-    CheckpointError,
     CheckpointNotFoundError,
     ConcurrentWriterError,
     CorruptCheckpointError,
 )
 from ..formats import get_format, loaded_format
-from ..formats.base import CheckpointFormat, Index, check_options
+from ..formats.base import CheckpointFormat, Index, check_options, checkpoint_path, read_slices
+from ..formats.layout import metrics_path
 from ..meta import saver_version
 from ..retention import (
     Candidate,
@@ -57,14 +56,14 @@ from ..retention import (
     RetentionPolicy,
     tf_policy,
 )
-from ..save_control import SaveControl  # hook: save policies (issue 16)
+from ..save_control import SaveControl, SaveTicket  # hook: save policies (issue 16)
 from ..storage import Storage
 from ..tensors import prepare
 from ..tree import flatten_tree, needs_tree, nest_names, rebuild, restore_into  # hook: structures
 from . import distributed as multiprocess
 from .capture import capture
 from .directory import CheckpointDirectory
-from .pending import PendingSave, SaveEvent
+from .pending import PendingSave, SaveEvent, SaveQueue
 from .steps import check_step
 
 if TYPE_CHECKING:
@@ -225,14 +224,9 @@ class CheckpointManager:
         self.checkpoint_dir = CheckpointDirectory(
             self, storage_options, allow_symlinks=allow_symlinks
         )
-        self._slots = anyio.Semaphore(max_pending)
-        self._commit_lock = anyio.Lock()
-        self._pending: list[PendingSave] = []
-        self._last_step: int | None = None
-        self._last_saved_step: int | None = None
-        self._tail: anyio.Event | None = None  # done-event of the newest save: commits go in order
-        self._task_group: anyio.abc.TaskGroup | None = None
-        self._entered = False
+        #: Step numbers, slots, commit order and unseen errors of the saves in flight.
+        self._saves = SaveQueue(max_pending)
+        self._lifetime: AbstractAsyncContextManager[CheckpointManager] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -265,9 +259,28 @@ class CheckpointManager:
         return self.checkpoint_dir.storage
 
     async def __aenter__(self) -> CheckpointManager:
-        if self._entered:
+        if self._lifetime is not None:
             raise RuntimeError("a CheckpointManager can be entered once")
-        self._entered = True
+        self._lifetime = self._open()
+        return await self._lifetime.__aenter__()
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> bool | None:
+        assert self._lifetime is not None
+        return await self._lifetime.__aexit__(exc_type, exc, tb)
+
+    @asynccontextmanager
+    async def _open(self) -> AsyncIterator[CheckpointManager]:
+        """The manager's life: signal handlers, storage, the directory (lock, state, debris
+        cleaned), the task group of background saves; then all of it released in reverse.
+
+        After an ordinary error in the body, the captured saves still finish and commit, and
+        the body's error propagates unchanged, noting any background save that failed unseen;
+        after a clean body, such a failure is raised. A cancellation stops the saves."""
         self._control.enter()  # hook: preemption — signal handlers (main thread)
         try:
             if self._format is None:  # a plugin named on the event loop: load it off the loop
@@ -276,65 +289,23 @@ class CheckpointManager:
             if self.coordinator is None:
                 await self._open_directory()
             else:
-                await multiprocess.enter(self, self.coordinator, self._open_directory)
-            self._task_group = anyio.create_task_group()
-            await self._task_group.__aenter__()
-        except BaseException:
-            await self._release_lock()
+                await multiprocess.enter(self, self.coordinator, self._open_directory, self._saves)
+            try:
+                async with self._saves.running():
+                    yield self
+            except Exception as exc:
+                self._saves.note_unobserved(exc)
+                raise
+            self._saves.raise_unobserved()
+        finally:
+            await self.checkpoint_dir.close()
             self._control.exit()  # hook: preemption — previous handlers back
-            raise
-        return self
 
     async def _open_directory(self) -> None:
         """Take the lock, read the state file and remove what interrupted saves left (with a
         coordinator: on rank 0, the others adopt its view)."""
         await self.checkpoint_dir.open()
-        self._last_step = self._last_saved_step = self.checkpoint_dir.last_step
-
-    async def _release_lock(self) -> None:
-        await self.checkpoint_dir.close()
-
-    async def __aexit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        assert self._task_group is not None
-        if exc is not None and not isinstance(exc, Exception):
-            # Cancelled or interrupted: stop writing (nothing half-written stays). After an
-            # ordinary error in the training loop, captured saves still finish and commit.
-            self._task_group.cancel_scope.cancel()
-        try:
-            # The body's exception is not the task group's business: handed to it, the task
-            # group would cancel the captured saves and wrap the exception in an
-            # ExceptionGroup. The body's exception propagates unchanged when we return.
-            await self._task_group.__aexit__(None, None, None)
-        finally:
-            self._task_group = None
-            await self._release_lock()
-            self._control.exit()  # hook: preemption — previous handlers back
-        if exc is None:
-            self._raise_unobserved()
-        elif isinstance(exc, Exception):
-            self._note_unobserved(exc)
-
-    def _note_unobserved(self, exc: Exception) -> None:
-        """The body failed and its exception propagates: it also names the saves that failed
-        unseen, so their errors are not swallowed (as notes, on Python 3.11+)."""
-        for pending in self._pending:
-            if pending.done() and pending._error is not None and not pending._observed:
-                pending._observed = True
-                if hasattr(exc, "add_note"):
-                    error, step = pending._error, pending.step
-                    exc.add_note(f"the background save of step {step} failed too: {error!r}")
-
-    def _raise_unobserved(self) -> None:
-        for pending in self._pending:
-            if pending.done() and pending._error is not None and not pending._observed:
-                pending._observed = True
-                raise pending._error
-        self._pending = [p for p in self._pending if not p.done()]
+        self._saves.resume(self.checkpoint_dir.last_step)
 
     # -- state -------------------------------------------------------------------------------
 
@@ -400,26 +371,22 @@ class CheckpointManager:
         :class:`~anyckpt.save_control.SaveWouldBlockError` instead of waiting for room
         (``max_pending``, ``max_pending_bytes``).
         """
-        if self._task_group is None:
-            raise RuntimeError("use the manager inside 'async with'")
+        entered = time.perf_counter()
+        self._saves.check_running()
         values = None if metrics is None else check_metrics(metrics)
         if self.coordinator is not None:
             if values is not None:
                 raise ValueError("metrics are not recorded by distributed saves yet")
-            return await multiprocess.save(self, self.coordinator, state, step, copy)
-        self._raise_unobserved()
+            return await multiprocess.save(
+                self, self.coordinator, self._saves, self._control.decide, state, step, copy
+            )
+        self._saves.raise_unobserved()
         self.checkpoint_dir.check_lock()  # taken over: say so now, not after the write
-        if step is None:
-            step = 1 if self._last_step is None else self._last_step + 1
-        step = check_step(step)
-        if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
-        if self._last_step is not None and step <= self._last_step:
-            raise ValueError(f"step {step} is not after the last step {self._last_step}")
-        decision = self._control.decide(step, self._last_saved_step)  # hook: save policies
+        step = self._saves.following() if step is None else check_step(step)
+        self._saves.check_order(step)
+        decision = self._control.decide(step, self._saves.last_saved_step)  # hook: save policies
         if not decision.save:
-            self._last_step = step
-            return PendingSave(step, None, skipped=True, reason=decision.reason)
+            return self._saves.skip(step, decision.reason)
         tree = None
         if not self.object_graph and needs_tree(state):
             state, tree = flatten_tree(state)
@@ -428,48 +395,71 @@ class CheckpointManager:
                 state = {**state, "save_counter": np.int64(step)}
             state = with_object_graph(state)
         tensors = prepare(state)
+        # hook: max_pending_bytes — too big to copy: written while the caller waits, uncopied
+        staged = self._control.staged(tensors, copy=copy)
+        copy = copy and not staged
         # hook: max_pending_bytes — a slot and the bytes the copy will hold (or block=False)
-        ticket = await self._control.admit(self._slots, tensors, copy=copy, block=block)
+        ticket = await self._control.admit(self._saves.slots, tensors, copy=copy, block=block)
         try:
             # A save that failed while this one waited for its slot is reported now.
-            self._raise_unobserved()
+            self._saves.raise_unobserved()
             started = time.perf_counter()
             if copy:
                 tensors = await capture(tensors)
             capture_seconds = time.perf_counter() - started
-            # hook: save policies / stale check — record the save, digest uncopied arrays
-            await self._control.captured(ticket, step, tensors, copy=copy)
+            # hook: save policies / stale check — record the save, digest uncopied arrays (a
+            # staged save's need none: the caller waits until they are written)
+            await self._control.captured(ticket, step, tensors, copy=copy or staged)
         except BaseException:
-            self._slots.release()
+            self._saves.slots.release()
             self._control.release(ticket)  # hook: max_pending_bytes
             raise
         name = f"{self.checkpoint_name}-{step}"
         pending = PendingSave(step, self._public(name), reason=decision.reason)
-        pending._ticket, pending._tree = ticket, tree  # hook: save policies / structures
-        self._last_step = self._last_saved_step = step
-        self._pending.append(pending)
-        previous, self._tail = self._tail, pending._done
-        self._task_group.start_soon(
-            self._write_and_commit, pending, previous, name, tensors, capture_seconds, values
+        released = anyio.Event() if staged else None
+        self._saves.start(
+            pending,
+            partial(
+                self._write_and_commit,
+                pending,
+                name,
+                tensors,
+                capture_seconds,
+                values,
+                ticket,  # hook: max_pending_bytes / stale check
+                tree,  # hook: structures
+                entered,
+                released,
+            ),
         )
+        if released is not None:  # staged: the caller's arrays are in use until written
+            await released.wait()
         return pending
 
     async def _write_and_commit(
         self,
         pending: PendingSave,
-        previous: anyio.Event | None,
         name: str,
         tensors: dict[str, np.ndarray],
         capture_seconds: float,
-        metrics: dict[str, float] | None = None,
+        metrics: dict[str, float] | None,
+        ticket: SaveTicket,
+        tree: Any,
+        entered: float,
+        released: anyio.Event | None,
+        previous: anyio.Event | None,
     ) -> None:
+        """The background part of a save: sidecars, the files, then (in save order) the
+        commit. ``released`` (a staged save, not copied) is set once the caller's arrays are
+        no longer needed: ``save()`` waits for it."""
         error: BaseException | None = None
+        started = time.perf_counter()
+        blocked_seconds = started - entered
         try:
-            started = time.perf_counter()
             # hook: structures — the sidecar also holds the structure's description
-            if metrics is not None or pending._tree is not None:
+            if metrics is not None or tree is not None:
                 # before the commit marker: a committed one has its metrics
-                data = encode_metrics(pending.step, metrics or {}, pending._tree)
+                data = encode_metrics(pending.step, metrics or {}, tree)
                 sidecar = metrics_path(self._path(name))
                 await anyio.to_thread.run_sync(
                     lambda: self.storage.write_bytes(sidecar, data, durable=self.durable)
@@ -493,18 +483,19 @@ class CheckpointManager:
                 options=self.format_options,
             )
             # hook: stale check — fail before the commit if uncopied arrays changed
-            await self._control.written(pending._ticket, pending.step, self._public(name), tensors)
-            recorded = getattr(self.format, "checkpoint_path", None)
-            if recorded is not None:
-                name = posixpath.basename(recorded(self._path(name), written))
+            await self._control.written(ticket, pending.step, self._public(name), tensors)
+            name = posixpath.basename(checkpoint_path(self.format, self._path(name), written))
             if metrics is not None:
                 self.checkpoint_dir.metrics[name] = metrics
             wrote = time.perf_counter()
             nbytes = sum(a.nbytes for a in tensors.values() if a.dtype != object)
             del tensors
+            if released is not None:
+                blocked_seconds = wrote - entered
+                released.set()
             if previous is not None:
                 await previous.wait()
-            async with self._commit_lock:
+            async with self._saves.commit_lock:
                 deleted, preserved = await self.checkpoint_dir.commit(name)
             pending.event = SaveEvent(
                 pending.step,
@@ -515,6 +506,8 @@ class CheckpointManager:
                 time.perf_counter() - wrote,
                 deleted,
                 preserved,
+                blocked_seconds,
+                staged=released is not None,
             )
             if self.on_event is not None:
                 self.on_event(pending.event)
@@ -528,14 +521,13 @@ class CheckpointManager:
                 # failed after the index was written), so no stray files stay behind.
                 await self.checkpoint_dir.discard(name)
             if not isinstance(exc, Exception):
-                pending._finish(CheckpointError(f"save of step {pending.step} was cancelled"))
-                pending._observed = True
                 raise
         finally:
-            self._slots.release()
-            self._control.release(pending._ticket)  # hook: max_pending_bytes
-            if not pending.done():
-                pending._finish(error)
+            if released is not None:
+                released.set()  # (failed before written: save() returns, the error follows)
+            self._saves.slots.release()
+            self._control.release(ticket)  # hook: max_pending_bytes
+            SaveQueue.finish(pending, error)
 
     def _checkpoint_of(self, step: int | None) -> str:
         """The name of the checkpoint of ``step`` (the latest committed one when None)."""
@@ -593,19 +585,16 @@ class CheckpointManager:
 
     async def wait(self) -> None:
         """Wait until every save so far is committed; raise the first unseen error."""
-        for pending in list(self._pending):
-            await pending._done.wait()
-        self._raise_unobserved()
+        await self._saves.wait()
 
     async def sweep(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """Apply the retention policy now, without saving: delete what it drops from the
         tracked checkpoints, then record the result in the state file, as after a save.
         Returns the prefixes deleted and preserved. ``anyckpt prune`` runs this."""
-        if self._task_group is None:
-            raise RuntimeError("use the manager inside 'async with'")
+        self._saves.check_running()
         if self.coordinator is not None:
-            return await multiprocess.sweep(self, self.coordinator)
-        async with self._commit_lock:
+            return await multiprocess.sweep(self, self.coordinator, self._saves)
+        async with self._saves.commit_lock:
             return await self.checkpoint_dir.sweep()
 
     # -- restoring ---------------------------------------------------------------------------
@@ -681,17 +670,7 @@ class CheckpointManager:
         try:
             if not isinstance(keys, Mapping):
                 return await reader.read_many(keys, verify=verify)
-            read_slices = getattr(reader, "read_slices", None)
-            if read_slices is not None:  # the pieces' ranges batched (V2Reader.read_slices)
-                pieces: dict[str, np.ndarray] = await read_slices(keys, verify=verify)
-                return pieces
-            out: dict[str, np.ndarray] = {}
-
-            async def read(key: str, index: Index) -> None:
-                out[key] = await reader.read(key, index, verify=verify)
-
-            # The first error as itself (as reader.read raises it), not an exception group.
-            await run_concurrently(partial(read, key, index) for key, index in keys.items())
-            return {key: out[key] for key in keys}
+            # V2 batches the pieces' ranges; by default one read per piece, concurrently.
+            return await read_slices(reader, keys, verify=verify)
         finally:
             await reader.aclose()

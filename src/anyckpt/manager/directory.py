@@ -17,9 +17,8 @@ from typing import Any, Protocol
 import anyio
 import anyio.to_thread
 
-from ..api import meta_path
 from ..codecs import DecodeError
-from ..codecs.metrics import MAX_METRICS_SIZE, decode_metrics, metrics_path
+from ..codecs.metrics import MAX_METRICS_SIZE, decode_metrics
 from ..codecs.state_file import (
     MAX_STATE_FILE_SIZE,
     CheckpointState,
@@ -34,7 +33,15 @@ from ..errors import (
 )
 from ..formats import detect_format
 from ..formats.base import CheckpointFormat
-from ..formats.layout import NameIndex, debris, is_managed, split_step
+from ..formats.layout import (
+    NameIndex,
+    debris,
+    final_name,
+    is_managed,
+    meta_path,
+    metrics_path,
+    split_step,
+)
 from ..lease import DirectoryLock
 from ..retention import (
     Candidate,
@@ -48,7 +55,7 @@ from ..retention import (
     recover,
     start_fresh,
 )
-from ..storage import TEMP_MARKER, Storage
+from ..storage import Storage
 from .state import STATE_FILE, read_state, read_state_versioned
 
 Deletions = tuple[tuple[str, ...], tuple[str, ...]]  # prefixes deleted, preserved
@@ -212,7 +219,7 @@ class CheckpointDirectory:
         # every upload of one of our names (the state file, any format's checkpoint files,
         # their temporary names) belongs to an interrupted save: abort it.
         for upload in await anyio.to_thread.run_sync(self.storage.list_uploads, self.root):
-            base = posixpath.basename(upload.path).split(TEMP_MARKER, 1)[0]
+            base = final_name(posixpath.basename(upload.path))
             if is_managed(base, checkpoint_name):
                 await anyio.to_thread.run_sync(self.storage.abort_upload, upload)
 

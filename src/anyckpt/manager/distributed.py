@@ -62,9 +62,10 @@ from ..tensors import as_named_tensor, flatten, key_to_bytes
 if TYPE_CHECKING:
     from .core import CheckpointManager
 
+from ..save_policy import SaveDecision
 from .capture import capture
 from .directory import Tracking
-from .pending import PendingSave, SaveEvent
+from .pending import PendingSave, SaveEvent, SaveQueue
 from .steps import check_step
 
 T = TypeVar("T")
@@ -129,6 +130,7 @@ async def enter(
     manager: CheckpointManager,
     coordinator: Coordinator,
     open_directory: Callable[[], Awaitable[None]],
+    saves: SaveQueue,
 ) -> None:
     """Every rank checks it opens the same directory; the primary opens it (reads the state
     file, removes what interrupted saves left); every rank adopts the primary's view."""
@@ -153,7 +155,7 @@ async def enter(
                 failure = exc
         start = _Start(
             None if failure or mismatch else manager.checkpoint_dir.state,
-            manager._last_step,
+            saves.last_step,
             _describe(failure) if failure else None,
             mismatch,
         )
@@ -171,7 +173,7 @@ async def enter(
             f"rank 0 could not open the checkpoints: {start.error}", path=manager.directory
         )
     manager.checkpoint_dir.adopt(start.state)
-    manager._last_step = manager._last_saved_step = start.last_step
+    saves.resume(start.last_step)
 
 
 # -- saving ----------------------------------------------------------------------------------
@@ -216,42 +218,40 @@ async def _capture(arrays: Arrays) -> Arrays:
 async def save(
     manager: CheckpointManager,
     coordinator: Coordinator,
+    saves: SaveQueue,
+    decide: Callable[[int, int | None], SaveDecision],
     state: Mapping[Any, Any],
     step: int | None,
     copy: bool,
 ) -> PendingSave:
     """``CheckpointManager.save`` with a coordinator. A rank that fails here still takes part
-    in the save's collectives (as a failed rank), so its peers fail at once too."""
+    in the save's collectives (as a failed rank), so its peers fail at once too. ``decide``
+    is the manager's save policy (``checkpoint_interval``): every rank decides alike."""
 
-    task_group = manager._task_group
-    if task_group is None:
-        raise RuntimeError("use the manager inside 'async with'")
+    entered = time.perf_counter()
+    saves.check_running()
     failure: Exception | None = None
     try:
-        manager._raise_unobserved()
+        saves.raise_unobserved()
         manager.checkpoint_dir.check_lock()  # taken over (primary): say so now, not later
     except Exception as exc:
         failure = exc
-    last = manager._last_step
-    following = 1 if last is None else last + 1
+    following = saves.following()
     try:
         step = following if step is None else check_step(step)
     except TypeError as exc:  # still takes part in the collectives, as a failed rank
         step = following
         failure = failure or exc
-    if failure is None and step < 0:
-        failure = ValueError(f"step must be >= 0, got {step}")
-    if failure is None and last is not None and step <= last:
-        failure = ValueError(f"step {step} is not after the last step {last}")
-    if (
-        failure is None
-        and manager.checkpoint_interval is not None
-        and manager._last_saved_step is not None
-        and step < manager._last_saved_step + manager.checkpoint_interval
-    ):  # every rank skips alike (same steps, same state): no collective
-        manager._last_step = step
-        return PendingSave(step, None, skipped=True)
-    await manager._slots.acquire()
+    if failure is None:
+        try:
+            saves.check_order(step)
+        except ValueError as exc:
+            failure = exc
+    if failure is None:
+        decision = decide(step, saves.last_saved_step)
+        if not decision.save:  # every rank skips alike (same steps, same state): no collective
+            return saves.skip(step, decision.reason)
+    await saves.slots.acquire()
     items: tuple[Item, ...] = ()
     arrays: Arrays = {}
     capture_seconds = 0.0
@@ -266,27 +266,27 @@ async def save(
             except Exception as exc:
                 failure = exc
     except BaseException:
-        manager._slots.release()
+        saves.slots.release()
         raise
     name = f"{manager.checkpoint_name}-{step}"
     pending = PendingSave(step, manager.checkpoint_dir.public(name))
-    if last is None or step > last:
-        manager._last_step = manager._last_saved_step = step
-    manager._pending.append(pending)
-    previous, manager._tail = manager._tail, pending._done
     manifest = Manifest(name, items, None if failure is None else _describe(failure))
-    task_group.start_soon(
-        _write_and_commit,
-        manager,
-        coordinator,
+    saves.start(
         pending,
-        previous,
-        manifest,
-        arrays,
-        capture_seconds,
+        partial(
+            _write_and_commit,
+            manager,
+            coordinator,
+            saves,
+            pending,
+            manifest,
+            arrays,
+            capture_seconds,
+            time.perf_counter() - entered,
+        ),
     )
     if failure is not None:
-        pending._observed = True  # raised here; the save's own outcome says the same
+        saves.mark_seen(pending)  # raised here; the save's own outcome says the same
         raise failure
     return pending
 
@@ -294,11 +294,13 @@ async def save(
 async def _write_and_commit(
     manager: CheckpointManager,
     coordinator: Coordinator,
+    saves: SaveQueue,
     pending: PendingSave,
-    previous: anyio.Event | None,
     manifest: Manifest,
     arrays: Arrays,
     capture_seconds: float,
+    blocked_seconds: float,
+    previous: anyio.Event | None,
 ) -> None:
 
     error: BaseException | None = None
@@ -308,7 +310,7 @@ async def _write_and_commit(
         if previous is not None:
             await previous.wait()  # collectives in save order on every rank
         started = time.perf_counter()
-        async with manager._commit_lock:
+        async with saves.commit_lock:
             # 1. The plan: made by the primary, each rank told its own share.
             manifests = await _call(coordinator.gather, manifest, 0)
             plan: Plan | None = None
@@ -362,19 +364,17 @@ async def _write_and_commit(
             time.perf_counter() - wrote,
             outcome.deleted,
             outcome.preserved,
+            blocked_seconds,
         )
         if manager.on_event is not None:
             manager.on_event(pending.event)
     except BaseException as exc:
         error = exc
         if not isinstance(exc, Exception):
-            pending._finish(CheckpointError(f"save of step {pending.step} was cancelled"))
-            pending._observed = True
             raise
     finally:
-        manager._slots.release()
-        if not pending.done():
-            pending._finish(error)
+        saves.slots.release()
+        SaveQueue.finish(pending, error)
 
 
 def _plan(
@@ -555,12 +555,12 @@ async def _write_index(
 
 
 async def sweep(
-    manager: CheckpointManager, coordinator: Coordinator
+    manager: CheckpointManager, coordinator: Coordinator, saves: SaveQueue
 ) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """``CheckpointManager.sweep`` with a coordinator: the primary applies retention, every
     rank adopts the result. Every rank calls it (after its saves are committed)."""
-    await manager.wait()
-    async with manager._commit_lock:
+    await saves.wait()
+    async with saves.commit_lock:
         if coordinator.rank == 0:
             failure: Exception | None = None
             deleted: tuple[str, ...] = ()

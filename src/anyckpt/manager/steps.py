@@ -1,4 +1,5 @@
-"""Step numbers: what a save may be numbered, and which saves ``checkpoint_interval`` skips."""
+"""Step numbers: what a save may be numbered. (Which saves ``checkpoint_interval`` skips is the
+save policy's: :class:`anyckpt.save_policy.IntervalSteps`, one rule for both save paths.)"""
 
 from __future__ import annotations
 
@@ -14,3 +15,16 @@ def check_step(step: object) -> int:
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an integer, got {type(step).__name__} {step!r}")
     return int(step)
+
+
+def following(last_step: int | None) -> int:
+    """The step of a save given none: the next after ``last_step`` (1 for the first)."""
+    return 1 if last_step is None else last_step + 1
+
+
+def check_order(step: int, last_step: int | None) -> None:
+    """``ValueError`` unless ``step`` may follow ``last_step``: not negative, and after it."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if last_step is not None and step <= last_step:
+        raise ValueError(f"step {step} is not after the last step {last_step}")

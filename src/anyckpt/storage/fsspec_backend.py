@@ -38,6 +38,12 @@ if TYPE_CHECKING:
     from .retry import RetryPolicy
 
 
+def _range_not_satisfiable(exc: OSError) -> bool:
+    """S3's (and s3fs's) answer to a range on an empty object: HTTP 416, as EINVAL."""
+    text = str(exc).lower()
+    return exc.errno == errno.EINVAL or "not satisfiable" in text or "invalidrange" in text
+
+
 class FsspecWriter(WriterBase):
     """Object stores (``direct``: s3fs, gcsfs): one upload, visible only when ``close()``
     completes it. Other fsspec filesystems (memory://, ...) may show a file from ``open()``
@@ -221,19 +227,30 @@ class FsspecBackend(Backend):
         return self.retrying(lambda: self._read_whole(path, max_size), f"reading {self.url(path)}")
 
     def _read_whole(self, path: str, max_size: int | None) -> bytes:
-        def too_big(size: int) -> CorruptCheckpointError:
+        def too_big(size: int | None) -> CorruptCheckpointError:
+            found = "more" if size is None else f"{size} bytes, more"
             return CorruptCheckpointError(
-                f"file is {size} bytes, more than the {max_size} allowed", path=self.url(path)
+                f"file is {found} than the {max_size} allowed", path=self.url(path)
             )
 
         with not_found_as_ours(self.url(path)):
-            if max_size is not None:
-                size = int(self.fs.size(path))
-                if size > max_size:
-                    raise too_big(size)
-            data = bytes(self.fs.cat_file(path))
+            if max_size is None:
+                data = bytes(self.fs.cat_file(path))
+            else:
+                try:
+                    # One ranged GET of one byte more than allowed: it tells "too big" without
+                    # a HEAD for the size first (which doubled the requests on object stores).
+                    data = bytes(self.fs.cat_file(path, start=0, end=max_size + 1))
+                except OSError as exc:
+                    if not _range_not_satisfiable(exc):
+                        raise
+                    # An empty object: S3 answers any range on it "not satisfiable" (416).
+                    size = int(self.fs.size(path))
+                    if size > max_size:
+                        raise too_big(size) from None
+                    data = bytes(self.fs.cat_file(path))
         if max_size is not None and len(data) > max_size:
-            raise too_big(len(data))
+            raise too_big(None)
         return data
 
     def exists(self, path: str) -> bool:
@@ -246,13 +263,14 @@ class FsspecBackend(Backend):
             return False
 
     def path_kind(self, path: str) -> PathKind:
+        """One ``info`` (on an object store: a HEAD, then a one-key listing if no object has
+        that name), not ``isdir`` and ``isfile`` (two listings and two HEADs on S3)."""
         try:
             with remote_errors_as_ours(f"looking for {self.url(path)}", self.fs):
-                if self.fs.isdir(path):
-                    return "dir"
-                return "file" if self.fs.isfile(path) else "none"
+                kind = self.fs.info(path).get("type")
         except (OSError, ValueError):  # (a store that cannot be used at all raised above)
             return "none"
+        return "dir" if kind == "directory" else "file" if kind == "file" else "none"
 
     def size(self, path: str) -> int:
         return int(self.fs.size(path))

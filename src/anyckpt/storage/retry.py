@@ -79,6 +79,8 @@ def is_transient(exc: BaseException) -> bool:
         if named_in(error, TRANSIENT_CLASS_NAMES):
             return True
         code = getattr(error, "code", None) or getattr(error, "status", None)
+        if isinstance(code, str) and code.isdigit():  # gcsfs's HttpError: the error body's code
+            code = int(code)
         if isinstance(code, int) and code in TRANSIENT_HTTP_STATUSES:
             return True
         response = getattr(error, "response", None)

@@ -22,7 +22,14 @@ import numpy as np
 
 from anyckpt.codecs.dtypes import disk_dtype, to_little_endian
 from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
-from anyckpt.formats.base import FormatOption, Index, TensorSlice, TensorSpec
+from anyckpt.formats.base import (
+    FormatBase,
+    FormatOption,
+    Index,
+    ReaderBase,
+    TensorSlice,
+    TensorSpec,
+)
 from anyckpt.partitioned import partitions_of
 from anyckpt.storage import Storage
 
@@ -42,7 +49,7 @@ def byte_view(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
-class SafetensorsFormat:
+class SafetensorsFormat(FormatBase):
     """safetensors (``PREFIX.safetensors``). Options: ``metadata``, a ``{str: str}`` mapping
     stored in the header's ``__metadata__``."""
 
@@ -154,7 +161,7 @@ class SafetensorsFormat:
         return SafetensorsReader(storage, prefix, path, header)
 
 
-class SafetensorsReader:
+class SafetensorsReader(ReaderBase):
     """An open safetensors file: the parsed header; tensors read by byte range."""
 
     def __init__(self, storage: Storage, prefix: str, path: str, header: codec.Header) -> None:

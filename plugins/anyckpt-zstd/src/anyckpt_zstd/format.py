@@ -45,7 +45,14 @@ from anyckpt.codecs.dtypes import (
     to_little_endian,
 )
 from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, InvalidOptionError
-from anyckpt.formats.base import FormatOption, Index, TensorSlice, TensorSpec
+from anyckpt.formats.base import (
+    FormatBase,
+    FormatOption,
+    Index,
+    ReaderBase,
+    TensorSlice,
+    TensorSpec,
+)
 from anyckpt.partitioned import partitions_of
 from anyckpt.storage import FileReader, Storage
 
@@ -125,7 +132,7 @@ def _ordered_map(
         yield pending.popleft().result()
 
 
-class ZstdFormat:
+class ZstdFormat(FormatBase):
     """A zstd-compressed, chunked container (``PREFIX.zckpt``)."""
 
     name = "zstd"
@@ -340,7 +347,7 @@ def _scatter_planes(stream: Any, target: memoryview, itemsize: int) -> None:
             at += n
 
 
-class ZstdReader:
+class ZstdReader(ReaderBase):
     """An open ``.zckpt``: its header; tensors decompressed chunk by chunk on demand."""
 
     def __init__(
