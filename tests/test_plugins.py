@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import sys
+import threading
+import uuid
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -188,3 +191,68 @@ def test_register_format_checks_the_interface(fresh_registry: None) -> None:
 def test_detection_finds_no_format_for_nothing(tmp_path: Path) -> None:
     with pytest.raises(anyckpt.CheckpointNotFoundError):
         anyckpt.sync.load(tmp_path / "nothing-here")
+
+
+THREAD_PROBE_PLUGIN = """
+import threading
+from anyckpt_zstd import ZstdFormat
+
+IMPORTED_ON = threading.get_ident()
+MADE_ON = []
+MADE = []
+
+def factory():
+    MADE_ON.append(threading.get_ident())
+    MADE.append(ZstdFormat())
+    return MADE[-1]
+"""
+
+
+@pytest.mark.anyio
+async def test_a_plugin_named_on_the_event_loop_loads_in_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fresh_registry: None
+) -> None:
+    """Loading plugins scans the installed packages and imports every plugin: blocking
+    work. A manager constructed on the event loop with a plugin format not loaded yet loads
+    it on entering, in a worker thread (issue #19); the plugin's import and factory record
+    their thread."""
+    module = f"anyckpt_thread_probe_{uuid.uuid4().hex[:8]}"
+    (tmp_path / f"{module}.py").write_text(THREAD_PROBE_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    fake_entry_points(monkeypatch, ("zstd", f"{module}:factory"))
+    loop = threading.get_ident()
+    manager = anyckpt.CheckpointManager(tmp_path / "run", format="zstd", durable=False)
+    assert module not in sys.modules  # nothing loaded while constructing on the loop
+    async with manager:
+        await (await manager.save({"w": np.arange(4.0)}, 1))
+        restored = await manager.restore()
+    probe = sys.modules[module]
+    assert loop != probe.IMPORTED_ON
+    assert probe.MADE_ON
+    assert loop not in probe.MADE_ON
+    assert manager.format is probe.MADE[0]  # the plugin's object wrote the checkpoint
+    assert restored["w"].tolist() == [0.0, 1.0, 2.0, 3.0]
+
+
+@pytest.mark.anyio
+async def test_an_unknown_format_named_on_the_event_loop_fails_on_entering(
+    tmp_path: Path, fresh_registry: None
+) -> None:
+    """Deferred to entering (a worker thread), the lookup still refuses an unknown name with
+    the same error, and nothing is opened."""
+    manager = anyckpt.CheckpointManager(tmp_path / "run", format="no-such-format")
+    with pytest.raises(anyckpt.UnsupportedFormatError, match="unknown checkpoint format"):
+        async with manager:
+            pass
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_plugin_named_off_the_event_loop_loads_at_construction(
+    tmp_path: Path, fresh_registry: None
+) -> None:
+    with pytest.raises(anyckpt.UnsupportedFormatError, match="unknown checkpoint format"):
+        anyckpt.CheckpointManager(tmp_path, format="no-such-format")
+    manager = anyckpt.CheckpointManager(tmp_path, format="zstd")
+    assert formats._plugins is not None
+    assert "zstd" in formats._plugins
+    assert manager.format is formats._plugins["zstd"]

@@ -27,14 +27,39 @@ import anyckpt
 CheckpointManager = anyckpt.CheckpointManager  # imported up front, as a trainer does
 
 samples, last, phase, loop_thread = [], [time.perf_counter()], ["idle"], threading.get_ident()
-why = sys.argv[3] == "1"
+config = json.loads(sys.argv[3])
+why = config["why"]
+long_calls = []  # C calls over 3 ms in threads other than the loop's: (ms, phase, name, where)
+
+def c_call_profiler():
+    # Times each C call that runs no Python code inside it: one that does not release the
+    # GIL (json.loads, marshal.loads, ...) holds it for all that time.
+    local = threading.local()
+
+    def profile(frame, event, arg):
+        stack = getattr(local, "stack", None)
+        if stack is None:
+            stack = local.stack = []
+        if event == "c_call":
+            stack.append([time.perf_counter(), True])
+        elif event in ("c_return", "c_exception") and stack:
+            start, pure = stack.pop()
+            took = time.perf_counter() - start
+            if pure and took > 0.003:
+                name = f"{getattr(arg, '__module__', None) or ''}.{arg.__qualname__}"
+                where = f"{frame.f_code.co_filename.split('site-packages/')[-1]}:{frame.f_lineno}"
+                long_calls.append((round(took * 1000, 1), phase[0], name, where))
+        elif event == "call":
+            for entry in stack:
+                entry[1] = False  # Python code ran inside: not one C stretch
+    return profile
 
 def watchdog():
     seen, me = None, threading.get_ident()
     while True:
         time.sleep(0.002)
         late = time.perf_counter() - last[0]
-        if late > 0.010:
+        if late > 0.010 and phase[0] != "idle":  # (idle: before the loop, e.g. preloading)
             frame = sys._current_frames().get(loop_thread)
             stack = traceback.extract_stack(frame) if frame is not None else []
             where = [f"{f.filename.split('site-packages/')[-1]}:{f.lineno} {f.name}"
@@ -52,6 +77,9 @@ def watchdog():
 
 async def main(url, options):
     gaps = {}
+    if config["c_calls"]:
+        threading.setprofile(c_call_profiler())
+
     done = asyncio.Event()
 
     async def tick():
@@ -77,8 +105,12 @@ async def main(url, options):
 
 if why:
     threading.Thread(target=watchdog, daemon=True).start()
+if config["preload"]:  # as docs/storage.md recommends: before the event loop starts
+    anyckpt.storage.preload(sys.argv[1], json.loads(sys.argv[2]))
 gaps = asyncio.run(main(sys.argv[1], json.loads(sys.argv[2])))
-print(json.dumps({"gaps_ms": gaps, "samples": samples}))
+threading.setprofile(None)
+long_calls = [c for c in long_calls if not c[2].endswith(("sleep", "select", ".wait", "acquire"))]
+print(json.dumps({"gaps_ms": gaps, "samples": samples, "long_calls": long_calls}))
 """
 
 
@@ -86,7 +118,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--why", action="store_true")
+    parser.add_argument(
+        "--c-calls",
+        action="store_true",
+        help="time every C call of the worker threads; list those over 3 ms (GIL holders)",
+    )
+    parser.add_argument(
+        "--preload", action="store_true", help="call anyckpt.storage.preload before the loop"
+    )
     args = parser.parse_args()
+    config = {"why": args.why, "c_calls": args.c_calls, "preload": args.preload}
     import tempfile
 
     import servers
@@ -101,7 +142,7 @@ def main() -> None:
             for i in range(args.runs):
                 out = subprocess.run(
                     [sys.executable, "-c", PROBE, f"{bucket.url}/run{i}",
-                     json.dumps(bucket.storage_options), "1" if args.why else "0"],
+                     json.dumps(bucket.storage_options), json.dumps(config)],
                     capture_output=True, text=True, timeout=300,
                     env={**os.environ, "PYTHONPATH": path},
                 )  # fmt: skip
@@ -110,6 +151,8 @@ def main() -> None:
                 result = json.loads(out.stdout.strip().splitlines()[-1])
                 runs.append(result["gaps_ms"])
                 print(f"run {i + 1}: {result['gaps_ms']}")
+                for took, phase, name, where in sorted(result["long_calls"], reverse=True)[:12]:
+                    print(f"  {phase}: {took} ms in C {name} (called at {where})")
                 for sample in sorted(result["samples"], key=lambda s: -s["late_ms"])[:4]:
                     print(f"  {sample['phase']} {sample['late_ms']} ms late at:")
                     for line in sample["at"]:

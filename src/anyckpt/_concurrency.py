@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import sys
 import threading
@@ -13,6 +14,24 @@ import anyio
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
+
+
+def on_event_loop() -> bool:
+    """Whether this thread is running an asyncio or trio event loop (blocking work here
+    stalls it)."""
+    try:
+        asyncio.get_running_loop()
+        return True
+    except RuntimeError:
+        pass
+    trio = sys.modules.get("trio")
+    if trio is not None:
+        try:
+            trio.lowlevel.current_task()
+            return True
+        except RuntimeError:
+            pass
+    return False
 
 
 def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

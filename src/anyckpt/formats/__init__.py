@@ -50,6 +50,7 @@ __all__ = [
     "broken_plugins",
     "detect_format",
     "get_format",
+    "loaded_format",
     "locate_checkpoint",
     "plugin_error",
     "register_format",
@@ -137,6 +138,18 @@ def get_format(name: str) -> CheckpointFormat:
     raise UnsupportedFormatError(
         f"unknown checkpoint format {name!r} (available: {', '.join(available_formats())})"
     )
+
+
+def loaded_format(name: str) -> CheckpointFormat | None:
+    """The format registered under ``name`` if that needs no loading (a built-in, or plugins
+    already loaded); None when only :func:`get_format` can tell, by loading the plugins
+    (scanning the installed packages' entry points and importing every plugin: blocking work
+    to do in a worker thread when on an event loop)."""
+    if name in _BUILTINS:
+        return _BUILTINS[name]
+    if _plugins is None:
+        return None
+    return get_format(name)
 
 
 async def detect_format(storage: Storage, prefix: str) -> CheckpointFormat:

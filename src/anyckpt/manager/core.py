@@ -33,6 +33,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
+from .._concurrency import on_event_loop
 from ..api import with_object_graph, write_meta_file
 from ..codecs import DecodeError
 from ..codecs.metrics import (
@@ -45,7 +46,7 @@ from ..errors import (
     ConcurrentWriterError,
     CorruptCheckpointError,
 )
-from ..formats import get_format
+from ..formats import get_format, loaded_format
 from ..formats.base import CheckpointFormat, Index, check_options, checkpoint_path, read_slices
 from ..formats.layout import metrics_path
 from ..meta import saver_version
@@ -58,6 +59,7 @@ from ..retention import (
 from ..save_control import SaveControl, SaveTicket  # hook: save policies (issue 16)
 from ..storage import Storage
 from ..tensors import prepare
+from ..tree import flatten_tree, needs_tree, nest_names, rebuild, restore_into  # hook: structures
 from . import distributed as multiprocess
 from .capture import capture
 from .directory import CheckpointDirectory
@@ -174,17 +176,22 @@ class CheckpointManager:
         )
         self.directory = str(directory).rstrip("/") or "/"
         self.checkpoint_name = checkpoint_name
-        self.format: CheckpointFormat = get_format(format)
+        # A plugin format loads with the plugins (entry points scanned, every plugin imported):
+        # blocking work, done on entering in a worker thread when constructed on an event loop.
+        self._format_name = format
+        self._format = loaded_format(format)
+        if self._format is None and (coordinator is not None or not on_event_loop()):
+            self._format = get_format(format)
         self.max_pending = max_pending
         self.checkpoint_interval = checkpoint_interval
         self.durable = durable
         self.clock = clock
         self.on_event = on_event
         self.format_options = dict(format_options or {})
-        check_options(self.format, self.format_options)
-        if write_meta_graph:
-            saver_version(self.format)  # only formats TensorFlow's Saver writes get a .meta
         self.write_meta_graph = write_meta_graph
+        self._given_options = dict(self.format_options)  # as checked against the format
+        if self._format is not None:
+            self._check_format(self._format)
         self.coordinator = coordinator
         self.object_graph = object_graph
         if object_graph:
@@ -224,6 +231,29 @@ class CheckpointManager:
     # -- lifecycle ---------------------------------------------------------------------------
 
     @property
+    def format(self) -> CheckpointFormat:
+        """The format saves write (resolved from its name at construction, or on entering when
+        a plugin format is named on an event loop; here if asked before that)."""
+        if self._format is None:
+            self._set_format(get_format(self._format_name))
+        assert self._format is not None
+        return self._format
+
+    @format.setter
+    def format(self, fmt: CheckpointFormat) -> None:
+        self._format = fmt
+
+    def _check_format(self, fmt: CheckpointFormat) -> None:
+        check_options(fmt, self._given_options)
+        if self.write_meta_graph:
+            saver_version(fmt)  # only formats TensorFlow's Saver writes get a .meta
+
+    def _set_format(self, fmt: CheckpointFormat) -> None:
+        if self._format is None:
+            self._check_format(fmt)
+            self._format = fmt
+
+    @property
     def storage(self) -> Storage:
         """The directory's storage (opened on entering the manager, or here on first use)."""
         return self.checkpoint_dir.storage
@@ -253,6 +283,8 @@ class CheckpointManager:
         after a clean body, such a failure is raised. A cancellation stops the saves."""
         self._control.enter()  # hook: preemption — signal handlers (main thread)
         try:
+            if self._format is None:  # a plugin named on the event loop: load it off the loop
+                self._set_format(await anyio.to_thread.run_sync(get_format, self._format_name))
             await self.checkpoint_dir.open_storage()
             if self.coordinator is None:
                 await self._open_directory()
@@ -355,8 +387,6 @@ class CheckpointManager:
         decision = self._control.decide(step, self._saves.last_saved_step)  # hook: save policies
         if not decision.save:
             return self._saves.skip(step, decision.reason)
-        from ..tree import flatten_tree, needs_tree  # hook: structures
-
         tree = None
         if not self.object_graph and needs_tree(state):
             state, tree = flatten_tree(state)
@@ -538,7 +568,6 @@ class CheckpointManager:
     async def _rebuild(self, name: str, flat: dict[str, np.ndarray]) -> Any:
         """hook: structures — ``flat`` in the structure the sidecar of ``name`` describes."""
         from ..codecs.metrics import decode_tree
-        from ..tree import nest_names, rebuild
 
         path = metrics_path(self._path(name))
         try:
@@ -632,8 +661,6 @@ class CheckpointManager:
             flat = await self.restore(step, verify=verify)
             return await self._rebuild(self._checkpoint_of(step), flat)
         if template is not None:
-            from ..tree import restore_into
-
             flat = await self.restore(step, keys, verify=verify)
             return restore_into(template, flat)
         await self.wait()

@@ -119,6 +119,7 @@ __all__ = [
     "is_unreachable",
     "logger",
     "preallocate",
+    "preload",
     "remote_error",
     "remote_errors_as_ours",
     "start_writeback",
@@ -136,6 +137,30 @@ def choose_backend(fs: Any, retry: RetryPolicy, allow_symlinks: bool = False) ->
     if kind == "gcsfs":
         return GCSBackend(fs, retry, allow_symlinks)
     return FsspecBackend(fs, retry, allow_symlinks)
+
+
+def preload(
+    url_or_protocol: str | os.PathLike[str], storage_options: dict[str, Any] | None = None
+) -> None:
+    """Do now, in the calling thread, the one-time work of a process's first use of a
+    filesystem, so that it does not compete with an event loop later (issue #19).
+
+    ``url_or_protocol`` is a URL (``s3://bucket/run``; its bucket or path is not touched) or
+    a bare protocol name (``"s3"``, ``"gs"``). The filesystem's packages are imported and the
+    filesystem is made with ``storage_options`` as a manager would make it; on S3 that
+    includes the botocore session and client: botocore parses its JSON data (the endpoints
+    table, the S3 service model and endpoint rules, ~70 ms holding the GIL in single C calls
+    that no thread switch can interrupt). fsspec keeps the filesystem for later opens with
+    the **same** storage options, from any thread; other options make another client, which
+    parses the JSON again. Nothing is sent to the store.
+
+    Call it before starting the event loop, or from async code in a worker thread
+    (``await anyio.to_thread.run_sync(preload, url, options)``). It raises what opening the
+    storage would (an unknown protocol: fsspec's ValueError)."""
+    target = os.fspath(url_or_protocol)
+    if "://" not in target and target in fsspec.available_protocols():
+        target = f"{target}://"
+    Storage.from_url(target, storage_options)
 
 
 class Storage:
