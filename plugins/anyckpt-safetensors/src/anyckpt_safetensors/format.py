@@ -181,7 +181,7 @@ class SafetensorsReader:
             return {}  # informational only: a foreign or damaged value is ignored
 
     def keys(self) -> list[str]:
-        return sorted(self.header.entries, key=lambda k: k.encode("utf-8"))
+        return self.header.entries.keys_in_order()  # the columns are in byte order
 
     def _entry(self, key: str) -> codec.Entry:
         try:

@@ -264,7 +264,7 @@ class ZstdFormat:
         path = file_path(prefix)
         url = storage.url(path)
 
-        def load() -> tuple[int, dict[str, codec.TensorInfo]]:
+        def load() -> tuple[int, codec.TensorTable]:
             reader = storage.open_reader(path)
             try:
                 size = reader.size
@@ -349,7 +349,7 @@ class ZstdReader:
         prefix: str,
         path: str,
         level: int,
-        tensors: dict[str, codec.TensorInfo],
+        tensors: codec.TensorTable,
         threads: int | None = None,
     ) -> None:
         self.storage = storage
@@ -362,7 +362,7 @@ class ZstdReader:
         self._url = storage.url(path)
 
     def keys(self) -> list[str]:
-        return sorted(self._tensors, key=lambda k: k.encode("utf-8", "surrogateescape"))
+        return self._tensors.keys_in_order()  # the columns are in byte order
 
     def _info(self, key: str) -> codec.TensorInfo:
         try:
