@@ -121,7 +121,7 @@ class NameTable:
 
     def names(self, lo: int = 0, hi: int | None = None) -> list[str]:
         """The names at positions ``[lo, hi)`` (a chunk of offsets at a time)."""
-        hi = len(self) if hi is None else hi
+        hi = len(self) if hi is None else min(hi, len(self))
         out: list[str] = []
         text, blob, errors = self._text, self._blob, self._errors
         for start in range(lo, hi, _CHUNK):
