@@ -175,14 +175,8 @@ class _Builder:
             kept, dim_ends = gather(dims.tobytes(), dim_ends * 8, order)
             dims, dim_ends = np.frombuffer(kept, dtype=np.int64), dim_ends // 8
             ranks, begins, ends = ranks[order], begins[order], ends[order]
-        return EntryTable(
-            NameTable(blob, name_ends.copy()),
-            ranks.copy(),
-            begins.copy(),
-            ends.copy(),
-            dims.copy(),
-            dim_ends.copy(),
-        )
+        # (Not reordered: the columns are views of the arrays built.)
+        return EntryTable(NameTable(blob, name_ends), ranks, begins, ends, dims, dim_ends)
 
 
 @dataclass(frozen=True)

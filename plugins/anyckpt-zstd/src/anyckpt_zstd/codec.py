@@ -286,11 +286,14 @@ class _Builder:
     def __init__(self) -> None:
         self.names = bytearray()
         self.name_ends = array("q", [0])
-        self.enums = array("i")
+        self.enums = array("B")  # DataType numbers (all below 256)
         self.layouts = array("B")
         self.dims = array("q")
         self.dim_ends = array("q", [0])
-        self.chunks = array("q")  # offset, size, raw size, crc: four per chunk
+        self.offsets = array("q")
+        self.sizes = array("q")
+        self.raw_sizes = array("I")  # at most MAX_CHUNK_BYTES
+        self.crcs = array("I")
         self.chunk_ends = array("q", [0])
         self.partitions: dict[str, tuple[tuple[tuple[int, int], ...], ...]] = {}
 
@@ -309,15 +312,18 @@ class _Builder:
         self.layouts.append(layout)
         self.dims.extend(dims)
         self.dim_ends.append(len(self.dims))
-        self.chunks.extend(chunks)
-        self.chunk_ends.append(len(self.chunks) // 4)
+        self.offsets.extend(chunks[0::4])
+        self.sizes.extend(chunks[1::4])
+        self.raw_sizes.extend(chunks[2::4])
+        self.crcs.extend(chunks[3::4])
+        self.chunk_ends.append(len(self.offsets))
         if partitions:
             self.partitions[name.decode("utf-8", "surrogateescape")] = partitions
 
     def overlap(self) -> bool:
         """Whether two chunks' stored bytes overlap."""
-        chunks = np.frombuffer(self.chunks, dtype=np.int64).reshape(-1, 4)
-        starts, stops = chunks[:, 0], chunks[:, 0] + chunks[:, 1]
+        starts = np.frombuffer(self.offsets, dtype=np.int64)
+        stops = starts + np.frombuffer(self.sizes, dtype=np.int64)
         order = np.lexsort((stops, starts))
         starts, stops = starts[order], stops[order]
         return bool(np.any(starts[1:] < stops[:-1]))
@@ -327,39 +333,33 @@ class _Builder:
         blob = bytes(self.names)
         self.names = bytearray()
         name_ends = np.frombuffer(self.name_ends, dtype=np.int64)
-        enums = np.frombuffer(self.enums, dtype=np.int32)
-        layouts = np.frombuffer(self.layouts, dtype=np.uint8)
-        dims = np.frombuffer(self.dims, dtype=np.int64)
         dim_ends = np.frombuffer(self.dim_ends, dtype=np.int64)
-        chunks = np.frombuffer(self.chunks, dtype=np.int64).reshape(-1, 4)
         chunk_ends = np.frombuffer(self.chunk_ends, dtype=np.int64)
+        columns: dict[str, np.ndarray] = {
+            "enums": np.frombuffer(self.enums, dtype=np.uint8),
+            "layouts": np.frombuffer(self.layouts, dtype=np.uint8),
+            "dims": np.frombuffer(self.dims, dtype=np.int64),
+            "offsets": np.frombuffer(self.offsets, dtype=np.int64),
+            "sizes": np.frombuffer(self.sizes, dtype=np.int64),
+            "raw_sizes": np.frombuffer(self.raw_sizes, dtype=np.uint32),
+            "crcs": np.frombuffer(self.crcs, dtype=np.uint32),
+        }
         order, duplicated = byte_order(blob, name_ends)
         if duplicated:
             return None
-        if order is not None:
+        if order is not None:  # (else the columns are views of the arrays built)
             blob, name_ends = gather(blob, name_ends, order)
-            enums, layouts = enums[order], layouts[order]
+            for key in ("enums", "layouts"):
+                columns[key] = columns[key][order]
             index, dim_ends = _segments(dim_ends, order)
-            dims = dims[index]
+            columns["dims"] = columns["dims"][index]
             index, chunk_ends = _segments(chunk_ends, order)
-            chunks = chunks[index]
+            for key in ("offsets", "sizes", "raw_sizes", "crcs"):
+                columns[key] = columns[key][index]
             del index
-        columns = {
-            "enums": enums.astype(
-                np.int16 if len(enums) and int(enums.max()) < 1 << 15 else np.int32
-            ),
-            "layouts": layouts.copy(),
-            "dims": dims.copy(),
-            "dim_ends": dim_ends.copy(),
-            "chunk_ends": chunk_ends.copy(),
-            "offsets": chunks[:, 0].copy(),
-            "sizes": chunks[:, 1].copy(),
-            "raw_sizes": chunks[:, 2].astype(np.uint32),  # at most MAX_CHUNK_BYTES
-            "crcs": chunks[:, 3].astype(np.uint32),
-        }
-        return TensorTable(
-            NameTable(blob, name_ends.copy(), "surrogateescape"), columns, self.partitions
-        )
+        columns["dim_ends"] = dim_ends
+        columns["chunk_ends"] = chunk_ends
+        return TensorTable(NameTable(blob, name_ends, "surrogateescape"), columns, self.partitions)
 
 
 # -- the header's columns, scanned without a Python object per tensor ---------------------
