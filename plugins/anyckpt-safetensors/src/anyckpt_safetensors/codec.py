@@ -94,6 +94,8 @@ class EntryTable(Mapping[str, Entry]):
         self._ends = ends
         self._dims = dims
         self._dim_ends = dim_ends
+        # The same columns indexed as Python ints (no NumPy scalar per field).
+        self._row = tuple(c.data for c in (ranks, begins, ends, dims, dim_ends))
 
     def __len__(self) -> int:
         return len(self._ranks)
@@ -111,10 +113,9 @@ class EntryTable(Mapping[str, Entry]):
         return self.entry(row)
 
     def entry(self, row: int) -> Entry:
-        shape = tuple(self._dims[self._dim_ends[row] : self._dim_ends[row + 1]].tolist())
-        return Entry(
-            _CODE_LIST[self._ranks[row]], shape, int(self._begins[row]), int(self._ends[row])
-        )
+        ranks, begins, ends, dims, dim_ends = self._row
+        shape = tuple(dims[dim_ends[row] : dim_ends[row + 1]].tolist())
+        return Entry(_CODE_LIST[ranks[row]], shape, begins[row], ends[row])
 
     def keys_in_order(self) -> list[str]:
         """Every name, in byte order (the order :meth:`SafetensorsReader.keys` lists)."""

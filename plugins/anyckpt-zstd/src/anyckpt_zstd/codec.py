@@ -215,6 +215,21 @@ class TensorTable(Mapping[str, TensorInfo]):
         self._raw_sizes = columns["raw_sizes"]
         self._crcs = columns["crcs"]
         self._partitions = partitions
+        # The same columns indexed as Python ints (no NumPy scalar per field).
+        self._row = tuple(
+            c.data
+            for c in (
+                self._enums,
+                self._layouts,
+                self._dims,
+                self._dim_ends,
+                self._chunk_ends,
+                self._offsets,
+                self._sizes,
+                self._raw_sizes,
+                self._crcs,
+            )
+        )
 
     def __len__(self) -> int:
         return len(self._enums)
@@ -232,20 +247,23 @@ class TensorTable(Mapping[str, TensorInfo]):
         return self.info(row, key)
 
     def info(self, row: int, name: str | None = None) -> TensorInfo:
-        shape = tuple(self._dims[self._dim_ends[row] : self._dim_ends[row + 1]].tolist())
-        lo, hi = int(self._chunk_ends[row]), int(self._chunk_ends[row + 1])
-        chunks = tuple(
-            Chunk(*fields)
-            for fields in zip(
-                self._offsets[lo:hi].tolist(),
-                self._sizes[lo:hi].tolist(),
-                self._raw_sizes[lo:hi].tolist(),
-                self._crcs[lo:hi].tolist(),
-                strict=True,
+        enums, layouts, dims, dim_ends, chunk_ends, offsets, sizes, raws, crcs = self._row
+        shape = tuple(dims[dim_ends[row] : dim_ends[row + 1]].tolist())
+        lo, hi = chunk_ends[row], chunk_ends[row + 1]
+        if hi == lo + 1:  # nearly always
+            chunks: tuple[Chunk, ...] = (Chunk(offsets[lo], sizes[lo], raws[lo], crcs[lo]),)
+        else:
+            chunks = tuple(
+                map(
+                    Chunk,
+                    offsets[lo:hi].tolist(),
+                    sizes[lo:hi].tolist(),
+                    raws[lo:hi].tolist(),
+                    crcs[lo:hi].tolist(),
+                )
             )
-        )
         parts = self._partitions.get(self.names.name(row) if name is None else name, ())
-        return TensorInfo(int(self._enums[row]), shape, LAYOUTS[self._layouts[row]], chunks, parts)
+        return TensorInfo(enums[row], shape, LAYOUTS[layouts[row]], chunks, parts)
 
     def keys_in_order(self) -> list[str]:
         """Every name, in byte order (``surrogateescape``d: the order ``ZstdReader.keys``

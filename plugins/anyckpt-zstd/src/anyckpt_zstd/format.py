@@ -484,8 +484,14 @@ class ZstdReader:
                 anyio.from_thread.check_cancelled()
         return None if out is not None else buffer
 
-    def _read(self, io: _IO, key: str, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
-        info = self._info(key)
+    def _read(
+        self,
+        io: _IO,
+        key: str,
+        info: codec.TensorInfo,
+        rows: tuple[int, int] | None,
+        verify: bool,
+    ) -> np.ndarray:
         dtype = dtype_from_enum(info.dtype)
         if info.dtype == DT_STRING:
             data = self._read_bytes(io, info, 0, info.raw_size, verify, None)
@@ -517,23 +523,25 @@ class ZstdReader:
             with ThreadPoolExecutor(self._threads, thread_name_prefix="anyckpt-zstd") as pool:
                 io = _IO(reader, pool)
                 out: list[np.ndarray] = []
-                batch: list[str] = []
+                batch: list[tuple[str, codec.TensorInfo]] = []
                 pending = 0
 
                 def flush() -> None:
                     if len(batch) > 1:  # small tensors: all their frames in one batch
-                        infos = [self._info(k) for k in batch]
-                        io.prefetch([c for i in infos for _, c in self._chunks(i, 0, i.raw_size)])
-                    out.extend(self._read(io, k, rows, verify) for k in batch)
+                        io.prefetch(
+                            [c for _, i in batch for _, c in self._chunks(i, 0, i.raw_size)]
+                        )
+                    out.extend(self._read(io, k, i, rows, verify) for k, i in batch)
                     io.cache.clear()
                     batch.clear()
 
-                for key in keys:
-                    size = self._info(key).stored_size
+                for key in keys:  # each TensorInfo made once, here (the columns hold the header)
+                    info = self._info(key)
+                    size = info.stored_size
                     if batch and pending + size > _BATCH_BYTES:
                         flush()
                         pending = 0
-                    batch.append(key)
+                    batch.append((key, info))
                     pending += size
                 flush()
                 return out
@@ -545,7 +553,8 @@ class ZstdReader:
     ) -> dict[str, np.ndarray]:
         names = self.keys() if keys is None else list(keys)
         for key in names:
-            self._info(key)
+            if key not in self._tensors:
+                self._info(key)  # the KeyError naming the checkpoint
         arrays = await anyio.to_thread.run_sync(self._run, names, None, verify)
         return dict(zip(names, arrays, strict=True))
 
