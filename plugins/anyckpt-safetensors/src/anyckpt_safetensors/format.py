@@ -188,7 +188,7 @@ class SafetensorsReader(ReaderBase):
             return {}  # informational only: a foreign or damaged value is ignored
 
     def keys(self) -> list[str]:
-        return sorted(self.header.entries, key=lambda k: k.encode("utf-8"))
+        return self.header.entries.keys_in_order()  # the columns are in byte order
 
     def _entry(self, key: str) -> codec.Entry:
         try:
@@ -239,9 +239,12 @@ class SafetensorsReader(ReaderBase):
             out: dict[str, np.ndarray] = {}
             batch: list[tuple[int, memoryview]] = []
             pending = 0
-            for key in keys:
+            converts: list[tuple[str, np.dtype]] = []
+            for key in keys:  # each entry made once, here (the columns hold the header)
                 begin, array, dtype = self._plan(self._entry(key), rows)
                 out[key] = array
+                if array.dtype != dtype:
+                    converts.append((key, dtype))
                 if not array.nbytes:
                     continue
                 if batch and pending + array.nbytes > _BATCH_BYTES:
@@ -253,10 +256,9 @@ class SafetensorsReader(ReaderBase):
             if batch:
                 anyio.from_thread.check_cancelled()
                 reader.read_ranges_into(batch)
-            for key, array in out.items():
-                dtype = codec.DTYPES[self._entry(key).dtype]
-                if array.dtype != dtype:
-                    out[key] = array.astype(dtype)
+            for key, dtype in converts:
+                if out[key].dtype != dtype:
+                    out[key] = out[key].astype(dtype)
             return out
         finally:
             reader.close()
@@ -266,7 +268,8 @@ class SafetensorsReader(ReaderBase):
     ) -> dict[str, np.ndarray]:
         names = self.keys() if keys is None else list(keys)
         for key in names:
-            self._entry(key)
+            if key not in self.header.entries:
+                self._entry(key)  # the KeyError naming the checkpoint
         return await anyio.to_thread.run_sync(self._read_all, names)
 
     async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:

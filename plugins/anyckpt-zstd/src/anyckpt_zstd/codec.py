@@ -24,11 +24,14 @@ Decoders raise :class:`ContainerError` for anything inconsistent, before allocat
 
 from __future__ import annotations
 
+import codecs
 import itertools
 import json
 import math
+import re
 import struct
-from collections.abc import Sequence
+from array import array
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -36,6 +39,7 @@ import numpy as np
 
 from anyckpt.codecs.crc import crc32c
 from anyckpt.codecs.dtypes import DT_STRING, dtype_from_enum
+from anyckpt.codecs.name_table import NameTable, byte_order, gather
 
 MAGIC = b"ACKZSTD1"
 VERSION = 1
@@ -187,15 +191,440 @@ def _int(value: Any, what: str) -> int:
     return value
 
 
+class TensorTable(Mapping[str, TensorInfo]):
+    """A header's tensors as columns, in the names' byte order: the names (a
+    :class:`~anyckpt.codecs.name_table.NameTable`), dtype numbers, layouts, the dimensions and
+    the chunks (flat arrays, and where each tensor's start), partitions by name (few tensors
+    have any). About 70 bytes per one-chunk tensor plus its name; a :class:`TensorInfo` is
+    made only for a name asked for."""
+
+    def __init__(
+        self,
+        names: NameTable,
+        columns: dict[str, np.ndarray],
+        partitions: dict[str, tuple[tuple[tuple[int, int], ...], ...]],
+    ) -> None:
+        self.names = names
+        self._enums = columns["enums"]
+        self._layouts = columns["layouts"]
+        self._dims = columns["dims"]
+        self._dim_ends = columns["dim_ends"]
+        self._chunk_ends = columns["chunk_ends"]
+        self._offsets = columns["offsets"]
+        self._sizes = columns["sizes"]
+        self._raw_sizes = columns["raw_sizes"]
+        self._crcs = columns["crcs"]
+        self._partitions = partitions
+        # The same columns indexed as Python ints (no NumPy scalar per field).
+        self._row = tuple(
+            c.data
+            for c in (
+                self._enums,
+                self._layouts,
+                self._dims,
+                self._dim_ends,
+                self._chunk_ends,
+                self._offsets,
+                self._sizes,
+                self._raw_sizes,
+                self._crcs,
+            )
+        )
+
+    def __len__(self) -> int:
+        return len(self._enums)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names.names())
+
+    def __contains__(self, key: object) -> bool:
+        return self.names.position(key) is not None
+
+    def __getitem__(self, key: str) -> TensorInfo:
+        row = self.names.position(key)
+        if row is None:
+            raise KeyError(key)
+        return self.info(row, key)
+
+    def info(self, row: int, name: str | None = None) -> TensorInfo:
+        enums, layouts, dims, dim_ends, chunk_ends, offsets, sizes, raws, crcs = self._row
+        shape = tuple(dims[dim_ends[row] : dim_ends[row + 1]].tolist())
+        lo, hi = chunk_ends[row], chunk_ends[row + 1]
+        if hi == lo + 1:  # nearly always
+            chunks: tuple[Chunk, ...] = (Chunk(offsets[lo], sizes[lo], raws[lo], crcs[lo]),)
+        else:
+            chunks = tuple(
+                map(
+                    Chunk,
+                    offsets[lo:hi].tolist(),
+                    sizes[lo:hi].tolist(),
+                    raws[lo:hi].tolist(),
+                    crcs[lo:hi].tolist(),
+                )
+            )
+        parts = self._partitions.get(self.names.name(row) if name is None else name, ())
+        return TensorInfo(enums[row], shape, LAYOUTS[layouts[row]], chunks, parts)
+
+    def keys_in_order(self) -> list[str]:
+        """Every name, in byte order (``surrogateescape``d: the order ``ZstdReader.keys``
+        lists)."""
+        return self.names.names()
+
+    def nbytes(self) -> int:
+        """What the columns hold (for the memory tests)."""
+        arrays = (
+            self._enums,
+            self._layouts,
+            self._dims,
+            self._dim_ends,
+            self._chunk_ends,
+            self._offsets,
+            self._sizes,
+            self._raw_sizes,
+            self._crcs,
+        )
+        return self.names.nbytes() + sum(a.nbytes for a in arrays)
+
+
+def _segments(ends: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The indexes of the items of segments ``rows`` (segment ``i`` is ``[ends[i],
+    ends[i + 1])``), in that order, and the new segments' ends."""
+    starts, lengths = ends[:-1][rows], np.diff(ends)[rows]
+    new_ends = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_ends[1:])
+    index = np.arange(int(new_ends[-1]), dtype=np.int64)
+    index += np.repeat(starts - new_ends[:-1], lengths)
+    return index, new_ends
+
+
+class _Builder:
+    """Collects tensors (name in ``surrogateescape``d UTF-8, then their fields) into a
+    :class:`TensorTable`."""
+
+    def __init__(self) -> None:
+        self.names = bytearray()
+        self.name_ends = array("q", [0])
+        self.enums = array("B")  # DataType numbers (all below 256)
+        self.layouts = array("B")
+        self.dims = array("q")
+        self.dim_ends = array("q", [0])
+        self.offsets = array("q")
+        self.sizes = array("q")
+        self.raw_sizes = array("I")  # at most MAX_CHUNK_BYTES
+        self.crcs = array("I")
+        self.chunk_ends = array("q", [0])
+        self.partitions: dict[str, tuple[tuple[tuple[int, int], ...], ...]] = {}
+
+    def add(
+        self,
+        name: bytes,
+        enum: int,
+        layout: int,
+        dims: Sequence[int],
+        chunks: Sequence[int],
+        partitions: tuple[tuple[tuple[int, int], ...], ...] = (),
+    ) -> None:
+        self.names += name
+        self.name_ends.append(len(self.names))
+        self.enums.append(enum)
+        self.layouts.append(layout)
+        self.dims.extend(dims)
+        self.dim_ends.append(len(self.dims))
+        self.offsets.extend(chunks[0::4])
+        self.sizes.extend(chunks[1::4])
+        self.raw_sizes.extend(chunks[2::4])
+        self.crcs.extend(chunks[3::4])
+        self.chunk_ends.append(len(self.offsets))
+        if partitions:
+            self.partitions[name.decode("utf-8", "surrogateescape")] = partitions
+
+    def overlap(self) -> bool:
+        """Whether two chunks' stored bytes overlap."""
+        starts = np.frombuffer(self.offsets, dtype=np.int64)
+        stops = starts + np.frombuffer(self.sizes, dtype=np.int64)
+        order = np.lexsort((stops, starts))
+        starts, stops = starts[order], stops[order]
+        return bool(np.any(starts[1:] < stops[:-1]))
+
+    def build(self) -> TensorTable | None:
+        """The table, in the names' byte order; None if a name occurs twice."""
+        blob = bytes(self.names)
+        self.names = bytearray()
+        name_ends = np.frombuffer(self.name_ends, dtype=np.int64)
+        dim_ends = np.frombuffer(self.dim_ends, dtype=np.int64)
+        chunk_ends = np.frombuffer(self.chunk_ends, dtype=np.int64)
+        columns: dict[str, np.ndarray] = {
+            "enums": np.frombuffer(self.enums, dtype=np.uint8),
+            "layouts": np.frombuffer(self.layouts, dtype=np.uint8),
+            "dims": np.frombuffer(self.dims, dtype=np.int64),
+            "offsets": np.frombuffer(self.offsets, dtype=np.int64),
+            "sizes": np.frombuffer(self.sizes, dtype=np.int64),
+            "raw_sizes": np.frombuffer(self.raw_sizes, dtype=np.uint32),
+            "crcs": np.frombuffer(self.crcs, dtype=np.uint32),
+        }
+        order, duplicated = byte_order(blob, name_ends)
+        if duplicated:
+            return None
+        if order is not None:  # (else the columns are views of the arrays built)
+            blob, name_ends = gather(blob, name_ends, order)
+            for key in ("enums", "layouts"):
+                columns[key] = columns[key][order]
+            index, dim_ends = _segments(dim_ends, order)
+            columns["dims"] = columns["dims"][index]
+            index, chunk_ends = _segments(chunk_ends, order)
+            for key in ("offsets", "sizes", "raw_sizes", "crcs"):
+                columns[key] = columns[key][index]
+            del index
+        columns["dim_ends"] = dim_ends
+        columns["chunk_ends"] = chunk_ends
+        return TensorTable(NameTable(blob, name_ends, "surrogateescape"), columns, self.partitions)
+
+
+# -- the header's columns, scanned without a Python object per tensor ---------------------
+#
+# A header as :func:`encode_header` writes it is scanned tensor by tensor with one compiled
+# pattern straight into the columns. Anything else (other key orders, other fields, floats,
+# damaged bytes...) and every rule broken falls back to the reference parse (``json.loads``,
+# :func:`_decode_json`), which decides and words the error: both accept the same headers and
+# give the same tensors (a hypothesis test holds them equal).
+
+_WS = rb"[ \t\n\r]*"
+_NAT = rb"(?:0|[1-9][0-9]{0,18})"
+
+
+def _sep(char: bytes) -> bytes:
+    return _WS + char + _WS
+
+
+_CHUNK = rb"\[" + _WS + _NAT + (_sep(b",") + _NAT) * 3 + _WS + rb"\]"
+_HEAD = re.compile(
+    rb"\{"
+    + _WS
+    + rb'"format"'
+    + _sep(b":")
+    + rb'"anyckpt-zstd"'
+    + _sep(b",")
+    + rb'"version"'
+    + _sep(b":")
+    + rb"-?"
+    + _NAT
+    + _sep(b",")
+    + rb'"level"'
+    + _sep(b":")
+    + rb"(-?"
+    + _NAT
+    + rb")"
+    + _sep(b",")
+    + rb'"tensors"'
+    + _sep(b":")
+    + rb"\{"
+    + _WS
+    + rb"(\}?)"
+)
+_TENSOR = re.compile(
+    _WS
+    + rb'"((?:[^"\\\x00-\x1f]|\\.)*)"'
+    + _sep(b":")
+    + rb"\{"
+    + _WS
+    + rb'"dtype"'
+    + _sep(b":")
+    + rb"("
+    + _NAT
+    + rb")"
+    + _sep(b",")
+    + rb'"shape"'
+    + _sep(b":")
+    + rb"\["
+    + _WS
+    + rb"("
+    + _NAT
+    + rb"(?:"
+    + _sep(b",")
+    + _NAT
+    + rb")*)?"
+    + _WS
+    + rb"\]"
+    + _sep(b",")
+    + rb'"layout"'
+    + _sep(b":")
+    + rb'"(raw|shuffle|strings)"'
+    + _sep(b",")
+    + rb'"chunks"'
+    + _sep(b":")
+    + rb"\["
+    + _WS
+    + rb"("
+    + _CHUNK
+    + rb"(?:"
+    + _sep(b",")
+    + _CHUNK
+    + rb")*)?"
+    + _WS
+    + rb"\]"
+    + rb"(?:"
+    + _sep(b",")
+    + rb'"partitions"'
+    + _sep(b":")
+    + rb"(\[[\[\]0-9, \t\n\r]*\])"
+    + rb")?"
+    + _WS
+    + rb"\}"
+    + _WS
+    + rb"([,}])",
+    re.DOTALL,
+)
+_TAIL = re.compile(_WS + rb"\}" + _WS)
+_DIGITS = re.compile(rb"[0-9]+")
+_LAYOUT = {name.encode(): i for i, name in enumerate(LAYOUTS)}
+
+
+def _valid_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8 (a piece at a time: no ``str`` of all of it)."""
+    if data.isascii():
+        return True
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for at in range(0, len(view), 1 << 20):
+            decoder.decode(view[at : at + (1 << 20)])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+def _name_bytes(name: str) -> bytes | None:
+    """A tensor name as the table holds it (UTF-8, ``surrogateescape``), or None if it has no
+    such bytes or they read back as another name."""
+    try:
+        raw = name.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        return None
+    return raw if raw.decode("utf-8", "surrogateescape") == name else None
+
+
+def _itemsizes() -> dict[int, int]:
+    """The element size of every DataType number the reader knows (strings: 1)."""
+    from anyckpt.codecs.dtypes import BY_ENUM
+
+    sizes = {int(enum): dtype.itemsize for enum, dtype in BY_ENUM.items()}
+    sizes[DT_STRING] = 1
+    return sizes
+
+
+def _scan(data: bytes, data_end: int, max_ratio: int) -> tuple[int, TensorTable] | None:
+    """(level, tensors) of a header written as :func:`encode_header` writes one and following
+    every rule, scanned into columns; None for anything else."""
+    if not _valid_utf8(data):
+        return None
+    head = _HEAD.match(data)
+    if head is None:
+        return None
+    level = int(head.group(1))
+    closed = head.group(2) == b"}"
+    pos = head.end()
+    builder = _Builder()
+    sizes = _itemsizes()
+    tensor, digits, prod, layouts = _TENSOR.match, _DIGITS.findall, math.prod, _LAYOUT
+    while not closed:
+        m = tensor(data, pos)
+        if m is None:
+            return None
+        raw, dtype, shape, layout, chunks, parts, stop = m.groups()
+        enum = int(dtype)
+        itemsize = sizes.get(enum)
+        strings = enum == DT_STRING
+        if itemsize is None or (layout == b"strings") != strings:
+            return None
+        dims = [int(d) for d in shape.split(b",")] if shape else []
+        fields = [int(v) for v in digits(chunks)] if chunks else []
+        if len(dims) > 254:
+            return None
+        total = 0
+        for at in range(0, len(fields), 4):
+            offset, size, raw_size, crc = fields[at : at + 4]
+            if (
+                offset + size > data_end
+                or raw_size > MAX_CHUNK_BYTES
+                or crc >= 1 << 32
+                or raw_size > max_ratio * size
+                or (not strings and raw_size % itemsize)
+            ):
+                return None
+            total += raw_size
+        count = prod(dims)
+        if (total < 8 * count) if strings else (total != count * itemsize):
+            return None
+        partitions: tuple[tuple[tuple[int, int], ...], ...] = ()
+        if parts is not None:
+            try:
+                partitions = tuple(
+                    tuple((_int(s, "a start"), _int(n, "a length")) for s, n in p)
+                    for p in json.loads(parts)
+                )
+            except (ValueError, TypeError):  # ContainerError included
+                return None
+        if b"\\" in raw:
+            try:
+                name = json.loads(b'"' + raw + b'"')
+            except ValueError:
+                return None
+            encoded = _name_bytes(name)
+            if encoded is None:
+                return None
+            raw = encoded
+        try:
+            builder.add(raw, enum, layouts[layout], dims, fields, partitions)
+        except OverflowError:  # a dimension past int64 (beside a zero one)
+            return None
+        pos = m.end()
+        closed = stop == b"}"
+    tail = _TAIL.match(data, pos)
+    if tail is None or tail.end() != len(data) or builder.overlap():
+        return None
+    table = builder.build()
+    return None if table is None else (level, table)
+
+
 def decode_header(
     data: bytes, crc: int, data_end: int, max_ratio: int = DEFAULT_MAX_RATIO
-) -> tuple[int, dict[str, TensorInfo]]:
-    """(level, tensors) from the header bytes; ``data_end`` is where the frames must end; no
-    chunk may hold more than ``max_ratio`` raw bytes per stored byte."""
+) -> tuple[int, TensorTable]:
+    """(level, tensors as columns) from the header bytes; ``data_end`` is where the frames must
+    end; no chunk may hold more than ``max_ratio`` raw bytes per stored byte. No Python object
+    is kept (nor, for a header written by :func:`encode_header`, made) per tensor."""
     if crc32c(data) != crc:
         raise ContainerError("header checksum mismatch")
+    scanned = _scan(data, data_end, max_ratio)
+    if scanned is not None:
+        return scanned
+    level, tensors = _decode_json(data, data_end, max_ratio)
+    builder = _Builder()
+    for name in list(tensors):
+        t = tensors.pop(name)
+        raw = _name_bytes(name)
+        if raw is None:
+            raise ContainerError(f"tensor name {name!r} is not valid Unicode")
+        fields = [v for c in t.chunks for v in (c.offset, c.size, c.raw_size, c.crc)]
+        try:
+            builder.add(raw, t.dtype, LAYOUTS.index(t.layout), t.shape, fields, t.partitions)
+        except OverflowError:
+            raise ContainerError(
+                f"entry {name!r}: a dimension of {list(t.shape)} is too large"
+            ) from None
+    table = builder.build()
+    if table is None:  # json.loads refused any duplicate
+        raise ContainerError("a tensor name occurs twice in the header")
+    return level, table
+
+
+def _decode_json(data: bytes, data_end: int, max_ratio: int) -> tuple[int, dict[str, TensorInfo]]:
+    """The reference parse: ``json.loads`` (entries held as tuples as they are parsed), then
+    every rule checked in turn; its errors are the ones :func:`decode_header` raises."""
     try:
         body = json.loads(data.decode("utf-8"), object_pairs_hook=_object)
+    except ContainerError:
+        raise
     except (UnicodeDecodeError, ValueError, RecursionError) as exc:
         raise ContainerError(f"header is not valid JSON: {exc}") from None
     if not isinstance(body, dict) or body.get("format") != "anyckpt-zstd":
@@ -237,10 +666,17 @@ class _RawEntry(tuple):  # type: ignore[type-arg]
 
 def _object(pairs: list[tuple[str, Any]]) -> Any:
     """Each JSON object as parsed: an entry with exactly the four usual keys becomes a
-    :class:`_RawEntry`, any other object a dict (its last value winning, as ``json.loads``)."""
+    :class:`_RawEntry`, any other object a dict; a key twice in one object is refused."""
     if len(pairs) == 4 and tuple(k for k, _ in pairs) == _ENTRY_KEYS:
         return _RawEntry(v for _, v in pairs)
-    return dict(pairs)
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise ContainerError(f"duplicate key {key!r} in the header")
+            seen.add(key)
+    return out
 
 
 def _tensor(name: str, info: Any, data_end: int, max_ratio: int) -> TensorInfo:

@@ -271,7 +271,7 @@ class ZstdFormat(FormatBase):
         path = file_path(prefix)
         url = storage.url(path)
 
-        def load() -> tuple[int, dict[str, codec.TensorInfo]]:
+        def load() -> tuple[int, codec.TensorTable]:
             reader = storage.open_reader(path)
             try:
                 size = reader.size
@@ -356,7 +356,7 @@ class ZstdReader(ReaderBase):
         prefix: str,
         path: str,
         level: int,
-        tensors: dict[str, codec.TensorInfo],
+        tensors: codec.TensorTable,
         threads: int | None = None,
     ) -> None:
         self.storage = storage
@@ -369,7 +369,7 @@ class ZstdReader(ReaderBase):
         self._url = storage.url(path)
 
     def keys(self) -> list[str]:
-        return sorted(self._tensors, key=lambda k: k.encode("utf-8", "surrogateescape"))
+        return self._tensors.keys_in_order()  # the columns are in byte order
 
     def _info(self, key: str) -> codec.TensorInfo:
         try:
@@ -491,8 +491,14 @@ class ZstdReader(ReaderBase):
                 anyio.from_thread.check_cancelled()
         return None if out is not None else buffer
 
-    def _read(self, io: _IO, key: str, rows: tuple[int, int] | None, verify: bool) -> np.ndarray:
-        info = self._info(key)
+    def _read(
+        self,
+        io: _IO,
+        key: str,
+        info: codec.TensorInfo,
+        rows: tuple[int, int] | None,
+        verify: bool,
+    ) -> np.ndarray:
         dtype = dtype_from_enum(info.dtype)
         if info.dtype == DT_STRING:
             data = self._read_bytes(io, info, 0, info.raw_size, verify, None)
@@ -524,23 +530,25 @@ class ZstdReader(ReaderBase):
             with ThreadPoolExecutor(self._threads, thread_name_prefix="anyckpt-zstd") as pool:
                 io = _IO(reader, pool)
                 out: list[np.ndarray] = []
-                batch: list[str] = []
+                batch: list[tuple[str, codec.TensorInfo]] = []
                 pending = 0
 
                 def flush() -> None:
                     if len(batch) > 1:  # small tensors: all their frames in one batch
-                        infos = [self._info(k) for k in batch]
-                        io.prefetch([c for i in infos for _, c in self._chunks(i, 0, i.raw_size)])
-                    out.extend(self._read(io, k, rows, verify) for k in batch)
+                        io.prefetch(
+                            [c for _, i in batch for _, c in self._chunks(i, 0, i.raw_size)]
+                        )
+                    out.extend(self._read(io, k, i, rows, verify) for k, i in batch)
                     io.cache.clear()
                     batch.clear()
 
-                for key in keys:
-                    size = self._info(key).stored_size
+                for key in keys:  # each TensorInfo made once, here (the columns hold the header)
+                    info = self._info(key)
+                    size = info.stored_size
                     if batch and pending + size > _BATCH_BYTES:
                         flush()
                         pending = 0
-                    batch.append(key)
+                    batch.append((key, info))
                     pending += size
                 flush()
                 return out
@@ -552,7 +560,8 @@ class ZstdReader(ReaderBase):
     ) -> dict[str, np.ndarray]:
         names = self.keys() if keys is None else list(keys)
         for key in names:
-            self._info(key)
+            if key not in self._tensors:
+                self._info(key)  # the KeyError naming the checkpoint
         arrays = await anyio.to_thread.run_sync(self._run, names, None, verify)
         return dict(zip(names, arrays, strict=True))
 
