@@ -21,11 +21,11 @@ COUNT = 100_000
 BOUND = 400
 
 
-def _peak_rss_of_inspect(prefix: Path) -> tuple[int, str]:
-    """(peak RSS in bytes, first line of stdout) of ``anyckpt inspect PREFIX`` in a child."""
+def _peak_rss_of_inspect(prefix: Path, option: str = "--no-progress") -> tuple[int, str]:
+    """(peak RSS in bytes, stdout) of ``anyckpt inspect OPTION PREFIX`` in a child."""
     code = (
         "import sys, anyckpt.cli\n"
-        "code = anyckpt.cli.main(['inspect', '--no-progress', sys.argv[1]])\n"
+        "code = anyckpt.cli.main(['inspect', sys.argv[2], sys.argv[1]])\n"
         "sys.stdout.flush()\n"
         # VmHWM, not ru_maxrss: that one keeps the forking parent's peak across exec.
         "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
@@ -34,7 +34,10 @@ def _peak_rss_of_inspect(prefix: Path) -> tuple[int, str]:
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     done = subprocess.run(
-        [sys.executable, "-c", code, str(prefix)], capture_output=True, text=True, env=env
+        [sys.executable, "-c", code, str(prefix), option],
+        capture_output=True,
+        text=True,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
     return int(done.stderr.split()[-1]) * 1024, done.stdout
@@ -59,23 +62,6 @@ def test_inspect_of_many_tensors_streams_in_bounded_memory(tmp_path: Path, fmt: 
     assert per_tensor < BOUND, f"{per_tensor:.0f} bytes per tensor"
 
 
-def _peak_rss_of_inspect_json(prefix: Path) -> tuple[int, str]:
-    code = (
-        "import sys, anyckpt.cli\n"
-        "code = anyckpt.cli.main(['inspect', '--json', sys.argv[1]])\n"
-        "sys.stdout.flush()\n"
-        "hwm = [l for l in open('/proc/self/status') if l.startswith('VmHWM')]\n"
-        "print(hwm[0].split()[1], file=sys.stderr)\n"
-        "sys.exit(code)\n"
-    )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    done = subprocess.run(
-        [sys.executable, "-c", code, str(prefix)], capture_output=True, text=True, env=env
-    )
-    assert done.returncode == 0, done.stderr
-    return int(done.stderr.split()[-1]) * 1024, done.stdout
-
-
 def test_inspect_json_of_many_tensors_streams_in_bounded_memory(tmp_path: Path) -> None:
     """``inspect --json`` writes its tensors one entry at a time (issue 13: with every entry
     held as a dict, and the whole document as one string, it cost ~1.3 KB per tensor)."""
@@ -85,8 +71,8 @@ def test_inspect_json_of_many_tensors_streams_in_bounded_memory(tmp_path: Path) 
     small, large = tmp_path / "small" / "c", tmp_path / "large" / "c"
     anyckpt.sync.save(str(small), {f"t{i:07d}": one for i in range(10)}, durable=False)
     anyckpt.sync.save(str(large), {f"t{i:07d}": one for i in range(COUNT)}, durable=False)
-    base, _ = _peak_rss_of_inspect_json(small)
-    peak, out = _peak_rss_of_inspect_json(large)
+    base, _ = _peak_rss_of_inspect(small, "--json")
+    peak, out = _peak_rss_of_inspect(large, "--json")
     document = json.loads(out)
     assert len(document["tensors"]) == COUNT
     first = document["tensors"][0]

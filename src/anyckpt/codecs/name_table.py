@@ -9,6 +9,7 @@ puts it in that order.
 
 from __future__ import annotations
 
+import codecs
 from bisect import bisect_left
 
 import numpy as np
@@ -75,6 +76,21 @@ def first_duplicate(blob: bytes, ends: np.ndarray) -> int | None:
             if b - a == d - c and blob[a:b] == blob[c:d]:
                 return lo + i - 1
     return None
+
+
+def valid_utf8(data: bytes) -> bool:
+    """Whether ``data`` is UTF-8, checked a piece at a time (no ``str`` of all of it)."""
+    if data.isascii():
+        return True
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    view = memoryview(data)
+    try:
+        for at in range(0, len(view), 1 << 20):
+            decoder.decode(view[at : at + (1 << 20)])
+        decoder.decode(b"", final=True)
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def gather(blob: bytes, ends: np.ndarray, rows: np.ndarray) -> tuple[bytes, np.ndarray]:

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..codecs import v1 as codec
+from ..codecs.name_table import gather
 from ..codecs.ordered_code import Extent
 from ..tensors import key_from_bytes, key_to_bytes
 
@@ -119,28 +120,13 @@ class TensorColumnsBuilder:
         names = bytes(self._names)
         if not identity or len(order) != len(enums):
             picked = np.frombuffer(order, dtype=np.int64)
-            names, name_ends = _gather(names, name_ends, picked)
-            dims_kept, dim_ends = _gather(dims.tobytes(), dim_ends * 8, picked)
+            names, name_ends = gather(names, name_ends, picked)
+            dims_kept, dim_ends = gather(dims.tobytes(), dim_ends * 8, picked)
             dims, dim_ends = np.frombuffer(dims_kept, dtype=np.int64), dim_ends // 8
             enums, files = enums[picked], files[picked]
         return TensorColumns(
             names, name_ends.copy(), enums.copy(), files.copy(), dims.copy(), dim_ends.copy()
         )
-
-
-def _gather(blob: bytes, ends: np.ndarray, rows: np.ndarray) -> tuple[bytes, np.ndarray]:
-    """The pieces ``rows`` of a blob cut at ``ends`` (``ends[0] == 0``), and their new ends."""
-    starts, stops = ends[:-1][rows], ends[1:][rows]
-    out = bytearray()
-    for lo in range(0, len(rows), _CHUNK):
-        pieces = zip(
-            starts[lo : lo + _CHUNK].tolist(), stops[lo : lo + _CHUNK].tolist(), strict=True
-        )
-        for a, b in pieces:
-            out += blob[a:b]
-    new_ends = np.zeros(len(rows) + 1, dtype=np.int64)
-    np.cumsum(stops - starts, out=new_ends[1:])
-    return bytes(out), new_ends
 
 
 class TensorColumns:

@@ -13,7 +13,6 @@ dtype and shape, and the entries tile the buffer exactly (no gap, overlap or tra
 
 from __future__ import annotations
 
-import codecs
 import json
 import math
 import re
@@ -26,7 +25,7 @@ from typing import Any
 import ml_dtypes
 import numpy as np
 
-from anyckpt.codecs.name_table import NameTable, byte_order, gather
+from anyckpt.codecs.name_table import NameTable, byte_order, gather, valid_utf8
 
 MAX_HEADER_SIZE = 100_000_000
 METADATA_KEY = "__metadata__"
@@ -375,21 +374,6 @@ _EMPTY = re.compile(rb"\{" + _WS + rb"\}")
 _REST = re.compile(_WS)
 
 
-def _valid_utf8(text: bytes) -> bool:
-    """Whether ``text`` is UTF-8 (a piece at a time: no ``str`` of all of it)."""
-    if text.isascii():
-        return True
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(text)
-    try:
-        for at in range(0, len(view), 1 << 20):
-            decoder.decode(view[at : at + (1 << 20)])
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _string(raw: bytes) -> str | None:
     """A JSON string's contents (without quotes) as ``str``, or None if it does not decode."""
     if b"\\" not in raw:
@@ -404,7 +388,7 @@ def _string(raw: bytes) -> str | None:
 def _scan(text: bytes, buffer: int) -> tuple[EntryTable, dict[str, str] | None] | None:
     """The entries and metadata of a header that follows every rule, scanned into columns;
     None for anything else (:func:`decode_header` then asks :func:`_decode_json`)."""
-    if not _valid_utf8(text):
+    if not valid_utf8(text):
         return None
     builder = _Builder()
     metadata: dict[str, str] | None = None

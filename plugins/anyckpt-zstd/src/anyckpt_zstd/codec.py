@@ -24,7 +24,6 @@ Decoders raise :class:`ContainerError` for anything inconsistent, before allocat
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import json
 import math
@@ -39,7 +38,7 @@ import numpy as np
 
 from anyckpt.codecs.crc import crc32c
 from anyckpt.codecs.dtypes import DT_STRING, dtype_from_enum
-from anyckpt.codecs.name_table import NameTable, byte_order, gather
+from anyckpt.codecs.name_table import NameTable, byte_order, gather, valid_utf8
 
 MAGIC = b"ACKZSTD1"
 VERSION = 1
@@ -215,21 +214,19 @@ class TensorTable(Mapping[str, TensorInfo]):
         self._raw_sizes = columns["raw_sizes"]
         self._crcs = columns["crcs"]
         self._partitions = partitions
-        # The same columns indexed as Python ints (no NumPy scalar per field).
-        self._row = tuple(
-            c.data
-            for c in (
-                self._enums,
-                self._layouts,
-                self._dims,
-                self._dim_ends,
-                self._chunk_ends,
-                self._offsets,
-                self._sizes,
-                self._raw_sizes,
-                self._crcs,
-            )
+        self._columns = (
+            self._enums,
+            self._layouts,
+            self._dims,
+            self._dim_ends,
+            self._chunk_ends,
+            self._offsets,
+            self._sizes,
+            self._raw_sizes,
+            self._crcs,
         )
+        # The same columns indexed as Python ints (no NumPy scalar per field).
+        self._row = tuple(c.data for c in self._columns)
 
     def __len__(self) -> int:
         return len(self._enums)
@@ -272,18 +269,7 @@ class TensorTable(Mapping[str, TensorInfo]):
 
     def nbytes(self) -> int:
         """What the columns hold (for the memory tests)."""
-        arrays = (
-            self._enums,
-            self._layouts,
-            self._dims,
-            self._dim_ends,
-            self._chunk_ends,
-            self._offsets,
-            self._sizes,
-            self._raw_sizes,
-            self._crcs,
-        )
-        return self.names.nbytes() + sum(a.nbytes for a in arrays)
+        return self.names.nbytes() + sum(a.nbytes for a in self._columns)
 
 
 def _segments(ends: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -479,21 +465,6 @@ _DIGITS = re.compile(rb"[0-9]+")
 _LAYOUT = {name.encode(): i for i, name in enumerate(LAYOUTS)}
 
 
-def _valid_utf8(data: bytes) -> bool:
-    """Whether ``data`` is UTF-8 (a piece at a time: no ``str`` of all of it)."""
-    if data.isascii():
-        return True
-    decoder = codecs.getincrementaldecoder("utf-8")()
-    view = memoryview(data)
-    try:
-        for at in range(0, len(view), 1 << 20):
-            decoder.decode(view[at : at + (1 << 20)])
-        decoder.decode(b"", final=True)
-    except UnicodeDecodeError:
-        return False
-    return True
-
-
 def _name_bytes(name: str) -> bytes | None:
     """A tensor name as the table holds it (UTF-8, ``surrogateescape``), or None if it has no
     such bytes or they read back as another name."""
@@ -516,7 +487,7 @@ def _itemsizes() -> dict[int, int]:
 def _scan(data: bytes, data_end: int, max_ratio: int) -> tuple[int, TensorTable] | None:
     """(level, tensors) of a header written as :func:`encode_header` writes one and following
     every rule, scanned into columns; None for anything else."""
-    if not _valid_utf8(data):
+    if not valid_utf8(data):
         return None
     head = _HEAD.match(data)
     if head is None:
