@@ -10,6 +10,8 @@ waited: over ``max_pending_bytes``, or over 80 % of the available memory).
 
     .venv/bin/python benchmarks/big_async_save.py --gib 10 --dir /tmp/big
     .venv/bin/python benchmarks/big_async_save.py --gib 2 --budget-mib 0   # copy (no budget)
+    .venv/bin/python benchmarks/big_async_save.py --gib 0.0625 0.25 1 4 10 --budget-mib 1024 0 \\
+        --out big.json   # the sweep; plot_scaling.py async big.json draws it
 
 Bound checked (printed, not asserted): peak over the state <= max_pending_bytes + 64 MiB.
 """
@@ -22,7 +24,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 CHILD = r"""
 import json, sys, anyio, numpy as np, anyckpt
@@ -35,8 +39,9 @@ def status(field):
             return int(line.split()[1]) * 1024
     raise AssertionError(field)
 
-pieces = max(1, int(gib * 4))
-state = {f"layer{i}": np.full(64 * 2**20, i, np.float32) for i in range(pieces)}  # 256 MiB each
+pieces = max(1, round(gib * 4))  # arrays of 256 MiB, or one array for a smaller state
+elements = int(gib * 2**30) // 4 // pieces
+state = {f"layer{i}": np.full(elements, i, np.float32) for i in range(pieces)}
 nbytes = sum(a.nbytes for a in state.values())
 
 async def main():
@@ -65,34 +70,49 @@ print(json.dumps(anyio.run(main)))
 """
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--gib", type=float, default=10.0)
-    parser.add_argument("--budget-mib", type=int, default=1024, help="0: no max_pending_bytes")
-    parser.add_argument("--dir", default=None, help="where to save (a temporary directory)")
-    args = parser.parse_args()
-    directory = Path(args.dir or tempfile.mkdtemp(prefix="anyckpt-big-"))
+def run_once(gib: float, budget_mib: int, directory: Path) -> dict[str, Any]:
+    """One save of a ``gib`` GiB state in a fresh process; its JSON result, bound checked."""
     try:
         done = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                CHILD,
-                str(args.gib),
-                str(args.budget_mib << 20),
-                str(directory),
-            ],
+            [sys.executable, "-c", CHILD, str(gib), str(budget_mib << 20), str(directory)],
             capture_output=True,
             text=True,
             check=True,
         )
     finally:
         shutil.rmtree(directory, ignore_errors=True)
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    bound = (args.budget_mib << 20) + (64 << 20)
-    result["within_bound"] = result["peak_over_before"] <= bound
-    print(json.dumps(result))
+    result: dict[str, Any] = json.loads(done.stdout.strip().splitlines()[-1])
+    result["budget_mib"] = budget_mib
+    if budget_mib:
+        result["within_bound"] = result["peak_over_before"] <= (budget_mib << 20) + (64 << 20)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--gib", type=float, nargs="+", default=[10.0], help="state sizes")
+    parser.add_argument(
+        "--budget-mib",
+        type=int,
+        nargs="+",
+        default=[1024],
+        help="max_pending_bytes of each configuration (0: none)",
+    )
+    parser.add_argument("--dir", default=None, help="where to save (a temporary directory)")
+    parser.add_argument("--out", default=None, help="also write every result as one JSON file")
+    args = parser.parse_args(argv)
+    results = []
+    for gib in args.gib:
+        for budget in args.budget_mib:
+            directory = Path(args.dir or tempfile.mkdtemp(prefix="anyckpt-big-"))
+            result = {"gib": gib, **run_once(gib, budget, directory)}
+            print(json.dumps(result), flush=True)
+            results.append(result)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"benchmark": "big_async_save", "points": results}, f, indent=1)
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

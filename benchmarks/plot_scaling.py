@@ -2,12 +2,15 @@
 
     .venv/bin/python benchmarks/plot_scaling.py tensors RESULTS.json [--out-dir docs/img]
     .venv/bin/python benchmarks/plot_scaling.py bytes RESULTS.json [--out-dir docs/img]
+    .venv/bin/python benchmarks/plot_scaling.py async BIG.json [--out-dir docs/img]
 
 ``tensors`` (``scaling.py``'s JSON), log-log against the number of tensors, one figure per
 tensor size: ``scaling-time-<kind>.png`` (seconds per operation, anyckpt against each peer and
 the raw read of the same bytes) and ``scaling-memory-<kind>.png`` (peak memory growth during
 the operation, and what it needs beyond what it returns). ``bytes`` (``scaling.py --bytes``):
-``scaling-throughput.png``, MiB/s against the bytes saved or restored.
+``scaling-throughput.png``, MiB/s against the bytes saved or restored. ``async``
+(``big_async_save.py --out``): ``scaling-async-blocking.png``, the time an async ``save()``
+blocked and its peak memory beyond the state, against the state's size.
 """
 
 from __future__ import annotations
@@ -135,7 +138,36 @@ def throughput(summary: dict[str, Any], out_dir: str) -> list[str]:
     return [path]
 
 
-FIGURES = {"tensors": tensors, "bytes": throughput}
+def async_blocking(summary: dict[str, Any], out_dir: str) -> list[str]:
+    """``big_async_save.py --out``: how long ``save()`` held the caller, and the peak memory
+    beyond the state, against the state's size, one line per ``max_pending_bytes``."""
+    plt = _pyplot()
+    series: dict[str, list[dict[str, Any]]] = {}
+    for p in sorted(summary["points"], key=lambda p: p["state_bytes"]):
+        budget = p.get("budget_mib") or 0
+        label = f"max_pending_bytes={budget} MiB" if budget else "no budget (copied)"
+        series.setdefault(label, []).append(p)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.6))
+    for label, points in series.items():
+        gib = [p["state_bytes"] / 2**30 for p in points]
+        left.loglog(gib, [p["blocked_seconds"] for p in points], "o-", label=label)
+        right.semilogx(gib, [p["peak_over_before"] / 2**30 for p in points], "o-", label=label)
+    left.set_title("async save: time save() blocked", fontsize=9)
+    left.set_ylabel("seconds")
+    right.set_title("peak RSS beyond the state", fontsize=9)
+    right.set_ylabel("GiB")
+    for ax in (left, right):
+        ax.set_xlabel("state (GiB)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    path = os.path.join(out_dir, "scaling-async-blocking.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return [path]
+
+
+FIGURES = {"tensors": tensors, "bytes": throughput, "async": async_blocking}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
