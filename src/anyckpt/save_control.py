@@ -43,6 +43,7 @@ __all__ = [
     "SaveTicket",
     "SaveWouldBlockError",
     "available_memory",
+    "too_big_to_copy",
 ]
 
 #: A copy may take at most this share of the memory the system has available; a larger state
@@ -61,6 +62,13 @@ def available_memory() -> int | None:
     except (OSError, ValueError, IndexError):
         return None
     return None
+
+
+def too_big_to_copy(nbytes: int) -> bool:
+    """Whether a copy of ``nbytes`` would take over :data:`AVAILABLE_SHARE` of the memory the
+    system has available (False where that is not known)."""
+    available = available_memory()
+    return available is not None and nbytes > AVAILABLE_SHARE * available
 
 
 class SaveWouldBlockError(CheckpointError):
@@ -198,8 +206,7 @@ class SaveControl:
         nbytes = sum(int(a.nbytes) for a in tensors.values())
         if self.budget is not None and nbytes > self.budget.limit:
             return True
-        available = available_memory()
-        return available is not None and nbytes > AVAILABLE_SHARE * available
+        return too_big_to_copy(nbytes)
 
     async def admit(
         self, slots: anyio.Semaphore, tensors: Mapping[str, np.ndarray], *, copy: bool, block: bool

@@ -238,3 +238,30 @@ def test_restore_in_part_through_the_sync_manager(tmp_path: Path) -> None:
         manager.save({"w": full}, step=1).wait()
         got = manager.restore(keys={"w": np.s_[1:3]})
     np.testing.assert_array_equal(got["w"], full[1:3])
+
+
+@pytest.mark.anyio
+async def test_a_state_over_most_of_the_available_memory_is_staged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As without a coordinator: a rank whose copy would take most of the memory the system
+    has available (here made to report 64 KiB) is not copied but written while save() waits,
+    so the caller may change its arrays as soon as save() returns."""
+    import anyckpt.save_control
+
+    assert (anyckpt.save_control.available_memory() or 1) > 0  # the real probe answers
+    monkeypatch.setattr(anyckpt.save_control, "available_memory", lambda: 64 << 10)
+    big = np.arange(1 << 16, dtype=np.float32)  # 256 KiB
+    async with anyckpt.CheckpointManager(
+        tmp_path, coordinator=SingleProcessCoordinator()
+    ) as manager:
+        staged = await manager.save({"w": big}, step=1)
+        big[:] = -1  # the checkpoint already holds the values it had when save() returned
+        small = await manager.save({"w": np.ones(4, np.float32)}, step=2)
+        await staged
+        await small
+    assert staged.event is not None and small.event is not None
+    assert staged.event.staged and not small.event.staged
+    assert staged.event.blocked_seconds >= staged.event.write_seconds > 0
+    restored = await anyckpt.load(tmp_path / "ckpt-1")
+    assert np.array_equal(restored["w"], np.arange(1 << 16, dtype=np.float32))

@@ -57,6 +57,7 @@ from ..formats.v2_data import DataFileEntries, write_data_file
 from ..formats.v2_index import build_index
 from ..formats.v2_layout import data_path, index_path
 from ..partitioned import Partitioned, partitions_of
+from ..save_control import too_big_to_copy
 from ..tensors import as_named_tensor, flatten, key_to_bytes
 
 if TYPE_CHECKING:
@@ -255,10 +256,14 @@ async def save(
     items: tuple[Item, ...] = ()
     arrays: Arrays = {}
     capture_seconds = 0.0
+    released: anyio.Event | None = None
     try:
         if failure is None:
             try:
                 items, arrays = prepare_state(state)
+                # Too big to copy: written from the caller's arrays while the caller waits.
+                if copy and too_big_to_copy(sum(int(a.nbytes) for a in arrays.values())):
+                    copy, released = False, anyio.Event()
                 started = time.perf_counter()
                 if copy:
                     arrays = await _capture(arrays)
@@ -282,12 +287,15 @@ async def save(
             manifest,
             arrays,
             capture_seconds,
-            time.perf_counter() - entered,
+            entered,
+            released,
         ),
     )
     if failure is not None:
         saves.mark_seen(pending)  # raised here; the save's own outcome says the same
         raise failure
+    if released is not None:  # staged: the caller's arrays are in use until written
+        await released.wait()
     return pending
 
 
@@ -299,13 +307,18 @@ async def _write_and_commit(
     manifest: Manifest,
     arrays: Arrays,
     capture_seconds: float,
-    blocked_seconds: float,
+    entered: float,
+    released: anyio.Event | None,
     previous: anyio.Event | None,
 ) -> None:
+    """The save's collectives, this rank's data files and the commit, in the background.
+    ``released`` (a staged save, not copied) is set once this rank's arrays are written (or
+    the write failed): the caller waits for it."""
 
     error: BaseException | None = None
     name = manifest.name
     rank = coordinator.rank
+    blocked_seconds = time.perf_counter() - entered  # save() returned (unless staged)
     try:
         if previous is not None:
             await previous.wait()  # collectives in save order on every rank
@@ -339,6 +352,9 @@ async def _write_and_commit(
                         await anyio.to_thread.run_sync(manager.storage.remove, path)
             nbytes = sum(int(f.sizes.sum()) for f in files)  # what this rank wrote
             del arrays
+            if released is not None:
+                released.set()
+                blocked_seconds = time.perf_counter() - entered  # save() waited for the write
             report = _Report(
                 None if local_error else files,
                 nbytes,
@@ -365,6 +381,7 @@ async def _write_and_commit(
             outcome.deleted,
             outcome.preserved,
             blocked_seconds,
+            staged=released is not None,
         )
         if manager.on_event is not None:
             manager.on_event(pending.event)
@@ -373,6 +390,8 @@ async def _write_and_commit(
         if not isinstance(exc, Exception):
             raise
     finally:
+        if released is not None:
+            released.set()  # the write never started (a failed collective): free the caller
         saves.slots.release()
         SaveQueue.finish(pending, error)
 
