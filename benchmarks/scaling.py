@@ -412,7 +412,7 @@ def run_one(
     if not lines:
         tail = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return {**base, "error": tail[-300:]}
-    result: dict[str, Any] = json.loads(lines[-1])
+    result: dict[str, Any] = {**base, **json.loads(lines[-1])}  # an error names its point too
     return result
 
 
