@@ -10,6 +10,8 @@ that any reader handing back one separately owned, checked array per tensor must
 * a CRC-32C of each (one ``map`` over the C function);
 * the ``dict`` of names to arrays;
 * the sum of the four: the floor of such a reader without any index to parse;
+* for comparison, arrays that are not owned: one ``readinto``, each tensor a checked row
+  view of that one buffer (what safetensors' NumPy loader hands back, unchecked);
 * opening the checkpoint and listing its keys (``anyckpt.open`` + ``keys()``: the footer,
   the index block and every key of the table).
 
@@ -78,6 +80,20 @@ def pieces(prefix: str, state: dict[str, np.ndarray]) -> dict[str, Callable[[], 
         crcs()
         return mapping()
 
+    rows = (len(arrays), arrays[0].nbytes)
+    same_kind = all(kind == shapes[0] for kind in shapes)
+
+    def views() -> Any:
+        """One read into one buffer, each tensor a row view of it (not owned: one tensor kept
+        keeps the whole buffer), checked row by row: what sharing a buffer would save."""
+        buf = readinto()
+        if not same_kind:
+            return None
+        by_row = list(buf[: rows[0] * rows[1]].reshape(rows))
+        np.fromiter(map(crc32c.crc32c, by_row), np.uint32, len(by_row))
+        typed = buf[: rows[0] * rows[1]].view(shapes[0][1]).reshape(len(arrays), *shapes[0][0])
+        return dict(zip(names, list(typed), strict=True))
+
     def index_only() -> Any:
         async def go() -> int:
             async with anyckpt.open(prefix) as reader:
@@ -101,6 +117,7 @@ def pieces(prefix: str, state: dict[str, np.ndarray]) -> dict[str, Callable[[], 
         "crc32c per tensor": crcs,
         "dict of names": mapping,
         "floor: the four above": floor,
+        "views of one buffer, checked": views,
         "index: open + keys()": index_only,
         "anyckpt full restore": restore,
     }
