@@ -16,7 +16,7 @@ from typing import NamedTuple
 import numpy as np
 
 #: Records laid out per :func:`interleave` pass: bounds its temporary index arrays.
-_CHUNK_RECORDS = 1 << 16
+_CHUNK_RECORDS = 1 << 13
 
 
 class Column(NamedTuple):
@@ -96,25 +96,47 @@ def interleave(columns: Sequence[Column]) -> Column:
     """The records, one after another, each the concatenation of its fields in column order.
 
     Returns a column whose record ``i`` is that concatenation (its bytes are contiguous and
-    records follow each other, so ``data`` is the whole encoding)."""
+    records follow each other, so ``data`` is the whole encoding). The per-byte gather runs a
+    chunk of records at a time: its index arrays (8 bytes per output byte) stay small."""
     count = len(columns[0])
     if any(len(c) != count for c in columns):
         raise ValueError("columns of different lengths")
     source = np.concatenate([c.data for c in columns]) if columns else np.empty(0, np.uint8)
-    bases = np.cumsum([0, *(len(c.data) for c in columns[:-1])])
-    lengths = np.stack([c.lengths for c in columns], axis=1)  # (records, fields)
-    starts = np.stack([c.starts + base for c, base in zip(columns, bases, strict=True)], axis=1)
-    record_lengths = lengths.sum(axis=1)
+    bases = np.cumsum([0, *(len(c.data) for c in columns[:-1])]).tolist()
+    record_lengths = np.zeros(count, dtype=np.int64)
+    for column in columns:
+        record_lengths += column.lengths
     out = np.empty(int(record_lengths.sum()), dtype=np.uint8)
     at = 0
     for first in range(0, count, _CHUNK_RECORDS):
-        seg_lengths = lengths[first : first + _CHUNK_RECORDS].reshape(-1)
-        seg_starts = starts[first : first + _CHUNK_RECORDS].reshape(-1)
-        total = int(seg_lengths.sum())
-        # Output byte j of a segment s comes from source[seg_starts[s] + j]: one gather.
-        placed = _starts(seg_lengths)
-        gather = np.repeat(seg_starts - placed, seg_lengths)
-        gather += np.arange(total, dtype=np.int64)
-        np.take(source, gather, out=out[at : at + total])
+        last = min(count, first + _CHUNK_RECORDS)
+        total = _gather_chunk(source, columns, bases, first, last, out[at:])
         at += total
     return Column(out, _starts(record_lengths), record_lengths)
+
+
+def _gather_chunk(
+    source: np.ndarray,
+    columns: Sequence[Column],
+    bases: list[int],
+    first: int,
+    last: int,
+    out: np.ndarray,
+) -> int:
+    """Lay records ``first:last`` out at the start of ``out`` from ``source`` (the columns'
+    data back to back, column ``j``'s from ``bases[j]``); return the bytes written."""
+    fields = len(columns)
+    lengths = np.empty((last - first, fields), dtype=np.int64)  # (records, fields)
+    starts = np.empty((last - first, fields), dtype=np.int64)
+    for j, (column, base) in enumerate(zip(columns, bases, strict=True)):
+        lengths[:, j] = column.lengths[first:last]
+        np.add(column.starts[first:last], base, out=starts[:, j])
+    seg_lengths = lengths.reshape(-1)
+    total = int(seg_lengths.sum())
+    # Output byte j of a segment s comes from source[starts[s] + j - placed[s]]: one gather.
+    starts_flat = starts.reshape(-1)
+    starts_flat -= _starts(seg_lengths)
+    gather = np.repeat(starts_flat, seg_lengths)
+    gather += np.arange(total, dtype=np.int64)
+    np.take(source, gather, out=out[:total])
+    return total

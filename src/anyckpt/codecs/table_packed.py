@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -27,6 +27,9 @@ from .table import (
     short_successor,
     shortest_separator,
 )
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
 
 #: Key bytes compared at once when looking for shared prefixes (longer ones: in Python).
 _PREFIX_WINDOW = 128
@@ -95,7 +98,7 @@ def _block_ends(
     return ends
 
 
-def _with_trailer(out: list[bytes], offset: int, contents: bytes) -> BlockHandle:
+def _with_trailer(out: list[Buffer], offset: int, contents: bytes) -> BlockHandle:
     out.append(contents)
     out.append(block_trailer(contents))
     return BlockHandle(offset, len(contents))
@@ -162,39 +165,47 @@ def build_table_with_layout(
             values,
         ]
     )
-    encoded = entries.data.tobytes()
-    entry_starts = entries.starts.tolist()
-    restart_at = np.flatnonzero(restart).tolist()
+    out, offset, index, layout = _data_blocks(keys, entries, ends, np.flatnonzero(restart))
+    metaindex = _with_trailer(out, offset, BlockBuilder().finish())
+    offset += metaindex.size + 5
+    index_handle = _with_trailer(out, offset, index.finish())
+    out.append(footer(metaindex, index_handle))
+    return b"".join(out), layout
 
-    out: list[bytes] = []
-    offset = 0
+
+def _data_blocks(
+    keys: Sequence[bytes], entries: Column, ends: list[int], restart_at: np.ndarray
+) -> tuple[list[Buffer], int, BlockBuilder, TableLayout]:
+    """The data blocks: the encoded ``entries`` cut after each of ``ends``, each block followed
+    by its restart points (entries ``restart_at``) and its trailer. Returns the pieces of the
+    table so far (views of ``entries.data``: no copy until the table is joined), its size, the
+    index block (one entry per data block) and the layout."""
+    count = len(entries)
+    data = memoryview(entries.data)  # type: ignore[arg-type]  # a uint8 array: a buffer
+    starts = entries.starts
+    restart_starts = starts[restart_at]
+    cuts = np.searchsorted(restart_at, ends).tolist()  # restart points before each end
+    entry_ends = starts + entries.lengths  # in `data`; moved to the table below
+    out: list[Buffer] = []
     index = BlockBuilder(restart_interval=1)
-    first = 0
-    r = 0
-    entry_ends = entries.starts + entries.lengths  # in `encoded`; moved to the table below
     data_blocks: list[tuple[int, int]] = []
-    for number, end in enumerate(ends):
-        base = entry_starts[first]
-        stop = entry_starts[end] if end < count else len(encoded)
+    offset = first = r = 0
+    for number, (end, cut) in enumerate(zip(ends, cuts, strict=True)):
+        base = int(starts[first])
+        body = data[base : int(starts[end]) if end < count else len(data)]
         entry_ends[first:end] += offset - base
-        points = []
-        while r < len(restart_at) and restart_at[r] < end:
-            points.append(entry_starts[restart_at[r]] - base)
-            r += 1
-        contents = encoded[base:stop] + struct.pack(f"<{len(points) + 1}I", *points, len(points))
-        handle = _with_trailer(out, offset, contents)
-        data_blocks.append((offset, len(contents)))
-        offset += len(contents) + 5
+        points = (restart_starts[r:cut] - base).astype("<u4").tobytes()
+        points += struct.pack("<I", cut - r)
+        out += (body, points, block_trailer(body, points))
+        size = len(body) + len(points)
+        data_blocks.append((offset, size))
         last = keys[end - 1]
         separator = (
             short_successor(last)
             if number == len(ends) - 1
             else (shortest_separator(last, keys[end]))
         )
-        index.add(separator, handle.encode())
-        first = end
-    metaindex = _with_trailer(out, offset, BlockBuilder().finish())
-    offset += metaindex.size + 5
-    index_handle = _with_trailer(out, offset, index.finish())
-    out.append(footer(metaindex, index_handle))
-    return b"".join(out), TableLayout(entry_ends, data_blocks)
+        index.add(separator, BlockHandle(offset, size).encode())
+        offset += size + 5
+        first, r = end, cut
+    return out, offset, index, TableLayout(entry_ends, data_blocks)
