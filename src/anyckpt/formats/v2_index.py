@@ -14,7 +14,7 @@ from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
 from ..codecs.packed import Column, bytes_column
 from ..codecs.table_packed import TableLayout, build_table_with_layout, replace_value_tails
-from .v2_data import DataFileEntries
+from .v2_data import DataFileEntries, Kind
 
 #: Largest template kept (its index, layout and names, about); the last 4 structures' are.
 _TEMPLATE_MAX_BYTES = 16 << 20
@@ -30,8 +30,8 @@ class _Template:
     the same bytes as building it again, for a fraction of the work."""
 
     shard_id: int
-    dtypes: list[int]
-    shapes: list[tuple[int, ...]]
+    kind_ids: np.ndarray
+    kinds: list[Kind]
     offsets: np.ndarray
     sizes: np.ndarray
     table: bytes
@@ -40,8 +40,8 @@ class _Template:
     def fits(self, entries: DataFileEntries) -> bool:
         return (
             self.shard_id == entries.shard_id
-            and self.dtypes == entries.dtypes
-            and self.shapes == entries.shapes
+            and self.kinds == entries.kinds
+            and np.array_equal(self.kind_ids, entries.kind_ids)
             and np.array_equal(self.offsets, entries.offsets)
             and np.array_equal(self.sizes, entries.sizes)
         )
@@ -99,11 +99,10 @@ def _build_index(
     for entries in files:
         count = len(entries.keys)
         keys += entries.keys
-        pairs = list(zip(entries.dtypes, entries.shapes, strict=True))
-        heads = {pair: entry_head(*pair) for pair in set(pairs)}
-        if None not in heads.values():
-            ids = {pair: number(head) for pair, head in heads.items()}  # type: ignore[arg-type]
-            head_ids.append(np.fromiter(map(ids.__getitem__, pairs), np.int64, count))
+        heads = [entry_head(*kind) for kind in entries.kinds]
+        if None not in heads:
+            ids = np.array([number(head) for head in heads], np.int64)  # type: ignore[arg-type]
+            head_ids.append(ids[entries.kind_ids])
             columns[0].append(np.full(count, entries.shard_id, dtype=np.int64))
             columns[1].append(entries.offsets)
             columns[2].append(entries.sizes)
@@ -139,8 +138,8 @@ def _build_index(
             template_key,
             _Template(
                 entries.shard_id,
-                list(entries.dtypes),
-                list(entries.shapes),
+                entries.kind_ids.copy(),
+                list(entries.kinds),
                 entries.offsets.copy(),
                 entries.sizes.copy(),
                 table,
