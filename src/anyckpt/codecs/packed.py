@@ -24,7 +24,7 @@ class Column(NamedTuple):
 
     data: np.ndarray  # uint8
     starts: np.ndarray  # int64, one per record
-    lengths: np.ndarray  # int64, one per record
+    lengths: np.ndarray  # int64 (uint8 for the fixed and varint columns), one per record
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -47,10 +47,17 @@ def bytes_column(items: Sequence[bytes]) -> Column:
     return Column(data, _starts(lengths), lengths)
 
 
+def _as_uint64(values: np.ndarray) -> np.ndarray:
+    """Non-negative integers as uint64 (int64 ones viewed, not copied)."""
+    if values.dtype == np.int64:
+        return values.view(np.uint64)
+    return values.astype(np.uint64, copy=False)
+
+
 def varint_lengths(values: np.ndarray) -> np.ndarray:
-    """Bytes of each value's unsigned LEB128 varint (1 for 0)."""
-    v = values.astype(np.uint64, copy=False)
-    n = np.ones(len(v), dtype=np.int64)
+    """Bytes of each value's unsigned LEB128 varint (1 for 0), as uint8."""
+    v = _as_uint64(values)
+    n = np.ones(len(v), dtype=np.uint8)
     top = int(v.max()) if len(v) else 0
     for bits in range(7, top.bit_length(), 7):  # only as many passes as the largest needs
         n += v >= np.uint64(1 << bits)
@@ -60,7 +67,7 @@ def varint_lengths(values: np.ndarray) -> np.ndarray:
 def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool = False) -> Column:
     """Unsigned varints of ``values`` (non-negative, < 2**64), each after a one-byte ``tag`` if
     given (a protobuf field key); ``omit_zero`` leaves zeros out entirely (proto3 defaults)."""
-    v = np.asarray(values).astype(np.uint64, copy=False)
+    v = _as_uint64(np.asarray(values))
     count = len(v)
     nbytes = varint_lengths(v)
     width = int(nbytes.max(initial=1))
@@ -86,7 +93,7 @@ def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> 
     out = np.empty((count, 5), dtype=np.uint8)
     out[:, 0] = tag
     out[:, 1:] = v.view(np.uint8).reshape(count, 4)
-    lengths = np.full(count, 5, dtype=np.int64)
+    lengths = np.full(count, 5, dtype=np.uint8)
     if omit_zero:
         lengths[v == 0] = 0
     return Column(out.reshape(-1), np.arange(count, dtype=np.int64) * 5, lengths)

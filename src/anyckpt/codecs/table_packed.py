@@ -165,6 +165,7 @@ def build_table_with_layout(
             values,
         ]
     )
+    del key_column, prefix, position, block_start, shared, non_shared  # all in `entries` now
     out, offset, index, layout = _data_blocks(keys, entries, ends, np.flatnonzero(restart))
     metaindex = _with_trailer(out, offset, BlockBuilder().finish())
     offset += metaindex.size + 5

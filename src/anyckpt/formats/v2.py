@@ -82,16 +82,17 @@ class V2Format(FormatBase):
         if plain and not opts.sharded and (options or {}).get("data_order") == "given":
             # TF2's order: the data file holds the tensors as given, the index is sorted.
             raws_given = [b""] * len(keys)
-            for raw, i in zip(sorted_raws, order, strict=True):
+            for raw, i in zip(sorted_raws, order.tolist(), strict=True):
                 raws_given[i] = raw
             groups[0] = (raws_given, values)
         elif plain and not opts.sharded:  # the common case: one file, in bytewise key order
-            groups[0] = (sorted_raws, list(map(values.__getitem__, order)))
+            groups[0] = (sorted_raws, list(map(values.__getitem__, order.tolist())))
         else:
-            names = [keys[i] for i in order]
+            names = list(map(keys.__getitem__, order.tolist()))
             raws = dict(zip(names, sorted_raws, strict=True))
             sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in names]
             shards = plan_shards(sizes, opts)
+        del keys, values  # the groups hold what is needed of them
         for shard, shard_keys in enumerate(shards):
             if plain:  # already in key order
                 groups[shard] = ([raws[k] for k in shard_keys], [tensors[k] for k in shard_keys])

@@ -131,6 +131,7 @@ def _build_index(
     head_table = bytes_column(list(distinct_heads))
     heads_column = Column(head_table.data, head_table.starts[ids_all], head_table.lengths[ids_all])
     values = encode_entries(heads_column, shard_ids, offsets, sizes, crc)
+    del heads_column, shard_ids, offsets, sizes, crc, ids_all, columns, crcs, head_ids  # encoded
     table, layout = build_table_with_layout(keys, values)
     if reusable:
         entries = files[0]
