@@ -103,13 +103,12 @@ def interleave(columns: Sequence[Column]) -> Column:
     """The records, one after another, each the concatenation of its fields in column order.
 
     Returns a column whose record ``i`` is that concatenation (its bytes are contiguous and
-    records follow each other, so ``data`` is the whole encoding). The per-byte gather runs a
-    chunk of records at a time: its index arrays (8 bytes per output byte) stay small."""
+    records follow each other, so ``data`` is the whole encoding). The work runs a chunk of
+    records at a time, from the bytes those records read of each column: its index arrays
+    (8 bytes per output byte) and sources stay small, whatever the number of records."""
     count = len(columns[0])
     if any(len(c) != count for c in columns):
         raise ValueError("columns of different lengths")
-    source = np.concatenate([c.data for c in columns]) if columns else np.empty(0, np.uint8)
-    bases = np.cumsum([0, *(len(c.data) for c in columns[:-1])]).tolist()
     record_lengths = np.zeros(count, dtype=np.int64)
     for column in columns:
         record_lengths += column.lengths
@@ -117,27 +116,44 @@ def interleave(columns: Sequence[Column]) -> Column:
     at = 0
     for first in range(0, count, _CHUNK_RECORDS):
         last = min(count, first + _CHUNK_RECORDS)
-        total = _gather_chunk(source, columns, bases, first, last, out[at:])
-        at += total
+        at += _gather_chunk(columns, first, last, out[at:])
     return Column(out, _starts(record_lengths), record_lengths)
 
 
-def _gather_chunk(
-    source: np.ndarray,
-    columns: Sequence[Column],
-    bases: list[int],
-    first: int,
-    last: int,
-    out: np.ndarray,
-) -> int:
-    """Lay records ``first:last`` out at the start of ``out`` from ``source`` (the columns'
-    data back to back, column ``j``'s from ``bases[j]``); return the bytes written."""
+def _chunk_source(column: Column, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes that records ``first:last`` read of ``column``, as one piece, and where each
+    record's field starts in it: the span of ``data`` they cover (a slice, no copy) when it is
+    not much more than the bytes read (fields in order: the usual case), else those bytes
+    gathered."""
+    starts = column.starts[first:last]
+    lengths = column.lengths[first:last]
+    total = int(lengths.sum())
+    if total == 0:
+        return column.data[:0], np.zeros(len(starts), dtype=np.int64)
+    ends = starts + lengths
+    low, high = int(starts.min()), int(ends.max())
+    if high - low <= 4 * total + 4096:
+        return column.data[low:high], starts - low
+    placed = _starts(lengths)
+    index = np.repeat(starts - placed, lengths)
+    index += np.arange(total, dtype=np.int64)
+    return column.data[index], placed
+
+
+def _gather_chunk(columns: Sequence[Column], first: int, last: int, out: np.ndarray) -> int:
+    """Lay records ``first:last`` out at the start of ``out``; return the bytes written."""
     fields = len(columns)
     lengths = np.empty((last - first, fields), dtype=np.int64)  # (records, fields)
     starts = np.empty((last - first, fields), dtype=np.int64)
-    for j, (column, base) in enumerate(zip(columns, bases, strict=True)):
+    pieces: list[np.ndarray] = []
+    base = 0
+    for j, column in enumerate(columns):
+        piece, piece_starts = _chunk_source(column, first, last)
         lengths[:, j] = column.lengths[first:last]
-        np.add(column.starts[first:last], base, out=starts[:, j])
+        np.add(piece_starts, base, out=starts[:, j])
+        pieces.append(piece)
+        base += len(piece)
+    source = np.concatenate(pieces)
     seg_lengths = lengths.reshape(-1)
     total = int(seg_lengths.sum())
     # Output byte j of a segment s comes from source[starts[s] + j - placed[s]]: one gather.
