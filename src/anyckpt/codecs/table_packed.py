@@ -147,31 +147,42 @@ def build_table_with_layout(
     if not all(map(operator.lt, keys, keys[1:])):
         raise ValueError("table keys must strictly increase")
     key_column = bytes_column(keys)
-    prefix = _shared_prefixes(keys, key_column.lengths)
-    ends = _block_ends(prefix, key_column.lengths, values.lengths, block_size)
-
+    shared = _shared_prefixes(keys, key_column.lengths)
+    ends = _block_ends(shared, key_column.lengths, values.lengths, block_size)
     # Each entry's shared prefix within its own block (0 at every restart point).
-    position = np.arange(count, dtype=np.int64)
-    block_start = np.repeat([0, *ends[:-1]], np.diff([0, *ends])) if ends else position
-    restart = (position - block_start) % BLOCK_RESTART_INTERVAL == 0
-    shared = np.where(restart, 0, prefix)
+    restart_at = _restart_points(ends)
+    shared[restart_at] = 0
     non_shared = key_column.lengths - shared
+    suffix_starts = key_column.starts  # bytes_column's own array: moved in place
+    suffix_starts += shared
     entries = interleave(
         [
             varint_column(shared),
             varint_column(non_shared),
             varint_column(values.lengths),
-            Column(key_column.data, key_column.starts + shared, non_shared),
+            Column(key_column.data, suffix_starts, non_shared),
             values,
         ]
     )
-    del key_column, prefix, position, block_start, shared, non_shared  # all in `entries` now
-    out, offset, index, layout = _data_blocks(keys, entries, ends, np.flatnonzero(restart))
+    del key_column, suffix_starts, shared, non_shared  # all in `entries` now
+    out, offset, index, layout = _data_blocks(keys, entries, ends, restart_at)
     metaindex = _with_trailer(out, offset, BlockBuilder().finish())
     offset += metaindex.size + 5
     index_handle = _with_trailer(out, offset, index.finish())
     out.append(footer(metaindex, index_handle))
     return b"".join(out), layout
+
+
+def _restart_points(ends: list[int]) -> np.ndarray:
+    """The entries that start a restart run (no key prefix shared): every
+    BLOCK_RESTART_INTERVAL-th entry of each block, the blocks ending at ``ends``."""
+    if not ends:
+        return np.zeros(0, dtype=np.int64)
+    firsts = [0, *ends[:-1]]
+    step = BLOCK_RESTART_INTERVAL
+    return np.concatenate(
+        [np.arange(a, b, step, dtype=np.int64) for a, b in zip(firsts, ends, strict=True)]
+    )
 
 
 def _data_blocks(

@@ -214,8 +214,11 @@ def write_data_file(
         reserve = getattr(writer, "reserve", None)
         if reserve is not None:
             reserve(0, int(sizes.sum()))
+        final: DataFileEntries | None = None
         if early is not None and bool(np.all(plain | premasked)):
-            early(_entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked))
+            # Final already (nothing below changes a size or CRC): made once, used twice.
+            final = _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
+            early(final)
         large = _write_in_order(
             writer, write_many, arrays, plain, encoded, sizes, crcs, check_cancelled
         )
@@ -226,6 +229,8 @@ def write_data_file(
     except BaseException:
         writer.abort()
         raise
+    if final is not None:
+        return final
     return _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
 
 
@@ -243,7 +248,7 @@ def _entries(
     masked[premasked] = crcs[premasked]
     offsets = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
-    return DataFileEntries(shard_id, keys, kind_ids, kinds, offsets, sizes.copy(), masked)
+    return DataFileEntries(shard_id, keys, kind_ids, kinds, offsets, sizes, masked)
 
 
 def _write_in_order(
