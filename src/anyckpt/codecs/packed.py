@@ -16,14 +16,14 @@ from typing import NamedTuple
 import numpy as np
 
 #: Records laid out per :func:`interleave` pass: bounds its temporary index arrays.
-_CHUNK_RECORDS = 1 << 13
+_CHUNK_RECORDS = 1 << 12
 
 
 class Column(NamedTuple):
     """One field of ``n`` records: record ``i`` is ``data[starts[i] : starts[i] + lengths[i]]``."""
 
     data: np.ndarray  # uint8
-    starts: np.ndarray  # int64, one per record
+    starts: np.ndarray  # int64 (int32 for the fixed and varint columns), one per record
     lengths: np.ndarray  # int64 (uint8 for the fixed and varint columns), one per record
 
     def __len__(self) -> int:
@@ -38,6 +38,12 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     starts = np.zeros(len(lengths), dtype=np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     return starts
+
+
+def _strided(count: int, stride: int) -> np.ndarray:
+    """``0, stride, 2 * stride...``: the starts of fixed-width records (int32 when they fit)."""
+    dtype = np.int32 if count * stride < 2**31 else np.int64
+    return np.arange(0, count * stride, stride, dtype=dtype)
 
 
 def bytes_column(items: Sequence[bytes]) -> Column:
@@ -82,8 +88,7 @@ def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool
     lengths = nbytes + lead
     if omit_zero:
         lengths[v == 0] = 0
-    starts = np.arange(count, dtype=np.int64) * (lead + width)
-    return Column(out.reshape(-1), starts, lengths)
+    return Column(out.reshape(-1), _strided(count, lead + width), lengths)
 
 
 def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> Column:
@@ -96,7 +101,7 @@ def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> 
     lengths = np.full(count, 5, dtype=np.uint8)
     if omit_zero:
         lengths[v == 0] = 0
-    return Column(out.reshape(-1), np.arange(count, dtype=np.int64) * 5, lengths)
+    return Column(out.reshape(-1), _strided(count, 5), lengths)
 
 
 def interleave(columns: Sequence[Column]) -> Column:

@@ -137,15 +137,29 @@ def _classify(dtype: np.dtype) -> tuple[int, bool]:
         return pair
 
 
+def _checksum_plain(arrays: Sequence[np.ndarray], plain: np.ndarray, crcs: np.ndarray) -> None:
+    """The CRCs (unmasked) of the ``plain`` arrays into ``crcs``: one ``map`` over the C
+    function (all of them, the usual case: no index array)."""
+    if plain.all():
+        checksums = map(_crc32c.crc32c, arrays)  # type: ignore[arg-type]  # arrays are buffers
+        crcs[:] = np.fromiter(checksums, dtype=np.uint32, count=len(arrays))
+        return
+    where = np.flatnonzero(plain)
+    if len(where):
+        chosen = [arrays[i] for i in where.tolist()]
+        checksums = map(_crc32c.crc32c, chosen)
+        crcs[where] = np.fromiter(checksums, dtype=np.uint32, count=len(where))
+
+
 def _batches(sizes: np.ndarray, start: int, stop: int) -> Iterator[tuple[int, int]]:
-    """Split ``start:stop`` into runs of at most _BATCH items and about GATHER_BYTES."""
-    ends = np.cumsum(sizes[start:stop])  # bytes up to and including each item
-    first, done = start, 0
+    """Split ``start:stop`` into runs of at most _BATCH items and about GATHER_BYTES (each
+    looked for in the next _BATCH items only: no array as long as the run)."""
+    first = start
     while first < stop:
-        fits = start + int(np.searchsorted(ends, done + GATHER_BYTES, side="right"))
-        last = min(stop, first + _BATCH, max(first + 1, fits))
+        ends = np.cumsum(sizes[first : min(stop, first + _BATCH)])  # bytes up to each item
+        fits = int(np.searchsorted(ends, GATHER_BYTES, side="right"))
+        last = first + max(1, fits)
         yield first, last
-        done = int(ends[last - start - 1])
         first = last
 
 
@@ -198,11 +212,7 @@ def write_data_file(
             plain &= sizes < GATHER_BELOW
         else:
             plain[:] = False
-        where = np.flatnonzero(plain)
-        if len(where):
-            chosen = arrays if len(where) == count else [arrays[i] for i in where.tolist()]
-            checksums = map(_crc32c.crc32c, chosen)  # type: ignore[arg-type]  # arrays are buffers
-            crcs[where] = np.fromiter(checksums, dtype=np.uint32, count=len(where))
+        _checksum_plain(arrays, plain, crcs)
         # String tensors are encoded first: their stored size is known only then.
         encoded: dict[int, memoryview] = {}
         if string_kinds.any():
