@@ -155,6 +155,20 @@ def test_packed_table_is_byte_identical(keys: list[bytes], data: st.DataObject, 
     assert read_table(packed) == list(zip(keys, values, strict=True))
 
 
+def test_packed_table_with_keys_compared_in_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared prefixes found a few keys at a time (and keys joined a few at a time) give the
+    same table: each chunk compares its first key with the last of the chunk before."""
+    from anyckpt.codecs import packed, table_packed
+
+    monkeypatch.setattr(table_packed, "_PREFIX_ROWS", 5)
+    monkeypatch.setattr(packed, "_CHUNK_RECORDS", 7)
+    keys = sorted({f"m/{i % 13:x}/{'l' * (i % 4)}{i:04d}".encode() for i in range(400)})
+    values = [bytes([i % 251]) * (i % 6) for i in range(len(keys))]
+    for size in (64, 4096):
+        table = build_table_packed(keys, bytes_column(values), block_size=size)
+        assert table == _reference(keys, values, size)
+
+
 def test_packed_table_of_many_entries_spans_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     from anyckpt.codecs import table_packed
 

@@ -47,10 +47,19 @@ def _strided(count: int, stride: int) -> np.ndarray:
 
 
 def bytes_column(items: Sequence[bytes]) -> Column:
-    """A column of arbitrary byte strings."""
-    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
-    data = np.frombuffer(b"".join(items), dtype=np.uint8)
-    return Column(data, _starts(lengths), lengths)
+    """A column of arbitrary byte strings (joined a chunk at a time: ``bytes.join`` holds an
+    80-byte buffer record per item while it runs)."""
+    count = len(items)
+    lengths = np.fromiter(map(len, items), dtype=np.int64, count=count)
+    starts = _starts(lengths)
+    if count <= _CHUNK_RECORDS:
+        return Column(np.frombuffer(b"".join(items), dtype=np.uint8), starts, lengths)
+    data = np.empty(int(lengths.sum()), dtype=np.uint8)
+    for first in range(0, count, _CHUNK_RECORDS):
+        piece = b"".join(items[first : first + _CHUNK_RECORDS])
+        at = int(starts[first])
+        data[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+    return Column(data, starts, lengths)
 
 
 def _as_uint64(values: np.ndarray) -> np.ndarray:

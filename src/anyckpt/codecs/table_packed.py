@@ -33,6 +33,8 @@ if TYPE_CHECKING:
 
 #: Key bytes compared at once when looking for shared prefixes (longer ones: in Python).
 _PREFIX_WINDOW = 128
+#: Keys compared per pass when looking for shared prefixes (bounds the padded matrix).
+_PREFIX_ROWS = 1 << 14
 #: Entries examined at first when looking for the end of a block (doubled as needed).
 _BLOCK_WINDOW = 4096
 
@@ -46,12 +48,17 @@ def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
     width = int(min(lengths.max(), _PREFIX_WINDOW))
     if width == 0:
         return shared
-    # Every key's first `width` bytes, zero-padded, as one row of a matrix (NumPy's
-    # fixed-width bytes dtype truncates and pads in C).
-    matrix = np.array(keys, dtype=f"S{width}").view(np.uint8).reshape(count, width)
-    differ = matrix[1:] != matrix[:-1]
-    first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
-    shared[1:] = np.minimum(first, np.minimum(lengths[1:], lengths[:-1]))
+    for low in range(0, count - 1, _PREFIX_ROWS):  # a chunk of keys and the one before it
+        high = min(count, low + _PREFIX_ROWS + 1)
+        # Each key's first `width` bytes, zero-padded, as one row of a matrix (NumPy's
+        # fixed-width bytes dtype truncates and pads in C).
+        matrix = np.array(keys[low:high], dtype=f"S{width}").view(np.uint8)
+        matrix = matrix.reshape(high - low, width)
+        differ = matrix[1:] != matrix[:-1]
+        first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
+        shared[low + 1 : high] = np.minimum(
+            first, np.minimum(lengths[low + 1 : high], lengths[low : high - 1])
+        )
     # Pairs that agree on the whole window and go on: finish them in Python.
     for i in (np.flatnonzero(shared[1:] == width) + 1).tolist():
         a, b = keys[i - 1], keys[i]

@@ -72,7 +72,7 @@ class V2Format(FormatBase):
         A :class:`~anyckpt.Partitioned` tensor is stored as TensorFlow stores a partitioned
         variable: a full-name entry listing the slices, and one entry per slice."""
         opts = ShardOptions.from_options(options)
-        keys = list(tensors)
+        keys = tuple(tensors)  # a tuple: stored_key_order keys its cache by it
         values = list(tensors.values())
         sorted_raws, order = stored_key_order(keys)  # bytewise order
         plain = set(map(type, values)) <= {np.ndarray}  # no Partitioned among them
