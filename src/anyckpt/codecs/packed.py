@@ -23,8 +23,8 @@ class Column(NamedTuple):
     """One field of ``n`` records: record ``i`` is ``data[starts[i] : starts[i] + lengths[i]]``."""
 
     data: np.ndarray  # uint8
-    starts: np.ndarray  # int64 (int32 for the fixed and varint columns), one per record
-    lengths: np.ndarray  # int64 (uint8 for the fixed and varint columns), one per record
+    starts: np.ndarray  # int64 (int32 for the fixed, varint and laid-out columns)
+    lengths: np.ndarray  # int64 (narrower for the fixed, varint and laid-out columns)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -131,7 +131,8 @@ def interleave(columns: Sequence[Column]) -> Column:
     for first in range(0, count, _CHUNK_RECORDS):
         last = min(count, first + _CHUNK_RECORDS)
         at += _gather_chunk(columns, first, last, out[at:])
-    return Column(out, _starts(record_lengths), record_lengths)
+    narrow = np.int32 if len(out) < 2**31 else np.int64  # 4 bytes a record, not 8 (each)
+    return Column(out, _starts(record_lengths).astype(narrow), record_lengths.astype(narrow))
 
 
 def _chunk_source(column: Column, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:

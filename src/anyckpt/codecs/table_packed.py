@@ -204,7 +204,8 @@ def _data_blocks(
     starts = entries.starts
     restart_starts = starts[restart_at]
     cuts = np.searchsorted(restart_at, ends).tolist()  # restart points before each end
-    entry_ends = starts + entries.lengths  # in `data`; moved to the table below
+    entry_ends = starts.astype(np.int64)  # each entry's end in `data`; then in the table
+    entry_ends += entries.lengths
     out: list[Buffer] = []
     index = BlockBuilder(restart_interval=1)
     data_blocks: list[tuple[int, int]] = []
