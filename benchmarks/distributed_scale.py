@@ -250,7 +250,7 @@ def entries_without_data(shard: int, items: tuple[plan_module.Item, ...]) -> Dat
     shapes = [
         item.shape if item.extents is None else tuple(n for _, n in item.extents) for item in items
     ]
-    return DataFileEntries(
+    return DataFileEntries.from_lists(
         shard,
         [item.data_key for item in items],
         [item.dtype for item in items],
@@ -313,10 +313,11 @@ async def simulate(args: argparse.Namespace) -> dict[str, Any]:
                 files = []
                 for shard, shard_items in plan.files_of(rank):
                     if data:
-                        pairs = [(i.data_key, arrays_of[rank][i.unit]) for i in shard_items]
+                        keys = [i.data_key for i in shard_items]
+                        units = [arrays_of[rank][i.unit] for i in shard_items]
                         path = data_path(prefix, shard, plan.num_shards)
                         files.append(
-                            write_data_file(storage, path, pairs, False, shard, lambda: None)
+                            write_data_file(storage, path, keys, units, False, shard, lambda: None)
                         )
                     else:
                         files.append(entries_without_data(shard, shard_items))

@@ -72,7 +72,7 @@ def _entries(
 ) -> DataFileEntries:
     sizes = np.array([4 * int(np.prod(s)) for s in shapes], np.int64)
     offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(np.int64)
-    return DataFileEntries(
+    return DataFileEntries.from_lists(
         0, keys, [dtype] * len(keys), shapes, offsets, sizes, np.array(crcs, np.uint32)
     )
 

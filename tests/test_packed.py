@@ -68,6 +68,30 @@ def test_interleave_spans_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+@given(
+    st.lists(st.tuples(st.integers(0, 15_000), st.integers(0, 6)), min_size=1, max_size=60),
+    st.integers(1, 8),
+)
+def test_interleave_gathers_fields_scattered_over_a_large_source(
+    fields: list[tuple[int, int]], chunk: int
+) -> None:
+    """A column whose records point anywhere in a large buffer (each chunk's span far larger
+    than the bytes it reads: gathered, not sliced) lays out the same bytes as item by item."""
+    from anyckpt.codecs import packed
+
+    data = (np.arange(16_000) % 251).astype(np.uint8)
+    starts = np.array([start for start, _ in fields], dtype=np.int64)
+    lengths = np.array([n for _, n in fields], dtype=np.int64)
+    scattered = Column(data, starts, lengths)
+    ordered = bytes_column([bytes([i]) * (i % 3) for i in range(len(fields))])
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(packed, "_CHUNK_RECORDS", chunk)
+        out = interleave([ordered, scattered, ordered])
+    records = [ordered.item(i) + scattered.item(i) + ordered.item(i) for i in range(len(fields))]
+    assert out.data.tobytes() == b"".join(records)
+    assert [out.item(i) for i in range(len(fields))] == records
+
+
 @given(st.lists(st.integers(0, 0xFFFFFFFF), max_size=100))
 def test_mask_many_matches_mask(values: list[int]) -> None:
     assert mask_many(np.array(values, dtype=np.uint32)).tolist() == [mask(v) for v in values]
@@ -129,6 +153,20 @@ def test_packed_table_is_byte_identical(keys: list[bytes], data: st.DataObject, 
     packed = build_table_packed(keys, bytes_column(values), block_size=size)
     assert packed == _reference(keys, values, size)
     assert read_table(packed) == list(zip(keys, values, strict=True))
+
+
+def test_packed_table_with_keys_compared_in_small_chunks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Shared prefixes found a few keys at a time (and keys joined a few at a time) give the
+    same table: each chunk compares its first key with the last of the chunk before."""
+    from anyckpt.codecs import packed, table_packed
+
+    monkeypatch.setattr(table_packed, "_PREFIX_ROWS", 5)
+    monkeypatch.setattr(packed, "_CHUNK_RECORDS", 7)
+    keys = sorted({f"m/{i % 13:x}/{'l' * (i % 4)}{i:04d}".encode() for i in range(400)})
+    values = [bytes([i % 251]) * (i % 6) for i in range(len(keys))]
+    for size in (64, 4096):
+        table = build_table_packed(keys, bytes_column(values), block_size=size)
+        assert table == _reference(keys, values, size)
 
 
 def test_packed_table_of_many_entries_spans_blocks(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -16,15 +16,15 @@ from typing import NamedTuple
 import numpy as np
 
 #: Records laid out per :func:`interleave` pass: bounds its temporary index arrays.
-_CHUNK_RECORDS = 1 << 16
+_CHUNK_RECORDS = 1 << 12
 
 
 class Column(NamedTuple):
     """One field of ``n`` records: record ``i`` is ``data[starts[i] : starts[i] + lengths[i]]``."""
 
     data: np.ndarray  # uint8
-    starts: np.ndarray  # int64, one per record
-    lengths: np.ndarray  # int64, one per record
+    starts: np.ndarray  # int64 (int32 for the fixed, varint and laid-out columns)
+    lengths: np.ndarray  # int64 (narrower for the fixed, varint and laid-out columns)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -40,17 +40,39 @@ def _starts(lengths: np.ndarray) -> np.ndarray:
     return starts
 
 
+def _strided(count: int, stride: int) -> np.ndarray:
+    """``0, stride, 2 * stride...``: the starts of fixed-width records (int32 when they fit)."""
+    dtype = np.int32 if count * stride < 2**31 else np.int64
+    return np.arange(0, count * stride, stride, dtype=dtype)
+
+
 def bytes_column(items: Sequence[bytes]) -> Column:
-    """A column of arbitrary byte strings."""
-    lengths = np.fromiter(map(len, items), dtype=np.int64, count=len(items))
-    data = np.frombuffer(b"".join(items), dtype=np.uint8)
-    return Column(data, _starts(lengths), lengths)
+    """A column of arbitrary byte strings (joined a chunk at a time: ``bytes.join`` holds an
+    80-byte buffer record per item while it runs)."""
+    count = len(items)
+    lengths = np.fromiter(map(len, items), dtype=np.int64, count=count)
+    starts = _starts(lengths)
+    if count <= _CHUNK_RECORDS:
+        return Column(np.frombuffer(b"".join(items), dtype=np.uint8), starts, lengths)
+    data = np.empty(int(lengths.sum()), dtype=np.uint8)
+    for first in range(0, count, _CHUNK_RECORDS):
+        piece = b"".join(items[first : first + _CHUNK_RECORDS])
+        at = int(starts[first])
+        data[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
+    return Column(data, starts, lengths)
+
+
+def _as_uint64(values: np.ndarray) -> np.ndarray:
+    """Non-negative integers as uint64 (int64 ones viewed, not copied)."""
+    if values.dtype == np.int64:
+        return values.view(np.uint64)
+    return values.astype(np.uint64, copy=False)
 
 
 def varint_lengths(values: np.ndarray) -> np.ndarray:
-    """Bytes of each value's unsigned LEB128 varint (1 for 0)."""
-    v = values.astype(np.uint64, copy=False)
-    n = np.ones(len(v), dtype=np.int64)
+    """Bytes of each value's unsigned LEB128 varint (1 for 0), as uint8."""
+    v = _as_uint64(values)
+    n = np.ones(len(v), dtype=np.uint8)
     top = int(v.max()) if len(v) else 0
     for bits in range(7, top.bit_length(), 7):  # only as many passes as the largest needs
         n += v >= np.uint64(1 << bits)
@@ -60,7 +82,7 @@ def varint_lengths(values: np.ndarray) -> np.ndarray:
 def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool = False) -> Column:
     """Unsigned varints of ``values`` (non-negative, < 2**64), each after a one-byte ``tag`` if
     given (a protobuf field key); ``omit_zero`` leaves zeros out entirely (proto3 defaults)."""
-    v = np.asarray(values).astype(np.uint64, copy=False)
+    v = _as_uint64(np.asarray(values))
     count = len(v)
     nbytes = varint_lengths(v)
     width = int(nbytes.max(initial=1))
@@ -75,8 +97,7 @@ def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool
     lengths = nbytes + lead
     if omit_zero:
         lengths[v == 0] = 0
-    starts = np.arange(count, dtype=np.int64) * (lead + width)
-    return Column(out.reshape(-1), starts, lengths)
+    return Column(out.reshape(-1), _strided(count, lead + width), lengths)
 
 
 def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> Column:
@@ -86,35 +107,74 @@ def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> 
     out = np.empty((count, 5), dtype=np.uint8)
     out[:, 0] = tag
     out[:, 1:] = v.view(np.uint8).reshape(count, 4)
-    lengths = np.full(count, 5, dtype=np.int64)
+    lengths = np.full(count, 5, dtype=np.uint8)
     if omit_zero:
         lengths[v == 0] = 0
-    return Column(out.reshape(-1), np.arange(count, dtype=np.int64) * 5, lengths)
+    return Column(out.reshape(-1), _strided(count, 5), lengths)
 
 
 def interleave(columns: Sequence[Column]) -> Column:
     """The records, one after another, each the concatenation of its fields in column order.
 
     Returns a column whose record ``i`` is that concatenation (its bytes are contiguous and
-    records follow each other, so ``data`` is the whole encoding)."""
+    records follow each other, so ``data`` is the whole encoding). The work runs a chunk of
+    records at a time, from the bytes those records read of each column: its index arrays
+    (8 bytes per output byte) and sources stay small, whatever the number of records."""
     count = len(columns[0])
     if any(len(c) != count for c in columns):
         raise ValueError("columns of different lengths")
-    source = np.concatenate([c.data for c in columns]) if columns else np.empty(0, np.uint8)
-    bases = np.cumsum([0, *(len(c.data) for c in columns[:-1])])
-    lengths = np.stack([c.lengths for c in columns], axis=1)  # (records, fields)
-    starts = np.stack([c.starts + base for c, base in zip(columns, bases, strict=True)], axis=1)
-    record_lengths = lengths.sum(axis=1)
+    record_lengths = np.zeros(count, dtype=np.int64)
+    for column in columns:
+        record_lengths += column.lengths
     out = np.empty(int(record_lengths.sum()), dtype=np.uint8)
     at = 0
     for first in range(0, count, _CHUNK_RECORDS):
-        seg_lengths = lengths[first : first + _CHUNK_RECORDS].reshape(-1)
-        seg_starts = starts[first : first + _CHUNK_RECORDS].reshape(-1)
-        total = int(seg_lengths.sum())
-        # Output byte j of a segment s comes from source[seg_starts[s] + j]: one gather.
-        placed = _starts(seg_lengths)
-        gather = np.repeat(seg_starts - placed, seg_lengths)
-        gather += np.arange(total, dtype=np.int64)
-        np.take(source, gather, out=out[at : at + total])
-        at += total
-    return Column(out, _starts(record_lengths), record_lengths)
+        last = min(count, first + _CHUNK_RECORDS)
+        at += _gather_chunk(columns, first, last, out[at:])
+    narrow = np.int32 if len(out) < 2**31 else np.int64  # 4 bytes a record, not 8 (each)
+    return Column(out, _starts(record_lengths).astype(narrow), record_lengths.astype(narrow))
+
+
+def _chunk_source(column: Column, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:
+    """The bytes that records ``first:last`` read of ``column``, as one piece, and where each
+    record's field starts in it: the span of ``data`` they cover (a slice, no copy) when it is
+    not much more than the bytes read (fields in order: the usual case), else those bytes
+    gathered."""
+    starts = column.starts[first:last]
+    lengths = column.lengths[first:last]
+    total = int(lengths.sum())
+    if total == 0:
+        return column.data[:0], np.zeros(len(starts), dtype=np.int64)
+    ends = starts + lengths
+    low, high = int(starts.min()), int(ends.max())
+    if high - low <= 4 * total + 4096:
+        return column.data[low:high], starts - low
+    placed = _starts(lengths)
+    index = np.repeat(starts - placed, lengths)
+    index += np.arange(total, dtype=np.int64)
+    return column.data[index], placed
+
+
+def _gather_chunk(columns: Sequence[Column], first: int, last: int, out: np.ndarray) -> int:
+    """Lay records ``first:last`` out at the start of ``out``; return the bytes written."""
+    fields = len(columns)
+    lengths = np.empty((last - first, fields), dtype=np.int64)  # (records, fields)
+    starts = np.empty((last - first, fields), dtype=np.int64)
+    pieces: list[np.ndarray] = []
+    base = 0
+    for j, column in enumerate(columns):
+        piece, piece_starts = _chunk_source(column, first, last)
+        lengths[:, j] = column.lengths[first:last]
+        np.add(piece_starts, base, out=starts[:, j])
+        pieces.append(piece)
+        base += len(piece)
+    source = np.concatenate(pieces)
+    seg_lengths = lengths.reshape(-1)
+    total = int(seg_lengths.sum())
+    # Output byte j of a segment s comes from source[starts[s] + j - placed[s]]: one gather.
+    starts_flat = starts.reshape(-1)
+    starts_flat -= _starts(seg_lengths)
+    gather = np.repeat(starts_flat, seg_lengths)
+    gather += np.arange(total, dtype=np.int64)
+    np.take(source, gather, out=out[:total])
+    return total

@@ -154,9 +154,13 @@ def short_successor(key: bytes) -> bytes:
     return key
 
 
-def block_trailer(contents: Buffer) -> bytes:
-    """The 5 bytes after a block: its compression type (none) and masked CRC-32C."""
-    return struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc32c(contents))))
+def block_trailer(contents: Buffer, *more: Buffer) -> bytes:
+    """The 5 bytes after a block: its compression type (none) and masked CRC-32C (of
+    ``contents``, or of ``contents`` and ``more`` back to back: no need to join them)."""
+    crc = crc32c(contents)
+    for part in more:
+        crc = crc32c(part, crc)
+    return struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc)))
 
 
 def footer(metaindex: BlockHandle, index: BlockHandle) -> bytes:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import operator
 import struct
 from collections.abc import Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
@@ -28,8 +28,13 @@ from .table import (
     shortest_separator,
 )
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 #: Key bytes compared at once when looking for shared prefixes (longer ones: in Python).
 _PREFIX_WINDOW = 128
+#: Keys compared per pass when looking for shared prefixes (bounds the padded matrix).
+_PREFIX_ROWS = 1 << 14
 #: Entries examined at first when looking for the end of a block (doubled as needed).
 _BLOCK_WINDOW = 4096
 
@@ -43,12 +48,17 @@ def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
     width = int(min(lengths.max(), _PREFIX_WINDOW))
     if width == 0:
         return shared
-    # Every key's first `width` bytes, zero-padded, as one row of a matrix (NumPy's
-    # fixed-width bytes dtype truncates and pads in C).
-    matrix = np.array(keys, dtype=f"S{width}").view(np.uint8).reshape(count, width)
-    differ = matrix[1:] != matrix[:-1]
-    first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
-    shared[1:] = np.minimum(first, np.minimum(lengths[1:], lengths[:-1]))
+    for low in range(0, count - 1, _PREFIX_ROWS):  # a chunk of keys and the one before it
+        high = min(count, low + _PREFIX_ROWS + 1)
+        # Each key's first `width` bytes, zero-padded, as one row of a matrix (NumPy's
+        # fixed-width bytes dtype truncates and pads in C).
+        matrix = np.array(keys[low:high], dtype=f"S{width}").view(np.uint8)
+        matrix = matrix.reshape(high - low, width)
+        differ = matrix[1:] != matrix[:-1]
+        first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
+        shared[low + 1 : high] = np.minimum(
+            first, np.minimum(lengths[low + 1 : high], lengths[low : high - 1])
+        )
     # Pairs that agree on the whole window and go on: finish them in Python.
     for i in (np.flatnonzero(shared[1:] == width) + 1).tolist():
         a, b = keys[i - 1], keys[i]
@@ -95,7 +105,7 @@ def _block_ends(
     return ends
 
 
-def _with_trailer(out: list[bytes], offset: int, contents: bytes) -> BlockHandle:
+def _with_trailer(out: list[Buffer], offset: int, contents: bytes) -> BlockHandle:
     out.append(contents)
     out.append(block_trailer(contents))
     return BlockHandle(offset, len(contents))
@@ -144,57 +154,78 @@ def build_table_with_layout(
     if not all(map(operator.lt, keys, keys[1:])):
         raise ValueError("table keys must strictly increase")
     key_column = bytes_column(keys)
-    prefix = _shared_prefixes(keys, key_column.lengths)
-    ends = _block_ends(prefix, key_column.lengths, values.lengths, block_size)
-
+    shared = _shared_prefixes(keys, key_column.lengths)
+    ends = _block_ends(shared, key_column.lengths, values.lengths, block_size)
     # Each entry's shared prefix within its own block (0 at every restart point).
-    position = np.arange(count, dtype=np.int64)
-    block_start = np.repeat([0, *ends[:-1]], np.diff([0, *ends])) if ends else position
-    restart = (position - block_start) % BLOCK_RESTART_INTERVAL == 0
-    shared = np.where(restart, 0, prefix)
+    restart_at = _restart_points(ends)
+    shared[restart_at] = 0
     non_shared = key_column.lengths - shared
+    suffix_starts = key_column.starts  # bytes_column's own array: moved in place
+    suffix_starts += shared
     entries = interleave(
         [
             varint_column(shared),
             varint_column(non_shared),
             varint_column(values.lengths),
-            Column(key_column.data, key_column.starts + shared, non_shared),
+            Column(key_column.data, suffix_starts, non_shared),
             values,
         ]
     )
-    encoded = entries.data.tobytes()
-    entry_starts = entries.starts.tolist()
-    restart_at = np.flatnonzero(restart).tolist()
+    del key_column, suffix_starts, shared, non_shared  # all in `entries` now
+    out, offset, index, layout = _data_blocks(keys, entries, ends, restart_at)
+    metaindex = _with_trailer(out, offset, BlockBuilder().finish())
+    offset += metaindex.size + 5
+    index_handle = _with_trailer(out, offset, index.finish())
+    out.append(footer(metaindex, index_handle))
+    return b"".join(out), layout
 
-    out: list[bytes] = []
-    offset = 0
+
+def _restart_points(ends: list[int]) -> np.ndarray:
+    """The entries that start a restart run (no key prefix shared): every
+    BLOCK_RESTART_INTERVAL-th entry of each block, the blocks ending at ``ends``."""
+    if not ends:
+        return np.zeros(0, dtype=np.int64)
+    firsts = [0, *ends[:-1]]
+    step = BLOCK_RESTART_INTERVAL
+    return np.concatenate(
+        [np.arange(a, b, step, dtype=np.int64) for a, b in zip(firsts, ends, strict=True)]
+    )
+
+
+def _data_blocks(
+    keys: Sequence[bytes], entries: Column, ends: list[int], restart_at: np.ndarray
+) -> tuple[list[Buffer], int, BlockBuilder, TableLayout]:
+    """The data blocks: the encoded ``entries`` cut after each of ``ends``, each block followed
+    by its restart points (entries ``restart_at``) and its trailer. Returns the pieces of the
+    table so far (views of ``entries.data``: no copy until the table is joined), its size, the
+    index block (one entry per data block) and the layout."""
+    count = len(entries)
+    data = memoryview(entries.data)  # type: ignore[arg-type]  # a uint8 array: a buffer
+    starts = entries.starts
+    restart_starts = starts[restart_at]
+    cuts = np.searchsorted(restart_at, ends).tolist()  # restart points before each end
+    entry_ends = starts.astype(np.int64)  # each entry's end in `data`; then in the table
+    entry_ends += entries.lengths
+    out: list[Buffer] = []
     index = BlockBuilder(restart_interval=1)
-    first = 0
-    r = 0
-    entry_ends = entries.starts + entries.lengths  # in `encoded`; moved to the table below
     data_blocks: list[tuple[int, int]] = []
-    for number, end in enumerate(ends):
-        base = entry_starts[first]
-        stop = entry_starts[end] if end < count else len(encoded)
+    offset = first = r = 0
+    for number, (end, cut) in enumerate(zip(ends, cuts, strict=True)):
+        base = int(starts[first])
+        body = data[base : int(starts[end]) if end < count else len(data)]
         entry_ends[first:end] += offset - base
-        points = []
-        while r < len(restart_at) and restart_at[r] < end:
-            points.append(entry_starts[restart_at[r]] - base)
-            r += 1
-        contents = encoded[base:stop] + struct.pack(f"<{len(points) + 1}I", *points, len(points))
-        handle = _with_trailer(out, offset, contents)
-        data_blocks.append((offset, len(contents)))
-        offset += len(contents) + 5
+        points = (restart_starts[r:cut] - base).astype("<u4").tobytes()
+        points += struct.pack("<I", cut - r)
+        out += (body, points, block_trailer(body, points))
+        size = len(body) + len(points)
+        data_blocks.append((offset, size))
         last = keys[end - 1]
         separator = (
             short_successor(last)
             if number == len(ends) - 1
             else (shortest_separator(last, keys[end]))
         )
-        index.add(separator, handle.encode())
-        first = end
-    metaindex = _with_trailer(out, offset, BlockBuilder().finish())
-    offset += metaindex.size + 5
-    index_handle = _with_trailer(out, offset, index.finish())
-    out.append(footer(metaindex, index_handle))
-    return b"".join(out), TableLayout(entry_ends, data_blocks)
+        index.add(separator, BlockHandle(offset, size).encode())
+        offset += size + 5
+        first, r = end, cut
+    return out, offset, index, TableLayout(entry_ends, data_blocks)

@@ -9,7 +9,7 @@ into their destination arrays; checksums run in C without the GIL, one worker th
 from __future__ import annotations
 
 import posixpath
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import suppress
 from functools import partial
@@ -72,29 +72,30 @@ class V2Format(FormatBase):
         A :class:`~anyckpt.Partitioned` tensor is stored as TensorFlow stores a partitioned
         variable: a full-name entry listing the slices, and one entry per slice."""
         opts = ShardOptions.from_options(options)
-        keys = list(tensors)
+        keys = tuple(tensors)  # a tuple: stored_key_order keys its cache by it
         values = list(tensors.values())
         sorted_raws, order = stored_key_order(keys)  # bytewise order
         plain = set(map(type, values)) <= {np.ndarray}  # no Partitioned among them
         holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
-        groups: dict[int, list[tuple[bytes, np.ndarray]]] = {}
+        groups: dict[int, tuple[Sequence[bytes], list[np.ndarray]]] = {}  # keys, arrays
         shards: list[list[str]] = []
         if plain and not opts.sharded and (options or {}).get("data_order") == "given":
             # TF2's order: the data file holds the tensors as given, the index is sorted.
             raws_given = [b""] * len(keys)
-            for raw, i in zip(sorted_raws, order, strict=True):
+            for raw, i in zip(sorted_raws, order.tolist(), strict=True):
                 raws_given[i] = raw
-            groups[0] = list(zip(raws_given, values, strict=True))
+            groups[0] = (raws_given, values)
         elif plain and not opts.sharded:  # the common case: one file, in bytewise key order
-            groups[0] = list(zip(sorted_raws, [values[i] for i in order], strict=True))
+            groups[0] = (sorted_raws, list(map(values.__getitem__, order.tolist())))
         else:
-            names = [keys[i] for i in order]
+            names = list(map(keys.__getitem__, order.tolist()))
             raws = dict(zip(names, sorted_raws, strict=True))
             sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in names]
             shards = plan_shards(sizes, opts)
+        del keys, values  # the groups hold what is needed of them
         for shard, shard_keys in enumerate(shards):
             if plain:  # already in key order
-                groups[shard] = [(raws[key], tensors[key]) for key in shard_keys]
+                groups[shard] = ([raws[k] for k in shard_keys], [tensors[k] for k in shard_keys])
                 continue
             items: list[tuple[bytes, np.ndarray]] = []
             for key in shard_keys:
@@ -109,7 +110,8 @@ class V2Format(FormatBase):
                 for part in parts:
                     piece = base[tuple(slice(start, start + n) for start, n in part)]
                     items.append((encode_tensor_name_slice(raw, part), piece))
-            groups[shard] = sorted(items, key=lambda item: item[0])
+            items.sort(key=lambda item: item[0])
+            groups[shard] = ([raw for raw, _ in items], [array for _, array in items])
         num_shards = len(groups)
         directory = posixpath.dirname(prefix)
         if directory:
@@ -132,7 +134,7 @@ class V2Format(FormatBase):
                     self._write_one_shard,
                     storage,
                     paths[shard],
-                    groups.get(shard, []),
+                    *groups.get(shard, ((), [])),
                     durable,
                     shard,
                     results,
@@ -166,7 +168,8 @@ class V2Format(FormatBase):
     async def _write_one_shard(
         storage: Storage,
         path: str,
-        items: list[tuple[bytes, np.ndarray]],
+        keys: Sequence[bytes],
+        arrays: list[np.ndarray],
         durable: bool,
         shard: int,
         results: list[DataFileEntries],
@@ -176,7 +179,8 @@ class V2Format(FormatBase):
             write_data_file,
             storage,
             path,
-            items,
+            keys,
+            arrays,
             durable,
             shard,
             anyio.from_thread.check_cancelled,

@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import TypeVar
 
 import crc32c as _crc32c
 import numpy as np
@@ -31,21 +32,68 @@ from .v2_layout import GATHER_BELOW, GATHER_BYTES, PARALLEL_BYTES
 _BATCH = 1024
 
 _dtype_of = attrgetter("dtype")
+_shape_of = attrgetter("shape")
 _nbytes_of = attrgetter("nbytes")
 _contiguous = attrgetter("flags.c_contiguous")
 
 
+#: A (TF dtype number, shape) pair: what an entry's encoded head depends on.
+Kind = tuple[int, tuple[int, ...]]
+
+
+_K = TypeVar("_K", bound=Hashable)
+
+
+class _Numbering(dict[_K, int]):
+    """Numbers its keys 0, 1, 2... in the order they are first looked up."""
+
+    def __missing__(self, key: _K) -> int:
+        self[key] = number = len(self)
+        return number
+
+
 @dataclass
 class DataFileEntries:
-    """The index entries of one data file, one list/array element per tensor, in file order."""
+    """The index entries of one data file, in file order, as columns: each entry's dtype and
+    shape as a number into ``kinds`` (a save of many tensors has few distinct ones: no tuple
+    or list element per tensor), its offset, size and masked CRC as arrays."""
 
     shard_id: int
-    keys: list[bytes]
-    dtypes: list[int]
-    shapes: list[tuple[int, ...]]
+    keys: Sequence[bytes]
+    kind_ids: np.ndarray  # int32: entry i's (dtype, shape) is kinds[kind_ids[i]]
+    kinds: list[Kind]  # the distinct (TF dtype number, shape) pairs
     offsets: np.ndarray  # int64
     sizes: np.ndarray  # int64
     crcs: np.ndarray  # uint32, masked
+
+    @classmethod
+    def from_lists(
+        cls,
+        shard_id: int,
+        keys: Sequence[bytes],
+        dtypes: Sequence[int],
+        shapes: Sequence[tuple[int, ...]],
+        offsets: np.ndarray,
+        sizes: np.ndarray,
+        crcs: np.ndarray,
+    ) -> DataFileEntries:
+        """The entries from one dtype and one shape per entry."""
+        numbering: _Numbering[Kind] = _Numbering()
+        pairs = zip(dtypes, map(tuple, shapes), strict=True)
+        ids = np.fromiter(map(numbering.__getitem__, pairs), np.int32, len(keys))
+        return cls(shard_id, keys, ids, list(numbering), offsets, sizes, crcs)
+
+    @property
+    def dtypes(self) -> list[int]:
+        """Each entry's TF dtype number."""
+        enums = [enum for enum, _ in self.kinds]
+        return list(map(enums.__getitem__, self.kind_ids.tolist()))
+
+    @property
+    def shapes(self) -> list[tuple[int, ...]]:
+        """Each entry's shape."""
+        shapes = [shape for _, shape in self.kinds]
+        return list(map(shapes.__getitem__, self.kind_ids.tolist()))
 
     def as_entries(self) -> dict[bytes, BundleEntry]:
         """The same entries as :class:`BundleEntry` objects, by key."""
@@ -89,28 +137,44 @@ def _classify(dtype: np.dtype) -> tuple[int, bool]:
         return pair
 
 
+def _checksum_plain(arrays: Sequence[np.ndarray], plain: np.ndarray, crcs: np.ndarray) -> None:
+    """The CRCs (unmasked) of the ``plain`` arrays into ``crcs``: one ``map`` over the C
+    function (all of them, the usual case: no index array)."""
+    if plain.all():
+        checksums = map(_crc32c.crc32c, arrays)  # type: ignore[arg-type]  # arrays are buffers
+        crcs[:] = np.fromiter(checksums, dtype=np.uint32, count=len(arrays))
+        return
+    where = np.flatnonzero(plain)
+    if len(where):
+        chosen = [arrays[i] for i in where.tolist()]
+        checksums = map(_crc32c.crc32c, chosen)
+        crcs[where] = np.fromiter(checksums, dtype=np.uint32, count=len(where))
+
+
 def _batches(sizes: np.ndarray, start: int, stop: int) -> Iterator[tuple[int, int]]:
-    """Split ``start:stop`` into runs of at most _BATCH items and about GATHER_BYTES."""
-    ends = np.cumsum(sizes[start:stop])  # bytes up to and including each item
-    first, done = start, 0
+    """Split ``start:stop`` into runs of at most _BATCH items and about GATHER_BYTES (each
+    looked for in the next _BATCH items only: no array as long as the run)."""
+    first = start
     while first < stop:
-        fits = start + int(np.searchsorted(ends, done + GATHER_BYTES, side="right"))
-        last = min(stop, first + _BATCH, max(first + 1, fits))
+        ends = np.cumsum(sizes[first : min(stop, first + _BATCH)])  # bytes up to each item
+        fits = int(np.searchsorted(ends, GATHER_BYTES, side="right"))
+        last = first + max(1, fits)
         yield first, last
-        done = int(ends[last - start - 1])
         first = last
 
 
 def write_data_file(
     storage: Storage,
     path: str,
-    items: Sequence[tuple[bytes, np.ndarray]],
+    keys: Sequence[bytes],
+    arrays: Sequence[np.ndarray],
     durable: bool,
     shard_id: int,
     check_cancelled: Callable[[], None],
     early: Callable[[DataFileEntries], None] | None = None,
 ) -> DataFileEntries:
-    """Write one data file; return the index entries of its tensors (runs in a worker thread).
+    """Write one data file of ``arrays`` named ``keys``, in that order; return the index
+    entries of its tensors (runs in a worker thread).
 
     ``early``, if given, receives the entries before the data is written when they are
     already final then (every tensor plain or a string: no checksum left to compute while
@@ -121,14 +185,20 @@ def write_data_file(
     ``write_many``); large ones are written in chunks while a helper thread checksums each
     chunk as it goes out (:mod:`._checksummed_io`). Bytes and checksums are the same as
     writing one by one."""
-    keys = [key for key, _ in items]
-    arrays = [array for _, array in items]
     count = len(arrays)
-    dtype_list = list(map(_dtype_of, arrays))
-    kinds = {dtype: _classify(dtype) for dtype in set(dtype_list)}
-    enum_of = {dtype: enum for dtype, (enum, _) in kinds.items()}
-    direct = {dtype for dtype, (_, ok) in kinds.items() if ok}
-    enums = list(map(enum_of.__getitem__, dtype_list))
+    if len(keys) != count:
+        raise ValueError(f"{len(keys)} keys for {count} arrays")
+    # Each tensor's (dtype, shape) numbered: per tensor only an int32, not a tuple.
+    numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]] = _Numbering()
+    pairs = zip(map(_dtype_of, arrays), map(_shape_of, arrays), strict=True)
+    kind_ids = np.fromiter(map(numbering.__getitem__, pairs), np.int32, count)
+    classes = [_classify(dtype) for dtype, _ in numbering]
+    kinds: list[Kind] = [
+        (enum, shape) for (enum, _), (_, shape) in zip(classes, numbering, strict=True)
+    ]
+    del numbering
+    direct_kinds = np.array([ok for _, ok in classes], dtype=bool)
+    string_kinds = np.array([enum == DT_STRING for enum, _ in classes], dtype=bool)
     sizes = np.fromiter(map(_nbytes_of, arrays), dtype=np.int64, count=count)
     crcs = np.zeros(count, dtype=np.uint32)
     premasked = np.zeros(count, dtype=bool)  # CRCs already masked (strings, large tensors)
@@ -136,21 +206,17 @@ def write_data_file(
     try:
         write_many = getattr(writer, "write_many", None)
         # Ordinary small tensors: checksummed and written as they are, in bulk.
-        plain = np.fromiter(map(direct.__contains__, dtype_list), dtype=bool, count=count)
+        plain = direct_kinds[kind_ids]
         plain &= np.fromiter(map(_contiguous, arrays), dtype=bool, count=count)
         if write_many is not None:
             plain &= sizes < GATHER_BELOW
         else:
             plain[:] = False
-        where = np.flatnonzero(plain)
-        if len(where):
-            chosen = arrays if len(where) == count else [arrays[i] for i in where.tolist()]
-            checksums = map(_crc32c.crc32c, chosen)  # type: ignore[arg-type]  # arrays are buffers
-            crcs[where] = np.fromiter(checksums, dtype=np.uint32, count=len(where))
+        _checksum_plain(arrays, plain, crcs)
         # String tensors are encoded first: their stored size is known only then.
         encoded: dict[int, memoryview] = {}
-        if direct != set(dtype_list):
-            for i in np.flatnonzero(np.array(enums) == DT_STRING).tolist():
+        if string_kinds.any():
+            for i in np.flatnonzero(string_kinds[kind_ids]).tolist():
                 data, crcs[i] = encode_string_tensor(arrays[i].reshape(-1).tolist())
                 encoded[i] = memoryview(data)
                 sizes[i] = len(data)
@@ -158,8 +224,11 @@ def write_data_file(
         reserve = getattr(writer, "reserve", None)
         if reserve is not None:
             reserve(0, int(sizes.sum()))
+        final: DataFileEntries | None = None
         if early is not None and bool(np.all(plain | premasked)):
-            early(_entries(shard_id, keys, enums, arrays, sizes, crcs, premasked))
+            # Final already (nothing below changes a size or CRC): made once, used twice.
+            final = _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
+            early(final)
         large = _write_in_order(
             writer, write_many, arrays, plain, encoded, sizes, crcs, check_cancelled
         )
@@ -170,14 +239,16 @@ def write_data_file(
     except BaseException:
         writer.abort()
         raise
-    return _entries(shard_id, keys, enums, arrays, sizes, crcs, premasked)
+    if final is not None:
+        return final
+    return _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
 
 
 def _entries(
     shard_id: int,
-    keys: list[bytes],
-    enums: list[int],
-    arrays: Sequence[np.ndarray],
+    keys: Sequence[bytes],
+    kind_ids: np.ndarray,
+    kinds: list[Kind],
     sizes: np.ndarray,
     crcs: np.ndarray,
     premasked: np.ndarray,
@@ -187,8 +258,7 @@ def _entries(
     masked[premasked] = crcs[premasked]
     offsets = np.zeros(len(sizes), dtype=np.int64)
     np.cumsum(sizes[:-1], out=offsets[1:])
-    shapes = list(map(attrgetter("shape"), arrays))
-    return DataFileEntries(shard_id, keys, enums, shapes, offsets, sizes.copy(), masked)
+    return DataFileEntries(shard_id, keys, kind_ids, kinds, offsets, sizes, masked)
 
 
 def _write_in_order(

@@ -14,7 +14,7 @@ from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
 from ..codecs.packed import Column, bytes_column
 from ..codecs.table_packed import TableLayout, build_table_with_layout, replace_value_tails
-from .v2_data import DataFileEntries
+from .v2_data import DataFileEntries, Kind
 
 #: Largest template kept (its index, layout and names, about); the last 4 structures' are.
 _TEMPLATE_MAX_BYTES = 16 << 20
@@ -30,8 +30,8 @@ class _Template:
     the same bytes as building it again, for a fraction of the work."""
 
     shard_id: int
-    dtypes: list[int]
-    shapes: list[tuple[int, ...]]
+    kind_ids: np.ndarray
+    kinds: list[Kind]
     offsets: np.ndarray
     sizes: np.ndarray
     table: bytes
@@ -40,8 +40,8 @@ class _Template:
     def fits(self, entries: DataFileEntries) -> bool:
         return (
             self.shard_id == entries.shard_id
-            and self.dtypes == entries.dtypes
-            and self.shapes == entries.shapes
+            and self.kinds == entries.kinds
+            and np.array_equal(self.kind_ids, entries.kind_ids)
             and np.array_equal(self.offsets, entries.offsets)
             and np.array_equal(self.sizes, entries.sizes)
         )
@@ -92,37 +92,34 @@ def _build_index(
     def number(head: bytes) -> int:
         return distinct_heads.setdefault(head, len(distinct_heads))
 
+    # One row per entry (the header's first, the holders' last), filled file by file.
+    extra = len(holders)
+    total = 1 + sum(len(f.keys) for f in files) + extra
     keys: list[bytes] = [HEADER_KEY]
-    head_ids: list[np.ndarray] = [np.array([number(encode_header(num_shards))], np.int64)]
-    columns: list[list[np.ndarray]] = [[np.zeros(1, np.int64)] for _ in range(3)]
-    crcs: list[np.ndarray] = [np.zeros(1, np.uint32)]
+    ids_all: np.ndarray = np.zeros(total, np.int32)  # each entry's head, numbered
+    shard_ids: np.ndarray = np.zeros(total, np.int64)
+    offsets: np.ndarray = np.zeros(total, np.int64)
+    sizes: np.ndarray = np.zeros(total, np.int64)
+    crc: np.ndarray = np.zeros(total, np.uint32)
+    ids_all[0] = number(encode_header(num_shards))
+    at = 1
     for entries in files:
-        count = len(entries.keys)
+        rows = slice(at, at + len(entries.keys))
+        at = rows.stop
         keys += entries.keys
-        pairs = list(zip(entries.dtypes, entries.shapes, strict=True))
-        heads = {pair: entry_head(*pair) for pair in set(pairs)}
-        if None not in heads.values():
-            ids = {pair: number(head) for pair, head in heads.items()}  # type: ignore[arg-type]
-            head_ids.append(np.fromiter(map(ids.__getitem__, pairs), np.int64, count))
-            columns[0].append(np.full(count, entries.shard_id, dtype=np.int64))
-            columns[1].append(entries.offsets)
-            columns[2].append(entries.sizes)
-            crcs.append(entries.crcs)
+        heads = [entry_head(*kind) for kind in entries.kinds]
+        if None not in heads:
+            ids = np.array([number(head) for head in heads], np.int32)  # type: ignore[arg-type]
+            ids_all[rows] = ids[entries.kind_ids]
+            shard_ids[rows] = entries.shard_id
+            offsets[rows] = entries.offsets
+            sizes[rows] = entries.sizes
+            crc[rows] = entries.crcs
         else:  # numbers beyond the hand encoding: protobuf, each entry whole
             reusable = False
-            whole = [number(encode_entry(e)) for e in entries.as_entries().values()]
-            head_ids.append(np.array(whole, np.int64))
-            for column in columns:
-                column.append(np.zeros(count, np.int64))
-            crcs.append(np.zeros(count, np.uint32))
+            ids_all[rows] = [number(encode_entry(e)) for e in entries.as_entries().values()]
     keys += holders
-    head_ids.append(np.array([number(encode_entry(h)) for h in holders.values()], np.int64))
-    extra = len(holders)
-    shard_ids, offsets, sizes = (
-        np.concatenate([*column, np.zeros(extra, np.int64)]) for column in columns
-    )
-    crc = np.concatenate([*crcs, np.zeros(extra, np.uint32)])
-    ids_all = np.concatenate(head_ids)
+    ids_all[at:] = [number(encode_entry(h)) for h in holders.values()]
     if len(files) > 1 or extra or not in_order:  # a data file in another order (TF2's)
         order = sorted(range(len(keys)), key=keys.__getitem__)
         keys = [keys[i] for i in order]
@@ -130,8 +127,14 @@ def _build_index(
             a[order] for a in (ids_all, shard_ids, offsets, sizes, crc)
         )
     head_table = bytes_column(list(distinct_heads))
-    heads_column = Column(head_table.data, head_table.starts[ids_all], head_table.lengths[ids_all])
+    narrow = np.int32 if len(head_table.data) < 2**31 else np.int64  # (a few distinct heads)
+    heads_column = Column(
+        head_table.data,
+        head_table.starts.astype(narrow)[ids_all],
+        head_table.lengths.astype(narrow)[ids_all],
+    )
     values = encode_entries(heads_column, shard_ids, offsets, sizes, crc)
+    del heads_column, shard_ids, offsets, sizes, crc, ids_all  # encoded
     table, layout = build_table_with_layout(keys, values)
     if reusable:
         entries = files[0]
@@ -139,8 +142,8 @@ def _build_index(
             template_key,
             _Template(
                 entries.shard_id,
-                list(entries.dtypes),
-                list(entries.shapes),
+                entries.kind_ids.copy(),
+                list(entries.kinds),
                 entries.offsets.copy(),
                 entries.sizes.copy(),
                 table,

@@ -441,12 +441,12 @@ async def _write_files(
 
     async def one(shard: int, items: tuple[Item, ...]) -> None:
         path = data_path(prefix, shard, num_shards)
-        pairs = [(item.data_key, arrays[item.unit]) for item in items]
         found = await anyio.to_thread.run_sync(
             write_data_file,
             storage,
             path,
-            pairs,
+            [item.data_key for item in items],
+            [arrays[item.unit] for item in items],
             manager.durable,
             shard,
             anyio.from_thread.check_cancelled,
