@@ -24,7 +24,25 @@ from typing import Any
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_OUT = os.path.join(os.path.dirname(HERE), "docs", "img")
-STYLE = {"anyckpt": "o-", "limit": "kx--", "safetensors": "s-", "torch.save": "^-", "mmap": "d:"}
+STYLE = {
+    "anyckpt": "o-",
+    "anyckpt-v1": "v-",
+    "anyckpt-zstd": "P-",
+    "anyckpt-safetensors": "X-",
+    "limit": "kx--",
+    "safetensors": "s-",
+    "torch.save": "^-",
+    "mmap": "d:",
+}
+#: Tools whose peak memory is drawn (the raw limits are not: they return one buffer).
+PEAK_TOOLS = ("safetensors", "torch.save")
+
+
+def _anyckpt(tool: str) -> bool:
+    """anyckpt in one of its formats (``anyckpt`` is V2, ``anyckpt-v1``, the plugins...)."""
+    return tool == "anyckpt" or tool.startswith("anyckpt-")
+
+
 TITLES = {
     "save": "save (page cache)",
     "save_durable": "save, durable (fsync)",
@@ -67,7 +85,10 @@ def tensors(summary: dict[str, Any], out_dir: str) -> list[str]:
     for kind in sorted({p["kind"] for p in points}):
         nbytes = summary["kinds"][kind]["bytes"]
         ops = [op for op in TITLES if any(p["op"] == op and p["kind"] == kind for p in points)]
-        fig, axes = plt.subplots(1, len(ops), figsize=(3.2 * len(ops), 3.6), sharey=True)
+        fig, grid = plt.subplots(
+            1, len(ops), figsize=(3.2 * len(ops), 3.6), sharey=True, squeeze=False
+        )
+        axes = grid[0]
         for ax, op in zip(axes, ops, strict=True):
             for tool, (xs, ys) in _lines(points, kind, op, "seconds").items():
                 ax.loglog(xs, ys, STYLE.get(tool, "o-"), label=tool)
@@ -83,18 +104,17 @@ def tensors(summary: dict[str, Any], out_dir: str) -> list[str]:
         plt.close(fig)
 
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.8))
+        # One anyckpt format: a line per operation; several: a line per format and operation.
+        several = len({p["tool"] for p in points if p["kind"] == kind and _anyckpt(p["tool"])}) > 1
         for op in ops:
             for tool, (xs, ys) in _lines(points, kind, op, "peak_bytes").items():
-                if tool in ("anyckpt", "safetensors", "torch.save") and op in (
-                    "save",
-                    "restore",
-                    "keys",
-                ):
+                if (_anyckpt(tool) or tool in PEAK_TOOLS) and op in ("save", "restore", "keys"):
                     mib = [y / 2**20 for y in ys]
                     axes[0].loglog(xs, mib, STYLE.get(tool, "o-"), label=f"{tool} {op}")
             for tool, (xs, ys) in _lines(points, kind, op, "overhead_per_tensor").items():
-                if tool == "anyckpt":
-                    axes[1].semilogx(xs, ys, "o-", label=op)
+                if _anyckpt(tool):
+                    style = STYLE.get(tool, "o-") if several else "o-"
+                    axes[1].semilogx(xs, ys, style, label=f"{tool} {op}" if several else op)
         axes[1].axhline(150, color="r", ls=":", label="target: 150 B")
         axes[0].set_title("peak memory growth during the operation", fontsize=9)
         axes[0].set_ylabel("MiB")
@@ -115,7 +135,8 @@ def throughput(summary: dict[str, Any], out_dir: str) -> list[str]:
     plt = _pyplot()
     points = summary["points"]
     ops = [op for op in TITLES if any(p["op"] == op for p in points)]
-    fig, axes = plt.subplots(1, len(ops), figsize=(3.4 * len(ops), 3.6), sharey=True)
+    fig, grid = plt.subplots(1, len(ops), figsize=(3.4 * len(ops), 3.6), sharey=True, squeeze=False)
+    axes = grid[0]
     for ax, op in zip(axes, ops, strict=True):
         series: dict[str, tuple[list[float], list[float]]] = {}
         for p in sorted(points, key=lambda p: p["count"]):

@@ -17,12 +17,15 @@ warm-up of the same operation on 100 tensors, and reports
   arrays, their names and the dict), and ``overhead_per_tensor`` = (peak - retained) / tensors,
   the memory an operation needs beyond what it hands back (for a save, beyond the state).
 
-Tools: ``anyckpt`` (V2), ``limit`` (one ``readinto`` of anyckpt's data file into one buffer:
-the raw read of the same bytes), and, in ``.venv-bench/peers`` when it exists (``run.py``
-creates it), ``safetensors`` (its NumPy API) and ``torch.save``. TensorFlow is left out: a
-graph of 10^5 variables takes minutes to build. The checkpoints are written by each tool's
-``save`` process and read warm (they were just written). JSON: ``--out`` (default
-``benchmarks/results/scaling-<time>.json``); ``benchmarks/plot_scaling.py`` draws it.
+Tools: ``anyckpt`` (V2); ``anyckpt-v1``, ``anyckpt-zstd`` and ``anyckpt-safetensors`` (the
+same API and CLI with ``format="v1"``, or the two plugins' formats: plugins/anyckpt-zstd and
+plugins/anyckpt-safetensors, not the safetensors library); ``limit`` (one ``readinto`` of
+anyckpt's data file into one buffer: the raw read of the same bytes); and, in
+``.venv-bench/peers`` when it exists (``run.py`` creates it), ``safetensors`` (its NumPy API)
+and ``torch.save``. TensorFlow is left out: a graph of 10^5 variables takes minutes to build.
+The checkpoints are written by each tool's ``save`` process and read warm (they were just
+written). JSON: ``--out`` (default ``benchmarks/results/scaling-<time>.json``);
+``benchmarks/plot_scaling.py`` draws it.
 """
 
 from __future__ import annotations
@@ -49,8 +52,13 @@ OPS = ("save", "restore", "restore_subset", "keys", "inspect", "verify")
 #: The bytes runs (``--bytes``): 16 MiB tensors, durable and page-cache saves, warm and cold
 #: restores (caches dropped: needs root).
 BYTES_OPS = ("save", "save_durable", "restore", "restore_cold")
+#: anyckpt's formats other than V2 (issue 18, target 2): tool -> ``format=`` of ``anyckpt.save``
+#: (the reads detect it). The plugins must be installed (``pip install -e plugins/...``) or on
+#: ``PYTHONPATH`` with their entry points registered.
+FORMAT_TOOLS = {"anyckpt-v1": "v1", "anyckpt-zstd": "zstd", "anyckpt-safetensors": "safetensors"}
 TOOL_OPS: dict[str, tuple[str, ...]] = {
     "anyckpt": OPS + BYTES_OPS[1:],
+    **dict.fromkeys(FORMAT_TOOLS, OPS),
     "limit": ("save", "save_durable", "restore", "restore_cold"),
     "mmap": ("restore", "restore_cold"),
     "dd": ("save_durable", "restore_cold"),
@@ -59,6 +67,7 @@ TOOL_OPS: dict[str, tuple[str, ...]] = {
 }
 TOOL_VENV = {
     "anyckpt": "project",
+    **dict.fromkeys(FORMAT_TOOLS, "project"),
     "limit": "project",
     "mmap": "project",
     "dd": "project",
@@ -119,18 +128,22 @@ def _reset_peak() -> None:
 
 
 class _Anyckpt:
-    def __init__(self) -> None:
+    """anyckpt's API and CLI; ``format`` as ``anyckpt.save`` takes it (reads detect it)."""
+
+    def __init__(self, format: str = "v2") -> None:
         import anyio
 
         import anyckpt
 
-        self.anyio, self.anyckpt = anyio, anyckpt
+        self.anyio, self.anyckpt, self.format = anyio, anyckpt, format
 
     def path(self, d: str) -> str:
         return os.path.join(d, "ckpt")
 
     def save(self, d: str, state: dict[str, np.ndarray], durable: bool = False) -> None:
-        self.anyio.run(lambda: self.anyckpt.save(self.path(d), state, durable=durable))
+        self.anyio.run(
+            lambda: self.anyckpt.save(self.path(d), state, format=self.format, durable=durable)
+        )
 
     def save_durable(self, d: str, state: dict[str, np.ndarray]) -> None:
         self.save(d, state, durable=True)
@@ -306,8 +319,10 @@ class _Torch:
 
 
 def _tool(name: str) -> Any:
+    if name in FORMAT_TOOLS:
+        return _Anyckpt(FORMAT_TOOLS[name])
     tools = {"anyckpt": _Anyckpt, "limit": _Limit, "mmap": _Mmap, "dd": _Dd}
-    return {**tools, "safetensors": _Safetensors}.get(name, _Torch)()
+    return {**tools, "safetensors": _Safetensors, "torch.save": _Torch}[name]()
 
 
 def _call(tool: Any, op: str, d: str, count: int, state: Any) -> Any:
@@ -377,6 +392,8 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     if args.op.startswith("save") or args.kind == "m16":
         result["bytes"] = count * int(np.prod(KINDS[kind])) * 4
         result["mib_per_s"] = result["bytes"] / 2**20 / seconds
+    if args.op.startswith("save") and isinstance(tool, _Anyckpt):
+        result["files"] = sorted(os.listdir(d))  # which format wrote them
     problem = _check(args.op, count, out)
     if problem:
         result["error"] = problem

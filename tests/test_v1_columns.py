@@ -5,6 +5,7 @@ file's decoded meta (the reference: the reader before the columns) says."""
 
 from __future__ import annotations
 
+import gc
 from pathlib import Path
 
 import numpy as np
@@ -141,3 +142,27 @@ def test_a_tensor_of_two_dtypes_across_files_is_refused(tmp_path: Path) -> None:
     )
     with pytest.raises(CorruptCheckpointError, match="in another file"):
         anyckpt.sync.load(str(tmp_path / "c"))
+
+
+def test_a_full_read_of_small_tensors_keeps_no_block_nor_tracked_object_per_tensor(
+    tmp_path: Path,
+) -> None:
+    """Small tensors are copied out of their 256 KiB block (issue 18): a view would keep the
+    block and a memoryview (tracked by the garbage collector) alive per tensor, and every full
+    collection during a read of 10^6 tensors walked all of those made so far (135 s, 70 s
+    with the collector off)."""
+    n = 2000
+    tensors = {f"v/{i:05d}": np.full(4, i, np.float32) for i in range(n)}
+    tensors["big"] = np.arange(1 << 15, dtype=np.float64)  # 256 KiB: may stay a view
+    anyckpt.sync.save(tmp_path / "c", tensors, format="v1")
+    assert len(anyckpt.sync.load(tmp_path / "c")) == n + 1  # a first read: one-time objects
+    gc.collect()
+    before = len(gc.get_objects())
+    loaded = anyckpt.sync.load(tmp_path / "c")
+    gc.collect()
+    assert (len(gc.get_objects()) - before) / n < 0.1
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(loaded[key], value)
+        if value.nbytes <= 1 << 10:
+            assert loaded[key].flags.writeable
+            assert not isinstance(loaded[key].base, memoryview), key

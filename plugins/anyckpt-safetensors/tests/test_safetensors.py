@@ -207,3 +207,31 @@ def test_random_headers_never_crash(data: bytes) -> None:
     except codec.HeaderError:
         return
     assert all(e.end >= e.begin for e in header.entries.values())
+
+
+def test_a_full_read_of_many_tiny_tensors_goes_in_bounded_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What is made per range lives for one batch of at most ``_BATCH_TENSORS`` tensors, not
+    for the whole read (issue 18: 10^6 tensors of 16 bytes fit one 64 MiB batch)."""
+    import anyckpt_safetensors.format as st_format
+
+    from anyckpt.storage.local import LocalReader
+
+    tensors = {f"t{i:03d}": np.full(4, i, np.float32) for i in range(50)}
+    anyckpt.sync.save(tmp_path / "m", tensors, format="safetensors")
+    monkeypatch.setattr(st_format, "_BATCH_TENSORS", 8)
+    batches: list[int] = []
+    original = LocalReader.read_ranges_into
+
+    def counting(self: LocalReader, requests: Any) -> None:
+        batches.append(len(requests))
+        original(self, requests)
+
+    monkeypatch.setattr(LocalReader, "read_ranges_into", counting)
+    loaded = anyckpt.sync.load(tmp_path / "m")
+    assert list(loaded) == list(tensors)
+    for key, value in tensors.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    assert sum(batches) == 50
+    assert max(batches) == 8

@@ -385,3 +385,30 @@ def test_windows_stay_within_the_readers_limit(tmp_path: Path, level: int) -> No
     assert same(anyckpt.sync.load(tmp_path / "m")["d"], data)
     frame = (tmp_path / "m.zckpt").read_bytes()
     assert zstandard.get_frame_parameters(frame).window_size <= 1 << codec.MAX_WINDOW_LOG
+
+
+def test_a_full_read_of_many_tiny_tensors_goes_in_bounded_batches(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The TensorInfo and frame of each tensor live for one batch of at most
+    ``_BATCH_TENSORS`` tensors, not for the whole read (issue 18: 10^6 tensors of 16 bytes fit
+    one 64 MiB batch: 687 B per tensor beyond the result)."""
+    import anyckpt_zstd.format as zstd_format
+
+    tensors = {f"t{i:03d}": np.full(4, i, np.float32) for i in range(50)}
+    anyckpt.sync.save(tmp_path / "m", tensors, format="zstd")
+    monkeypatch.setattr(zstd_format, "_BATCH_TENSORS", 8)
+    batches: list[int] = []
+    original = zstd_format._IO.prefetch
+
+    def counting(self: Any, chunks: list[codec.Chunk]) -> None:
+        batches.append(len(chunks))
+        original(self, chunks)
+
+    monkeypatch.setattr(zstd_format._IO, "prefetch", counting)
+    loaded = anyckpt.sync.load(tmp_path / "m")
+    assert list(loaded) == list(tensors)
+    for key, value in tensors.items():
+        assert same(loaded[key], value), key
+    assert sum(batches) == 50
+    assert max(batches) == 8

@@ -48,6 +48,8 @@ from .v2_reader import normalize_index, squeeze_axes
 Extents = tuple[Extent, ...]
 #: Tensors read per step of a full read (what is made per tensor lives for one step).
 _READ_CHUNK = 1 << 14
+#: Decoded tensors of at most this many bytes are copied out of their block (see _decode).
+_COPY_BELOW = 64 << 10
 #: Largest index block, and largest meta entry, we agree to load.
 MAX_INDEX_BYTES = 1 << 30
 #: The meta is read with a block of at most this size; a larger first block is read partly.
@@ -554,6 +556,11 @@ class V1Reader(ReaderBase):
         dtype = dtype_from_enum(tensor.enum)
         if flat.dtype != dtype or not flat.flags.aligned:
             flat = flat.astype(dtype)  # native byte order, and no view of the block buffer
+        elif flat.base is not None and flat.nbytes <= _COPY_BELOW:
+            # A small tensor is copied out of its block: a view would keep the whole block
+            # alive, and its base (a memoryview, which the garbage collector tracks) too: a
+            # full read of 10^6 tiny tensors made every full collection walk all of them.
+            flat = flat.copy()
         return flat.reshape(shape)
 
     async def _read_slices(

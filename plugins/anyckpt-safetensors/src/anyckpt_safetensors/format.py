@@ -39,6 +39,9 @@ SUFFIX = ".safetensors"
 PARTITIONS_KEY = "anyckpt.partitions"
 #: Tensor bytes read per ``read_ranges_into`` batch (bounds what a remote read holds at once).
 _BATCH_BYTES = 64 << 20
+#: ... and at most this many ranges per batch: a range's view lives for one batch, not for a
+#: whole read of a million tiny tensors.
+_BATCH_TENSORS = 1 << 14
 
 
 def file_path(prefix: str) -> str:
@@ -247,7 +250,9 @@ class SafetensorsReader(ReaderBase):
                     converts.append((key, dtype))
                 if not array.nbytes:
                     continue
-                if batch and pending + array.nbytes > _BATCH_BYTES:
+                if batch and (
+                    pending + array.nbytes > _BATCH_BYTES or len(batch) >= _BATCH_TENSORS
+                ):
                     anyio.from_thread.check_cancelled()
                     reader.read_ranges_into(batch)
                     batch, pending = [], 0

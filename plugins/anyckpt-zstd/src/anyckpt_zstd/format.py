@@ -78,6 +78,13 @@ def _threads(value: Any) -> int:
 
 #: Frames fetched per batch of reads (compressed bytes held at once).
 _BATCH_BYTES = 64 << 20
+#: ... and at most this many tensors per batch: what is made per tensor (its TensorInfo, its
+#: frame's view) lives for one batch, not for a whole read of a million tiny tensors.
+_BATCH_TENSORS = 1 << 14
+#: A tensor of one chunk of at most this many raw bytes is decompressed in the reading thread,
+#: not on the pool: waking a pool thread and waiting for it took ~150 us per tensor on a loaded
+#: 2-core machine, most of a full read of 10^5 tiny tensors.
+_INLINE_BYTES = 64 << 10
 
 
 def _windows(wanted: list[tuple[int, codec.Chunk]]) -> Iterator[list[tuple[int, codec.Chunk]]]:
@@ -487,6 +494,9 @@ class ZstdReader(ReaderBase):
                 dest = buffer[lo - start : hi - start]
                 self._decompress(frames[chunk.offset], chunk, itemsize, verify, dest, lo - base)
 
+            if len(window) == 1 and window[0][1].raw_size <= _INLINE_BYTES:
+                one(window[0])  # a small tensor: handing it to the pool costs more
+                continue
             for _ in _ordered_map(io.pool, one, iter(window), 2 * self._threads):
                 anyio.from_thread.check_cancelled()
         return None if out is not None else buffer
@@ -545,7 +555,7 @@ class ZstdReader(ReaderBase):
                 for key in keys:  # each TensorInfo made once, here (the columns hold the header)
                     info = self._info(key)
                     size = info.stored_size
-                    if batch and pending + size > _BATCH_BYTES:
+                    if batch and (pending + size > _BATCH_BYTES or len(batch) >= _BATCH_TENSORS):
                         flush()
                         pending = 0
                     batch.append((key, info))
