@@ -260,8 +260,10 @@ async def test_a_state_over_most_of_the_available_memory_is_staged(
         small = await manager.save({"w": np.ones(4, np.float32)}, step=2)
         await staged
         await small
-    assert staged.event is not None and small.event is not None
-    assert staged.event.staged and not small.event.staged
+    assert staged.event is not None
+    assert small.event is not None
+    assert staged.event.staged
+    assert not small.event.staged
     assert staged.event.blocked_seconds >= staged.event.write_seconds > 0
     restored = await anyckpt.load(tmp_path / "ckpt-1")
     assert np.array_equal(restored["w"], np.arange(1 << 16, dtype=np.float32))
