@@ -52,6 +52,9 @@ OPS = ("save", "restore", "restore_subset", "keys", "inspect", "verify")
 #: The bytes runs (``--bytes``): 16 MiB tensors, durable and page-cache saves, warm and cold
 #: restores (caches dropped: needs root).
 BYTES_OPS = ("save", "save_durable", "restore", "restore_cold")
+#: The tools of the tensor-count runs and of the bytes runs, unless ``--tools`` says otherwise.
+COUNT_TOOLS = ("anyckpt", "limit", "safetensors", "torch.save")
+BYTES_TOOLS = ("anyckpt", "limit", "mmap", "dd")
 #: anyckpt's formats other than V2 (issue 18, target 2): tool -> ``format=`` of ``anyckpt.save``
 #: (the reads detect it). The plugins must be installed (``pip install -e plugins/...``) or on
 #: ``PYTHONPATH`` with their entry points registered.
@@ -535,12 +538,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--counts", nargs="+", type=int, default=[1000, 10_000, 100_000])
     p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
-    p.add_argument("--ops", nargs="+", default=list(OPS), choices=OPS + BYTES_OPS[1:])
+    p.add_argument(
+        "--ops", nargs="+", choices=OPS + BYTES_OPS[1:], help=f"default: {' '.join(OPS)}"
+    )
     p.add_argument(
         "--tools",
         nargs="+",
-        default=["anyckpt", "limit", "safetensors", "torch.save"],
         choices=list(TOOL_OPS),
+        help=f"default: {' '.join(COUNT_TOOLS)} ({' '.join(BYTES_TOOLS)} with --bytes)",
     )
     p.add_argument("--runs", type=int, default=3, help="runs per point (median) below ...")
     p.add_argument("--repeat-below", type=int, default=100_000, help="... this many tensors")
@@ -569,8 +574,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.bytes and not args.worker:
         args.counts = [max(1, mib // 16) for mib in args.sizes]
-        args.kinds, args.ops = ["m16"], list(BYTES_OPS)
-        args.tools = [t for t in ("anyckpt", "limit", "mmap", "dd") if t in args.tools]
+        args.kinds = ["m16"]
+        args.ops = [op for op in BYTES_OPS if op in (args.ops or BYTES_OPS)]
+        args.tools = [t for t in BYTES_TOOLS if t in (args.tools or BYTES_TOOLS)]
+    else:
+        args.ops = args.ops or list(OPS)
+        args.tools = args.tools or list(COUNT_TOOLS)
     if args.worker:
         try:
             result = worker(args)

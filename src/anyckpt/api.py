@@ -21,6 +21,8 @@ from .errors import CorruptCheckpointError
 from .formats import get_format, locate_checkpoint
 from .formats.base import CheckpointFormat, CheckpointReader, check_options
 from .formats.layout import META, meta_path, parse_file_name
+from .formats.v2 import probe_prefix
+from .formats.v2_reader import V2Reader
 from .meta import MAX_META_BYTES, MetaGraphInfo, SaverConfig, decode_meta_graph, encode_meta_graph
 from .object_graph import (
     OBJECT_GRAPH_KEY,
@@ -221,11 +223,27 @@ async def open_reader(
     """Open the checkpoint at ``prefix`` (or the one whose file ``prefix`` names, e.g.
     ``DIR/ckpt-5.index``); close it with ``await reader.aclose()``. Symbolic links leaving the
     checkpoint's directory are refused unless ``allow_symlinks=True``."""
-    storage, path = await open_storage(prefix, storage_options, allow_symlinks=allow_symlinks)
     if format:
+        storage, path = await open_storage(prefix, storage_options, allow_symlinks=allow_symlinks)
         return await get_format(format).open(storage, path)
+    storage, path, index = await anyio.to_thread.run_sync(
+        partial(_storage_and_v2_index, prefix, storage_options, allow_symlinks=allow_symlinks)
+    )
+    if index is not None:  # the common case, a V2 prefix: found and read in one hop
+        return V2Reader.from_index(storage, path, index)
     path, fmt = await locate_checkpoint(storage, path)
     return await fmt.open(storage, path)
+
+
+def _storage_and_v2_index(
+    url: PathLike, storage_options: dict[str, Any] | None, *, allow_symlinks: bool
+) -> tuple[Storage, str, bytes | None]:
+    """Blocking: :meth:`Storage.from_url` and, when ``url`` is a V2 checkpoint's prefix, its
+    index (:func:`~anyckpt.formats.v2.probe_prefix`). Opening a prefix costs one
+    worker-thread hop instead of four, which is most of the time a restore of a few small
+    tensors takes beyond reading them."""
+    storage, path = Storage.from_url(url, storage_options, allow_symlinks=allow_symlinks)
+    return storage, path, probe_prefix(storage, path)
 
 
 class open:

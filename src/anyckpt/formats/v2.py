@@ -42,6 +42,22 @@ from .v2_layout import MAX_INDEX_BYTES, data_path, index_path
 from .v2_reader import V2Reader
 
 
+def read_index(storage: Storage, prefix: str) -> bytes:
+    """The bytes of ``PREFIX.index`` (blocking; at most :data:`MAX_INDEX_BYTES`)."""
+    return storage.read_bytes(index_path(prefix), max_size=MAX_INDEX_BYTES)
+
+
+def probe_prefix(storage: Storage, path: str) -> bytes | None:
+    """Blocking: the index of the V2 checkpoint whose prefix ``path`` is, or None when
+    ``path`` is a file or directory or no ``PREFIX.index`` exists. Exactly the first step of
+    :func:`~anyckpt.formats.locate_checkpoint` for a prefix (V2 is the first format tried)
+    followed by :meth:`V2Format.open`'s read, in one call: one worker-thread hop where the
+    general path takes four."""
+    if storage.path_kind(path) != "none" or not storage.exists(index_path(path)):
+        return None
+    return read_index(storage, path)
+
+
 class V2Format(FormatBase):
     """The V2 tensor bundle (TensorFlow's default since 1.x)."""
 
@@ -194,10 +210,7 @@ class V2Format(FormatBase):
         return await anyio.to_thread.run_sync(storage.exists, index_path(prefix))
 
     async def open(self, storage: Storage, prefix: str) -> V2Reader:
-        path = index_path(prefix)
-        data = await anyio.to_thread.run_sync(
-            lambda: storage.read_bytes(path, max_size=MAX_INDEX_BYTES)
-        )
+        data = await anyio.to_thread.run_sync(read_index, storage, prefix)
         return V2Reader.from_index(storage, prefix, data)
 
     async def files(self, storage: Storage, prefix: str) -> list[str]:
