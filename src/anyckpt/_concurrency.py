@@ -48,7 +48,12 @@ async def run_concurrently(calls: Iterable[Callable[[], Coroutine[Any, Any, obje
     If any fails, the others are cancelled and the first error is raised as itself, not
     wrapped in an exception group, so callers can ``except OSError`` as usual. It keeps its
     own cause and context (what a client library raised it from: fsspec's ``FSTimeoutError``
-    from aiohttp's timeout); the group is not chained to it."""
+    from aiohttp's timeout); the group is not chained to it. A single call is awaited as it
+    is: the same result and errors without a task group (~50 µs of a small read)."""
+    calls = list(calls)
+    if len(calls) == 1:
+        await calls[0]()
+        return
     error: BaseException | None = None
     try:
         async with anyio.create_task_group() as tg:

@@ -9,8 +9,6 @@ Readers and managers, which outlive one call, always use a portal.
 
 from __future__ import annotations
 
-import asyncio
-import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from contextlib import ExitStack
 from functools import partial
@@ -23,6 +21,7 @@ from anyio.from_thread import BlockingPortal, start_blocking_portal
 
 from . import api, tf2
 from . import manager as _manager
+from ._concurrency import on_event_loop
 from .codecs.state_file import CheckpointState
 from .formats.base import CheckpointReader, Index, TensorSpec
 from .meta import MetaGraphInfo
@@ -31,30 +30,12 @@ from .object_graph import ObjectTree
 T = TypeVar("T")
 
 
-def _on_event_loop() -> bool:
-    """Whether this thread is running an asyncio or trio event loop."""
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        return True
-    trio = sys.modules.get("trio")
-    if trio is None:
-        return False
-    try:
-        trio.lowlevel.current_trio_token()
-    except RuntimeError:
-        return False
-    return True
-
-
 def _run(fn: Callable[[], Awaitable[T]]) -> T:
     """``await fn()`` from blocking code: on this thread if it runs no event loop, else on a
     portal's thread. The result is handed out through a closure, not as ``anyio.run``'s
     return value: on CPython 3.11 ``asyncio.Runner`` takes the ``repr()`` of its main task's
     result (a dict of 10,000 arrays: ~5 ms)."""
-    if _on_event_loop():
+    if on_event_loop():
         with start_blocking_portal() as portal:
             return portal.call(fn)
     out: list[T] = []

@@ -520,11 +520,7 @@ class V2Reader(ReaderBase):
             items.sort(key=lambda item: item[1].offset)
             results.extend(await anyio.to_thread.run_sync(self._read_shard, shard, items, verify))
 
-        if len(by_shard) == 1:  # one data file: no task group (~50 µs of a small read)
-            [(shard, items)] = by_shard.items()
-            await run(shard, items)
-        else:
-            await run_concurrently(partial(run, s, items) for s, items in by_shard.items())
+        await run_concurrently(partial(run, shard, items) for shard, items in by_shard.items())
         return results
 
     async def read_many(
@@ -571,10 +567,7 @@ class V2Reader(ReaderBase):
 
         if fast.any():
             shards = np.unique(shard_ids[fast]).tolist()
-            if len(shards) == 1:
-                await run(shards[0])
-            else:
-                await run_concurrently(partial(run, shard) for shard in shards)
+            await run_concurrently(partial(run, shard) for shard in shards)
         rest = np.flatnonzero(~fast)
         if rest.size:
             pairs = list(
