@@ -30,11 +30,12 @@ def test_batches_keep_order_and_respect_both_bounds(
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(_verify, "BATCH_KEYS", keys_cap)
         mp.setattr(_verify, "BATCH_BYTES", bytes_cap)
-        batches = list(_verify._batches(keys, specs))
-    assert [k for b in batches for k in b] == keys
-    for batch in batches:
+        batches = list(_verify._batches(iter(keys), specs.__getitem__))
+    assert [k for b, _ in batches for k in b] == keys
+    for batch, nbytes in batches:
         assert 1 <= len(batch) <= keys_cap
         held = sum(sizes[keys.index(k)] for k in batch)
+        assert nbytes == held
         assert held <= bytes_cap or len(batch) == 1
 
 

@@ -18,6 +18,7 @@ from anyckpt.codecs.bundle import BundleEntry, EntryRecord, decode_record, encod
 from anyckpt.codecs.bundle_batch import decode_columns
 from anyckpt.codecs.table import TableBuilder, read_table
 from anyckpt.codecs.table_lookup import LazyTable
+from anyckpt.formats.base import key_view
 from anyckpt.formats.v2_entries import EntryTable
 from anyckpt.tensors import key_from_bytes, key_to_bytes
 
@@ -171,3 +172,37 @@ async def test_v2_reader_answers_the_same_before_and_after_keys(tmp_path: Path) 
             assert np.array_equal(everything[key], expected)
             assert np.array_equal(await full_reader.read(key), expected)
         assert np.array_equal(everything["w"], full)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("extra", ["plain", "partitioned", "non-ascii"])
+async def test_key_view_is_keys_made_lazily(tmp_path: Path, extra: str) -> None:
+    """``key_view`` (what ``inspect`` and ``verify`` walk: no list of every name) answers as
+    the list ``keys()`` returns: length, order, indexing, slices and membership, with the
+    slices of a partitioned tensor left out and non-ASCII names decoded."""
+    tensors: dict[str, object] = {f"t{i:05d}": np.full(2, i, dtype=np.float32) for i in range(40)}
+    if extra == "partitioned":
+        full = np.arange(12, dtype=np.float32).reshape(4, 3)
+        tensors["p"] = Partitioned(
+            (4, 3), [([(0, 2), (0, 3)], full[:2]), ([(2, 2), (0, 3)], full[2:])]
+        )
+    elif extra == "non-ascii":
+        tensors["caf\u00e9"] = np.float32(1)
+    prefix = str(tmp_path / "ckpt")
+    await anyckpt.save(prefix, tensors, durable=False)
+    async with anyckpt.open(prefix) as reader:
+        view = key_view(reader)
+        keys = reader.keys()
+    assert not isinstance(view, list)  # V2: the lazy view, not the list itself
+    assert len(view) == len(keys)
+    assert list(view) == keys
+    assert [view[i] for i in range(-len(keys), len(keys))] == keys + keys
+    assert view[3:9] == keys[3:9]
+    assert view[::7] == keys[::7]
+    assert view[5:2] == []
+    for key in keys:
+        assert key in view
+    for absent in ["", "t", "t00040", "p\0", 7, "\udcff"]:
+        assert absent not in view
+    with pytest.raises(IndexError):
+        view[len(keys)]

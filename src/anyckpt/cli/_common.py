@@ -176,12 +176,13 @@ _GLOB = re.compile(r"[*?\[]")
 
 
 def select_keys(
-    keys: list[str], include: Sequence[str], exclude: Sequence[str] = (), *, where: str
-) -> list[str]:
+    keys: Sequence[str], include: Sequence[str], exclude: Sequence[str] = (), *, where: str
+) -> Sequence[str]:
     """The tensor names to work on: ``keys`` matching any ``include`` pattern (all when there
-    is none), minus those matching an ``exclude`` pattern. Patterns are shell globs over the
-    whole name (``encoder/*``, ``*/kernel``; ``*`` also matches ``/``); a name without glob
-    characters must exist, and every include pattern must match something (exit 3)."""
+    is none: ``keys`` itself, not a copy), minus those matching an ``exclude`` pattern.
+    Patterns are shell globs over the whole name (``encoder/*``, ``*/kernel``; ``*`` also
+    matches ``/``); a name without glob characters must exist, and every include pattern must
+    match something (exit 3)."""
     if include:
         chosen: dict[str, None] = {}
         known = set(keys)
@@ -198,9 +199,9 @@ def select_keys(
                     ExitCode.NOT_FOUND,
                 )
             chosen.update(dict.fromkeys(matched))
-        selected = list(chosen)
+        selected: Sequence[str] = list(chosen)
     else:
-        selected = list(keys)
+        selected = keys
     if exclude:
         selected = [k for k in selected if not any(fnmatch.fnmatchcase(k, p) for p in exclude)]
     return selected

@@ -7,7 +7,7 @@ import base64
 import itertools
 import math
 import posixpath
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio.to_thread
@@ -16,7 +16,7 @@ import numpy as np
 from ..api import read_meta_file
 from ..codecs.dtypes import tf_name
 from ..errors import CheckpointNotFoundError
-from ..formats.base import CheckpointReader, TensorSlice, TensorSpec
+from ..formats.base import CheckpointReader, TensorSlice, TensorSpec, key_view
 from ..formats.layout import meta_path
 from ..meta import MetaGraphInfo
 from ..object_graph import OBJECT_GRAPH_KEY
@@ -203,12 +203,13 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     meta = await load_meta(ckpt.storage, ckpt.path)
     reader = await ckpt.format.open(ckpt.storage, ckpt.path)
     try:
-        all_keys = reader.keys()
+        all_keys = key_view(reader)  # V2: no list of every name (a listing of 10^6)
         keys = select_keys(all_keys, args.key, where=reader.prefix)
         paths = reader.files()
         metadata = reader_metadata(reader)
         sizes = await anyio.to_thread.run_sync(file_sizes, ckpt.storage, paths)
-        layout, _, graph_problem = await read_graph(reader)  # TF2: decoded, never raw bytes
+        # TF2: decoded, never raw bytes
+        layout, _, graph_problem = await read_graph(reader, all_keys)
         graph_specs = {k: reader.spec(k) for k in layout.checkpoint_keys()} if layout else {}
         if not args.values:
             # The listing streamed: specs made per row, twice, never all at once.
@@ -313,8 +314,8 @@ def _print_text(
     ctx: Context,
     args: argparse.Namespace,
     ckpt: Any,
-    all_keys: list[str],
-    keys: list[str],
+    all_keys: Sequence[str],
+    keys: Sequence[str],
     paths: list[str],
     sizes: list[int | None],
     metadata: dict[str, str] | None,
@@ -344,7 +345,7 @@ def _print_graphs(
     ctx: Context,
     args: argparse.Namespace,
     meta: MetaGraphInfo | None,
-    keys: list[str],
+    keys: Sequence[str],
     layout: Any,
     graph_specs: dict[str, TensorSpec],
     graph_problem: str | None,
@@ -364,7 +365,7 @@ class _Listing:
     header line says and measures the columns, a second makes each row again as it is
     printed (``specs``: already made, for ``--values``)."""
 
-    def __init__(self, spec_of: Callable[[str], TensorSpec], keys: list[str]) -> None:
+    def __init__(self, spec_of: Callable[[str], TensorSpec], keys: Sequence[str]) -> None:
         self.keys = keys
         self._spec = spec_of
         self.params = self.data_bytes = 0

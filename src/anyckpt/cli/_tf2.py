@@ -3,6 +3,7 @@ when the target cannot hold the graph, ``diff``'s object-level summary of two gr
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from ..errors import CorruptCheckpointError
@@ -27,9 +28,13 @@ DROPPED_NOTE = (
 )
 
 
-async def read_graph(reader: CheckpointReader) -> tuple[Layout | None, bytes | None, str | None]:
-    """(layout, graph bytes, problem) of a checkpoint; all None if it has no object graph."""
-    keys = reader.keys()
+async def read_graph(
+    reader: CheckpointReader, keys: Sequence[str] | None = None
+) -> tuple[Layout | None, bytes | None, str | None]:
+    """(layout, graph bytes, problem) of a checkpoint; all None if it has no object graph.
+    ``keys``: the reader's keys, when the caller has them already."""
+    if keys is None:
+        keys = reader.keys()
     if OBJECT_GRAPH_KEY not in keys:
         return None, None, None
     try:

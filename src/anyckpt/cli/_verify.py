@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
 import anyio
 
 from ..errors import CheckpointError, CheckpointNotFoundError, StorageAccessError
-from ..formats.base import CheckpointFormat, TensorSpec, has_checksums
+from ..formats.base import CheckpointFormat, TensorSpec, has_checksums, key_view
 from ..formats.resolve import path_kind
 from ..manager import STATE_FILE
 from ..storage import Storage
@@ -85,8 +85,9 @@ async def verify_checkpoint(
         return report
     try:
         try:
-            keys = reader.keys()
-            specs = {k: reader.spec(k) for k in keys}
+            keys = key_view(reader)  # V2: no list of every name, no spec kept per tensor
+            for key in keys:
+                reader.spec(key)
         except CheckpointError as exc:  # a format may check its entries only when listed
             report.problems.append(Problem(str(exc), exc.path))
             return report
@@ -96,7 +97,7 @@ async def verify_checkpoint(
 
         async def check(key: str) -> None:
             async with limiter:
-                nbytes = tensor_nbytes(specs[key])
+                nbytes = tensor_nbytes(reader.spec(key))
                 try:
                     await reader.read(key, verify=True)
                 except StorageAccessError:
@@ -115,7 +116,7 @@ async def verify_checkpoint(
                     report.bytes += nbytes
                 bar.advance(nbytes)
 
-        async def check_batch(batch: list[str]) -> None:
+        async def check_batch(batch: list[str], nbytes: int) -> None:
             """One ``read_many`` for the batch; if it fails, each key again on its own, so the
             report names every damaged tensor exactly as a key-by-key pass would."""
             try:
@@ -127,12 +128,11 @@ async def verify_checkpoint(
                     for key in batch:
                         tg.start_soon(check, key)
                 return
-            nbytes = sum(tensor_nbytes(specs[key]) for key in batch)
             report.bytes += nbytes
             bar.advance(nbytes)
 
-        for batch in _batches(keys, specs):
-            await check_batch(batch)
+        for batch, nbytes in _batches(keys, reader.spec):
+            await check_batch(batch, nbytes)
         for name, count in missing_files.items():
             report.problems.append(
                 Problem(f"{name}: file is missing ({plural(count, 'tensor')} unreadable)", name)
@@ -148,20 +148,23 @@ BATCH_KEYS = 4096
 BATCH_BYTES = 64 << 20
 
 
-def _batches(keys: list[str], specs: dict[str, TensorSpec]) -> Iterator[list[str]]:
+def _batches(
+    keys: Iterable[str], spec_of: Callable[[str], TensorSpec]
+) -> Iterator[tuple[list[str], int]]:
     """``keys`` in order, cut into batches of at most :data:`BATCH_KEYS` keys and
-    :data:`BATCH_BYTES` tensor bytes (a larger tensor is a batch of its own)."""
+    :data:`BATCH_BYTES` tensor bytes (a larger tensor is a batch of its own), with each
+    batch's tensor bytes."""
     batch: list[str] = []
     held = 0
     for key in keys:
-        nbytes = tensor_nbytes(specs[key])
+        nbytes = tensor_nbytes(spec_of(key))
         if batch and (len(batch) >= BATCH_KEYS or held + nbytes > BATCH_BYTES):
-            yield batch
+            yield batch, held
             batch, held = [], 0
         batch.append(key)
         held += nbytes
     if batch:
-        yield batch
+        yield batch, held
 
 
 def denied_text(name: str, count: int) -> str:
@@ -175,7 +178,7 @@ async def _total_bytes(storage: Storage, path: str, fmt: CheckpointFormat) -> in
     except CheckpointError:
         return 0
     try:
-        return sum(tensor_nbytes(reader.spec(k)) for k in reader.keys())  # noqa: SIM118
+        return sum(tensor_nbytes(reader.spec(k)) for k in key_view(reader))
     except CheckpointError:
         return 0
     finally:

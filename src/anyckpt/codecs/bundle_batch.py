@@ -146,7 +146,13 @@ def decode_columns(
     first value it refuses."""
     n = len(offsets) - 1
     head_index: dict[tuple[int, tuple[int, ...]], int] = {}
-    parts: list[tuple[np.ndarray, ...]] = []
+    # The columns filled a chunk at a time (no list of chunks concatenated at the end: that
+    # held every column twice at the peak of a 10^6-entry index).
+    head_ids = np.empty(n, dtype=np.int64)
+    shard_ids = np.empty(n, dtype=np.int64)
+    offs = np.empty(n, dtype=np.int64)
+    sizes = np.empty(n, dtype=np.int64)
+    crcs = np.empty(n, dtype=np.uint32)
     alone: dict[int, EntryRecord] = {}
     # Padding: every gather below stays inside the buffer whatever the entries hold.
     pad = bytes(4 + 128 + 2 * _MAX_VARINT + 8)
@@ -157,22 +163,17 @@ def decode_columns(
         buf = np.frombuffer(data[base : int(offsets[hi])] + pad, dtype=np.uint8)
         starts = offsets[lo:hi] - base
         ends = offsets[lo + 1 : hi + 1] - base
-        local, ids, shard_ids, offs, sizes, crcs, ok = _decode_chunk(buf, starts, ends)
+        local, ids, shard_ids[lo:hi], offs[lo:hi], sizes[lo:hi], crcs[lo:hi], ok = _decode_chunk(
+            buf, starts, ends
+        )
         mapping = np.array(
             [head_index.setdefault(h, len(head_index)) for h in local] + [-1], dtype=np.int64
         )
-        ids = mapping[np.where(ok, ids, -1)]
-        parts.append((ids, shard_ids, offs, sizes, crcs))
+        head_ids[lo:hi] = mapping[np.where(ok, ids, -1)]
         for i in np.flatnonzero(~ok).tolist():
             start, end = int(starts[i]) + base, int(ends[i]) + base
             alone[lo + i] = decode_record(bytes(data[start:end]))
-    heads = list(head_index)
-    if parts:
-        columns = [np.concatenate(column) for column in zip(*parts, strict=True)]
-    else:
-        columns = [np.zeros(0, dtype=np.int64)] * 4 + [np.zeros(0, dtype=np.uint32)]
-    head_ids, shard_ids, offs, sizes, crcs = columns
-    return EntryColumns(heads, head_ids, shard_ids, offs, sizes, crcs, alone)
+    return EntryColumns(list(head_index), head_ids, shard_ids, offs, sizes, crcs, alone)
 
 
 def _decode_chunk(

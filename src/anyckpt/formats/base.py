@@ -138,6 +138,17 @@ async def _read_each(
     return {key: out[key] for key in pieces}
 
 
+def key_view(reader: CheckpointReader) -> Sequence[str]:
+    """A reader's keys in order, as :meth:`~CheckpointReader.keys` returns them, from its
+    optional ``key_view()`` where it has one (V2: names made as they are read, no list of
+    them), else ``keys()``. For listings that walk every key once or twice."""
+    view = getattr(reader, "key_view", None)
+    if callable(view):
+        keys: Sequence[str] = view()
+        return keys
+    return reader.keys()
+
+
 class ReaderBase:
     """What a plugin's reader may inherit: ``async with`` (closing the reader on exit), a
     no-op ``aclose``, a ``read_many`` that reads the keys concurrently with ``read``, and the

@@ -9,6 +9,8 @@ names (``str``) and tuples are made only for the entries asked for.
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from typing import overload
 
 import numpy as np
 
@@ -116,3 +118,49 @@ class EntryTable:
         if self.listed is None:
             return np.arange(len(self))
         return np.flatnonzero(self.listed)
+
+
+class ListedNames(Sequence[str]):
+    """The tensors' names of an :class:`EntryTable`, in key order, made as they are asked
+    for: a listing of a million tensors holds no list of a million ``str``."""
+
+    def __init__(self, table: EntryTable) -> None:
+        self._table = table
+        #: Positions of the listed entries; None: every entry is listed.
+        self._positions = None if table.listed is None else np.flatnonzero(table.listed)
+
+    def __len__(self) -> int:
+        return len(self._table) if self._positions is None else len(self._positions)
+
+    def _at(self, lo: int, hi: int) -> np.ndarray:
+        if self._positions is None:
+            return np.arange(lo, hi)
+        out: np.ndarray = self._positions[lo:hi]
+        return out
+
+    @overload
+    def __getitem__(self, i: int) -> str: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[str]: ...
+    def __getitem__(self, i: int | slice) -> str | list[str]:
+        if isinstance(i, slice):
+            lo, hi, step = i.indices(len(self))
+            if step != 1:
+                return [self[j] for j in range(lo, hi, step)]
+            return self._table.names(self._at(lo, max(lo, hi)))
+        n = len(self)
+        if not -n <= i < n:
+            raise IndexError("name index out of range")
+        i %= n
+        return self._table.name(i if self._positions is None else int(self._positions[i]))
+
+    def __iter__(self) -> Iterator[str]:
+        for lo in range(0, len(self), _CHUNK):
+            yield from self._table.names(self._at(lo, min(lo + _CHUNK, len(self))))
+
+    def __contains__(self, key: object) -> bool:
+        if not isinstance(key, str):
+            return False
+        at = self._table.position_of_name(key)
+        listed = self._table.listed
+        return at is not None and (listed is None or bool(listed[at]))

@@ -44,7 +44,7 @@ from ..tensors import key_from_bytes, key_to_bytes
 from ._arrays import byte_view, dtype_pair, empty_large
 from ._checksummed_io import read_checksummed
 from .base import Index, ReaderBase, TensorSlice, TensorSpec
-from .v2_entries import EntryTable
+from .v2_entries import EntryTable, ListedNames
 from .v2_layout import (
     COALESCE_BYTES,
     GATHER_BYTES,
@@ -284,6 +284,11 @@ class V2Reader(ReaderBase):
     def keys(self) -> list[str]:
         columns = self._all()
         return columns.names(columns.listed_positions())
+
+    def key_view(self) -> Sequence[str]:
+        """:meth:`keys` as a sequence whose names are made as they are read: a listing of
+        10^6 tensors holds no list of 10^6 ``str`` (see :func:`.base.key_view`)."""
+        return ListedNames(self._all())
 
     def _entry(self, key: str) -> EntryRecord:
         entry = self._entries.get(key)
