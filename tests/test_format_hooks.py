@@ -28,6 +28,7 @@ from anyckpt.formats.base import (
     checkpoint_path,
     declared_options,
     has_checksums,
+    key_view,
     read_slices,
     tf_saver_version,
 )
@@ -241,3 +242,10 @@ async def test_read_slices_defaults_to_one_read_per_piece() -> None:
     async with InheritingReader(arrays) as reader:  # async with, from the base class
         whole = await reader.read_slices({"a": None})
     assert whole["a"].tolist() == list(range(10))
+
+
+def test_key_view_defaults_to_keys() -> None:
+    """A reader without ``key_view`` (bare or inheriting) is listed through ``keys()``."""
+    arrays = {"b": np.arange(2), "a": np.arange(3)}
+    for reader in (InheritingReader(arrays), BareReader("p", "p.npz", arrays)):
+        assert list(key_view(reader)) == ["a", "b"]  # type: ignore[arg-type]

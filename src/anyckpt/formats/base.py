@@ -161,6 +161,11 @@ class ReaderBase:
     def keys(self) -> list[str]:
         raise NotImplementedError
 
+    def key_view(self) -> Sequence[str]:
+        """:meth:`keys` as a sequence (optional, see :func:`key_view`): override it to make
+        the names as they are read, so a listing of 10^6 tensors holds no list of them."""
+        return self.keys()
+
     async def read(self, key: str, index: Index = None, *, verify: bool = True) -> np.ndarray:
         raise NotImplementedError
 
