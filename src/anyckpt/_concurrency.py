@@ -4,16 +4,23 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import os
 import sys
 import threading
 from collections.abc import Callable, Coroutine, Iterable, Iterator
-from contextlib import contextmanager
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager, suppress
+from typing import Any, TypeVar
 
 import anyio
+import anyio.from_thread
+import anyio.lowlevel
+import anyio.to_thread
 
 if sys.version_info < (3, 11):
     from exceptiongroup import BaseExceptionGroup
+
+T = TypeVar("T")
 
 
 def on_event_loop() -> bool:
@@ -92,3 +99,53 @@ def cyclic_gc_paused() -> Iterator[None]:
             _gc_pauses -= 1
             if _gc_pauses == 0 and _gc_was_enabled:
                 gc.enable()
+
+
+#: Worker threads kept for the life of the process (see :func:`run_in_worker`).
+WORKERS = min(32, (os.cpu_count() or 1) + 4)
+_pool: ThreadPoolExecutor | None = None
+_pool_guard = threading.Lock()
+
+
+def _worker_pool() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_guard:
+        if _pool is None:
+            _pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="anyckpt-worker")
+        return _pool
+
+
+def _forget_pool_after_fork() -> None:
+    global _pool, _pool_guard
+    _pool, _pool_guard = None, threading.Lock()  # the parent's threads are not in the child
+
+
+os.register_at_fork(after_in_child=_forget_pool_after_fork)
+
+
+async def run_in_worker(fn: Callable[..., T], *args: Any) -> T:
+    """``await anyio.to_thread.run_sync(fn, *args)``, on threads that outlive the event loop
+    under asyncio. Not abandoned on cancellation: the caller waits for ``fn`` to finish, then
+    the cancellation is raised (its result dropped).
+
+    anyio's worker threads belong to their event loop: a one-shot ``anyio.run`` (what
+    ``anyckpt.sync.load`` and a benchmark's restore are) starts one and joins it at the end,
+    ~0.3 ms on a small VM, as long as restoring a few small tensors takes. Trio keeps its own
+    threads across runs, so there this is anyio's call."""
+    try:
+        loop = asyncio.get_running_loop()
+    except RuntimeError:  # trio
+        result = await anyio.to_thread.run_sync(fn, *args)
+    else:
+        future = _worker_pool().submit(fn, *args)
+        with anyio.CancelScope(shield=True):
+            result = await asyncio.wrap_future(future, loop=loop)
+    await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation meanwhile: raised now
+    return result
+
+
+def check_cancelled() -> None:
+    """``anyio.from_thread.check_cancelled()`` in an anyio worker thread; nothing in any
+    other thread (:func:`run_in_worker`'s, where the caller waits for the work to end)."""
+    with suppress(RuntimeError):  # anyio's NoEventLoopError: not one of anyio's threads
+        anyio.from_thread.check_cancelled()

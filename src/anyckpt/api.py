@@ -16,6 +16,7 @@ import anyio
 import anyio.to_thread
 import numpy as np
 
+from ._concurrency import run_in_worker
 from .codecs import DecodeError
 from .errors import CorruptCheckpointError
 from .formats import get_format, locate_checkpoint
@@ -226,7 +227,7 @@ async def open_reader(
     if format:
         storage, path = await open_storage(prefix, storage_options, allow_symlinks=allow_symlinks)
         return await get_format(format).open(storage, path)
-    storage, path, index = await anyio.to_thread.run_sync(
+    storage, path, index = await run_in_worker(
         partial(_storage_and_v2_index, prefix, storage_options, allow_symlinks=allow_symlinks)
     )
     if index is not None:  # the common case, a V2 prefix: found and read in one hop

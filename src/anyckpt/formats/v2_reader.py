@@ -12,12 +12,11 @@ from itertools import pairwise
 from typing import Any
 
 import anyio
-import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 from crc32c import crc32c as _crc32c
 
-from .._concurrency import run_concurrently
+from .._concurrency import check_cancelled, run_concurrently, run_in_worker
 from ..codecs import DecodeError
 from ..codecs.bundle import (
     HEADER_KEY,
@@ -58,6 +57,9 @@ _KNOWN_DTYPES = frozenset(BY_ENUM)
 #: arrays (a checkpoint of 10,000 tensors is read in one go).
 READ_CHUNK = 1 << 14
 _INT64_MAX = (1 << 63) - 1
+#: Reads of at most this many bytes run on a kept worker thread (``run_in_worker``), which a
+#: cancellation does not interrupt: they take a few milliseconds at most.
+SMALL_READ_BYTES = 4 << 20
 
 
 class V2Reader(ReaderBase):
@@ -384,7 +386,7 @@ class V2Reader(ReaderBase):
             if self.storage.cheap_small_reads and read_into_many is not None:
                 return self._read_local(reader, read_into_many, wanted, verify, url)
             for chunk in _coalesce(wanted, 1 if self.storage.cheap_small_reads else COALESCE_BYTES):
-                anyio.from_thread.check_cancelled()
+                check_cancelled()
                 base = chunk[0][1].offset
                 blob = None
                 if len(chunk) > 1:
@@ -425,7 +427,7 @@ class V2Reader(ReaderBase):
             if big:
                 helper = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-crc")
                 for key, entry in big:
-                    anyio.from_thread.check_cancelled()
+                    check_cancelled()
                     array = empty_large(entry.shape, dtype_pair(entry.dtype)[0])
                     view = byte_view(array)
                     crc = None
@@ -435,7 +437,7 @@ class V2Reader(ReaderBase):
                         reader.read_into(entry.offset, view)
                     checks.append((key, entry, array, crc))
             for run in _coalesce_small(small):
-                anyio.from_thread.check_cancelled()
+                check_cancelled()
                 if len(run) == 1:
                     key, entry = run[0]
                     out.append(
@@ -523,7 +525,11 @@ class V2Reader(ReaderBase):
 
         async def run(shard: int, items: list[tuple[str, EntryRecord]]) -> None:
             items.sort(key=lambda item: item[1].offset)
-            results.extend(await anyio.to_thread.run_sync(self._read_shard, shard, items, verify))
+            # A small read on a kept thread (no thread started per event loop: see
+            # run_in_worker); a large one where a cancellation can stop it between pieces.
+            small = sum(entry.size for _, entry in items) <= SMALL_READ_BYTES
+            hop = run_in_worker if small else anyio.to_thread.run_sync
+            results.extend(await hop(self._read_shard, shard, items, verify))
 
         await run_concurrently(partial(run, shard, items) for shard, items in by_shard.items())
         return results
@@ -635,7 +641,7 @@ class V2Reader(ReaderBase):
             views: list[Any] = [np.frombuffer(a, u8) for a in arrays]
             starts = offsets.tolist()
             for lo, hi in _runs(offsets, ends):
-                anyio.from_thread.check_cancelled()
+                check_cancelled()
                 read_into_many(starts[lo], views[lo:hi])
             if verify:
                 count = len(views)
@@ -782,7 +788,7 @@ class V2Reader(ReaderBase):
                     if array.size:
                         requests += _box_requests(entry, box, array)
                 arrays.append(array)
-            anyio.from_thread.check_cancelled()
+            check_cancelled()
             read_ranges_into = getattr(reader, "read_ranges_into", None)
             if not requests:
                 pass
