@@ -83,6 +83,30 @@ def test_many_blocks_and_restart_points() -> None:
     assert table.get(b"") is None
 
 
+@FAST
+@given(
+    entries=st.lists(
+        st.tuples(st.binary(min_size=1, max_size=200), st.binary(max_size=200)),
+        min_size=1,
+        max_size=120,
+        unique_by=lambda kv: kv[0],
+    ).map(sorted),
+    block_size=st.sampled_from([64, 1024, 256 * 1024]),
+)
+def test_first_and_later_lookups_of_a_block_agree(
+    entries: list[tuple[bytes, bytes]], block_size: int
+) -> None:
+    """A block's first lookup searches its restart points one decoded key at a time, later
+    ones all its restart keys at once (sliced with NumPy, or decoded one by one when a key
+    or value is 128 bytes or longer): every key and its neighbours are found alike."""
+    table = LazyTable(build(entries, block_size))
+    stored = dict(entries)
+    probes = [k for key, _ in entries for k in [key, *neighbours(key)]]
+    first = [table.get(k) for k in probes]
+    assert first == [stored.get(k) for k in probes]
+    assert [table.get(k) for k in reversed(probes)] == first[::-1]
+
+
 # -- hostile tables: valid checksums around crafted bytes ----------------------------------
 
 
