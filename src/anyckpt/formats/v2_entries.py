@@ -113,6 +113,14 @@ class EntryTable:
             return i
         return None
 
+    def listed_position(self, key: str) -> int | None:
+        """:meth:`position_of_name` of a tensor's own entry (None for a partitioned tensor's
+        slice entries, which are not tensors of their own)."""
+        at = self.position_of_name(key)
+        if at is None or (self.listed is not None and not self.listed[at]):
+            return None
+        return at
+
     def listed_positions(self) -> np.ndarray:
         """The positions of the tensors' entries, in key order."""
         if self.listed is None:
@@ -159,8 +167,4 @@ class ListedNames(Sequence[str]):
             yield from self._table.names(self._at(lo, min(lo + _CHUNK, len(self))))
 
     def __contains__(self, key: object) -> bool:
-        if not isinstance(key, str):
-            return False
-        at = self._table.position_of_name(key)
-        listed = self._table.listed
-        return at is not None and (listed is None or bool(listed[at]))
+        return isinstance(key, str) and self._table.listed_position(key) is not None

@@ -298,8 +298,8 @@ class V2Reader(ReaderBase):
             return entry
         columns = self._columns
         if columns is not None:  # every entry checked: made from its columns (not cached)
-            at = columns.position_of_name(key)
-            if at is not None and (columns.listed is None or columns.listed[at]):
+            at = columns.listed_position(key)
+            if at is not None:
                 return columns.record(at)
         else:
             entry = self._find(key)
