@@ -140,8 +140,20 @@ _STR = frozenset({str})
 _dtype_of = attrgetter("dtype")
 
 
-def prepare(tensors: Mapping[Any, Any]) -> dict[str, np.ndarray]:
-    """Flatten and normalise a state mapping for a format's ``write``."""
+def prepare(tensors: Mapping[Any, Any], *, share: bool = False) -> dict[str, np.ndarray]:
+    """Flatten and normalise a state mapping for a format's ``write``.
+
+    ``share=True``: a flat plain ``dict`` of plain numeric NumPy arrays under non-empty str
+    names (checked in bulk) is returned as it is, not copied (a one-shot save, which is done
+    with it before it returns; a copy is ~40 bytes a tensor). Anything else (nested, other
+    key or value types, a dict subclass) is flattened into a new dict as without it."""
+    if (
+        share
+        and type(tensors) is dict
+        and _plain_level(tensors)
+        and set(map(_dtype_of, tensors.values())) <= NUMERIC_DTYPES
+    ):
+        return tensors
     flat = flatten(tensors)
     values = flat.values()
     if set(map(type, values)) <= _NDARRAY and set(map(_dtype_of, values)) <= NUMERIC_DTYPES:
