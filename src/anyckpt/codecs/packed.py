@@ -23,8 +23,8 @@ class Column(NamedTuple):
     """One field of ``n`` records: record ``i`` is ``data[starts[i] : starts[i] + lengths[i]]``."""
 
     data: np.ndarray  # uint8
-    starts: np.ndarray  # int64 (int32 for the fixed, varint and laid-out columns)
-    lengths: np.ndarray  # int64 (narrower for the fixed, varint and laid-out columns)
+    starts: np.ndarray  # int32 where the data fits (int64 beyond 2 GiB)
+    lengths: np.ndarray  # int32 or narrower (int64 for a bytes column past 2 GiB)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -34,8 +34,11 @@ class Column(NamedTuple):
         return self.data[start : start + int(self.lengths[i])].tobytes()
 
 
-def _starts(lengths: np.ndarray) -> np.ndarray:
-    starts = np.zeros(len(lengths), dtype=np.int64)
+def _starts(lengths: np.ndarray, total: int | None = None) -> np.ndarray:
+    """Where each of records of these ``lengths`` starts, back to back: int32 when ``total``
+    (their sum, if known) fits, else int64."""
+    narrow = total is not None and total < 2**31
+    starts = np.zeros(len(lengths), dtype=np.int32 if narrow else np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     return starts
 
@@ -51,10 +54,13 @@ def bytes_column(items: Sequence[bytes]) -> Column:
     80-byte buffer record per item while it runs)."""
     count = len(items)
     lengths = np.fromiter(map(len, items), dtype=np.int64, count=count)
-    starts = _starts(lengths)
+    total = int(lengths.sum())
+    if total < 2**31:  # 4 bytes a record, not 8 (each)
+        lengths = lengths.astype(np.int32)
+    starts = _starts(lengths, total)
     if count <= _CHUNK_RECORDS:
         return Column(np.frombuffer(b"".join(items), dtype=np.uint8), starts, lengths)
-    data = np.empty(int(lengths.sum()), dtype=np.uint8)
+    data = np.empty(total, dtype=np.uint8)
     for first in range(0, count, _CHUNK_RECORDS):
         piece = b"".join(items[first : first + _CHUNK_RECORDS])
         at = int(starts[first])
@@ -84,6 +90,8 @@ def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool
     given (a protobuf field key); ``omit_zero`` leaves zeros out entirely (proto3 defaults)."""
     v = _as_uint64(np.asarray(values))
     count = len(v)
+    if omit_zero and not v.any():  # every field left out (one data file's shard ids)
+        return _absent(count)
     nbytes = varint_lengths(v)
     width = int(nbytes.max(initial=1))
     lead = 0 if tag is None else 1
@@ -94,10 +102,20 @@ def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool
         byte = ((v >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
         byte |= np.where(nbytes > j + 1, np.uint8(0x80), np.uint8(0))
         out[:, lead + j] = byte  # bytes past a value's length are never read
-    lengths = nbytes + lead
+    lengths = nbytes  # (its own array: changed in place)
+    lengths += lead
     if omit_zero:
         lengths[v == 0] = 0
     return Column(out.reshape(-1), _strided(count, lead + width), lengths)
+
+
+def _absent(count: int) -> Column:
+    """A column whose field every record leaves out (no memory per record)."""
+    return Column(
+        np.zeros(0, dtype=np.uint8),
+        np.broadcast_to(np.int32(0), (count,)),
+        np.broadcast_to(np.uint8(0), (count,)),
+    )
 
 
 def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> Column:
@@ -123,16 +141,16 @@ def interleave(columns: Sequence[Column]) -> Column:
     count = len(columns[0])
     if any(len(c) != count for c in columns):
         raise ValueError("columns of different lengths")
-    record_lengths = np.zeros(count, dtype=np.int64)
+    record_lengths = np.zeros(count, dtype=np.int32)  # (a record is far below 2 GiB)
     for column in columns:
         record_lengths += column.lengths
-    out = np.empty(int(record_lengths.sum()), dtype=np.uint8)
+    total = int(record_lengths.sum(dtype=np.int64))
+    out = np.empty(total, dtype=np.uint8)
     at = 0
     for first in range(0, count, _CHUNK_RECORDS):
         last = min(count, first + _CHUNK_RECORDS)
         at += _gather_chunk(columns, first, last, out[at:])
-    narrow = np.int32 if len(out) < 2**31 else np.int64  # 4 bytes a record, not 8 (each)
-    return Column(out, _starts(record_lengths).astype(narrow), record_lengths.astype(narrow))
+    return Column(out, _starts(record_lengths, total), record_lengths)  # int32 where they fit
 
 
 def _chunk_source(column: Column, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:

@@ -42,7 +42,7 @@ _BLOCK_WINDOW = 4096
 def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
     """Length of the common prefix of each key with the key before it (0 for the first)."""
     count = len(keys)
-    shared = np.zeros(count, dtype=np.int64)
+    shared = np.zeros(count, dtype=np.int32)  # (a key is far below 2 GiB)
     if count < 2:
         return shared
     width = int(min(lengths.max(), _PREFIX_WINDOW))

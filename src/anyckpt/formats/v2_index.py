@@ -97,7 +97,8 @@ def _build_index(
     total = 1 + sum(len(f.keys) for f in files) + extra
     keys: list[bytes] = [HEADER_KEY]
     ids_all: np.ndarray = np.zeros(total, np.int32)  # each entry's head, numbered
-    shard_ids: np.ndarray = np.zeros(total, np.int64)
+    sharded = any(f.shard_id for f in files)  # else every shard id is 0: no column of them
+    shard_ids = np.zeros(total, np.int64) if sharded else np.broadcast_to(np.int64(0), (total,))
     offsets: np.ndarray = np.zeros(total, np.int64)
     sizes: np.ndarray = np.zeros(total, np.int64)
     crc: np.ndarray = np.zeros(total, np.uint32)
@@ -111,7 +112,8 @@ def _build_index(
         if None not in heads:
             ids = np.array([number(head) for head in heads], np.int32)  # type: ignore[arg-type]
             ids_all[rows] = ids[entries.kind_ids]
-            shard_ids[rows] = entries.shard_id
+            if sharded:
+                shard_ids[rows] = entries.shard_id
             offsets[rows] = entries.offsets
             sizes[rows] = entries.sizes
             crc[rows] = entries.crcs
@@ -123,9 +125,9 @@ def _build_index(
     if len(files) > 1 or extra or not in_order:  # a data file in another order (TF2's)
         order = sorted(range(len(keys)), key=keys.__getitem__)
         keys = [keys[i] for i in order]
-        ids_all, shard_ids, offsets, sizes, crc = (
-            a[order] for a in (ids_all, shard_ids, offsets, sizes, crc)
-        )
+        ids_all, offsets, sizes, crc = (a[order] for a in (ids_all, offsets, sizes, crc))
+        if sharded:
+            shard_ids = shard_ids[order]
     head_table = bytes_column(list(distinct_heads))
     narrow = np.int32 if len(head_table.data) < 2**31 else np.int64  # (a few distinct heads)
     heads_column = Column(
