@@ -11,6 +11,7 @@ import numpy as np
 
 from ._recent import RecentCache
 from .codecs.dtypes import NUMERIC_DTYPES
+from .codecs.packed import PackedBytes
 from .partitioned import Partitioned
 from .to_numpy import to_numpy
 
@@ -21,27 +22,31 @@ def key_to_bytes(key: str) -> bytes:
 
 
 #: The last few sets of names saved, by the names: their stored order.
-_ORDERS: RecentCache[tuple[str, ...], tuple[tuple[bytes, ...], np.ndarray]] = RecentCache(4)
+_ORDERS: RecentCache[tuple[str, ...], tuple[PackedBytes, np.ndarray]] = RecentCache(4)
 #: Largest set of names remembered (their encoded bytes).
 _ORDER_MAX_BYTES = 8 << 20
 
 
-def stored_key_order(keys: Sequence[str]) -> tuple[tuple[bytes, ...], np.ndarray]:
-    """The names as stored (:func:`key_to_bytes`) in bytewise order, and the position in
-    ``keys`` of each (a read-only int64 array: 8 bytes a name, not an int object). The last
-    few sets of names are remembered: a trainer saves the same names step after step, and
-    encoding and sorting 10,000 of them costs a millisecond."""
+def stored_key_order(keys: Sequence[str]) -> tuple[PackedBytes, np.ndarray]:
+    """The names as stored (:func:`key_to_bytes`) in bytewise order, packed into one bytes
+    object with offsets (:class:`~anyckpt.codecs.packed.PackedBytes`: no ``bytes`` object
+    per name kept), and the position in ``keys`` of each (a read-only int64 array: 8 bytes a
+    name, not an int object). The last few sets of names are remembered: a trainer saves the
+    same names step after step, and encoding and sorting 10,000 of them costs a millisecond."""
     names = tuple(keys)
     known = _ORDERS.get(names)
     if known is not None:
         return known
     raws = list(map(key_to_bytes, names))
     positions = sorted(range(len(raws)), key=raws.__getitem__)
-    sorted_raws = tuple(map(raws.__getitem__, positions))
+    # Distinct names encode to distinct bytes (surrogateescape is one to one): increasing.
+    packed = PackedBytes.join(map(raws.__getitem__, positions), len(raws), increasing=True)
+    del raws
     order = np.array(positions, dtype=np.int64)
+    del positions
     order.flags.writeable = False  # shared by every save of these names
-    result = sorted_raws, order
-    if sum(map(len, raws)) <= _ORDER_MAX_BYTES:
+    result = packed, order
+    if len(packed.data) <= _ORDER_MAX_BYTES:
         _ORDERS.put(names, result)
     return result
 

@@ -10,8 +10,8 @@ its bytes start and how many there are (0: the field is absent from that record)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple, overload
 
 import numpy as np
 
@@ -52,6 +52,8 @@ def _strided(count: int, stride: int) -> np.ndarray:
 def bytes_column(items: Sequence[bytes]) -> Column:
     """A column of arbitrary byte strings (joined a chunk at a time: ``bytes.join`` holds an
     80-byte buffer record per item while it runs)."""
+    if isinstance(items, PackedBytes):
+        return items.column()
     count = len(items)
     lengths = np.fromiter(map(len, items), dtype=np.int64, count=count)
     total = int(lengths.sum())
@@ -66,6 +68,92 @@ def bytes_column(items: Sequence[bytes]) -> Column:
         at = int(starts[first])
         data[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
     return Column(data, starts, lengths)
+
+
+class PackedBytes(Sequence[bytes]):
+    """Byte strings kept back to back in one ``bytes`` object with, per string, where it
+    starts and its length (int32 where they fit): a sequence of ``bytes`` without an object
+    per string (~45 bytes each for short names, plus 8 for a list's reference), made on
+    access. ``increasing``: known to be in strictly increasing bytewise order (the names of
+    a mapping, sorted)."""
+
+    __slots__ = ("data", "increasing", "lengths", "starts")
+
+    def __init__(
+        self, data: bytes, starts: np.ndarray, lengths: np.ndarray, *, increasing: bool = False
+    ) -> None:
+        self.data = data
+        self.starts = starts
+        self.lengths = lengths
+        self.increasing = increasing
+
+    @classmethod
+    def join(cls, items: Iterable[bytes], count: int, *, increasing: bool = False) -> PackedBytes:
+        """``count`` byte strings packed (joined a chunk at a time: ``bytes.join`` holds an
+        80-byte buffer record per item while it runs)."""
+        iterator = iter(items)
+        pieces: list[bytes] = []
+        lengths = np.empty(count, dtype=np.int64)
+        for first in range(0, count, _CHUNK_RECORDS):
+            chunk = [next(iterator) for _ in range(min(_CHUNK_RECORDS, count - first))]
+            lengths[first : first + len(chunk)] = list(map(len, chunk))
+            pieces.append(b"".join(chunk))
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        del pieces
+        if len(data) < 2**31:
+            lengths = lengths.astype(np.int32)
+        return cls(data, _starts(lengths, len(data)), lengths, increasing=increasing)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return list(self._items(start, stop))
+            return [self[i] for i in range(start, stop, step)]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("index out of range")
+        start = int(self.starts[index])
+        return self.data[start : start + int(self.lengths[index])]
+
+    def _items(self, start: int, stop: int) -> Iterator[bytes]:
+        data = self.data
+        for first in range(start, stop, _CHUNK_RECORDS):
+            last = min(stop, first + _CHUNK_RECORDS)
+            starts = self.starts[first:last]
+            ends = (starts + self.lengths[first:last]).tolist()
+            yield from map(data.__getitem__, map(slice, starts.tolist(), ends))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._items(0, len(self))
+
+    def with_first(self, item: bytes) -> PackedBytes:
+        """These strings after ``item`` (new starts and lengths; the data copied only if
+        ``item`` is not empty), ``increasing`` kept when ``item`` sorts before them all."""
+        count = len(self) + 1
+        data = self.data if not item else item + self.data
+        wide = len(data) >= 2**31
+        starts = np.zeros(count, dtype=np.int64 if wide else np.int32)
+        starts[1:] = self.starts
+        starts[1:] += len(item)
+        lengths = np.empty(count, dtype=np.int64 if wide else np.int32)
+        lengths[0] = len(item)
+        lengths[1:] = self.lengths
+        first = self[0] if len(self) else None
+        increasing = self.increasing and (first is None or item < first)
+        return PackedBytes(data, starts, lengths, increasing=increasing)
+
+    def column(self) -> Column:
+        """The strings as a :class:`Column` (its starts a copy: callers may move them)."""
+        return Column(np.frombuffer(self.data, dtype=np.uint8), self.starts.copy(), self.lengths)
 
 
 def _as_uint64(values: np.ndarray) -> np.ndarray:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from .packed import Column, bytes_column, interleave, varint_column, varint_lengths
+from .packed import Column, PackedBytes, bytes_column, interleave, varint_column, varint_lengths
 from .table import (
     BLOCK_RESTART_INTERVAL,
     BLOCK_SIZE,
@@ -50,10 +50,7 @@ def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
         return shared
     for low in range(0, count - 1, _PREFIX_ROWS):  # a chunk of keys and the one before it
         high = min(count, low + _PREFIX_ROWS + 1)
-        # Each key's first `width` bytes, zero-padded, as one row of a matrix (NumPy's
-        # fixed-width bytes dtype truncates and pads in C).
-        matrix = np.array(keys[low:high], dtype=f"S{width}").view(np.uint8)
-        matrix = matrix.reshape(high - low, width)
+        matrix = _padded_rows(keys, low, high, width)
         differ = matrix[1:] != matrix[:-1]
         first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
         shared[low + 1 : high] = np.minimum(
@@ -66,6 +63,30 @@ def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
         diff = int.from_bytes(a[:limit], "big") ^ int.from_bytes(b[:limit], "big")
         shared[i] = limit - (diff.bit_length() + 7) // 8 if diff else limit
     return shared
+
+
+def _padded_rows(keys: Sequence[bytes], low: int, high: int, width: int) -> np.ndarray:
+    """Keys ``low:high``'s first ``width`` bytes, zero-padded, as the rows of a uint8 matrix
+    (NumPy's fixed-width bytes dtype truncates and pads in C; packed keys are gathered from
+    their buffer)."""
+    if not isinstance(keys, PackedBytes):
+        fixed = np.array(keys[low:high], dtype=f"S{width}").view(np.uint8)
+        return fixed.reshape(high - low, width)
+    columns = np.arange(width, dtype=np.int32)
+    inside = columns < keys.lengths[low:high, None]
+    index = np.where(inside, keys.starts[low:high, None] + columns, 0)
+    matrix: np.ndarray = np.frombuffer(keys.data, dtype=np.uint8)[index]
+    matrix[~inside] = 0
+    return matrix
+
+
+def _increasing(keys: Sequence[bytes], shared: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether ``keys`` strictly increase: for packed keys known to be sorted, checked only
+    for equal neighbours (a prefix shared whole, the same length), else compared."""
+    if isinstance(keys, PackedBytes) and keys.increasing:
+        same = (shared[1:] == lengths[1:]) & (lengths[1:] == lengths[:-1])
+        return not bool(same.any())
+    return all(map(operator.lt, keys, keys[1:]))
 
 
 def _block_ends(
@@ -151,10 +172,10 @@ def build_table_with_layout(
     count = len(keys)
     if len(values) != count:
         raise ValueError(f"{count} keys but {len(values)} values")
-    if not all(map(operator.lt, keys, keys[1:])):
-        raise ValueError("table keys must strictly increase")
     key_column = bytes_column(keys)
     shared = _shared_prefixes(keys, key_column.lengths)
+    if not _increasing(keys, shared, key_column.lengths):
+        raise ValueError("table keys must strictly increase")
     ends = _block_ends(shared, key_column.lengths, values.lengths, block_size)
     # Each entry's shared prefix within its own block (0 at every restart point).
     restart_at = _restart_points(ends)

@@ -3,7 +3,8 @@ slice of a partitioned tensor), in bytewise key order, as TensorFlow's table."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from .._concurrency import cyclic_gc_paused
 from .._recent import RecentCache
 from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
-from ..codecs.packed import Column, bytes_column
+from ..codecs.packed import Column, PackedBytes, bytes_column
 from ..codecs.table_packed import TableLayout, build_table_with_layout, replace_value_tails
 from .v2_data import DataFileEntries, Kind
 
@@ -52,10 +53,25 @@ class _Template:
         return replace_value_tails(self.table, self.layout, entries, tails)
 
 
-_TEMPLATES: RecentCache[tuple[int, tuple[bytes, ...]], _Template] = RecentCache(4)
+_TemplateKey = tuple[int, Hashable]
+_TEMPLATES: RecentCache[_TemplateKey, _Template] = RecentCache(4)
 
 
-def _keep_template(key: tuple[int, tuple[bytes, ...]], template: _Template) -> None:
+def _increasing(keys: Sequence[bytes]) -> bool:
+    """Whether ``keys`` strictly increase (known for the packed, sorted names of a save)."""
+    if isinstance(keys, PackedBytes) and keys.increasing:
+        return True
+    return all(a < b for a, b in itertools.pairwise(keys))
+
+
+def _names_key(keys: Sequence[bytes]) -> Hashable:
+    """The names, hashable, for the templates' cache (packed: their bytes and lengths)."""
+    if isinstance(keys, PackedBytes):
+        return (keys.data, keys.lengths.tobytes())
+    return tuple(keys)
+
+
+def _keep_template(key: _TemplateKey, template: _Template) -> None:
     held = 2 * len(template.table) + template.layout.entry_ends.nbytes  # the names ~ the table
     if held <= _TEMPLATE_MAX_BYTES:  # a huge structure's index costs less to build than to hold
         _TEMPLATES.put(key, template)
@@ -80,10 +96,10 @@ def _build_index(
     holders = holders or {}
     # One data file of ordinary entries, every CRC present (a zero one is left out of its
     # entry, which changes the layout): the structure's template, if it was saved before.
-    in_order = all(a < b for f in files for a, b in zip(f.keys, f.keys[1:], strict=False))
+    in_order = all(_increasing(f.keys) for f in files)
     reusable = len(files) == 1 and not holders and bool(files[0].crcs.all()) and in_order
     if reusable:
-        template_key = (num_shards, tuple(files[0].keys))
+        template_key = (num_shards, _names_key(files[0].keys))
         template = _TEMPLATES.get(template_key)
         if template is not None and template.fits(files[0]):
             return template.patched(files[0].crcs)
@@ -95,7 +111,15 @@ def _build_index(
     # One row per entry (the header's first, the holders' last), filled file by file.
     extra = len(holders)
     total = 1 + sum(len(f.keys) for f in files) + extra
-    keys: list[bytes] = [HEADER_KEY]
+    # One data file's packed names in order (the usual save): the header's empty name before
+    # them, no bytes object per name; otherwise a list of them.
+    only = files[0].keys if len(files) == 1 else None
+    listed: list[bytes] | None = None
+    keys: Sequence[bytes]
+    if isinstance(only, PackedBytes) and in_order and not holders:
+        keys = only.with_first(HEADER_KEY)
+    else:
+        keys = listed = [HEADER_KEY]
     ids_all: np.ndarray = np.zeros(total, np.int32)  # each entry's head, numbered
     sharded = any(f.shard_id for f in files)  # else every shard id is 0: no column of them
     shard_ids = np.zeros(total, np.int64) if sharded else np.broadcast_to(np.int64(0), (total,))
@@ -107,7 +131,8 @@ def _build_index(
     for entries in files:
         rows = slice(at, at + len(entries.keys))
         at = rows.stop
-        keys += entries.keys
+        if listed is not None:
+            listed += entries.keys
         heads = [entry_head(*kind) for kind in entries.kinds]
         if None not in heads:
             ids = np.array([number(head) for head in heads], np.int32)  # type: ignore[arg-type]
@@ -120,11 +145,14 @@ def _build_index(
         else:  # numbers beyond the hand encoding: protobuf, each entry whole
             reusable = False
             ids_all[rows] = [number(encode_entry(e)) for e in entries.as_entries().values()]
-    keys += holders
+    if listed is not None:
+        listed += holders
     ids_all[at:] = [number(encode_entry(h)) for h in holders.values()]
     if len(files) > 1 or extra or not in_order:  # a data file in another order (TF2's)
-        order = sorted(range(len(keys)), key=keys.__getitem__)
-        keys = [keys[i] for i in order]
+        assert listed is not None  # (packed names: one file in order, no holders)
+        order = sorted(range(len(listed)), key=listed.__getitem__)
+        keys = [listed[i] for i in order]
+        del listed
         ids_all, offsets, sizes, crc = (a[order] for a in (ids_all, offsets, sizes, crc))
         if sharded:
             shard_ids = shard_ids[order]
