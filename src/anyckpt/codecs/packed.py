@@ -104,6 +104,30 @@ class PackedBytes(Sequence[bytes]):
             lengths = lengths.astype(np.int32)
         return cls(data, _starts(lengths, len(data)), lengths, increasing=increasing)
 
+    @classmethod
+    def from_rows(
+        cls,
+        rows: np.ndarray,
+        order: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        increasing: bool = False,
+    ) -> PackedBytes:
+        """The first ``lengths[i]`` bytes of row ``order[i]`` of the uint8 matrix ``rows``,
+        for each i (gathered a chunk of rows at a time: no full-size mask or sorted copy)."""
+        width = rows.shape[1]
+        columns = np.arange(width, dtype=np.int32)
+        pieces: list[bytes] = []
+        for first in range(0, len(order), _CHUNK_RECORDS):
+            chunk = order[first : first + _CHUNK_RECORDS]
+            keep = columns < lengths[first : first + len(chunk), None]
+            pieces.append(rows[chunk][keep].tobytes())
+        data = b"".join(pieces)
+        del pieces
+        if len(data) < 2**31:
+            lengths = lengths.astype(np.int32)
+        return cls(data, _starts(lengths, len(data)), lengths, increasing=increasing)
+
     def __len__(self) -> int:
         return len(self.starts)
 
@@ -219,25 +243,33 @@ def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> 
     return Column(out.reshape(-1), _strided(count, 5), lengths)
 
 
-def interleave(columns: Sequence[Column]) -> Column:
+def interleave(columns: Sequence[Column], *, first: bytes | None = None) -> Column:
     """The records, one after another, each the concatenation of its fields in column order.
 
     Returns a column whose record ``i`` is that concatenation (its bytes are contiguous and
     records follow each other, so ``data`` is the whole encoding). The work runs a chunk of
     records at a time, from the bytes those records read of each column: its index arrays
-    (8 bytes per output byte) and sources stay small, whatever the number of records."""
+    (8 bytes per output byte) and sources stay small, whatever the number of records.
+    ``first``, if given, is one more record placed before them all (as it is: the header
+    entry of an index, without copying every column to make room for it)."""
     count = len(columns[0])
     if any(len(c) != count for c in columns):
         raise ValueError("columns of different lengths")
-    record_lengths = np.zeros(count, dtype=np.int32)  # (a record is far below 2 GiB)
+    lead = 0 if first is None else 1
+    record_lengths = np.zeros(lead + count, dtype=np.int32)  # (a record is far below 2 GiB)
     for column in columns:
-        record_lengths += column.lengths
+        record_lengths[lead:] += column.lengths
+    if first is not None:
+        record_lengths[0] = len(first)
     total = int(record_lengths.sum(dtype=np.int64))
     out = np.empty(total, dtype=np.uint8)
     at = 0
-    for first in range(0, count, _CHUNK_RECORDS):
-        last = min(count, first + _CHUNK_RECORDS)
-        at += _gather_chunk(columns, first, last, out[at:])
+    if first is not None:
+        out[: len(first)] = np.frombuffer(first, dtype=np.uint8)
+        at = len(first)
+    for low in range(0, count, _CHUNK_RECORDS):
+        high = min(count, low + _CHUNK_RECORDS)
+        at += _gather_chunk(columns, low, high, out[at:])
     return Column(out, _starts(record_lengths, total), record_lengths)  # int32 where they fit
 
 

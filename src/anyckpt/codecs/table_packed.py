@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -135,7 +135,9 @@ def _with_trailer(out: list[Buffer], offset: int, contents: bytes) -> BlockHandl
 class TableLayout(NamedTuple):
     """Where a built table's entries and data blocks lie, to patch values in place later."""
 
-    entry_ends: np.ndarray  # int64: each entry's end (its value's end) in the table
+    entry_ends: (
+        np.ndarray
+    )  # int32 (int64 past 1 GiB): each entry's end (its value's end) in the table
     data_blocks: list[tuple[int, int]]  # each data block's (offset, size of its contents)
 
 
@@ -166,9 +168,16 @@ def replace_value_tails(
 
 
 def build_table_with_layout(
-    keys: Sequence[bytes], values: Column, *, block_size: int = BLOCK_SIZE
+    keys: Sequence[bytes],
+    values: Column | Callable[[], Column],
+    *,
+    block_size: int = BLOCK_SIZE,
 ) -> tuple[bytes, TableLayout]:
-    """:func:`build_table_packed`, and the table's :class:`TableLayout`."""
+    """:func:`build_table_packed`, and the table's :class:`TableLayout`. ``values`` may be
+    a function that makes them: then they are freed once laid out in the entries (before the
+    table is joined), not held by the caller to the end."""
+    if not isinstance(values, Column):
+        values = values()
     count = len(keys)
     if len(values) != count:
         raise ValueError(f"{count} keys but {len(values)} values")
@@ -192,7 +201,7 @@ def build_table_with_layout(
             values,
         ]
     )
-    del key_column, suffix_starts, shared, non_shared  # all in `entries` now
+    del key_column, suffix_starts, shared, non_shared, values  # all in `entries` now
     out, offset, index, layout = _data_blocks(keys, entries, ends, restart_at)
     metaindex = _with_trailer(out, offset, BlockBuilder().finish())
     offset += metaindex.size + 5
@@ -225,7 +234,8 @@ def _data_blocks(
     starts = entries.starts
     restart_starts = starts[restart_at]
     cuts = np.searchsorted(restart_at, ends).tolist()  # restart points before each end
-    entry_ends = starts.astype(np.int64)  # each entry's end in `data`; then in the table
+    # Each entry's end in `data`; then in the table (int32 while that is far below 2 GiB).
+    entry_ends = starts.astype(np.int32 if len(data) < 2**30 else np.int64)
     entry_ends += entries.lengths
     out: list[Buffer] = []
     index = BlockBuilder(restart_interval=1)
