@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import anyckpt
+from anyckpt import tensors
 from anyckpt._recent import RecentCache
 from anyckpt.codecs.bundle import decode_entry
 from anyckpt.codecs.dtypes import enum_from_dtype
@@ -135,8 +136,6 @@ def test_templates_are_bounded() -> None:
 
 
 def test_huge_structures_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
-    from anyckpt import tensors
-
     keys = [f"w/{i:04d}".encode() for i in range(1000)]
     monkeypatch.setattr(v2_index, "_TEMPLATE_MAX_BYTES", 10_000)
     one = _entries(keys, [(2,)] * 1000, [5] * 1000)
@@ -171,6 +170,36 @@ def test_stored_key_order_is_the_bytewise_order(keys: list[str]) -> None:
         raws, order = stored_key_order(keys)
         assert list(raws) == expected
         assert [key_to_bytes(keys[i]) for i in order] == expected
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(
+        st.text(alphabet=st.characters(max_codepoint=0x7F), max_size=10)  # ASCII, NUL too
+        | st.text(max_size=6),  # and not
+        unique=True,
+        max_size=60,
+    )
+)
+def test_names_sorted_as_a_matrix_match_the_general_path(keys: list[str]) -> None:
+    """Many ASCII names are sorted as a fixed-width NumPy matrix (tensors._ascii_order; from
+    1 name here): the same packed names and order as the general path, or no answer (NUL,
+    non-ASCII, very uneven lengths) and the general path is taken."""
+    names = tuple(keys)
+    try:
+        general = tensors._general_order(names)
+    except UnicodeEncodeError:
+        return
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(tensors, "_MATRIX_MIN_NAMES", 1)
+        matrix = tensors._ascii_order(names)
+    if matrix is None:  # (also empty names only, or very uneven lengths)
+        return
+    assert all(k.isascii() and "\0" not in k for k in names)
+    assert list(matrix[0]) == list(general[0])
+    assert matrix[0].increasing
+    np.testing.assert_array_equal(matrix[1], general[1])
+    assert not matrix[1].flags.writeable
 
 
 def test_saving_the_same_structure_again_stores_the_new_values(tmp_path: object) -> None:

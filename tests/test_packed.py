@@ -12,6 +12,7 @@ from anyckpt.codecs.bundle_packed import encode_entries, entry_head
 from anyckpt.codecs.crc import crc32c, mask, mask_many
 from anyckpt.codecs.packed import (
     Column,
+    PackedBytes,
     bytes_column,
     fixed32_column,
     interleave,
@@ -301,3 +302,41 @@ def test_large_tensor_read_in_chunks_is_checked(
         anyio.run(lambda: anyckpt.load(prefix))
     raw = anyio.run(lambda: anyckpt.load(prefix, verify=False))
     assert raw["a"].tobytes() != array.tobytes()
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.binary(max_size=12), max_size=60), st.binary(max_size=3))
+def test_packed_bytes_is_a_sequence_of_its_items(items: list[bytes], first: bytes) -> None:
+    packed = PackedBytes.join(iter(items), len(items))
+    assert len(packed) == len(items)
+    assert list(packed) == items
+    assert [packed[i] for i in range(-len(items), len(items))] == items + items
+    assert packed[2:-3] == items[2:-3]
+    assert packed[::-2] == items[::-2]
+    with pytest.raises(IndexError):
+        packed[len(items)]
+    column = bytes_column(packed)
+    assert [column.item(i) for i in range(len(items))] == items
+    assert list(packed.with_first(first)) == [first, *items]
+    assert not packed.with_first(first).increasing
+
+
+def test_packed_bytes_across_chunks_and_increasing() -> None:
+    items = [b"k%06d" % i for i in range(10_000)]
+    packed = PackedBytes.join(items, len(items), increasing=True)
+    assert list(packed) == items
+    assert packed.starts.dtype == np.int32
+    headed = packed.with_first(b"")
+    assert headed.increasing
+    assert headed.data is packed.data  # the empty first name shares the buffer
+    assert not packed.with_first(b"z").increasing
+
+
+def test_packed_keys_build_the_same_table() -> None:
+    keys = sorted({bytes([65 + i % 26]) * (1 + i % 150) + b"%d" % i for i in range(3000)})
+    values = bytes_column([b"v%d" % i for i in range(len(keys))])
+    packed = PackedBytes.join(keys, len(keys), increasing=True)
+    assert build_table_packed(packed, values) == build_table_packed(keys, values)
+    twice = PackedBytes.join([b"a", b"b", b"b"], 3, increasing=True)  # claimed, not so
+    with pytest.raises(ValueError, match="strictly increase"):
+        build_table_packed(twice, bytes_column([b"", b"", b""]))

@@ -9,6 +9,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from typing import Any
 
+import anyio
 import ml_dtypes
 import numpy as np
 import pytest
@@ -194,3 +195,57 @@ def test_bytes_names_and_str_subclasses_take_the_per_entry_path() -> None:
 
     state = {b"caf\xc3\xa9": np.zeros(1), Name("n"): np.ones(1)}
     assert list(prepare(state)) == ["café", "n"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(state=states())
+def test_shared_prepare_matches_the_per_entry_code(state: dict[Any, Any]) -> None:
+    """``prepare(share=True)`` gives what ``prepare`` gives (and the same errors); it returns
+    the caller's dict itself only when that is flat, plain and numeric."""
+    shared = outcome(lambda s: prepare(s, share=True), state)
+    assert_same(shared, outcome(reference_prepare, state), identical=False)
+    if shared[0] == "ok" and shared[1] is state:
+        assert all(type(k) is str and k for k in state)
+        assert all(type(v) is np.ndarray for v in state.values())
+
+
+def test_shared_prepare_returns_only_flat_plain_dicts_as_they_are() -> None:
+    flat = {f"layer_{i}/kernel": np.ones(4, dtype=np.float32) for i in range(50)}
+    assert prepare(flat, share=True) is flat
+    assert prepare(flat) is not flat  # the manager's copy
+    with_bf16 = {**flat, "bf": np.ones(2, ml_dtypes.bfloat16)}  # a known numeric dtype
+    assert prepare(with_bf16, share=True) is with_bf16
+    for state in (
+        {"model": flat},  # nested
+        OrderedDict(flat),  # a dict subclass
+        {**flat, "step": np.int64(3)},  # a NumPy scalar, not an array
+        {**flat, "step": 3},  # a Python number
+        {**flat, "name": np.array([b"x"], dtype=object)},  # strings
+        {**flat, "t": np.zeros(2, "datetime64[s]")},  # refused
+        {**flat, 7: np.ones(1)},  # an int name
+    ):
+        got = outcome(lambda s: prepare(s, share=True), state)
+        assert got[1] is not state
+        assert_same(got, outcome(reference_prepare, state), identical=False)
+
+
+def test_one_shot_save_of_a_shared_dict(tmp_path: Any) -> None:
+    """The one-shot save uses a flat plain dict as it is: the dict is left unchanged and the
+    checkpoint holds its arrays; nested and odd states are copied and saved as before."""
+    flat = {f"w{i}": np.full(3, i, np.float32) for i in range(20)}
+    before = dict(flat)
+    anyio.run(lambda: anyckpt.save(str(tmp_path / "a"), flat, durable=False))
+    assert list(flat) == list(before)
+    assert all(flat[k] is before[k] for k in flat)
+    loaded = anyio.run(anyckpt.load, str(tmp_path / "a"))
+    assert list(loaded) == sorted(flat)
+    for key, value in flat.items():
+        np.testing.assert_array_equal(loaded[key], value)
+    odd = {"m": dict(flat), "s": "text", 3: np.int64(4)}
+    anyio.run(lambda: anyckpt.save(str(tmp_path / "b"), odd, durable=False))
+    assert odd["s"] == "text"
+    assert list(odd) == ["m", "s", 3]
+    loaded = anyio.run(anyckpt.load, str(tmp_path / "b"))
+    assert loaded["s"] == b"text"
+    assert int(loaded["3"]) == 4
+    np.testing.assert_array_equal(loaded["m/w5"], flat["w5"])

@@ -88,7 +88,7 @@ async def save(
         tensors = with_object_graph(tensors)
         options = {"data_order": "given", **(options or {})}
     storage, path = await open_storage(prefix, storage_options)
-    prepared = prepare(tensors)
+    prepared = prepare(tensors, share=True)  # the caller's own dict if flat and plain: not kept
     directory = posixpath.dirname(path)
     if directory:  # formats may rely on it (docs/plugins.md)
         await anyio.to_thread.run_sync(storage.makedirs, directory)

@@ -11,6 +11,7 @@ import numpy as np
 
 from ._recent import RecentCache
 from .codecs.dtypes import NUMERIC_DTYPES
+from .codecs.packed import PackedBytes
 from .partitioned import Partitioned
 from .to_numpy import to_numpy
 
@@ -21,29 +22,73 @@ def key_to_bytes(key: str) -> bytes:
 
 
 #: The last few sets of names saved, by the names: their stored order.
-_ORDERS: RecentCache[tuple[str, ...], tuple[tuple[bytes, ...], np.ndarray]] = RecentCache(4)
+_ORDERS: RecentCache[tuple[str, ...], tuple[PackedBytes, np.ndarray]] = RecentCache(4)
 #: Largest set of names remembered (their encoded bytes).
 _ORDER_MAX_BYTES = 8 << 20
 
 
-def stored_key_order(keys: Sequence[str]) -> tuple[tuple[bytes, ...], np.ndarray]:
-    """The names as stored (:func:`key_to_bytes`) in bytewise order, and the position in
-    ``keys`` of each (a read-only int64 array: 8 bytes a name, not an int object). The last
-    few sets of names are remembered: a trainer saves the same names step after step, and
-    encoding and sorting 10,000 of them costs a millisecond."""
+def stored_key_order(keys: Sequence[str]) -> tuple[PackedBytes, np.ndarray]:
+    """The names as stored (:func:`key_to_bytes`) in bytewise order, packed into one bytes
+    object with offsets (:class:`~anyckpt.codecs.packed.PackedBytes`: no ``bytes`` object
+    per name kept), and the position in ``keys`` of each (a read-only int64 array: 8 bytes a
+    name, not an int object). The last few sets of names are remembered: a trainer saves the
+    same names step after step, and encoding and sorting 10,000 of them costs a millisecond."""
     names = tuple(keys)
     known = _ORDERS.get(names)
     if known is not None:
         return known
-    raws = list(map(key_to_bytes, names))
-    positions = sorted(range(len(raws)), key=raws.__getitem__)
-    sorted_raws = tuple(map(raws.__getitem__, positions))
-    order = np.array(positions, dtype=np.int64)
-    order.flags.writeable = False  # shared by every save of these names
-    result = sorted_raws, order
-    if sum(map(len, raws)) <= _ORDER_MAX_BYTES:
+    result = _ascii_order(names)
+    if result is None:
+        result = _general_order(names)
+    if len(result[0].data) <= _ORDER_MAX_BYTES:
         _ORDERS.put(names, result)
     return result
+
+
+#: Fewest names sorted as a NumPy matrix (fewer: the general path is as quick).
+_MATRIX_MIN_NAMES = 1024
+
+
+def _ascii_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray] | None:
+    """:func:`stored_key_order` for many ASCII names without NUL of similar lengths (the
+    usual case), else None: the names encoded into one fixed-width NumPy bytes matrix and
+    sorted there (``np.argsort``), with no Python object per name (a bytes object and an int
+    each, ~80 bytes a name, which the process keeps as its memory high-water mark)."""
+    count = len(names)
+    if count < _MATRIX_MIN_NAMES:
+        return None
+    lengths = np.fromiter(map(len, names), dtype=np.int64, count=count)
+    total = int(lengths.sum())
+    width = int(lengths.max())
+    if width == 0 or width * count > 2 * total + 16 * count:  # a few long names: no padding
+        return None
+    try:
+        fixed = np.array(names, dtype=f"S{width}")  # ASCII only: else UnicodeEncodeError
+    except UnicodeEncodeError:
+        return None
+    # NumPy's S dtype ignores trailing NULs when comparing: a NUL in a name, then no.
+    if count * width - np.count_nonzero(fixed.view(np.uint8)) != count * width - total:
+        return None
+    order = np.argsort(fixed, kind="stable")
+    rows = fixed.view(np.uint8).reshape(count, width)
+    del fixed
+    packed = PackedBytes.from_rows(rows, order, lengths[order], increasing=True)
+    del rows
+    order.flags.writeable = False  # shared by every save of these names
+    return packed, order
+
+
+def _general_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray]:
+    """:func:`stored_key_order` for any names (each encoded and sorted as bytes)."""
+    raws = list(map(key_to_bytes, names))
+    positions = sorted(range(len(raws)), key=raws.__getitem__)
+    # Distinct names encode to distinct bytes (surrogateescape is one to one): increasing.
+    packed = PackedBytes.join(map(raws.__getitem__, positions), len(raws), increasing=True)
+    del raws
+    order = np.array(positions, dtype=np.int64)
+    del positions
+    order.flags.writeable = False  # shared by every save of these names
+    return packed, order
 
 
 def key_from_bytes(raw: bytes) -> str:
@@ -140,8 +185,20 @@ _STR = frozenset({str})
 _dtype_of = attrgetter("dtype")
 
 
-def prepare(tensors: Mapping[Any, Any]) -> dict[str, np.ndarray]:
-    """Flatten and normalise a state mapping for a format's ``write``."""
+def prepare(tensors: Mapping[Any, Any], *, share: bool = False) -> dict[str, np.ndarray]:
+    """Flatten and normalise a state mapping for a format's ``write``.
+
+    ``share=True``: a flat plain ``dict`` of plain numeric NumPy arrays under non-empty str
+    names (checked in bulk) is returned as it is, not copied (a one-shot save, which is done
+    with it before it returns; a copy is ~40 bytes a tensor). Anything else (nested, other
+    key or value types, a dict subclass) is flattened into a new dict as without it."""
+    if (
+        share
+        and type(tensors) is dict
+        and _plain_level(tensors)
+        and set(map(_dtype_of, tensors.values())) <= NUMERIC_DTYPES
+    ):
+        return tensors
     flat = flatten(tensors)
     values = flat.values()
     if set(map(type, values)) <= _NDARRAY and set(map(_dtype_of, values)) <= NUMERIC_DTYPES:

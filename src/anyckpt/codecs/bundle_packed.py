@@ -39,10 +39,13 @@ def encode_entries(
     offsets: np.ndarray,
     sizes: np.ndarray,
     crcs: np.ndarray,
+    *,
+    first: bytes | None = None,
 ) -> Column:
     """Entry ``i`` is ``heads[i]`` followed by its non-zero ``shard_ids``, ``offsets``,
     ``sizes`` (varints) and masked ``crcs`` (fixed32). A pre-encoded entry is passed as its
-    whole encoding in ``heads`` with zeros in the other columns."""
+    whole encoding in ``heads`` with zeros in the other columns; ``first``, if given, is one
+    more, placed before them all (an index's header)."""
     if len(shard_ids) and (shard_ids.min() < 0 or shard_ids.max() > INT32_MAX):
         raise ValueError("shard ids must fit in an int32")
     if len(offsets) and (offsets.min() < 0 or sizes.min() < 0):
@@ -54,5 +57,6 @@ def encode_entries(
             varint_column(offsets, tag=0x20, omit_zero=True),
             varint_column(sizes, tag=0x28, omit_zero=True),
             fixed32_column(crcs, tag=0x35, omit_zero=True),
-        ]
+        ],
+        first=first,
     )

@@ -10,8 +10,8 @@ its bytes start and how many there are (0: the field is absent from that record)
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from typing import NamedTuple
+from collections.abc import Iterable, Iterator, Sequence
+from typing import NamedTuple, overload
 
 import numpy as np
 
@@ -23,8 +23,8 @@ class Column(NamedTuple):
     """One field of ``n`` records: record ``i`` is ``data[starts[i] : starts[i] + lengths[i]]``."""
 
     data: np.ndarray  # uint8
-    starts: np.ndarray  # int64 (int32 for the fixed, varint and laid-out columns)
-    lengths: np.ndarray  # int64 (narrower for the fixed, varint and laid-out columns)
+    starts: np.ndarray  # int32 where the data fits (int64 beyond 2 GiB)
+    lengths: np.ndarray  # int32 or narrower (int64 for a bytes column past 2 GiB)
 
     def __len__(self) -> int:
         return len(self.starts)
@@ -34,8 +34,11 @@ class Column(NamedTuple):
         return self.data[start : start + int(self.lengths[i])].tobytes()
 
 
-def _starts(lengths: np.ndarray) -> np.ndarray:
-    starts = np.zeros(len(lengths), dtype=np.int64)
+def _starts(lengths: np.ndarray, total: int | None = None) -> np.ndarray:
+    """Where each of records of these ``lengths`` starts, back to back: int32 when ``total``
+    (their sum, if known) fits, else int64."""
+    narrow = total is not None and total < 2**31
+    starts = np.zeros(len(lengths), dtype=np.int32 if narrow else np.int64)
     np.cumsum(lengths[:-1], out=starts[1:])
     return starts
 
@@ -49,17 +52,132 @@ def _strided(count: int, stride: int) -> np.ndarray:
 def bytes_column(items: Sequence[bytes]) -> Column:
     """A column of arbitrary byte strings (joined a chunk at a time: ``bytes.join`` holds an
     80-byte buffer record per item while it runs)."""
+    if isinstance(items, PackedBytes):
+        return items.column()
     count = len(items)
     lengths = np.fromiter(map(len, items), dtype=np.int64, count=count)
-    starts = _starts(lengths)
+    total = int(lengths.sum())
+    if total < 2**31:  # 4 bytes a record, not 8 (each)
+        lengths = lengths.astype(np.int32)
+    starts = _starts(lengths, total)
     if count <= _CHUNK_RECORDS:
         return Column(np.frombuffer(b"".join(items), dtype=np.uint8), starts, lengths)
-    data = np.empty(int(lengths.sum()), dtype=np.uint8)
+    data = np.empty(total, dtype=np.uint8)
     for first in range(0, count, _CHUNK_RECORDS):
         piece = b"".join(items[first : first + _CHUNK_RECORDS])
         at = int(starts[first])
         data[at : at + len(piece)] = np.frombuffer(piece, dtype=np.uint8)
     return Column(data, starts, lengths)
+
+
+class PackedBytes(Sequence[bytes]):
+    """Byte strings kept back to back in one ``bytes`` object with, per string, where it
+    starts and its length (int32 where they fit): a sequence of ``bytes`` without an object
+    per string (~45 bytes each for short names, plus 8 for a list's reference), made on
+    access. ``increasing``: known to be in strictly increasing bytewise order (the names of
+    a mapping, sorted)."""
+
+    __slots__ = ("data", "increasing", "lengths", "starts")
+
+    def __init__(
+        self, data: bytes, starts: np.ndarray, lengths: np.ndarray, *, increasing: bool = False
+    ) -> None:
+        self.data = data
+        self.starts = starts
+        self.lengths = lengths
+        self.increasing = increasing
+
+    @classmethod
+    def join(cls, items: Iterable[bytes], count: int, *, increasing: bool = False) -> PackedBytes:
+        """``count`` byte strings packed (joined a chunk at a time: ``bytes.join`` holds an
+        80-byte buffer record per item while it runs)."""
+        iterator = iter(items)
+        pieces: list[bytes] = []
+        lengths = np.empty(count, dtype=np.int64)
+        for first in range(0, count, _CHUNK_RECORDS):
+            chunk = [next(iterator) for _ in range(min(_CHUNK_RECORDS, count - first))]
+            lengths[first : first + len(chunk)] = list(map(len, chunk))
+            pieces.append(b"".join(chunk))
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        del pieces
+        if len(data) < 2**31:
+            lengths = lengths.astype(np.int32)
+        return cls(data, _starts(lengths, len(data)), lengths, increasing=increasing)
+
+    @classmethod
+    def from_rows(
+        cls,
+        rows: np.ndarray,
+        order: np.ndarray,
+        lengths: np.ndarray,
+        *,
+        increasing: bool = False,
+    ) -> PackedBytes:
+        """The first ``lengths[i]`` bytes of row ``order[i]`` of the uint8 matrix ``rows``,
+        for each i (gathered a chunk of rows at a time: no full-size mask or sorted copy)."""
+        width = rows.shape[1]
+        columns = np.arange(width, dtype=np.int32)
+        pieces: list[bytes] = []
+        for first in range(0, len(order), _CHUNK_RECORDS):
+            chunk = order[first : first + _CHUNK_RECORDS]
+            keep = columns < lengths[first : first + len(chunk), None]
+            pieces.append(rows[chunk][keep].tobytes())
+        data = b"".join(pieces)
+        del pieces
+        if len(data) < 2**31:
+            lengths = lengths.astype(np.int32)
+        return cls(data, _starts(lengths, len(data)), lengths, increasing=increasing)
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            start, stop, step = index.indices(len(self))
+            if step == 1:
+                return list(self._items(start, stop))
+            return [self[i] for i in range(start, stop, step)]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("index out of range")
+        start = int(self.starts[index])
+        return self.data[start : start + int(self.lengths[index])]
+
+    def _items(self, start: int, stop: int) -> Iterator[bytes]:
+        data = self.data
+        for first in range(start, stop, _CHUNK_RECORDS):
+            last = min(stop, first + _CHUNK_RECORDS)
+            starts = self.starts[first:last]
+            ends = (starts + self.lengths[first:last]).tolist()
+            yield from map(data.__getitem__, map(slice, starts.tolist(), ends))
+
+    def __iter__(self) -> Iterator[bytes]:
+        return self._items(0, len(self))
+
+    def with_first(self, item: bytes) -> PackedBytes:
+        """These strings after ``item`` (new starts and lengths; the data copied only if
+        ``item`` is not empty), ``increasing`` kept when ``item`` sorts before them all."""
+        count = len(self) + 1
+        data = self.data if not item else item + self.data
+        wide = len(data) >= 2**31
+        starts = np.zeros(count, dtype=np.int64 if wide else np.int32)
+        starts[1:] = self.starts
+        starts[1:] += len(item)
+        lengths = np.empty(count, dtype=np.int64 if wide else np.int32)
+        lengths[0] = len(item)
+        lengths[1:] = self.lengths
+        first = self[0] if len(self) else None
+        increasing = self.increasing and (first is None or item < first)
+        return PackedBytes(data, starts, lengths, increasing=increasing)
+
+    def column(self) -> Column:
+        """The strings as a :class:`Column` (its starts a copy: callers may move them)."""
+        return Column(np.frombuffer(self.data, dtype=np.uint8), self.starts.copy(), self.lengths)
 
 
 def _as_uint64(values: np.ndarray) -> np.ndarray:
@@ -84,6 +202,8 @@ def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool
     given (a protobuf field key); ``omit_zero`` leaves zeros out entirely (proto3 defaults)."""
     v = _as_uint64(np.asarray(values))
     count = len(v)
+    if omit_zero and not v.any():  # every field left out (one data file's shard ids)
+        return _absent(count)
     nbytes = varint_lengths(v)
     width = int(nbytes.max(initial=1))
     lead = 0 if tag is None else 1
@@ -94,10 +214,20 @@ def varint_column(values: np.ndarray, *, tag: int | None = None, omit_zero: bool
         byte = ((v >> np.uint64(7 * j)) & np.uint64(0x7F)).astype(np.uint8)
         byte |= np.where(nbytes > j + 1, np.uint8(0x80), np.uint8(0))
         out[:, lead + j] = byte  # bytes past a value's length are never read
-    lengths = nbytes + lead
+    lengths = nbytes  # (its own array: changed in place)
+    lengths += lead
     if omit_zero:
         lengths[v == 0] = 0
     return Column(out.reshape(-1), _strided(count, lead + width), lengths)
+
+
+def _absent(count: int) -> Column:
+    """A column whose field every record leaves out (no memory per record)."""
+    return Column(
+        np.zeros(0, dtype=np.uint8),
+        np.broadcast_to(np.int32(0), (count,)),
+        np.broadcast_to(np.uint8(0), (count,)),
+    )
 
 
 def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> Column:
@@ -113,26 +243,34 @@ def fixed32_column(values: np.ndarray, *, tag: int, omit_zero: bool = False) -> 
     return Column(out.reshape(-1), _strided(count, 5), lengths)
 
 
-def interleave(columns: Sequence[Column]) -> Column:
+def interleave(columns: Sequence[Column], *, first: bytes | None = None) -> Column:
     """The records, one after another, each the concatenation of its fields in column order.
 
     Returns a column whose record ``i`` is that concatenation (its bytes are contiguous and
     records follow each other, so ``data`` is the whole encoding). The work runs a chunk of
     records at a time, from the bytes those records read of each column: its index arrays
-    (8 bytes per output byte) and sources stay small, whatever the number of records."""
+    (8 bytes per output byte) and sources stay small, whatever the number of records.
+    ``first``, if given, is one more record placed before them all (as it is: the header
+    entry of an index, without copying every column to make room for it)."""
     count = len(columns[0])
     if any(len(c) != count for c in columns):
         raise ValueError("columns of different lengths")
-    record_lengths = np.zeros(count, dtype=np.int64)
+    lead = 0 if first is None else 1
+    record_lengths = np.zeros(lead + count, dtype=np.int32)  # (a record is far below 2 GiB)
     for column in columns:
-        record_lengths += column.lengths
-    out = np.empty(int(record_lengths.sum()), dtype=np.uint8)
+        record_lengths[lead:] += column.lengths
+    if first is not None:
+        record_lengths[0] = len(first)
+    total = int(record_lengths.sum(dtype=np.int64))
+    out = np.empty(total, dtype=np.uint8)
     at = 0
-    for first in range(0, count, _CHUNK_RECORDS):
-        last = min(count, first + _CHUNK_RECORDS)
-        at += _gather_chunk(columns, first, last, out[at:])
-    narrow = np.int32 if len(out) < 2**31 else np.int64  # 4 bytes a record, not 8 (each)
-    return Column(out, _starts(record_lengths).astype(narrow), record_lengths.astype(narrow))
+    if first is not None:
+        out[: len(first)] = np.frombuffer(first, dtype=np.uint8)
+        at = len(first)
+    for low in range(0, count, _CHUNK_RECORDS):
+        high = min(count, low + _CHUNK_RECORDS)
+        at += _gather_chunk(columns, low, high, out[at:])
+    return Column(out, _starts(record_lengths, total), record_lengths)  # int32 where they fit
 
 
 def _chunk_source(column: Column, first: int, last: int) -> tuple[np.ndarray, np.ndarray]:

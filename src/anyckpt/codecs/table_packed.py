@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import operator
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from .packed import Column, bytes_column, interleave, varint_column, varint_lengths
+from .packed import Column, PackedBytes, bytes_column, interleave, varint_column, varint_lengths
 from .table import (
     BLOCK_RESTART_INTERVAL,
     BLOCK_SIZE,
@@ -42,7 +42,7 @@ _BLOCK_WINDOW = 4096
 def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
     """Length of the common prefix of each key with the key before it (0 for the first)."""
     count = len(keys)
-    shared = np.zeros(count, dtype=np.int64)
+    shared = np.zeros(count, dtype=np.int32)  # (a key is far below 2 GiB)
     if count < 2:
         return shared
     width = int(min(lengths.max(), _PREFIX_WINDOW))
@@ -50,10 +50,7 @@ def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
         return shared
     for low in range(0, count - 1, _PREFIX_ROWS):  # a chunk of keys and the one before it
         high = min(count, low + _PREFIX_ROWS + 1)
-        # Each key's first `width` bytes, zero-padded, as one row of a matrix (NumPy's
-        # fixed-width bytes dtype truncates and pads in C).
-        matrix = np.array(keys[low:high], dtype=f"S{width}").view(np.uint8)
-        matrix = matrix.reshape(high - low, width)
+        matrix = _padded_rows(keys, low, high, width)
         differ = matrix[1:] != matrix[:-1]
         first = np.where(differ.any(axis=1), differ.argmax(axis=1), width)
         shared[low + 1 : high] = np.minimum(
@@ -66,6 +63,30 @@ def _shared_prefixes(keys: Sequence[bytes], lengths: np.ndarray) -> np.ndarray:
         diff = int.from_bytes(a[:limit], "big") ^ int.from_bytes(b[:limit], "big")
         shared[i] = limit - (diff.bit_length() + 7) // 8 if diff else limit
     return shared
+
+
+def _padded_rows(keys: Sequence[bytes], low: int, high: int, width: int) -> np.ndarray:
+    """Keys ``low:high``'s first ``width`` bytes, zero-padded, as the rows of a uint8 matrix
+    (NumPy's fixed-width bytes dtype truncates and pads in C; packed keys are gathered from
+    their buffer)."""
+    if not isinstance(keys, PackedBytes):
+        fixed = np.array(keys[low:high], dtype=f"S{width}").view(np.uint8)
+        return fixed.reshape(high - low, width)
+    columns = np.arange(width, dtype=np.int32)
+    inside = columns < keys.lengths[low:high, None]
+    index = np.where(inside, keys.starts[low:high, None] + columns, 0)
+    matrix: np.ndarray = np.frombuffer(keys.data, dtype=np.uint8)[index]
+    matrix[~inside] = 0
+    return matrix
+
+
+def _increasing(keys: Sequence[bytes], shared: np.ndarray, lengths: np.ndarray) -> bool:
+    """Whether ``keys`` strictly increase: for packed keys known to be sorted, checked only
+    for equal neighbours (a prefix shared whole, the same length), else compared."""
+    if isinstance(keys, PackedBytes) and keys.increasing:
+        same = (shared[1:] == lengths[1:]) & (lengths[1:] == lengths[:-1])
+        return not bool(same.any())
+    return all(map(operator.lt, keys, keys[1:]))
 
 
 def _block_ends(
@@ -114,7 +135,9 @@ def _with_trailer(out: list[Buffer], offset: int, contents: bytes) -> BlockHandl
 class TableLayout(NamedTuple):
     """Where a built table's entries and data blocks lie, to patch values in place later."""
 
-    entry_ends: np.ndarray  # int64: each entry's end (its value's end) in the table
+    entry_ends: (
+        np.ndarray
+    )  # int32 (int64 past 1 GiB): each entry's end (its value's end) in the table
     data_blocks: list[tuple[int, int]]  # each data block's (offset, size of its contents)
 
 
@@ -145,16 +168,23 @@ def replace_value_tails(
 
 
 def build_table_with_layout(
-    keys: Sequence[bytes], values: Column, *, block_size: int = BLOCK_SIZE
+    keys: Sequence[bytes],
+    values: Column | Callable[[], Column],
+    *,
+    block_size: int = BLOCK_SIZE,
 ) -> tuple[bytes, TableLayout]:
-    """:func:`build_table_packed`, and the table's :class:`TableLayout`."""
+    """:func:`build_table_packed`, and the table's :class:`TableLayout`. ``values`` may be
+    a function that makes them: then they are freed once laid out in the entries (before the
+    table is joined), not held by the caller to the end."""
+    if not isinstance(values, Column):
+        values = values()
     count = len(keys)
     if len(values) != count:
         raise ValueError(f"{count} keys but {len(values)} values")
-    if not all(map(operator.lt, keys, keys[1:])):
-        raise ValueError("table keys must strictly increase")
     key_column = bytes_column(keys)
     shared = _shared_prefixes(keys, key_column.lengths)
+    if not _increasing(keys, shared, key_column.lengths):
+        raise ValueError("table keys must strictly increase")
     ends = _block_ends(shared, key_column.lengths, values.lengths, block_size)
     # Each entry's shared prefix within its own block (0 at every restart point).
     restart_at = _restart_points(ends)
@@ -171,7 +201,7 @@ def build_table_with_layout(
             values,
         ]
     )
-    del key_column, suffix_starts, shared, non_shared  # all in `entries` now
+    del key_column, suffix_starts, shared, non_shared, values  # all in `entries` now
     out, offset, index, layout = _data_blocks(keys, entries, ends, restart_at)
     metaindex = _with_trailer(out, offset, BlockBuilder().finish())
     offset += metaindex.size + 5
@@ -204,7 +234,8 @@ def _data_blocks(
     starts = entries.starts
     restart_starts = starts[restart_at]
     cuts = np.searchsorted(restart_at, ends).tolist()  # restart points before each end
-    entry_ends = starts.astype(np.int64)  # each entry's end in `data`; then in the table
+    # Each entry's end in `data`; then in the table (int32 while that is far below 2 GiB).
+    entry_ends = starts.astype(np.int32 if len(data) < 2**30 else np.int64)
     entry_ends += entries.lengths
     out: list[Buffer] = []
     index = BlockBuilder(restart_interval=1)

@@ -21,7 +21,7 @@ import crc32c as _crc32c
 import numpy as np
 
 from ..codecs.bundle import BundleEntry, encode_string_tensor
-from ..codecs.crc import crc32c, mask_many
+from ..codecs.crc import crc32c, crc32c_rows, mask_many
 from ..codecs.dtypes import DT_STRING, enum_from_dtype, to_little_endian
 from ..storage import Storage
 from ._arrays import byte_view
@@ -30,6 +30,11 @@ from .v2_layout import GATHER_BELOW, GATHER_BYTES, PARALLEL_BYTES
 
 #: Buffers per writev call (Linux's IOV_MAX).
 _BATCH = 1024
+#: Tensors of fewer bytes than this (of a plain NumPy numeric dtype) are "tiny": their bytes
+#: are gathered a window at a time and checksummed row by row in NumPy (crc32c_rows).
+TINY_BELOW = 64
+#: Tiny tensors gathered per window (a few hundred kB at most).
+TINY_WINDOW = 4096
 
 _dtype_of = attrgetter("dtype")
 _shape_of = attrgetter("shape")
@@ -163,6 +168,35 @@ def _batches(sizes: np.ndarray, start: int, stop: int) -> Iterator[tuple[int, in
         first = last
 
 
+def _gather_tiny(arrays: Sequence[np.ndarray], dtype_ids: np.ndarray) -> np.ndarray:
+    """The bytes of ``arrays`` (tiny, of plain little-endian NumPy dtypes, any layout) back to
+    back, each in C order, as one uint8 array: one ``np.concatenate`` per run of one dtype
+    (``dtype_ids``: a number per array), without exporting a buffer per array (NumPy caches
+    a buffer-export record on each array it exports: ~56 bytes a tensor of the caller's)."""
+    if len(dtype_ids) == 0:
+        return np.zeros(0, dtype=np.uint8)
+    if dtype_ids.min() == dtype_ids.max():
+        return np.concatenate(arrays, axis=None).view(np.uint8)
+    changes = np.flatnonzero(dtype_ids[1:] != dtype_ids[:-1]) + 1
+    bounds = [0, *changes.tolist(), len(dtype_ids)]
+    return np.concatenate(
+        [
+            np.concatenate(arrays[a:b], axis=None).view(np.uint8)
+            for a, b in itertools.pairwise(bounds)
+        ]
+    )
+
+
+def _tiny_windows(tiny: np.ndarray) -> Iterator[tuple[int, int]]:
+    """The windows of at most TINY_WINDOW consecutive tiny tensors (``tiny``: a mask)."""
+    changes = np.flatnonzero(tiny[1:] != tiny[:-1]) + 1
+    bounds = [0, *changes.tolist(), len(tiny)]
+    for start, stop in itertools.pairwise(bounds):
+        if start < stop and tiny[start]:
+            for first in range(start, stop, TINY_WINDOW):
+                yield first, min(stop, first + TINY_WINDOW)
+
+
 def write_data_file(
     storage: Storage,
     path: str,
@@ -196,23 +230,46 @@ def write_data_file(
     kinds: list[Kind] = [
         (enum, shape) for (enum, _), (_, shape) in zip(classes, numbering, strict=True)
     ]
-    del numbering
+    dtype_numbers: _Numbering[np.dtype] = _Numbering()
+    kind_dtypes = np.array([dtype_numbers[dtype] for dtype, _ in numbering], dtype=np.int32)
+    del numbering, dtype_numbers
     direct_kinds = np.array([ok for _, ok in classes], dtype=bool)
     string_kinds = np.array([enum == DT_STRING for enum, _ in classes], dtype=bool)
     sizes = np.fromiter(map(_nbytes_of, arrays), dtype=np.int64, count=count)
     crcs = np.zeros(count, dtype=np.uint32)
     premasked = np.zeros(count, dtype=bool)  # CRCs already masked (strings, large tensors)
+    # Tiny tensors (any layout): gathered and checksummed a window at a time.
+    tiny = direct_kinds[kind_ids]
+    tiny &= sizes < TINY_BELOW
     writer = storage.open_writer(path, durable=durable)
     try:
+        reserve = getattr(writer, "reserve", None)
+        if bool(tiny.all()):  # only tiny tensors: gathered, checksummed and written in one pass
+            del tiny
+            if reserve is not None:
+                reserve(0, int(sizes.sum()))
+            for first in range(0, count, TINY_WINDOW):
+                last = min(count, first + TINY_WINDOW)
+                check_cancelled()
+                gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
+                crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
+                if len(gathered):
+                    writer.write(gathered)  # type: ignore[arg-type]  # uint8 array: a buffer
+            writer.commit()
+            return _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
         write_many = getattr(writer, "write_many", None)
         # Ordinary small tensors: checksummed and written as they are, in bulk.
         plain = direct_kinds[kind_ids]
         plain &= np.fromiter(map(_contiguous, arrays), dtype=bool, count=count)
+        plain &= ~tiny
         if write_many is not None:
             plain &= sizes < GATHER_BELOW
         else:
             plain[:] = False
         _checksum_plain(arrays, plain, crcs)
+        for first, last in _tiny_windows(tiny):
+            gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
+            crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
         # String tensors are encoded first: their stored size is known only then.
         encoded: dict[int, memoryview] = {}
         if string_kinds.any():
@@ -221,16 +278,26 @@ def write_data_file(
                 encoded[i] = memoryview(data)
                 sizes[i] = len(data)
                 premasked[i] = True
-        reserve = getattr(writer, "reserve", None)
         if reserve is not None:
             reserve(0, int(sizes.sum()))
         final: DataFileEntries | None = None
-        if early is not None and bool(np.all(plain | premasked)):
+        if early is not None and bool(np.all(plain | premasked | tiny)):
             # Final already (nothing below changes a size or CRC): made once, used twice.
             final = _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
             early(final)
+        groups = plain.view(np.int8) + 2 * tiny.view(np.int8)  # 0 other, 1 plain, 2 tiny
+        del plain, tiny
         large = _write_in_order(
-            writer, write_many, arrays, plain, encoded, sizes, crcs, check_cancelled
+            writer,
+            write_many,
+            arrays,
+            groups,
+            kind_dtypes,
+            kind_ids,
+            encoded,
+            sizes,
+            crcs,
+            check_cancelled,
         )
         for i, future in large.items():
             crcs[i] = future.result()
@@ -265,13 +332,16 @@ def _write_in_order(
     writer: object,
     write_many: Callable[[list[memoryview]], None] | None,
     arrays: Sequence[np.ndarray],
-    plain: np.ndarray,
+    groups: np.ndarray,
+    kind_dtypes: np.ndarray,
+    kind_ids: np.ndarray,
     encoded: dict[int, memoryview],
     sizes: np.ndarray,
     crcs: np.ndarray,
     check_cancelled: Callable[[], None],
 ) -> dict[int, Future[int]]:
-    """Write every tensor in order: runs of plain ones by batches of ``writev``, small others
+    """Write every tensor in order (``groups``: 0 other, 1 plain, 2 tiny): runs of tiny ones
+    gathered a window at a time, runs of plain ones by batches of ``writev``, small others
     gathered too (after a byte-order or layout copy if needed; their CRCs go into ``crcs``),
     large ones alone, chunk by chunk with their checksums on a helper thread. Returns the
     futures of the large tensors' masked CRCs (done once this returns)."""
@@ -289,13 +359,22 @@ def _write_in_order(
             write_many(pending)  # type: ignore[misc]
             pending, pending_bytes = [], 0
 
-    changes = np.flatnonzero(plain[1:] != plain[:-1]) + 1
+    changes = np.flatnonzero(groups[1:] != groups[:-1]) + 1
     bounds = [0, *changes.tolist(), len(arrays)]
     try:
         for start, stop in itertools.pairwise(bounds):
             if start == stop:
                 continue
-            if plain[start]:  # a run of plain tensors: straight from their buffers
+            if groups[start] == 2:  # a run of tiny tensors: one buffer per window
+                flush()
+                for first in range(start, stop, TINY_WINDOW):
+                    last = min(stop, first + TINY_WINDOW)
+                    check_cancelled()
+                    gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
+                    if len(gathered):
+                        write(gathered)
+                continue
+            if groups[start] == 1:  # a run of plain tensors: straight from their buffers
                 flush()
                 for first, last in _batches(sizes, start, stop):
                     check_cancelled()

@@ -3,7 +3,8 @@ slice of a partitioned tensor), in bytewise key order, as TensorFlow's table."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import itertools
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -12,7 +13,7 @@ from .._concurrency import cyclic_gc_paused
 from .._recent import RecentCache
 from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
-from ..codecs.packed import Column, bytes_column
+from ..codecs.packed import Column, PackedBytes, bytes_column
 from ..codecs.table_packed import TableLayout, build_table_with_layout, replace_value_tails
 from .v2_data import DataFileEntries, Kind
 
@@ -52,13 +53,42 @@ class _Template:
         return replace_value_tails(self.table, self.layout, entries, tails)
 
 
-_TEMPLATES: RecentCache[tuple[int, tuple[bytes, ...]], _Template] = RecentCache(4)
+_TemplateKey = tuple[int, Hashable]
+_TEMPLATES: RecentCache[_TemplateKey, _Template] = RecentCache(4)
 
 
-def _keep_template(key: tuple[int, tuple[bytes, ...]], template: _Template) -> None:
-    held = 2 * len(template.table) + template.layout.entry_ends.nbytes  # the names ~ the table
-    if held <= _TEMPLATE_MAX_BYTES:  # a huge structure's index costs less to build than to hold
-        _TEMPLATES.put(key, template)
+def _increasing(keys: Sequence[bytes]) -> bool:
+    """Whether ``keys`` strictly increase (known for the packed, sorted names of a save)."""
+    if isinstance(keys, PackedBytes) and keys.increasing:
+        return True
+    return all(a < b for a, b in itertools.pairwise(keys))
+
+
+def _names_key(keys: Sequence[bytes]) -> Hashable:
+    """The names, hashable, for the templates' cache (packed: their bytes and lengths)."""
+    if isinstance(keys, PackedBytes):
+        return (keys.data, keys.lengths.tobytes())
+    return tuple(keys)
+
+
+def _keep_template(
+    key: _TemplateKey, entries: DataFileEntries, table: bytes, layout: TableLayout
+) -> None:
+    """Remember the index of ``entries`` unless it is too large to be worth holding (checked
+    before copying anything: a save too large to keep one makes no copies of its columns)."""
+    held = 2 * len(table) + layout.entry_ends.nbytes  # the names ~ the table
+    if held > _TEMPLATE_MAX_BYTES:  # a huge structure's index costs less to build than to hold
+        return
+    template = _Template(
+        entries.shard_id,
+        entries.kind_ids.copy(),
+        list(entries.kinds),
+        entries.offsets.copy(),
+        entries.sizes.copy(),
+        table,
+        layout,
+    )
+    _TEMPLATES.put(key, template)
 
 
 def build_index(
@@ -80,13 +110,69 @@ def _build_index(
     holders = holders or {}
     # One data file of ordinary entries, every CRC present (a zero one is left out of its
     # entry, which changes the layout): the structure's template, if it was saved before.
-    in_order = all(a < b for f in files for a, b in zip(f.keys, f.keys[1:], strict=False))
-    reusable = len(files) == 1 and not holders and bool(files[0].crcs.all()) and in_order
+    in_order = all(_increasing(f.keys) for f in files)
+    reusable = (
+        len(files) == 1
+        and not holders
+        and bool(files[0].crcs.all())
+        and in_order
+        and None not in [entry_head(*kind) for kind in files[0].kinds]  # (no protobuf entry)
+    )
     if reusable:
-        template_key = (num_shards, tuple(files[0].keys))
+        template_key = (num_shards, _names_key(files[0].keys))
         template = _TEMPLATES.get(template_key)
         if template is not None and template.fits(files[0]):
             return template.patched(files[0].crcs)
+    built = None
+    if len(files) == 1 and not holders and in_order:
+        built = _one_file_table(num_shards, files[0])
+    if built is None:
+        built = _merged_table(num_shards, files, holders, in_order)
+    table, layout = built
+    if reusable:
+        _keep_template(template_key, files[0], table, layout)
+    return table
+
+
+def _one_file_table(num_shards: int, entries: DataFileEntries) -> tuple[bytes, TableLayout] | None:
+    """The table of one data file's entries in key order with packed names (the usual save),
+    or None if its names are not packed or an entry needs protobuf: the entries' values made
+    straight from the file's columns, the header's entry placed first (no copy of every
+    column to make room for it), freed once laid out in the table."""
+    keys = entries.keys
+    heads = [entry_head(*kind) for kind in entries.kinds]
+    if not isinstance(keys, PackedBytes) or None in heads:
+        return None
+    head_table = bytes_column(heads)  # type: ignore[arg-type]  # (no None among them)
+    count = len(keys)
+
+    def values() -> Column:
+        heads_column = Column(
+            head_table.data,
+            head_table.starts[entries.kind_ids],
+            head_table.lengths[entries.kind_ids],
+        )
+        shard_ids = np.broadcast_to(np.int64(entries.shard_id), (count,))
+        return encode_entries(
+            heads_column,
+            shard_ids,
+            entries.offsets,
+            entries.sizes,
+            entries.crcs,
+            first=encode_header(num_shards),
+        )
+
+    return build_table_with_layout(keys.with_first(HEADER_KEY), values)
+
+
+def _merged_table(
+    num_shards: int,
+    files: Sequence[DataFileEntries],
+    holders: Mapping[bytes, BundleEntry],
+    in_order: bool,
+) -> tuple[bytes, TableLayout]:
+    """The table of any data files' entries (several files, partitioned tensors' holders,
+    a file in another order), merged into rows in key order."""
     distinct_heads: dict[bytes, int] = {}  # each distinct encoded head, numbered
 
     def number(head: bytes) -> int:
@@ -97,7 +183,8 @@ def _build_index(
     total = 1 + sum(len(f.keys) for f in files) + extra
     keys: list[bytes] = [HEADER_KEY]
     ids_all: np.ndarray = np.zeros(total, np.int32)  # each entry's head, numbered
-    shard_ids: np.ndarray = np.zeros(total, np.int64)
+    sharded = any(f.shard_id for f in files)  # else every shard id is 0: no column of them
+    shard_ids = np.zeros(total, np.int64) if sharded else np.broadcast_to(np.int64(0), (total,))
     offsets: np.ndarray = np.zeros(total, np.int64)
     sizes: np.ndarray = np.zeros(total, np.int64)
     crc: np.ndarray = np.zeros(total, np.uint32)
@@ -111,21 +198,21 @@ def _build_index(
         if None not in heads:
             ids = np.array([number(head) for head in heads], np.int32)  # type: ignore[arg-type]
             ids_all[rows] = ids[entries.kind_ids]
-            shard_ids[rows] = entries.shard_id
+            if sharded:
+                shard_ids[rows] = entries.shard_id
             offsets[rows] = entries.offsets
             sizes[rows] = entries.sizes
             crc[rows] = entries.crcs
         else:  # numbers beyond the hand encoding: protobuf, each entry whole
-            reusable = False
             ids_all[rows] = [number(encode_entry(e)) for e in entries.as_entries().values()]
     keys += holders
     ids_all[at:] = [number(encode_entry(h)) for h in holders.values()]
     if len(files) > 1 or extra or not in_order:  # a data file in another order (TF2's)
         order = sorted(range(len(keys)), key=keys.__getitem__)
         keys = [keys[i] for i in order]
-        ids_all, shard_ids, offsets, sizes, crc = (
-            a[order] for a in (ids_all, shard_ids, offsets, sizes, crc)
-        )
+        ids_all, offsets, sizes, crc = (a[order] for a in (ids_all, offsets, sizes, crc))
+        if sharded:
+            shard_ids = shard_ids[order]
     head_table = bytes_column(list(distinct_heads))
     narrow = np.int32 if len(head_table.data) < 2**31 else np.int64  # (a few distinct heads)
     heads_column = Column(
@@ -135,19 +222,4 @@ def _build_index(
     )
     values = encode_entries(heads_column, shard_ids, offsets, sizes, crc)
     del heads_column, shard_ids, offsets, sizes, crc, ids_all  # encoded
-    table, layout = build_table_with_layout(keys, values)
-    if reusable:
-        entries = files[0]
-        _keep_template(
-            template_key,
-            _Template(
-                entries.shard_id,
-                entries.kind_ids.copy(),
-                list(entries.kinds),
-                entries.offsets.copy(),
-                entries.sizes.copy(),
-                table,
-                layout,
-            ),
-        )
-    return table
+    return build_table_with_layout(keys, values)
