@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from pathlib import Path
 
+import anyio
 import numpy as np
 import pytest
 
@@ -141,3 +142,48 @@ async def test_v1_checkpoints_are_opened_after_the_probe(tmp_path: Path) -> None
     prefix = tmp_path / "model.ckpt-1"
     await anyckpt.save(prefix, state, format="v1")
     _equal(await anyckpt.load(prefix, ["scalar", "strings"]), state, ["scalar", "strings"])
+
+
+class TestSyncLoad:
+    """``anyckpt.sync.load(prefix, keys)`` reads a few keys on the calling thread."""
+
+    def test_reads_on_the_calling_thread(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        state = _state()
+        prefix = tmp_path / "ckpt"
+        anyckpt.sync.save(prefix, state)
+        threads: set[int] = set()
+        original = V2Reader._read_shard
+
+        def spy(self: V2Reader, *args: object) -> object:
+            threads.add(threading.get_ident())
+            return original(self, *args)  # type: ignore[arg-type]
+
+        monkeypatch.setattr(V2Reader, "_read_shard", spy)
+        keys = ["scalar", "layer_007/w", "strings"]
+        _equal(anyckpt.sync.load(prefix, keys), state, keys)
+        assert threads == {threading.get_ident()}
+
+    def test_the_general_path_finishes_what_one_thread_should_not(self, tmp_path: Path) -> None:
+        state = _state()
+        v2, v1 = tmp_path / "v2", tmp_path / "v1"
+        anyckpt.sync.save(v2, state)
+        anyckpt.sync.save(v1, {k: v for k, v in state.items() if k != "part"}, format="v1")
+        _equal(anyckpt.sync.load(v2, ["part", "scalar"]), state, ["part", "scalar"])
+        _equal(anyckpt.sync.load(v1, ["strings"]), state, ["strings"])
+        _equal(anyckpt.sync.load(v2, ["empty"], verify=False), state, ["empty"])
+        with pytest.raises(KeyError, match="absent"):
+            anyckpt.sync.load(v2, ["absent"])
+        with pytest.raises(ValueError, match="layout"):
+            anyckpt.sync.load(v2, ["scalar"], layout="tree")
+
+    def test_inside_an_event_loop_it_reads_through_a_portal(self, tmp_path: Path) -> None:
+        state = _state()
+        prefix = tmp_path / "ckpt"
+        anyckpt.sync.save(prefix, state)
+
+        async def in_loop() -> dict[str, np.ndarray]:
+            return anyckpt.sync.load(prefix, ["scalar"])
+
+        _equal(anyio.run(in_loop), state, ["scalar"])

@@ -33,17 +33,12 @@ def prepare(ctx: Context, state: State | None) -> None:
 
 
 def _load(ctx: Context, keys: list[str] | None) -> Mapping[str, Any]:
-    """``await anyckpt.load(...)`` in an event loop. The result is handed out through a
-    closure, not as ``anyio.run``'s return value: on CPython 3.11 ``asyncio.Runner`` takes the
-    ``repr()`` of its main task, and with it of a returned dict of 10,000 arrays (~5 ms,
-    whatever the library); a trainer's own event loop never pays that."""
-    out: dict[str, Mapping[str, Any]] = {}
-
-    async def go() -> None:
-        out["tensors"] = await anyckpt.load(_prefix(ctx), keys)
-
-    anyio.run(go)
-    return out["tensors"]
+    """``anyckpt.sync.load(...)``: the peers are called from blocking code (a session run,
+    ``safe_open``, ``numpy.load``, ``torch.load``), and so is anyckpt, through its blocking
+    facade. A few keys of a local V2 checkpoint are then read on the calling thread; the rest
+    is ``await anyckpt.load(...)`` in ``anyio.run``. (``await anyckpt.load`` of a 1% restore
+    adds an event loop and one worker hop, ~0.4 ms: docs/performance.md.)"""
+    return anyckpt.sync.load(_prefix(ctx), keys)
 
 
 def restore(ctx: Context) -> Mapping[str, Any]:

@@ -176,38 +176,60 @@ async def load(
         # A few keys of a V2 checkpoint on a local disk: found, opened, looked up and read
         # in one worker hop (half of what restoring a few small tensors took beyond the read).
         names = list(keys)
-        storage, path, v2, got = await run_in_worker(
-            partial(_open_v2_and_read_small, prefix, storage_options, names, verify, allow_symlinks)
+        few = await run_in_worker(
+            partial(read_few_now, prefix, names, verify, storage_options, allow_symlinks)
         )
-        if got is not None:
-            return got
-        reader = v2 if v2 is not None else await _open_located(storage, path)
-        try:
-            return await reader.read_many(names, verify=verify)
-        finally:
-            await reader.aclose()
+        return few.result if few.result is not None else await few.read_rest()
     async with open(
         prefix, storage_options=storage_options, allow_symlinks=allow_symlinks
     ) as reader:
         return await reader.read_many(keys, verify=verify)
 
 
-def _open_v2_and_read_small(
+class FewKeys:
+    """What :func:`read_few_now` did: the tensors read, or the checkpoint found and opened for
+    :meth:`read_rest` to read them (not local, not small, or not V2)."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        path: str,
+        keys: list[str],
+        verify: bool,
+        reader: V2Reader | None,
+        result: dict[str, np.ndarray] | None,
+    ) -> None:
+        self.storage, self.path, self.keys, self.verify = storage, path, keys, verify
+        self.reader = reader
+        self.result = result
+
+    async def read_rest(self) -> dict[str, np.ndarray]:
+        """Read the keys through the general path, from where :func:`read_few_now` stopped."""
+        reader = self.reader or await _open_located(self.storage, self.path)
+        try:
+            return await reader.read_many(self.keys, verify=self.verify)
+        finally:
+            await reader.aclose()
+
+
+def read_few_now(
     url: PathLike,
-    storage_options: dict[str, Any] | None,
     keys: list[str],
-    verify: bool,
-    allow_symlinks: bool,
-) -> tuple[Storage, str, V2Reader | None, dict[str, np.ndarray] | None]:
-    """Blocking: :func:`_storage_and_v2_index`, then, for a V2 prefix, its reader and
-    :meth:`V2Reader.read_small_now` of ``keys`` (None when not small or not local)."""
+    verify: bool = True,
+    storage_options: dict[str, Any] | None = None,
+    allow_symlinks: bool = False,
+) -> FewKeys:
+    """Blocking (a worker thread, or blocking code): find the checkpoint at ``url`` and, for a
+    V2 prefix, open it and read ``keys`` now when that is a small read from a local disk
+    (:meth:`V2Reader.read_small_now`). ``load(prefix, keys)`` runs it in one worker hop;
+    ``anyckpt.sync.load`` on the calling thread, with no event loop at all."""
     storage, path, index = _storage_and_v2_index(
         url, storage_options, allow_symlinks=allow_symlinks
     )
     if index is None:
-        return storage, path, None, None
+        return FewKeys(storage, path, keys, verify, None, None)
     reader = V2Reader.from_index(storage, path, index)
-    return storage, path, reader, reader.read_small_now(keys, verify)
+    return FewKeys(storage, path, keys, verify, reader, reader.read_small_now(keys, verify))
 
 
 async def read_layout(
