@@ -187,14 +187,28 @@ def _gather_tiny(arrays: Sequence[np.ndarray], dtype_ids: np.ndarray) -> np.ndar
     )
 
 
-def _tiny_windows(tiny: np.ndarray) -> Iterator[tuple[int, int]]:
-    """The windows of at most TINY_WINDOW consecutive tiny tensors (``tiny``: a mask)."""
+def _tiny_runs(tiny: np.ndarray) -> Iterator[tuple[int, int]]:
+    """The runs of consecutive tiny tensors (``tiny``: a mask), as (start, stop)."""
     changes = np.flatnonzero(tiny[1:] != tiny[:-1]) + 1
     bounds = [0, *changes.tolist(), len(tiny)]
     for start, stop in itertools.pairwise(bounds):
         if start < stop and tiny[start]:
-            for first in range(start, stop, TINY_WINDOW):
-                yield first, min(stop, first + TINY_WINDOW)
+            yield start, stop
+
+
+def _gathered_windows(
+    arrays: Sequence[np.ndarray],
+    kind_dtypes: np.ndarray,
+    kind_ids: np.ndarray,
+    start: int,
+    stop: int,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Tiny tensors ``start:stop`` gathered (:func:`_gather_tiny`) TINY_WINDOW at a time:
+    each window's (first, last, bytes), the bytes a uint8 array. ``kind_dtypes`` numbers
+    each kind's dtype, ``kind_ids`` each tensor's kind."""
+    for first in range(start, stop, TINY_WINDOW):
+        last = min(stop, first + TINY_WINDOW)
+        yield first, last, _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
 
 
 def write_data_file(
@@ -210,9 +224,15 @@ def write_data_file(
     """Write one data file of ``arrays`` named ``keys``, in that order; return the index
     entries of its tensors (runs in a worker thread).
 
+    A data file of tiny tensors only (fewer than TINY_BELOW bytes each, plain NumPy dtypes)
+    takes a one-pass path: each window of them is gathered, checksummed and written, and
+    ``early`` is not called (the entries are final only once the last window is written).
+    In a mixed file, tiny tensors are gathered twice: once, before anything is written, for
+    their checksums, so that ``early`` can receive final entries, then again to write them.
+
     ``early``, if given, receives the entries before the data is written when they are
-    already final then (every tensor plain or a string: no checksum left to compute while
-    writing), so that the index can be built while the data goes out.
+    already final then (every tensor plain, tiny or a string: no checksum left to compute
+    while writing), so that the index can be built while the data goes out.
 
     The file's blocks are reserved first where the storage can (local files). Small tensors
     are gathered into one ``writev`` per IOV_MAX of them (where the storage offers
@@ -248,10 +268,8 @@ def write_data_file(
             del tiny
             if reserve is not None:
                 reserve(0, int(sizes.sum()))
-            for first in range(0, count, TINY_WINDOW):
-                last = min(count, first + TINY_WINDOW)
+            for first, last, gathered in _gathered_windows(arrays, kind_dtypes, kind_ids, 0, count):
                 check_cancelled()
-                gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
                 crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
                 if len(gathered):
                     writer.write(gathered)  # type: ignore[arg-type]  # uint8 array: a buffer
@@ -267,9 +285,11 @@ def write_data_file(
         else:
             plain[:] = False
         _checksum_plain(arrays, plain, crcs)
-        for first, last in _tiny_windows(tiny):
-            gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
-            crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
+        for start, stop in _tiny_runs(tiny):  # gathered twice: here for the CRCs, for `early`
+            for first, last, gathered in _gathered_windows(
+                arrays, kind_dtypes, kind_ids, start, stop
+            ):
+                crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
         # String tensors are encoded first: their stored size is known only then.
         encoded: dict[int, memoryview] = {}
         if string_kinds.any():
@@ -367,10 +387,8 @@ def _write_in_order(
                 continue
             if groups[start] == 2:  # a run of tiny tensors: one buffer per window
                 flush()
-                for first in range(start, stop, TINY_WINDOW):
-                    last = min(stop, first + TINY_WINDOW)
+                for _, _, gathered in _gathered_windows(arrays, kind_dtypes, kind_ids, start, stop):
                     check_cancelled()
-                    gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
                     if len(gathered):
                         write(gathered)
                 continue
