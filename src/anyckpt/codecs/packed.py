@@ -159,6 +159,13 @@ class PackedBytes(Sequence[bytes]):
     def __iter__(self) -> Iterator[bytes]:
         return self._items(0, len(self))
 
+    def part(self, low: int, high: int) -> PackedBytes:
+        """Strings ``low:high`` as packed bytes sharing this buffer (views of the starts and
+        lengths: no copy), ``increasing`` kept."""
+        return PackedBytes(
+            self.data, self.starts[low:high], self.lengths[low:high], increasing=self.increasing
+        )
+
     def with_first(self, item: bytes) -> PackedBytes:
         """These strings after ``item`` (new starts and lengths; the data copied only if
         ``item`` is not empty), ``increasing`` kept when ``item`` sorts before them all."""

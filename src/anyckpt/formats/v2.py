@@ -38,6 +38,7 @@ from .layout import parse_file_name
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v2_data import DataFileEntries, write_data_file
 from .v2_index import build_index
+from .v2_index import write_index as write_index_file
 from .v2_layout import MAX_INDEX_BYTES, data_path, index_path
 from .v2_reader import V2Reader
 
@@ -160,12 +161,13 @@ class V2Format(FormatBase):
             )
 
             def write_index() -> None:  # off the event loop: a few ms of NumPy
-                table = (
-                    index_ready[0].result()
-                    if index_ready
-                    else build_index(num_shards, results, holders)
-                )
-                storage.write_bytes(index_path(prefix), table, durable=durable)
+                if index_ready:
+                    table = index_ready[0].result()
+                    storage.write_bytes(index_path(prefix), table, durable=durable)
+                else:  # built as it is written
+                    write_index_file(
+                        storage, index_path(prefix), num_shards, results, holders, durable=durable
+                    )
 
             await anyio.to_thread.run_sync(write_index)
         except BaseException:
