@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
@@ -14,6 +15,8 @@ from .codecs.dtypes import NUMERIC_DTYPES
 from .codecs.packed import PackedBytes
 from .partitioned import Partitioned
 from .to_numpy import to_numpy
+
+_T = TypeVar("_T")
 
 
 def key_to_bytes(key: str) -> bytes:
@@ -89,6 +92,42 @@ def _general_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray]:
     del positions
     order.flags.writeable = False  # shared by every save of these names
     return packed, order
+
+
+#: Positions turned into ints at once when a :class:`Reordered` is iterated or sliced.
+_REORDER_CHUNK = 4096
+
+
+class Reordered(Sequence[_T]):
+    """``items`` taken in ``order`` (item ``i`` is ``items[order[i]]``), looked up on access:
+    no list of them (8 bytes an item) and no int object per position at once (32 bytes each
+    while a list is built from ``order.tolist()``). Slices are lists; iteration turns a chunk
+    of positions into ints at a time."""
+
+    __slots__ = ("_items", "_order")
+
+    def __init__(self, items: Sequence[_T], order: np.ndarray) -> None:
+        self._items = items
+        self._order = order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | list[_T]:
+        if isinstance(index, slice):
+            return list(map(self._items.__getitem__, self._order[index].tolist()))
+        return self._items[int(self._order[index])]
+
+    def __iter__(self) -> Iterator[_T]:
+        order, get = self._order, self._items.__getitem__
+        chunks = range(0, len(order), _REORDER_CHUNK)
+        return chain.from_iterable(
+            map(get, order[first : first + _REORDER_CHUNK].tolist()) for first in chunks
+        )
 
 
 def key_from_bytes(raw: bytes) -> str:

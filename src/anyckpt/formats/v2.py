@@ -31,7 +31,7 @@ from ..codecs.ordered_code import encode_tensor_name_slice
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafePathError
 from ..partitioned import partitions_of
 from ..storage import Storage
-from ..tensors import stored_key_order
+from ..tensors import Reordered, stored_key_order
 from . import layout
 from .base import FormatBase, FormatOption
 from .layout import parse_file_name
@@ -94,7 +94,7 @@ class V2Format(FormatBase):
         sorted_raws, order = stored_key_order(keys)  # bytewise order
         plain = set(map(type, values)) <= {np.ndarray}  # no Partitioned among them
         holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
-        groups: dict[int, tuple[Sequence[bytes], list[np.ndarray]]] = {}  # keys, arrays
+        groups: dict[int, tuple[Sequence[bytes], Sequence[np.ndarray]]] = {}  # keys, arrays
         shards: list[list[str]] = []
         if plain and not opts.sharded and (options or {}).get("data_order") == "given":
             # TF2's order: the data file holds the tensors as given, the index is sorted.
@@ -103,7 +103,7 @@ class V2Format(FormatBase):
                 raws_given[i] = raw
             groups[0] = (raws_given, values)
         elif plain and not opts.sharded:  # the common case: one file, in bytewise key order
-            groups[0] = (sorted_raws, list(map(values.__getitem__, order.tolist())))
+            groups[0] = (sorted_raws, Reordered(values, order))  # (no list of them)
         else:
             names = list(map(keys.__getitem__, order.tolist()))
             raws = dict(zip(names, sorted_raws, strict=True))
@@ -187,7 +187,7 @@ class V2Format(FormatBase):
         storage: Storage,
         path: str,
         keys: Sequence[bytes],
-        arrays: list[np.ndarray],
+        arrays: Sequence[np.ndarray],
         durable: bool,
         shard: int,
         results: list[DataFileEntries],

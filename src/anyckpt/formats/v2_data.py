@@ -211,6 +211,25 @@ def _gathered_windows(
         yield first, last, _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
 
 
+def _kinds_and_sizes(
+    arrays: Sequence[np.ndarray], numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each array's (dtype, shape) numbered by ``numbering`` (int32) and its size in bytes
+    (int64), read a window of arrays at a time (one slice of ``arrays`` each: a sequence
+    that makes its items on access, such as :class:`~anyckpt.tensors.Reordered`, makes
+    them once for the three attributes)."""
+    count = len(arrays)
+    kind_ids = np.empty(count, dtype=np.int32)
+    sizes = np.empty(count, dtype=np.int64)
+    for first in range(0, count, TINY_WINDOW):
+        window = arrays[first : first + TINY_WINDOW]
+        n = len(window)
+        pairs = zip(map(_dtype_of, window), map(_shape_of, window), strict=True)
+        kind_ids[first : first + n] = np.fromiter(map(numbering.__getitem__, pairs), np.int32, n)
+        sizes[first : first + n] = np.fromiter(map(_nbytes_of, window), np.int64, n)
+    return kind_ids, sizes
+
+
 def write_data_file(
     storage: Storage,
     path: str,
@@ -244,8 +263,7 @@ def write_data_file(
         raise ValueError(f"{len(keys)} keys for {count} arrays")
     # Each tensor's (dtype, shape) numbered: per tensor only an int32, not a tuple.
     numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]] = _Numbering()
-    pairs = zip(map(_dtype_of, arrays), map(_shape_of, arrays), strict=True)
-    kind_ids = np.fromiter(map(numbering.__getitem__, pairs), np.int32, count)
+    kind_ids, sizes = _kinds_and_sizes(arrays, numbering)
     classes = [_classify(dtype) for dtype, _ in numbering]
     kinds: list[Kind] = [
         (enum, shape) for (enum, _), (_, shape) in zip(classes, numbering, strict=True)
@@ -255,7 +273,6 @@ def write_data_file(
     del numbering, dtype_numbers
     direct_kinds = np.array([ok for _, ok in classes], dtype=bool)
     string_kinds = np.array([enum == DT_STRING for enum, _ in classes], dtype=bool)
-    sizes = np.fromiter(map(_nbytes_of, arrays), dtype=np.int64, count=count)
     crcs = np.zeros(count, dtype=np.uint32)
     premasked = np.zeros(count, dtype=bool)  # CRCs already masked (strings, large tensors)
     # Tiny tensors (any layout): gathered and checksummed a window at a time.
