@@ -207,3 +207,40 @@ def test_a_failing_piece_leaves_no_file(tmp_path: os.PathLike[str]) -> None:
     with pytest.raises(RuntimeError, match="no more"):
         storage.write_pieces(f"{root}/x.index", pieces(), durable=False)
     assert os.listdir(tmp_path) == []
+
+
+def test_one_file_index_is_written_on_the_data_file_s_thread(
+    tmp_path: os.PathLike[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A one-file save writes its index on the thread that wrote its data file (one malloc
+    arena for both phases); a sharded one writes it after every data file."""
+    import threading
+
+    import anyckpt.sync
+    from anyckpt.formats import v2
+
+    seen: dict[str, list[int]] = {"data": [], "index": []}
+    write_data, write_index_file = v2.write_data_file, v2.write_index_file
+
+    def data(*args: object, **kwargs: object) -> DataFileEntries:
+        seen["data"].append(threading.get_ident())
+        return write_data(*args, **kwargs)  # type: ignore[arg-type]
+
+    def index(*args: object, **kwargs: object) -> None:
+        seen["index"].append(threading.get_ident())
+        write_index_file(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(v2, "write_data_file", data)
+    monkeypatch.setattr(v2, "write_index_file", index)
+    state = {f"k{i:05d}": np.full(3, i, np.float32) for i in range(5000)}
+    anyckpt.sync.save(os.path.join(tmp_path, "one"), state, durable=False)
+    assert seen["index"] == seen["data"]
+    assert len(seen["data"]) == 1
+    seen["data"].clear()
+    seen["index"].clear()
+    anyckpt.sync.save(
+        os.path.join(tmp_path, "three"), state, durable=False, options={"num_shards": 3}
+    )
+    assert len(seen["data"]) == 3
+    assert len(seen["index"]) == 1
+    assert anyckpt.sync.load(os.path.join(tmp_path, "one")).keys() == state.keys()

@@ -145,6 +145,18 @@ class V2Format(FormatBase):
             index_ready.append(pool.submit(build_index, 1, [entries], holders))
             pool.shutdown(wait=False)
 
+        def write_index() -> None:  # off the event loop: a few ms of NumPy
+            if index_ready:
+                table = index_ready[0].result()
+                storage.write_bytes(index_path(prefix), table, durable=durable)
+            else:  # built as it is written
+                write_index_file(
+                    storage, index_path(prefix), num_shards, results, holders, durable=durable
+                )
+
+        # One data file: its index is written on its thread, right after it (glibc keeps each
+        # thread's freed heap in its own arena: one thread for both phases reuses one).
+        single = num_shards == 1
         try:
             await run_concurrently(
                 partial(
@@ -155,21 +167,13 @@ class V2Format(FormatBase):
                     durable,
                     shard,
                     results,
-                    build_early if num_shards == 1 else None,
+                    build_early if single else None,
+                    write_index if single else None,
                 )
                 for shard in range(num_shards)
             )
-
-            def write_index() -> None:  # off the event loop: a few ms of NumPy
-                if index_ready:
-                    table = index_ready[0].result()
-                    storage.write_bytes(index_path(prefix), table, durable=durable)
-                else:  # built as it is written
-                    write_index_file(
-                        storage, index_path(prefix), num_shards, results, holders, durable=durable
-                    )
-
-            await anyio.to_thread.run_sync(write_index)
+            if not single:
+                await anyio.to_thread.run_sync(write_index)
         except BaseException:
             # Remove every data file this save may have renamed into place (a cancellation can
             # land just after a rename, before the task returns).
@@ -192,19 +196,29 @@ class V2Format(FormatBase):
         shard: int,
         results: list[DataFileEntries],
         early: Callable[[DataFileEntries], None] | None,
+        then: Callable[[], None] | None,
     ) -> None:
-        entries = await anyio.to_thread.run_sync(
-            write_data_file,
-            storage,
-            path,
-            keys,
-            arrays,
-            durable,
-            shard,
-            anyio.from_thread.check_cancelled,
-            early,
-        )
-        results.append(entries)
+        """Write one data file in a worker thread, its entries appended to ``results``, then
+        call ``then`` (if given) on the same thread, unless cancelled in between."""
+
+        def write() -> None:
+            results.append(
+                write_data_file(
+                    storage,
+                    path,
+                    keys,
+                    arrays,
+                    durable,
+                    shard,
+                    anyio.from_thread.check_cancelled,
+                    early,
+                )
+            )
+            if then is not None:
+                anyio.from_thread.check_cancelled()
+                then()
+
+        await anyio.to_thread.run_sync(write)
 
     # -- reading ---------------------------------------------------------------------------
 
