@@ -65,10 +65,10 @@ class DataFileEntries:
 
     shard_id: int
     keys: Sequence[bytes]
-    kind_ids: np.ndarray  # int32: entry i's (dtype, shape) is kinds[kind_ids[i]]
+    kind_ids: np.ndarray  # integers: entry i's (dtype, shape) is kinds[kind_ids[i]]
     kinds: list[Kind]  # the distinct (TF dtype number, shape) pairs
-    offsets: np.ndarray  # int64
-    sizes: np.ndarray  # int64
+    offsets: np.ndarray  # non-negative integers (a data file's: uint32 below 4 GiB, else int64)
+    sizes: np.ndarray  # as offsets
     crcs: np.ndarray  # uint32, masked
 
     @classmethod
@@ -357,12 +357,24 @@ def _entries(
     crcs: np.ndarray,
     premasked: np.ndarray,
 ) -> DataFileEntries:
-    """The entries of tensors stored back to back with these sizes and (masked or not) CRCs."""
+    """The entries of tensors stored back to back with these sizes and (masked or not) CRCs,
+    each column as narrow as its values allow (kept until the index is built)."""
     masked = mask_many(crcs)
     masked[premasked] = crcs[premasked]
-    offsets = np.zeros(len(sizes), dtype=np.int64)
-    np.cumsum(sizes[:-1], out=offsets[1:])
-    return DataFileEntries(shard_id, keys, kind_ids, kinds, offsets, sizes, masked)
+    narrow = np.uint32 if int(sizes.sum()) < 2**32 else np.int64  # a file below 4 GiB
+    kept_sizes = sizes.astype(narrow)
+    offsets = np.zeros(len(sizes), dtype=narrow)
+    np.cumsum(kept_sizes[:-1], out=offsets[1:])
+    return DataFileEntries(
+        shard_id, keys, _narrow_ids(kind_ids, len(kinds)), kinds, offsets, kept_sizes, masked
+    )
+
+
+def _narrow_ids(ids: np.ndarray, count: int) -> np.ndarray:
+    """Numbers below ``count`` in the narrowest unsigned dtype that holds them (a copy)."""
+    dtype = np.uint8 if count <= 1 << 8 else np.uint16 if count <= 1 << 16 else ids.dtype
+    narrowed: np.ndarray = ids.astype(dtype)
+    return narrowed
 
 
 def _write_in_order(
