@@ -5,6 +5,7 @@ index written piece by piece is the index built whole."""
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import os
 from collections.abc import Iterator
 
@@ -13,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from anyckpt.codecs.packed import Column, PackedBytes, bytes_column
+from anyckpt.codecs.packed import Column, HeadedBytes, PackedBytes, bytes_column
 from anyckpt.codecs.table import TableBuilder, read_table
 from anyckpt.codecs.table_packed import TableBuild, build_table_with_layout, replace_value_tails
 from anyckpt.formats import v2_index
@@ -244,3 +245,60 @@ def test_one_file_index_is_written_on_the_data_file_s_thread(
     assert len(seen["data"]) == 3
     assert len(seen["index"]) == 1
     assert anyckpt.sync.load(os.path.join(tmp_path, "one")).keys() == state.keys()
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    st.lists(st.binary(max_size=8), unique=True, max_size=40).map(sorted),
+    st.binary(max_size=3),
+    st.data(),
+)
+def test_headed_bytes_is_with_first(items: list[bytes], first: bytes, data: st.DataObject) -> None:
+    packed = PackedBytes.join(items, len(items), increasing=True)
+    headed = HeadedBytes(first, packed)
+    eager = packed.with_first(first)
+    assert len(headed) == len(eager)
+    assert list(headed) == list(eager) == [first, *items]
+    assert headed.increasing == eager.increasing
+    assert headed[-1] == eager[-1]
+    low = data.draw(st.integers(0, len(headed)))
+    high = data.draw(st.integers(low, len(headed)))
+    part = headed.part(low, high)
+    assert list(part) == [first, *items][low:high]
+    if part.increasing:  # claimed only when so
+        assert all(a < b for a, b in itertools.pairwise(part))
+    if first == b"" or low > 0 or high == 0:
+        assert part.data is packed.data  # no copy of the buffer
+    else:
+        assert len(part.data) == sum(map(len, part))  # only the range's bytes
+
+
+@pytest.mark.parametrize("first", [b"", b"!"])
+def test_headed_keys_build_the_with_first_table(first: bytes) -> None:
+    keys = sorted(b"h/%d/%s" % (i % 11, b"z" * (i % 5)) + b"%d" % i for i in range(1500))
+    packed = PackedBytes.join(keys, len(keys), increasing=True)
+    values = bytes_column([b"%d" % i for i in range(len(keys) + 1)])
+    headed = TableBuild(HeadedBytes(first, packed), values, block_size=256, range_entries=70)
+    expected = _reference([first, *keys], [b"%d" % i for i in range(len(keys) + 1)], 256)
+    assert b"".join(headed.pieces()) == expected
+
+
+def test_a_table_found_too_large_while_built_is_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Long names: the lower bound (which counts no name bytes) lets the template be
+    gathered, and it is dropped once the table outgrows the limit; the bytes are the same."""
+    from anyckpt.codecs import table_packed
+
+    monkeypatch.setattr(table_packed, "_RANGE_ENTRIES", 100)
+    monkeypatch.setattr(v2_index, "_TEMPLATE_MAX_BYTES", 256 << 10)
+    count = 2000
+    names = tuple(f"{i:05d}/" + "n" * 300 for i in range(count))
+    packed, _ = stored_key_order(names)
+    entries = dataclasses.replace(_entries(count), keys=packed)
+    v2_index._TEMPLATES.clear()
+    assert not v2_index._surely_too_large(entries, [b"\x08\x01"])
+    built = build_index(1, [entries])
+    assert len(built) > (256 << 10)
+    assert len(v2_index._TEMPLATES) == 0
+    monkeypatch.setattr(v2_index, "_TEMPLATE_MAX_BYTES", 16 << 20)
+    assert build_index(1, [entries]) == built
+    assert len(v2_index._TEMPLATES) == 1

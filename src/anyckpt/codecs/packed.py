@@ -11,6 +11,7 @@ its bytes start and how many there are (0: the field is absent from that record)
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 from typing import NamedTuple, overload
 
 import numpy as np
@@ -185,6 +186,47 @@ class PackedBytes(Sequence[bytes]):
     def column(self) -> Column:
         """The strings as a :class:`Column` (its starts a copy: callers may move them)."""
         return Column(np.frombuffer(self.data, dtype=np.uint8), self.starts.copy(), self.lengths)
+
+
+class HeadedBytes(Sequence[bytes]):
+    """``first``, then the strings of ``rest``: :meth:`PackedBytes.with_first` without its
+    copies of every start and length (8 bytes a string); :meth:`part` makes a range of them
+    packed (a range's starts and lengths, the buffer shared unless the range holds a
+    non-empty ``first``)."""
+
+    __slots__ = ("first", "increasing", "rest")
+
+    def __init__(self, first: bytes, rest: PackedBytes) -> None:
+        self.first = first
+        self.rest = rest
+        self.increasing = rest.increasing and (not len(rest) or first < rest[0])
+
+    def __len__(self) -> int:
+        return len(self.rest) + 1
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if index == 0:
+            return self.first
+        if not 0 < index < len(self):
+            raise IndexError("index out of range")
+        return self.rest[index - 1]
+
+    def part(self, low: int, high: int) -> PackedBytes:
+        """Strings ``low:high`` as packed bytes."""
+        if low > 0 or high <= 0:
+            return self.rest.part(max(low - 1, 0), max(high - 1, 0))
+        head = self.rest.part(0, high - 1)
+        if not self.first:  # the buffer shared
+            return head.with_first(self.first)
+        return PackedBytes.join(chain([self.first], head), high, increasing=self.increasing)
 
 
 def _as_uint64(values: np.ndarray) -> np.ndarray:

@@ -18,7 +18,15 @@ from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
 
-from .packed import Column, PackedBytes, bytes_column, interleave, varint_column, varint_lengths
+from .packed import (
+    Column,
+    HeadedBytes,
+    PackedBytes,
+    bytes_column,
+    interleave,
+    varint_column,
+    varint_lengths,
+)
 from .table import (
     BLOCK_RESTART_INTERVAL,
     BLOCK_SIZE,
@@ -206,7 +214,7 @@ def _values_of(column: Column) -> ValuesOf:
 
 def _key_range(keys: Sequence[bytes], low: int, high: int) -> Sequence[bytes]:
     """Keys ``low:high`` (packed ones as a view of the same buffer, no bytes per key)."""
-    if isinstance(keys, PackedBytes):
+    if isinstance(keys, (PackedBytes, HeadedBytes)):
         return keys.part(low, high)
     return keys[low:high]
 

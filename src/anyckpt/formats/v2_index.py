@@ -13,7 +13,7 @@ from .._concurrency import cyclic_gc_paused
 from .._recent import RecentCache
 from ..codecs.bundle import HEADER_KEY, BundleEntry, encode_entry, encode_header
 from ..codecs.bundle_packed import encode_entries, entry_head
-from ..codecs.packed import Column, PackedBytes, bytes_column
+from ..codecs.packed import Column, HeadedBytes, PackedBytes, bytes_column
 from ..codecs.table_packed import TableBuild, TableLayout, replace_value_tails
 from ..storage import Storage
 from .v2_data import DataFileEntries, Kind
@@ -38,10 +38,12 @@ class _Template:
     sizes: np.ndarray
     table: tuple[bytes, ...]  # its pieces, as built (joined only when patched)
     layout: TableLayout
+    name_lengths: np.ndarray | None  # packed names' lengths (their bytes are in the cache key)
 
     def fits(self, entries: DataFileEntries) -> bool:
         return (
             self.shard_id == entries.shard_id
+            and _same_lengths(self.name_lengths, entries.keys)
             and self.kinds == entries.kinds
             and np.array_equal(self.kind_ids, entries.kind_ids)
             and np.array_equal(self.offsets, entries.offsets)
@@ -66,10 +68,29 @@ def _increasing(keys: Sequence[bytes]) -> bool:
 
 
 def _names_key(keys: Sequence[bytes]) -> Hashable:
-    """The names, hashable, for the templates' cache (packed: their bytes and lengths)."""
+    """The names, hashable, for the templates' cache (packed: their bytes and how many, no
+    copy of their lengths: a template keeps those and checks them, see :func:`_same_lengths`)."""
     if isinstance(keys, PackedBytes):
-        return (keys.data, keys.lengths.tobytes())
+        return (keys.data, len(keys))
     return tuple(keys)
+
+
+def _same_lengths(kept: np.ndarray | None, keys: Sequence[bytes]) -> bool:
+    """Whether packed ``keys`` have the ``kept`` lengths (the rest of their identity is the
+    cache key); other keys are their own cache key."""
+    if not isinstance(keys, PackedBytes):
+        return kept is None
+    return kept is not None and np.array_equal(kept, keys.lengths)
+
+
+def _surely_too_large(entries: DataFileEntries, heads: Sequence[bytes]) -> bool:
+    """Whether the index of ``entries`` (every CRC present) is surely too large to keep as a
+    template, before building it: each entry takes at least its three length varints, its
+    head, a five-byte CRC field, and two bytes for a non-zero size and for a non-zero offset."""
+    count = len(entries.keys)
+    least = count * (3 + min(map(len, heads), default=0) + 5)
+    least += 2 * int(np.count_nonzero(entries.sizes) + np.count_nonzero(entries.offsets))
+    return 2 * least > _TEMPLATE_MAX_BYTES
 
 
 def _keep_template(
@@ -88,6 +109,7 @@ def _keep_template(
         entries.sizes.copy(),
         tuple(table),
         layout,
+        entries.keys.lengths.copy() if isinstance(entries.keys, PackedBytes) else None,
     )
     _TEMPLATES.put(key, template)
 
@@ -136,13 +158,16 @@ def _index_pieces(
     holders = holders or {}
     # One data file of ordinary entries, every CRC present (a zero one is left out of its
     # entry, which changes the layout): the structure's template, if it was saved before.
+    # A structure whose index is surely too large to keep has none kept: not looked up.
     in_order = all(_increasing(f.keys) for f in files)
+    heads = [entry_head(*kind) for kind in files[0].kinds] if len(files) == 1 else [None]
     reusable = (
         len(files) == 1
         and not holders
         and bool(files[0].crcs.all())
         and in_order
-        and None not in [entry_head(*kind) for kind in files[0].kinds]  # (no protobuf entry)
+        and None not in heads  # (no protobuf entry)
+        and not _surely_too_large(files[0], heads)  # type: ignore[arg-type]  # (no None)
     )
     if reusable:
         template_key = (num_shards, _names_key(files[0].keys))
@@ -203,7 +228,7 @@ def _one_file_table(num_shards: int, entries: DataFileEntries) -> TableBuild | N
             first=header if low == 0 else None,
         )
 
-    return TableBuild(keys.with_first(HEADER_KEY), values)
+    return TableBuild(HeadedBytes(HEADER_KEY, keys), values)
 
 
 def _merged_table(
