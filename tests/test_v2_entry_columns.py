@@ -80,3 +80,42 @@ def test_index_of_narrow_columns_is_the_index_of_wide_ones(
     # A template kept from the narrow columns serves the wide ones, and back.
     assert v2_index.build_index(1, [wide]) == narrow_index
     assert isinstance(entries, DataFileEntries)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.integers(0, 2**32 - 1), max_size=300), st.data(), st.integers(1, 64))
+def test_mask_in_place_is_mask_many(values: list[int], data: st.DataObject, chunk: int) -> None:
+    from anyckpt.codecs import crc
+
+    crcs = np.array(values, dtype=np.uint32)
+    skip = np.array(data.draw(st.lists(st.booleans(), min_size=len(crcs), max_size=len(crcs))))
+    expected = np.where(skip.astype(bool), crcs, crc.mask_many(crcs))
+    old = crc._MASK_CHUNK
+    crc._MASK_CHUNK = chunk  # (a module constant: hypothesis runs share it)
+    try:
+        crc.mask_in_place(crcs, skip.astype(bool))
+        assert crcs.tolist() == expected.tolist()
+        again = np.array(values, dtype=np.uint32)
+        crc.mask_in_place(again)
+        assert again.tolist() == crc.mask_many(np.array(values, np.uint32)).tolist()
+    finally:
+        crc._MASK_CHUNK = old
+
+
+def test_sizes_widen_for_a_tensor_of_4_gib_or_more() -> None:
+    from anyckpt.formats.v2_data import _kinds_and_sizes, _Numbering, _with_size
+
+    huge = np.broadcast_to(np.zeros(1, np.float64), (1 << 29,))  # 4 GiB, no memory
+    arrays = [np.zeros(3, np.float32)] * 5000 + [huge, np.zeros(2, np.int8)]
+    kind_ids, sizes = _kinds_and_sizes(arrays, _Numbering())
+    assert sizes.dtype == np.int64
+    assert sizes.tolist() == [12] * 5000 + [1 << 32, 2]
+    assert kind_ids.tolist() == [0] * 5000 + [1, 2]
+    small = _kinds_and_sizes(arrays[:5000], _Numbering())[1]
+    assert small.dtype == np.uint32
+    widened = _with_size(small, 3, 1 << 33)
+    assert widened.dtype == np.int64
+    assert widened[3] == 1 << 33
+    assert widened[4] == 12
+    assert _with_size(small, 3, 7) is small
+    assert small[3] == 7

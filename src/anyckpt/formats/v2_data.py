@@ -21,7 +21,7 @@ import crc32c as _crc32c
 import numpy as np
 
 from ..codecs.bundle import BundleEntry, encode_string_tensor
-from ..codecs.crc import crc32c, crc32c_rows, mask_many
+from ..codecs.crc import crc32c, crc32c_rows, mask_in_place
 from ..codecs.dtypes import DT_STRING, enum_from_dtype, to_little_endian
 from ..storage import Storage
 from ._arrays import byte_view
@@ -215,19 +215,34 @@ def _kinds_and_sizes(
     arrays: Sequence[np.ndarray], numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each array's (dtype, shape) numbered by ``numbering`` (int32) and its size in bytes
-    (int64), read a window of arrays at a time (one slice of ``arrays`` each: a sequence
-    that makes its items on access, such as :class:`~anyckpt.tensors.Reordered`, makes
-    them once for the three attributes)."""
+    (uint32 while every size fits, else int64), read a window of arrays at a time (one
+    slice of ``arrays`` each: a sequence that makes its items on access, such as
+    :class:`~anyckpt.tensors.Reordered`, makes them once for the three attributes)."""
     count = len(arrays)
     kind_ids = np.empty(count, dtype=np.int32)
-    sizes = np.empty(count, dtype=np.int64)
+    sizes = np.empty(count, dtype=np.uint32)
     for first in range(0, count, TINY_WINDOW):
         window = arrays[first : first + TINY_WINDOW]
         n = len(window)
         pairs = zip(map(_dtype_of, window), map(_shape_of, window), strict=True)
         kind_ids[first : first + n] = np.fromiter(map(numbering.__getitem__, pairs), np.int32, n)
-        sizes[first : first + n] = np.fromiter(map(_nbytes_of, window), np.int64, n)
+        window_sizes = np.fromiter(map(_nbytes_of, window), np.int64, n)
+        if n and int(window_sizes.max()) > _SIZE_MAX[sizes.dtype.type]:
+            sizes = sizes.astype(np.int64)  # a tensor of 4 GiB or more: wide from now on
+        sizes[first : first + n] = window_sizes
     return kind_ids, sizes
+
+
+#: Largest value of each dtype the sizes are kept in.
+_SIZE_MAX = {np.uint32: 2**32 - 1, np.int64: 2**63 - 1}
+
+
+def _with_size(sizes: np.ndarray, i: int, size: int) -> np.ndarray:
+    """``sizes`` with ``sizes[i] = size``, widened to int64 first if it does not fit."""
+    if size > _SIZE_MAX[sizes.dtype.type]:
+        sizes = sizes.astype(np.int64)
+    sizes[i] = size
+    return sizes
 
 
 def write_data_file(
@@ -313,7 +328,7 @@ def write_data_file(
             for i in np.flatnonzero(string_kinds[kind_ids]).tolist():
                 data, crcs[i] = encode_string_tensor(arrays[i].reshape(-1).tolist())
                 encoded[i] = memoryview(data)
-                sizes[i] = len(data)
+                sizes = _with_size(sizes, i, len(data))
                 premasked[i] = True
         if reserve is not None:
             reserve(0, int(sizes.sum()))
@@ -357,16 +372,16 @@ def _entries(
     crcs: np.ndarray,
     premasked: np.ndarray,
 ) -> DataFileEntries:
-    """The entries of tensors stored back to back with these sizes and (masked or not) CRCs,
-    each column as narrow as its values allow (kept until the index is built)."""
-    masked = mask_many(crcs)
-    masked[premasked] = crcs[premasked]
+    """The entries of tensors stored back to back with these sizes and CRCs (``premasked``:
+    already masked; the others are masked in place: ``crcs`` becomes the entries'), each
+    column as narrow as its values allow (kept until the index is built)."""
+    mask_in_place(crcs, premasked if premasked.any() else None)
     narrow = np.uint32 if int(sizes.sum()) < 2**32 else np.int64  # a file below 4 GiB
-    kept_sizes = sizes.astype(narrow)
+    kept_sizes = sizes.astype(narrow, copy=False)  # (uint32 already, usually)
     offsets = np.zeros(len(sizes), dtype=narrow)
     np.cumsum(kept_sizes[:-1], out=offsets[1:])
     return DataFileEntries(
-        shard_id, keys, _narrow_ids(kind_ids, len(kinds)), kinds, offsets, kept_sizes, masked
+        shard_id, keys, _narrow_ids(kind_ids, len(kinds)), kinds, offsets, kept_sizes, crcs
     )
 
 
