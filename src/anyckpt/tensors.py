@@ -12,7 +12,7 @@ import numpy as np
 
 from ._recent import RecentCache
 from .codecs.dtypes import NUMERIC_DTYPES
-from .codecs.packed import PackedBytes
+from .codecs.packed import PackedBytes, row_pieces
 from .partitioned import Partitioned
 from .to_numpy import to_numpy
 
@@ -33,8 +33,8 @@ _ORDER_MAX_BYTES = 8 << 20
 def stored_key_order(keys: Sequence[str]) -> tuple[PackedBytes, np.ndarray]:
     """The names as stored (:func:`key_to_bytes`) in bytewise order, packed into one bytes
     object with offsets (:class:`~anyckpt.codecs.packed.PackedBytes`: no ``bytes`` object
-    per name kept), and the position in ``keys`` of each (a read-only int64 array: 8 bytes a
-    name, not an int object). The last few sets of names are remembered: a trainer saves the
+    per name kept), and the position in ``keys`` of each (a read-only integer array: 4 or 8
+    bytes a name, not an int object). The last few sets of names are remembered: a trainer saves the
     same names step after step, and encoding and sorting 10,000 of them costs a millisecond."""
     names = tuple(keys)
     known = _ORDERS.get(names)
@@ -60,8 +60,8 @@ def _ascii_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray] | Non
     count = len(names)
     if count < _MATRIX_MIN_NAMES:
         return None
-    lengths = np.fromiter(map(len, names), dtype=np.int64, count=count)
-    total = int(lengths.sum())
+    lengths = np.fromiter(map(len, names), dtype=np.int32, count=count)  # (each < 2 GiB)
+    total = int(lengths.sum(dtype=np.int64))
     width = int(lengths.max())
     if width == 0 or width * count > 2 * total + 16 * count:  # a few long names: no padding
         return None
@@ -73,10 +73,12 @@ def _ascii_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray] | Non
     if count * width - np.count_nonzero(fixed.view(np.uint8)) != count * width - total:
         return None
     order = np.argsort(fixed, kind="stable")
-    rows = fixed.view(np.uint8).reshape(count, width)
-    del fixed
-    packed = PackedBytes.from_rows(rows, order, lengths[order], increasing=True)
-    del rows
+    if count < 2**31:  # 4 bytes a name, not 8
+        order = order.astype(np.int32)
+    lengths = lengths[order]
+    pieces = row_pieces(fixed.view(np.uint8).reshape(count, width), order, lengths)
+    del fixed  # the matrix freed before its pieces are joined
+    packed = PackedBytes.from_pieces(pieces, lengths, increasing=True)
     order.flags.writeable = False  # shared by every save of these names
     return packed, order
 

@@ -116,17 +116,18 @@ class PackedBytes(Sequence[bytes]):
     ) -> PackedBytes:
         """The first ``lengths[i]`` bytes of row ``order[i]`` of the uint8 matrix ``rows``,
         for each i (gathered a chunk of rows at a time: no full-size mask or sorted copy)."""
-        width = rows.shape[1]
-        columns = np.arange(width, dtype=np.int32)
-        pieces: list[bytes] = []
-        for first in range(0, len(order), _CHUNK_RECORDS):
-            chunk = order[first : first + _CHUNK_RECORDS]
-            keep = columns < lengths[first : first + len(chunk), None]
-            pieces.append(rows[chunk][keep].tobytes())
-        data = b"".join(pieces)
-        del pieces
-        if len(data) < 2**31:
-            lengths = lengths.astype(np.int32)
+        return cls.from_pieces(row_pieces(rows, order, lengths), lengths, increasing=increasing)
+
+    @classmethod
+    def from_pieces(
+        cls, pieces: list[bytes], lengths: np.ndarray, *, increasing: bool = False
+    ) -> PackedBytes:
+        """Strings of these ``lengths`` from their bytes back to back in ``pieces`` (which
+        is emptied: the pieces are freed as soon as they are joined)."""
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        wide = len(data) >= 2**31
+        lengths = lengths.astype(np.int64 if wide else np.int32, copy=False)
         return cls(data, _starts(lengths, len(data)), lengths, increasing=increasing)
 
     def __len__(self) -> int:
@@ -227,6 +228,20 @@ class HeadedBytes(Sequence[bytes]):
         if not self.first:  # the buffer shared
             return head.with_first(self.first)
         return PackedBytes.join(chain([self.first], head), high, increasing=self.increasing)
+
+
+def row_pieces(rows: np.ndarray, order: np.ndarray, lengths: np.ndarray) -> list[bytes]:
+    """The first ``lengths[i]`` bytes of row ``order[i]`` of the uint8 matrix ``rows``, for
+    each i, back to back in pieces of a chunk of rows each (no full-size mask or sorted
+    copy); for :meth:`PackedBytes.from_pieces` once the caller has let go of ``rows``."""
+    width = rows.shape[1]
+    columns = np.arange(width, dtype=np.int32)
+    pieces: list[bytes] = []
+    for first in range(0, len(order), _CHUNK_RECORDS):
+        chunk = order[first : first + _CHUNK_RECORDS]
+        keep = columns < lengths[first : first + len(chunk), None]
+        pieces.append(rows[chunk][keep].tobytes())
+    return pieces
 
 
 def _as_uint64(values: np.ndarray) -> np.ndarray:
