@@ -141,6 +141,7 @@ def test_value_tails_replaced_in_pieces_or_whole() -> None:
     pieces, build = _ranged(keys, values, 300, 64)
     layout = build.layout
     assert layout is not None
+    assert layout.entry_ends.dtype == np.int32  # 4 bytes an entry below 2 GiB
     entries = np.arange(0, len(keys), 7)
     tails = np.full((len(entries), 4), 0xAB, np.uint8)
     whole = replace_value_tails(b"".join(pieces), layout, entries, tails)

@@ -156,7 +156,7 @@ class TableLayout(NamedTuple):
 
     entry_ends: (
         np.ndarray
-    )  # int32 (int64 past 1 GiB): each entry's end (its value's end) in the table
+    )  # int32 (int64 past 2 GiB): each entry's end (its value's end) in the table
     data_blocks: list[tuple[int, int]]  # each data block's (offset, size of its contents)
 
 
@@ -266,9 +266,9 @@ class TableBuild:
         not kept)."""
         if self._entry_ends is None:
             return None
-        ends = np.concatenate([np.zeros(0, np.int64), *self._entry_ends])
-        narrow = ends.astype(np.int32) if self.size < 2**30 else ends
-        return TableLayout(narrow, list(self._data_blocks))
+        pieces = self._entry_ends or [np.zeros(0, np.int32)]
+        ends = np.concatenate(pieces)  # int32 unless the table passed 2 GiB
+        return TableLayout(ends, list(self._data_blocks))
 
     def pieces(self) -> Iterator[bytes]:
         """The table's bytes, in order, a range of data blocks per piece, then the
@@ -350,7 +350,8 @@ class TableBuild:
         cuts = np.searchsorted(restart_at, ends).tolist()  # restart points before each end
         entry_ends = None
         if self._entry_ends is not None:  # each entry's end in the table
-            entry_ends = starts.astype(np.int64)
+            narrow = self.size + 2 * len(data) < 2**31  # (restarts and trailers: far less)
+            entry_ends = starts.astype(np.int32 if narrow else np.int64)
             entry_ends += entries.lengths
         out: list[Buffer] = []
         keys = self._keys
