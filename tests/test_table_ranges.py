@@ -303,3 +303,19 @@ def test_a_table_found_too_large_while_built_is_not_kept(monkeypatch: pytest.Mon
     monkeypatch.setattr(v2_index, "_TEMPLATE_MAX_BYTES", 16 << 20)
     assert build_index(1, [entries]) == built
     assert len(v2_index._TEMPLATES) == 1
+
+
+def test_collector_paused_only_while_a_piece_is_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from anyckpt.codecs import table_packed
+
+    monkeypatch.setattr(table_packed, "_RANGE_ENTRIES", 500)
+    v2_index._TEMPLATES.clear()
+    assert gc.isenabled()
+    pieces = v2_index.index_pieces(1, [_entries(5000)])
+    first = next(pieces)
+    assert gc.isenabled()  # between pieces: the caller writes with the collector on
+    assert len(first) > 0
+    del pieces  # stopped early
+    assert gc.isenabled()

@@ -145,9 +145,16 @@ def index_pieces(
     holders: Mapping[bytes, BundleEntry] | None = None,
 ) -> Iterator[bytes]:
     """:func:`build_index`'s table as pieces, made as they are asked for (see
-    :class:`~anyckpt.codecs.table_packed.TableBuild`)."""
-    with cyclic_gc_paused():  # a merge over many ranks: millions of keys, no cycles
-        yield from _index_pieces(num_shards, files, holders)
+    :class:`~anyckpt.codecs.table_packed.TableBuild`). The cyclic garbage collector is paused
+    while each piece is made (a merge over many ranks: millions of keys, no cycles), not
+    while the caller writes it, nor if the caller stops early."""
+    pieces = _index_pieces(num_shards, files, holders)
+    while True:
+        with cyclic_gc_paused():
+            piece = next(pieces, None)
+        if piece is None:
+            return
+        yield piece
 
 
 def _index_pieces(
