@@ -319,3 +319,35 @@ def test_collector_paused_only_while_a_piece_is_made(monkeypatch: pytest.MonkeyP
     assert len(first) > 0
     del pieces  # stopped early
     assert gc.isenabled()
+
+
+def test_ranges_are_sized_from_the_blocks_seen(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Blocks much larger than the smallest range: after the first, each range is made
+    for _RANGE_BLOCKS blocks and a little more, so the entries made twice (those after a
+    range's last whole block) stay a small share; the module default is read at build time."""
+    from anyckpt.codecs import table_packed
+
+    monkeypatch.setattr(table_packed, "_RANGE_ENTRIES", 40)
+    keys = [b"model/layer_%05d/kernel" % i for i in range(6000)]
+    values = [b"value-%04d" % (i % 1000) for i in range(len(keys))]
+    asked: list[tuple[int, int]] = []
+    column = bytes_column(values)
+
+    def values_of(low: int, high: int) -> Column:
+        asked.append((low, high))
+        return Column(column.data, column.starts[low:high], column.lengths[low:high])
+
+    build = TableBuild(keys, values_of, block_size=4096)
+    assert b"".join(build.pieces()) == _reference(keys, values, 4096)
+    assert asked[0] == (0, 40)  # the module's default, as patched
+    block = len(keys) / len(build.layout.data_blocks)  # type: ignore[union-attr]
+    later = [high - low for low, high in asked if low > 0][:-1]  # (the first doubles)
+    assert all(n > table_packed._RANGE_BLOCKS * block * 0.9 for n in later)
+    assert sum(high - low for low, high in asked) < 1.25 * len(keys)
+
+
+def test_next_range() -> None:
+    from anyckpt.codecs.table_packed import _RANGE_BLOCKS, _next_range
+
+    assert _next_range(1000, 10, 1) == int(100 * (_RANGE_BLOCKS + 0.125)) + 1
+    assert _next_range(1000, 10, 5000) == 5000

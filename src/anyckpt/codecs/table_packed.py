@@ -47,9 +47,12 @@ _PREFIX_WINDOW = 128
 _PREFIX_ROWS = 1 << 14
 #: Entries examined at first when looking for the end of a block (doubled as needed).
 _BLOCK_WINDOW = 4096
-#: Entries whose values are made and laid out at once when a table is built a range of
-#: blocks at a time (:class:`TableBuild`; doubled while a range holds no whole block).
+#: Fewest entries whose values are made and laid out at once when a table is built a range
+#: of blocks at a time (:class:`TableBuild`; doubled while a range holds no whole block).
 _RANGE_ENTRIES = 1 << 14
+#: Whole blocks a range is sized for, once the size of a block is known (a V2 index's
+#: 256 KiB blocks hold ~10,000 tiny tensors' entries: ranges of ~33,000, a few MB at once).
+_RANGE_BLOCKS = 3
 
 #: The values of entries ``low:high`` of a table, made on demand (:class:`TableBuild`).
 ValuesOf = Callable[[int, int], Column]
@@ -203,6 +206,15 @@ def build_table_with_layout(
     return table, layout
 
 
+def _next_range(laid: int, blocks: int, least: int) -> int:
+    """Entries to take for the next range after one that laid out ``laid`` entries in
+    ``blocks`` whole blocks: _RANGE_BLOCKS blocks of that average size and an eighth of one
+    (the entries after a range's last whole block are made again in the next range: ending
+    a range just past a block's predicted end keeps them few), at least ``least``."""
+    block = laid / blocks
+    return max(least, int(block * (_RANGE_BLOCKS + 0.125)) + 1)
+
+
 def _values_of(column: Column) -> ValuesOf:
     """Ranges of a whole column of values, as views."""
 
@@ -231,7 +243,8 @@ class TableBuild:
     and the entries of its whole blocks laid out and returned; the entries after its last
     whole block start the next range (their values made again). ``layout``: whether to keep
     the :class:`TableLayout` (each entry's end in the table: 4 or 8 bytes an entry) for
-    :attr:`layout`; ``range_entries``: the entries of a range (tests make it small)."""
+    :attr:`layout`; ``range_entries``: the entries of a range (default
+    :data:`_RANGE_ENTRIES`, read when the build is made; tests make it small)."""
 
     def __init__(
         self,
@@ -240,7 +253,7 @@ class TableBuild:
         *,
         block_size: int = BLOCK_SIZE,
         layout: bool = True,
-        range_entries: int = _RANGE_ENTRIES,
+        range_entries: int | None = None,
     ) -> None:
         if isinstance(values, Column):
             if len(values) != len(keys):
@@ -249,7 +262,7 @@ class TableBuild:
         self._keys = keys
         self._values = values
         self._block_size = block_size
-        self._range_entries = max(1, range_entries)
+        self._range_entries = max(1, range_entries or _RANGE_ENTRIES)
         self._entry_ends: list[np.ndarray] | None = [] if layout else None
         self._data_blocks: list[tuple[int, int]] = []
         self._index = BlockBuilder(restart_interval=1)
@@ -282,8 +295,9 @@ class TableBuild:
             if laid is None:  # no whole block among these entries: take more
                 wanted *= 2
                 continue
-            piece, low = laid
-            wanted = self._range_entries
+            piece, after, blocks = laid
+            wanted = _next_range(after - low, blocks, self._range_entries)
+            low = after
             yield piece
         meta = BlockBuilder().finish()
         meta_handle = BlockHandle(self.size, len(meta))
@@ -301,9 +315,9 @@ class TableBuild:
         self.size += len(tail)
         yield tail
 
-    def _range(self, low: int, high: int, *, final: bool) -> tuple[bytes, int] | None:
+    def _range(self, low: int, high: int, *, final: bool) -> tuple[bytes, int, int] | None:
         """The whole data blocks among entries ``low:high`` (``low`` starts a block) as one
-        piece, and the entry after them; None if they hold no whole block."""
+        piece, the entry after them and how many blocks; None if they hold no whole block."""
         values = self._values(low, high)
         if len(values) != high - low:
             raise ValueError(f"{high - low} keys but {len(values)} values")
@@ -334,7 +348,7 @@ class TableBuild:
             ]
         )
         del key_column, suffix_starts, shared, non_shared, values  # all in `entries` now
-        return self._data_blocks_of(entries, low, ends, restart_at), low + n
+        return self._data_blocks_of(entries, low, ends, restart_at), low + n, len(ends)
 
     def _data_blocks_of(
         self, entries: Column, low: int, ends: list[int], restart_at: np.ndarray

@@ -308,6 +308,9 @@ def write_data_file(
             writer.commit()
             return _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
         write_many = getattr(writer, "write_many", None)
+        # A mixed file goes over its arrays several times: as a list (8 B a tensor; from a
+        # view a chunk at a time, no int per position) each pass is a plain list walk.
+        arrays = arrays if isinstance(arrays, list) else list(arrays)
         # Ordinary small tensors: checksummed and written as they are, in bulk.
         plain = direct_kinds[kind_ids]
         plain &= np.fromiter(map(_contiguous, arrays), dtype=bool, count=count)
