@@ -199,6 +199,7 @@ def test_names_sorted_as_a_matrix_match_the_general_path(keys: list[str]) -> Non
     assert list(matrix[0]) == list(general[0])
     assert matrix[0].increasing
     np.testing.assert_array_equal(matrix[1], general[1])
+    assert matrix[1].dtype == np.int32  # 4 bytes a name
     assert not matrix[1].flags.writeable
 
 

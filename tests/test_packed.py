@@ -340,3 +340,22 @@ def test_packed_keys_build_the_same_table() -> None:
     twice = PackedBytes.join([b"a", b"b", b"b"], 3, increasing=True)  # claimed, not so
     with pytest.raises(ValueError, match="strictly increase"):
         build_table_packed(twice, bytes_column([b"", b"", b""]))
+
+
+def test_packed_bytes_from_rows_and_from_pieces() -> None:
+    from anyckpt.codecs.packed import row_pieces
+
+    names = [b"b%d" % i for i in range(9000)] + [b"a"]
+    width = max(map(len, names))
+    rows = np.array(names, dtype=f"S{width}").view(np.uint8).reshape(len(names), width)
+    order = np.argsort(np.array(names, dtype=f"S{width}"), kind="stable").astype(np.int32)
+    lengths = np.array([len(names[i]) for i in order.tolist()], dtype=np.int32)
+    expected = sorted(names)
+    assert list(PackedBytes.from_rows(rows, order, lengths, increasing=True)) == expected
+    pieces = row_pieces(rows, order, lengths)
+    assert len(pieces) > 1  # a chunk of rows each
+    packed = PackedBytes.from_pieces(pieces, lengths, increasing=True)
+    assert pieces == []  # emptied: freed once joined
+    assert list(packed) == expected
+    assert packed.lengths.dtype == np.int32
+    assert packed.increasing

@@ -249,3 +249,52 @@ def test_one_shot_save_of_a_shared_dict(tmp_path: Any) -> None:
     assert loaded["s"] == b"text"
     assert int(loaded["3"]) == 4
     np.testing.assert_array_equal(loaded["m/w5"], flat["w5"])
+
+
+@settings(max_examples=100)
+@given(st.lists(st.integers(), max_size=300), st.data(), st.sampled_from([1, 3, 4096]))
+def test_reordered_is_the_list_in_that_order(
+    items: list[int], data: st.DataObject, chunk: int
+) -> None:
+    import anyckpt.tensors as tensors_module
+
+    order = np.array(data.draw(st.permutations(range(len(items)))), dtype=np.int64)
+    expected = [items[i] for i in order.tolist()]
+    old = tensors_module._REORDER_CHUNK
+    tensors_module._REORDER_CHUNK = chunk  # (a module constant: hypothesis runs share it)
+    try:
+        view = tensors_module.Reordered(items, order)
+        assert len(view) == len(expected)
+        assert list(view) == expected
+        assert [view[i] for i in range(len(view))] == expected
+        low = data.draw(st.integers(0, len(items)))
+        high = data.draw(st.integers(low, len(items)))
+        assert view[low:high] == expected[low:high]
+        assert view[::2] == expected[::2]
+        if items:
+            assert view[-1] == expected[-1]
+    finally:
+        tensors_module._REORDER_CHUNK = old
+
+
+def test_data_file_of_a_reordered_sequence_is_the_list_s(tmp_path: Any) -> None:
+    """write_data_file given the arrays as a Reordered view (the one-shot save's) writes
+    the bytes and entries it writes for the same arrays as a list."""
+    from anyckpt.formats.v2_data import write_data_file
+    from anyckpt.storage import Storage
+    from anyckpt.tensors import Reordered
+
+    rng = np.random.default_rng(3)
+    arrays = [rng.standard_normal(1 + i % 7).astype(np.float32) for i in range(9000)]
+    arrays[17] = np.arange(100_000, dtype=np.float64)  # not tiny: the mixed path
+    order = rng.permutation(len(arrays)).astype(np.int64)
+    keys = [b"k%05d" % i for i in range(len(arrays))]
+    storage, root = Storage.from_url(str(tmp_path))
+    entries = []
+    for name, seq in (("list", [arrays[i] for i in order.tolist()]), ("view", None)):
+        given = seq if seq is not None else Reordered(arrays, order)
+        entries.append(
+            write_data_file(storage, f"{root}/{name}", keys, given, False, 0, lambda: None)
+        )
+    assert (tmp_path / "list").read_bytes() == (tmp_path / "view").read_bytes()
+    assert entries[0].as_entries() == entries[1].as_entries()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from itertools import chain
 from operator import attrgetter
-from typing import Any
+from typing import Any, TypeVar, overload
 
 import numpy as np
 
 from ._recent import RecentCache
 from .codecs.dtypes import NUMERIC_DTYPES
-from .codecs.packed import PackedBytes
+from .codecs.packed import PackedBytes, row_pieces
 from .partitioned import Partitioned
 from .to_numpy import to_numpy
+
+_T = TypeVar("_T")
 
 
 def key_to_bytes(key: str) -> bytes:
@@ -30,8 +33,8 @@ _ORDER_MAX_BYTES = 8 << 20
 def stored_key_order(keys: Sequence[str]) -> tuple[PackedBytes, np.ndarray]:
     """The names as stored (:func:`key_to_bytes`) in bytewise order, packed into one bytes
     object with offsets (:class:`~anyckpt.codecs.packed.PackedBytes`: no ``bytes`` object
-    per name kept), and the position in ``keys`` of each (a read-only int64 array: 8 bytes a
-    name, not an int object). The last few sets of names are remembered: a trainer saves the
+    per name kept), and the position in ``keys`` of each (a read-only integer array: 4 or 8
+    bytes a name, not an int object). The last few sets of names are remembered: a trainer saves the
     same names step after step, and encoding and sorting 10,000 of them costs a millisecond."""
     names = tuple(keys)
     known = _ORDERS.get(names)
@@ -57,8 +60,8 @@ def _ascii_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray] | Non
     count = len(names)
     if count < _MATRIX_MIN_NAMES:
         return None
-    lengths = np.fromiter(map(len, names), dtype=np.int64, count=count)
-    total = int(lengths.sum())
+    lengths = np.fromiter(map(len, names), dtype=np.int32, count=count)  # (each < 2 GiB)
+    total = int(lengths.sum(dtype=np.int64))
     width = int(lengths.max())
     if width == 0 or width * count > 2 * total + 16 * count:  # a few long names: no padding
         return None
@@ -70,10 +73,12 @@ def _ascii_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray] | Non
     if count * width - np.count_nonzero(fixed.view(np.uint8)) != count * width - total:
         return None
     order = np.argsort(fixed, kind="stable")
-    rows = fixed.view(np.uint8).reshape(count, width)
-    del fixed
-    packed = PackedBytes.from_rows(rows, order, lengths[order], increasing=True)
-    del rows
+    if count < 2**31:  # 4 bytes a name, not 8
+        order = order.astype(np.int32)
+    lengths = lengths[order]
+    pieces = row_pieces(fixed.view(np.uint8).reshape(count, width), order, lengths)
+    del fixed  # the matrix freed before its pieces are joined
+    packed = PackedBytes.from_pieces(pieces, lengths, increasing=True)
     order.flags.writeable = False  # shared by every save of these names
     return packed, order
 
@@ -89,6 +94,42 @@ def _general_order(names: tuple[str, ...]) -> tuple[PackedBytes, np.ndarray]:
     del positions
     order.flags.writeable = False  # shared by every save of these names
     return packed, order
+
+
+#: Positions turned into ints at once when a :class:`Reordered` is iterated or sliced.
+_REORDER_CHUNK = 4096
+
+
+class Reordered(Sequence[_T]):
+    """``items`` taken in ``order`` (item ``i`` is ``items[order[i]]``), looked up on access:
+    no list of them (8 bytes an item) and no int object per position at once (32 bytes each
+    while a list is built from ``order.tolist()``). Slices are lists; iteration turns a chunk
+    of positions into ints at a time."""
+
+    __slots__ = ("_items", "_order")
+
+    def __init__(self, items: Sequence[_T], order: np.ndarray) -> None:
+        self._items = items
+        self._order = order
+
+    def __len__(self) -> int:
+        return len(self._order)
+
+    @overload
+    def __getitem__(self, index: int) -> _T: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[_T]: ...
+    def __getitem__(self, index: int | slice) -> _T | list[_T]:
+        if isinstance(index, slice):
+            return list(map(self._items.__getitem__, self._order[index].tolist()))
+        return self._items[int(self._order[index])]
+
+    def __iter__(self) -> Iterator[_T]:
+        order, get = self._order, self._items.__getitem__
+        chunks = range(0, len(order), _REORDER_CHUNK)
+        return chain.from_iterable(
+            map(get, order[first : first + _REORDER_CHUNK].tolist()) for first in chunks
+        )
 
 
 def key_from_bytes(raw: bytes) -> str:

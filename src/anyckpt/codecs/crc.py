@@ -34,6 +34,22 @@ def mask_many(crcs: np.ndarray) -> np.ndarray:
     return masked
 
 
+#: CRCs masked per pass of :func:`mask_in_place` (bounds its temporaries).
+_MASK_CHUNK = 1 << 16
+
+
+def mask_in_place(crcs: np.ndarray, skip: np.ndarray | None = None) -> None:
+    """:func:`mask` each of ``crcs`` (uint32) in place, but those where ``skip`` is True:
+    a chunk at a time, so no array of the whole length is made."""
+    for first in range(0, len(crcs), _MASK_CHUNK):
+        part = crcs[first : first + _MASK_CHUNK]
+        masked = mask_many(part)
+        if skip is None:
+            part[:] = masked
+        else:
+            np.copyto(part, masked, where=~skip[first : first + _MASK_CHUNK])
+
+
 def unmask(masked: int) -> int:
     """Inverse of :func:`mask`."""
     rot = (masked - _MASK_DELTA) & 0xFFFFFFFF

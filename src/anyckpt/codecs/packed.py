@@ -11,6 +11,7 @@ its bytes start and how many there are (0: the field is absent from that record)
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
+from itertools import chain
 from typing import NamedTuple, overload
 
 import numpy as np
@@ -115,17 +116,18 @@ class PackedBytes(Sequence[bytes]):
     ) -> PackedBytes:
         """The first ``lengths[i]`` bytes of row ``order[i]`` of the uint8 matrix ``rows``,
         for each i (gathered a chunk of rows at a time: no full-size mask or sorted copy)."""
-        width = rows.shape[1]
-        columns = np.arange(width, dtype=np.int32)
-        pieces: list[bytes] = []
-        for first in range(0, len(order), _CHUNK_RECORDS):
-            chunk = order[first : first + _CHUNK_RECORDS]
-            keep = columns < lengths[first : first + len(chunk), None]
-            pieces.append(rows[chunk][keep].tobytes())
-        data = b"".join(pieces)
-        del pieces
-        if len(data) < 2**31:
-            lengths = lengths.astype(np.int32)
+        return cls.from_pieces(row_pieces(rows, order, lengths), lengths, increasing=increasing)
+
+    @classmethod
+    def from_pieces(
+        cls, pieces: list[bytes], lengths: np.ndarray, *, increasing: bool = False
+    ) -> PackedBytes:
+        """Strings of these ``lengths`` from their bytes back to back in ``pieces`` (which
+        is emptied: the pieces are freed as soon as they are joined)."""
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        pieces.clear()
+        wide = len(data) >= 2**31
+        lengths = lengths.astype(np.int64 if wide else np.int32, copy=False)
         return cls(data, _starts(lengths, len(data)), lengths, increasing=increasing)
 
     def __len__(self) -> int:
@@ -159,6 +161,13 @@ class PackedBytes(Sequence[bytes]):
     def __iter__(self) -> Iterator[bytes]:
         return self._items(0, len(self))
 
+    def part(self, low: int, high: int) -> PackedBytes:
+        """Strings ``low:high`` as packed bytes sharing this buffer (views of the starts and
+        lengths: no copy), ``increasing`` kept."""
+        return PackedBytes(
+            self.data, self.starts[low:high], self.lengths[low:high], increasing=self.increasing
+        )
+
     def with_first(self, item: bytes) -> PackedBytes:
         """These strings after ``item`` (new starts and lengths; the data copied only if
         ``item`` is not empty), ``increasing`` kept when ``item`` sorts before them all."""
@@ -178,6 +187,61 @@ class PackedBytes(Sequence[bytes]):
     def column(self) -> Column:
         """The strings as a :class:`Column` (its starts a copy: callers may move them)."""
         return Column(np.frombuffer(self.data, dtype=np.uint8), self.starts.copy(), self.lengths)
+
+
+class HeadedBytes(Sequence[bytes]):
+    """``first``, then the strings of ``rest``: :meth:`PackedBytes.with_first` without its
+    copies of every start and length (8 bytes a string); :meth:`part` makes a range of them
+    packed (a range's starts and lengths, the buffer shared unless the range holds a
+    non-empty ``first``)."""
+
+    __slots__ = ("first", "increasing", "rest")
+
+    def __init__(self, first: bytes, rest: PackedBytes) -> None:
+        self.first = first
+        self.rest = rest
+        self.increasing = rest.increasing and (not len(rest) or first < rest[0])
+
+    def __len__(self) -> int:
+        return len(self.rest) + 1
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if index == 0:
+            return self.first
+        if not 0 < index < len(self):
+            raise IndexError("index out of range")
+        return self.rest[index - 1]
+
+    def part(self, low: int, high: int) -> PackedBytes:
+        """Strings ``low:high`` as packed bytes."""
+        if low > 0 or high <= 0:
+            return self.rest.part(max(low - 1, 0), max(high - 1, 0))
+        head = self.rest.part(0, high - 1)
+        if not self.first:  # the buffer shared
+            return head.with_first(self.first)
+        return PackedBytes.join(chain([self.first], head), high, increasing=self.increasing)
+
+
+def row_pieces(rows: np.ndarray, order: np.ndarray, lengths: np.ndarray) -> list[bytes]:
+    """The first ``lengths[i]`` bytes of row ``order[i]`` of the uint8 matrix ``rows``, for
+    each i, back to back in pieces of a chunk of rows each (no full-size mask or sorted
+    copy); for :meth:`PackedBytes.from_pieces` once the caller has let go of ``rows``."""
+    width = rows.shape[1]
+    columns = np.arange(width, dtype=np.int32)
+    pieces: list[bytes] = []
+    for first in range(0, len(order), _CHUNK_RECORDS):
+        chunk = order[first : first + _CHUNK_RECORDS]
+        keep = columns < lengths[first : first + len(chunk), None]
+        pieces.append(rows[chunk][keep].tobytes())
+    return pieces
 
 
 def _as_uint64(values: np.ndarray) -> np.ndarray:

@@ -31,13 +31,14 @@ from ..codecs.ordered_code import encode_tensor_name_slice
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsafePathError
 from ..partitioned import partitions_of
 from ..storage import Storage
-from ..tensors import stored_key_order
+from ..tensors import Reordered, stored_key_order
 from . import layout
 from .base import FormatBase, FormatOption
 from .layout import parse_file_name
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
 from .v2_data import DataFileEntries, write_data_file
 from .v2_index import build_index
+from .v2_index import write_index as write_index_file
 from .v2_layout import MAX_INDEX_BYTES, data_path, index_path
 from .v2_reader import V2Reader
 
@@ -93,7 +94,7 @@ class V2Format(FormatBase):
         sorted_raws, order = stored_key_order(keys)  # bytewise order
         plain = set(map(type, values)) <= {np.ndarray}  # no Partitioned among them
         holders: dict[bytes, BundleEntry] = {}  # full-name entries of partitioned tensors
-        groups: dict[int, tuple[Sequence[bytes], list[np.ndarray]]] = {}  # keys, arrays
+        groups: dict[int, tuple[Sequence[bytes], Sequence[np.ndarray]]] = {}  # keys, arrays
         shards: list[list[str]] = []
         if plain and not opts.sharded and (options or {}).get("data_order") == "given":
             # TF2's order: the data file holds the tensors as given, the index is sorted.
@@ -102,7 +103,7 @@ class V2Format(FormatBase):
                 raws_given[i] = raw
             groups[0] = (raws_given, values)
         elif plain and not opts.sharded:  # the common case: one file, in bytewise key order
-            groups[0] = (sorted_raws, list(map(values.__getitem__, order.tolist())))
+            groups[0] = (sorted_raws, Reordered(values, order))  # (no list of them)
         else:
             names = list(map(keys.__getitem__, order.tolist()))
             raws = dict(zip(names, sorted_raws, strict=True))
@@ -144,6 +145,18 @@ class V2Format(FormatBase):
             index_ready.append(pool.submit(build_index, 1, [entries], holders))
             pool.shutdown(wait=False)
 
+        def write_index() -> None:  # off the event loop: a few ms of NumPy
+            if index_ready:
+                table = index_ready[0].result()
+                storage.write_bytes(index_path(prefix), table, durable=durable)
+            else:  # built as it is written
+                write_index_file(
+                    storage, index_path(prefix), num_shards, results, holders, durable=durable
+                )
+
+        # One data file: its index is written on its thread, right after it (glibc keeps each
+        # thread's freed heap in its own arena: one thread for both phases reuses one).
+        single = num_shards == 1
         try:
             await run_concurrently(
                 partial(
@@ -154,20 +167,13 @@ class V2Format(FormatBase):
                     durable,
                     shard,
                     results,
-                    build_early if num_shards == 1 else None,
+                    build_early if single else None,
+                    write_index if single else None,
                 )
                 for shard in range(num_shards)
             )
-
-            def write_index() -> None:  # off the event loop: a few ms of NumPy
-                table = (
-                    index_ready[0].result()
-                    if index_ready
-                    else build_index(num_shards, results, holders)
-                )
-                storage.write_bytes(index_path(prefix), table, durable=durable)
-
-            await anyio.to_thread.run_sync(write_index)
+            if not single:
+                await anyio.to_thread.run_sync(write_index)
         except BaseException:
             # Remove every data file this save may have renamed into place (a cancellation can
             # land just after a rename, before the task returns).
@@ -185,24 +191,34 @@ class V2Format(FormatBase):
         storage: Storage,
         path: str,
         keys: Sequence[bytes],
-        arrays: list[np.ndarray],
+        arrays: Sequence[np.ndarray],
         durable: bool,
         shard: int,
         results: list[DataFileEntries],
         early: Callable[[DataFileEntries], None] | None,
+        then: Callable[[], None] | None,
     ) -> None:
-        entries = await anyio.to_thread.run_sync(
-            write_data_file,
-            storage,
-            path,
-            keys,
-            arrays,
-            durable,
-            shard,
-            anyio.from_thread.check_cancelled,
-            early,
-        )
-        results.append(entries)
+        """Write one data file in a worker thread, its entries appended to ``results``, then
+        call ``then`` (if given) on the same thread, unless cancelled in between."""
+
+        def write() -> None:
+            results.append(
+                write_data_file(
+                    storage,
+                    path,
+                    keys,
+                    arrays,
+                    durable,
+                    shard,
+                    anyio.from_thread.check_cancelled,
+                    early,
+                )
+            )
+            if then is not None:
+                anyio.from_thread.check_cancelled()
+                then()
+
+        await anyio.to_thread.run_sync(write)
 
     # -- reading ---------------------------------------------------------------------------
 

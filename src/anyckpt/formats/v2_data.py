@@ -21,7 +21,7 @@ import crc32c as _crc32c
 import numpy as np
 
 from ..codecs.bundle import BundleEntry, encode_string_tensor
-from ..codecs.crc import crc32c, crc32c_rows, mask_many
+from ..codecs.crc import crc32c, crc32c_rows, mask_in_place
 from ..codecs.dtypes import DT_STRING, enum_from_dtype, to_little_endian
 from ..storage import Storage
 from ._arrays import byte_view
@@ -65,10 +65,10 @@ class DataFileEntries:
 
     shard_id: int
     keys: Sequence[bytes]
-    kind_ids: np.ndarray  # int32: entry i's (dtype, shape) is kinds[kind_ids[i]]
+    kind_ids: np.ndarray  # integers: entry i's (dtype, shape) is kinds[kind_ids[i]]
     kinds: list[Kind]  # the distinct (TF dtype number, shape) pairs
-    offsets: np.ndarray  # int64
-    sizes: np.ndarray  # int64
+    offsets: np.ndarray  # non-negative integers (a data file's: uint32 below 4 GiB, else int64)
+    sizes: np.ndarray  # as offsets
     crcs: np.ndarray  # uint32, masked
 
     @classmethod
@@ -187,14 +187,62 @@ def _gather_tiny(arrays: Sequence[np.ndarray], dtype_ids: np.ndarray) -> np.ndar
     )
 
 
-def _tiny_windows(tiny: np.ndarray) -> Iterator[tuple[int, int]]:
-    """The windows of at most TINY_WINDOW consecutive tiny tensors (``tiny``: a mask)."""
+def _tiny_runs(tiny: np.ndarray) -> Iterator[tuple[int, int]]:
+    """The runs of consecutive tiny tensors (``tiny``: a mask), as (start, stop)."""
     changes = np.flatnonzero(tiny[1:] != tiny[:-1]) + 1
     bounds = [0, *changes.tolist(), len(tiny)]
     for start, stop in itertools.pairwise(bounds):
         if start < stop and tiny[start]:
-            for first in range(start, stop, TINY_WINDOW):
-                yield first, min(stop, first + TINY_WINDOW)
+            yield start, stop
+
+
+def _gathered_windows(
+    arrays: Sequence[np.ndarray],
+    kind_dtypes: np.ndarray,
+    kind_ids: np.ndarray,
+    start: int,
+    stop: int,
+) -> Iterator[tuple[int, int, np.ndarray]]:
+    """Tiny tensors ``start:stop`` gathered (:func:`_gather_tiny`) TINY_WINDOW at a time:
+    each window's (first, last, bytes), the bytes a uint8 array. ``kind_dtypes`` numbers
+    each kind's dtype, ``kind_ids`` each tensor's kind."""
+    for first in range(start, stop, TINY_WINDOW):
+        last = min(stop, first + TINY_WINDOW)
+        yield first, last, _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
+
+
+def _kinds_and_sizes(
+    arrays: Sequence[np.ndarray], numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Each array's (dtype, shape) numbered by ``numbering`` (int32) and its size in bytes
+    (uint32 while every size fits, else int64), read a window of arrays at a time (one
+    slice of ``arrays`` each: a sequence that makes its items on access, such as
+    :class:`~anyckpt.tensors.Reordered`, makes them once for the three attributes)."""
+    count = len(arrays)
+    kind_ids = np.empty(count, dtype=np.int32)
+    sizes = np.empty(count, dtype=np.uint32)
+    for first in range(0, count, TINY_WINDOW):
+        window = arrays[first : first + TINY_WINDOW]
+        n = len(window)
+        pairs = zip(map(_dtype_of, window), map(_shape_of, window), strict=True)
+        kind_ids[first : first + n] = np.fromiter(map(numbering.__getitem__, pairs), np.int32, n)
+        window_sizes = np.fromiter(map(_nbytes_of, window), np.int64, n)
+        if n and int(window_sizes.max()) > _SIZE_MAX[sizes.dtype.type]:
+            sizes = sizes.astype(np.int64)  # a tensor of 4 GiB or more: wide from now on
+        sizes[first : first + n] = window_sizes
+    return kind_ids, sizes
+
+
+#: Largest value of each dtype the sizes are kept in.
+_SIZE_MAX = {np.uint32: 2**32 - 1, np.int64: 2**63 - 1}
+
+
+def _with_size(sizes: np.ndarray, i: int, size: int) -> np.ndarray:
+    """``sizes`` with ``sizes[i] = size``, widened to int64 first if it does not fit."""
+    if size > _SIZE_MAX[sizes.dtype.type]:
+        sizes = sizes.astype(np.int64)
+    sizes[i] = size
+    return sizes
 
 
 def write_data_file(
@@ -210,9 +258,15 @@ def write_data_file(
     """Write one data file of ``arrays`` named ``keys``, in that order; return the index
     entries of its tensors (runs in a worker thread).
 
+    A data file of tiny tensors only (fewer than TINY_BELOW bytes each, plain NumPy dtypes)
+    takes a one-pass path: each window of them is gathered, checksummed and written, and
+    ``early`` is not called (the entries are final only once the last window is written).
+    In a mixed file, tiny tensors are gathered twice: once, before anything is written, for
+    their checksums, so that ``early`` can receive final entries, then again to write them.
+
     ``early``, if given, receives the entries before the data is written when they are
-    already final then (every tensor plain or a string: no checksum left to compute while
-    writing), so that the index can be built while the data goes out.
+    already final then (every tensor plain, tiny or a string: no checksum left to compute
+    while writing), so that the index can be built while the data goes out.
 
     The file's blocks are reserved first where the storage can (local files). Small tensors
     are gathered into one ``writev`` per IOV_MAX of them (where the storage offers
@@ -224,8 +278,7 @@ def write_data_file(
         raise ValueError(f"{len(keys)} keys for {count} arrays")
     # Each tensor's (dtype, shape) numbered: per tensor only an int32, not a tuple.
     numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]] = _Numbering()
-    pairs = zip(map(_dtype_of, arrays), map(_shape_of, arrays), strict=True)
-    kind_ids = np.fromiter(map(numbering.__getitem__, pairs), np.int32, count)
+    kind_ids, sizes = _kinds_and_sizes(arrays, numbering)
     classes = [_classify(dtype) for dtype, _ in numbering]
     kinds: list[Kind] = [
         (enum, shape) for (enum, _), (_, shape) in zip(classes, numbering, strict=True)
@@ -235,7 +288,6 @@ def write_data_file(
     del numbering, dtype_numbers
     direct_kinds = np.array([ok for _, ok in classes], dtype=bool)
     string_kinds = np.array([enum == DT_STRING for enum, _ in classes], dtype=bool)
-    sizes = np.fromiter(map(_nbytes_of, arrays), dtype=np.int64, count=count)
     crcs = np.zeros(count, dtype=np.uint32)
     premasked = np.zeros(count, dtype=bool)  # CRCs already masked (strings, large tensors)
     # Tiny tensors (any layout): gathered and checksummed a window at a time.
@@ -248,16 +300,17 @@ def write_data_file(
             del tiny
             if reserve is not None:
                 reserve(0, int(sizes.sum()))
-            for first in range(0, count, TINY_WINDOW):
-                last = min(count, first + TINY_WINDOW)
+            for first, last, gathered in _gathered_windows(arrays, kind_dtypes, kind_ids, 0, count):
                 check_cancelled()
-                gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
                 crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
                 if len(gathered):
                     writer.write(gathered)  # type: ignore[arg-type]  # uint8 array: a buffer
             writer.commit()
             return _entries(shard_id, keys, kind_ids, kinds, sizes, crcs, premasked)
         write_many = getattr(writer, "write_many", None)
+        # A mixed file goes over its arrays several times: as a list (8 B a tensor; from a
+        # view a chunk at a time, no int per position) each pass is a plain list walk.
+        arrays = arrays if isinstance(arrays, list) else list(arrays)
         # Ordinary small tensors: checksummed and written as they are, in bulk.
         plain = direct_kinds[kind_ids]
         plain &= np.fromiter(map(_contiguous, arrays), dtype=bool, count=count)
@@ -267,16 +320,18 @@ def write_data_file(
         else:
             plain[:] = False
         _checksum_plain(arrays, plain, crcs)
-        for first, last in _tiny_windows(tiny):
-            gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
-            crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
+        for start, stop in _tiny_runs(tiny):  # gathered twice: here for the CRCs, for `early`
+            for first, last, gathered in _gathered_windows(
+                arrays, kind_dtypes, kind_ids, start, stop
+            ):
+                crcs[first:last] = crc32c_rows(gathered, sizes[first:last])
         # String tensors are encoded first: their stored size is known only then.
         encoded: dict[int, memoryview] = {}
         if string_kinds.any():
             for i in np.flatnonzero(string_kinds[kind_ids]).tolist():
                 data, crcs[i] = encode_string_tensor(arrays[i].reshape(-1).tolist())
                 encoded[i] = memoryview(data)
-                sizes[i] = len(data)
+                sizes = _with_size(sizes, i, len(data))
                 premasked[i] = True
         if reserve is not None:
             reserve(0, int(sizes.sum()))
@@ -320,12 +375,24 @@ def _entries(
     crcs: np.ndarray,
     premasked: np.ndarray,
 ) -> DataFileEntries:
-    """The entries of tensors stored back to back with these sizes and (masked or not) CRCs."""
-    masked = mask_many(crcs)
-    masked[premasked] = crcs[premasked]
-    offsets = np.zeros(len(sizes), dtype=np.int64)
-    np.cumsum(sizes[:-1], out=offsets[1:])
-    return DataFileEntries(shard_id, keys, kind_ids, kinds, offsets, sizes, masked)
+    """The entries of tensors stored back to back with these sizes and CRCs (``premasked``:
+    already masked; the others are masked in place: ``crcs`` becomes the entries'), each
+    column as narrow as its values allow (kept until the index is built)."""
+    mask_in_place(crcs, premasked if premasked.any() else None)
+    narrow = np.uint32 if int(sizes.sum()) < 2**32 else np.int64  # a file below 4 GiB
+    kept_sizes = sizes.astype(narrow, copy=False)  # (uint32 already, usually)
+    offsets = np.zeros(len(sizes), dtype=narrow)
+    np.cumsum(kept_sizes[:-1], out=offsets[1:])
+    return DataFileEntries(
+        shard_id, keys, _narrow_ids(kind_ids, len(kinds)), kinds, offsets, kept_sizes, crcs
+    )
+
+
+def _narrow_ids(ids: np.ndarray, count: int) -> np.ndarray:
+    """Numbers below ``count`` in the narrowest unsigned dtype that holds them (a copy)."""
+    dtype = np.uint8 if count <= 1 << 8 else np.uint16 if count <= 1 << 16 else ids.dtype
+    narrowed: np.ndarray = ids.astype(dtype)
+    return narrowed
 
 
 def _write_in_order(
@@ -367,10 +434,8 @@ def _write_in_order(
                 continue
             if groups[start] == 2:  # a run of tiny tensors: one buffer per window
                 flush()
-                for first in range(start, stop, TINY_WINDOW):
-                    last = min(stop, first + TINY_WINDOW)
+                for _, _, gathered in _gathered_windows(arrays, kind_dtypes, kind_ids, start, stop):
                     check_cancelled()
-                    gathered = _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
                     if len(gathered):
                         write(gathered)
                 continue

@@ -38,7 +38,7 @@ from __future__ import annotations
 import bisect
 import os
 import posixpath
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
 
@@ -248,6 +248,12 @@ class Storage:
     def write_bytes(self, path: str, data: Buffer, *, durable: bool = True) -> None:
         """Write a whole file atomically (retried as a whole on remote filesystems)."""
         self._backend.write_bytes(path, data, durable)
+
+    def write_pieces(self, path: str, pieces: Iterable[Buffer], *, durable: bool = True) -> None:
+        """Write a whole file atomically from ``pieces`` made as they are asked for: on local
+        disk each is written as it comes (the whole is never in memory); elsewhere they are
+        joined first, so that a retried write can write them again."""
+        self._backend.write_pieces(path, pieces, durable)
 
     def makedirs(self, path: str) -> None:
         self._backend.makedirs(path)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import operator
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
@@ -261,6 +261,10 @@ class Backend:
                 raise
 
         self.retrying(write, f"writing {self.url(path)}")
+
+    def write_pieces(self, path: str, pieces: Iterable[Buffer], durable: bool) -> None:
+        """Joined first: a retried write writes the whole again (see :class:`Storage`)."""
+        self.write_bytes(path, b"".join(pieces), durable)
 
     def makedirs(self, path: str) -> None:
         self.retrying(lambda: self.fs.makedirs(path, exist_ok=True), f"creating {path}")

@@ -16,7 +16,7 @@ import posixpath
 import secrets
 import stat
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
@@ -363,6 +363,17 @@ class LocalBackend(Backend):
 
     def open_writer(self, path: str, durable: bool) -> FileWriter:
         return LocalWriter(path, durable)
+
+    def write_pieces(self, path: str, pieces: Iterable[Buffer], durable: bool) -> None:
+        """Each piece written as it comes (no retries here: nothing to write again)."""
+        writer = self.open_writer(path, durable)
+        try:
+            for piece in pieces:
+                writer.write(piece)
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
 
     def makedirs(self, path: str) -> None:
         """Create ``path`` and its missing parents, each made durable in its parent (an
