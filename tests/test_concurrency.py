@@ -3,6 +3,7 @@ cause and context."""
 
 from __future__ import annotations
 
+import contextvars
 import errno
 import os
 import threading
@@ -88,6 +89,27 @@ async def test_run_in_worker_returns_and_raises_as_the_call_does() -> None:
     assert await run_in_worker(divmod, 7, 2) == (3, 1)
     with pytest.raises(ZeroDivisionError):
         await run_in_worker(divmod, 1, 0)
+
+
+_REQUEST: contextvars.ContextVar[str] = contextvars.ContextVar("request", default="none")
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_run_in_worker_runs_in_the_callers_context(backend: str) -> None:
+    """Context variables set by the caller are seen by the call, as with
+    ``anyio.to_thread.run_sync``; what the call sets stays in its copy."""
+
+    def read_and_set() -> str:
+        seen = _REQUEST.get()
+        _REQUEST.set("set by the worker")
+        return seen
+
+    async def main() -> tuple[str, str]:
+        _REQUEST.set("request-42")
+        seen = await run_in_worker(read_and_set)
+        return seen, _REQUEST.get()
+
+    assert anyio.run(main, backend=backend) == ("request-42", "request-42")
 
 
 @pytest.mark.anyio

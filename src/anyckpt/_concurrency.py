@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import gc
 import os
 import sys
@@ -137,7 +138,9 @@ async def run_in_worker(fn: Callable[..., T], *args: Any) -> T:
     except RuntimeError:  # trio
         result = await anyio.to_thread.run_sync(fn, *args)
     else:
-        future = _worker_pool().submit(fn, *args)
+        # In the caller's context, as anyio.to_thread.run_sync runs it (context variables:
+        # a tracing span, a request id).
+        future = _worker_pool().submit(contextvars.copy_context().run, fn, *args)
         with anyio.CancelScope(shield=True):
             result = await asyncio.wrap_future(future, loop=loop)
     await anyio.lowlevel.checkpoint_if_cancelled()  # a cancellation meanwhile: raised now
