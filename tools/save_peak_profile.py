@@ -5,7 +5,8 @@ not the save) with ``anyckpt.save`` while a thread watches tracemalloc and snaps
 traced memory each time it grows by 3 %; prints the peak per tensor and the largest
 allocation sites of the last snapshot (the peak, within 3 %), per tensor.
 
-    PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000
+    PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000        # 4 bytes each
+    PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000 256    # 1 KiB each
 """
 
 from __future__ import annotations
@@ -23,9 +24,11 @@ import numpy as np
 import anyckpt
 
 
-def main(count: int) -> None:
-    base = np.zeros(count, np.float32)
-    state = {f"layer{i // 10}/w{i % 10}": base[i : i + 1] for i in range(count)}
+def main(count: int, elements: int = 1) -> None:
+    base = np.zeros(count * elements, np.float32)
+    state = {
+        f"layer{i // 10}/w{i % 10}": base[i * elements : (i + 1) * elements] for i in range(count)
+    }
     directory = tempfile.mkdtemp()
     tracemalloc.start(6)
     best: list[tracemalloc.Snapshot] = []
@@ -55,4 +58,4 @@ def main(count: int) -> None:
 
 
 if __name__ == "__main__":
-    main(int(sys.argv[1]) if len(sys.argv) > 1 else 200_000)
+    main(*(int(arg) for arg in sys.argv[1:3]) if len(sys.argv) > 1 else (200_000,))
