@@ -11,6 +11,9 @@ import fsspec
 import ml_dtypes
 import numpy as np
 import pytest
+from crc32c import crc32c
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import anyckpt
 from anyckpt.codecs.bundle import decode_entry
@@ -34,6 +37,7 @@ def _same_as_one_by_one(
     gathered = _save(tmp_path / "gathered" / "c", state, **options)
     with monkeypatch.context() as patch:
         patch.setattr(v2_data, "TINY_BELOW", 0)
+        patch.setattr(v2_data, "SMALL_BELOW", 0)
         alone = _save(tmp_path / "alone" / "c", state, **options)
     assert [p.name for p in gathered] == [p.name for p in alone]
     for a, b in zip(gathered, alone, strict=True):
@@ -138,7 +142,43 @@ def test_memory_storage(monkeypatch: pytest.MonkeyPatch) -> None:
     anyio.run(lambda: anyckpt.save("memory://tiny/a", state))
     with monkeypatch.context() as patch:
         patch.setattr(v2_data, "TINY_BELOW", 0)
+        patch.setattr(v2_data, "SMALL_BELOW", 0)
         anyio.run(lambda: anyckpt.save("memory://tiny/b", state))
     fs = fsspec.filesystem("memory")
     for suffix in (".index", ".data-00000-of-00001"):
         assert fs.cat(f"/tiny/a{suffix}") == fs.cat(f"/tiny/b{suffix}")
+
+
+# -- small tensors (below SMALL_BELOW) gathered in a file of many tensors ---------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(0, 5000), max_size=60))
+def test_window_crcs_equal_each_tensors_crc(sizes: list[int]) -> None:
+    rng = np.random.default_rng(len(sizes))
+    pieces = [rng.integers(0, 256, n, dtype=np.uint8) for n in sizes]
+    gathered = np.concatenate(pieces) if pieces else np.zeros(0, np.uint8)
+    got = v2_data._window_crcs(gathered, np.array(sizes, dtype=np.uint32))
+    assert got.tolist() == [crc32c(p.tobytes()) for p in pieces]
+
+
+@pytest.mark.parametrize("count", [1, 4095, 4097])
+def test_small_tensors_gathered_in_a_file_of_many_write_the_same_bytes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """With MANY_TENSORS lowered, a file of 1 KiB (and mixed) tensors takes the gathered path:
+    the same files as each tensor checksummed and written in place."""
+    rng = np.random.default_rng(count)
+    state: dict[str, Any] = {
+        f"t{i:05d}": rng.standard_normal(i % 1100 + 1).astype(np.float32) for i in range(count)
+    }
+    state["odd"] = rng.standard_normal((30, 30)).astype(np.float32)[::3, ::2]  # not contiguous
+    state["bool"] = np.ones(3000, bool)
+    monkeypatch.setattr(v2_data, "MANY_TENSORS", 0)
+    _same_as_one_by_one(tmp_path / "only", monkeypatch, state)
+    state["big"] = np.ones(1 << 19, np.float32)  # and a file that is not all gathered
+    state["s"] = np.array([b"ab", b""], dtype=object)
+    _same_as_one_by_one(tmp_path / "mixed", monkeypatch, state)
+    restored = anyckpt.sync.load(tmp_path / "mixed" / "gathered" / "c")
+    for key in ("t00000", "odd", "bool", "big", "s"):
+        np.testing.assert_array_equal(restored[key], state[key])
