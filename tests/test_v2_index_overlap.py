@@ -1,5 +1,5 @@
 """A one-file V2 save builds its index while the data is written (a second core) only when
-it is small (``EARLY_INDEX_MAX_TENSORS``); a larger one builds and writes it a range at a time
+it is small (``MANY_TENSORS``); a larger one builds and writes it a range at a time
 after the data. Either way the files are the same bytes."""
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ def test_the_index_is_the_same_built_early_or_after(
         return original(*args, **kwargs)  # type: ignore[arg-type]
 
     monkeypatch.setattr(v2, "build_index", spy)
-    monkeypatch.setattr(v2, "EARLY_INDEX_MAX_TENSORS", limit)
+    monkeypatch.setattr(v2, "MANY_TENSORS", limit)
     anyckpt.sync.save(tmp_path / "after" / "ckpt", state)
     assert bool(built_early) == (len(state) <= limit)
     for name in ("ckpt.index", "ckpt.data-00000-of-00001"):

@@ -205,7 +205,9 @@ class FewKeys:
 
     async def read_rest(self) -> dict[str, np.ndarray]:
         """Read the keys through the general path, from where :func:`read_few_now` stopped."""
-        reader = self.reader or await _open_located(self.storage, self.path)
+        if self.reader is not None:  # a V2 reader, the keys already looked up
+            return await self.reader.read_found(self.keys, self.verify)
+        reader = await _open_located(self.storage, self.path)
         try:
             return await reader.read_many(self.keys, verify=self.verify)
         finally:

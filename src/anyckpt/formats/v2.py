@@ -36,7 +36,7 @@ from . import layout
 from .base import FormatBase, FormatOption
 from .layout import parse_file_name
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
-from .v2_data import DataFileEntries, write_data_file
+from .v2_data import MANY_TENSORS, DataFileEntries, write_data_file
 from .v2_index import build_index
 from .v2_index import write_index as write_index_file
 from .v2_layout import MAX_INDEX_BYTES, data_path, index_path
@@ -57,12 +57,6 @@ def probe_prefix(storage: Storage, path: str) -> bytes | None:
     if storage.path_kind(path) != "none" or not storage.exists(index_path(path)):
         return None
     return read_index(storage, path)
-
-
-#: A one-file save of at most this many tensors builds its index while its data is written
-#: (on a second core); a larger one builds it after, a range of blocks at a time, in far less
-#: memory (the whole table and its entries would exist at once: ~60 B a tensor).
-EARLY_INDEX_MAX_TENSORS = 1 << 16
 
 
 class V2Format(FormatBase):
@@ -144,10 +138,10 @@ class V2Format(FormatBase):
         results: list[DataFileEntries] = []
         # One data file whose entries are known before its data is written: the index is
         # built on a second thread meanwhile (NumPy there, writev here: two cores), unless
-        # it is large: then it is built and written a range at a time after the data, so the
-        # whole table never exists at once (at 10^6 1 KiB tensors: 227 -> 165 B/tensor).
+        # it has more than MANY_TENSORS: then it is built and written a range at a time after
+        # the data, so the whole table never exists at once (10^6 1 KiB tensors: -62 B each).
         index_ready: list[Future[bytes]] = []
-        overlap = sum(len(group[0]) for group in groups.values()) <= EARLY_INDEX_MAX_TENSORS
+        overlap = sum(len(group[0]) for group in groups.values()) <= MANY_TENSORS
 
         def build_early(entries: DataFileEntries) -> None:
             pool = ThreadPoolExecutor(1, thread_name_prefix="anyckpt-index")

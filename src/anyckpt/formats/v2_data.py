@@ -35,11 +35,13 @@ _BATCH = 1024
 #: NumPy caches a ~56-byte record on each array it exports) and checksummed row by row in
 #: NumPy (crc32c_rows), then written with one ``write``.
 TINY_BELOW = 64
-#: In a data file of more than MANY_TENSORS tensors, those below SMALL_BELOW bytes are
-#: gathered too (checksummed by the C ``crc32c`` per slice of the window): ~0.5 µs a tensor
-#: more CPU than checksumming and ``writev``-ing them in place, but no buffer record left on
-#: each of the caller's arrays (56 B a tensor: at 10^6 1 KiB tensors, 165 -> 94 B a tensor
-#: of RSS beyond the state).
+#: A save of more than MANY_TENSORS tensors trades a little CPU for memory per tensor: in
+#: a data file that large, tensors below SMALL_BELOW bytes are gathered too (checksummed by
+#: the C ``crc32c`` per slice of the window: ~0.5 µs a tensor more CPU than checksumming and
+#: ``writev``-ing them in place, but no 56-byte buffer record left on each of the caller's
+#: arrays), and a one-file bundle's index is built after its data, a range of blocks at a
+#: time, not whole on a second core meanwhile (formats.v2). At 10^6 1 KiB tensors: 226 -> 99
+#: B a tensor of RSS beyond the state.
 SMALL_BELOW = 4096
 MANY_TENSORS = 1 << 16
 #: Tiny tensors gathered per window (16 MiB at most).

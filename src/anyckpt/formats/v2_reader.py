@@ -547,11 +547,9 @@ class V2Reader(ReaderBase):
             if len(names) <= NOW_KEYS:
                 # Looked up and (when small and local) read in one worker hop.
                 got = await run_in_worker(self.read_small_now, names, verify)
-                if got is not None:
-                    return got
-                pairs = list(zip(names, map(self._entry, names), strict=True))  # cached now
-            else:  # looked up off the event loop, where a cancellation stops it
-                pairs = await anyio.to_thread.run_sync(self._look_up_all, names)
+                return got if got is not None else await self.read_found(names, verify)
+            # Looked up off the event loop, where a cancellation stops it.
+            pairs = await anyio.to_thread.run_sync(self._look_up_all, names)
             return await self._read_pairs(pairs, verify)
         # Every entry, checked, in key order: in chunks, so that the names of only one chunk
         # exist besides the arrays read.
@@ -584,6 +582,11 @@ class V2Reader(ReaderBase):
             items.sort(key=lambda item: item[1].offset)
             out.update((key, array) for key, _, array in self._read_shard(shard, items, verify))
         return {key: out[key] for key, _ in pairs}
+
+    async def read_found(self, keys: list[str], verify: bool) -> dict[str, np.ndarray]:
+        """:meth:`read_many` of ``keys`` that :meth:`read_small_now` looked up and left to
+        the general path (their entries are kept: no lookup, no second hop to try again)."""
+        return await self._read_pairs(list(zip(keys, map(self._entry, keys), strict=True)), verify)
 
     def _look_up_all(self, keys: list[str]) -> list[tuple[str, EntryRecord]]:
         """Blocking: each key with its checked entry (``KeyError`` for one not stored)."""
