@@ -244,7 +244,10 @@ class TableBuild:
     whole block start the next range (their values made again). ``layout``: whether to keep
     the :class:`TableLayout` (each entry's end in the table: 4 or 8 bytes an entry) for
     :attr:`layout`; ``range_entries``: the entries of a range (default
-    :data:`_RANGE_ENTRIES`, read when the build is made; tests make it small)."""
+    :data:`_RANGE_ENTRIES`, read when the build is made; tests make it small);
+    ``first_block``: (index separator, size of its contents) of a first data block that the
+    caller writes itself before the pieces (a V1 table's meta, alone in its block, written
+    as it is made), ``keys`` being the entries after it."""
 
     def __init__(
         self,
@@ -254,6 +257,7 @@ class TableBuild:
         block_size: int = BLOCK_SIZE,
         layout: bool = True,
         range_entries: int | None = None,
+        first_block: tuple[bytes, int] | None = None,
     ) -> None:
         if isinstance(values, Column):
             if len(values) != len(keys):
@@ -268,6 +272,11 @@ class TableBuild:
         self._index = BlockBuilder(restart_interval=1)
         #: Bytes of the table made so far.
         self.size = 0
+        if first_block is not None:  # a data block the caller writes before the pieces
+            separator, size = first_block
+            self._index.add(separator, BlockHandle(0, size).encode())
+            self._data_blocks.append((0, size))
+            self.size = size + 5
 
     def drop_layout(self) -> None:
         """Stop keeping the layout (a table too large to be worth patching later)."""

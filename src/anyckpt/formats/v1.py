@@ -34,11 +34,13 @@ from ..codecs import DecodeError
 from ..codecs import v1 as codec
 from ..codecs.dtypes import dtype_from_enum, enum_from_dtype, tf_name, to_little_endian
 from ..codecs.ordered_code import encode_tensor_name_slice
+from ..codecs.packed import PackedBytes
 from ..codecs.table import BLOCK_SIZE, BLOCK_TRAILER_SIZE, FOOTER_SIZE, BlockHandle
 from ..errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 from ..partitioned import partitions_of
 from ..storage import FileReader, FileWriter, Storage
-from ..tensors import key_from_bytes, key_to_bytes
+from ..tensors import Reordered, key_from_bytes, key_to_bytes, stored_key_order
+from . import v1_columns
 from .base import Extent, FormatBase, Index, ReaderBase, TensorSlice, TensorSpec
 from .layout import split_v1_pattern, v1_pattern_path, v1_shard_number, v1_shard_path
 from .sharded import SHARD_FORMAT_OPTIONS, ShardOptions, plan_shards, tensor_nbytes
@@ -142,6 +144,31 @@ def _write_file(
         raise
 
 
+def _column_plan(
+    tensors: Mapping[str, np.ndarray], opts: ShardOptions
+) -> v1_columns.ColumnPlan | None:
+    """The plan to write these tensors column-wise (:mod:`.v1_columns`), or None when the
+    streaming writer is needed (a :class:`~anyckpt.Partitioned` tensor, a large tensor...)."""
+    values = list(tensors.values())
+    if not set(map(type, values)) <= {np.ndarray}:
+        return None
+    groups: list[tuple[PackedBytes, Sequence[np.ndarray]]]
+    if not opts.sharded:
+        names, order = stored_key_order(tuple(tensors))
+        groups = [(names, Reordered(values, order))]
+    else:
+        keyed = sorted(tensors, key=key_to_bytes)
+        sizes = [(k, tensor_nbytes(tensors[k]) if opts.needs_sizes else 0) for k in keyed]
+        groups = [
+            (
+                PackedBytes.join(map(key_to_bytes, keys), len(keys), increasing=True),
+                [tensors[k] for k in keys],
+            )
+            for keys in plan_shards(sizes, opts)
+        ]
+    return v1_columns.plan(groups)
+
+
 class V1Format(FormatBase):
     """TensorFlow's V1 checkpoint (``TensorSliceWriter`` / ``TensorSliceReader``)."""
 
@@ -163,17 +190,29 @@ class V1Format(FormatBase):
         ``max_shard_bytes``, ``num_shards``, ``shard_of``; see :mod:`.sharded`), files
         ``prefix-0000i-of-0000N`` written concurrently. Returns the paths in commit order."""
         opts = ShardOptions.from_options(options)
-        items = _items(tensors)
-        keyed = sorted(items, key=key_to_bytes)
-        sizes = [
-            (k, sum(tensor_nbytes(a) for _, a in items[k].slices) if opts.needs_sizes else 0)
-            for k in keyed
-        ]
-        shards = plan_shards(sizes, opts)
-        if opts.sharded:
-            paths = [shard_path(prefix, i, len(shards)) for i in range(len(shards))]
+        columns = _column_plan(tensors, opts)
+        if columns is not None:
+            count = len(columns.files)
+            paths = [shard_path(prefix, i, count) for i in range(count)]
+            if not opts.sharded:
+                paths = [prefix]
+            write_file: Callable[..., None] = partial(v1_columns.write_file, columns=columns)
+            files: list[Any] = columns.files
         else:
-            paths = [prefix]
+            items = _items(tensors)
+            keyed = sorted(items, key=key_to_bytes)
+            sizes = [
+                (k, sum(tensor_nbytes(a) for _, a in items[k].slices) if opts.needs_sizes else 0)
+                for k in keyed
+            ]
+            shards = plan_shards(sizes, opts)
+            if opts.sharded:
+                paths = [shard_path(prefix, i, len(shards)) for i in range(len(shards))]
+            else:
+                paths = [prefix]
+            write_file = _write_file
+            files = [[items[k] for k in shard] for shard in shards]
+            del items, keyed, sizes, shards
         directory = posixpath.dirname(prefix)
         if directory:
             await anyio.to_thread.run_sync(storage.makedirs, directory)
@@ -182,11 +221,12 @@ class V1Format(FormatBase):
         committed: list[str] = []
 
         async def write_one(i: int) -> None:
+            file, files[i] = files[i], None  # (its columns or items freed once written)
             await anyio.to_thread.run_sync(
-                _write_file,
+                write_file,
                 storage,
                 paths[i],
-                [items[k] for k in shards[i]],
+                file,
                 durable,
                 anyio.from_thread.check_cancelled,
                 partial(writers.__setitem__, i),

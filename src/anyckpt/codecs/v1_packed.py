@@ -1,0 +1,230 @@
+"""A V1 table's meta, keys and entry values for many whole tensors at once, column-wise.
+
+The same bytes as :func:`.v1.encode_meta`, :func:`.ordered_code.encode_tensor_name_slice`
+and :func:`.v1.encode_slice_entry` for tensors each stored whole, made with a few NumPy calls
+per chunk of tensors instead of Python (and protobuf message objects) per tensor.
+
+Everything an entry holds besides its name and its data depends only on the tensor's (dtype,
+shape) pair, its *kind*: a save of many tensors has few. :class:`Kinds` holds, per kind, the
+bytes of a slice key after the name, of a ``SavedSliceMeta`` after the name, and of a data
+entry between the name and the data; a tensor's record is then its name's fields, its kind's
+bytes and (in a data entry) its data, laid out by :func:`.packed.interleave`.
+
+A kind is *direct* when its data is the tensor's bytes as they are (a fixed-width field:
+float, double, complex, of a plain little-endian NumPy dtype; or bool); the values of other
+tensors (varint fields, strings, big-endian arrays) are encoded one by one with
+:func:`.v1.encode_slice_entry` and placed whole.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .._proto import saved_tensor_slice_pb2
+from .ordered_code import write_num_increasing
+from .packed import Column, PackedBytes, interleave, varint_column, varint_lengths
+from .v1 import (
+    _FIELDS,
+    _LEN,
+    CHECKPOINT_VERSION,
+    _len_field,
+    _tag,
+    encode_slice_proto,
+    whole,
+)
+from .varint import encode_varint
+
+#: ``SavedTensorSliceMeta.versions`` as written after the tensors (field 2, producer 1).
+META_TAIL = _len_field(2, _tag(1, 0) + encode_varint(CHECKPOINT_VERSION))
+#: Tensors laid out per :func:`meta_pieces` piece.
+META_CHUNK = 1 << 16
+
+
+def _blob(items: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``items`` back to back (uint8), each one's start and length (int64)."""
+    lengths = np.array([len(b) for b in items], dtype=np.int64)
+    starts = np.zeros(len(items), dtype=np.int64)
+    np.cumsum(lengths[:-1], out=starts[1:])
+    return np.frombuffer(b"".join(items), dtype=np.uint8), starts, lengths
+
+
+def _meta_suffix(enum: int, shape: tuple[int, ...]) -> bytes:
+    """A whole tensor's ``SavedSliceMeta`` without its name (field 1, serialized first)."""
+    entry = saved_tensor_slice_pb2.SavedSliceMeta()
+    entry.shape.SetInParent()
+    for dim in shape:
+        entry.shape.dim.add(size=dim)
+    entry.type = enum  # type: ignore[assignment]
+    entry.slice.add().ParseFromString(encode_slice_proto(whole(len(shape))))
+    return bytes(entry.SerializeToString(deterministic=True))
+
+
+def key_tail(rank: int) -> bytes:
+    """A whole tensor's slice key after its name: the end of the OrderedCode string, the
+    rank and (0, -1) per dimension."""
+    return b"\x00\x01" + write_num_increasing(rank) + b"\x80\x7f" * rank
+
+
+@dataclass
+class Kinds:
+    """Per distinct (TF dtype number, shape, direct) kind, the bytes its tensors share."""
+
+    direct: np.ndarray  # bool: the data is the tensor's bytes as they are
+    payload: np.ndarray  # int64: bytes of data of a direct kind
+    key_tails: tuple[np.ndarray, np.ndarray, np.ndarray]  # blob, starts, lengths
+    meta_suffixes: tuple[np.ndarray, np.ndarray, np.ndarray]
+    value_mids: tuple[np.ndarray, np.ndarray, np.ndarray]  # direct kinds only (else empty)
+
+    @classmethod
+    def of(cls, kinds: Sequence[tuple[int, tuple[int, ...], bool]]) -> Kinds:
+        """``kinds``: (TF dtype number, shape, whether its arrays' bytes are stored as
+        they are: a plain little-endian NumPy dtype of a fixed-width field, or bool)."""
+        direct, payload, tails, suffixes, mids = [], [], [], [], []
+        for enum, shape, plain in kinds:
+            field = _FIELDS[enum]
+            size = int(np.prod(shape, dtype=np.int64))
+            is_direct = plain and (field.kind == "fixed" or enum == 10)
+            nbytes = size * (np.dtype(_ITEMSIZE[enum]).itemsize if is_direct else 0)
+            mid = b""
+            if is_direct:
+                tensor = _tag(field.number, _LEN) + encode_varint(nbytes) if nbytes else b""
+                mid = (
+                    _len_field(2, encode_slice_proto(whole(len(shape))))
+                    + _tag(3, _LEN)
+                    + encode_varint(len(tensor) + nbytes)
+                    + tensor
+                )
+            direct.append(is_direct)
+            payload.append(nbytes)
+            tails.append(key_tail(len(shape)))
+            suffixes.append(_meta_suffix(enum, shape))
+            mids.append(mid)
+        return cls(
+            np.array(direct, dtype=bool),
+            np.array(payload, dtype=np.int64),
+            _blob(tails),
+            _blob(suffixes),
+            _blob(mids),
+        )
+
+    def column(self, which: tuple[np.ndarray, np.ndarray, np.ndarray], ids: np.ndarray) -> Column:
+        """The bytes of ``which`` (one of the blobs) of each of these kind ids."""
+        blob, starts, lengths = which
+        return Column(blob, starts[ids], lengths[ids])
+
+
+#: Item size of each dtype a direct kind can have (bool: one byte an element).
+_ITEMSIZE = {1: "f4", 2: "f8", 8: "c8", 18: "c16", 10: "u1"}
+
+
+def slice_keys(names: PackedBytes, kinds: Kinds, kind_ids: np.ndarray) -> PackedBytes | None:
+    """The slice keys of whole tensors ``names`` (bytewise increasing) of these kinds, in
+    the same (increasing) order; None if a name holds a 0x00 or 0xFF byte (escaped in
+    OrderedCode: the caller encodes those keys one by one)."""
+    data = np.frombuffer(names.data, dtype=np.uint8)
+    if len(data) and (np.count_nonzero(data == 0) or np.count_nonzero(data == 0xFF)):
+        return None
+    count = len(names)
+    lead = Column(np.zeros(1, np.uint8), np.zeros(count, np.int32), np.ones(count, np.uint8))
+    name_column = Column(data, names.starts, names.lengths)
+    keys = interleave([lead, name_column, kinds.column(kinds.key_tails, kind_ids)])
+    return PackedBytes(
+        keys.data.tobytes(), keys.starts, keys.lengths, increasing=names.increasing or count < 2
+    )
+
+
+def _name_columns(names: Column, omit_empty: bool) -> list[Column]:
+    """A ``string`` field 1 of these names: its tag and length, then the name."""
+    return [varint_column(names.lengths, tag=0x0A, omit_zero=omit_empty), names]
+
+
+def _meta_records(names: Column, kinds: Kinds, kind_ids: np.ndarray) -> np.ndarray:
+    """Bytes of each tensor's ``SavedSliceMeta`` (without its tag and length)."""
+    n = names.lengths.astype(np.int64)
+    record: np.ndarray = np.where(n > 0, 1 + varint_lengths(n) + n, 0)
+    record += kinds.meta_suffixes[2][kind_ids]
+    return record
+
+
+def meta_inner_size(
+    names: Callable[[int, int], Column], count: int, kinds: Kinds, kind_ids: np.ndarray
+) -> int:
+    """Bytes of the ``SavedTensorSliceMeta`` of these tensors (see :func:`meta_pieces`)."""
+    inner = len(META_TAIL)
+    for low in range(0, count, META_CHUNK):
+        high = min(count, low + META_CHUNK)
+        record = _meta_records(names(low, high), kinds, kind_ids[low:high])
+        inner += int((1 + varint_lengths(record) + record).sum())
+    return inner
+
+
+def meta_head(inner: int) -> bytes:
+    """The start of the meta value: ``SavedTensorSlices.meta``'s tag and length."""
+    return _tag(1, _LEN) + encode_varint(inner)
+
+
+def meta_pieces(
+    names: Callable[[int, int], Column], count: int, kinds: Kinds, kind_ids: np.ndarray
+) -> Iterator[bytes]:
+    """The value of key ``""`` (``SavedTensorSlices{meta}``) for ``count`` whole tensors in
+    key order (``names(low, high)``: the names of tensors ``low:high`` as a column), in
+    pieces of :data:`META_CHUNK` tensors each: what :func:`.v1.encode_meta` returns for the
+    same tensors, joined (its size: :func:`meta_inner_size`, :func:`meta_head`)."""
+    yield meta_head(meta_inner_size(names, count, kinds, kind_ids))
+    for low in range(0, count, META_CHUNK):
+        high = min(count, low + META_CHUNK)
+        ids = kind_ids[low:high]
+        column = names(low, high)
+        record = _meta_records(column, kinds, ids)
+        suffix = kinds.column(kinds.meta_suffixes, ids)
+        laid = interleave([varint_column(record, tag=0x0A), *_name_columns(column, True), suffix])
+        yield laid.data.tobytes()
+    yield META_TAIL
+
+
+def entry_values(
+    names: Column,
+    kinds: Kinds,
+    kind_ids: np.ndarray,
+    data: np.ndarray,
+    others: dict[int, bytes],
+    *,
+    first: bytes | None = None,
+) -> Column:
+    """The data entries' values (``SavedTensorSlices{data}``) of whole tensors: ``names``,
+    their kinds, ``data`` (uint8: the bytes of the direct ones, back to back, in order) and
+    ``others`` (by position: the whole value of each tensor not of a direct kind).
+    ``first``: a value placed before them (the meta, when it shares the first block)."""
+    count = len(kind_ids)
+    direct = kinds.direct[kind_ids]
+    n = names.lengths.astype(np.int64) * direct
+    mid = kinds.column(kinds.value_mids, kind_ids)
+    payload = kinds.payload[kind_ids]  # (0 for the others)
+    outer = 1 + varint_lengths(n) + n + mid.lengths + payload
+    heads = [varint_column(outer, tag=0x12), varint_column(n, tag=0x0A)]
+    for column in heads:
+        column.lengths[~direct] = 0
+    data_starts = np.zeros(count, dtype=np.int64)
+    np.cumsum(payload[:-1], out=data_starts[1:])
+    other_lengths = np.zeros(count, dtype=np.int64)
+    other_starts = np.zeros(count, dtype=np.int64)
+    blob = b""
+    if others:
+        where = np.array(sorted(others), dtype=np.int64)
+        values = [others[i] for i in where.tolist()]
+        other_lengths[where] = [len(v) for v in values]
+        np.cumsum(other_lengths[:-1], out=other_starts[1:])
+        blob = b"".join(values)
+    return interleave(
+        [
+            *heads,
+            Column(names.data, names.starts, n),
+            mid,
+            Column(data, data_starts, payload),
+            Column(np.frombuffer(blob, dtype=np.uint8), other_starts, other_lengths),
+        ],
+        first=first,
+    )
