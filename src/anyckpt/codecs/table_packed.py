@@ -20,7 +20,6 @@ import numpy as np
 
 from .packed import (
     Column,
-    HeadedBytes,
     PackedBytes,
     bytes_column,
     interleave,
@@ -225,9 +224,12 @@ def _values_of(column: Column) -> ValuesOf:
 
 
 def _key_range(keys: Sequence[bytes], low: int, high: int) -> Sequence[bytes]:
-    """Keys ``low:high`` (packed ones as a view of the same buffer, no bytes per key)."""
-    if isinstance(keys, (PackedBytes, HeadedBytes)):
-        return keys.part(low, high)
+    """Keys ``low:high``: packed ones as a view of the same buffer (no bytes per key), or
+    what the sequence's ``part(low, high)`` makes (keys made a range at a time)."""
+    part = getattr(keys, "part", None)
+    if part is not None:
+        made: Sequence[bytes] = part(low, high)
+        return made
     return keys[low:high]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import overload
 
 import numpy as np
 
@@ -44,9 +45,10 @@ META_CHUNK = 1 << 16
 
 
 def _blob(items: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``items`` back to back (uint8), each one's start and length (int64)."""
-    lengths = np.array([len(b) for b in items], dtype=np.int64)
-    starts = np.zeros(len(items), dtype=np.int64)
+    """``items`` back to back (uint8), each one's start and length (int32: gathered per
+    tensor, 4 bytes each)."""
+    lengths = np.array([len(b) for b in items], dtype=np.int32)
+    starts = np.zeros(len(items), dtype=np.int32)
     np.cumsum(lengths[:-1], out=starts[1:])
     return np.frombuffer(b"".join(items), dtype=np.uint8), starts, lengths
 
@@ -120,20 +122,66 @@ class Kinds:
 _ITEMSIZE = {1: "f4", 2: "f8", 8: "c8", 18: "c16", 10: "u1"}
 
 
-def slice_keys(names: PackedBytes, kinds: Kinds, kind_ids: np.ndarray) -> PackedBytes | None:
-    """The slice keys of whole tensors ``names`` (bytewise increasing) of these kinds, in
-    the same (increasing) order; None if a name holds a 0x00 or 0xFF byte (escaped in
-    OrderedCode: the caller encodes those keys one by one)."""
+def has_escapes(names: PackedBytes) -> bool:
+    """Whether a name holds a 0x00 or 0xFF byte (escaped in a slice key's OrderedCode)."""
     data = np.frombuffer(names.data, dtype=np.uint8)
-    if len(data) and (np.count_nonzero(data == 0) or np.count_nonzero(data == 0xFF)):
-        return None
-    count = len(names)
-    lead = Column(np.zeros(1, np.uint8), np.zeros(count, np.int32), np.ones(count, np.uint8))
-    name_column = Column(data, names.starts, names.lengths)
-    keys = interleave([lead, name_column, kinds.column(kinds.key_tails, kind_ids)])
-    return PackedBytes(
-        keys.data.tobytes(), keys.starts, keys.lengths, increasing=names.increasing or count < 2
-    )
+    return bool(len(data)) and bool(np.count_nonzero(data == 0) or np.count_nonzero(data == 0xFF))
+
+
+class SliceKeys(Sequence[bytes]):
+    """The slice keys of whole tensors named ``names`` (bytewise increasing, none with a
+    0x00 or 0xFF byte: see :func:`has_escapes`) of these kinds, in the same (increasing)
+    order, made on access: :meth:`part` makes a range of them packed (a range of a table at
+    a time: no bytes object per key, nor a buffer of them all, ever exists)."""
+
+    __slots__ = ("increasing", "kind_ids", "kinds", "names")
+
+    def __init__(self, names: PackedBytes, kinds: Kinds, kind_ids: np.ndarray) -> None:
+        self.names = names
+        self.kinds = kinds
+        self.kind_ids = kind_ids
+        self.increasing = names.increasing or len(names) < 2
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @overload
+    def __getitem__(self, index: int) -> bytes: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[bytes]: ...
+    def __getitem__(self, index: int | slice) -> bytes | list[bytes]:
+        if isinstance(index, slice):
+            low, high, step = index.indices(len(self))
+            if step != 1:
+                return [self[i] for i in range(low, high, step)]
+            return list(self.part(low, high)) if low < high else []
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError("index out of range")
+        blob, starts, lengths = self.kinds.key_tails
+        kind = int(self.kind_ids[index])
+        tail = blob[int(starts[kind]) : int(starts[kind]) + int(lengths[kind])].tobytes()
+        return b"\x00" + self.names[index] + tail
+
+    def part(self, low: int, high: int) -> PackedBytes:
+        """Keys ``low:high``, packed."""
+        count = max(0, high - low)
+        names = self.names
+        lead = Column(
+            _ZERO, np.broadcast_to(np.int32(0), (count,)), np.broadcast_to(np.uint8(1), (count,))
+        )
+        name_column = Column(
+            np.frombuffer(names.data, dtype=np.uint8),
+            names.starts[low:high],
+            names.lengths[low:high],
+        )
+        tails = self.kinds.column(self.kinds.key_tails, self.kind_ids[low:high])
+        keys = interleave([lead, name_column, tails])
+        return PackedBytes(keys.data.tobytes(), keys.starts, keys.lengths, increasing=True)
+
+
+_ZERO = np.zeros(1, np.uint8)
 
 
 def _name_columns(names: Column, omit_empty: bool) -> list[Column]:

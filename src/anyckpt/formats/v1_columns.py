@@ -30,11 +30,12 @@ from ..codecs.table import BLOCK_SIZE, NO_COMPRESSION
 from ..codecs.table_packed import TableBuild
 from ..codecs.v1_packed import (
     Kinds,
+    SliceKeys,
     entry_values,
+    has_escapes,
     meta_head,
     meta_inner_size,
     meta_pieces,
-    slice_keys,
 )
 from ..codecs.varint import encode_varint
 from ..errors import UnsupportedFormatError
@@ -126,12 +127,15 @@ def write_file(
     assert file.names is not None
     count = len(file.names)
     keys, names = _keys_and_names(file.names, file.kind_ids, columns)
-    file.names = None  # (kept by ``names`` if needed: else the keys hold them)
+    file.names = None  # (the keys and ``names`` hold them)
     inner = meta_inner_size(names, count, kinds, kind_ids)
     meta_size = len(meta_head(inner)) + inner
     head = encode_varint(0) * 2 + encode_varint(meta_size)
     alone = len(head) + meta_size + len(_META_RESTARTS) >= BLOCK_SIZE
-    table_keys: Sequence[bytes] = keys if alone else HeadedBytes(b"", keys)
+    table_keys: Sequence[bytes] = keys
+    if not alone:  # a small file (its meta below a block): its keys packed, after the meta's
+        packed = keys if isinstance(keys, PackedBytes) else keys.part(0, count)
+        table_keys = HeadedBytes(b"", packed)
     lead = 0 if alone else 1  # table entries before the tensors'
 
     def values(low: int, high: int) -> Column:
@@ -185,12 +189,13 @@ def write_file(
 
 def _keys_and_names(
     names: PackedBytes, kind_ids: np.ndarray, columns: ColumnPlan
-) -> tuple[PackedBytes, Callable[[int, int], Column]]:
-    """The slice keys of these tensors, and their names ``low:high`` as a column on demand
-    (parts of the keys: a name is a key's bytes after its first, unless it was escaped)."""
-    kinds = columns.kinds
-    keys = slice_keys(names, kinds, kind_ids)
-    if keys is None:  # a name with a 0x00 or 0xFF byte: escaped, key by key
+) -> tuple[SliceKeys | PackedBytes, Callable[[int, int], Column]]:
+    """The slice keys of these tensors (made a range at a time unless a name is escaped in
+    them), and their names ``low:high`` as a column on demand."""
+    keys: SliceKeys | PackedBytes
+    if not has_escapes(names):
+        keys = SliceKeys(names, columns.kinds, kind_ids)
+    else:  # a name with a 0x00 or 0xFF byte: escaped, key by key
         shapes = columns.shapes
         keys = PackedBytes.join(
             (
@@ -200,20 +205,12 @@ def _keys_and_names(
             len(names),
             increasing=True,
         )
-        data = np.frombuffer(names.data, dtype=np.uint8)
+    data = np.frombuffer(names.data, dtype=np.uint8)
 
-        def names_of(low: int, high: int) -> Column:
-            return Column(data, names.starts[low:high], names.lengths[low:high])
+    def names_of(low: int, high: int) -> Column:
+        return Column(data, names.starts[low:high], names.lengths[low:high])
 
-        return keys, names_of
-    key_data = np.frombuffer(keys.data, dtype=np.uint8)
-    tails = kinds.key_tails[2]
-
-    def from_keys(low: int, high: int) -> Column:
-        lengths = keys.lengths[low:high] - tails[kind_ids[low:high]] - 1
-        return Column(key_data, keys.starts[low:high] + 1, lengths)
-
-    return keys, from_keys
+    return keys, names_of
 
 
 def _other_value(
