@@ -299,3 +299,34 @@ def test_cancelled_write_aborts(tmp_path: Path) -> None:
         )
     assert len(calls) == 3
     assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("scale", [1, 10])
+def test_ranges_stop_at_a_byte_budget(monkeypatch: pytest.MonkeyPatch, scale: int) -> None:
+    """With value_sizes (exact, or ten times too large), each range's values stop at about
+    _RANGE_BYTES (not 16,384 entries of 100 kB), and the table is TableBuilder's."""
+    from anyckpt.codecs import table_packed
+
+    monkeypatch.setattr(table_packed, "_RANGE_BYTES", 1 << 20)
+    values = [bytes([i % 251]) * 100_000 for i in range(60)]
+    keys = [b"key%04d" % i for i in range(60)]
+    builder = TableBuilder()
+    for k, v in zip(keys, values, strict=True):
+        builder.add(k, v)
+    asked: list[int] = []
+
+    def make(low: int, high: int) -> Column:
+        asked.append(sum(map(len, values[low:high])))
+        part = values[low:high]
+        return Column(
+            np.frombuffer(b"".join(part), np.uint8),
+            np.arange(len(part), dtype=np.int64) * 100_000,
+            np.full(len(part), 100_000, np.int64),
+        )
+
+    def sizes(low: int, high: int) -> np.ndarray:
+        return np.full(high - low, 100_000 * scale, np.int64)
+
+    build = TableBuild(keys, make, layout=False, value_sizes=sizes)
+    assert b"".join(build.pieces()) == builder.finish()
+    assert max(asked) <= (1 << 20) + 100_000

@@ -52,6 +52,9 @@ _RANGE_ENTRIES = 1 << 14
 #: Whole blocks a range is sized for, once the size of a block is known (a V2 index's
 #: 256 KiB blocks hold ~10,000 tiny tensors' entries: ranges of ~33,000, a few MB at once).
 _RANGE_BLOCKS = 3
+#: Bytes of values a range stops at when their sizes are known ahead (``value_sizes``): a
+#: range of large values is a few of them, not as many entries as a range of small ones.
+_RANGE_BYTES = 4 << 20
 
 #: The values of entries ``low:high`` of a table, made on demand (:class:`TableBuild`).
 ValuesOf = Callable[[int, int], Column]
@@ -249,7 +252,10 @@ class TableBuild:
     :data:`_RANGE_ENTRIES`, read when the build is made; tests make it small);
     ``first_block``: (index separator, size of its contents) of a first data block that the
     caller writes itself before the pieces (a V1 table's meta, alone in its block, written
-    as it is made), ``keys`` being the entries after it."""
+    as it is made), ``keys`` being the entries after it; ``value_sizes``: a function of
+    ``(low, high)`` giving the bytes of values ``low:high``, or an estimate (a range then
+    ends where its values reach :data:`_RANGE_BYTES`, or twice that if it held no whole
+    block, and so on)."""
 
     def __init__(
         self,
@@ -260,6 +266,7 @@ class TableBuild:
         layout: bool = True,
         range_entries: int | None = None,
         first_block: tuple[bytes, int] | None = None,
+        value_sizes: Callable[[int, int], np.ndarray] | None = None,
     ) -> None:
         if isinstance(values, Column):
             if len(values) != len(keys):
@@ -269,6 +276,7 @@ class TableBuild:
         self._values = values
         self._block_size = block_size
         self._range_entries = max(1, range_entries or _RANGE_ENTRIES)
+        self._value_sizes = value_sizes
         self._entry_ends: list[np.ndarray] | None = [] if layout else None
         self._data_blocks: list[tuple[int, int]] = []
         self._index = BlockBuilder(restart_interval=1)
@@ -300,14 +308,20 @@ class TableBuild:
         count = len(self._keys)
         low = 0
         wanted = self._range_entries
+        cap = _RANGE_BYTES
         while low < count:
             high = min(count, low + wanted)
+            if self._value_sizes is not None and high - low > 1:
+                reach = np.cumsum(self._value_sizes(low, high), dtype=np.int64)
+                high = min(high, low + int(np.searchsorted(reach, cap)) + 1)
             laid = self._range(low, high, final=high == count)
             if laid is None:  # no whole block among these entries: take more
                 wanted *= 2
+                cap *= 2
                 continue
             piece, after, blocks = laid
             wanted = _next_range(after - low, blocks, self._range_entries)
+            cap = _RANGE_BYTES
             low = after
             yield piece
         meta = BlockBuilder().finish()

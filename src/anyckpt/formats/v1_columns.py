@@ -15,6 +15,7 @@ names; anything else takes the streaming writer (:func:`.v1._write_file`).
 
 from __future__ import annotations
 
+import math
 import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -65,6 +66,7 @@ class ColumnPlan:
     shapes: list[tuple[int, ...]]  # each kind's
     enums: list[int]  # each kind's TF dtype number
     dtype_ids: np.ndarray  # each kind's dtype, numbered (runs of one are gathered at once)
+    nbytes: np.ndarray  # int64: each kind's bytes in memory (at most its data's, but strings)
 
 
 def plan(groups: Sequence[tuple[PackedBytes, Sequence[np.ndarray]]]) -> ColumnPlan | None:
@@ -97,6 +99,7 @@ def plan(groups: Sequence[tuple[PackedBytes, Sequence[np.ndarray]]]) -> ColumnPl
         [shape for _, shape, _, _ in described],
         [enum for enum, _, _, _ in described],
         np.array([d for _, _, _, d in described], dtype=np.int32),
+        np.array([dtype.itemsize * math.prod(shape) for dtype, shape in numbering], np.int64),
     )
 
 
@@ -160,11 +163,17 @@ def write_file(
         finally:
             del data, others
 
+    def value_sizes(low: int, high: int) -> np.ndarray:
+        """Bytes of data of entries ``low:high`` (strings: 8 an element: see plan)."""
+        sizes: np.ndarray = columns.nbytes[kind_ids[max(low - lead, 0) : high - lead]]
+        return sizes if low >= lead else np.concatenate([np.zeros(lead, np.int64), sizes])
+
     build = TableBuild(
         table_keys,
         values,
         layout=False,
         first_block=(b"", len(head) + meta_size + 8) if alone else None,
+        value_sizes=value_sizes,
     )
     writer = storage.open_writer(path, durable=durable)
     try:
