@@ -222,6 +222,27 @@ def test_meta_alone_in_its_block_and_shards(
     _same_files(columns, streamed)
 
 
+@pytest.mark.parametrize("count", [100, 9_000])
+def test_large_tensors_written_entry_by_entry(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, count: int
+) -> None:
+    """A file holding tensors of COLUMNS_BELOW bytes or more (float32, int32, strings)
+    among small ones of every kind: the streaming writer's bytes."""
+    monkeypatch.setattr(v1_columns, "_STREAMED_CHUNK", 1000)
+    state = {f"s{i:05d}": _array(DTYPES[i % 16], SHAPES[i % len(SHAPES)], i) for i in range(count)}
+    n = v1_columns.COLUMNS_BELOW // 4
+    state["s00050/big"] = np.arange(n, dtype=np.float32)
+    state["s00051/big"] = np.arange(n + 7, dtype=">i4")
+    strings = np.empty(n // 2, dtype=object)
+    strings[:] = [b"x" * (i % 5) for i in range(n // 2)]
+    state["s00052/big"] = strings
+    state["zz\x00big"] = np.ones((n // 64, 64), np.float64)
+    columns, streamed = _save_both(tmp_path, state, "large", monkeypatch)
+    _same_files(columns, streamed)
+    back = anyckpt.sync.load(columns[0])
+    np.testing.assert_array_equal(back["s00051/big"], state["s00051/big"])
+
+
 def test_escaped_names_many(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     state = {f"k\x00{i:05d}": np.full(2, i, np.float32) for i in range(10_000)}
     columns, streamed = _save_both(tmp_path, state, "esc", monkeypatch)
@@ -235,8 +256,12 @@ def test_which_files_are_written_column_wise() -> None:
     part = Partitioned.split(np.ones((4, 2), np.float32), 2)
     assert v1_format._column_plan(plain | {"p": part}, opts) is None
     big = np.zeros(v1_columns.COLUMNS_BELOW // 4, np.float32)
-    assert v1_format._column_plan(plain | {"big": big}, opts) is None
-    assert v1_format._column_plan(plain | {"big": big[:-1]}, opts) is not None
+    with_big = v1_format._column_plan(plain | {"big": big}, opts)
+    assert with_big is not None
+    assert with_big.files[0].large  # written entry by entry
+    below = v1_format._column_plan(plain | {"big": big[:-1]}, opts)
+    assert below is not None
+    assert not below.files[0].large
     assert v1_format._column_plan(plain | {"bf": np.ones(2, ml_dtypes.bfloat16)}, opts) is None
     assert v1_format._column_plan(plain | {"\udcff": np.ones(1, np.float32)}, opts) is None
     assert v1_format._column_plan({"é": np.ones(1, np.float32)}, opts) is not None

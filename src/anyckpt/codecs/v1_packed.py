@@ -241,16 +241,21 @@ def entry_values(
     others: dict[int, bytes],
     *,
     first: bytes | None = None,
+    direct: np.ndarray | None = None,
 ) -> Column:
     """The data entries' values (``SavedTensorSlices{data}``) of whole tensors: ``names``,
     their kinds, ``data`` (uint8: the bytes of the direct ones, back to back, in order) and
     ``others`` (by position: the whole value of each tensor not of a direct kind).
-    ``first``: a value placed before them (the meta, when it shares the first block)."""
+    ``first``: a value placed before them (the meta, when it shares the first block);
+    ``direct``: the entries whose data is in ``data`` (default: those of direct kinds; an
+    entry of a direct kind left out, and not in ``others``, gets an empty value)."""
     count = len(kind_ids)
-    direct = kinds.direct[kind_ids]
+    if direct is None:
+        direct = kinds.direct[kind_ids]
     n = names.lengths.astype(np.int64) * direct
-    mid = kinds.column(kinds.value_mids, kind_ids)
-    payload = kinds.payload[kind_ids]  # (0 for the others)
+    mids, mid_starts, mid_lengths = kinds.value_mids
+    mid = Column(mids, mid_starts[kind_ids], mid_lengths[kind_ids] * direct)
+    payload = kinds.payload[kind_ids] * direct
     outer = 1 + varint_lengths(n) + n + mid.lengths + payload
     heads = [varint_column(outer, tag=0x12), varint_column(n, tag=0x0A)]
     for column in heads:

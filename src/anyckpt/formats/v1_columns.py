@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import math
 import struct
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -43,6 +44,9 @@ from ..errors import UnsupportedFormatError
 from ..storage import FileWriter, Storage
 from .v2_data import _classify, _gather_tiny, _kinds_and_sizes, _Numbering
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 #: Largest tensor (bytes) a file written column-wise may hold: each range's values are
 #: copies of its tensors' bytes (a few times, as they are laid out).
 COLUMNS_BELOW = 1 << 20
@@ -55,6 +59,7 @@ class ColumnFile:
     names: PackedBytes | None  # bytewise increasing (None once its keys are made)
     arrays: Sequence[np.ndarray]
     kind_ids: np.ndarray  # int32, into ColumnPlan.kinds
+    large: bool  # holds a tensor of COLUMNS_BELOW bytes or more: written entry by entry
 
 
 @dataclass
@@ -80,9 +85,8 @@ def plan(groups: Sequence[tuple[PackedBytes, Sequence[np.ndarray]]]) -> ColumnPl
         if not names.data.isascii() and not all(map(_utf8, names)):
             return None
         kind_ids, sizes = _kinds_and_sizes(arrays, numbering)
-        if len(sizes) and int(sizes.max()) >= COLUMNS_BELOW:
-            return None
-        files.append(ColumnFile(names, arrays, kind_ids))
+        large = bool(len(sizes)) and int(sizes.max()) >= COLUMNS_BELOW
+        files.append(ColumnFile(names, arrays, kind_ids, large))
     described = []
     dtypes: _Numbering[np.dtype] = _Numbering()
     for dtype, shape in numbering:
@@ -126,12 +130,93 @@ def write_file(
 ) -> None:
     """:func:`.v1._write_file` for ``file`` of ``columns``: stream one V1 table to a
     temporary file and hand its writer, not yet committed, to ``done``."""
-    kinds, kind_ids, arrays = columns.kinds, file.kind_ids, file.arrays
+    kind_ids = file.kind_ids
     assert file.names is not None
     count = len(file.names)
     keys, names = _keys_and_names(file.names, file.kind_ids, columns)
     file.names = None  # (the keys and ``names`` hold them)
-    inner = meta_inner_size(names, count, kinds, kind_ids)
+    made = _Values(storage, path, columns, file.arrays, kind_ids, names, check_cancelled)
+    writer = storage.open_writer(path, durable=durable)
+    try:
+        if file.large:
+            _write_streamed(writer, keys, made, count)
+        else:
+            _write_built(writer, keys, made, count)
+        done(writer)
+    except BaseException:
+        writer.abort()
+        raise
+
+
+@dataclass
+class _Values:
+    """What the entries' values of one file are made from, and how."""
+
+    storage: Storage
+    path: str
+    columns: ColumnPlan
+    arrays: Sequence[np.ndarray]
+    kind_ids: np.ndarray
+    names: Callable[[int, int], Column]
+    check_cancelled: Callable[[], None]
+
+    def meta(self, count: int) -> Iterator[bytes]:
+        """The meta value, in pieces (:func:`~anyckpt.codecs.v1_packed.meta_pieces`)."""
+        return meta_pieces(self.names, count, self.columns.kinds, self.kind_ids)
+
+    def of(
+        self, a: int, b: int, *, first: bytes | None = None, apart: np.ndarray | None = None
+    ) -> Column:
+        """The values of tensors ``a:b`` (after ``first``, if given); those ``apart`` (a
+        mask) are left empty, for the caller to write from their own buffers."""
+        self.check_cancelled()
+        kinds, columns = self.columns.kinds, self.columns
+        ids = self.kind_ids[a:b]
+        chunk = self.arrays[a:b]
+        direct = kinds.direct[ids]
+        if apart is not None:
+            direct &= ~apart
+        gathered = [x for x, d in zip(chunk, direct.tolist(), strict=True) if d]
+        data = _gather_tiny(gathered, columns.dtype_ids[ids[direct]])
+        del gathered
+        others = {}
+        indirect = ~direct if apart is None else ~direct & ~apart
+        if indirect.any():
+            column = self.names(a, b)
+            for i in np.flatnonzero(indirect).tolist():
+                others[i] = self.encoded(column.item(i), chunk[i], int(ids[i]))
+        try:
+            return entry_values(
+                self.names(a, b), kinds, ids, data, others, first=first, direct=direct
+            )
+        finally:
+            del data, others
+
+    def encoded(self, name: bytes, array: np.ndarray, kind: int) -> bytes:
+        """The value of a tensor of a kind that is not direct, encoded on its own."""
+        return b"".join(self.parts(name, array, kind))
+
+    def parts(self, name: bytes, array: np.ndarray, kind: int) -> list[Buffer]:
+        """The value of one tensor, encoded on its own: its data the array's buffer when
+        it is stored as it is (no copy)."""
+        shape = self.columns.shapes[kind]
+        data = array if array.dtype == object else to_little_endian(array)
+        try:
+            _, parts = codec.encode_slice_entry(
+                name, codec.whole(len(shape)), data, self.columns.enums[kind]
+            )
+        except ValueError as exc:
+            raise UnsupportedFormatError(str(exc), path=self.storage.url(self.path)) from None
+        return parts
+
+
+def _write_built(
+    writer: FileWriter, keys: SliceKeys | PackedBytes, made: _Values, count: int
+) -> None:
+    """The table of a file of tensors below COLUMNS_BELOW bytes each, a range of its
+    blocks at a time (:class:`~anyckpt.codecs.table_packed.TableBuild`)."""
+    kinds, kind_ids, nbytes = made.columns.kinds, made.kind_ids, made.columns.nbytes
+    inner = meta_inner_size(made.names, count, kinds, kind_ids)
     meta_size = len(meta_head(inner)) + inner
     head = encode_varint(0) * 2 + encode_varint(meta_size)
     alone = len(head) + meta_size + len(_META_RESTARTS) >= BLOCK_SIZE
@@ -142,30 +227,14 @@ def write_file(
     lead = 0 if alone else 1  # table entries before the tensors'
 
     def values(low: int, high: int) -> Column:
-        check_cancelled()
         first = None
         if low < lead:  # the meta shares the first block: it is the first value
-            first = b"".join(meta_pieces(names, count, kinds, kind_ids))
-        a, b = max(low - lead, 0), high - lead
-        ids = kind_ids[a:b]
-        chunk = arrays[a:b]
-        direct = kinds.direct[ids]
-        gathered = [x for x, d in zip(chunk, direct.tolist(), strict=True) if d]
-        data = _gather_tiny(gathered, columns.dtype_ids[ids[direct]])
-        del gathered
-        others = {}
-        if not direct.all():
-            column = names(a, b)
-            for i in np.flatnonzero(~direct).tolist():
-                others[i] = _other_value(path, storage, column.item(i), chunk[i], columns, ids[i])
-        try:
-            return entry_values(names(a, b), kinds, ids, data, others, first=first)
-        finally:
-            del data, others
+            first = b"".join(made.meta(count))
+        return made.of(max(low - lead, 0), high - lead, first=first)
 
     def value_sizes(low: int, high: int) -> np.ndarray:
         """Bytes of data of entries ``low:high`` (strings: 8 an element: see plan)."""
-        sizes: np.ndarray = columns.nbytes[kind_ids[max(low - lead, 0) : high - lead]]
+        sizes: np.ndarray = nbytes[kind_ids[max(low - lead, 0) : high - lead]]
         return sizes if low >= lead else np.concatenate([np.zeros(lead, np.int64), sizes])
 
     build = TableBuild(
@@ -175,25 +244,53 @@ def write_file(
         first_block=(b"", len(head) + meta_size + 8) if alone else None,
         value_sizes=value_sizes,
     )
-    writer = storage.open_writer(path, durable=durable)
-    try:
-        if alone:  # the meta in a block of its own, written as it is made
-            writer.write(head)
-            crc = crc32c(head)
-            for piece in meta_pieces(names, count, kinds, kind_ids):
-                check_cancelled()
-                writer.write(piece)
-                crc = crc32c(piece, crc)
-            crc = crc32c(_META_RESTARTS, crc)
-            writer.write(
-                _META_RESTARTS + struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc)))
-            )
-        for piece in build.pieces():
+    if alone:  # the meta in a block of its own, written as it is made
+        writer.write(head)
+        crc = crc32c(head)
+        for piece in made.meta(count):
+            made.check_cancelled()
             writer.write(piece)
-        done(writer)
-    except BaseException:
-        writer.abort()
-        raise
+            crc = crc32c(piece, crc)
+        crc = crc32c(_META_RESTARTS, crc)
+        writer.write(_META_RESTARTS + struct.pack("<BI", NO_COMPRESSION, mask(crc32c(b"\0", crc))))
+    for piece in build.pieces():
+        writer.write(piece)
+
+
+#: Tensors whose values are made at once in a file written entry by entry.
+_STREAMED_CHUNK = 4096
+
+
+def _write_streamed(
+    writer: FileWriter, keys: SliceKeys | PackedBytes, made: _Values, count: int
+) -> None:
+    """The table of a file holding a tensor of COLUMNS_BELOW bytes or more, entry by entry
+    (:class:`~anyckpt.codecs.v1.TableWriter`): the values of small tensors made a chunk at
+    a time, large ones written from their own buffers (no copy)."""
+    large_kinds = made.columns.nbytes >= COLUMNS_BELOW
+    table = codec.TableWriter(BLOCK_SIZE)
+    for out in table.add(codec.META_KEY, list(made.meta(count))):
+        writer.write(out)
+    for low in range(0, count, _STREAMED_CHUNK):
+        high = min(count, low + _STREAMED_CHUNK)
+        large = large_kinds[made.kind_ids[low:high]]
+        values = made.of(low, high, apart=large)
+        view = memoryview(values.data)  # type: ignore[arg-type]  # a uint8 array: a buffer
+        starts, ends = values.starts.tolist(), (values.starts + values.lengths).tolist()
+        chunk_keys = keys.part(low, high)
+        column = made.names(low, high) if large.any() else None
+        for i, key in enumerate(chunk_keys):
+            if large[i]:
+                assert column is not None
+                array = made.arrays[low + i]
+                parts = made.parts(column.item(i), array, int(made.kind_ids[low + i]))
+            else:
+                parts = [view[starts[i] : ends[i]]]
+            for out in table.add(key, parts):
+                writer.write(out)
+        del view, values
+    for out in table.finish():
+        writer.write(out)
 
 
 def _keys_and_names(
@@ -220,18 +317,3 @@ def _keys_and_names(
         return Column(data, names.starts[low:high], names.lengths[low:high])
 
     return keys, names_of
-
-
-def _other_value(
-    path: str, storage: Storage, name: bytes, array: np.ndarray, columns: ColumnPlan, kind: int
-) -> bytes:
-    """The value of a tensor of a kind that is not direct, encoded on its own."""
-    shape = columns.shapes[kind]
-    data = array if array.dtype == object else to_little_endian(array)
-    try:
-        _, parts = codec.encode_slice_entry(
-            name, codec.whole(len(shape)), data, columns.enums[kind]
-        )
-    except ValueError as exc:
-        raise UnsupportedFormatError(str(exc), path=storage.url(path)) from None
-    return b"".join(parts)
