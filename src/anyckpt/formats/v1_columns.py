@@ -8,9 +8,12 @@ range of table blocks at a time (:class:`~anyckpt.codecs.table_packed.TableBuild
 bytes of small tensors gathered a range at a time (one ``np.concatenate`` per run of a
 dtype: no buffer exported from the caller's arrays).
 
-Used for files of plain NumPy arrays (no :class:`~anyckpt.Partitioned`) each below
-:data:`COLUMNS_BELOW` bytes (a range's values are copies), of V1 dtypes and valid UTF-8
-names; anything else takes the streaming writer (:func:`.v1._write_file`).
+A file holding a tensor of :data:`COLUMNS_BELOW` bytes or more (a range's values are
+copies of its tensors' bytes) is written entry by entry instead
+(:class:`~anyckpt.codecs.v1.TableWriter`) from the same columns, its large tensors from their
+own buffers. Used for saves of plain NumPy arrays (no :class:`~anyckpt.Partitioned`) of V1
+dtypes with valid UTF-8 names; anything else takes the streaming writer
+(:func:`.v1._write_file`), which raises the errors.
 """
 
 from __future__ import annotations
@@ -47,8 +50,9 @@ from .v2_data import _classify, _gather_tiny, _kinds_and_sizes, _Numbering
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-#: Largest tensor (bytes) a file written column-wise may hold: each range's values are
-#: copies of its tensors' bytes (a few times, as they are laid out).
+#: A file holding a tensor of this many bytes or more is written entry by entry: each
+#: range of a table built at once holds copies of its tensors' bytes (a few, as they are
+#: laid out), and a large tensor is better written from its own buffer.
 COLUMNS_BELOW = 1 << 20
 
 
@@ -76,9 +80,8 @@ class ColumnPlan:
 
 def plan(groups: Sequence[tuple[PackedBytes, Sequence[np.ndarray]]]) -> ColumnPlan | None:
     """The plan for writing these files (names in key order, their arrays) column-wise, or
-    None if one holds what only the streaming writer handles (a dtype V1 cannot hold, a
-    tensor of :data:`COLUMNS_BELOW` bytes or more, a name not valid UTF-8: the streaming
-    writer raises the right error)."""
+    None if one holds what only the streaming writer handles (a dtype V1 cannot hold or a
+    name not valid UTF-8: the streaming writer raises the right error)."""
     numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]] = _Numbering()
     files = []
     for names, arrays in groups:
