@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import overload
+from typing import TYPE_CHECKING, overload
 
 import numpy as np
 
@@ -38,10 +38,13 @@ from .v1 import (
 )
 from .varint import encode_varint
 
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
 #: ``SavedTensorSliceMeta.versions`` as written after the tensors (field 2, producer 1).
 META_TAIL = _len_field(2, _tag(1, 0) + encode_varint(CHECKPOINT_VERSION))
 #: Tensors laid out per :func:`meta_pieces` piece.
-META_CHUNK = 1 << 16
+META_CHUNK = 1 << 14
 
 
 def _blob(items: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -216,11 +219,12 @@ def meta_head(inner: int) -> bytes:
 
 def meta_pieces(
     names: Callable[[int, int], Column], count: int, kinds: Kinds, kind_ids: np.ndarray
-) -> Iterator[bytes]:
+) -> Iterator[Buffer]:
     """The value of key ``""`` (``SavedTensorSlices{meta}``) for ``count`` whole tensors in
     key order (``names(low, high)``: the names of tensors ``low:high`` as a column), in
-    pieces of :data:`META_CHUNK` tensors each: what :func:`.v1.encode_meta` returns for the
-    same tensors, joined (its size: :func:`meta_inner_size`, :func:`meta_head`)."""
+    pieces (views of the records of :data:`META_CHUNK` tensors at a time): what
+    :func:`.v1.encode_meta` returns for the same tensors, joined (its size:
+    :func:`meta_inner_size`, :func:`meta_head`)."""
     yield meta_head(meta_inner_size(names, count, kinds, kind_ids))
     for low in range(0, count, META_CHUNK):
         high = min(count, low + META_CHUNK)
@@ -229,7 +233,7 @@ def meta_pieces(
         record = _meta_records(column, kinds, ids)
         suffix = kinds.column(kinds.meta_suffixes, ids)
         laid = interleave([varint_column(record, tag=0x0A), *_name_columns(column, True), suffix])
-        yield laid.data.tobytes()
+        yield memoryview(laid.data)  # type: ignore[arg-type]  # (a uint8 array: no bytes copy)
     yield META_TAIL
 
 

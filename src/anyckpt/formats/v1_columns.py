@@ -163,7 +163,7 @@ class _Values:
     names: Callable[[int, int], Column]
     check_cancelled: Callable[[], None]
 
-    def meta(self, count: int) -> Iterator[bytes]:
+    def meta(self, count: int) -> Iterator[Buffer]:
         """The meta value, in pieces (:func:`~anyckpt.codecs.v1_packed.meta_pieces`)."""
         return meta_pieces(self.names, count, self.columns.kinds, self.kind_ids)
 
