@@ -7,6 +7,8 @@ allocation sites of the last snapshot (the peak, within 3 %), per tensor.
 
     PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000        # 4 bytes each
     PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000 256    # 1 KiB each
+    PYTHONPATH=src:plugins/anyckpt-zstd/src .venv/bin/python \
+        tools/save_peak_profile.py 200000 1 zstd                              # another format
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import numpy as np
 import anyckpt
 
 
-def main(count: int, elements: int = 1) -> None:
+def main(count: int, elements: int = 1, format: str = "v2") -> None:
     base = np.zeros(count * elements, np.float32)
     state = {
         f"layer{i // 10}/w{i % 10}": base[i * elements : (i + 1) * elements] for i in range(count)
@@ -45,7 +47,7 @@ def main(count: int, elements: int = 1) -> None:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    anyio.run(lambda: anyckpt.save(os.path.join(directory, "c"), state, durable=False))
+    anyio.run(lambda: anyckpt.save(os.path.join(directory, "c"), state, format=format, durable=False))
     done.set()
     watcher.join()
     _, peak = tracemalloc.get_traced_memory()
@@ -58,4 +60,9 @@ def main(count: int, elements: int = 1) -> None:
 
 
 if __name__ == "__main__":
-    main(*(int(arg) for arg in sys.argv[1:3]) if len(sys.argv) > 1 else (200_000,))
+    args = sys.argv[1:]
+    main(
+        int(args[0]) if args else 200_000,
+        int(args[1]) if len(args) > 1 else 1,
+        args[2] if len(args) > 2 else "v2",
+    )
