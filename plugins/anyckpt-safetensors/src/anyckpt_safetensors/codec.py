@@ -18,7 +18,7 @@ import math
 import re
 import struct
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,34 +200,105 @@ def dtype_code(dtype: np.dtype) -> str:
         ) from None
 
 
+#: The header's JSON spelling: compact, non-ASCII as it is (the reference's).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+#: Entries per piece of a header made in pieces (:func:`header_pieces`).
+HEADER_STEP = 4096
+
+
+def data_order(names: Iterable[str], dtypes: Iterable[np.dtype]) -> list[str]:
+    """The reference's order of the data (and the header's entries): by dtype, widest first
+    in its enum order, then by name (Python's order of ``str`` is the UTF-8 bytes' order)."""
+    groups: dict[int, list[str]] = {}
+    for name, dtype in zip(names, dtypes, strict=True):
+        groups.setdefault(_RANK[dtype_code(dtype)], []).append(name)
+    return ordered(groups)
+
+
+def ordered(groups: dict[int, list[str]]) -> list[str]:
+    """The names of ``groups`` (dtype rank: names) in :func:`data_order`; sorts the lists in
+    place and empties ``groups``."""
+    order: list[str] = []
+    for rank in sorted(groups, reverse=True):
+        group = groups.pop(rank)
+        group.sort()
+        if not order and not groups:
+            return group  # one dtype: no copy
+        order += group
+    return order
+
+
+def rank(code: str) -> int:
+    """The position of a dtype code in the reference's enum order."""
+    return _RANK[code]
+
+
+def checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    """``metadata`` as a dict (None if empty); TypeError unless it maps str to str."""
+    if not metadata:
+        return None
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("safetensors metadata maps str to str")
+    return dict(metadata)
+
+
+def header_pieces(
+    order: Sequence[str],
+    spec: Callable[[str], tuple[np.dtype, tuple[int, ...]]],
+    metadata: dict[str, str] | None = None,
+    step: int = HEADER_STEP,
+) -> Iterator[bytes]:
+    """The JSON header (without its length and padding) in pieces of ``step`` entries, the
+    entries of ``order`` (whose dtype and shape ``spec`` gives) made a piece at a time: a header
+    of a million tensors is never whole in memory. ``b"".join`` of it is the reference's JSON."""
+    codes: dict[np.dtype, str] = {}
+    yield b"{"
+    separator = ""
+    if metadata:
+        yield _JSON.encode({METADATA_KEY: metadata})[1:-1].encode("utf-8")
+        separator = ","
+    offset = 0
+    for start in range(0, len(order), step):
+        batch: dict[str, dict[str, Any]] = {}
+        for name in order[start : start + step]:
+            dtype, shape = spec(name)
+            code = codes.get(dtype)
+            if code is None:
+                code = codes[dtype] = dtype_code(dtype)
+            size = math.prod(shape) * dtype.itemsize
+            batch[name] = {
+                "dtype": code,
+                "shape": list(shape),
+                "data_offsets": [offset, offset + size],
+            }
+            offset += size
+        yield (separator + _JSON.encode(batch)[1:-1]).encode("utf-8")
+        separator = ","
+    yield b"}"
+
+
+def header_head(json_size: int) -> bytes:
+    """What comes before a JSON header of ``json_size`` bytes: its padded length."""
+    return _U64.pack(json_size + header_padding(json_size))
+
+
+def header_padding(json_size: int) -> int:
+    """The spaces after a JSON header of ``json_size`` bytes that align the buffer to 8."""
+    return -(json_size + 8) % 8
+
+
 def encode_header(
     tensors: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
     metadata: Mapping[str, str] | None = None,
 ) -> tuple[bytes, list[str]]:
     """The file's first bytes (length + padded JSON), and the order to write the data in."""
-    codes = {name: dtype_code(dtype) for name, (dtype, _) in tensors.items()}
-    order = sorted(tensors, key=lambda n: (-_RANK[codes[n]], n.encode("utf-8")))
-    header: dict[str, Any] = {}
-    if metadata:
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError("safetensors metadata maps str to str")
-        header[METADATA_KEY] = dict(metadata)
-    offset = 0
-    for name in order:
-        if name == METADATA_KEY:
-            raise ValueError(f"{METADATA_KEY!r} is reserved in safetensors")
-        dtype, shape = tensors[name]
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {
-            "dtype": codes[name],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-(len(text) + 8) % 8)
-    return _U64.pack(len(text)) + text, order
+    order = data_order(tensors, (dtype for dtype, _ in tensors.values()))
+    checked = checked_metadata(metadata)
+    if METADATA_KEY in tensors:
+        raise ValueError(f"{METADATA_KEY!r} is reserved in safetensors")
+    text = b"".join(header_pieces(order, tensors.__getitem__, checked))
+    return header_head(len(text)) + text + b" " * header_padding(len(text)), order
 
 
 def header_length(first8: bytes, file_size: int) -> int:
