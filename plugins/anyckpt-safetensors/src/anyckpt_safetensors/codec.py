@@ -203,7 +203,7 @@ def dtype_code(dtype: np.dtype) -> str:
 #: The header's JSON spelling: compact, non-ASCII as it is (the reference's).
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 #: Entries per piece of a header made in pieces (:func:`header_pieces`).
-HEADER_STEP = 4096
+HEADER_STEP = 1024
 
 
 def data_order(names: Iterable[str], dtypes: Iterable[np.dtype]) -> list[str]:

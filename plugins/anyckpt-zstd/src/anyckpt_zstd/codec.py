@@ -152,7 +152,7 @@ def unshuffle(chunk: np.ndarray, itemsize: int) -> np.ndarray:
 #: The header's JSON spelling: compact, non-ASCII as it is (``json.dumps`` with these options).
 _JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
 #: Tensors per piece of a header written in pieces (:func:`header_pieces`).
-HEADER_STEP = 4096
+HEADER_STEP = 1024
 
 
 def entry_json(

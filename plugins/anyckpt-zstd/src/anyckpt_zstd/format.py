@@ -346,7 +346,7 @@ class _ChunkColumns:
 
     def __init__(self) -> None:
         self.offsets = Array("q")
-        self.sizes = Array("Q")
+        self.sizes = Array("I")  # a frame of at most 1 GiB, plus its padding
         self.raw_sizes = Array("I")  # at most codec.MAX_CHUNK_BYTES
         self.crcs = Array("I")
         self.tensor_ends = Array("q", [0])
