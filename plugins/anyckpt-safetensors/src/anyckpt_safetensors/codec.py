@@ -252,7 +252,9 @@ def header_pieces(
     """The JSON header (without its length and padding) in pieces of ``step`` entries, the
     entries of ``order`` (whose dtype and shape ``spec`` gives) made a piece at a time: a header
     of a million tensors is never whole in memory. ``b"".join`` of it is the reference's JSON."""
-    codes: dict[np.dtype, str] = {}
+    # Each entry is spelled as json.dumps spells it: the name quoted (escaped by json when it
+    # holds a quote, backslash or control character), then a text made once per (dtype, shape).
+    kinds: dict[tuple[np.dtype, tuple[int, ...]], tuple[str, int]] = {}
     yield b"{"
     separator = ""
     if metadata:
@@ -260,22 +262,37 @@ def header_pieces(
         separator = ","
     offset = 0
     for start in range(0, len(order), step):
-        batch: dict[str, dict[str, Any]] = {}
-        for name in order[start : start + step]:
-            dtype, shape = spec(name)
-            code = codes.get(dtype)
-            if code is None:
-                code = codes[dtype] = dtype_code(dtype)
-            size = math.prod(shape) * dtype.itemsize
-            batch[name] = {
-                "dtype": code,
-                "shape": list(shape),
-                "data_offsets": [offset, offset + size],
-            }
-            offset += size
-        yield (separator + _JSON.encode(batch)[1:-1]).encode("utf-8")
+        names = order[start : start + step]
+        plain = _ESCAPED.search("".join(names)) is None
+        texts = []
+        for name in names:
+            key = spec(name)
+            kind = kinds.get(key)
+            if kind is None:
+                if len(kinds) >= _KINDS:
+                    kinds.clear()
+                dtype, shape = key
+                kind = kinds[key] = (
+                    f':{{"dtype":"{dtype_code(dtype)}","shape":{_JSON.encode(list(shape))},'
+                    '"data_offsets":[',
+                    math.prod(shape) * dtype.itemsize,
+                )
+            text, size = kind
+            end = offset + size
+            if plain:
+                texts.append(f'"{name}"{text}{offset},{end}]}}')
+            else:
+                texts.append(f"{_JSON.encode(name)}{text}{offset},{end}]}}")
+            offset = end
+        yield (separator + ",".join(texts)).encode("utf-8")
         separator = ","
     yield b"}"
+
+
+#: What json escapes in a name (with ``ensure_ascii=False``).
+_ESCAPED = re.compile(r'[\x00-\x1f"\\]')
+#: At most this many (dtype, shape) texts are kept while a header is made.
+_KINDS = 4096
 
 
 def header_head(json_size: int) -> bytes:
@@ -297,7 +314,9 @@ def encode_header(
     checked = checked_metadata(metadata)
     if METADATA_KEY in tensors:
         raise ValueError(f"{METADATA_KEY!r} is reserved in safetensors")
-    text = b"".join(header_pieces(order, tensors.__getitem__, checked))
+    text = b"".join(
+        header_pieces(order, lambda name: (tensors[name][0], tuple(tensors[name][1])), checked)
+    )
     return header_head(len(text)) + text + b" " * header_padding(len(text)), order
 
 
