@@ -69,17 +69,21 @@ def _reference_header(
     ),
     metadata=st.none() | st.dictionaries(NAMES, NAMES, max_size=3),
     step=st.integers(1, 5),
+    kinds=st.integers(1, 3),
 )
 def test_header_pieces_join_to_one_json_dumps(
     shapes: dict[str, tuple[np.dtype, tuple[int, ...]]],
     metadata: dict[str, str] | None,
     step: int,
+    kinds: int,
 ) -> None:
     want, want_order = _reference_header(shapes, metadata)
     order = codec.data_order(shapes, (dtype for dtype, _ in shapes.values()))
     assert order == want_order
     checked = codec.checked_metadata(metadata)
-    pieces = list(codec.header_pieces(order, shapes.__getitem__, checked, step))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(codec, "_KINDS", kinds)  # the (dtype, shape) texts dropped and made again
+        pieces = list(codec.header_pieces(order, shapes.__getitem__, checked, step))
     text = b"".join(pieces)
     assert codec.header_head(len(text)) + text + b" " * codec.header_padding(len(text)) == want
     assert codec.encode_header(shapes, metadata) == (want, want_order)
