@@ -207,6 +207,7 @@ class ZstdFormat(FormatBase):
                 with ThreadPoolExecutor(threads, thread_name_prefix="anyckpt-zstd") as pool:
                     jobs = _jobs(tensors, keys, chunk_bytes, do_shuffle, chunks.tensor_ends)
                     for frames in _ordered_map(pool, compress, jobs, 2 * threads):
+                        anyio.from_thread.check_cancelled()
                         chunks.add(frames)
                         writer.write_many([memoryview(frame) for frame, _, _ in frames])
                         del frames
@@ -316,7 +317,6 @@ def _jobs(
     pending = 0
     count = 0
     for key in keys:
-        anyio.from_thread.check_cancelled()
         array = tensors[key]
         raw = _tensor_bytes(array)
         itemsize = 1 if array.dtype == object else array.dtype.itemsize
