@@ -47,7 +47,9 @@ def main(count: int, elements: int = 1, format: str = "v2") -> None:
 
     watcher = threading.Thread(target=watch)
     watcher.start()
-    anyio.run(lambda: anyckpt.save(os.path.join(directory, "c"), state, format=format, durable=False))
+    anyio.run(
+        lambda: anyckpt.save(os.path.join(directory, "c"), state, format=format, durable=False)
+    )
     done.set()
     watcher.join()
     _, peak = tracemalloc.get_traced_memory()
