@@ -8,6 +8,8 @@ allocation sites of the last snapshot (the peak, within 3 %), per tensor.
     PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000        # 4 bytes each
     PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000 256    # 1 KiB each
     PYTHONPATH=src .venv/bin/python tools/save_peak_profile.py 200000 4 v1   # V1, 16 B each
+    PYTHONPATH=src:plugins/anyckpt-zstd/src .venv/bin/python \
+        tools/save_peak_profile.py 200000 1 zstd                              # another format
 """
 
 from __future__ import annotations

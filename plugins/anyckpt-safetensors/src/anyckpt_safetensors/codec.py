@@ -18,7 +18,7 @@ import math
 import re
 import struct
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,34 +200,124 @@ def dtype_code(dtype: np.dtype) -> str:
         ) from None
 
 
+#: The header's JSON spelling: compact, non-ASCII as it is (the reference's).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+#: Entries per piece of a header made in pieces (:func:`header_pieces`).
+HEADER_STEP = 1024
+
+
+def data_order(names: Iterable[str], dtypes: Iterable[np.dtype]) -> list[str]:
+    """The reference's order of the data (and the header's entries): by dtype, widest first
+    in its enum order, then by name (Python's order of ``str`` is the UTF-8 bytes' order)."""
+    groups: dict[int, list[str]] = {}
+    for name, dtype in zip(names, dtypes, strict=True):
+        groups.setdefault(_RANK[dtype_code(dtype)], []).append(name)
+    return ordered(groups)
+
+
+def ordered(groups: dict[int, list[str]]) -> list[str]:
+    """The names of ``groups`` (dtype rank: names) in :func:`data_order`; sorts the lists in
+    place and empties ``groups``."""
+    order: list[str] = []
+    for rank in sorted(groups, reverse=True):
+        group = groups.pop(rank)
+        group.sort()
+        if not order and not groups:
+            return group  # one dtype: no copy
+        order += group
+    return order
+
+
+def rank(code: str) -> int:
+    """The position of a dtype code in the reference's enum order."""
+    return _RANK[code]
+
+
+def checked_metadata(metadata: Mapping[str, str] | None) -> dict[str, str] | None:
+    """``metadata`` as a dict (None if empty); TypeError unless it maps str to str."""
+    if not metadata:
+        return None
+    for key, value in metadata.items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise TypeError("safetensors metadata maps str to str")
+    return dict(metadata)
+
+
+def header_pieces(
+    order: Sequence[str],
+    spec: Callable[[str], tuple[np.dtype, tuple[int, ...]]],
+    metadata: dict[str, str] | None = None,
+    step: int = HEADER_STEP,
+) -> Iterator[bytes]:
+    """The JSON header (without its length and padding) in pieces of ``step`` entries, the
+    entries of ``order`` (whose dtype and shape ``spec`` gives) made a piece at a time: a header
+    of a million tensors is never whole in memory. ``b"".join`` of it is the reference's JSON."""
+    # Each entry is spelled as json.dumps spells it: the name quoted (escaped by json when it
+    # holds a quote, backslash or control character), then a text made once per (dtype, shape).
+    kinds: dict[tuple[np.dtype, tuple[int, ...]], tuple[str, int]] = {}
+    yield b"{"
+    separator = ""
+    if metadata:
+        yield _JSON.encode({METADATA_KEY: metadata})[1:-1].encode("utf-8")
+        separator = ","
+    offset = 0
+    for start in range(0, len(order), step):
+        names = order[start : start + step]
+        plain = _ESCAPED.search("".join(names)) is None
+        texts = []
+        for name in names:
+            key = spec(name)
+            kind = kinds.get(key)
+            if kind is None:
+                if len(kinds) >= _KINDS:
+                    kinds.clear()
+                dtype, shape = key
+                kind = kinds[key] = (
+                    f':{{"dtype":"{dtype_code(dtype)}","shape":{_JSON.encode(list(shape))},'
+                    '"data_offsets":[',
+                    math.prod(shape) * dtype.itemsize,
+                )
+            text, size = kind
+            end = offset + size
+            if plain:
+                texts.append(f'"{name}"{text}{offset},{end}]}}')
+            else:
+                texts.append(f"{_JSON.encode(name)}{text}{offset},{end}]}}")
+            offset = end
+        yield (separator + ",".join(texts)).encode("utf-8")
+        separator = ","
+    yield b"}"
+
+
+#: What json escapes in a name (with ``ensure_ascii=False``).
+_ESCAPED = re.compile(r'[\x00-\x1f"\\]')
+#: At most this many (dtype, shape) texts are kept while a header is made.
+_KINDS = 4096
+
+
+def header_head(json_size: int) -> bytes:
+    """What comes before a JSON header of ``json_size`` bytes: its padded length."""
+    return _U64.pack(json_size + header_padding(json_size))
+
+
+def header_padding(json_size: int) -> int:
+    """The spaces after a JSON header of ``json_size`` bytes that align the buffer to 8."""
+    return -(json_size + 8) % 8
+
+
 def encode_header(
     tensors: Mapping[str, tuple[np.dtype, tuple[int, ...]]],
     metadata: Mapping[str, str] | None = None,
 ) -> tuple[bytes, list[str]]:
     """The file's first bytes (length + padded JSON), and the order to write the data in."""
-    codes = {name: dtype_code(dtype) for name, (dtype, _) in tensors.items()}
-    order = sorted(tensors, key=lambda n: (-_RANK[codes[n]], n.encode("utf-8")))
-    header: dict[str, Any] = {}
-    if metadata:
-        for key, value in metadata.items():
-            if not isinstance(key, str) or not isinstance(value, str):
-                raise TypeError("safetensors metadata maps str to str")
-        header[METADATA_KEY] = dict(metadata)
-    offset = 0
-    for name in order:
-        if name == METADATA_KEY:
-            raise ValueError(f"{METADATA_KEY!r} is reserved in safetensors")
-        dtype, shape = tensors[name]
-        size = math.prod(shape) * dtype.itemsize
-        header[name] = {
-            "dtype": codes[name],
-            "shape": list(shape),
-            "data_offsets": [offset, offset + size],
-        }
-        offset += size
-    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
-    text += b" " * (-(len(text) + 8) % 8)
-    return _U64.pack(len(text)) + text, order
+    order = data_order(tensors, (dtype for dtype, _ in tensors.values()))
+    checked = checked_metadata(metadata)
+    if METADATA_KEY in tensors:
+        raise ValueError(f"{METADATA_KEY!r} is reserved in safetensors")
+    text = b"".join(
+        header_pieces(order, lambda name: (tensors[name][0], tuple(tensors[name][1])), checked)
+    )
+    return header_head(len(text)) + text + b" " * header_padding(len(text)), order
 
 
 def header_length(first8: bytes, file_size: int) -> int:

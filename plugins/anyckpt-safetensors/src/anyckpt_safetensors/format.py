@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import math
 import posixpath
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import anyio
@@ -20,7 +20,7 @@ import anyio.from_thread
 import anyio.to_thread
 import numpy as np
 
-from anyckpt.codecs.dtypes import disk_dtype, to_little_endian
+from anyckpt.codecs.dtypes import LITTLE_ENDIAN_HOST, disk_dtype, to_little_endian
 from anyckpt.errors import CheckpointNotFoundError, CorruptCheckpointError, UnsupportedFormatError
 from anyckpt.formats.base import (
     FormatBase,
@@ -52,6 +52,47 @@ def byte_view(array: np.ndarray) -> memoryview:
     return array.reshape(-1).view(np.uint8).data
 
 
+#: Tensors of at most this many bytes are copied together into one buffer per write, up to
+#: :data:`_GATHER_BYTES` or :data:`_GATHER_TENSORS` of them (one write per tiny tensor cost
+#: a system call each; a buffer exported from each array, NumPy's cached record on it).
+_SMALL_BYTES = 64 << 10
+_GATHER_BYTES = 1 << 20
+_GATHER_TENSORS = 1 << 12
+
+
+def _data(tensors: Mapping[str, np.ndarray], order: list[str]) -> Iterator[memoryview]:
+    """The data buffer, in ``order``: each large tensor's bytes as they are, runs of small
+    ones of one dtype concatenated (little-endian, C order)."""
+    run: list[np.ndarray] = []
+    pending = 0
+    dtype: np.dtype | None = None
+    for key in order:
+        array = np.asarray(tensors[key])
+        size = array.nbytes
+        if not size:
+            continue
+        if array.dtype.byteorder == ">" or (
+            array.dtype.byteorder == "=" and not LITTLE_ENDIAN_HOST
+        ):
+            array = to_little_endian(array)
+        if run and (
+            size > _SMALL_BYTES
+            or array.dtype != dtype
+            or pending + size > _GATHER_BYTES
+            or len(run) >= _GATHER_TENSORS
+        ):
+            yield np.concatenate(run, axis=None).view(np.uint8).data
+            run, pending = [], 0
+        if size > _SMALL_BYTES:
+            yield byte_view(to_little_endian(array))
+            continue
+        run.append(array)
+        pending += size
+        dtype = array.dtype
+    if run:
+        yield np.concatenate(run, axis=None).view(np.uint8).data
+
+
 class SafetensorsFormat(FormatBase):
     """safetensors (``PREFIX.safetensors``). Options: ``metadata``, a ``{str: str}`` mapping
     stored in the header's ``__metadata__``."""
@@ -73,45 +114,70 @@ class SafetensorsFormat(FormatBase):
         options: Mapping[str, Any] | None = None,
     ) -> list[str]:
         metadata = dict((options or {}).get("metadata") or {})
-        shapes: dict[str, tuple[np.dtype, tuple[int, ...]]] = {}
+        groups: dict[int, list[str]] = {}  # dtype rank: names
+        ranks: dict[np.dtype, int] = {}
         partitions: dict[str, list[list[list[int]]]] = {}
         for key, array in tensors.items():
-            if array.dtype == object:
+            dtype = array.dtype
+            rank = ranks.get(dtype)
+            if rank is None and dtype.kind == "O":
                 raise UnsupportedFormatError(
                     f"tensor {key!r} is a string tensor, and safetensors has no string dtype "
                     f"(leave it out: anyckpt convert ... --exclude {key!r})"
                 )
             try:
-                key.encode("utf-8")
-                codec.dtype_code(array.dtype)
+                if not key.isascii():
+                    key.encode("utf-8")
+                if rank is None:
+                    rank = ranks[dtype] = codec.rank(codec.dtype_code(dtype))
             except UnicodeEncodeError:
                 raise UnsupportedFormatError(
                     f"safetensors needs UTF-8 names; {key!r} is not"
                 ) from None
             except ValueError as exc:
                 raise UnsupportedFormatError(f"tensor {key!r}: {exc}") from None
-            shapes[key] = (array.dtype, tuple(array.shape))
+            group = groups.get(rank)
+            if group is None:
+                group = groups[rank] = []
+            group.append(key)
             parts = partitions_of(array)
             if parts:
                 partitions[key] = [[list(e) for e in part] for part in parts]
         if partitions:
             metadata[PARTITIONS_KEY] = json.dumps(partitions, separators=(",", ":"))
         try:
-            head, order = codec.encode_header(shapes, metadata or None)
+            checked = codec.checked_metadata(metadata)
+            if codec.METADATA_KEY in tensors:
+                raise ValueError(f"{codec.METADATA_KEY!r} is reserved in safetensors")
         except (TypeError, ValueError) as exc:
             raise UnsupportedFormatError(str(exc)) from None
+        order = codec.ordered(groups)
         path = file_path(prefix)
         directory = posixpath.dirname(path)
 
+        def spec(key: str) -> tuple[np.dtype, tuple[int, ...]]:
+            array = tensors[key]
+            return array.dtype, array.shape
+
         def write() -> None:
+            # The header is made twice, a piece at a time: once for its length (which comes
+            # first), once to write it; never whole in memory (~95 bytes per tiny tensor).
+            size = sum(map(len, codec.header_pieces(order, spec, checked)))
             if directory:
                 storage.makedirs(directory)
             writer = storage.open_writer(path, durable=durable)
             try:
-                writer.write(head)
-                for key in order:
+                writer.write(codec.header_head(size))
+                written = 0
+                for piece in codec.header_pieces(order, spec, checked):
+                    writer.write(piece)
+                    written += len(piece)
+                if written != size:
+                    raise RuntimeError("the tensors changed while they were saved")
+                writer.write(b" " * codec.header_padding(size))
+                for data in _data(tensors, order):
                     anyio.from_thread.check_cancelled()
-                    writer.write(byte_view(to_little_endian(np.asarray(tensors[key]))))
+                    writer.write(data)
                 writer.commit()
             except BaseException:
                 writer.abort()

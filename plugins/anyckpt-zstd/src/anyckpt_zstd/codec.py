@@ -30,7 +30,7 @@ import math
 import re
 import struct
 from array import array
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -149,21 +149,67 @@ def unshuffle(chunk: np.ndarray, itemsize: int) -> np.ndarray:
 # -- header and footer --------------------------------------------------------------------
 
 
-def encode_header(level: int, tensors: dict[str, TensorInfo]) -> bytes:
-    body: dict[str, Any] = {"format": "anyckpt-zstd", "version": VERSION, "level": level}
-    body["tensors"] = {
-        name: {
-            "dtype": t.dtype,
-            "shape": list(t.shape),
-            "layout": t.layout,
-            "chunks": [[c.offset, c.size, c.raw_size, c.crc] for c in t.chunks],
-            **(
-                {"partitions": [[list(e) for e in p] for p in t.partitions]} if t.partitions else {}
-            ),
-        }
-        for name, t in tensors.items()
+#: The header's JSON spelling: compact, non-ASCII as it is (``json.dumps`` with these options).
+_JSON = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False)
+#: Tensors per piece of a header written in pieces (:func:`header_pieces`).
+HEADER_STEP = 1024
+
+
+def entry_json(
+    dtype: int,
+    shape: Sequence[int],
+    layout: str,
+    chunks: Sequence[Sequence[int]],
+    partitions: Sequence[Sequence[Sequence[int]]] = (),
+) -> dict[str, Any]:
+    """A tensor's entry as the header's JSON holds it (``chunks``: ``[offset, size, raw
+    size, crc]`` each)."""
+    entry: dict[str, Any] = {
+        "dtype": dtype,
+        "shape": list(shape),
+        "layout": layout,
+        "chunks": [list(c) for c in chunks],
     }
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    if partitions:
+        entry["partitions"] = [[list(e) for e in p] for p in partitions]
+    return entry
+
+
+def header_pieces(
+    level: int, entries: Iterable[tuple[str, dict[str, Any]]], step: int = HEADER_STEP
+) -> Iterator[bytes]:
+    """The bytes of :func:`encode_header`, in pieces of ``step`` entries (``(name,
+    entry_json(...))`` in the order given): only one piece's entries exist at a time when
+    ``entries`` makes them lazily, so a header of a million tensors is never whole in memory."""
+    head = _JSON.encode({"format": "anyckpt-zstd", "version": VERSION, "level": level})
+    yield (head[:-1] + ',"tensors":{').encode("utf-8")
+    items = iter(entries)
+    separator = ""
+    while batch := dict(itertools.islice(items, step)):
+        yield (separator + _JSON.encode(batch)[1:-1]).encode("utf-8")
+        separator = ","
+    yield b"}}"
+
+
+def encode_header(level: int, tensors: Mapping[str, TensorInfo]) -> bytes:
+    return b"".join(
+        header_pieces(
+            level,
+            (
+                (
+                    name,
+                    entry_json(
+                        t.dtype,
+                        t.shape,
+                        t.layout,
+                        [(c.offset, c.size, c.raw_size, c.crc) for c in t.chunks],
+                        t.partitions,
+                    ),
+                )
+                for name, t in tensors.items()
+            ),
+        )
+    )
 
 
 def encode_footer(header_offset: int, header: bytes) -> bytes:
