@@ -45,7 +45,7 @@ def _fresh(num_shards: int, entries: DataFileEntries) -> bytes:
         v2_index._TEMPLATES = kept
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(st.binary(max_size=40), unique=True, max_size=300).map(sorted),
     st.data(),
@@ -90,7 +90,7 @@ structures = st.lists(
 crc_lists = st.lists(st.integers(0, 2**32 - 1), min_size=200, max_size=200)
 
 
-@settings(max_examples=150)
+@settings(max_examples=150, deadline=None)
 @given(structures, crc_lists, crc_lists)
 def test_the_same_structure_again_is_patched_to_the_fresh_bytes(
     structure: list[tuple[bytes, tuple[int, ...]]], first: list[int], second: list[int]
@@ -150,7 +150,7 @@ def test_huge_structures_are_not_kept(monkeypatch: pytest.MonkeyPatch) -> None:
     assert len(tensors._ORDERS) == 1  # small ones still are
 
 
-@settings(max_examples=200)
+@settings(max_examples=200, deadline=None)
 @given(
     st.lists(
         st.text(max_size=8)  # any code points, lone surrogates too
