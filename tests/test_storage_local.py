@@ -1,4 +1,5 @@
-"""The local writer's fast paths: early writeback of durable files, reserved blocks."""
+"""The local writer's fast paths (early writeback of durable files, reserved blocks) and the
+reader's one-call read."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from anyckpt.errors import CorruptCheckpointError
 from anyckpt.storage import Storage, start_writeback
 from anyckpt.storage import local as storage_module
 
@@ -47,3 +49,28 @@ def test_start_writeback_on_a_real_file(tmp_path: Path) -> None:
     finally:
         os.close(fd)
     assert start_writeback(fd, 0, 10) is False  # a closed descriptor: refused, no exception
+
+
+def test_reader_read_is_the_bytes_and_refuses_past_the_end_and_a_shrunk_file(
+    tmp_path: Path,
+) -> None:
+    """``read`` (one ``pread``) returns exactly the bytes asked for; a range past the end is
+    refused before reading, and a file that shrank after it was opened takes the general loop,
+    which names it."""
+    path = tmp_path / "f"
+    data = bytes(range(256)) * 64
+    path.write_bytes(data)
+    storage, where = Storage.from_url(str(path))
+    reader = storage.open_reader(where)
+    try:
+        assert reader.read(0, len(data)) == data
+        assert reader.read(100, 0) == b""
+        assert reader.read(1000, 3000) == data[1000:4000]
+        for offset, length in [(len(data) - 1, 2), (-1, 1), (0, len(data) + 1)]:
+            with pytest.raises(CorruptCheckpointError, match="past the end"):
+                reader.read(offset, length)
+        os.truncate(path, 4096)  # the size seen at open is no longer there
+        with pytest.raises(CorruptCheckpointError, match="shrank"):
+            reader.read(0, len(data))
+    finally:
+        reader.close()

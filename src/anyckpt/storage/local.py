@@ -281,6 +281,19 @@ class LocalReader(ReaderBase):
         self.size = os.fstat(self._fd).st_size
 
     def read(self, offset: int, length: int) -> bytes:
+        if offset < 0 or length < 0 or offset + length > self.size:
+            raise CorruptCheckpointError(
+                f"read of {length} bytes at offset {offset} is past the end of the file "
+                f"({self.size} bytes)",
+                path=self.path,
+            )
+        # One pread makes the bytes in place (a buffer filled and then copied into bytes held
+        # twice the length: a 52 MB index was read at a 104 MB peak); a short read (a file
+        # that shrank, or a read past Linux's 2 GiB per call) takes the general loop.
+        data = os.pread(self._fd, length, offset)
+        if len(data) == length:
+            return data
+        del data
         buf = bytearray(length)
         self.read_into(offset, buf)
         return bytes(buf)
