@@ -139,17 +139,23 @@ def decode_batch(values: Sequence[bytes]) -> EntryBatch:
 
 
 def decode_columns(
-    data: bytes | bytearray, offsets: np.ndarray, chunk: int = CHUNK
+    data: bytes | bytearray,
+    offsets: np.ndarray,
+    chunk: int = CHUNK,
+    head_index: dict[tuple[int, tuple[int, ...]], int] | None = None,
 ) -> EntryColumns:
     """Decode the values ``data[offsets[i]:offsets[i + 1]]`` as :func:`decode_batch` does,
     into columns, ``chunk`` entries at a time; raises what ``decode_entry`` raises for the
-    first value it refuses."""
+    first value it refuses. ``head_index`` (head -> id, extended in place) shares head ids
+    across calls; the result's ``heads`` are then all of its heads so far."""
     n = len(offsets) - 1
-    head_index: dict[tuple[int, tuple[int, ...]], int] = {}
+    if head_index is None:
+        head_index = {}
     # The columns filled a chunk at a time (no list of chunks concatenated at the end: that
-    # held every column twice at the peak of a 10^6-entry index).
-    head_ids = np.empty(n, dtype=np.int64)
-    shard_ids = np.empty(n, dtype=np.int64)
+    # held every column twice at the peak of a 10^6-entry index). Shard ids fit an int32
+    # (larger ones are decoded alone) and head ids too: 4 bytes each.
+    head_ids = np.empty(n, dtype=np.int32)
+    shard_ids = np.empty(n, dtype=np.int32)
     offs = np.empty(n, dtype=np.int64)
     sizes = np.empty(n, dtype=np.int64)
     crcs = np.empty(n, dtype=np.uint32)
@@ -163,17 +169,56 @@ def decode_columns(
         buf = np.frombuffer(data[base : int(offsets[hi])] + pad, dtype=np.uint8)
         starts = offsets[lo:hi] - base
         ends = offsets[lo + 1 : hi + 1] - base
-        local, ids, shard_ids[lo:hi], offs[lo:hi], sizes[lo:hi], crcs[lo:hi], ok = _decode_chunk(
+        local, ids, shards, offs[lo:hi], sizes[lo:hi], crcs[lo:hi], ok = _decode_chunk(
             buf, starts, ends
         )
+        shard_ids[lo:hi] = np.where(ok, shards, 0)
         mapping = np.array(
-            [head_index.setdefault(h, len(head_index)) for h in local] + [-1], dtype=np.int64
+            [head_index.setdefault(h, len(head_index)) for h in local] + [-1], dtype=np.int32
         )
         head_ids[lo:hi] = mapping[np.where(ok, ids, -1)]
         for i in np.flatnonzero(~ok).tolist():
             start, end = int(starts[i]) + base, int(ends[i]) + base
             alone[lo + i] = decode_record(bytes(data[start:end]))
     return EntryColumns(list(head_index), head_ids, shard_ids, offs, sizes, crcs, alone)
+
+
+_COLUMN_DTYPES = (np.int32, np.int32, np.int64, np.int64, np.uint32)
+
+
+class ColumnsBuilder:
+    """:class:`EntryColumns` decoded a piece of values at a time (:meth:`add`) and joined
+    at the end (:meth:`finish`) a column at a time: what a reader holds at its peak is the
+    columns plus one of them, never every value's bytes."""
+
+    def __init__(self) -> None:
+        self._heads: dict[tuple[int, tuple[int, ...]], int] = {}
+        self._parts: list[list[np.ndarray]] = [[], [], [], [], []]
+        self._alone: dict[int, EntryRecord] = {}
+        self._count = 0
+
+    def add(self, data: bytes | bytearray, offsets: np.ndarray) -> None:
+        """Decode the values ``data[offsets[i]:offsets[i + 1]]`` (the next entries)."""
+        columns = decode_columns(data, offsets, head_index=self._heads)
+        for i, record in columns.alone.items():
+            self._alone[self._count + i] = record
+        for part, column in zip(
+            self._parts,
+            (columns.head_ids, columns.shard_ids, columns.offsets, columns.sizes, columns.crcs),
+            strict=True,
+        ):
+            part.append(column)
+        self._count += len(columns)
+
+    def finish(self) -> EntryColumns:
+        """Every entry added, in order."""
+        joined = []
+        for part, dtype in zip(self._parts, _COLUMN_DTYPES, strict=True):
+            joined.append(np.concatenate(part) if part else np.zeros(0, dtype))
+            part.clear()
+        head_ids, shard_ids, offsets, sizes, crcs = joined
+        heads = list(self._heads)
+        return EntryColumns(heads, head_ids, shard_ids, offsets, sizes, crcs, self._alone)
 
 
 def _decode_chunk(

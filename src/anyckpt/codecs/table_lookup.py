@@ -22,6 +22,7 @@ them.
 from __future__ import annotations
 
 from bisect import bisect_left, bisect_right
+from collections.abc import Iterator
 from dataclasses import dataclass
 from itertools import pairwise
 
@@ -59,6 +60,33 @@ class PackedEntries:
 
     def value(self, i: int) -> bytes:
         return bytes(self.values[int(self.value_offsets[i]) : int(self.value_offsets[i + 1])])
+
+
+#: Entries per piece of :meth:`LazyTable.packed_pieces` (at least; whole blocks).
+PIECE_ENTRIES = 1 << 14
+
+
+class _Piece:
+    """Blocks' entries gathered into one :class:`PackedEntries`."""
+
+    def __init__(self) -> None:
+        self.keys = bytearray()
+        self.values = bytearray()
+        self.key_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self.value_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        self.count = 0
+
+    def add(self, keys: list[bytes], values: list[bytes]) -> None:
+        self.key_ends.append(_ends(keys, len(self.keys)))
+        self.value_ends.append(_ends(values, len(self.values)))
+        self.keys += b"".join(keys)
+        self.values += b"".join(values)
+        self.count += len(keys)
+
+    def done(self) -> PackedEntries:
+        return PackedEntries(
+            self.keys, np.concatenate(self.key_ends), self.values, np.concatenate(self.value_ends)
+        )
 
 
 def _ends(items: list[bytes], base: int) -> np.ndarray:
@@ -259,12 +287,17 @@ class LazyTable:
     def packed(self) -> PackedEntries:
         """Every entry as :class:`PackedEntries` (not cached), with the checks of
         :meth:`items`: block by block, so no Python object per entry outlives its block."""
-        all_keys = bytearray()
-        all_values = bytearray()
-        key_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
-        value_ends: list[np.ndarray] = [np.zeros(1, dtype=np.int64)]
+        return next(self.packed_pieces(min_entries=-1))
+
+    def packed_pieces(self, min_entries: int = PIECE_ENTRIES) -> Iterator[PackedEntries]:
+        """:meth:`packed` a run of blocks at a time, each piece its own :class:`PackedEntries`
+        (offsets from 0) of at least ``min_entries`` entries but the last (one piece in all
+        if ``min_entries`` is negative): a caller that keeps only what it makes of each piece
+        never holds every value at once. The checks are :meth:`packed`'s, across pieces too."""
         left = self._budget
         last: bytes | None = None
+        piece = _Piece()
+        yielded = False
         for i, handle in enumerate(self._handles):
             contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
             keys: list[bytes] = []
@@ -283,13 +316,13 @@ class LazyTable:
             if i and keys[0] <= self._separators[i - 1]:
                 raise DecodeError(f"table key {keys[0]!r} is outside its block's key range")
             last = keys[-1]
-            key_ends.append(_ends(keys, len(all_keys)))
-            value_ends.append(_ends(values, len(all_values)))
-            all_keys += b"".join(keys)
-            all_values += b"".join(values)
-        return PackedEntries(
-            all_keys, np.concatenate(key_ends), all_values, np.concatenate(value_ends)
-        )
+            piece.add(keys, values)
+            if 0 <= min_entries <= piece.count:
+                yield piece.done()
+                yielded = True
+                piece = _Piece()
+        if piece.count or not yielded:
+            yield piece.done()
 
     def as_dict(self) -> dict[bytes, bytes]:
         """:meth:`items` as a dict (cached; lookups use it from then on)."""

@@ -1,5 +1,6 @@
-"""A V2 index's entries held as columns once all are decoded: the keys as one byte blob and
-their offsets, the entries as NumPy columns (:class:`~anyckpt.codecs.bundle_batch.EntryColumns`).
+"""A V2 index's entries held as columns once all are decoded: the keys as a few large parts
+(:class:`KeyParts`) and their offsets, the entries as NumPy columns
+(:class:`~anyckpt.codecs.bundle_batch.EntryColumns`).
 
 A million tiny tensors cost about 40 bytes each here (their key, two int64 offsets, the entry's
 columns) instead of the ~450 bytes of a list of keys, a list of decoded tuples and a dict; the
@@ -8,8 +9,9 @@ names (``str``) and tuples are made only for the entries asked for.
 
 from __future__ import annotations
 
-from bisect import bisect_left
+from bisect import bisect_left, bisect_right
 from collections.abc import Iterator, Sequence
+from itertools import pairwise
 from typing import overload
 
 import numpy as np
@@ -21,31 +23,77 @@ from ..tensors import key_to_bytes
 _CHUNK = 1 << 14
 
 
+class KeyParts:
+    """Every key back to back, held in the parts they were added in (no key spans two):
+    ``str`` parts while every key is ASCII (nearly always: sliced into names with no decoding),
+    else ``bytes``. A part is decoded as it is added, so the whole blob is never held twice (as
+    bytes and as text) and never grown by copying."""
+
+    def __init__(self, blob: bytes | bytearray | None = None) -> None:
+        self.parts: list[str] | list[bytes] = []
+        #: Where each part starts among all the keys' bytes.
+        self.starts: list[int] = []
+        self.size = 0
+        self.is_text = True
+        if blob is not None:
+            self.add(blob)
+
+    def add(self, blob: bytes | bytearray) -> None:
+        """Append the keys ``blob`` holds (whole keys)."""
+        self.starts.append(self.size)
+        self.size += len(blob)
+        if self.is_text and blob.isascii():
+            self.parts.append(blob.decode("ascii"))  # type: ignore[arg-type]
+            return
+        if self.is_text:  # the first non-ASCII key: every part becomes bytes
+            self.parts = [str(part).encode("ascii") for part in self.parts]
+            self.is_text = False
+        self.parts.append(bytes(blob))  # type: ignore[arg-type]
+
+    def part_of(self, offset: int) -> int:
+        """The part holding the key that starts at ``offset``."""
+        return max(bisect_right(self.starts, offset) - 1, 0)
+
+    def slice(self, start: int, end: int) -> str | bytes:
+        """Bytes ``start:end`` (one key) as the part holds them."""
+        p = self.part_of(start)
+        base = self.starts[p] if self.starts else 0
+        part = self.parts[p] if self.parts else ""
+        return part[start - base : end - base]
+
+    def part_indices(self, starts: np.ndarray) -> np.ndarray:
+        """:meth:`part_of` of many offsets at once."""
+        if len(self.starts) <= 1:
+            return np.zeros(len(starts), dtype=np.intp)
+        found: np.ndarray = np.searchsorted(self.starts, starts, side="right") - 1
+        return found
+
+    def part_bytes(self, p: int) -> bytes:
+        part = self.parts[p]
+        return part.encode("ascii") if isinstance(part, str) else part
+
+
 class EntryTable:
     """Every entry of an index (after its header), in key order."""
 
     def __init__(
-        self, keys: bytes | bytearray, key_offsets: np.ndarray, entries: EntryColumns
+        self, keys: KeyParts | bytes | bytearray, key_offsets: np.ndarray, entries: EntryColumns
     ) -> None:
-        #: Entry ``i``'s key is ``keys[key_offsets[i]:key_offsets[i + 1]]``.
+        #: Entry ``i``'s key is bytes ``key_offsets[i]:key_offsets[i + 1]`` of ``keys``.
         self.key_offsets = key_offsets
         self.entries = entries
         #: Which entries are tensors of their own (False: the slices of a partitioned
         #: tensor); None if every entry is.
         self.listed: np.ndarray | None = None
-        # Pure ASCII keys (nearly always): kept as one str, sliced at the same offsets.
-        self._text = keys.decode("ascii") if keys.isascii() else None
-        self._keys = b"" if self._text is not None else bytes(keys)
+        self._keys = keys if isinstance(keys, KeyParts) else KeyParts(keys)
         self._last = -1  # the position last found by name
 
     def __len__(self) -> int:
         return len(self.key_offsets) - 1
 
     def raw(self, i: int) -> bytes:
-        start, end = int(self.key_offsets[i]), int(self.key_offsets[i + 1])
-        if self._text is not None:
-            return self._text[start:end].encode("ascii")
-        return self._keys[start:end]
+        key = self._keys.slice(int(self.key_offsets[i]), int(self.key_offsets[i + 1]))
+        return key.encode("ascii") if isinstance(key, str) else key
 
     def name(self, i: int) -> str:
         return self.names(np.array([i]))[0]
@@ -54,26 +102,37 @@ class EntryTable:
         """The keys at ``positions``, decoded as :func:`~anyckpt.tensors.key_from_bytes`
         (a chunk at a time: no list of a million offsets)."""
         out: list[str] = []
-        text, keys = self._text, self._keys
+        keys = self._keys
         for lo in range(0, len(positions), _CHUNK):
             chunk = positions[lo : lo + _CHUNK]
-            starts = self.key_offsets[chunk].tolist()
-            ends = self.key_offsets[chunk + 1].tolist()
-            if text is not None:
-                out += [text[a:b] for a, b in zip(starts, ends, strict=True)]
-            else:
-                out += [
-                    keys[a:b].decode("utf-8", "surrogateescape")
-                    for a, b in zip(starts, ends, strict=True)
-                ]
+            starts = self.key_offsets[chunk]
+            ends = self.key_offsets[chunk + 1]
+            where = keys.part_indices(starts)
+            # Runs of positions whose keys share a part (one run, for a listing in order).
+            cuts = [0, *(np.flatnonzero(where[1:] != where[:-1]) + 1).tolist(), len(chunk)]
+            for a, b in pairwise(cuts):
+                if a == b:
+                    continue
+                p = int(where[a])
+                part, base = keys.parts[p], keys.starts[p]
+                run = zip((starts[a:b] - base).tolist(), (ends[a:b] - base).tolist(), strict=True)
+                if isinstance(part, str):
+                    out += [part[s:e] for s, e in run]
+                else:
+                    out += [part[s:e].decode("utf-8", "surrogateescape") for s, e in run]
         return out
 
     def starting_with_nul(self) -> np.ndarray:
         """The positions of the keys whose first byte is NUL (slices of partitioned tensors)."""
-        blob = self._keys if self._text is None else self._text.encode("ascii")
         starts = self.key_offsets[:-1]
         nonempty = np.flatnonzero(self.key_offsets[1:] > starts)
-        first = np.frombuffer(blob, dtype=np.uint8)[starts[nonempty]]
+        keys = self._keys
+        where = keys.part_indices(starts[nonempty])
+        first = np.empty(len(nonempty), dtype=np.uint8)
+        for p in np.unique(where).tolist():
+            chosen = where == p
+            part = np.frombuffer(keys.part_bytes(p), dtype=np.uint8)
+            first[chosen] = part[starts[nonempty[chosen]] - keys.starts[p]]
         out: np.ndarray = nonempty[first == 0]
         return out
 
@@ -88,8 +147,8 @@ class EntryTable:
 
     def position_of_name(self, key: str) -> int | None:
         """:meth:`position` of a tensor name (of ASCII keys: compared as str, no bytes made)."""
-        text = self._text
-        if text is None:
+        keys = self._keys
+        if not keys.is_text:
             try:
                 return self.position(key_to_bytes(key))
             except (AttributeError, UnicodeError):
@@ -99,7 +158,7 @@ class EntryTable:
         offsets = self.key_offsets
 
         def at(i: int) -> str:
-            return text[int(offsets[i]) : int(offsets[i + 1])]
+            return keys.slice(int(offsets[i]), int(offsets[i + 1]))  # type: ignore[return-value]
 
         n = len(self)
         # Names are mostly asked for in order (a listing): try the one after the last first.

@@ -26,7 +26,7 @@ from ..codecs.bundle import (
     decode_string_tensor,
     string_array,
 )
-from ..codecs.bundle_batch import EntryColumns, decode_columns
+from ..codecs.bundle_batch import ColumnsBuilder, EntryColumns
 from ..codecs.crc import mask_many, masked_crc32c
 from ..codecs.dtypes import (
     BY_ENUM,
@@ -43,7 +43,7 @@ from ..tensors import key_from_bytes, key_to_bytes
 from ._arrays import byte_view, dtype_pair, empty_large
 from ._checksummed_io import read_checksummed
 from .base import Index, ReaderBase, TensorSlice, TensorSpec
-from .v2_entries import EntryTable, ListedNames
+from .v2_entries import EntryTable, KeyParts, ListedNames
 from .v2_layout import (
     COALESCE_BYTES,
     GATHER_BYTES,
@@ -60,6 +60,9 @@ _INT64_MAX = (1 << 63) - 1
 #: Reads of at most this many bytes run on a kept worker thread (``run_in_worker``), which a
 #: cancellation does not interrupt: they take a few milliseconds at most.
 SMALL_READ_BYTES = 4 << 20
+
+#: Entries checked together by :meth:`V2Reader._first_inconsistent`.
+_CHECK_CHUNK = 1 << 16
 
 #: :meth:`V2Reader.read_many` looks up and reads at most this many keys in one
 #: uninterruptible worker hop (~10 ms of lookups); more are looked up in chunks that a
@@ -82,7 +85,9 @@ class V2Reader(ReaderBase):
         self.storage = storage
         self.prefix = prefix
         self.num_shards = num_shards
-        self._table = table
+        #: The index as read (None once every entry is in :attr:`_columns`, which answers
+        #: every question from then on: the raw index was ~26 B per tensor more).
+        self._table: LazyTable | None = table
         #: Checked entries: ordinary tensors and partitioned tensors' full-name entries.
         self._entries: dict[str, EntryRecord] = {}
         #: Checked slice entries of partitioned tensors, by name and extents.
@@ -112,17 +117,32 @@ class V2Reader(ReaderBase):
         object per entry): the ordinary entries decoded together are checked column-wise, the
         rest (and the first failing one, to name what is wrong with it) one by one, as
         :meth:`_find` checks them."""
+        # A piece of the table at a time: its keys kept, its values decoded into columns and
+        # dropped (all the values' bytes at once were ~30 B per tensor at the peak).
+        keys = KeyParts()
+        key_ends: list[np.ndarray] = []
+        builder = ColumnsBuilder()
+        assert self._table is not None  # dropped only once every entry is loaded
         try:
-            packed = self._table.packed()
-            if not len(packed) or packed.key(0) != HEADER_KEY:  # pragma: no cover - at open
-                raise DecodeError("the bundle header (key '') is missing")
-            # The header's key is empty: the other keys start at 0.
-            key_offsets = packed.key_offsets[1:]
-            entries = decode_columns(packed.values, packed.value_offsets[1:])
+            for piece in self._table.packed_pieces():
+                skip = 0
+                if not key_ends:  # the first piece starts with the header, whose key is
+                    # empty: its end is where the other keys start (0)
+                    if not len(piece) or piece.key(0) != HEADER_KEY:  # pragma: no cover
+                        raise DecodeError("the bundle header (key '') is missing")
+                    skip = 1  # and its value is no entry
+                key_ends.append(piece.key_offsets[1:] + keys.size)
+                keys.add(piece.keys)
+                builder.add(piece.values, piece.value_offsets[skip:])
+                del piece
         except DecodeError as exc:
             raise self._corrupt(str(exc)) from None
-        columns = EntryTable(packed.keys, key_offsets, entries)
-        del packed, entries  # the values: the columns hold what they say
+        entries = builder.finish()
+        del builder
+        key_offsets = np.concatenate(key_ends)
+        del key_ends
+        columns = EntryTable(keys, key_offsets, entries)
+        del keys, entries  # the columns hold what they say
         n = len(columns)
         alone = sorted(columns.entries.alone)
         partitioned = {columns.raw(i) for i in alone if columns.entries.alone[i].slices}
@@ -163,6 +183,7 @@ class V2Reader(ReaderBase):
         self._entries.update(full_entries)
         self._slices.update(slices)
         self._columns = columns
+        self._table = None
 
     def _first_inconsistent(self, batch: EntryColumns) -> int | None:
         """The first entry decoded with others that :meth:`_check_plain` would refuse."""
@@ -182,14 +203,18 @@ class V2Reader(ReaderBase):
                 valid[h] = False
             else:
                 need[h] = n
-        ids = batch.head_ids
-        together = ids >= 0
-        ids = np.where(together, ids, 0)
-        sizes, want = batch.sizes, need[ids]
-        ok = valid[ids] & (batch.shard_ids < self.num_shards)
-        ok &= np.where(string[ids], want <= sizes, want == sizes)
-        bad = np.flatnonzero(together & ~ok)
-        return int(bad[0]) if bad.size else None
+        for lo in range(0, len(batch.head_ids), _CHECK_CHUNK):  # no column-sized temporaries
+            hi = lo + _CHECK_CHUNK
+            ids = batch.head_ids[lo:hi]
+            together = ids >= 0
+            ids = np.where(together, ids, 0)
+            sizes, want = batch.sizes[lo:hi], need[ids]
+            ok = valid[ids] & (batch.shard_ids[lo:hi] < self.num_shards)
+            ok &= np.where(string[ids], want <= sizes, want == sizes)
+            bad = np.flatnonzero(together & ~ok)
+            if bad.size:
+                return lo + int(bad[0])
+        return None
 
     def _check_plain(self, key: str, entry: EntryRecord) -> None:
         dtype_from_enum(entry.dtype, path=self._index_url)
@@ -241,6 +266,7 @@ class V2Reader(ReaderBase):
 
     def _lookup(self, raw: bytes) -> EntryRecord | None:
         """The decoded entry stored under ``raw`` (unchecked), or None."""
+        assert self._table is not None  # looked up only before every entry is loaded
         try:
             value = self._table.get(raw)
             return None if value is None else decode_record(value)
