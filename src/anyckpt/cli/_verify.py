@@ -10,7 +10,13 @@ from typing import Any
 import anyio
 
 from ..errors import CheckpointError, CheckpointNotFoundError, StorageAccessError
-from ..formats.base import CheckpointFormat, TensorSpec, has_checksums, key_view
+from ..formats.base import (
+    CheckpointFormat,
+    CheckpointReader,
+    TensorSpec,
+    has_checksums,
+    key_view,
+)
 from ..formats.resolve import path_kind
 from ..manager import STATE_FILE
 from ..storage import Storage
@@ -68,21 +74,27 @@ class Report:
 
 
 async def verify_checkpoint(
-    storage: Storage, path: str, fmt: CheckpointFormat, bar: Progress
+    storage: Storage,
+    path: str,
+    fmt: CheckpointFormat,
+    bar: Progress,
+    reader: CheckpointReader | None = None,
 ) -> Report:
     """Read every tensor of one checkpoint with checksums on; collect what fails. A file that
-    cannot be read for lack of permission is one access error, not damage."""
+    cannot be read for lack of permission is one access error, not damage. ``reader``: the
+    checkpoint already open (closed here), else it is opened."""
     report = Report(storage.url(path), fmt.name, has_checksums(fmt))
-    try:
-        reader = await fmt.open(storage, path)
-    except StorageAccessError:  # the store cannot be used: not damage
-        raise
-    except PermissionError as exc:
-        report.denied[exc.filename or report.prefix] = 0
-        return report
-    except CheckpointError as exc:
-        report.problems.append(Problem(str(exc), exc.path))
-        return report
+    if reader is None:
+        try:
+            reader = await fmt.open(storage, path)
+        except StorageAccessError:  # the store cannot be used: not damage
+            raise
+        except PermissionError as exc:
+            report.denied[exc.filename or report.prefix] = 0
+            return report
+        except CheckpointError as exc:
+            report.problems.append(Problem(str(exc), exc.path))
+            return report
     try:
         try:
             keys = key_view(reader)  # V2: no list of every name, no spec kept per tensor
@@ -172,17 +184,27 @@ def denied_text(name: str, count: int) -> str:
     return f"{name}: permission denied{what}"
 
 
-async def _total_bytes(storage: Storage, path: str, fmt: CheckpointFormat) -> int:
+async def _total_bytes(
+    storage: Storage, path: str, fmt: CheckpointFormat, keep: bool = False
+) -> tuple[int, CheckpointReader | None]:
+    """The tensor bytes of one checkpoint (0 if it cannot be listed: its check says why),
+    and, if ``keep``, the reader that listed it, still open (else None)."""
     try:
         reader = await fmt.open(storage, path)
     except CheckpointError:
-        return 0
+        return 0, None
     try:
-        return sum(tensor_nbytes(reader.spec(k)) for k in key_view(reader))
+        total = sum(tensor_nbytes(reader.spec(k)) for k in key_view(reader))
     except CheckpointError:
-        return 0
-    finally:
         await reader.aclose()
+        return 0, None
+    except BaseException:
+        await reader.aclose()
+        raise
+    if keep:
+        return total, reader
+    await reader.aclose()
+    return total, None
 
 
 async def run(ctx: Context, args: argparse.Namespace) -> int:
@@ -214,11 +236,17 @@ async def run(ctx: Context, args: argparse.Namespace) -> int:
     if directory is not None and not targets and not dir_problems:
         raise CliError(f"{directory}: no checkpoints to verify", ExitCode.NOT_FOUND)
     started = anyio.current_time()
-    totals = [await _total_bytes(t.storage, t.path, t.format) for t in targets]
+    # One checkpoint is listed once: its reader, open for the progress bar's total, verifies
+    # it (a second open held a second index while the first one's memory was not yet back).
+    # Of several, each is opened again in turn, so one index is held at a time.
+    keep = len(targets) == 1
+    sized = [await _total_bytes(t.storage, t.path, t.format, keep) for t in targets]
     reports: list[Report] = []
-    with ctx.progress_bar("verifying", sum(totals)) as bar:
-        for target in targets:
-            report = await verify_checkpoint(target.storage, target.path, target.format, bar)
+    with ctx.progress_bar("verifying", sum(total for total, _ in sized)) as bar:
+        for target, (_, opened) in zip(targets, sized, strict=True):
+            report = await verify_checkpoint(
+                target.storage, target.path, target.format, bar, opened
+            )
             reports.append(report)
             bar.clear()
             if report.ok:
