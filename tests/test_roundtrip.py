@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -418,20 +419,31 @@ class ReadLog:
         log = self.reads
         original_read, original_into = cls.read, cls.read_into
 
+        depth = threading.local()
+
+        def logged(call: Callable[[], Any], path: str, offset: int, length: int) -> Any:
+            # Either may call the other (local read() falls back to read_into() on a short
+            # read; fsspec read_into() calls read()): only the outermost call is counted.
+            outer = not getattr(depth, "n", 0)
+            if outer:
+                log.append((path, offset, length))
+            depth.n = getattr(depth, "n", 0) + 1
+            try:
+                return call()
+            finally:
+                depth.n -= 1
+
         def read(self: Any, offset: int, length: int) -> bytes:
-            log.append((self.path, offset, length))
-            return original_read(self, offset, length)  # type: ignore[no-any-return]
+            return logged(  # type: ignore[no-any-return]
+                lambda: original_read(self, offset, length), self.path, offset, length
+            )
 
         def read_into(self: Any, offset: int, buffer: Any) -> None:
-            log.append((self.path, offset, memoryview(buffer).nbytes))
-            original_into(self, offset, buffer)
+            nbytes = memoryview(buffer).nbytes
+            logged(lambda: original_into(self, offset, buffer), self.path, offset, nbytes)
 
-        # Each reader funnels through one of the two: local read() calls read_into(), and
-        # fsspec read_into() calls read(); wrap that one only, so nothing is counted twice.
-        if cls is LocalReader:
-            monkeypatch.setattr(cls, "read_into", read_into)
-        else:
-            monkeypatch.setattr(cls, "read", read)
+        monkeypatch.setattr(cls, "read", read)
+        monkeypatch.setattr(cls, "read_into", read_into)
 
     def data_reads(self) -> Iterator[tuple[int, int]]:
         for path, offset, length in self.reads:
