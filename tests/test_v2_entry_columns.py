@@ -103,15 +103,15 @@ def test_mask_in_place_is_mask_many(values: list[int], data: st.DataObject, chun
 
 
 def test_sizes_widen_for_a_tensor_of_4_gib_or_more() -> None:
-    from anyckpt.formats.v2_data import _kinds_and_sizes, _Numbering, _with_size
+    from anyckpt.formats.v2_data import Numbering, _with_size, kinds_and_sizes
 
     huge = np.broadcast_to(np.zeros(1, np.float64), (1 << 29,))  # 4 GiB, no memory
     arrays = [np.zeros(3, np.float32)] * 5000 + [huge, np.zeros(2, np.int8)]
-    kind_ids, sizes = _kinds_and_sizes(arrays, _Numbering())
+    kind_ids, sizes = kinds_and_sizes(arrays, Numbering())
     assert sizes.dtype == np.int64
     assert sizes.tolist() == [12] * 5000 + [1 << 32, 2]
     assert kind_ids.tolist() == [0] * 5000 + [1, 2]
-    small = _kinds_and_sizes(arrays[:5000], _Numbering())[1]
+    small = kinds_and_sizes(arrays[:5000], Numbering())[1]
     assert small.dtype == np.uint32
     widened = _with_size(small, 3, 1 << 33)
     assert widened.dtype == np.int64

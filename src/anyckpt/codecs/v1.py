@@ -66,10 +66,11 @@ _U32 = struct.Struct("<I")
 
 # -- protobuf wire helpers ----------------------------------------------------------------
 
-_VARINT, _I64, _LEN, _I32 = 0, 1, 2, 5
+_VARINT, _I64, WIRE_LEN, _I32 = 0, 1, 2, 5
 
 
-def _tag(field: int, wire_type: int) -> bytes:
+def wire_tag(field: int, wire_type: int) -> bytes:
+    """A protobuf field's tag: field number and wire type, as a varint."""
     return encode_varint(field << 3 | wire_type)
 
 
@@ -77,8 +78,9 @@ def _signed(value: int) -> int:
     return value & 0xFFFFFFFFFFFFFFFF
 
 
-def _len_field(field: int, payload: bytes) -> bytes:
-    return _tag(field, _LEN) + encode_varint(len(payload)) + payload
+def len_field(field: int, payload: bytes) -> bytes:
+    """A length-delimited protobuf field holding ``payload``."""
+    return wire_tag(field, WIRE_LEN) + encode_varint(len(payload)) + payload
 
 
 # -- vectorised varints -------------------------------------------------------------------
@@ -157,36 +159,38 @@ def _decode_varint_chunk(b: np.ndarray, ends: np.ndarray) -> np.ndarray:
 
 
 @dataclass(frozen=True)
-class _Field:
+class TensorField:
+    """The TensorProto field that holds a dtype's values, and how they are encoded."""
+
     number: int
     kind: str  # "fixed", "varint" or "bytes"
 
 
 #: TensorProto field for each dtype V1 can hold (FORMAT_NOTES §7; tensor_slice_util / Fill).
-_FIELDS: dict[int, _Field] = {
-    1: _Field(5, "fixed"),  # float32 -> float_val
-    2: _Field(6, "fixed"),  # float64 -> double_val
-    3: _Field(7, "varint"),  # int32 -> int_val
-    4: _Field(7, "varint"),  # uint8
-    5: _Field(7, "varint"),  # int16
-    6: _Field(7, "varint"),  # int8
-    17: _Field(7, "varint"),  # uint16
-    9: _Field(10, "varint"),  # int64 -> int64_val
-    10: _Field(11, "varint"),  # bool -> bool_val
-    19: _Field(13, "varint"),  # float16 -> half_val (the bits)
-    8: _Field(9, "fixed"),  # complex64 -> scomplex_val (re, im)
-    18: _Field(12, "fixed"),  # complex128 -> dcomplex_val
-    DT_STRING: _Field(8, "bytes"),  # string_val
+TENSOR_FIELDS: dict[int, TensorField] = {
+    1: TensorField(5, "fixed"),  # float32 -> float_val
+    2: TensorField(6, "fixed"),  # float64 -> double_val
+    3: TensorField(7, "varint"),  # int32 -> int_val
+    4: TensorField(7, "varint"),  # uint8
+    5: TensorField(7, "varint"),  # int16
+    6: TensorField(7, "varint"),  # int8
+    17: TensorField(7, "varint"),  # uint16
+    9: TensorField(10, "varint"),  # int64 -> int64_val
+    10: TensorField(11, "varint"),  # bool -> bool_val
+    19: TensorField(13, "varint"),  # float16 -> half_val (the bits)
+    8: TensorField(9, "fixed"),  # complex64 -> scomplex_val (re, im)
+    18: TensorField(12, "fixed"),  # complex128 -> dcomplex_val
+    DT_STRING: TensorField(8, "bytes"),  # string_val
 }
-V1_DTYPES = frozenset(_FIELDS)
+V1_DTYPES = frozenset(TENSOR_FIELDS)
 
 
 def check_v1_dtype(enum: int) -> None:
     """Raise ValueError for a dtype TensorFlow cannot store in a V1 checkpoint."""
-    if enum not in _FIELDS:
+    if enum not in TENSOR_FIELDS:
         raise ValueError(
             f"V1 checkpoints cannot hold {tf_name(enum)} (TensorFlow's V1 writer supports "
-            f"{', '.join(sorted(tf_name(e) for e in _FIELDS))}); use the v2 format"
+            f"{', '.join(sorted(tf_name(e) for e in TENSOR_FIELDS))}); use the v2 format"
         )
 
 
@@ -201,12 +205,12 @@ def _varint_values(array: np.ndarray, enum: int) -> np.ndarray:
 
 def encode_tensor_proto(array: np.ndarray, enum: int) -> list[Buffer]:
     """The bytes of ``TensorProto`` holding ``array`` in its typed field (and nothing else)."""
-    field = _FIELDS[enum]
+    field = TENSOR_FIELDS[enum]
     if array.size == 0:
         return []
     if field.kind == "bytes":
         items = array.reshape(-1).tolist()
-        tag = _tag(field.number, _LEN)
+        tag = wire_tag(field.number, WIRE_LEN)
         return [b"".join(tag + encode_varint(len(s)) + s for s in items)]
     if field.kind == "fixed":
         flat = np.ascontiguousarray(array, dtype=disk_dtype(array.dtype)).reshape(-1)
@@ -215,7 +219,7 @@ def encode_tensor_proto(array: np.ndarray, enum: int) -> list[Buffer]:
     else:
         flat = encode_varints(_varint_values(np.ascontiguousarray(array), enum))
     payload = flat.data.cast("B")
-    return [_tag(field.number, _LEN) + encode_varint(payload.nbytes), payload]
+    return [wire_tag(field.number, WIRE_LEN) + encode_varint(payload.nbytes), payload]
 
 
 def _walk(data: memoryview) -> list[tuple[int, int, int, int]]:
@@ -234,7 +238,7 @@ def _walk(data: memoryview) -> list[tuple[int, int, int, int]]:
         elif wire in (_I64, _I32):
             start = pos
             pos += 8 if wire == _I64 else 4
-        elif wire == _LEN:
+        elif wire == WIRE_LEN:
             length, start = decode_varint(data, pos, end)
             pos = start + length
         else:
@@ -260,7 +264,7 @@ def iter_fields(data: memoryview) -> Iterator[tuple[int, int, int, int]]:
         elif wire in (_I64, _I32):
             start = pos
             pos += 8 if wire == _I64 else 4
-        elif wire == _LEN:
+        elif wire == WIRE_LEN:
             length, start = decode_varint(data, pos, end)
             pos = start + length
         else:
@@ -276,7 +280,7 @@ def decode_tensor_proto(data: memoryview, enum: int, count: int) -> np.ndarray:
     Reads the typed field, packed or not; ``tensor_content`` is accepted when the typed field
     is empty. The result may share memory with ``data``.
     """
-    field = _FIELDS.get(enum)
+    field = TENSOR_FIELDS.get(enum)
     if field is None:
         raise DecodeError(f"V1 data of dtype {tf_name(enum)} is not supported")
     dtype = dtype_from_enum(enum)
@@ -285,15 +289,15 @@ def decode_tensor_proto(data: memoryview, enum: int, count: int) -> np.ndarray:
     content: memoryview | None = None
     for number, wire, start, end in _walk(data):
         value = data[start:end]
-        if number == 4 and wire == _LEN:
+        if number == 4 and wire == WIRE_LEN:
             content = value
         if number != field.number:
             continue
         if field.kind == "bytes":
-            if wire != _LEN:
+            if wire != WIRE_LEN:
                 raise DecodeError("string_val with a non-bytes wire type")
             chunks.append(value)
-        elif wire in (_LEN, _VARINT if field.kind == "varint" else fixed_wire):
+        elif wire in (WIRE_LEN, _VARINT if field.kind == "varint" else fixed_wire):
             chunks.append(value)
         else:
             raise DecodeError(f"field {number} of {tf_name(enum)} data has wire type {wire}")
@@ -344,10 +348,10 @@ def encode_slice_proto(extents: Sequence[Extent]) -> bytes:
     for start, length in extents:
         body = b""
         if start:
-            body += _tag(1, _VARINT) + encode_varint(_signed(start))
+            body += wire_tag(1, _VARINT) + encode_varint(_signed(start))
         if length != -1:
-            body += _tag(2, _VARINT) + encode_varint(_signed(length))
-        out += _len_field(1, body)
+            body += wire_tag(2, _VARINT) + encode_varint(_signed(length))
+        out += len_field(1, body)
     return bytes(out)
 
 
@@ -394,9 +398,9 @@ def encode_slice_entry(
     tensor = encode_tensor_proto(array, enum)
     tensor_len = sum(memoryview(p).nbytes for p in tensor)
     head = (
-        _len_field(1, name)
-        + _len_field(2, encode_slice_proto(extents))
-        + _tag(3, _LEN)
+        len_field(1, name)
+        + len_field(2, encode_slice_proto(extents))
+        + wire_tag(3, WIRE_LEN)
         + encode_varint(tensor_len)
     )
     if len(head) + tensor_len + 16 > MAX_SLICE_BYTES:
@@ -404,7 +408,7 @@ def encode_slice_entry(
             f"slice {tuple(extents)} of {name!r} encodes to more than 2 GiB, the most a V1 "
             "entry can hold; partition it (anyckpt.Partitioned) or use the v2 format"
         )
-    outer = _tag(2, _LEN) + encode_varint(len(head) + tensor_len)
+    outer = wire_tag(2, WIRE_LEN) + encode_varint(len(head) + tensor_len)
     return encode_tensor_name_slice(name, extents), [outer + head, *tensor]
 
 
@@ -421,14 +425,14 @@ def decode_slice_entry(value: memoryview) -> SliceData:
     """Split a data entry into name, slice and TensorProto (not yet decoded)."""
     saved: memoryview | None = None
     for number, wire, start, end in _walk(value):
-        if number == 2 and wire == _LEN:
+        if number == 2 and wire == WIRE_LEN:
             saved = value[start:end]
     if saved is None:
         raise DecodeError("data entry has no SavedSlice")
     name, tensor = b"", memoryview(b"")
     extents: tuple[Extent, ...] = ()
     for number, wire, start, end in _walk(saved):
-        if wire != _LEN:
+        if wire != WIRE_LEN:
             continue
         if number == 1:
             name = bytes(saved[start:end])
@@ -504,11 +508,11 @@ def _meta_fields(view: memoryview) -> Iterator[tuple[int, memoryview]]:
     length-delimited field of it."""
     try:
         for number, wire, start, end in iter_fields(view):
-            if number != 1 or wire != _LEN:
+            if number != 1 or wire != WIRE_LEN:
                 continue  # SavedTensorSlices.data, or an unknown field
             yield 0, view[:0]
             for inner, inner_wire, a, b in iter_fields(view[start:end]):
-                if inner_wire == _LEN:
+                if inner_wire == WIRE_LEN:
                     yield inner, view[start + a : start + b]
     except DecodeError as exc:
         raise DecodeError(f"bad SavedTensorSlices meta: {exc}") from None

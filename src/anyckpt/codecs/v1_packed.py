@@ -28,13 +28,13 @@ from .._proto import saved_tensor_slice_pb2
 from .ordered_code import write_num_increasing
 from .packed import Column, PackedBytes, interleave, varint_column, varint_lengths
 from .v1 import (
-    _FIELDS,
-    _LEN,
     CHECKPOINT_VERSION,
-    _len_field,
-    _tag,
+    TENSOR_FIELDS,
+    WIRE_LEN,
     encode_slice_proto,
+    len_field,
     whole,
+    wire_tag,
 )
 from .varint import encode_varint
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from typing_extensions import Buffer
 
 #: ``SavedTensorSliceMeta.versions`` as written after the tensors (field 2, producer 1).
-META_TAIL = _len_field(2, _tag(1, 0) + encode_varint(CHECKPOINT_VERSION))
+META_TAIL = len_field(2, wire_tag(1, 0) + encode_varint(CHECKPOINT_VERSION))
 #: Tensors laid out per :func:`meta_pieces` piece.
 META_CHUNK = 1 << 14
 
@@ -89,16 +89,16 @@ class Kinds:
         they are: a plain little-endian NumPy dtype of a fixed-width field, or bool)."""
         direct, payload, tails, suffixes, mids = [], [], [], [], []
         for enum, shape, plain in kinds:
-            field = _FIELDS[enum]
+            field = TENSOR_FIELDS[enum]
             size = int(np.prod(shape, dtype=np.int64))
             is_direct = plain and (field.kind == "fixed" or enum == 10)
             nbytes = size * (np.dtype(_ITEMSIZE[enum]).itemsize if is_direct else 0)
             mid = b""
             if is_direct:
-                tensor = _tag(field.number, _LEN) + encode_varint(nbytes) if nbytes else b""
+                tensor = wire_tag(field.number, WIRE_LEN) + encode_varint(nbytes) if nbytes else b""
                 mid = (
-                    _len_field(2, encode_slice_proto(whole(len(shape))))
-                    + _tag(3, _LEN)
+                    len_field(2, encode_slice_proto(whole(len(shape))))
+                    + wire_tag(3, WIRE_LEN)
                     + encode_varint(len(tensor) + nbytes)
                     + tensor
                 )
@@ -214,7 +214,7 @@ def meta_inner_size(
 
 def meta_head(inner: int) -> bytes:
     """The start of the meta value: ``SavedTensorSlices.meta``'s tag and length."""
-    return _tag(1, _LEN) + encode_varint(inner)
+    return wire_tag(1, WIRE_LEN) + encode_varint(inner)
 
 
 def meta_pieces(

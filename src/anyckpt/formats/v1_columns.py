@@ -45,7 +45,7 @@ from ..codecs.v1_packed import (
 from ..codecs.varint import encode_varint
 from ..errors import UnsupportedFormatError
 from ..storage import FileWriter, Storage
-from .v2_data import _classify, _gather_tiny, _kinds_and_sizes, _Numbering
+from .v2_data import Numbering, classify_dtype, gather_tiny, kinds_and_sizes
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -82,23 +82,23 @@ def plan(groups: Sequence[tuple[PackedBytes, Sequence[np.ndarray]]]) -> ColumnPl
     """The plan for writing these files (names in key order, their arrays) column-wise, or
     None if one holds what only the streaming writer handles (a dtype V1 cannot hold or a
     name not valid UTF-8: the streaming writer raises the right error)."""
-    numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]] = _Numbering()
+    numbering: Numbering[tuple[np.dtype, tuple[int, ...]]] = Numbering()
     files = []
     for names, arrays in groups:
         if not names.data.isascii() and not all(map(_utf8, names)):
             return None
-        kind_ids, sizes = _kinds_and_sizes(arrays, numbering)
+        kind_ids, sizes = kinds_and_sizes(arrays, numbering)
         large = bool(len(sizes)) and int(sizes.max()) >= COLUMNS_BELOW
         files.append(ColumnFile(names, arrays, kind_ids, large))
     described = []
-    dtypes: _Numbering[np.dtype] = _Numbering()
+    dtypes: Numbering[np.dtype] = Numbering()
     for dtype, shape in numbering:
         try:
             enum = enum_from_dtype(dtype)
             codec.check_v1_dtype(enum)
         except (ValueError, UnsupportedFormatError, TypeError):
             return None
-        described.append((enum, shape, _classify(dtype)[1], dtypes[dtype]))
+        described.append((enum, shape, classify_dtype(dtype)[1], dtypes[dtype]))
     kinds = Kinds.of([(enum, shape, direct) for enum, shape, direct, _ in described])
     return ColumnPlan(
         files,
@@ -180,7 +180,7 @@ class _Values:
         if apart is not None:
             direct &= ~apart
         gathered = [x for x, d in zip(chunk, direct.tolist(), strict=True) if d]
-        data = _gather_tiny(gathered, columns.dtype_ids[ids[direct]])
+        data = gather_tiny(gathered, columns.dtype_ids[ids[direct]])
         del gathered
         others = {}
         indirect = ~direct if apart is None else ~direct & ~apart

@@ -60,7 +60,7 @@ Kind = tuple[int, tuple[int, ...]]
 _K = TypeVar("_K", bound=Hashable)
 
 
-class _Numbering(dict[_K, int]):
+class Numbering(dict[_K, int]):
     """Numbers its keys 0, 1, 2... in the order they are first looked up."""
 
     def __missing__(self, key: _K) -> int:
@@ -94,7 +94,7 @@ class DataFileEntries:
         crcs: np.ndarray,
     ) -> DataFileEntries:
         """The entries from one dtype and one shape per entry."""
-        numbering: _Numbering[Kind] = _Numbering()
+        numbering: Numbering[Kind] = Numbering()
         pairs = zip(dtypes, map(tuple, shapes), strict=True)
         ids = np.fromiter(map(numbering.__getitem__, pairs), np.int32, len(keys))
         return cls(shard_id, keys, ids, list(numbering), offsets, sizes, crcs)
@@ -130,7 +130,7 @@ class DataFileEntries:
 _DIRECT: dict[np.dtype, tuple[int, bool]] = {}
 
 
-def _classify(dtype: np.dtype) -> tuple[int, bool]:
+def classify_dtype(dtype: np.dtype) -> tuple[int, bool]:
     """(TF dtype number, whether arrays of it can be written and checksummed as they are:
     a NumPy numeric dtype exporting a plain buffer, stored little-endian)."""
     try:
@@ -179,7 +179,7 @@ def _batches(sizes: np.ndarray, start: int, stop: int) -> Iterator[tuple[int, in
         first = last
 
 
-def _gather_tiny(arrays: Sequence[np.ndarray], dtype_ids: np.ndarray) -> np.ndarray:
+def gather_tiny(arrays: Sequence[np.ndarray], dtype_ids: np.ndarray) -> np.ndarray:
     """The bytes of ``arrays`` (tiny, of plain little-endian NumPy dtypes, any layout) back to
     back, each in C order, as one uint8 array: one ``np.concatenate`` per run of one dtype
     (``dtype_ids``: a number per array), without exporting a buffer per array (NumPy caches
@@ -214,12 +214,12 @@ def _gathered_windows(
     start: int,
     stop: int,
 ) -> Iterator[tuple[int, int, np.ndarray]]:
-    """Tiny tensors ``start:stop`` gathered (:func:`_gather_tiny`) TINY_WINDOW at a time:
+    """Tiny tensors ``start:stop`` gathered (:func:`gather_tiny`) TINY_WINDOW at a time:
     each window's (first, last, bytes), the bytes a uint8 array. ``kind_dtypes`` numbers
     each kind's dtype, ``kind_ids`` each tensor's kind."""
     for first in range(start, stop, TINY_WINDOW):
         last = min(stop, first + TINY_WINDOW)
-        yield first, last, _gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
+        yield first, last, gather_tiny(arrays[first:last], kind_dtypes[kind_ids[first:last]])
 
 
 def _window_crcs(gathered: np.ndarray, sizes: np.ndarray) -> np.ndarray:
@@ -238,8 +238,8 @@ def _window_crcs(gathered: np.ndarray, sizes: np.ndarray) -> np.ndarray:
     )
 
 
-def _kinds_and_sizes(
-    arrays: Sequence[np.ndarray], numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]]
+def kinds_and_sizes(
+    arrays: Sequence[np.ndarray], numbering: Numbering[tuple[np.dtype, tuple[int, ...]]]
 ) -> tuple[np.ndarray, np.ndarray]:
     """Each array's (dtype, shape) numbered by ``numbering`` (int32) and its size in bytes
     (uint32 while every size fits, else int64), read a window of arrays at a time (one
@@ -305,13 +305,13 @@ def write_data_file(
     if len(keys) != count:
         raise ValueError(f"{len(keys)} keys for {count} arrays")
     # Each tensor's (dtype, shape) numbered: per tensor only an int32, not a tuple.
-    numbering: _Numbering[tuple[np.dtype, tuple[int, ...]]] = _Numbering()
-    kind_ids, sizes = _kinds_and_sizes(arrays, numbering)
-    classes = [_classify(dtype) for dtype, _ in numbering]
+    numbering: Numbering[tuple[np.dtype, tuple[int, ...]]] = Numbering()
+    kind_ids, sizes = kinds_and_sizes(arrays, numbering)
+    classes = [classify_dtype(dtype) for dtype, _ in numbering]
     kinds: list[Kind] = [
         (enum, shape) for (enum, _), (_, shape) in zip(classes, numbering, strict=True)
     ]
-    dtype_numbers: _Numbering[np.dtype] = _Numbering()
+    dtype_numbers: Numbering[np.dtype] = Numbering()
     kind_dtypes = np.array([dtype_numbers[dtype] for dtype, _ in numbering], dtype=np.int32)
     del numbering, dtype_numbers
     direct_kinds = np.array([ok for _, ok in classes], dtype=bool)
