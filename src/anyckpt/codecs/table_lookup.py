@@ -40,6 +40,7 @@ from .table import (
     read_index_block,
     split_block,
 )
+from .table_columns import BlockRun, decode_block_run
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,9 @@ class PackedEntries:
 #: Entries per piece of :meth:`LazyTable.packed_pieces` (at least; whole blocks).
 PIECE_ENTRIES = 1 << 14
 
+#: Bytes of data blocks :meth:`LazyTable.packed_pieces` decodes together (one block at least).
+GROUP_BYTES = 256 << 10
+
 
 class _Piece:
     """Blocks' entries gathered into one :class:`PackedEntries`."""
@@ -82,6 +86,13 @@ class _Piece:
         self.keys += b"".join(keys)
         self.values += b"".join(values)
         self.count += len(keys)
+
+    def add_packed(self, run: BlockRun) -> None:
+        self.key_ends.append(run.key_offsets[1:] + len(self.keys))
+        self.value_ends.append(run.value_offsets[1:] + len(self.values))
+        self.keys += run.keys
+        self.values += run.values
+        self.count += len(run)
 
     def done(self) -> PackedEntries:
         return PackedEntries(
@@ -298,31 +309,77 @@ class LazyTable:
         last: bytes | None = None
         piece = _Piece()
         yielded = False
-        for i, handle in enumerate(self._handles):
-            contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
-            keys: list[bytes] = []
-            values: list[bytes] = []
-            left -= block_entries_into(contents, keys, values, "data", left)
-            if not keys:
-                continue
-            if not all(map(bytes.__lt__, keys, keys[1:])):
-                for before, key in pairwise(keys):
-                    if key <= before:
-                        raise DecodeError(f"table keys out of order: {key!r} after {before!r}")
-            if last is not None and keys[0] <= last:
-                raise DecodeError(f"table keys out of order: {keys[0]!r} after {last!r}")
-            if keys[-1] > self._separators[i]:
-                raise DecodeError(f"table key {keys[-1]!r} is outside its block's key range")
-            if i and keys[0] <= self._separators[i - 1]:
-                raise DecodeError(f"table key {keys[0]!r} is outside its block's key range")
-            last = keys[-1]
-            piece.add(keys, values)
+        for group in self._block_groups():
+            run = decode_block_run(self._contents(group), left)
+            if run is not None and self._run_in_place(run, group, last):
+                left -= run.key_bytes
+                if len(run):
+                    last = run.key(len(run) - 1)
+                piece.add_packed(run)
+            else:  # entry by entry: what it accepts is the same, and it names what is wrong
+                for i in group:
+                    left, last = self._block_into(piece, i, left, last)
             if 0 <= min_entries <= piece.count:
                 yield piece.done()
                 yielded = True
                 piece = _Piece()
         if piece.count or not yielded:
             yield piece.done()
+
+    def _block_groups(self) -> Iterator[range]:
+        """Runs of consecutive data blocks of about :data:`GROUP_BYTES` (one block at least)."""
+        start, size = 0, 0
+        for i, handle in enumerate(self._handles):
+            size += handle.size
+            if size >= GROUP_BYTES:
+                yield range(start, i + 1)
+                start, size = i + 1, 0
+        if start < len(self._handles):
+            yield range(start, len(self._handles))
+
+    def _contents(self, blocks: range) -> list[memoryview]:
+        view = memoryview(self._data)
+        return [view[h.offset : h.offset + h.size] for h in (self._handles[i] for i in blocks)]
+
+    def _run_in_place(self, run: BlockRun, blocks: range, last: bytes | None) -> bool:
+        """Whether ``run``'s keys follow ``last`` and each block's lie in its key range (its
+        own order :func:`decode_block_run` checked)."""
+        if len(run) and last is not None and run.key(0) <= last:
+            return False
+        at = 0
+        for i, count in zip(blocks, run.counts, strict=True):
+            if not count:
+                continue
+            if run.key(at + count - 1) > self._separators[i]:
+                return False
+            if i and run.key(at) <= self._separators[i - 1]:
+                return False
+            at += count
+        return True
+
+    def _block_into(
+        self, piece: _Piece, i: int, left: int, last: bytes | None
+    ) -> tuple[int, bytes | None]:
+        """Block ``i`` decoded entry by entry into ``piece``, checked; (budget left, last key)."""
+        handle = self._handles[i]
+        contents = memoryview(self._data)[handle.offset : handle.offset + handle.size]
+        keys: list[bytes] = []
+        values: list[bytes] = []
+        left -= block_entries_into(contents, keys, values, "data", left)
+        if not keys:
+            return left, last
+        if not all(map(bytes.__lt__, keys, keys[1:])):
+            for before, key in pairwise(keys):
+                if key <= before:
+                    raise DecodeError(f"table keys out of order: {key!r} after {before!r}")
+        if last is not None and keys[0] <= last:
+            raise DecodeError(f"table keys out of order: {keys[0]!r} after {last!r}")
+        if keys[-1] > self._separators[i]:
+            raise DecodeError(f"table key {keys[-1]!r} is outside its block's key range")
+        if i and keys[0] <= self._separators[i - 1]:
+            raise DecodeError(f"table key {keys[0]!r} is outside its block's key range")
+        piece.add(keys, values)
+        return left, keys[-1]
 
     def as_dict(self) -> dict[bytes, bytes]:
         """:meth:`items` as a dict (cached; lookups use it from then on)."""
