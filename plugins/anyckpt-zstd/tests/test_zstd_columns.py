@@ -123,6 +123,34 @@ def same_outcome(data: bytes, data_end: int) -> None:
     assert list(table) == sorted(expected[1], key=lambda n: n.encode("utf-8", "surrogateescape"))
 
 
+def same_from_pieces(data: bytes, data_end: int, piece_bytes: int) -> None:
+    """decode_header_from, reading the header ``piece_bytes`` at a time from a file where
+    the frames end at ``data_end``, gives what decode_header gives, or refuses as it does."""
+    file = bytes(data_end) + data
+
+    def read(offset: int, size: int) -> bytes:
+        assert offset >= 0
+        assert offset + size <= len(file)
+        return file[offset : offset + size]
+
+    try:
+        whole: Any = codec.decode_header(data, crc32c(data), data_end)
+    except codec.ContainerError as exc:
+        whole = str(exc)
+    try:
+        piecewise: Any = codec.decode_header_from(
+            read, data_end, len(data), crc32c(data), piece_bytes=piece_bytes
+        )
+    except codec.ContainerError as exc:
+        piecewise = str(exc)
+    if isinstance(whole, str):
+        assert piecewise == whole
+        return
+    assert piecewise[0] == whole[0]
+    assert dict(piecewise[1].items()) == dict(whole[1].items())
+    assert list(piecewise[1]) == list(whole[1])
+
+
 #: What a number or string of the header may be replaced by: each breaks a rule or not.
 VALUES = [b"0", b"1", b"3", b"4", b"7", b"8", b"-1", b"1.0", b"1e3", b"true", b"null", b"[]"]
 VALUES += [b"%d" % (1 << k) for k in (31, 32, 40, 63, 64, 70)]
@@ -168,6 +196,81 @@ def test_damaged_headers_are_refused_as_json_loads_refuses_them(
     text, end, _ = case
     damaged = damage(text, data, syntax)
     same_outcome(bytes(damaged), max(end + data.draw(st.sampled_from([0, 0, -1, 3])), 0))
+
+
+@settings(max_examples=300, deadline=None)
+@given(case=headers(), data=st.data(), damaged=st.booleans(), piece=st.integers(1, 80))
+def test_a_header_read_in_pieces_decodes_as_read_whole(
+    case: tuple[bytes, int, bool], data: st.DataObject, damaged: bool, piece: int
+) -> None:
+    """Pieces of any size, cutting entries, names, numbers and escapes anywhere: the same
+    tensors, or the same refusal, as the whole header (valid, respelled or damaged)."""
+    text, end, _ = case
+    if damaged:
+        text = bytes(damage(text, data, data.draw(st.booleans())))
+    same_from_pieces(text, end, piece)
+
+
+def test_a_written_header_is_never_read_whole() -> None:
+    """A header as encode_header writes it is scanned as it is read: no read is larger than
+    a piece, and it is read once. A damaged one (its CRC) is then read whole and refused as
+    decode_header refuses it."""
+    tensors = {
+        f"layer_{i:04d}/kernel": codec.TensorInfo(1, (4,), "raw", (codec.Chunk(16 * i, 16, 16, i),))
+        for i in range(2000)
+    }
+    header = codec.encode_header(3, tensors)
+    end = 16 * 2000
+    file = bytes(end) + header
+    reads: list[int] = []
+
+    def read(offset: int, size: int) -> bytes:
+        reads.append(size)
+        return file[offset : offset + size]
+
+    crc = crc32c(header)
+    level, table = codec.decode_header_from(read, end, len(header), crc, piece_bytes=4096)
+    assert level == 3
+    assert len(table) == 2000
+    assert table["layer_1999/kernel"].chunks[0].crc == 1999
+    assert max(reads) <= 4096
+    assert sum(reads) == len(header)
+    reads.clear()
+    with pytest.raises(codec.ContainerError, match="header checksum mismatch"):
+        codec.decode_header_from(read, end, len(header), crc ^ 1, piece_bytes=4096)
+    assert reads[-1] == len(header)  # the fallback: read whole, decided by decode_header
+
+
+def test_a_long_run_in_a_header_is_rescanned_a_bounded_number_of_times(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A header whose one entry spans many pieces (a 2 MB run of whitespace inside it) is
+    rescanned after reads that double each time, and decodes as the whole header does."""
+    tries: list[int] = []
+
+    class Counting:
+        def match(self, data: bytes, pos: int) -> re.Match[bytes] | None:
+            tries.append(pos)
+            return pattern.match(data, pos)
+
+    pattern = codec._TENSOR
+    monkeypatch.setattr(codec, "_TENSOR", Counting())
+    one = {"a": codec.TensorInfo(1, (4,), "raw", (codec.Chunk(0, 16, 16, 7),))}
+    header = codec.encode_header(0, one)
+    spaced = header.replace(b'"a":', b'"a":' + b" " * 2_000_000, 1)
+    file = bytes(16) + spaced
+    reads: list[int] = []
+
+    def read(offset: int, size: int) -> bytes:
+        reads.append(size)
+        return file[offset : offset + size]
+
+    _, table = codec.decode_header_from(read, 16, len(spaced), crc32c(spaced), piece_bytes=1024)
+    assert table["a"] == codec.decode_header(spaced, crc32c(spaced), 16)[1]["a"]
+    assert sum(reads) == len(spaced)  # scanned as read, not read again whole
+    assert len(reads) == math.ceil(len(spaced) / 1024)
+    # ~1,950 pieces in ~11 tries of the entry (1 + 2 + 4 + ... pieces apart), not one a piece
+    assert len(tries) <= 2 + math.ceil(math.log2(len(reads)))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -263,8 +263,7 @@ class ZstdFormat(FormatBase):
                     raise codec.ContainerError(f"file too short ({size} bytes)")
                 footer = reader.read(size - codec.FOOTER_SIZE, codec.FOOTER_SIZE)
                 offset, length, crc = codec.decode_footer(footer, size)
-                header = reader.read(offset, length)
-                return codec.decode_header(header, crc, offset, self.max_ratio)
+                return codec.decode_header_from(reader.read, offset, length, crc, self.max_ratio)
             except codec.ContainerError as exc:
                 raise CorruptCheckpointError(str(exc), path=url) from None
             finally:
