@@ -696,7 +696,7 @@ def decode_header(
 
 
 #: How much of a header :func:`decode_header_from` reads at a time.
-HEADER_PIECE_BYTES = 4 << 20
+HEADER_PIECE_BYTES = 1 << 20
 
 
 def decode_header_from(
