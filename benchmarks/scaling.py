@@ -45,6 +45,9 @@ import numpy as np
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
+sys.path.insert(0, os.path.join(HERE, "peers"))
+
+from _harness import all_files, prefault  # noqa: E402
 
 #: Tensor shapes (float32): the tensor-count runs use f256 and b16, the bytes runs m16.
 KINDS: dict[str, tuple[int, ...]] = {"f256": (256,), "b16": (4,), "m16": (4 << 20,)}
@@ -372,6 +375,10 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
         state = build(count, kind)
         if convert:
             state = convert(state)
+    if not args.op.startswith("save"):  # (a save's state is built, so touched, above)
+        # Memory the timed read may take: ~512 B per tensor of arrays, names and dict, and the
+        # files' bytes (peers/_harness.prefault says why).
+        prefault(count * 512 + sum(os.path.getsize(p) for p in all_files(d)))
     _reset_peak()
     base = _status("VmRSS")
     started = time.perf_counter()
