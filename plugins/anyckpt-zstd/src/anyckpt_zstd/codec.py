@@ -533,10 +533,12 @@ def _itemsizes() -> dict[int, int]:
 
 class _Pieces:
     """The header's bytes as a scan consumes them: a buffer refilled from the pieces read
-    (the part not yet matched kept), with their CRC and UTF-8 checked as they come."""
+    (the part not yet matched kept), with their UTF-8 checked and, if ``checksum``, their
+    CRC summed as they come."""
 
-    def __init__(self, pieces: Iterator[bytes]) -> None:
+    def __init__(self, pieces: Iterator[bytes], checksum: bool) -> None:
         self._pieces = pieces
+        self._checksum = checksum
         self.buf = b""
         self.final = False
         self.crc = 0
@@ -550,7 +552,8 @@ class _Pieces:
             self.final = True
             self.utf8 = self.utf8 and self._feed(b"", final=True)
             return pos
-        self.crc = crc32c(piece, self.crc)
+        if self._checksum:
+            self.crc = crc32c(piece, self.crc)
         if self.utf8:
             self.utf8 = self._feed(piece)
         rest = self.buf[pos:]
@@ -585,8 +588,8 @@ class _Pieces:
 
 def _scan(data: bytes, data_end: int, max_ratio: int) -> tuple[int, TensorTable] | None:
     """(level, tensors) of a header written as :func:`encode_header` writes one and following
-    every rule, scanned into columns; None for anything else."""
-    return _scan_pieces(_Pieces(iter([data])), data_end, max_ratio)
+    every rule, scanned into columns; None for anything else. (Its CRC is the caller's.)"""
+    return _scan_pieces(_Pieces(iter([data]), checksum=False), data_end, max_ratio)
 
 
 def _scan_pieces(pieces: _Pieces, data_end: int, max_ratio: int) -> tuple[int, TensorTable] | None:
@@ -717,7 +720,7 @@ def decode_header_from(
         for at in range(0, length, piece_bytes):
             yield read(offset + at, min(piece_bytes, length - at))
 
-    stream = _Pieces(pieces())
+    stream = _Pieces(pieces(), checksum=True)
     scanned = _scan_pieces(stream, offset, max_ratio)
     if scanned is not None and stream.crc == crc:
         return scanned
